@@ -1,0 +1,25 @@
+"""helpers: everything the workbook's notebooks compute, in one small package.
+
+Modules, one job each:
+
+* ``profiles``: settings presets (test / cpu / gpu / paper), chosen by $SAE_PROFILE
+* ``paths``:    repository, data and cache locations
+* ``models``:   load a model as a TransformerLens TransformerBridge (embedded SmolLM2 by default)
+* ``corpus``:   the Brown Corpus (embedded) or the Pile (online), as labelled token contexts
+* ``store``:    the on-disk activation store (shards, manifest, checksums, shuffled batches)
+* ``harvest``:  one model pass writing chosen hooks' activations to a store
+* ``plots``:    the figures the notebooks show
+* ``bench``:    ``python -m helpers.bench``: harvest speed against a bare forward pass
+* ``run_all``:  ``python -m helpers.run_all``: execute every notebook headless, saving the results
+"""
+from .corpus import iter_contexts, load_brown, tokenize_document
+from .harvest import get_store, harvest, store_path, valid_hooks
+from .models import ModelUnavailable, load_model
+from .profiles import EMBEDDED_MODEL, PAPER_MODEL, PROFILES, Profile, get_profile
+from .store import ActivationStore, CorruptShard, StoreError, StoreMismatch
+
+__all__ = [
+    "ActivationStore", "CorruptShard", "EMBEDDED_MODEL", "ModelUnavailable", "PAPER_MODEL", "PROFILES",
+    "Profile", "StoreError", "StoreMismatch", "get_profile", "get_store", "harvest", "iter_contexts",
+    "load_brown", "load_model", "store_path", "tokenize_document", "valid_hooks",
+]

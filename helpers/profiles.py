@@ -1,0 +1,102 @@
+"""Settings profiles: every size, budget and path a notebook uses comes from one `Profile`.
+
+Pick a preset with the environment variable ``SAE_PROFILE`` (``test``, ``cpu``, ``gpu``, ``paper``)
+or in a notebook's first cell, where any field can also be overridden::
+
+    P = get_profile()                           # $SAE_PROFILE, else "gpu" with CUDA, else "cpu"
+    P = get_profile("cpu", harvest_tokens=50_000)
+
+``test`` is what the test suite (nbval) runs: seconds to a couple of minutes per notebook.
+``cpu`` is a laptop: the whole workbook well under 30 minutes. ``gpu`` is the embedded model at
+full scale on one GPU. ``paper`` is the paper's setting for Colab: Pythia-70M-deduped on the Pile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .paths import cache_root
+
+ENV_VAR = "SAE_PROFILE"
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+PAPER_MODEL = "EleutherAI/pythia-70m-deduped"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One named set of settings. Fields are documented where they are used."""
+
+    name: str
+    model: str = EMBEDDED_MODEL           # helpers.models.load_model name
+    corpus: str = "brown"                 # "brown" (embedded) or "pile" (online only)
+    layers: tuple[int, ...] = (6,)        # residual-stream layers to harvest
+    hook: str = "resid_post"              # hook kind at each layer: blocks.{L}.hook_{hook}
+    ctx_len: int = 128                    # tokens per context, BOS included (paper: 256)
+    harvest_tokens: int = 200_000         # activations harvested per hook (BOS excluded)
+    batch_contexts: int = 16              # contexts per forward pass while harvesting
+    shard_contexts: int = 256             # contexts per store shard (one file per hook)
+    store_dtype: str = "float16"          # on-disk activation dtype: float16 or bfloat16
+    device: str = "auto"                  # "auto": cuda if available, else cpu
+    seed: int = 0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def hooks(self) -> list[str]:
+        return [f"blocks.{layer}.hook_{self.hook}" for layer in self.layers]
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where this profile's activations and runs live (git-ignored)."""
+        return cache_root() / self.name
+
+    def replace(self, **changes) -> "Profile":
+        return dataclasses.replace(self, **changes)
+
+
+PROFILES: dict[str, Profile] = {
+    "test": Profile(
+        "test", layers=(2, 6), ctx_len=64, harvest_tokens=16_128, batch_contexts=16,
+        shard_contexts=64,
+    ),
+    "cpu": Profile(
+        "cpu", layers=(3, 6, 9), ctx_len=128, harvest_tokens=300_000, batch_contexts=16,
+        shard_contexts=256,
+    ),
+    "gpu": Profile(
+        "gpu", layers=tuple(range(0, 30, 2)), ctx_len=256, harvest_tokens=1_000_000,
+        batch_contexts=64, shard_contexts=1024, store_dtype="bfloat16",
+    ),
+    "paper": Profile(
+        "paper", model=PAPER_MODEL, corpus="pile", layers=tuple(range(6)), ctx_len=256,
+        harvest_tokens=5_000_000, batch_contexts=64, shard_contexts=1024, store_dtype="bfloat16",
+    ),
+}
+
+
+def default_profile_name() -> str:
+    name = os.environ.get(ENV_VAR)
+    if name:
+        return name
+    try:
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover
+        return "cpu"
+
+
+def get_profile(name: str | None = None, **overrides) -> Profile:
+    """The named preset (default: $SAE_PROFILE), with any field overridden by keyword."""
+    name = name or default_profile_name()
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} "
+                         f"(set ${ENV_VAR} or pass the name to get_profile)")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
+    if unknown:
+        raise ValueError(f"unknown profile field(s) {sorted(unknown)}; fields are "
+                         f"{[f.name for f in dataclasses.fields(Profile)]}")
+    if "layers" in overrides:
+        overrides["layers"] = tuple(overrides["layers"])
+    return PROFILES[name].replace(**overrides)

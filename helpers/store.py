@@ -1,0 +1,318 @@
+"""An on-disk activation store: fixed-size shards, a manifest, checksums, shuffled reading.
+
+Layout of a store folder::
+
+    manifest.json                     what was harvested, and every completed shard
+    shard_00000.meta.bin              token labels of shard 0 (a numpy record array, META_DTYPE)
+    shard_00000.blocks.6.hook_resid_post.bin   activations [n_tokens, d_model], float16/bfloat16
+
+Every file is written to a temporary name, flushed and renamed, and a shard enters the manifest
+(itself replaced atomically) only once all its files are on disk: an interrupted writer leaves
+the store exactly as of its last completed shard, and `StoreWriter` resumes from there. The
+manifest records each file's size and CRC-32; sizes are checked on opening, checksums the first
+time a file is read (or all at once with `verify()`), and a mismatch names the file.
+
+Reading memory-maps shard files: `iter_batches` serves shuffled batches holding at most
+`buffer_shards` shards in RAM, each token exactly once per epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+FORMAT = "sae-workbook-activations/1"
+META_DTYPE = np.dtype([
+    ("token", "<i4"),    # token id
+    ("doc", "<i4"),      # document index in the corpus (-1: streamed corpus)
+    ("tok_pos", "<i4"),  # position of the token within its document's tokens
+    ("ctx", "<i4"),      # context index (iteration order of helpers.corpus.iter_contexts)
+    ("pos", "u1"),       # fine POS tag index (helpers.corpus.NO_TAG: none)
+    ("genre", "u1"),     # genre index
+])
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Header fields that must agree for a writer to resume into an existing store.
+IDENTITY = ("model", "corpus", "split", "ctx_len", "seed", "hooks", "d_model", "dtype")
+
+
+class StoreError(RuntimeError):
+    """A store cannot be used as asked."""
+
+
+class StoreMismatch(StoreError):
+    """The store was written for another model, hook or setting than the one asked for."""
+
+
+class CorruptShard(StoreError):
+    """A shard file is missing, truncated, or its contents changed since it was written."""
+
+
+def _crc32(data) -> int:
+    return zlib.crc32(memoryview(data).cast("B")) & 0xFFFFFFFF
+
+
+def _write_atomic(path: Path, data: bytes) -> dict:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"name": path.name, "bytes": len(data), "crc32": _crc32(data)}
+
+
+def _hook_file(index: int, hook: str) -> str:
+    return f"shard_{index:05d}.{hook}.bin"
+
+
+class ActivationStore:
+    """Read access to a completed (or partly written) store folder."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._verified: set[str] = set()
+        starts = np.cumsum([0] + [s["n_tokens"] for s in self.shards])
+        self._shard_start = starts  # global index of each shard's first token
+
+    # ---- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path, model: str | None = None, hooks=None, verify: str = "size") -> "ActivationStore":
+        """Open a store; check it was written for `model` and holds `hooks`, and check file sizes.
+
+        verify: "size" (default, cheap), "full" (also every checksum now), or "none".
+        """
+        path = Path(path)
+        mpath = path / "manifest.json"
+        if not mpath.exists():
+            raise StoreError(f"no activation store at {path} (no manifest.json): harvest one with "
+                             "helpers.harvest.harvest(...) or helpers.harvest.get_store(profile)")
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("format") != FORMAT:
+            raise StoreError(f"{mpath} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+        store = cls(path, manifest)
+        if model is not None and manifest["model"] != model:
+            raise StoreMismatch(f"store {path} was harvested from model {manifest['model']!r}, "
+                                f"not {model!r}")
+        for hook in [hooks] if isinstance(hooks, str) else hooks or []:
+            store._check_hook(hook)
+        if verify != "none":
+            store.verify(checksums=verify == "full")
+        return store
+
+    def _check_hook(self, hook: str) -> None:
+        if hook not in self.hooks:
+            raise StoreMismatch(f"store {self.path} holds hooks {self.hooks}, not {hook!r}")
+
+    # ---- description ---------------------------------------------------------------------
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.manifest["hooks"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return STORE_DTYPES[self.manifest["dtype"]]
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(s["n_tokens"] for s in self.shards))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, model={self.manifest['model']!r}, "
+                f"hooks={self.hooks}, tokens={self.n_tokens:,}, shards={len(self.shards)}, "
+                f"dtype={self.manifest['dtype']}, complete={self.complete})")
+
+    # ---- integrity -----------------------------------------------------------------------
+    def _file(self, entry: dict, checksum: bool = True) -> Path:
+        path = self.path / entry["name"]
+        if not path.exists():
+            raise CorruptShard(f"shard file {path} is missing (listed in {self.path / 'manifest.json'})")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CorruptShard(f"shard file {path} has {size:,} bytes, the manifest says "
+                               f"{entry['bytes']:,}: truncated or overwritten; re-harvest it "
+                               "(delete the store folder, or the shard and its manifest entry)")
+        if checksum and entry["name"] not in self._verified:
+            with open(path, "rb") as f:
+                crc = _crc32(f.read())
+            if crc != entry["crc32"]:
+                raise CorruptShard(f"shard file {path} fails its checksum (crc32 {crc:08x}, manifest "
+                                   f"{entry['crc32']:08x}): its contents changed since it was written")
+            self._verified.add(entry["name"])
+        return path
+
+    def verify(self, checksums: bool = True) -> None:
+        """Check every file's size (and checksum); raise CorruptShard naming the first bad one."""
+        for shard in self.shards:
+            for entry in shard["files"].values():
+                self._file(entry, checksum=checksums)
+
+    # ---- reading -------------------------------------------------------------------------
+    def shard_activations(self, index: int, hook: str) -> torch.Tensor:
+        """Activations of one shard as a read-only memory-mapped tensor [n_tokens, d_model]."""
+        self._check_hook(hook)
+        shard = self.shards[index]
+        path = self._file(shard["files"][hook])
+        raw = np.memmap(path, dtype=np.uint16, mode="r", shape=(shard["n_tokens"], self.d_model))
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # non-writable numpy array: we never write to it
+                return torch.from_numpy(raw).view(self.dtype)
+
+    def shard_tokens(self, index: int) -> np.ndarray:
+        shard = self.shards[index]
+        path = self._file(shard["files"]["meta"])
+        return np.fromfile(path, dtype=META_DTYPE)
+
+    def tokens(self) -> np.ndarray:
+        """Labels of every stored token (META_DTYPE records), in store order."""
+        if not self.shards:
+            return np.zeros(0, dtype=META_DTYPE)
+        return np.concatenate([self.shard_tokens(i) for i in range(len(self.shards))])
+
+    def activations(self, hook: str, max_tokens: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The first `max_tokens` activations of `hook` in store order, in RAM, as `dtype`."""
+        self._check_hook(hook)
+        out, n = [], 0
+        for i, shard in enumerate(self.shards):
+            if max_tokens is not None and n >= max_tokens:
+                break
+            take = shard["n_tokens"] if max_tokens is None else min(shard["n_tokens"], max_tokens - n)
+            out.append(self.shard_activations(i, hook)[:take].to(dtype))
+            n += take
+        return torch.cat(out) if out else torch.zeros(0, self.d_model, dtype=dtype)
+
+    def iter_batches(self, hook: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                     epochs: int = 1, buffer_shards: int = 4, device="cpu",
+                     dtype: torch.dtype = torch.float32, drop_last: bool = False,
+                     return_index: bool = False) -> Iterator:
+        """Batches [batch_size, d_model] of `hook`'s activations; every token once per epoch.
+
+        Shuffling draws a random shard order, then mixes `buffer_shards` shards at a time (plus
+        the remainder of the previous group) in RAM: memory stays bounded by the buffer.
+        With return_index, yields (batch, index) where index is each row's global token
+        index (a row of `tokens()`).
+        """
+        self._check_hook(hook)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, not {batch_size}")
+        if not self.shards:
+            raise StoreError(f"store {self.path} has no shards yet")
+        device = torch.device(device)
+        for epoch in range(epochs):
+            rng = np.random.default_rng([seed, epoch])
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
+            carry_x = torch.zeros(0, self.d_model, dtype=self.dtype)
+            carry_i = torch.zeros(0, dtype=torch.int64)
+            for g in range(0, len(order), buffer_shards):
+                group = order[g:g + buffer_shards]
+                xs = [carry_x] + [self.shard_activations(int(s), hook).clone() for s in group]
+                ids = [carry_i] + [torch.arange(int(self._shard_start[s]), int(self._shard_start[s + 1]))
+                                   for s in group]
+                x, idx = torch.cat(xs), torch.cat(ids)
+                if shuffle:
+                    perm = torch.randperm(len(x), generator=gen)
+                    x, idx = x[perm], idx[perm]
+                last = g + buffer_shards >= len(order)
+                n_full = len(x) if (last and not drop_last) else len(x) // batch_size * batch_size
+                for i in range(0, n_full, batch_size):
+                    j = min(i + batch_size, n_full)
+                    batch = x[i:j].to(device=device, dtype=dtype, non_blocking=True)
+                    yield (batch, idx[i:j]) if return_index else batch
+                carry_x, carry_i = x[n_full:], idx[n_full:]
+
+
+class StoreWriter:
+    """Appends shards to a store folder; resumes an existing one written with the same header."""
+
+    def __init__(self, path, header: dict):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for tmp in self.path.glob("*.tmp"):  # leftovers of an interrupted write
+            tmp.unlink()
+        mpath = self.path / "manifest.json"
+        if mpath.exists():
+            manifest = json.loads(mpath.read_text())
+            diffs = {k: (manifest.get(k), header.get(k)) for k in IDENTITY if manifest.get(k) != header.get(k)}
+            if diffs:
+                raise StoreMismatch(
+                    f"store {self.path} was written with different settings, so it cannot be resumed: "
+                    + "; ".join(f"{k}: store has {a!r}, asked {b!r}" for k, (a, b) in diffs.items())
+                    + ". Use another folder, or delete this one.")
+            ActivationStore(self.path, manifest).verify(checksums=False)
+        else:
+            manifest = {"format": FORMAT, **header, "complete": False, "shards": []}
+        self.manifest = manifest
+        self.dtype = STORE_DTYPES[self.manifest["dtype"]]
+
+    @property
+    def next_context(self) -> int:
+        """Index of the first context not yet in the store (where a resumed harvest starts)."""
+        if not self.manifest["shards"]:
+            return 0
+        last = self.manifest["shards"][-1]
+        return last["first_context"] + last["n_contexts"]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(s["n_tokens"] for s in self.manifest["shards"]))
+
+    def _save_manifest(self) -> None:
+        _write_atomic(self.path / "manifest.json", json.dumps(self.manifest, indent=1).encode())
+
+    def write_shard(self, meta: np.ndarray, acts: dict[str, torch.Tensor], first_context: int,
+                    n_contexts: int) -> None:
+        """Write one shard (labels + one activation array per hook) and record it."""
+        if first_context != self.next_context:
+            raise StoreError(f"shard starts at context {first_context}, the store expects {self.next_context}")
+        if set(acts) != set(self.manifest["hooks"]):
+            raise StoreMismatch(f"shard has hooks {sorted(acts)}, the store {self.manifest['hooks']}")
+        index = len(self.manifest["shards"])
+        files = {"meta": _write_atomic(self.path / f"shard_{index:05d}.meta.bin",
+                                       np.ascontiguousarray(meta, dtype=META_DTYPE).tobytes())}
+        for hook, x in acts.items():
+            if x.shape != (len(meta), self.manifest["d_model"]):
+                raise StoreError(f"{hook}: activations of shape {tuple(x.shape)}, expected "
+                                 f"({len(meta)}, {self.manifest['d_model']})")
+            data = x.detach().to("cpu", self.dtype).contiguous().view(torch.uint16).numpy().tobytes()
+            files[hook] = _write_atomic(self.path / _hook_file(index, hook), data)
+        self.manifest["shards"].append({"index": index, "first_context": first_context,
+                                        "n_contexts": n_contexts, "n_tokens": len(meta), "files": files})
+        self.manifest["n_tokens"] = self.n_tokens
+        self._save_manifest()
+
+    def finish(self, **fields) -> ActivationStore:
+        """Mark the store complete (recording `fields`, e.g. why it stopped) and open it."""
+        self.manifest.update(fields, complete=True, n_tokens=self.n_tokens)
+        self._save_manifest()
+        return ActivationStore(self.path, self.manifest)
+
+    def reopen(self) -> None:
+        """Clear the complete flag so that more shards can be appended (a bigger budget)."""
+        if self.manifest.get("complete"):
+            self.manifest["complete"] = False
+            self._save_manifest()

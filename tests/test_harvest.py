@@ -1,0 +1,85 @@
+"""Harvesting with the embedded model: correctness, resume after a crash, and clear errors."""
+import numpy as np
+import pytest
+import torch
+
+import helpers.store as st
+from helpers.harvest import forward_to, harvest, stop_layer, validate_hooks
+from helpers.store import ActivationStore, StoreError
+
+HOOKS = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
+SMALL = dict(ctx_len=17, n_tokens=16 * 20, batch_contexts=3, shard_contexts=4, progress=False)
+
+
+def test_harvest_stores_the_models_activations(model, tmp_path):
+    store = harvest(model, tmp_path, HOOKS, **SMALL)
+    assert store.complete and store.n_tokens == 320 and len(store.shards) == 5
+    tokens = store.tokens()
+    assert len(tokens) == 320 and len(np.unique(tokens["ctx"])) == 20
+    # recompute context 7 and compare with what the store holds for it
+    rows = np.flatnonzero(tokens["ctx"] == 7)
+    ids = torch.tensor([[model.tokenizer.bos_token_id, *tokens["token"][rows]]])
+    with torch.inference_mode():
+        fresh = forward_to(model, ids, HOOKS)
+    for h in HOOKS:
+        stored = store.activations(h)[rows]
+        expect = fresh[h][0, 1:].half().float()
+        assert torch.allclose(stored, expect, rtol=1e-2, atol=1e-2), h
+
+
+def test_resume_after_crash_mid_shard_equals_uninterrupted(model, tmp_path, monkeypatch):
+    clean = harvest(model, tmp_path / "clean", HOOKS, **SMALL)
+    calls = {"n": 0}
+    real = st._write_atomic
+
+    def crash(path, data):
+        calls["n"] += 1
+        if calls["n"] == 3 * 4 + 2:  # shard 3: meta written, first hook file being written
+            raise KeyboardInterrupt("simulated crash")
+        return real(path, data)
+
+    monkeypatch.setattr(st, "_write_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(model, tmp_path / "crashed", HOOKS, **SMALL)
+    monkeypatch.setattr(st, "_write_atomic", real)
+    partial = ActivationStore.open(tmp_path / "crashed")
+    assert not partial.complete and len(partial.shards) == 3
+    resumed = harvest(model, tmp_path / "crashed", HOOKS, **SMALL)
+    assert np.array_equal(resumed.tokens(), clean.tokens())
+    for h in HOOKS:
+        assert torch.equal(resumed.activations(h), clean.activations(h))
+
+
+def test_bigger_budget_extends_the_store(model, tmp_path):
+    small = harvest(model, tmp_path, HOOKS, **{**SMALL, "n_tokens": 16 * 6})
+    assert small.n_tokens == 96
+    big = harvest(model, tmp_path, HOOKS, **SMALL)
+    assert big.n_tokens == 320
+    assert list(np.unique(big.tokens()["ctx"])) == list(range(20))
+
+
+def test_hook_errors_name_what_is_valid(model, tmp_path):
+    with pytest.raises(ValueError, match="layer 30 is out of range.*0 to 29"):
+        harvest(model, tmp_path, ["blocks.30.hook_resid_post"], **SMALL)
+    with pytest.raises(ValueError, match="unknown hook 'blocks.2.hook_resid'.*hook_resid_post"):
+        validate_hooks(model, ["blocks.2.hook_resid"])
+    with pytest.raises(ValueError, match="unknown hook 'resid'"):
+        validate_hooks(model, "resid")
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_store_of_other_hooks_cannot_be_resumed(model, tmp_path):
+    harvest(model, tmp_path, HOOKS, **{**SMALL, "n_tokens": 32})
+    with pytest.raises(st.StoreMismatch, match="hooks"):
+        harvest(model, tmp_path, ["blocks.2.hook_resid_post"], **{**SMALL, "n_tokens": 32})
+
+
+def test_empty_corpus_slice(model, tmp_path):
+    with pytest.raises(StoreError, match="corpus slice is empty"):
+        harvest(model, tmp_path, HOOKS, split="test", ctx_len=8000, n_tokens=10, progress=False)
+
+
+def test_stop_layer():
+    assert stop_layer(HOOKS) == 4
+    assert stop_layer(["hook_embed"]) == 1
+    assert stop_layer(["blocks.0.hook_resid_post", "ln_final.hook_normalized"]) is None
