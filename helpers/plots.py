@@ -66,3 +66,76 @@ def label_counts(tokens: np.ndarray, tags: list[str], genres: list[str]):
     b.tick_params(axis="x", labelrotation=60, labelsize=8)
     fig.tight_layout()
     return fig
+
+
+# ---- notebook 02: the SAE sweep ----------------------------------------------------------------
+def _paper_groups(rows):
+    groups = {}
+    for r in rows:
+        if r["architecture"] == "standard":
+            groups.setdefault((r["tied"], r["ratio"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r["l1_coefficient"]) for k, v in sorted(groups.items())}
+
+
+def sweep_frontier(rows, pca: dict | None = None):
+    """Sparsity against reconstruction: L0 vs FVU, a line per dictionary (over α), TopK as
+    stars, and PCA with as many components as the L0 (dashed)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (tied, ratio), rs in _paper_groups(rows).items():
+        ax.plot([r["l0"] for r in rs], [r["fvu"] for r in rs], "o-", label=f"L1 R={ratio:g}{' tied' if tied else ''}")
+        for r in rs:
+            ax.annotate(f"α={r['l1_coefficient']:g}", (r["l0"], r["fvu"]), fontsize=6, alpha=0.6)
+    top = [r for r in rows if r["architecture"] == "topk"]
+    if top:
+        ax.plot([r["l0"] for r in top], [r["fvu"] for r in top], "*", ms=12, color="black", label="TopK")
+    if pca:
+        ks = sorted(pca)
+        ax.plot(ks, [pca[k] for k in ks], "k--", lw=1, label="PCA, L0 = #components")
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel("FVU (held-out)")
+    ax.set_title("Sparsity vs reconstruction: lower-left is better")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_panels(rows, mmcs_rows):
+    """Three panels: dead latents vs α, MMCS vs R, CE-loss recovered vs L0."""
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8))
+    for (tied, ratio), rs in _paper_groups(rows).items():
+        lab = f"R={ratio:g}{' tied' if tied else ''}"
+        a.plot([r["l1_coefficient"] for r in rs], [100 * r["dead"] for r in rs], "o-", label=lab)
+        c.plot([r["l0"] for r in rs], [100 * r["ce_recovered_mean"] for r in rs], "o-", label=lab)
+    top = [r for r in rows if r["architecture"] == "topk"]
+    if top:
+        c.plot([r["l0"] for r in top], [100 * r["ce_recovered_mean"] for r in top], "*", ms=12, color="black", label="TopK")
+    a.set_xscale("log"), a.set_xlabel("α (L1 coefficient)"), a.set_ylabel("dead latents (%)")
+    a.set_title("Dead latents vs α"), a.legend(fontsize=7)
+    by_alpha = {}
+    for m in mmcs_rows:
+        by_alpha.setdefault((m["alpha"], m["tied"]), []).append(m)
+    for (alpha, tied), ms in sorted(by_alpha.items()):
+        ms = sorted(ms, key=lambda m: m["ratio_small"])
+        b.plot([m["ratio_small"] for m in ms], [m["mmcs"] for m in ms], "o-", label=f"α={alpha:g}{' tied' if tied else ''}")
+    b.set_xscale("log", base=2), b.set_ylim(0, 1.02)
+    b.set_xlabel("R of the smaller dictionary"), b.set_ylabel("MMCS with the next larger one")
+    b.set_title("Do bigger dictionaries find the same features?"), b.legend(fontsize=7)
+    c.set_xscale("log"), c.set_xlabel("L0"), c.set_ylabel("CE-loss recovered (%), mean-ablation ref.")
+    c.set_title("Downstream loss with the SAE spliced in"), c.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(history, labels):
+    """MSE (scaled units) and L0 of every SAE over training."""
+    steps = [h["step"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.6))
+    for i, lab in enumerate(labels):
+        a.plot(steps, [h["mse"][i] for h in history], lw=1, label=lab)
+        b.plot(steps, [h["l0"][i] for h in history], lw=1, label=lab)
+    a.set_yscale("log"), a.set_xlabel("step"), a.set_ylabel("MSE / d_in (scaled)"), a.set_title("Reconstruction loss")
+    b.set_yscale("log"), b.set_xlabel("step"), b.set_ylabel("L0"), b.set_title("Active latents per token")
+    b.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig

@@ -40,11 +40,28 @@ class Profile:
     store_dtype: str = "float16"          # on-disk activation dtype: float16 or bfloat16
     device: str = "auto"                  # "auto": cuda if available, else cpu
     seed: int = 0
+    # --- SAE sweep (notebook 02) ---
+    sae_layer: int = 6                    # the layer whose residual stream the SAEs learn
+    sae_ratios: tuple[float, ...] = (0.5, 2)           # R = d_sae / d_in
+    sae_alphas: tuple[float, ...] = (3e-3, 5e-3, 1e-2) # L1 coefficients α of the paper's SAEs
+    pick_ratio: float = 2                              # R of the SAE that later notebooks use
+    sae_tied: tuple[bool, ...] = (False,)              # tied and/or untied decoders
+    topk_ks: tuple[int, ...] = (16,)                   # TopK SAEs for comparison ...
+    topk_ratio: float = 2                              # ... at this R
+    train_tokens: int = 32_256            # activations seen by each SAE (epochs over the store)
+    train_batch: int = 256
+    lr: float = 2e-3
+    eval_tokens: int = 4_032              # held-out (test split) activations for evaluation
+    ce_contexts: int = 16                 # held-out contexts for CE-loss recovered
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def hooks(self) -> list[str]:
         return [f"blocks.{layer}.hook_{self.hook}" for layer in self.layers]
+
+    @property
+    def sae_hook(self) -> str:
+        return f"blocks.{self.sae_layer}.hook_{self.hook}"
 
     @property
     def cache_dir(self) -> Path:
@@ -62,15 +79,23 @@ PROFILES: dict[str, Profile] = {
     ),
     "cpu": Profile(
         "cpu", layers=(3, 6, 9), ctx_len=128, harvest_tokens=300_000, batch_contexts=16,
-        shard_contexts=256,
+        shard_contexts=256, sae_ratios=(0.5, 1, 2, 4), sae_alphas=(2e-3, 4e-3, 8e-3), pick_ratio=4,
+        topk_ks=(32,), topk_ratio=4, train_tokens=600_000, train_batch=1024, lr=1e-3,
+        eval_tokens=16_256, ce_contexts=64,
     ),
     "gpu": Profile(
-        "gpu", layers=tuple(range(0, 30, 2)), ctx_len=256, harvest_tokens=1_000_000,
+        "gpu", layers=tuple(range(0, 30, 2)), ctx_len=256, harvest_tokens=1_200_000,
         batch_contexts=64, shard_contexts=1024, store_dtype="bfloat16",
+        sae_ratios=(0.5, 1, 2, 4, 8, 16, 32), sae_alphas=(1e-3, 2e-3, 4e-3, 8e-3), pick_ratio=8,
+        sae_tied=(True, False), topk_ks=(16, 32, 64), topk_ratio=8, train_tokens=10_000_000,
+        train_batch=4096, lr=1e-3, eval_tokens=100_000, ce_contexts=256,
     ),
     "paper": Profile(
         "paper", model=PAPER_MODEL, corpus="pile", layers=tuple(range(6)), ctx_len=256,
         harvest_tokens=5_000_000, batch_contexts=64, shard_contexts=1024, store_dtype="bfloat16",
+        sae_layer=2, sae_ratios=(0.5, 1, 2, 4, 8, 16, 32), sae_alphas=(1e-3, 2e-3, 4e-3, 8e-3), pick_ratio=8,
+        sae_tied=(True, False), topk_ks=(16, 32, 64), topk_ratio=8, train_tokens=20_000_000,
+        train_batch=4096, lr=1e-3, eval_tokens=200_000, ce_contexts=256,
     ),
 }
 
@@ -97,6 +122,12 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
     if unknown:
         raise ValueError(f"unknown profile field(s) {sorted(unknown)}; fields are "
                          f"{[f.name for f in dataclasses.fields(Profile)]}")
-    if "layers" in overrides:
-        overrides["layers"] = tuple(overrides["layers"])
-    return PROFILES[name].replace(**overrides)
+    for key in ("layers", "sae_ratios", "sae_alphas", "sae_tied", "topk_ks"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
+    profile = PROFILES[name].replace(**overrides)
+    if profile.pick_ratio not in profile.sae_ratios:
+        raise ValueError(f"pick_ratio {profile.pick_ratio} is not among sae_ratios {profile.sae_ratios}")
+    if profile.sae_layer not in profile.layers:
+        raise ValueError(f"sae_layer {profile.sae_layer} is not among the harvested layers {profile.layers}")
+    return profile

@@ -1,0 +1,142 @@
+"""How good is a dictionary? Reconstruction, sparsity, downstream loss, and dictionary overlap.
+
+* `reconstruction_metrics`: L0, MSE, fraction of variance unexplained (FVU), dead and dense
+  latent fractions, on a set of activations.
+* `spliced_loss`: CE loss and KL divergence when the reconstruction replaces the activations at
+  their hook inside the model, against zero- and mean-ablation; "CE-loss recovered" is
+  (CE_ablated - CE_spliced) / (CE_ablated - CE_clean): 100% is as good as the real activations,
+  0% as bad as ablating them.
+* `mmcs`: the paper's mean max cosine similarity between two dictionaries.
+* `pca_fvu`: the FVU of keeping the top-k principal components, the reference an SAE must beat.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as dense
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae, x: torch.Tensor, batch_size: int = 4096) -> list[dict]:
+    """Per SAE of the stack: l0, mse (per token, model units), fvu, dead and dense fractions."""
+    device = sae.b_dec.device
+    n = sae.n
+    sq_err = torch.zeros(n, dtype=torch.float64)
+    l0 = torch.zeros(n, dtype=torch.float64)
+    fired = torch.zeros(n, sae.d_sae, dtype=torch.int64)
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device).float()
+        c = sae.encode(xb)
+        xhat = sae.decode(c)
+        sq_err += (xhat - xb).pow(2).sum(-1).sum(-1).double().cpu()
+        active = c > 0
+        l0 += active.sum(-1).sum(-1).double().cpu()
+        fired += active.sum(1).cpu()
+    x64 = x.double()
+    total_var = float((x64 - x64.mean(0)).pow(2).sum())
+    out = []
+    for j in range(n):
+        density = fired[j].double() / len(x)
+        out.append({
+            "l0": float(l0[j] / len(x)), "mse": float(sq_err[j] / len(x)), "fvu": float(sq_err[j] / total_var),
+            "dead": float((fired[j] == 0).double().mean()), "dense": float((density > DENSE_THRESHOLD).double().mean()),
+        })
+    return out
+
+
+def pca_fvu(train_x: torch.Tensor, eval_x: torch.Tensor, ks) -> dict[int, float]:
+    """FVU on eval_x of projecting onto the top-k principal components of train_x, for each k."""
+    from sklearn.decomposition import PCA
+
+    ks = sorted({int(k) for k in ks})
+    pca = PCA(n_components=min(max(ks), train_x.shape[1]), svd_solver="full").fit(train_x.double().numpy())
+    e = eval_x.double().numpy()
+    centred = e - pca.mean_
+    total = float(((e - e.mean(0)) ** 2).sum())
+    out = {}
+    for k in ks:
+        comp = pca.components_[:k]
+        recon = centred @ comp.T @ comp
+        out[k] = float(((centred - recon) ** 2).sum() / total)
+    return out
+
+
+@torch.no_grad()
+def mmcs(dict_a: torch.Tensor, dict_b: torch.Tensor) -> float:
+    """Mean over the directions of dict_a [m_a, d] of their max cosine similarity with dict_b."""
+    a = dict_a.float() / dict_a.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    b = dict_b.float() / dict_b.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    best = torch.full((len(a),), -1.0)
+    for i in range(0, len(b), 8192):
+        best = torch.maximum(best, (a @ b[i:i + 8192].T).max(-1).values.cpu())
+    return float(best.mean())
+
+
+def contexts_from_store(store, n_contexts: int, bos_token_id: int) -> torch.Tensor:
+    """The first n_contexts contexts of a store, rebuilt as token ids [n, ctx_len] (BOS first)."""
+    per = store.manifest["ctx_len"] - 1
+    tokens = store.tokens()
+    n = min(n_contexts, len(tokens) // per)
+    ids = tokens["token"][: n * per].reshape(n, per).astype(np.int64)
+    return torch.cat([torch.full((n, 1), bos_token_id), torch.as_tensor(ids)], dim=1)
+
+
+@torch.no_grad()
+def spliced_loss(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: torch.Tensor | None = None,
+                 batch_size: int = 8) -> dict:
+    """CE loss and KL divergence from the clean run when the activations at `hook` (all positions
+    but BOS) are replaced by each SAE's reconstruction, by zeros, or by `mean_act`.
+
+    `reconstruct(x [N, d]) -> [n, N, d]` gives one reconstruction per SAE. CE is the next-token
+    loss at the patched positions; KL is KL(clean || patched) of the next-token distribution.
+    Returns clean/zero/mean CE and KL, per-SAE lists, and CE-loss recovered against the zero and
+    the mean ablation.
+    """
+    device = next(model.parameters()).device
+    ce = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
+    kl = {"zero": 0.0, "mean": 0.0}
+    sae_ce, sae_kl, n_ce, n_kl = None, None, 0, 0
+    for i in range(0, len(tokens), batch_size):
+        toks = tokens[i:i + batch_size].to(device)
+        captured = {}
+
+        def capture(act, hook):
+            captured["x"] = act[:, 1:].clone()
+            return act
+
+        clean_logp = model.run_with_hooks(toks, fwd_hooks=[(hook, capture)]).float().log_softmax(-1)[:, 1:]
+
+        def score(patch):
+            def hook_fn(act, hook):
+                new = act.clone()
+                new[:, 1:] = patch.to(act.dtype)  # BOS keeps its activation
+                return new
+            logp = model.run_with_hooks(toks, fwd_hooks=[(hook, hook_fn)]).float().log_softmax(-1)[:, 1:]
+            c = -logp[:, :-1].gather(-1, toks[:, 2:, None]).sum()
+            k = (clean_logp.exp() * (clean_logp - logp)).sum()
+            return float(c), float(k)
+
+        ce["clean"] += float(-clean_logp[:, :-1].gather(-1, toks[:, 2:, None]).sum())
+        x = captured["x"]
+        mean = (mean_act if mean_act is not None else x.mean((0, 1))).to(x)
+        for name, patch in [("zero", torch.zeros_like(x)), ("mean", mean.expand_as(x))]:
+            c, k = score(patch)
+            ce[name] += c
+            kl[name] += k
+        recon = reconstruct(x.reshape(-1, x.shape[-1]).float())
+        if sae_ce is None:
+            sae_ce, sae_kl = [0.0] * len(recon), [0.0] * len(recon)
+        for j in range(len(recon)):
+            c, k = score(recon[j].reshape(x.shape))
+            sae_ce[j] += c
+            sae_kl[j] += k
+        n_ce += toks[:, 2:].numel()
+        n_kl += toks[:, 1:].numel()
+    ce = {k: v / n_ce for k, v in ce.items()}
+    out = {"ce_clean": ce["clean"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
+           "kl_zero": kl["zero"] / n_kl, "kl_mean": kl["mean"] / n_kl,
+           "ce_sae": [v / n_ce for v in sae_ce], "kl_sae": [v / n_kl for v in sae_kl]}
+    out["ce_recovered"] = [(ce["zero"] - c) / (ce["zero"] - ce["clean"]) for c in out["ce_sae"]]
+    out["ce_recovered_mean"] = [(ce["mean"] - c) / (ce["mean"] - ce["clean"]) for c in out["ce_sae"]]
+    return out
