@@ -139,3 +139,47 @@ def training_curves(history, labels):
     b.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
+
+
+# ---- notebook 03: features ---------------------------------------------------------------------
+def density_histogram(stats_by_name: dict):
+    """Log10 activation density of every feature, one histogram per dictionary."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for name, st in stats_by_name.items():
+        d = st.density.clamp_min(1e-7).log10().numpy()
+        ax.hist(d, bins=50, alpha=0.55, label=f"{name} ({int((st.density == 0).sum())} dead)")
+    ax.set_xlabel("log10(activation density)  (dead features at -7)")
+    ax.set_ylabel("features")
+    ax.set_title("How often does each feature fire?")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def concept_score_comparison(scores_by_name: dict, summaries: dict, min_active: int = 5):
+    """Per-feature best-concept MCC for each dictionary (box plots), medians with 95% CIs."""
+    names = list(scores_by_name)
+    data = [s["mcc"][s["active_counts"] >= min_active].numpy() for s in scores_by_name.values()]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 3.8))
+    ax.boxplot(data, showfliers=False)
+    for i, n in enumerate(names, 1):
+        s = summaries[n]
+        ax.errorbar(i, s["value"], yerr=[[s["value"] - s["low"]], [s["high"] - s["value"]]], fmt="o",
+                    color="tab:red", capsize=4)
+    ax.set_xticks(range(1, len(names) + 1), [n.replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_ylabel("best-concept MCC per feature")
+    ax.set_title("Concept score (red: median, 95% bootstrap CI)")
+    fig.tight_layout()
+    return fig
+
+
+def concept_families(scores: dict, min_mcc: float = 0.3):
+    """Which kind of concept the well-explained features (MCC >= min_mcc) line up with."""
+    good = scores["mcc"] >= min_mcc
+    fams = [c.split(" ")[0] for c, g in zip(scores["concept"], good.tolist()) if g]
+    kinds = ["token", "POS", "tag", "genre", "class"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(kinds, [fams.count(k) for k in kinds], color="tab:cyan")
+    ax.set_title(f"{int(good.sum())} features with MCC ≥ {min_mcc}: their concept type", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -53,6 +53,8 @@ class Profile:
     lr: float = 2e-3
     eval_tokens: int = 4_032              # held-out (test split) activations for evaluation
     ce_contexts: int = 16                 # held-out contexts for CE-loss recovered
+    # --- interpretation (notebook 03) ---
+    autointerp_features: int = 2          # features per dictionary scored by explain-simulate-score
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -81,21 +83,21 @@ PROFILES: dict[str, Profile] = {
         "cpu", layers=(3, 6, 9), ctx_len=128, harvest_tokens=300_000, batch_contexts=16,
         shard_contexts=256, sae_ratios=(0.5, 1, 2, 4), sae_alphas=(2e-3, 4e-3, 8e-3), pick_ratio=4,
         topk_ks=(32,), topk_ratio=4, train_tokens=600_000, train_batch=1024, lr=1e-3,
-        eval_tokens=16_256, ce_contexts=64,
+        eval_tokens=16_256, ce_contexts=64, autointerp_features=8,
     ),
     "gpu": Profile(
         "gpu", layers=tuple(range(0, 30, 2)), ctx_len=256, harvest_tokens=1_200_000,
         batch_contexts=64, shard_contexts=1024, store_dtype="bfloat16",
         sae_ratios=(0.5, 1, 2, 4, 8, 16, 32), sae_alphas=(1e-3, 2e-3, 4e-3, 8e-3), pick_ratio=8,
         sae_tied=(True, False), topk_ks=(16, 32, 64), topk_ratio=8, train_tokens=10_000_000,
-        train_batch=4096, lr=1e-3, eval_tokens=100_000, ce_contexts=256,
+        train_batch=4096, lr=1e-3, eval_tokens=100_000, ce_contexts=256, autointerp_features=40,
     ),
     "paper": Profile(
         "paper", model=PAPER_MODEL, corpus="pile", layers=tuple(range(6)), ctx_len=256,
         harvest_tokens=5_000_000, batch_contexts=64, shard_contexts=1024, store_dtype="bfloat16",
         sae_layer=2, sae_ratios=(0.5, 1, 2, 4, 8, 16, 32), sae_alphas=(1e-3, 2e-3, 4e-3, 8e-3), pick_ratio=8,
         sae_tied=(True, False), topk_ks=(16, 32, 64), topk_ratio=8, train_tokens=20_000_000,
-        train_batch=4096, lr=1e-3, eval_tokens=200_000, ce_contexts=256,
+        train_batch=4096, lr=1e-3, eval_tokens=200_000, ce_contexts=256, autointerp_features=40,
     ),
 }
 

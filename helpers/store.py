@@ -205,6 +205,17 @@ class ActivationStore:
             n += take
         return torch.cat(out) if out else torch.zeros(0, self.d_model, dtype=dtype)
 
+    def rows(self, hook: str, index, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Activations of the given global token indices (any order), read from the shards."""
+        index = torch.as_tensor(index, dtype=torch.int64).flatten()
+        out = torch.empty(len(index), self.d_model, dtype=dtype)
+        shard_of = np.searchsorted(self._shard_start, index.numpy(), side="right") - 1
+        for s in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == s)
+            local = index[sel] - int(self._shard_start[s])
+            out[torch.as_tensor(sel)] = self.shard_activations(int(s), hook)[local].to(dtype)
+        return out
+
     def iter_batches(self, hook: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                      epochs: int = 1, buffer_shards: int = 4, device="cpu",
                      dtype: torch.dtype = torch.float32, drop_last: bool = False,

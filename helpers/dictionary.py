@@ -1,0 +1,149 @@
+"""One interface for every set of directions we study: SAE features and the baselines.
+
+A `Dictionary` has unit `directions` [n_features, d_in] in the model's activation space and an
+`encode` from activations [N, d_in] to non-negative codes [N, n_features] (a feature's
+"activation"); `decode` maps codes back where the method has one. Statistics, dashboards and
+scores (notebook 03), baselines (04) and patching (05) take any Dictionary unchanged.
+
+The rule for methods with signed codes (PCA, ICA, neurons, random directions): each direction
+becomes two features, its positive half ReLU(s) and its negative half ReLU(-s) (direction -v),
+so "activation" means the same thing for every method: how strongly the token points along the
+feature's direction, zero when it does not.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Dictionary:
+    name: str = "dictionary"
+    hook_name: str = ""
+    model_name: str = ""
+
+    @property
+    def directions(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def n_features(self) -> int:
+        return self.directions.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.directions.shape[1]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} has no decoder")
+
+    def check(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"activations have d_model={x.shape[-1]}, but {self.name} has d_in={self.d_in} "
+                             f"(fitted on {self.hook_name or 'another hook'})")
+
+    def check_store(self, store, hook: str | None = None) -> str:
+        """The hook to read from `store` for this dictionary; raise if the store does not fit it."""
+        from .store import StoreMismatch
+
+        hook = hook or self.hook_name
+        if self.model_name and store.manifest["model"] != self.model_name:
+            raise StoreMismatch(f"{self.name} was fitted on model {self.model_name!r}, but the store at "
+                                f"{store.path} holds activations of {store.manifest['model']!r}")
+        if hook not in store.hooks:
+            raise StoreMismatch(f"{self.name} was fitted on {hook!r}; the store at {store.path} holds {store.hooks}")
+        if store.d_model != self.d_in:
+            raise StoreMismatch(f"{self.name} has d_in={self.d_in}, the store's d_model is {store.d_model}")
+        return hook
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r}, features={self.n_features}, hook={self.hook_name!r})"
+
+
+class SAEDictionary(Dictionary):
+    """A trained SAE (a one-SAE helpers.sae.SAEStack) as a Dictionary."""
+
+    def __init__(self, sae, name: str | None = None):
+        if sae.n != 1:
+            raise ValueError("wrap one SAE at a time (stack[i])")
+        self.sae = sae
+        cfg = sae.configs[0]
+        self.name = name or f"SAE ({cfg.label})"
+        self.hook_name, self.model_name = cfg.hook_name, cfg.model_name
+
+    @property
+    def directions(self) -> torch.Tensor:
+        return self.sae.directions()[0]
+
+    @torch.no_grad()
+    def encode(self, x):
+        self.check(x)
+        return self.sae.encode(x.to(self.sae.b_dec.device).float())[0]
+
+    @torch.no_grad()
+    def decode(self, codes):
+        return self.sae.decode(codes.unsqueeze(0).float())[0]
+
+    def to(self, device):
+        self.sae.to(device)
+        return self
+
+
+class LinearDictionary(Dictionary):
+    """Signed linear codes s = (x - mean) @ encoder, split into positive and negative halves.
+
+    `encoder` [d_in, k] gives the codes, `decoder` [k, d_in] rebuilds x = mean + s @ decoder
+    (for an orthonormal basis, decoder = encoderᵀ). Features 0..k-1 are the positive halves,
+    k..2k-1 the negative ones.
+    """
+
+    def __init__(self, encoder: torch.Tensor, decoder: torch.Tensor, mean: torch.Tensor | None = None,
+                 name: str = "linear", hook_name: str = "", model_name: str = ""):
+        self.encoder = encoder.float()
+        self.decoder = decoder.float()
+        self.mean = torch.zeros(encoder.shape[0]) if mean is None else mean.float()
+        self.name, self.hook_name, self.model_name = name, hook_name, model_name
+        d = self.decoder / self.decoder.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        self._directions = torch.cat([d, -d])
+
+    @property
+    def directions(self) -> torch.Tensor:
+        return self._directions
+
+    @property
+    def n_signed(self) -> int:
+        return self.encoder.shape[1]
+
+    @torch.no_grad()
+    def signed_codes(self, x):
+        self.check(x)
+        return (x.float() - self.mean.to(x.device)) @ self.encoder.to(x.device)
+
+    @torch.no_grad()
+    def encode(self, x):
+        s = self.signed_codes(x)
+        return torch.cat([torch.relu(s), torch.relu(-s)], dim=-1)
+
+    @torch.no_grad()
+    def decode(self, codes):
+        k = self.n_signed
+        s = codes[..., :k] - codes[..., k:]
+        return self.mean.to(codes.device) + s @ self.decoder.to(codes.device)
+
+
+def random_directions(d_in: int, n_features: int, mean: torch.Tensor | None = None, seed: int = 0,
+                      hook_name: str = "", model_name: str = ""):
+    """n_features/2 random unit directions (each split in two halves) around the data mean: the
+    chance baseline."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(max(1, n_features // 2), d_in, generator=g)
+    w = w / w.norm(dim=-1, keepdim=True)
+    return LinearDictionary(w.T, w, mean, name="random directions", hook_name=hook_name, model_name=model_name)
+
+
+def neuron_basis(d_in: int, mean: torch.Tensor | None = None, hook_name: str = "", model_name: str = ""):
+    """The standard basis around the data mean: each residual-stream dimension (a "neuron") and
+    its negative."""
+    eye = torch.eye(d_in)
+    return LinearDictionary(eye, eye, mean, name="neuron basis", hook_name=hook_name, model_name=model_name)

@@ -1,0 +1,319 @@
+"""Feature statistics in one pass over a store, and the LLM-free concept scores.
+
+`feature_stats` encodes every stored activation with a Dictionary, batch by batch (never a Python
+loop over tokens or features), and keeps for every feature at once: activation density, maximum
+and mean activation, its top-k activating tokens, a uniform random sample of its activating tokens
+(for the lower quantiles and histograms), and (in a second pass, `concept_scores`) agreement with labelled concepts.
+
+Concepts come from what the store recorded for each token: its identity (every token seen, up
+to the 20,000 most frequent), its word's part of speech (coarse and fine Brown tags), the document's genre, and simple
+token classes (capitalised, digit, punctuation, word start, apostrophe). `concept_scores` gives
+each feature its best concept by the Matthews correlation (MCC, chance-corrected) of "feature
+active" against "concept present", with precision, recall and F1. It shows whether a feature lines
+up with one of these labels; it cannot credit
+a feature for a concept outside the list (a topic, a syntactic position), so it is a lower bound
+on interpretability, and the same bound for every method.
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .corpus import COARSE_TAGS, NO_TAG, coarse_tag
+
+TOKEN_CLASSES = ["capitalised", "digit", "punctuation", "word start", "apostrophe"]
+
+
+def token_classes(tokenizer) -> np.ndarray:
+    """Multi-hot [vocab, len(TOKEN_CLASSES)] of each token id's classes."""
+    vocab = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(vocab)])
+    out = np.zeros((vocab, len(TOKEN_CLASSES)), dtype=bool)
+    punct = set(string.punctuation) | set("“”‘’—–")
+    for i, t in enumerate(texts):
+        s = t.strip()
+        out[i] = [bool(s) and s[0].isupper(), bool(s) and any(c.isdigit() for c in s),
+                  bool(s) and all(c in punct for c in s), t[:1] in (" ", "\n"), "'" in t or "’" in t]
+    return out
+
+
+@dataclass
+class Concepts:
+    """Named binary labels of stored tokens, computed from their token id, POS tag and genre."""
+
+    names: list[str]
+    token_ids: np.ndarray        # concept index of each of the top tokens
+    token_lut: np.ndarray        # [vocab] -> concept index or -1
+    coarse_lut: np.ndarray       # [256] fine tag -> concept index of its coarse tag, or -1
+    fine_lut: np.ndarray         # [256] fine tag -> concept index, or -1
+    genre_offset: int
+    n_genres: int
+    class_offset: int
+    classes: np.ndarray          # [vocab, n_classes]
+
+    @classmethod
+    def from_store(cls, store, tokenizer, n_tokens: int = 20_000, min_tag_share: float = 0.002) -> "Concepts":
+        meta = store.tokens()
+        tags, genres = store.manifest.get("tags", []), store.manifest.get("genres", [])
+        names = []
+        counts = np.bincount(meta["token"], minlength=len(tokenizer))
+        top = np.argsort(-counts)[:n_tokens]
+        top = top[counts[top] > 0]
+        token_lut = np.full(len(tokenizer), -1, dtype=np.int64)
+        for tid in top:
+            token_lut[tid] = len(names)
+            names.append(f"token {tokenizer.decode([int(tid)])!r}")
+        coarse_lut = np.full(256, -1, dtype=np.int64)
+        fine_lut = np.full(256, -1, dtype=np.int64)
+        if tags:
+            base = len(names)
+            names += [f"POS {c}" for c in COARSE_TAGS]
+            for i, t in enumerate(tags):
+                coarse_lut[i] = base + COARSE_TAGS.index(coarse_tag(t))
+            tag_counts = np.bincount(meta["pos"][meta["pos"] != NO_TAG], minlength=256)
+            for i, t in enumerate(tags):
+                if tag_counts[i] >= min_tag_share * len(meta):
+                    fine_lut[i] = len(names)
+                    names.append(f"tag {t}")
+        genre_offset = len(names)
+        names += [f"genre {g}" for g in genres]
+        class_offset = len(names)
+        names += [f"class {c}" for c in TOKEN_CLASSES]
+        return cls(names, top, token_lut, coarse_lut, fine_lut, genre_offset, len(genres), class_offset,
+                   token_classes(tokenizer))
+
+    def __len__(self):
+        return len(self.names)
+
+    def multi_hot(self, meta: np.ndarray) -> torch.Tensor:
+        """[n_tokens, n_concepts] float 0/1 labels of a slice of store.tokens()."""
+        n = len(meta)
+        m = torch.zeros(n, len(self.names))
+        rows = np.arange(n)
+
+        def put(cols):
+            ok = cols >= 0
+            m[torch.as_tensor(rows[ok]), torch.as_tensor(cols[ok])] = 1.0
+
+        put(self.token_lut[meta["token"]])
+        put(self.coarse_lut[meta["pos"]])
+        put(self.fine_lut[meta["pos"]])
+        if self.n_genres:
+            g = meta["genre"].astype(np.int64)
+            put(np.where(g < self.n_genres, self.genre_offset + g, -1))
+        cls_ = torch.as_tensor(self.classes[meta["token"]], dtype=torch.float32)
+        m[:, self.class_offset:self.class_offset + cls_.shape[1]] = cls_
+        return m
+
+
+@dataclass
+class FeatureStats:
+    dictionary_name: str
+    hook: str
+    n_tokens: int
+    density: torch.Tensor      # [F] share of tokens with code > 0
+    max_act: torch.Tensor      # [F]
+    mean_act: torch.Tensor     # [F] mean over the tokens where active
+    top_acts: torch.Tensor     # [F, k] descending
+    top_idx: torch.Tensor      # [F, k] global token index (-1: none)
+    sample_acts: torch.Tensor  # [F, S] a uniform sample of activating tokens
+    sample_idx: torch.Tensor   # [F, S] (-1: none)
+    active_counts: torch.Tensor  # [F] number of active tokens
+
+    @property
+    def n_features(self) -> int:
+        return len(self.density)
+
+
+@torch.no_grad()
+def feature_stats(dictionary, store, hook: str | None = None,
+                  k: int = 20, sample: int = 128, batch_size: int = 4096, max_tokens: int | None = None,
+                  device=None, seed: int = 0, progress: bool = True) -> FeatureStats:
+    """Statistics of every feature of `dictionary` over the store (one pass, in store order)."""
+    hook = dictionary.check_store(store, hook)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if hasattr(dictionary, "to"):
+        dictionary.to(device)
+    F = dictionary.n_features
+    n = store.n_tokens if max_tokens is None else min(max_tokens, store.n_tokens)
+    count = torch.zeros(F, dtype=torch.int64, device=device)
+    total = torch.zeros(F, dtype=torch.float64, device=device)
+    mx = torch.zeros(F, device=device)
+    top_a = torch.full((F, k), -1.0, device=device)
+    top_i = torch.full((F, k), -1, dtype=torch.int64, device=device)
+    smp_p = torch.full((F, sample), -1.0, device=device)
+    smp_a = torch.zeros(F, sample, device=device)
+    smp_i = torch.full((F, sample), -1, dtype=torch.int64, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, unit="tok", unit_scale=True, desc=f"feature stats ({F} features)", disable=not progress)
+    done = 0
+    for x, idx in store.iter_batches(hook, batch_size, shuffle=False, return_index=True):
+        if done >= n:
+            break
+        x, idx = x[: n - done], idx[: n - done]
+        idx = idx.to(device)
+        c = dictionary.encode(x.to(device)).float()           # [B, F]
+        active = c > 0
+        count += active.sum(0)
+        total += c.sum(0, dtype=torch.float64)
+        mx = torch.maximum(mx, c.max(0).values)
+        ct = c.T                                                # [F, B]
+        cand_a = torch.cat([top_a, ct], 1)
+        cand_i = torch.cat([top_i, idx.expand(F, -1)], 1)
+        top_a, pos = cand_a.topk(k, dim=1)
+        top_i = cand_i.gather(1, pos)
+        prio = torch.where(active.T, torch.rand(ct.shape, generator=gen, device=device), torch.full_like(ct, -1.0))
+        cand_p = torch.cat([smp_p, prio], 1)
+        smp_p, pos = cand_p.topk(sample, dim=1)
+        smp_a = torch.cat([smp_a, ct], 1).gather(1, pos)
+        smp_i = torch.cat([smp_i, idx.expand(F, -1)], 1).gather(1, pos)
+        done += len(x)
+        bar.update(len(x))
+    bar.close()
+    top_i = torch.where(top_a > 0, top_i, torch.full_like(top_i, -1))
+    smp_i = torch.where(smp_p >= 0, smp_i, torch.full_like(smp_i, -1))
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return FeatureStats(dictionary.name, hook, done, cpu(count.double() / max(done, 1)).float(), cpu(mx),
+                        cpu((total / count.clamp_min(1)).float()), cpu(top_a.clamp_min(0)), cpu(top_i),
+                        cpu(torch.where(smp_i >= 0, smp_a, torch.zeros_like(smp_a))), cpu(smp_i), cpu(count))
+
+
+def activity_thresholds(stats: FeatureStats, max_density: float = 0.005) -> torch.Tensor:
+    """Per feature, the code above which it counts as active: 0 for features active on at most
+    `max_density` of tokens, else the level that only its top `max_density` of tokens exceed
+    (estimated from its sample of activating tokens). One rule for every method, so that a dense
+    direction is judged on its strongest activations, as a sparse feature is on all of its own."""
+    tau = torch.zeros(stats.n_features)
+    dense = (stats.density > max_density).nonzero().flatten()
+    for f in dense.tolist():
+        vals = stats.sample_acts[f][stats.sample_idx[f] >= 0]
+        if len(vals):
+            tau[f] = torch.quantile(vals, 1 - max_density / float(stats.density[f]))
+    return tau
+
+
+@torch.no_grad()
+def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, max_density: float = 0.005,
+                   batch_size: int = 4096, device=None, progress: bool = True) -> dict:
+    """Each feature's best concept by the Matthews correlation (MCC) of "feature active" with
+    "concept present" over the tokens of `stats`, with precision, recall and F1 at that concept.
+
+    MCC is chance-corrected: a feature that fires everywhere, or at random, scores about 0 with
+    every concept, however common the concept. Activity uses `activity_thresholds`.
+    """
+    hook = dictionary.check_store(store, stats.hook)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tau = activity_thresholds(stats, max_density).to(device)
+    meta_all = store.tokens()[: stats.n_tokens]
+    F, C = stats.n_features, len(concepts)
+    joint = torch.zeros(F, C, device=device, dtype=torch.float64)
+    active_n = torch.zeros(F, device=device, dtype=torch.float64)
+    totals = torch.zeros(C, device=device, dtype=torch.float64)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=stats.n_tokens, unit="tok", unit_scale=True, desc="concept scores", disable=not progress)
+    done = 0
+    for x, idx in store.iter_batches(hook, batch_size, shuffle=False, return_index=True):
+        if done >= stats.n_tokens:
+            break
+        x, idx = x[: stats.n_tokens - done], idx[: stats.n_tokens - done]
+        active = (dictionary.encode(x.to(device)).float() > tau).float()
+        m = concepts.multi_hot(meta_all[idx.numpy()]).to(device)
+        joint += (active.T @ m).double()
+        active_n += active.sum(0).double()
+        totals += m.sum(0).double()
+        done += len(x)
+        bar.update(len(x))
+    bar.close()
+    n = float(done)
+    tp = joint
+    fp = active_n[:, None] - tp
+    fn = totals[None, :] - tp
+    tn = n - tp - fp - fn
+    mcc = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).clamp_min(1e-12).sqrt()
+    best = mcc.argmax(1)
+    rows = torch.arange(F, device=device)
+    tp_b, a_b, t_b = tp[rows, best], active_n, totals[best]
+    precision = tp_b / a_b.clamp_min(1)
+    recall = tp_b / t_b.clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    cpu = lambda t: t.float().cpu()  # noqa: E731
+    return {"concept": [concepts.names[i] for i in best.tolist()], "concept_index": best.cpu(),
+            "mcc": cpu(mcc[rows, best]), "precision": cpu(precision), "recall": cpu(recall), "f1": cpu(f1),
+            "active_counts": cpu(active_n), "threshold": tau.cpu()}
+
+
+def summarise(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, stat=torch.median) -> dict:
+    """A statistic of per-feature scores with a bootstrap 95% confidence interval over features."""
+    v = values.float().flatten()
+    if len(v) == 0:
+        return {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    g = torch.Generator().manual_seed(seed)
+    boots = torch.stack([stat(v[torch.randint(len(v), (len(v),), generator=g)]) for _ in range(n_boot)])
+    return {"value": float(stat(v)), "low": float(boots.quantile(0.025)), "high": float(boots.quantile(0.975)),
+            "n": len(v)}
+
+
+def dictionary_score(scores: dict, min_active: int = 5, **kw) -> dict:
+    """Median best-concept MCC over the features active on at least `min_active` tokens, with a
+    bootstrap 95% CI; also how many features were left out as (nearly) dead."""
+    alive = scores["active_counts"] >= min_active
+    out = summarise(scores["mcc"][alive], **kw)
+    out["excluded"] = int((~alive).sum())
+    return out
+
+
+@torch.no_grad()
+def logit_effects(dictionary, model, features=None, k: int = 10) -> dict:
+    """Each feature's direct effect on the logits: its direction through the final norm's weight
+    and the unembedding. Returns top promoted and suppressed token ids and values [len, k]."""
+    dirs = dictionary.directions if features is None else dictionary.directions[torch.as_tensor(features)]
+    w_u = model.W_U.detach().float().cpu()
+    gain = None
+    for name, p in model.ln_final.named_parameters():
+        if name.endswith("weight"):
+            gain = p.detach().float().cpu()
+    d = dirs.float().cpu() * (gain if gain is not None else 1.0)
+    up_v, up_i, down_v, down_i = [], [], [], []
+    for i in range(0, len(d), 512):
+        logits = d[i:i + 512] @ w_u
+        a = logits.topk(k, dim=-1)
+        b = (-logits).topk(k, dim=-1)
+        up_v.append(a.values), up_i.append(a.indices), down_v.append(-b.values), down_i.append(b.indices)
+    return {"up_ids": torch.cat(up_i), "up": torch.cat(up_v), "down_ids": torch.cat(down_i), "down": torch.cat(down_v)}
+
+
+@torch.no_grad()
+def context_codes(dictionary, store, meta: np.ndarray, hook: str, index: int, feature: int,
+                  before: int = 10, after: int = 3) -> tuple[np.ndarray, list[float]]:
+    """Token ids around stored token `index` (within its context) and `feature`'s codes on them."""
+    per_ctx = store.manifest["ctx_len"] - 1
+    start = index // per_ctx * per_ctx
+    rows = np.arange(max(start, index - before), min(start + per_ctx, index + after + 1))
+    x = store.rows(hook, rows)
+    dev = getattr(getattr(dictionary, "sae", None), "b_dec", torch.zeros(0)).device
+    codes = dictionary.encode(x.to(dev))[:, feature]
+    return meta["token"][rows], codes.float().cpu().tolist()
+
+
+def feature_excerpts(dictionary, store, stats: FeatureStats, feature: int, tokenizer, meta=None,
+                     n_top: int = 10, n_random: int = 5, seed: int = 0, before: int = 12, after: int = 3):
+    """Excerpts for explain-simulate-score: the feature's top-activating contexts split into an
+    explanation half and a held-out half, plus random held-out contexts.
+    Returns (train_top, test_top, test_random), lists of (tokens as strings, activations)."""
+    meta = store.tokens() if meta is None else meta
+    top = [int(i) for i in stats.top_idx[feature] if i >= 0][:n_top]
+    rng = np.random.default_rng([seed, feature])
+    rand = rng.choice(stats.n_tokens, size=n_random, replace=False).tolist()
+
+    def excerpt(i):
+        ids, acts = context_codes(dictionary, store, meta, stats.hook, i, feature, before, after)
+        return [tokenizer.decode([int(t)]) for t in ids], acts
+
+    ex = [excerpt(i) for i in top]
+    return ex[0::2], ex[1::2], [excerpt(i) for i in rand]

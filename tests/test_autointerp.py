@@ -1,0 +1,382 @@
+"""Automated interpretability: prompts, scoring maths, resumable runs, a real HTTP server, the local model."""
+import contextlib
+import json
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from helpers import autointerp
+from helpers.autointerp import (AutointerpError, Excerpt, LocalBackend, OpenAIBackend, correlation_score,
+                                explain_prompt, load_results, parse_activation_list, score_feature,
+                                score_features, simulate_and_score)
+
+EXPLANATION = "apostrophes in contractions and possessives"
+
+
+def apostrophe_excerpt(*tokens):
+    """A synthetic feature that fires (5.0) on every token holding an apostrophe."""
+    return Excerpt(list(tokens), [5.0 if "'" in t else 0.0 for t in tokens])
+
+
+TRAIN = [apostrophe_excerpt("The", " cat", "'s", " toy"), apostrophe_excerpt("I", " don", "'t", " know")]
+TEST_TOP = [apostrophe_excerpt("We", " can", "'t", " go"), apostrophe_excerpt("Mary", "'s", " hat", ".")]
+TEST_RANDOM = [apostrophe_excerpt("Rain", " fell", " all", " night", "."), apostrophe_excerpt("A", " boat")]
+
+
+# ------------------------------------------------------------------------------ a scripted server
+
+def completion(content: str) -> dict:
+    return {"id": "x", "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+
+
+def good_reply(body: dict) -> str:
+    """What a competent model answers: the fixed explanation, or 10 for apostrophe tokens, else 0."""
+    prompt = body["messages"][-1]["content"]
+    match = re.search(r"^Tokens: (\[.*\])$", prompt, flags=re.M)
+    if match is None:
+        return EXPLANATION
+    return json.dumps([10 if "'" in t else 0 for t in json.loads(match.group(1))])
+
+
+@contextlib.contextmanager
+def serve(behaviour):
+    """A real HTTP server on 127.0.0.1 whose /v1/chat/completions calls behaviour(n, body).
+
+    behaviour returns a reply text (sent as a chat completion), or (status, payload). Yields the
+    base URL and the list of requests received (path, headers, body).
+    """
+    requests, release = [], threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            n = len(requests)
+            requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+            reply = behaviour(n, body, release) if self.path == "/v1/chat/completions" else (404, {"error": "no"})
+            status, payload = (200, completion(reply)) if isinstance(reply, str) else reply
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass  # a client that timed out and left: nothing to report
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def fast(url, **kw):
+    return OpenAIBackend(url, api_key="sk-test", model="test-model", timeout=kw.pop("timeout", 2.0),
+                         backoff=kw.pop("backoff", 0.01), **kw)
+
+
+# ------------------------------------------------------------------------------------ HTTP backend
+
+def test_good_server_scores_the_apostrophe_feature_perfectly():
+    with serve(lambda n, body, release: good_reply(body)) as (url, requests):
+        result = score_feature(fast(url), TRAIN, TEST_TOP, TEST_RANDOM)
+    assert result["explanation"] == EXPLANATION
+    assert result["score"] == pytest.approx(1.0) and result["score_top"] == pytest.approx(1.0)
+    assert result["score_random"] == 0.0  # random text never fires: true activations constant
+    assert result["simulated"][0] == [0.0, 0.0, 10.0, 0.0]
+    assert result["true"] == [e.acts for e in TEST_TOP + TEST_RANDOM]
+    assert len(requests) == 1 + len(TEST_TOP) + len(TEST_RANDOM)  # one explain, one simulate per excerpt
+    first = requests[0]
+    assert first["path"] == "/v1/chat/completions"
+    assert first["headers"]["Authorization"] == "Bearer sk-test"
+    assert first["body"]["model"] == "test-model" and first["body"]["temperature"] == 0
+    assert "'s (10)" in first["body"]["messages"][-1]["content"]  # the explainer saw the marked tokens
+
+
+def test_api_key_comes_from_the_environment_or_is_left_out(monkeypatch):
+    with serve(lambda n, body, release: good_reply(body)) as (url, requests):
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+        OpenAIBackend(url).explain("x")
+        monkeypatch.delenv("OPENAI_API_KEY")
+        OpenAIBackend(url).explain("x")
+    assert requests[0]["headers"]["Authorization"] == "Bearer sk-env"
+    assert "Authorization" not in requests[1]["headers"]
+
+
+@pytest.mark.parametrize("bad", ["I think the activations are low.", "[1, 2]", '["a", "b", "c", "d"]', "[1, 2,"])
+def test_malformed_output_is_retried_until_good(bad):
+    def behaviour(n, body, release):
+        return bad if n < 2 else good_reply(body)
+
+    with serve(behaviour) as (url, requests):
+        sim = fast(url, retries=3).simulate(EXPLANATION, TEST_TOP[0])
+    assert sim == [0.0, 0.0, 10.0, 0.0]
+    assert len(requests) == 3
+
+
+def test_always_malformed_output_fails_after_the_retries():
+    with serve(lambda n, body, release: "no numbers here") as (url, requests):
+        with pytest.raises(AutointerpError, match=r"3 attempt") as err:
+            fast(url, retries=2).simulate(EXPLANATION, TEST_TOP[0])
+    assert len(requests) == 3
+    assert url in str(err.value) and "malformed" in str(err.value) and "stronger model" in str(err.value)
+
+
+def test_a_slow_server_times_out_with_advice_to_raise_the_timeout():
+    def behaviour(n, body, release):
+        release.wait(3.0)
+        return good_reply(body)
+
+    with serve(behaviour) as (url, requests):
+        start = time.monotonic()
+        with pytest.raises(AutointerpError, match=r"timeout") as err:
+            fast(url, timeout=0.3, retries=1).explain("x")
+        elapsed = time.monotonic() - start
+    assert len(requests) == 2
+    assert elapsed < 2.0  # two 0.3 s timeouts, not the server's 3 s
+    assert "raise timeout" in str(err.value) and "2 attempt" in str(err.value)
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_server_errors_and_rate_limits_are_retried(status):
+    def behaviour(n, body, release):
+        return (status, {"error": {"message": "busy"}}) if n == 0 else good_reply(body)
+
+    with serve(behaviour) as (url, requests):
+        assert fast(url, retries=3).explain("x") == EXPLANATION
+    assert len(requests) == 2
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_rejected_key_fails_at_once(status):
+    with serve(lambda n, body, release: (status, {"error": {"message": "bad key"}})) as (url, requests):
+        with pytest.raises(AutointerpError, match="API key") as err:
+            fast(url, retries=3).explain("x")
+    assert len(requests) == 1
+    assert "OPENAI_API_KEY" in str(err.value) and url in str(err.value)
+
+
+def test_a_wrong_path_fails_at_once_naming_base_url():
+    with serve(lambda n, body, release: good_reply(body)) as (url, requests):
+        with pytest.raises(AutointerpError, match="HTTP 404.*base_url"):
+            fast(url.removesuffix("/v1"), retries=3).explain("x")  # forgot the /v1
+    assert len(requests) == 1
+
+
+def test_an_unreachable_server_fails_after_the_retries():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    url = f"http://127.0.0.1:{port}/v1"
+    with pytest.raises(AutointerpError, match="cannot connect") as err:
+        fast(url, retries=2).explain("x")
+    assert f"127.0.0.1:{port}" in str(err.value) and "3 attempt" in str(err.value)
+    assert "check base_url" in str(err.value)
+
+
+def test_backoff_doubles_between_attempts(monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(autointerp.time, "sleep", sleeps.append)
+    with serve(lambda n, body, release: "nonsense") as (url, requests):
+        with pytest.raises(AutointerpError):
+            fast(url, retries=3, backoff=0.5).simulate(EXPLANATION, TEST_TOP[0])
+    assert sleeps == [0.5, 1.0, 2.0] and len(requests) == 4
+
+
+def test_replies_in_code_fences_are_parsed_and_clipped():
+    reply = "Sure! Here you go:\n```json\n[12, -3, 4.5, 0]\n```\nHope this helps."
+    with serve(lambda n, body, release: reply) as (url, requests):
+        assert fast(url).simulate(EXPLANATION, TEST_TOP[0]) == [10.0, 0.0, 4.5, 0.0]
+
+
+def test_parse_activation_list_says_what_is_wrong():
+    assert parse_activation_list("[0, 1] then [1, 2, 3]", 3) == [1.0, 2.0, 3.0]  # the list of the right length
+    with pytest.raises(ValueError, match="2 numbers for 3 tokens"):
+        parse_activation_list("[1, 2]", 3)
+    with pytest.raises(ValueError, match="no JSON list"):
+        parse_activation_list("none", 3)
+    with pytest.raises(ValueError, match="non-numbers"):
+        parse_activation_list("[1, true, 2]", 3)
+
+
+def test_base_url_must_be_http_and_names_are_file_safe():
+    with pytest.raises(ValueError, match="http://"):
+        OpenAIBackend("api.openai.com/v1")
+    assert OpenAIBackend("http://localhost:8000/v1", model="meta-llama/Llama-3:70b").name == \
+        "openai-meta-llama_Llama-3_70b"
+
+
+# ------------------------------------------------------------------------------------- scoring maths
+
+class Scripted:
+    """A backend that simulates with a given function of the excerpt, counting its calls."""
+
+    name = "scripted"
+
+    def __init__(self, simulate=lambda e: e.acts):
+        self.fn, self.explains, self.simulates = simulate, 0, 0
+
+    def explain(self, prompt):
+        self.explains += 1
+        return "scripted explanation"
+
+    def simulate(self, explanation, excerpt):
+        self.simulates += 1
+        return self.fn(excerpt)
+
+
+def test_perfect_constant_and_anticorrelated_simulations():
+    held_out = TEST_TOP + TEST_RANDOM
+    assert simulate_and_score(Scripted(), "x", held_out)["score"] == pytest.approx(1.0)
+    assert simulate_and_score(Scripted(lambda e: [2 * a + 1 for a in e.acts]), "x", held_out)["score"] == \
+        pytest.approx(1.0)  # correlation ignores scale and offset
+    constant = simulate_and_score(Scripted(lambda e: [3.0] * len(e.acts)), "x", held_out)["score"]
+    assert constant == 0.0
+    anti = simulate_and_score(Scripted(lambda e: [10 - a for a in e.acts]), "x", held_out)["score"]
+    assert anti == pytest.approx(-1.0)
+    noisy = simulate_and_score(Scripted(lambda e: [a + (i % 2) * 3 for i, a in enumerate(e.acts)]), "x", held_out)
+    assert 0 < noisy["score"] < 1
+
+
+def test_correlation_is_over_all_tokens_at_once():
+    # each excerpt alone is perfectly predicted up to an offset, but the offsets differ between
+    # excerpts, so the all-at-once correlation is below 1
+    held_out = [Excerpt(["a", "b"], [0, 1]), Excerpt(["c", "d"], [0, 1])]
+    result = simulate_and_score(Scripted(lambda e: [a + (5.0 if e.tokens[0] == "c" else 0.0) for a in e.acts]),
+                                "x", held_out)
+    flat_sim = [0, 1, 5, 6]
+    assert result["score"] == pytest.approx(correlation_score(flat_sim, [0, 1, 0, 1])) and result["score"] < 0.5
+    assert correlation_score([1, 1, 1], [0, 0, 0]) == 0.0 and correlation_score([1], [2]) == 0.0
+
+
+def test_a_simulation_of_the_wrong_length_is_an_error():
+    with pytest.raises(AutointerpError, match="3 activations for an excerpt of 4 tokens"):
+        simulate_and_score(Scripted(lambda e: [0.0, 1.0, 2.0]), "x", TEST_TOP)
+
+
+def test_explain_prompt_normalises_and_keeps_the_strongest():
+    weak = Excerpt(["x", "y"], [0.0, 0.4])
+    strong = Excerpt(["The", " cat", "'s"], [0.0, 2.5, 5.0])
+    mid = Excerpt(["I", " don", "'t"], [0.0, 0.2, 4.0])
+    prompt = explain_prompt([weak, strong, mid], max_excerpts=2)
+    assert "Excerpt 1: The cat's" in prompt and "Excerpt 2: I don't" in prompt
+    assert "Fires on: cat (5), 's (10)" in prompt and "Fires on: 't (8)" in prompt
+    assert "x" not in prompt.split("Excerpt 1")[1].split("Excerpt 2")[0].replace("Excerpt", "")
+    assert "Excerpt 3" not in prompt and "don (" not in prompt  # 0.2/5 rounds to 0: not listed
+    with pytest.raises(ValueError, match="all activations are 0"):
+        explain_prompt([Excerpt(["a"], [0.0])])
+
+
+def test_excerpt_checks_its_inputs():
+    with pytest.raises(ValueError, match="2 tokens and 1 activations"):
+        Excerpt(["a", "b"], [1.0])
+    with pytest.raises(ValueError, match=">= 0"):
+        Excerpt(["a"], [-1.0])
+
+
+# --------------------------------------------------------------------------------- resumable runs
+
+def features_with_a_bomb():
+    bomb = apostrophe_excerpt("BOOM", "'s")
+    return {1: (TRAIN, TEST_TOP, TEST_RANDOM), 2: (TRAIN, [bomb], TEST_RANDOM), 3: (TRAIN, TEST_TOP, TEST_RANDOM)}
+
+
+class Flaky(Scripted):
+    def __init__(self):
+        super().__init__()
+        self.fail = True
+
+    def simulate(self, explanation, excerpt):
+        if self.fail and excerpt.tokens[0] == "BOOM":
+            raise AutointerpError("the simulator is down")
+        return super().simulate(explanation, excerpt)
+
+
+def test_a_failed_run_keeps_its_results_and_resumes(tmp_path):
+    path = tmp_path / "scores" / "autointerp.jsonl"
+    backend, features = Flaky(), features_with_a_bomb()
+    with pytest.raises(AutointerpError, match="simulator is down") as err:
+        score_features(backend, features, results_path=path, progress=False)
+    assert any(str(path) in note for note in err.value.__notes__)
+    saved = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["feature"] for r in saved] == [1] and saved[0]["score"] == pytest.approx(1.0)
+    assert saved[0]["backend"] == "scripted" and saved[0]["explanation"] == "scripted explanation"
+
+    backend.fail, backend.explains = False, 0
+    results = score_features(backend, features, results_path=path, progress=True)
+    assert backend.explains == 2  # features 2 and 3 only
+    assert sorted(results) == [1, 2, 3] and all(r["score"] == pytest.approx(1.0) for r in results.values())
+    assert [json.loads(line)["feature"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+    backend.explains = backend.simulates = 0
+    again = score_features(backend, features, results_path=path, progress=False)
+    assert backend.explains == backend.simulates == 0 and again == results
+
+
+def test_a_torn_last_line_is_dropped_and_rescored(tmp_path):
+    path = tmp_path / "autointerp.jsonl"
+    score_features(Scripted(), {1: features_with_a_bomb()[1]}, results_path=path, progress=False)
+    with open(path, "a") as f:
+        f.write('{"feature": 2, "backend": "scripted", "sco')  # killed mid-write
+    assert sorted(load_results(path)) == [1]
+    backend = Scripted()
+    results = score_features(backend, features_with_a_bomb(), results_path=path, progress=False)
+    assert backend.explains == 2 and sorted(results) == [1, 2, 3]
+    assert [json.loads(line)["feature"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_results_from_another_backend_are_not_mixed(tmp_path):
+    path = tmp_path / "autointerp.jsonl"
+    score_features(Scripted(), {1: features_with_a_bomb()[1]}, results_path=path, progress=False)
+    other = Scripted()
+    other.name = "openai-gpt-4o-mini"
+    with pytest.raises(ValueError, match="another results_path"):
+        score_features(other, features_with_a_bomb(), results_path=path, progress=False)
+
+
+def test_without_a_results_path_everything_is_scored():
+    backend = Scripted()
+    results = score_features(backend, features_with_a_bomb(), progress=False)
+    assert sorted(results) == [1, 2, 3] and backend.explains == 3
+
+
+# ------------------------------------------------------------------------------------- local model
+
+@pytest.fixture(scope="module")
+def local(model):
+    return LocalBackend(model, max_new_tokens=8)  # each new token is a full forward pass: keep it short
+
+
+def test_local_simulation_reads_one_digit_slot_per_token(local):
+    tokens = [local.tokenizer.decode([i]) for i in local.tokenizer.encode("We can't go,\nit's late.",
+                                                                            add_special_tokens=False)]
+    excerpt = apostrophe_excerpt(*tokens)
+    assert local.max_digit == 9 and len(local.digit_ids) == 10  # SmolLM2 splits "10" into "1", "0"
+    assert local.name == "local-smollm2-135m-instruct"
+    text, slots = local._simulation_text(EXPLANATION, tokens)
+    assert [text[s] for s in slots] == ["0"] * len(tokens) and text.count("\\n") >= 1  # newline escaped
+    sim = local.simulate(EXPLANATION, excerpt)
+    assert len(sim) == len(tokens) and all(isinstance(v, float) and 0.0 <= v <= 10.0 for v in sim)
+    assert max(sim) - min(sim) > 0.1  # it reads the model, not a constant
+
+
+def test_local_explanation_is_a_nonempty_line(local):
+    explanation = local.explain(explain_prompt(TRAIN[:1]))
+    assert isinstance(explanation, str) and explanation and "\n" not in explanation
+    assert not re.fullmatch(r"The-*", explanation)  # the degenerate output of the bridge's KV cache

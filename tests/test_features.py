@@ -1,0 +1,120 @@
+"""Feature statistics, concept scores, dictionaries and dashboards on stores with known answers."""
+import numpy as np
+import pytest
+import torch
+
+from helpers.dashboard import FeatureView, dashboard_html, top_token_is
+from helpers.dictionary import LinearDictionary, SAEDictionary, neuron_basis, random_directions
+from helpers.features import Concepts, concept_scores, dictionary_score, feature_stats, logit_effects
+from helpers.sae import SAEConfig, SAEStack
+from helpers.store import StoreMismatch
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture
+def toy(array_store):
+    """600 tokens; the store's token ids are 0..599 (see the fixture), activations random."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 6, generator=g)
+    return array_store(x, hook=HOOK, shard_tokens=128), x.half().float()
+
+
+def test_stats_match_brute_force(toy):
+    store, x = toy
+    d = neuron_basis(6, hook_name=HOOK, model_name="toy")
+    st = feature_stats(d, store, k=5, sample=16, batch_size=100, device="cpu", progress=False)
+    codes = d.encode(x)
+    assert torch.allclose(st.density, (codes > 0).float().mean(0))
+    assert torch.allclose(st.max_act, codes.max(0).values)
+    top = codes.T.topk(5, dim=1)
+    assert torch.allclose(st.top_acts, top.values)
+    assert torch.allclose(codes.T.gather(1, st.top_idx), top.values)  # (ties may swap indices)
+    ok = st.sample_idx >= 0
+    assert ok.all()  # every feature has more than 16 active tokens here
+    assert torch.allclose(st.sample_acts, codes.T.gather(1, st.sample_idx))
+    assert (st.sample_acts > 0).all()
+
+
+def test_concept_score_finds_the_planted_concept(array_store, model):
+    """Feature 0 fires exactly on token id 11, feature 1 on every token (it must score ~0)."""
+    n = 2000
+    rng = np.random.default_rng(0)
+    tokens = rng.choice([11, 12, 13, 14], size=n)
+    x = torch.zeros(n, 4)
+    x[:, 0] = torch.as_tensor(tokens == 11, dtype=torch.float32) * 2.0
+    x[:, 1] = 1.0
+    x[:, 2] = torch.as_tensor(rng.random(n) < 0.3, dtype=torch.float32)  # random, unrelated
+    store = array_store(x, hook=HOOK)
+    meta_path = store.path / "shard_00000.meta.bin"
+    assert meta_path.exists()
+    # relabel the stored tokens with our planted ids (the fixture numbers them 0..n-1)
+    from helpers.store import ActivationStore, META_DTYPE, _crc32
+    import json
+    for s in store.shards:
+        f = store.path / s["files"]["meta"]["name"]
+        meta = np.fromfile(f, dtype=META_DTYPE)
+        meta["token"] = tokens[meta["token"]]
+        f.write_bytes(meta.tobytes())
+        s["files"]["meta"]["crc32"] = _crc32(meta.tobytes())
+    (store.path / "manifest.json").write_text(json.dumps(store.manifest))
+    store = ActivationStore.open(store.path)
+    d = LinearDictionary(torch.eye(4)[:, :3], torch.eye(4)[:3], name="planted", hook_name=HOOK, model_name="toy")
+    concepts = Concepts.from_store(store, model.tokenizer)
+    st = feature_stats(d, store, device="cpu", progress=False)
+    sc = concept_scores(d, store, st, concepts, max_density=1.0, device="cpu", progress=False)
+    assert sc["concept"][0] == f"token {model.tokenizer.decode([11])!r}"
+    assert sc["mcc"][0] == pytest.approx(1.0, abs=1e-5) and sc["precision"][0] == pytest.approx(1.0)
+    assert abs(float(sc["mcc"][1])) < 1e-6, "a feature that fires everywhere carries no information"
+    assert abs(float(sc["mcc"][2])) < 0.1
+    summary = dictionary_score(sc, n_boot=50)
+    assert summary["low"] <= summary["value"] <= summary["high"] and summary["excluded"] == 3  # negative halves
+
+
+def test_dense_directions_are_judged_on_their_top_tokens(toy, model):
+    store, x = toy
+    d = random_directions(6, 8, seed=1, hook_name=HOOK, model_name="toy")
+    st = feature_stats(d, store, device="cpu", progress=False)
+    sc = concept_scores(d, store, st, Concepts.from_store(store, model.tokenizer), max_density=0.05,
+                        device="cpu", progress=False)
+    assert (sc["active_counts"] <= 0.05 * 600 + 10).all() and (sc["threshold"] > 0).all()
+
+
+def test_dictionaries_refuse_other_stores_and_inputs(toy):
+    store, _ = toy
+    with pytest.raises(StoreMismatch, match="fitted on model 'gpt2'"):
+        feature_stats(neuron_basis(6, hook_name=HOOK, model_name="gpt2"), store, progress=False)
+    with pytest.raises(StoreMismatch, match="blocks.3.hook_resid_post"):
+        feature_stats(neuron_basis(6, hook_name="blocks.3.hook_resid_post", model_name="toy"), store, progress=False)
+    with pytest.raises(ValueError, match="d_model=5"):
+        neuron_basis(6).encode(torch.randn(3, 5))
+
+
+def test_linear_dictionary_round_trip_and_sae_wrapper():
+    w = torch.linalg.qr(torch.randn(6, 6))[0]
+    d = LinearDictionary(w, w.T, mean=torch.ones(6))
+    x = torch.randn(20, 6)
+    assert torch.allclose(d.decode(d.encode(x)), x, atol=1e-5)
+    assert d.n_features == 12 and (d.encode(x) >= 0).all()
+    sae = SAEDictionary(SAEStack([SAEConfig(6, 10, hook_name=HOOK)]))
+    assert sae.directions.shape == (10, 6) and torch.allclose(sae.directions.norm(dim=-1), torch.ones(10))
+
+
+def test_dashboard_and_browser_pieces(toy, model):
+    store, x = toy
+    d = neuron_basis(6, hook_name=HOOK, model_name="toy")
+    st = feature_stats(d, store, k=5, device="cpu", progress=False)
+    sc = concept_scores(d, store, st, Concepts.from_store(store, model.tokenizer), device="cpu", progress=False)
+    fake_model = type("M", (), {})()
+    fake_model.W_U = torch.randn(6, 50)
+    fake_model.ln_final = torch.nn.LayerNorm(6)
+    eff = logit_effects(d, fake_model, k=3)
+    direct = (d.directions[2] * fake_model.ln_final.weight) @ fake_model.W_U
+    assert torch.equal(eff["up_ids"][2], direct.topk(3).indices)
+    view = FeatureView(d, store, st, sc, eff, model.tokenizer)
+    page = dashboard_html(view, 3)
+    assert "feature 3" in page and "<img" in page and "<span" in page
+    with pytest.raises(IndexError, match="feature 12 is out of range.*0 to 11"):
+        dashboard_html(view, 12)
+    first = model.tokenizer.decode([int(store.tokens()["token"][int(st.top_idx[0, 0])])])
+    assert bool(top_token_is(view, first)[0])
