@@ -88,25 +88,41 @@ class Concepts:
     def __len__(self):
         return len(self.names)
 
-    def multi_hot(self, meta: np.ndarray) -> torch.Tensor:
-        """[n_tokens, n_concepts] float 0/1 labels of a slice of store.tokens()."""
-        n = len(meta)
-        m = torch.zeros(n, len(self.names))
+    @property
+    def n_token_concepts(self) -> int:
+        """Token-identity concepts come first: columns 0 .. n_token_concepts-1."""
+        return len(self.token_ids)
+
+    def token_column(self, meta: np.ndarray) -> np.ndarray:
+        """Each token's token-identity concept column, or -1."""
+        return self.token_lut[meta["token"]]
+
+    def label_multi_hot(self, meta: np.ndarray) -> torch.Tensor:
+        """[n_tokens, n_concepts - n_token_concepts] 0/1 labels of the other concepts."""
+        n, off = len(meta), self.n_token_concepts
+        m = torch.zeros(n, len(self.names) - off)
         rows = np.arange(n)
 
         def put(cols):
             ok = cols >= 0
-            m[torch.as_tensor(rows[ok]), torch.as_tensor(cols[ok])] = 1.0
+            m[torch.as_tensor(rows[ok]), torch.as_tensor(cols[ok] - off)] = 1.0
 
-        put(self.token_lut[meta["token"]])
         put(self.coarse_lut[meta["pos"]])
         put(self.fine_lut[meta["pos"]])
         if self.n_genres:
             g = meta["genre"].astype(np.int64)
             put(np.where(g < self.n_genres, self.genre_offset + g, -1))
         cls_ = torch.as_tensor(self.classes[meta["token"]], dtype=torch.float32)
-        m[:, self.class_offset:self.class_offset + cls_.shape[1]] = cls_
+        m[:, self.class_offset - off:self.class_offset - off + cls_.shape[1]] = cls_
         return m
+
+    def multi_hot(self, meta: np.ndarray) -> torch.Tensor:
+        """[n_tokens, n_concepts] float 0/1 labels of a slice of store.tokens()."""
+        tok = torch.zeros(len(meta), self.n_token_concepts)
+        col = self.token_column(meta)
+        ok = col >= 0
+        tok[torch.as_tensor(np.flatnonzero(ok)), torch.as_tensor(col[ok])] = 1.0
+        return torch.cat([tok, self.label_multi_hot(meta)], dim=1)
 
 
 @dataclass
@@ -210,7 +226,7 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tau = activity_thresholds(stats, max_density).to(device)
     meta_all = store.tokens()[: stats.n_tokens]
-    F, C = stats.n_features, len(concepts)
+    F, C, T = stats.n_features, len(concepts), concepts.n_token_concepts
     joint = torch.zeros(F, C, device=device, dtype=torch.float64)
     active_n = torch.zeros(F, device=device, dtype=torch.float64)
     totals = torch.zeros(C, device=device, dtype=torch.float64)
@@ -223,10 +239,16 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
             break
         x, idx = x[: stats.n_tokens - done], idx[: stats.n_tokens - done]
         active = (dictionary.encode(x.to(device)).float() > tau).float()
-        m = concepts.multi_hot(meta_all[idx.numpy()]).to(device)
-        joint += (active.T @ m).double()
+        meta = meta_all[idx.numpy()]
+        # token identity is one-hot: scatter-add instead of a matmul with a [B, vocab] matrix
+        col = torch.as_tensor(concepts.token_column(meta), device=device)
+        ok = col >= 0
+        joint[:, :T].index_add_(1, col[ok], active[ok].T.double())
+        totals[:T].index_add_(0, col[ok], torch.ones(int(ok.sum()), device=device, dtype=torch.float64))
+        m = concepts.label_multi_hot(meta).to(device)
+        joint[:, T:] += (active.T @ m).double()
         active_n += active.sum(0).double()
-        totals += m.sum(0).double()
+        totals[T:] += m.sum(0).double()
         done += len(x)
         bar.update(len(x))
     bar.close()

@@ -183,3 +183,22 @@ def concept_families(scores: dict, min_mcc: float = 0.3):
     ax.set_title(f"{int(good.sum())} features with MCC ≥ {min_mcc}: their concept type", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# ---- notebook 04: baselines --------------------------------------------------------------------
+def scores_by_layer(rows):
+    """The paper's Figure 2 layout: concept score by layer, one line per method, 95% CIs."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, m in enumerate(methods):
+        rs = sorted([r for r in rows if r["method"] == m], key=lambda r: r["layer"])
+        x = np.array([r["layer"] for r in rs]) + (i - len(methods) / 2) * 0.06
+        y = np.array([r["median_mcc"] for r in rs])
+        err = np.array([[r["median_mcc"] - r["low"] for r in rs], [r["high"] - r["median_mcc"] for r in rs]])
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=m, lw=2 if m == "SAE" else 1)
+    ax.set_xlabel("layer (residual stream after the block)")
+    ax.set_ylabel("median best-concept MCC")
+    ax.set_title("Interpretability by layer: SAE vs baselines")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -55,6 +55,9 @@ class Profile:
     ce_contexts: int = 16                 # held-out contexts for CE-loss recovered
     # --- interpretation (notebook 03) ---
     autointerp_features: int = 2          # features per dictionary scored by explain-simulate-score
+    # --- baselines (notebook 04) ---
+    ica_tokens: int = 16_128              # activations FastICA is fitted on
+    ica_max_iter: int = 30                # FastICA iterations (non-convergence is reported)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -83,7 +86,7 @@ PROFILES: dict[str, Profile] = {
         "cpu", layers=(3, 6, 9), ctx_len=128, harvest_tokens=300_000, batch_contexts=16,
         shard_contexts=256, sae_ratios=(0.5, 1, 2, 4), sae_alphas=(2e-3, 4e-3, 8e-3), pick_ratio=4,
         topk_ks=(32,), topk_ratio=4, train_tokens=600_000, train_batch=1024, lr=1e-3,
-        eval_tokens=16_256, ce_contexts=64, autointerp_features=8,
+        eval_tokens=16_256, ce_contexts=64, autointerp_features=8, ica_tokens=30_000, ica_max_iter=100,
     ),
     "gpu": Profile(
         "gpu", layers=tuple(range(0, 30, 2)), ctx_len=256, harvest_tokens=1_200_000,
@@ -91,6 +94,7 @@ PROFILES: dict[str, Profile] = {
         sae_ratios=(0.5, 1, 2, 4, 8, 16, 32), sae_alphas=(1e-3, 2e-3, 4e-3, 8e-3), pick_ratio=8,
         sae_tied=(True, False), topk_ks=(16, 32, 64), topk_ratio=8, train_tokens=10_000_000,
         train_batch=4096, lr=1e-3, eval_tokens=100_000, ce_contexts=256, autointerp_features=40,
+        ica_tokens=100_000, ica_max_iter=400,
     ),
     "paper": Profile(
         "paper", model=PAPER_MODEL, corpus="pile", layers=tuple(range(6)), ctx_len=256,
@@ -98,6 +102,7 @@ PROFILES: dict[str, Profile] = {
         sae_layer=2, sae_ratios=(0.5, 1, 2, 4, 8, 16, 32), sae_alphas=(1e-3, 2e-3, 4e-3, 8e-3), pick_ratio=8,
         sae_tied=(True, False), topk_ks=(16, 32, 64), topk_ratio=8, train_tokens=20_000_000,
         train_batch=4096, lr=1e-3, eval_tokens=200_000, ce_contexts=256, autointerp_features=40,
+        ica_tokens=100_000, ica_max_iter=400,
     ),
 }
 
