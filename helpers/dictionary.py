@@ -38,6 +38,12 @@ class Dictionary:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} has no decoder")
 
+    @property
+    def decoder_rows(self) -> torch.Tensor:
+        """[n_features, d_in]: decode(c) = bias + c @ decoder_rows, so changing feature f's code by
+        δ moves the activation by δ · decoder_rows[f] (what patching and ablation use)."""
+        raise NotImplementedError(f"{self.name} has no linear decoder")
+
     def check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.d_in:
             raise ValueError(f"activations have d_model={x.shape[-1]}, but {self.name} has d_in={self.d_in} "
@@ -76,14 +82,17 @@ class SAEDictionary(Dictionary):
     def directions(self) -> torch.Tensor:
         return self.sae.directions()[0]
 
-    @torch.no_grad()
-    def encode(self, x):
+    def encode(self, x):  # differentiable: callers that need no gradient run under no_grad
         self.check(x)
         return self.sae.encode(x.to(self.sae.b_dec.device).float())[0]
 
     @torch.no_grad()
     def decode(self, codes):
         return self.sae.decode(codes.unsqueeze(0).float())[0]
+
+    @property
+    def decoder_rows(self):
+        return (self.sae.W_dec[0] / self.sae.scale[0]).detach().float()
 
     def to(self, device):
         self.sae.to(device)
@@ -115,15 +124,17 @@ class LinearDictionary(Dictionary):
     def n_signed(self) -> int:
         return self.encoder.shape[1]
 
-    @torch.no_grad()
-    def signed_codes(self, x):
+    def signed_codes(self, x):  # differentiable, as encode
         self.check(x)
         return (x.float() - self.mean.to(x.device)) @ self.encoder.to(x.device)
 
-    @torch.no_grad()
     def encode(self, x):
         s = self.signed_codes(x)
         return torch.cat([torch.relu(s), torch.relu(-s)], dim=-1)
+
+    @property
+    def decoder_rows(self):
+        return torch.cat([self.decoder, -self.decoder])
 
     @torch.no_grad()
     def decode(self, codes):
