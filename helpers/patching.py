@@ -24,6 +24,7 @@ import re
 
 import torch
 
+from .harvest import _model_device
 from .prompts import logit_diff
 
 
@@ -42,8 +43,7 @@ def check_hook(model, dictionary, hook: str) -> None:
                          "own hook, or fit one for this layer")
 
 
-def _device(model):
-    return next(model.parameters()).device
+_device = _model_device
 
 
 @torch.no_grad()
@@ -65,10 +65,12 @@ def _encode(dictionary, x):
     return dictionary.encode(x.reshape(-1, d)).reshape(n, p, -1).float().cpu()
 
 
-def attribution(model, tokens, hook: str, dictionary, delta_codes: torch.Tensor, metric) -> torch.Tensor:
+def attribution(model, tokens, hook: str, dictionary, delta_codes: torch.Tensor, metric,
+                x: torch.Tensor | None = None) -> torch.Tensor:
     """First-order estimate, per feature, of the change in metric(logits) when the codes at `hook`
-    change by delta_codes [n, pos, F]: Σ_{n,pos} δc_f · (∂metric/∂x · decoder_rows[f])."""
-    x = hook_acts(model, tokens, hook)
+    change by delta_codes [n, pos, F]: Σ_{n,pos} δc_f · (∂metric/∂x · decoder_rows[f]).
+    `x`: the clean activations at `hook`, if the caller already has them."""
+    x = hook_acts(model, tokens, hook) if x is None else x
     leaf = x.clone().requires_grad_(True)
     with torch.enable_grad():
         logits = run_with_activation(model, tokens, hook, leaf)
@@ -95,7 +97,7 @@ def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32)) -> di
     clean = model(ps.tokens.to(_device(model))).float()
     cf = model(ps.cf_tokens.to(_device(model))).float()
     ld_clean, ld_cf = float(logit_diff(clean, ps).mean()), float(logit_diff(cf, ps).mean())
-    attr = attribution(model, ps.tokens, hook, dictionary, delta, lambda lg: logit_diff(lg, ps).sum())
+    attr = attribution(model, ps.tokens, hook, dictionary, delta, lambda lg: logit_diff(lg, ps).sum(), x=x)
     order = attr.argsort()  # most negative first: pushes the answer towards the counterfactual's
     rows = dictionary.decoder_rows.float().cpu()
     points = []
@@ -150,7 +152,7 @@ def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(
     x = hook_acts(model, ps.tokens, hook)
     c = _encode(dictionary, x)
     c[:, 0] = 0  # BOS is never ablated
-    attr = attribution(model, ps.tokens, hook, dictionary, -c, lambda lg: logit_diff(lg, ps).sum())
+    attr = attribution(model, ps.tokens, hook, dictionary, -c, lambda lg: logit_diff(lg, ps).sum(), x=x)
     order = attr.argsort()
     clean = model(ps.tokens.to(_device(model))).float()
     ld_clean = float(logit_diff(clean, ps).mean())

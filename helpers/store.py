@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -174,12 +175,9 @@ class ActivationStore:
         shard = self.shards[index]
         path = self._file(shard["files"][hook])
         raw = np.memmap(path, dtype=np.uint16, mode="r", shape=(shard["n_tokens"], self.d_model))
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # non-writable numpy array: we never write to it
-                return torch.from_numpy(raw).view(self.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # non-writable numpy array: we never write to it
+            return torch.from_numpy(raw).view(self.dtype)
 
     def shard_tokens(self, index: int) -> np.ndarray:
         shard = self.shards[index]
