@@ -23,6 +23,7 @@ import torch
 
 from .dictionary import LinearDictionary, SAEDictionary, neuron_basis, random_directions
 from .features import Concepts, concept_scores, dictionary_score, feature_stats
+from .models import resolve_device
 
 IN_MEMORY_TOKENS = 200_000
 
@@ -88,13 +89,53 @@ def fit_ica(store, hook: str, n_components: int | None = None, max_tokens: int =
     return d
 
 
+def _cached_fit(cache_dir, name: str, key: list, fit) -> LinearDictionary:
+    """fit() once, then load it from cache_dir (safetensors); a cached ICA that had not converged
+    warns again on load."""
+    if cache_dir is None:
+        return fit()
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache_dir) / f"{name}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]}.safetensors"
+    if path.exists():
+        t = load_file(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        d = LinearDictionary(t["encoder"], t["decoder"], t["mean"], name=meta["name"], hook_name=meta["hook_name"],
+                             model_name=meta["model_name"])
+        if "n_iter" in meta:
+            d.n_iter, d.converged = meta["n_iter"], meta["converged"]
+            if not d.converged:
+                warnings.warn(meta["warning"], RuntimeWarning, stacklevel=3)
+        return d
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        d = fit()
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"name": d.name, "hook_name": d.hook_name, "model_name": d.model_name}
+    if hasattr(d, "converged"):
+        meta.update(n_iter=d.n_iter, converged=d.converged,
+                    warning=next((str(w.message) for w in caught if "FastICA" in str(w.message)), ""))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"encoder": d.encoder.contiguous(), "decoder": d.decoder.contiguous(), "mean": d.mean.contiguous()}, tmp)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    tmp.replace(path)
+    return d
+
+
 def baselines(store, hook: str, n_features: int, seed: int = 0, model_name: str = "",
-              ica_tokens: int = 50_000, ica_max_iter: int = 400) -> dict:
-    """PCA, ICA, neuron basis and random directions for `hook` (random: n_features features)."""
+              ica_tokens: int = 50_000, ica_max_iter: int = 400, cache_dir=None) -> dict:
+    """PCA, ICA, neuron basis and random directions for `hook` (random: n_features features).
+    With `cache_dir`, PCA and ICA are fitted once per store, hook and settings, then loaded."""
     mean = store.activations(hook, max_tokens=IN_MEMORY_TOKENS).mean(0)
+    key = [str(store.path), store.n_tokens, hook, model_name]
     return {
-        "PCA": fit_pca(store, hook, model_name=model_name),
-        "ICA": fit_ica(store, hook, max_tokens=ica_tokens, max_iter=ica_max_iter, seed=seed, model_name=model_name),
+        "PCA": _cached_fit(cache_dir, "pca", key, lambda: fit_pca(store, hook, model_name=model_name)),
+        "ICA": _cached_fit(cache_dir, "ica", key + [ica_tokens, ica_max_iter, seed], lambda: fit_ica(
+            store, hook, max_tokens=ica_tokens, max_iter=ica_max_iter, seed=seed, model_name=model_name)),
         "neurons": neuron_basis(store.d_model, mean, hook_name=hook, model_name=model_name),
         "random": random_directions(store.d_model, n_features, mean, seed=seed, hook_name=hook, model_name=model_name),
     }
@@ -118,32 +159,65 @@ def layer_sae(profile, layer: int, store, config, progress: bool = True):
     return load_saelens(folder / "sae")
 
 
-def compare_layers(profile, store, model, sweep, progress: bool = True) -> list[dict]:
-    """Concept scores (median MCC, 95% CI) of the SAE and each baseline at every harvested layer.
-    The SAE at the sweep's layer is the chosen one; elsewhere one with the same settings."""
-    from .sweep import load_sweep_sae
+def layer_dictionaries(profile, layer: int, store, sweep, progress: bool = True) -> dict:
+    """Every dictionary compared at one layer, by name: "SAE" (the paper's L1 SAE the sweep chose),
+    "TopK SAE" (the sweep's TopK SAE nearest to it in L0, if any), "PCA", "ICA", "neurons" and
+    "random" (as many features as the L1 SAE). At the sweep's layer the SAEs are the sweep's own;
+    elsewhere SAEs with the same settings, trained on that layer once and then loaded."""
+    from .sweep import load_sweep_sae, matched_topk
 
-    chosen = sweep["rows"][sweep["chosen"]]
+    if layer not in profile.layers:
+        raise ValueError(f"layer {layer} was not harvested: the profile's layers are {profile.layers}")
+    hook = f"blocks.{layer}.hook_{profile.hook}"
     keys = ("d_in", "d_sae", "architecture", "tied", "l1_coefficient", "k", "model_name")
-    config = {k: chosen[k] for k in keys}
+    saes = {"SAE": sweep["chosen"]}
+    if matched_topk(sweep) is not None:
+        saes["TopK SAE"] = matched_topk(sweep)
+    dicts = {}
+    for name, i in saes.items():
+        config = {k: sweep["rows"][i][k] for k in keys}
+        sae = load_sweep_sae(sweep, i) if hook == profile.sae_hook else \
+            layer_sae(profile, layer, store, config, progress)
+        dicts[name] = SAEDictionary(sae, name=name).to(resolve_device(profile.device))
+    dicts.update(baselines(store, hook, dicts["SAE"].n_features, seed=profile.seed, model_name=profile.model,
+                           ica_tokens=profile.ica_tokens, ica_max_iter=profile.ica_max_iter,
+                           cache_dir=profile.cache_dir / "baselines"))
+    return dicts
+
+
+def compare_layers(profile, store, model, sweep, progress: bool = True) -> list[dict]:
+    """Concept scores (median best-concept MCC and correlation, 95% CIs) of the SAEs and each
+    baseline at every harvested layer.
+
+    "SAE" is the paper's (ReLU + L1) SAE the sweep chose, "TopK SAE" the sweep's TopK SAE nearest to
+    it in L0 (if the sweep has one); at the sweep's layer they are the sweep's own, elsewhere SAEs
+    trained with the same settings on that layer. Random directions match the L1 SAE's size."""
+    from .sweep import matched_topk
+
     concepts = Concepts.from_store(store, model.tokenizer)
     rows = []
+    from tqdm.auto import tqdm
+
+    n_saes = 1 + (matched_topk(sweep) is not None)
+    bar = tqdm(total=len(profile.layers) * (n_saes + 4), desc="compare layers", unit="dictionary",
+               disable=not progress)
     for layer in profile.layers:
         hook = f"blocks.{layer}.hook_{profile.hook}"
-        sae = load_sweep_sae(sweep, sweep["chosen"]) if hook == profile.sae_hook else \
-            layer_sae(profile, layer, store, config, progress)
-        dicts = {"SAE": SAEDictionary(sae, name="SAE"),
-                 **baselines(store, hook, sae.d_sae, seed=profile.seed, model_name=profile.model,
-                             ica_tokens=profile.ica_tokens, ica_max_iter=profile.ica_max_iter)}
+        dicts = layer_dictionaries(profile, layer, store, sweep, progress=progress)
         for name, d in dicts.items():
+            bar.set_postfix_str(f"layer {layer} {name}")
             st = feature_stats(d, store, hook=hook, progress=False)
             sc = concept_scores(d, store, st, concepts, progress=False)
-            s = dictionary_score(sc)
+            s, c = dictionary_score(sc), dictionary_score(sc, key="corr")
             rows.append({"layer": layer, "method": name, "features": d.n_features, "median_mcc": s["value"],
-                         "low": s["low"], "high": s["high"], "n_scored": s["n"], "dead": s["excluded"],
+                         "low": s["low"], "high": s["high"], "median_corr": c["value"], "corr_low": c["low"],
+                         "corr_high": c["high"], "n_scored": s["n"], "dead": s["excluded"],
                          "median_density": float(st.density.median()),
                          "converged": getattr(d, "converged", None), "scores": sc["mcc"], "concepts": sc["concept"],
-                         "dictionary": d, "stats": st})
+                         "corr": sc["corr"], "corr_concepts": sc["corr_concept"], "dictionary": d, "stats": st})
+            bar.update(1)
         if progress:
-            print(f"layer {layer}: " + ", ".join(f"{r['method']} {r['median_mcc']:.3f}" for r in rows[-len(dicts):]))
+            bar.write(f"layer {layer}: " + ", ".join(f"{r['method']} {r['median_mcc']:.3f}/{r['median_corr']:.3f}"
+                                                     for r in rows[-len(dicts):]) + "  (MCC/corr)")
+    bar.close()
     return rows

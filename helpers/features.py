@@ -216,18 +216,26 @@ def activity_thresholds(stats: FeatureStats, max_density: float = 0.005) -> torc
 @torch.no_grad()
 def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, max_density: float = 0.005,
                    batch_size: int = 4096, device=None, progress: bool = True) -> dict:
-    """Each feature's best concept by the Matthews correlation (MCC) of "feature active" with
-    "concept present" over the tokens of `stats`, with precision, recall and F1 at that concept.
+    """Each feature's best concept by two scores, over the tokens of `stats`:
 
-    MCC is chance-corrected: a feature that fires everywhere, or at random, scores about 0 with
-    every concept, however common the concept. Activity uses `activity_thresholds`.
+    * ``mcc``: the Matthews correlation of "feature active" with "concept present" (activity by
+      `activity_thresholds`), with precision, recall and F1 at that concept. Chance-corrected: a
+      feature that fires everywhere, or at random, scores about 0 with every concept.
+    * ``corr``: the Pearson correlation of the feature's activation (its code, zeros included) with
+      the concept's 0/1 indicator: the formula of the paper's autointerp score (correlation of
+      simulated with true activations), over all tokens rather than sampled excerpts, for the
+      explanation "fires on <concept>" and a simulator that follows it exactly. It weighs strong
+      activations more than weak ones and needs no activity threshold.
     """
     hook = dictionary.check_store(store, stats.hook)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tau = activity_thresholds(stats, max_density).to(device)
     meta_all = store.tokens()[: stats.n_tokens]
     F, C, T = stats.n_features, len(concepts), concepts.n_token_concepts
-    joint = torch.zeros(F, C, device=device, dtype=torch.float64)
+    joint = torch.zeros(F, C, device=device, dtype=torch.float64)   # active tokens with the concept
+    mass = torch.zeros(F, C, device=device, dtype=torch.float64)    # activation summed over them
+    a_sum = torch.zeros(F, device=device, dtype=torch.float64)
+    a_sq = torch.zeros(F, device=device, dtype=torch.float64)
     active_n = torch.zeros(F, device=device, dtype=torch.float64)
     totals = torch.zeros(C, device=device, dtype=torch.float64)
     from tqdm.auto import tqdm
@@ -238,16 +246,21 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
         if done >= stats.n_tokens:
             break
         x, idx = x[: stats.n_tokens - done], idx[: stats.n_tokens - done]
-        active = (dictionary.encode(x.to(device)).float() > tau).float()
+        codes = dictionary.encode(x.to(device)).double()
+        active = (codes > tau).double()
         meta = meta_all[idx.numpy()]
         # token identity is one-hot: scatter-add instead of a matmul with a [B, vocab] matrix
         col = torch.as_tensor(concepts.token_column(meta), device=device)
         ok = col >= 0
-        joint[:, :T].index_add_(1, col[ok], active[ok].T.double())
+        joint[:, :T].index_add_(1, col[ok], active[ok].T)
+        mass[:, :T].index_add_(1, col[ok], codes[ok].T)
         totals[:T].index_add_(0, col[ok], torch.ones(int(ok.sum()), device=device, dtype=torch.float64))
-        m = concepts.label_multi_hot(meta).to(device)
-        joint[:, T:] += (active.T @ m).double()
-        active_n += active.sum(0).double()
+        m = concepts.label_multi_hot(meta).to(device).double()
+        joint[:, T:] += active.T @ m
+        mass[:, T:] += codes.T @ m
+        a_sum += codes.sum(0)
+        a_sq += (codes * codes).sum(0)
+        active_n += active.sum(0)
         totals[T:] += m.sum(0).double()
         done += len(x)
         bar.update(len(x))
@@ -264,9 +277,18 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
     precision = tp_b / a_b.clamp_min(1)
     recall = tp_b / t_b.clamp_min(1)
     f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    var_a = (n * a_sq - a_sum ** 2).clamp_min(0)
+    var_c = (n * totals - totals ** 2).clamp_min(0)
+    den = (var_a[:, None] * var_c[None, :]).sqrt()
+    # a constant feature (or concept) has no correlation; guard against rounding noise over ~0
+    flat = (var_a <= 1e-9 * n * a_sq.clamp_min(1e-30))[:, None] | (var_c <= 0)[None, :]
+    corr = torch.where(flat, torch.zeros_like(den),
+                       (n * mass - a_sum[:, None] * totals[None, :]) / den.clamp_min(1e-30)).clamp(-1, 1)
+    corr_best = corr.argmax(1)
     cpu = lambda t: t.float().cpu()  # noqa: E731
     return {"concept": [concepts.names[i] for i in best.tolist()], "concept_index": best.cpu(),
             "mcc": cpu(mcc[rows, best]), "precision": cpu(precision), "recall": cpu(recall), "f1": cpu(f1),
+            "corr": cpu(corr[rows, corr_best]), "corr_concept": [concepts.names[i] for i in corr_best.tolist()],
             "active_counts": cpu(active_n), "threshold": tau.cpu()}
 
 
@@ -281,11 +303,13 @@ def summarise(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, stat=torc
             "n": len(v)}
 
 
-def dictionary_score(scores: dict, min_active: int = 5, **kw) -> dict:
-    """Median best-concept MCC over the features active on at least `min_active` tokens, with a
-    bootstrap 95% CI; also how many features were left out as (nearly) dead."""
+def dictionary_score(scores: dict, min_active: int = 5, key: str = "mcc", **kw) -> dict:
+    """Median best-concept score (`key`: "mcc" or "corr") over the features active on at least
+    `min_active` tokens, with a bootstrap 95% CI; also how many features were left out as (nearly) dead."""
+    if key not in ("mcc", "corr"):
+        raise ValueError(f"key must be 'mcc' or 'corr', not {key!r}")
     alive = scores["active_counts"] >= min_active
-    out = summarise(scores["mcc"][alive], **kw)
+    out = summarise(scores[key][alive], **kw)
     out["excluded"] = int((~alive).sum())
     return out
 
@@ -339,3 +363,41 @@ def feature_excerpts(dictionary, store, stats: FeatureStats, feature: int, token
 
     ex = [excerpt(i) for i in top]
     return ex[0::2], ex[1::2], [excerpt(i) for i in rand]
+
+
+@torch.no_grad()
+def describe_features(dictionary, store, features, tokenizer, hook: str | None = None, k: int = 20,
+                      max_tokens: int = 100_000, n_tokens: int = 3) -> dict[int, str]:
+    """A short description of each of a few `features`: the tokens its top-k activations (over the
+    first `max_tokens` stored tokens) fall on most often, e.g. "' she' ×9, ' her' ×4"; "(1st)" marks a
+    context's first token, where residual streams are unusually large. One pass over (about)
+    `max_tokens` tokens, keeping only those features' codes; for labelling graphs, not for scoring."""
+    from collections import Counter
+
+    hook = dictionary.check_store(store, hook)
+    feats = torch.as_tensor(list(features), dtype=torch.int64)
+    if len(feats) == 0:
+        return {}
+    if int(feats.max()) >= dictionary.n_features or int(feats.min()) < 0:
+        raise ValueError(f"features must lie in 0..{dictionary.n_features - 1}")
+    top_a = torch.full((len(feats), k), -1.0)
+    top_i = torch.full((len(feats), k), -1, dtype=torch.int64)
+    done = 0
+    for x, idx in store.iter_batches(hook, 4096, shuffle=False, return_index=True):
+        if done >= max_tokens:
+            break
+        c = dictionary.encode(x).float().cpu()[:, feats].T              # [f, B]
+        a = torch.cat([top_a, c], 1)
+        i = torch.cat([top_i, idx.expand(len(feats), -1)], 1)
+        top_a, pos = a.topk(k, dim=1)
+        top_i = i.gather(1, pos)
+        done += len(x)
+    meta = store.tokens()
+    first = np.r_[True, meta["ctx"][1:] != meta["ctx"][:-1]]  # a context's first token after BOS
+    out = {}
+    for row, f in enumerate(feats.tolist()):
+        idx = [int(j) for j, v in zip(top_i[row], top_a[row]) if j >= 0 and v > 0]
+        common = Counter(tokenizer.decode([int(meta["token"][j])]) + (" (1st)" if first[j] else "")
+                         for j in idx).most_common(n_tokens)
+        out[f] = ", ".join(f"{t!r} ×{n}" for t, n in common) if common else "(never active)"
+    return out

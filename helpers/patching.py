@@ -15,6 +15,10 @@ decoder works: the SAE and the baselines alike.
   loss increase on held-out text).
 * `upstream_features`: for a feature at one layer, the features at an earlier layer whose ablation
   changes it most (attribution, then verified by ablation).
+* `patch_positions_by_layer`: the plain (no dictionary) patch of the whole residual stream at chosen
+  positions, layer by layer: where the information that decides the answer sits.
+* `captured_share`: how much of the clean-to-counterfactual change in the activation a dictionary's
+  reconstruction carries, which bounds what patching its features can do.
 
 Everything is batched over prompts: one forward pass per point of a curve.
 """
@@ -106,7 +110,7 @@ def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32)) -> di
         new = x.cpu() + delta[..., sel] @ rows[sel]
         logits = run_with_activation(model, ps.tokens, hook, new).float()
         ld = float(logit_diff(logits, ps).mean())
-        points.append({"k": int(k), "logit_diff": ld, "gap_closed": (ld_clean - ld) / (ld_clean - ld_cf),
+        points.append({"k": int(k), "logit_diff": ld, "gap_closed": _gap_closed(ld_clean, ld_cf, ld),
                        "kl": _kl_last(clean, logits)})
     return {"dictionary": dictionary.name, "hook": hook, "ld_clean": ld_clean, "ld_cf": ld_cf,
             "points": points, "order": order[: max(ks)].tolist(), "attribution": attr}
@@ -212,3 +216,60 @@ def upstream_features(model, tokens, down_hook: str, down_dict, feature: int, up
             after = float(down_activation(replace_fn=ablate(up_dict, [g])))
             out.append({"feature": g, "attribution": float(attr[g]), "change": after - base, "base": base})
     return out
+
+
+def changed_positions(ps) -> torch.Tensor:
+    """[n, pos] bool: where a prompt and its counterfactual differ (IOI: the second name)."""
+    return ps.tokens != ps.cf_tokens
+
+
+def _gap_closed(ld_clean: float, ld_cf: float, ld: float) -> float:
+    return (ld_clean - ld) / (ld_clean - ld_cf)
+
+
+@torch.no_grad()
+def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", progress: bool = True) -> list[dict]:
+    """For each layer: the share of the logit-difference gap closed by replacing the clean residual
+    stream with the counterfactual one (a) at the positions where the prompts differ and (b) at the
+    last position only. One batched forward pass per layer and position set."""
+    for layer in layers:
+        if not 0 <= layer < model.cfg.n_layers:
+            raise ValueError(f"layer {layer} is outside the model's 0..{model.cfg.n_layers - 1}")
+    dev = _device(model)
+    clean, cf = model(ps.tokens.to(dev)).float(), model(ps.cf_tokens.to(dev)).float()
+    ld_clean, ld_cf = float(logit_diff(clean, ps).mean()), float(logit_diff(cf, ps).mean())
+    changed = changed_positions(ps).to(dev)
+    last = torch.zeros_like(changed)
+    last[:, -1] = True
+    from tqdm.auto import tqdm
+
+    out = []
+    for layer in tqdm(list(layers), desc="patch by layer", disable=not progress):
+        hook = f"blocks.{layer}.hook_{hook_kind}"
+        _, cache = model.run_with_cache(ps.cf_tokens.to(dev), names_filter=[hook], stop_at_layer=layer + 1)
+        x_cf = cache[hook]
+        row = {"layer": layer}
+        for name, mask in (("changed", changed), ("last", last)):
+            def patch(act, hook, mask=mask):
+                return torch.where(mask[..., None], x_cf.to(act.dtype), act)
+            logits = model.run_with_hooks(ps.tokens.to(dev), fwd_hooks=[(hook, patch)]).float()
+            row[name] = _gap_closed(ld_clean, ld_cf, float(logit_diff(logits, ps).mean()))
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def captured_share(dictionary, model, ps, hook: str) -> float:
+    """1 - ‖Δx - Δx̂‖² / ‖Δx‖² over all positions after BOS (the same positions `patch_curve` patches),
+    where Δx is the counterfactual minus the clean activation and Δx̂ the same for the dictionary's
+    reconstruction. 1: patching all of the dictionary's features reproduces the counterfactual
+    activation; 0 (or below: the reconstruction's change can point elsewhere): patching its features
+    reproduces none of it, because the difference sits in the reconstruction error, which patching keeps."""
+    check_hook(model, dictionary, hook)
+    d_in = model.cfg.d_model
+    x = hook_acts(model, ps.tokens, hook)[:, 1:].reshape(-1, d_in).cpu()
+    x_cf = hook_acts(model, ps.cf_tokens, hook)[:, 1:].reshape(-1, d_in).cpu()
+    rows = dictionary.decoder_rows.float().cpu()
+    d_hat = (dictionary.encode(x_cf).float().cpu() - dictionary.encode(x).float().cpu()) @ rows
+    d = x_cf - x
+    return float(1 - (d - d_hat).pow(2).sum() / d.pow(2).sum().clamp_min(1e-12))

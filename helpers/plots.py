@@ -187,18 +187,110 @@ def concept_families(scores: dict, min_mcc: float = 0.3):
 
 # ---- notebook 04: baselines --------------------------------------------------------------------
 def scores_by_layer(rows):
-    """The paper's Figure 2 layout: concept score by layer, one line per method, 95% CIs."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """The paper's Figure 2 layout: concept score by layer, one line per method, 95% CIs; one panel
+    per score (best-concept MCC, best-concept correlation)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    for i, m in enumerate(methods):
-        rs = sorted([r for r in rows if r["method"] == m], key=lambda r: r["layer"])
-        x = np.array([r["layer"] for r in rs]) + (i - len(methods) / 2) * 0.06
-        y = np.array([r["median_mcc"] for r in rs])
-        err = np.array([[r["median_mcc"] - r["low"] for r in rs], [r["high"] - r["median_mcc"] for r in rs]])
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=m, lw=2 if m == "SAE" else 1)
+    for ax, (key, lo, hi, label) in zip(axes, [("median_mcc", "low", "high", "median best-concept MCC"),
+                                               ("median_corr", "corr_low", "corr_high",
+                                                "median best-concept correlation")]):
+        for i, m in enumerate(methods):
+            rs = sorted([r for r in rows if r["method"] == m], key=lambda r: r["layer"])
+            x = np.array([r["layer"] for r in rs]) + (i - len(methods) / 2) * 0.06
+            y = np.array([r[key] for r in rs])
+            err = np.array([[r[key] - r[lo] for r in rs], [r[hi] - r[key] for r in rs]])
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=m, lw=2 if "SAE" in m else 1)
+        ax.set_xlabel("layer (residual stream after the block)")
+        ax.set_ylabel(label)
+    axes[0].set_title("Interpretability by layer: SAEs vs baselines", fontsize=10)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---- notebook 05: patching, editing, circuits ------------------------------------------------------
+def patch_by_layer(rows):
+    """Share of the IOI gap closed by patching the whole residual stream, by layer, at the changed
+    positions and at the last position."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    layers = [r["layer"] for r in rows]
+    ax.plot(layers, [r["changed"] for r in rows], "o-", label="at the changed position (the second name)")
+    ax.plot(layers, [r["last"] for r in rows], "s-", label="at the last position (where the answer is read)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axhline(1, color="grey", lw=0.5, ls="--")
     ax.set_xlabel("layer (residual stream after the block)")
-    ax.set_ylabel("median best-concept MCC")
-    ax.set_title("Interpretability by layer: SAE vs baselines")
+    ax.set_ylabel("share of the logit-difference gap closed")
+    ax.set_title("Where does the model keep the information that decides the answer?", fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def patch_curves(curves: dict):
+    """curves: {layer: {dictionary name: patch_curve result}}. Per layer: number of patched directions
+    against the share of the gap closed and against the KL divergence from the clean run."""
+    layers = list(curves)
+    fig, axes = plt.subplots(len(layers), 2, figsize=(11, 3.3 * len(layers)), squeeze=False)
+    for row, layer in enumerate(layers):
+        for name, res in curves[layer].items():
+            ks = [p["k"] for p in res["points"]]
+            style = dict(marker="o", lw=2 if "SAE" in name else 1, label=name)
+            axes[row, 0].plot(ks, [p["gap_closed"] for p in res["points"]], **style)
+            axes[row, 1].plot(ks, [max(p["kl"], 1e-6) for p in res["points"]], **style)
+        for ax in axes[row]:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("directions patched (k)")
+        axes[row, 0].set_ylabel(f"layer {layer}: gap closed")
+        axes[row, 1].set_ylabel("KL(clean ‖ patched)")
+        axes[row, 1].set_yscale("log")
+    axes[0, 0].set_title("How far the answer moves to the counterfactual's", fontsize=10)
+    axes[0, 1].set_title("How much the whole next-token distribution changes", fontsize=10)
+    axes[0, 1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def edit_tradeoff(edits: dict):
+    """edits: {dictionary name: edit_curve result}. Edit (drop of the behaviour's logit difference)
+    against collateral damage (CE-loss increase on held-out text), one line per dictionary, k marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, res in edits.items():
+        x = [p["ce_increase"] for p in res["points"]]
+        y = [p["edit"] for p in res["points"]]
+        ax.plot(x, y, marker="o", lw=2 if "SAE" in name else 1, label=name)
+        for p, xi, yi in zip(res["points"], x, y):
+            ax.annotate(str(p["k"]), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel("collateral damage: CE-loss increase on held-out text (nats/token)")
+    ax.set_ylabel("edit: share of the logit difference removed")
+    ax.set_title("Removing a behaviour by ablating k directions (up and to the left is better)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def circuit_graph(down: dict, ups: list[dict]):
+    """A one-hop feature circuit: `down` = {"label", "description"}; `ups` = [{"label",
+    "description", "change"}] upstream features, drawn left, with edges whose width is the measured
+    change of the downstream feature when the upstream one is ablated (red: ablating lowers it)."""
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.9 * max(len(ups), 1)))
+    n = max(len(ups), 1)
+    biggest = max([abs(u["change"]) for u in ups] + [1e-9])
+    ys = np.linspace(0.9, 0.1, n) if n > 1 else np.array([0.5])
+    box = dict(boxstyle="round", fc="#eef3fb", ec="#5577aa")
+    for u, y in zip(ups, ys):
+        colour = "#c0392b" if u["change"] < 0 else "#2471a3"
+        ax.annotate("", xy=(0.64, 0.5), xytext=(0.36, y),
+                    arrowprops=dict(arrowstyle="-|>", color=colour, lw=0.5 + 5 * abs(u["change"]) / biggest))
+        ax.text(0.35, y, f"{u['label']}\n{u['description']}", ha="right", va="center", fontsize=7, bbox=box)
+        ax.text(0.5, (y + 0.5) / 2 + 0.03, f"{u['change']:+.2f}", ha="center", fontsize=7, color=colour)
+    ax.text(0.65, 0.5, f"{down['label']}\n{down['description']}", ha="left", va="center", fontsize=8,
+            bbox=dict(boxstyle="round", fc="#fdf2e9", ec="#aa7755"))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    ax.set_title("Feature circuit: ablating each upstream feature changes the downstream one by (edge label)",
+                 fontsize=9)
     fig.tight_layout()
     return fig

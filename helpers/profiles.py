@@ -58,6 +58,10 @@ class Profile:
     # --- baselines (notebook 04) ---
     ica_tokens: int = 16_128              # activations FastICA is fitted on
     ica_max_iter: int = 30                # FastICA iterations (non-convergence is reported)
+    # --- patching and editing (notebook 05) ---
+    ioi_prompts: int = 64                 # IOI prompts generated (those the model fails are dropped)
+    pronoun_prompts: int = 64             # pronoun prompts generated
+    patch_layer_step: int = 4             # plain residual patching at every n-th layer (and the last)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -80,13 +84,14 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "test": Profile(
         "test", layers=(2, 6), ctx_len=64, harvest_tokens=16_128, batch_contexts=16,
-        shard_contexts=64,
+        shard_contexts=64, ioi_prompts=32, pronoun_prompts=32, patch_layer_step=6,
     ),
     "cpu": Profile(
         "cpu", layers=(3, 6, 9), ctx_len=128, harvest_tokens=300_000, batch_contexts=16,
         shard_contexts=256, sae_ratios=(0.5, 1, 2, 4), sae_alphas=(2e-3, 4e-3, 8e-3), pick_ratio=4,
         topk_ks=(32,), topk_ratio=4, train_tokens=600_000, train_batch=1024, lr=1e-3,
         eval_tokens=16_256, ce_contexts=64, autointerp_features=8, ica_tokens=30_000, ica_max_iter=100,
+        ioi_prompts=128, pronoun_prompts=128, patch_layer_step=2,
     ),
     "gpu": Profile(
         "gpu", layers=tuple(range(0, 30, 2)), ctx_len=256, harvest_tokens=1_200_000,
@@ -94,7 +99,7 @@ PROFILES: dict[str, Profile] = {
         sae_ratios=(0.5, 1, 2, 4, 8, 16, 32), sae_alphas=(1e-3, 2e-3, 4e-3, 8e-3), pick_ratio=8,
         sae_tied=(True, False), topk_ks=(16, 32, 64), topk_ratio=8, train_tokens=10_000_000,
         train_batch=4096, lr=1e-3, eval_tokens=100_000, ce_contexts=256, autointerp_features=40,
-        ica_tokens=100_000, ica_max_iter=400,
+        ica_tokens=100_000, ica_max_iter=400, ioi_prompts=256, pronoun_prompts=256, patch_layer_step=1,
     ),
     "paper": Profile(
         "paper", model=PAPER_MODEL, corpus="pile", layers=tuple(range(6)), ctx_len=256,
@@ -102,7 +107,7 @@ PROFILES: dict[str, Profile] = {
         sae_layer=2, sae_ratios=(0.5, 1, 2, 4, 8, 16, 32), sae_alphas=(1e-3, 2e-3, 4e-3, 8e-3), pick_ratio=8,
         sae_tied=(True, False), topk_ks=(16, 32, 64), topk_ratio=8, train_tokens=20_000_000,
         train_batch=4096, lr=1e-3, eval_tokens=200_000, ce_contexts=256, autointerp_features=40,
-        ica_tokens=100_000, ica_max_iter=400,
+        ica_tokens=100_000, ica_max_iter=400, ioi_prompts=256, pronoun_prompts=256, patch_layer_step=1,
     ),
 }
 

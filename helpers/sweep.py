@@ -141,6 +141,16 @@ def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
     return {**out, "dir": str(folder)}
 
 
+def matched_topk(sweep: dict) -> int | None:
+    """Index of the sweep's TopK SAE whose L0 is closest to the chosen SAE's (None without TopK):
+    the 'go beyond the paper' SAE, compared at about the same sparsity."""
+    topk = [i for i, r in enumerate(sweep["rows"]) if r["architecture"] == "topk"]
+    if not topk:
+        return None
+    l0 = sweep["rows"][sweep["chosen"]]["l0"]
+    return min(topk, key=lambda i: abs(sweep["rows"][i]["l0"] - l0))
+
+
 def load_sweep_sae(sweep: dict, i: int):
     return load_saelens(Path(sweep["dir"]) / f"sae_{i:02d}")
 

@@ -64,3 +64,39 @@ def test_fewer_samples_than_directions(array_store):
         fit_pca(store, HOOK)
     with pytest.raises(ValueError, match="ICA needs at least as many samples as directions"):
         fit_ica(store, HOOK)
+
+
+def test_layer_dictionaries_rejects_a_layer_that_was_not_harvested():
+    from helpers.baselines import layer_dictionaries
+    from helpers.profiles import get_profile
+
+    with pytest.raises(ValueError, match="layer 5 was not harvested"):
+        layer_dictionaries(get_profile("test"), 5, store=None, sweep=None)
+
+
+def test_matched_topk_is_nearest_in_l0():
+    from helpers.sweep import matched_topk
+
+    rows = [{"architecture": "standard", "l0": 30}, {"architecture": "topk", "l0": 64},
+            {"architecture": "topk", "l0": 32}, {"architecture": "topk", "l0": 16}]
+    assert matched_topk({"rows": rows, "chosen": 0}) == 2
+    assert matched_topk({"rows": rows[:1], "chosen": 0}) is None
+
+
+def test_baselines_are_fitted_once_and_cached(array_store, tmp_path):
+    from helpers.baselines import baselines
+
+    x, _ = laplace_mixture()
+    store = array_store(x, hook=HOOK, shard_tokens=1000)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        first = baselines(store, HOOK, 16, ica_tokens=6000, ica_max_iter=2, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    # loaded, not refitted: identical, and the cached ICA still says it did not converge
+    with pytest.warns(RuntimeWarning, match="did not converge: 2 iterations"):
+        again = baselines(store, HOOK, 16, ica_tokens=6000, ica_max_iter=2, cache_dir=tmp_path)
+    for name in ("PCA", "ICA"):
+        assert torch.equal(first[name].encoder, again[name].encoder) and torch.equal(first[name].mean, again[name].mean)
+    assert again["ICA"].converged is False and again["random"].n_features == 16
+    # other settings: fitted afresh
+    baselines(store, HOOK, 16, ica_tokens=6000, ica_max_iter=3, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("ica-*.safetensors"))) == 2

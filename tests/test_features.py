@@ -45,6 +45,8 @@ def test_concept_score_finds_the_planted_concept(array_store, model):
     x[:, 0] = torch.as_tensor(tokens == 11, dtype=torch.float32) * 2.0
     x[:, 1] = 1.0
     x[:, 2] = torch.as_tensor(rng.random(n) < 0.3, dtype=torch.float32)  # random, unrelated
+    # token 11 strongly, plus weak noise on 30% of all tokens: poor when active means > 0, good by correlation
+    x[:, 3] = x[:, 0] + 0.05 * torch.as_tensor(rng.random(n) < 0.3, dtype=torch.float32)
     store = array_store(x, hook=HOOK)
     meta_path = store.path / "shard_00000.meta.bin"
     assert meta_path.exists()
@@ -59,7 +61,7 @@ def test_concept_score_finds_the_planted_concept(array_store, model):
         s["files"]["meta"]["crc32"] = _crc32(meta.tobytes())
     (store.path / "manifest.json").write_text(json.dumps(store.manifest))
     store = ActivationStore.open(store.path)
-    d = LinearDictionary(torch.eye(4)[:, :3], torch.eye(4)[:3], name="planted", hook_name=HOOK, model_name="toy")
+    d = LinearDictionary(torch.eye(4), torch.eye(4), name="planted", hook_name=HOOK, model_name="toy")
     concepts = Concepts.from_store(store, model.tokenizer)
     st = feature_stats(d, store, device="cpu", progress=False)
     sc = concept_scores(d, store, st, concepts, max_density=1.0, device="cpu", progress=False)
@@ -68,7 +70,15 @@ def test_concept_score_finds_the_planted_concept(array_store, model):
     assert abs(float(sc["mcc"][1])) < 1e-6, "a feature that fires everywhere carries no information"
     assert abs(float(sc["mcc"][2])) < 0.1
     summary = dictionary_score(sc, n_boot=50)
-    assert summary["low"] <= summary["value"] <= summary["high"] and summary["excluded"] == 3  # negative halves
+    assert summary["low"] <= summary["value"] <= summary["high"] and summary["excluded"] == 4  # negative halves
+    # the correlation score agrees on the clean features ...
+    assert sc["corr_concept"][0] == sc["concept"][0] and sc["corr"][0] == pytest.approx(1.0, abs=1e-5)
+    assert abs(float(sc["corr"][1])) < 1e-6 and abs(float(sc["corr"][2])) < 0.1
+    # ... and, unlike MCC at threshold 0, sees through weak noise on a strong feature
+    assert sc["corr_concept"][3] == sc["concept"][0] and float(sc["corr"][3]) > 0.95
+    assert float(sc["mcc"][3]) < 0.8
+    with pytest.raises(ValueError, match="key"):
+        dictionary_score(sc, key="f1")
 
 
 def test_dense_directions_are_judged_on_their_top_tokens(toy, model):
@@ -118,3 +128,15 @@ def test_dashboard_and_browser_pieces(toy, model):
         dashboard_html(view, 12)
     first = model.tokenizer.decode([int(store.tokens()["token"][int(st.top_idx[0, 0])])])
     assert bool(top_token_is(view, first)[0])
+
+
+def test_describe_features(toy, model):
+    from helpers.features import describe_features
+
+    store, x = toy
+    d = neuron_basis(6, hook_name=HOOK, model_name="toy")
+    out = describe_features(d, store, [0, 7], model.tokenizer, k=5)
+    assert set(out) == {0, 7} and all("×" in v for v in out.values())
+    assert sum(int(part.rsplit("×", 1)[1]) for part in out[0].split(", ")) <= 5
+    with pytest.raises(ValueError, match="features must lie"):
+        describe_features(d, store, [12], model.tokenizer)

@@ -67,3 +67,27 @@ def test_upstream_features_are_verified(model, ioi):
     assert len(res) == 3 and all(abs(r["change"]) >= 0 for r in res)
     # the strongest attributed upstream feature measurably changes the downstream one
     assert abs(res[0]["change"]) > 1e-3
+
+
+def test_plain_patching_by_layer(model, ioi):
+    from helpers.patching import patch_positions_by_layer
+
+    rows = patch_positions_by_layer(model, ioi, [0, model.cfg.n_layers - 1], progress=False)
+    first, last = rows
+    # layer 0: only the changed position differs, so patching it there is the whole counterfactual run
+    assert first["changed"] == pytest.approx(1.0, abs=0.05) and abs(first["last"]) < 0.05
+    # last layer: the last position's residual stream alone decides the logits
+    assert last["last"] == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="outside the model"):
+        patch_positions_by_layer(model, ioi, [model.cfg.n_layers], progress=False)
+
+
+def test_captured_share(model, ioi):
+    from helpers.patching import captured_share
+
+    assert captured_share(neuron_basis(model.cfg.d_model, hook_name=HOOK), model, ioi, HOOK) == pytest.approx(1.0, abs=1e-4)
+    few = random_directions(model.cfg.d_model, 16, hook_name=HOOK)  # 8 directions of 576: a small share
+    share = captured_share(few, model, ioi, HOOK)
+    assert -0.5 < share < 0.5
+    with pytest.raises(ValueError, match="fitted on"):
+        captured_share(neuron_basis(model.cfg.d_model, hook_name="blocks.2.hook_resid_post"), model, ioi, HOOK)
