@@ -7,7 +7,8 @@ or in a notebook's first cell, where any field can also be overridden::
     P = get_profile("cpu", harvest_tokens=50_000)
 
 ``test`` is what the test suite (nbval) runs: seconds to a couple of minutes per notebook.
-``cpu`` is a laptop: the whole workbook well under 30 minutes. ``gpu`` is the embedded model at
+``cpu`` is a laptop: about an hour for the whole workbook on 2 CPU cores (notebooks 04 and 05 take
+about 20 minutes each, mostly training SAEs for the other layers and patching). ``gpu`` is the embedded model at
 full scale on one GPU. ``paper`` is the paper's setting for Colab: Pythia-70M-deduped on the Pile.
 """
 from __future__ import annotations
