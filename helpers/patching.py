@@ -93,7 +93,8 @@ def _kl_last(clean_logits, logits) -> float:
 
 @torch.no_grad()
 def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32)) -> dict:
-    """Patch the k features that most move the logit difference towards the counterfactual."""
+    """Patch the k features that most move the logit difference towards the counterfactual.
+    The result's "captured" is the dictionary's `captured_share` for these prompts."""
     check_hook(model, dictionary, hook)
     x, x_cf = hook_acts(model, ps.tokens, hook), hook_acts(model, ps.cf_tokens, hook)
     c, c_cf = _encode(dictionary, x), _encode(dictionary, x_cf)
@@ -104,6 +105,7 @@ def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32)) -> di
     attr = attribution(model, ps.tokens, hook, dictionary, delta, lambda lg: logit_diff(lg, ps).sum(), x=x)
     order = attr.argsort()  # most negative first: pushes the answer towards the counterfactual's
     rows = dictionary.decoder_rows.float().cpu()
+    captured = _captured(x_cf.cpu() - x.cpu(), delta @ rows)
     points = []
     for k in ks:
         sel = order[:k]
@@ -113,7 +115,7 @@ def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32)) -> di
         points.append({"k": int(k), "logit_diff": ld, "gap_closed": _gap_closed(ld_clean, ld_cf, ld),
                        "kl": _kl_last(clean, logits)})
     return {"dictionary": dictionary.name, "hook": hook, "ld_clean": ld_clean, "ld_cf": ld_cf,
-            "points": points, "order": order[: max(ks)].tolist(), "attribution": attr}
+            "captured": captured, "points": points, "order": order[: max(ks)].tolist(), "attribution": attr}
 
 
 @torch.no_grad()
@@ -231,13 +233,16 @@ def _gap_closed(ld_clean: float, ld_cf: float, ld: float) -> float:
 def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", progress: bool = True) -> list[dict]:
     """For each layer: the share of the logit-difference gap closed by replacing the clean residual
     stream with the counterfactual one (a) at the positions where the prompts differ and (b) at the
-    last position only. One batched forward pass per layer and position set."""
+    last position only. One counterfactual pass for all layers, then one batched patched pass per
+    layer and position set."""
     for layer in layers:
         if not 0 <= layer < model.cfg.n_layers:
             raise ValueError(f"layer {layer} is outside the model's 0..{model.cfg.n_layers - 1}")
     dev = _device(model)
-    clean, cf = model(ps.tokens.to(dev)).float(), model(ps.cf_tokens.to(dev)).float()
-    ld_clean, ld_cf = float(logit_diff(clean, ps).mean()), float(logit_diff(cf, ps).mean())
+    hooks = {layer: f"blocks.{layer}.hook_{hook_kind}" for layer in layers}
+    cf, cache = model.run_with_cache(ps.cf_tokens.to(dev), names_filter=list(hooks.values()))
+    clean = model(ps.tokens.to(dev))
+    ld_clean, ld_cf = float(logit_diff(clean.float(), ps).mean()), float(logit_diff(cf.float(), ps).mean())
     changed = changed_positions(ps).to(dev)
     last = torch.zeros_like(changed)
     last[:, -1] = True
@@ -245,8 +250,7 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
 
     out = []
     for layer in tqdm(list(layers), desc="patch by layer", disable=not progress):
-        hook = f"blocks.{layer}.hook_{hook_kind}"
-        _, cache = model.run_with_cache(ps.cf_tokens.to(dev), names_filter=[hook], stop_at_layer=layer + 1)
+        hook = hooks[layer]
         x_cf = cache[hook]
         row = {"layer": layer}
         for name, mask in (("changed", changed), ("last", last)):
@@ -258,18 +262,19 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
     return out
 
 
+def _captured(d: torch.Tensor, d_hat: torch.Tensor) -> float:
+    return float(1 - (d - d_hat).pow(2).sum() / d.pow(2).sum().clamp_min(1e-12))
+
+
 @torch.no_grad()
 def captured_share(dictionary, model, ps, hook: str) -> float:
-    """1 - ‖Δx - Δx̂‖² / ‖Δx‖² over all positions after BOS (the same positions `patch_curve` patches),
-    where Δx is the counterfactual minus the clean activation and Δx̂ the same for the dictionary's
-    reconstruction. 1: patching all of the dictionary's features reproduces the counterfactual
-    activation; 0 (or below: the reconstruction's change can point elsewhere): patching its features
-    reproduces none of it, because the difference sits in the reconstruction error, which patching keeps."""
+    """1 - ‖Δx - Δx̂‖² / ‖Δx‖² over all positions (the ones `patch_curve` patches; they are equal at
+    BOS), where Δx is the counterfactual minus the clean activation and Δx̂ the same for the
+    dictionary's reconstruction. 1: patching all of the dictionary's features reproduces the
+    counterfactual activation; 0 (or below: the reconstruction's change can point elsewhere):
+    patching its features reproduces none of it, because the difference sits in the reconstruction
+    error, which patching keeps. `patch_curve` reports it too, from the activations it already has."""
     check_hook(model, dictionary, hook)
-    d_in = model.cfg.d_model
-    x = hook_acts(model, ps.tokens, hook)[:, 1:].reshape(-1, d_in).cpu()
-    x_cf = hook_acts(model, ps.cf_tokens, hook)[:, 1:].reshape(-1, d_in).cpu()
-    rows = dictionary.decoder_rows.float().cpu()
-    d_hat = (dictionary.encode(x_cf).float().cpu() - dictionary.encode(x).float().cpu()) @ rows
-    d = x_cf - x
-    return float(1 - (d - d_hat).pow(2).sum() / d.pow(2).sum().clamp_min(1e-12))
+    x, x_cf = hook_acts(model, ps.tokens, hook), hook_acts(model, ps.cf_tokens, hook)
+    delta = _encode(dictionary, x_cf) - _encode(dictionary, x)
+    return _captured(x_cf.cpu() - x.cpu(), delta @ dictionary.decoder_rows.float().cpu())

@@ -278,11 +278,13 @@ def _fillers(tokenizer, slots: set[str]) -> tuple[dict[str, list[str]], int]:
     return kept, skipped
 
 
-def _modal_length(lengths: dict[int, int]) -> tuple[int, list[int]]:
-    """The most common template length (ties: the shorter) and the templates not of that length."""
+def _modal_length(lengths: dict[int, int]) -> tuple[int, list[int], list[int]]:
+    """The most common template length (ties: the shorter), the templates not of that length, and
+    the templates of that length (the usable ones)."""
     count = Counter(lengths.values())
     best = min(count, key=lambda L: (-count[L], L))
-    return best, sorted(t for t, L in lengths.items() if L != best)
+    return (best, sorted(t for t, L in lengths.items() if L != best),
+            sorted(t for t, L in lengths.items() if L == best))
 
 
 def _cells(n: int, templates: list[int], variants: tuple[str, str]) -> list[tuple[int, str]]:
@@ -329,8 +331,7 @@ def make_ioi(tokenizer, n: int = 64, seed: int = 0, templates: list[str] | None 
     probe = {slot: vals[0] for slot, vals in fillers.items()}
     lengths = {t: len(tokenizer.encode(render(t, pool[0], pool[1], "ABBA", probe), add_special_tokens=False))
                for t in range(len(templates))}
-    length, off_length = _modal_length(lengths)
-    usable = [t for t in range(len(templates)) if t not in off_length]
+    length, off_length, usable = _modal_length(lengths)
 
     rng = random.Random(seed)
     cells = _cells(n, usable, IOI_ORDERS)
@@ -425,8 +426,7 @@ def make_pronoun(tokenizer, n: int = 64, seed: int = 0, templates: list[str] | N
 
     lengths = {t: len(tokenizer.encode(templates[t].format(name=pools["male"][0]), add_special_tokens=False))
                for t in range(len(templates))}
-    length, off_length = _modal_length(lengths)
-    usable = [t for t in range(len(templates)) if t not in off_length]
+    length, off_length, usable = _modal_length(lengths)
     rng = random.Random(seed)
     cells = _cells(n, usable, GENDERS)
     quota = Counter(cells)

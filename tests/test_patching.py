@@ -89,5 +89,6 @@ def test_captured_share(model, ioi):
     few = random_directions(model.cfg.d_model, 16, hook_name=HOOK)  # 8 directions of 576: a small share
     share = captured_share(few, model, ioi, HOOK)
     assert -0.5 < share < 0.5
+    assert patch_curve(model, ioi, HOOK, few, ks=(1,))["captured"] == pytest.approx(share, abs=1e-5)
     with pytest.raises(ValueError, match="fitted on"):
         captured_share(neuron_basis(model.cfg.d_model, hook_name="blocks.2.hook_resid_post"), model, ioi, HOOK)
