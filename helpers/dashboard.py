@@ -68,23 +68,63 @@ class FeatureView:
         return [int(idx[order[p]]) for p in picks[::-1]]
 
 
-def contexts_vis(view: FeatureView, f: int, n: int = 8):
-    """circuitsvis view of feature f's top contexts and of contexts across its activation range."""
-    import circuitsvis as cv
-
-    groups, labels = [], []
-    for which, label in (("top", "top activations"), ("quantiles", "across the activation range")):
-        ctx = [view.context(i, f) for i in view.examples(f, which, n)]
-        if ctx:
-            groups.append(ctx)
-            labels.append(f"feature {f}: {label}")
+def contexts_props(view: FeatureView, f: int, n: int = 8) -> dict | None:
+    """The props for circuitsvis's `TopkSamples`: feature f's top contexts and contexts across its
+    activation range, as two groups ("Examples") of one dictionary. `tokens` and `activations` have
+    the nesting circuitsvis documents, [dictionaries x groups x samples x tokens], the same for both,
+    with strings and Python floats at the leaves, and the same number of samples in each group.
+    circuitsvis inserts each token as HTML, so tokens are HTML-escaped. None when f never fires."""
+    groups = {label: view.examples(f, which, n)
+              for which, label in (("top", "top activations"), ("quantiles", "across the activation range"))}
+    groups = {label: idx for label, idx in groups.items() if idx}
     if not groups:
         return None
-    return cv.topk_samples.topk_samples(
-        tokens=[[[list(t) for t, _ in g] for g in groups]],
-        activations=[[[[list(a)] for _, a in g] for g in groups]],
-        zeroth_dimension_name="Dictionary", first_dimension_name="Examples",
-        zeroth_dimension_labels=[view.dictionary.name], first_dimension_labels=labels)
+    # every group shows as many samples (TopkSamples pages through the first group's count)
+    k = min(map(len, groups.values()))
+    tokens, acts, labels = [], [], []
+    for label, idx in groups.items():
+        ctx = [view.context(i, f) for i in idx[:k]]
+        tokens.append([[html.escape(str(t), quote=False) for t in toks] for toks, _ in ctx])
+        acts.append([[float(a) for a in codes] for _, codes in ctx])
+        labels.append(f"feature {f}: {label}")
+    return dict(tokens=[tokens], activations=[acts],
+                zeroth_dimension_name="Dictionary", first_dimension_name="Examples",
+                zeroth_dimension_labels=[view.dictionary.name], first_dimension_labels=labels)
+
+
+def contexts_vis(view: FeatureView, f: int, n: int = 8):
+    """circuitsvis view of feature f's top contexts and of contexts across its activation range.
+    circuitsvis colours each token blue in proportion to its activation over the largest one in the
+    selected group (white at zero)."""
+    import circuitsvis as cv
+
+    props = contexts_props(view, f, n)
+    return None if props is None else cv.topk_samples.topk_samples(**props)
+
+
+# Token shading of the plain-HTML contexts, the same blue as circuitsvis: white at zero, pure blue
+# at the feature's max activation, and never fainter than MIN_SHADE for an active token, so that
+# the strongest token of even a weak context is visibly coloured. A shaded token gets an opaque
+# background and whichever of black or white text contrasts more with it, readable in JupyterLab's
+# light and dark themes; an inactive token keeps the theme's own colours.
+SHADE_RGB = (0, 0, 255)
+MIN_SHADE = 0.15
+
+
+def _luminance(rgb) -> float:
+    lin = [c / 255 / 12.92 if c / 255 <= 0.03928 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def token_style(a: float, top: float) -> str:
+    """Inline CSS for a token with activation a, when the feature's largest activation is top."""
+    if not a > 0:
+        return ""
+    x = MIN_SHADE + (1 - MIN_SHADE) * min(1.0, a / max(top, 1e-8))
+    rgb = [round(255 + (c - 255) * x) for c in SHADE_RGB]
+    lum = _luminance(rgb)
+    text = "white" if 1.05 / (lum + 0.05) > (lum + 0.05) / 0.05 else "black"
+    return f"background-color:rgb({rgb[0]},{rgb[1]},{rgb[2]});color:{text}"
 
 
 def contexts_plain_html(view: FeatureView, f: int, n: int = 6) -> str:
@@ -97,9 +137,9 @@ def contexts_plain_html(view: FeatureView, f: int, n: int = 6) -> str:
         for i in view.examples(f, which, n):
             toks, acts = view.context(i, f)
             spans = "".join(
-                f"<span title='{a:.2f}' style='background: rgba(255,80,0,{min(1.0, max(0.0, a / top)):.2f})'>"
+                f"<span class='sae-token' data-act='{a:.4g}' title='{a:.2f}' style='{token_style(a, top)}'>"
                 f"{html.escape(t).replace(' ', '&nbsp;')}</span>" for t, a in zip(toks, acts))
-            rows.append(f"<div style='font-family:monospace;white-space:nowrap'>{spans}</div>")
+            rows.append(f"<div class='sae-context' style='font-family:monospace;white-space:nowrap'>{spans}</div>")
     return "".join(rows)
 
 
