@@ -8,17 +8,22 @@ Modules, one job each:
 * ``corpus``:   the Brown Corpus (embedded) or the Pile (online), as labelled token contexts
 * ``store``:    the on-disk activation store (shards, manifest, checksums, shuffled batches)
 * ``harvest``:  one model pass writing chosen hooks' activations to a store
-* ``sae``:      the SAE models (ReLU + L1, tied or untied; TopK) and SAELens files
-* ``train``:    one-pass sweep trainer (Adam, resampling, AuxK, checkpoints)
-* ``metrics``:  L0, FVU, dead/dense, CE-loss recovered and KL, MMCS, PCA reference
-* ``sweep``:    the profile's sweep end to end, and the SAE it picks for later notebooks
+* ``massive``:  massive activations: the rule that flags them and the treatment every dictionary gets
+* ``sae``:      the SAE models (ReLU + L1 by the paper's or the improved recipe, tied or untied; TopK)
+                and SAELens files
+* ``sparse``:   sparse-code kernels: decoder and backward passes that touch only the active latents
+* ``train``:    one-pass sweep trainer, at one or several hooks (Adam, resampling, AuxK, checkpoints)
+* ``metrics``:  L0, FVU (all / ordinary / massive tokens), dead/dense, CE-loss recovered and KL, MMCS,
+                PCA reference
+* ``sweep``:    the profile's sweep end to end, the SAE it picks, and its twins at the other layers
 * ``dictionary``: one interface for SAEs and baselines (directions + encode/decode)
 * ``features``: feature statistics in one pass, LLM-free concept scores, logit effects
 * ``dashboard``: feature dashboards and the ipywidgets browser
 * ``autointerp``: explain -> simulate -> score (local model or an OpenAI-compatible endpoint)
 * ``prompts``:  IOI and gendered-pronoun prompt sets for causal experiments
 * ``plots``:    the figures the notebooks show
-* ``bench``:    ``python -m helpers.bench``: harvest speed against a bare forward pass
+* ``bench``:    ``python -m helpers.bench``: harvest speed against a bare forward pass, trainer speed
+* ``bench_others``: one training step of SAELens and sparsify, for the trainer benchmark
 * ``run_all``:  ``python -m helpers.run_all``: execute every notebook headless, saving the results
 """
 from .corpus import iter_contexts, load_brown, tokenize_document

@@ -9,8 +9,11 @@ comparison of notebook 04.
 
 All of them have signed codes, split into positive and negative halves by the rule of
 helpers.dictionary, and all are centred on the data mean. PCA, ICA and neurons give at most
-2·d_in features; random directions match the SAE's count. `compare_layers` scores an SAE and every
-baseline at each of the profile's layers with the same concept score and bootstrap CIs.
+2·d_in features; random directions match the SAE's count. Given a massive-activation rule
+(helpers.massive), every baseline is fitted on, and encodes, the activations with the massive offset
+removed, exactly as the SAEs do. `compare_layers` scores the SAEs and every baseline at each of the
+profile's layers with the same concept scores and bootstrap CIs, over all tokens and over ordinary
+(non-massive) tokens.
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ from .models import resolve_device
 IN_MEMORY_TOKENS = 200_000
 
 
-def _fit_data(store, hook: str, max_tokens: int, n_components: int, method: str) -> torch.Tensor:
+def _fit_data(store, hook: str, max_tokens: int, n_components: int, method: str, massive=None) -> torch.Tensor:
     x = store.activations(hook, max_tokens=max_tokens)
+    x = x if massive is None else massive.shift(x)
     if len(x) < n_components:
         raise ValueError(f"{method} needs at least as many samples as directions: {len(x)} activations "
                          f"of {hook} for {n_components} components; harvest more tokens or ask for fewer components")
@@ -37,7 +41,7 @@ def _fit_data(store, hook: str, max_tokens: int, n_components: int, method: str)
 
 
 def fit_pca(store, hook: str, n_components: int | None = None, max_tokens: int = IN_MEMORY_TOKENS,
-            model_name: str = "") -> LinearDictionary:
+            model_name: str = "", massive=None) -> LinearDictionary:
     """PCA directions of `hook`'s activations (all d_in of them by default)."""
     n_components = n_components or store.d_model
     n = min(store.n_tokens, max_tokens)
@@ -47,7 +51,7 @@ def fit_pca(store, hook: str, n_components: int | None = None, max_tokens: int =
     if store.n_tokens <= max_tokens:
         from sklearn.decomposition import PCA
 
-        x = _fit_data(store, hook, max_tokens, n_components, "PCA").double().numpy()
+        x = _fit_data(store, hook, max_tokens, n_components, "PCA", massive).double().numpy()
         pca = PCA(n_components=n_components, svd_solver="full").fit(x)
     else:  # stream the whole store in batches: memory stays bounded
         from sklearn.decomposition import IncrementalPCA
@@ -56,21 +60,21 @@ def fit_pca(store, hook: str, n_components: int | None = None, max_tokens: int =
         batch = max(n_components, min(8192, store.n_tokens // 2))
         for xb in store.iter_batches(hook, batch, shuffle=False):
             if len(xb) >= n_components:  # partial_fit needs a batch of at least n_components rows
-                pca.partial_fit(xb.double().numpy())
+                pca.partial_fit((xb if massive is None else massive.shift(xb)).double().numpy())
     comps = torch.as_tensor(pca.components_, dtype=torch.float32)
     return LinearDictionary(comps.T, comps, torch.as_tensor(pca.mean_, dtype=torch.float32), name="PCA",
-                            hook_name=hook, model_name=model_name)
+                            hook_name=hook, model_name=model_name, massive=massive)
 
 
 def fit_ica(store, hook: str, n_components: int | None = None, max_tokens: int = 50_000, max_iter: int = 400,
-            tol: float = 1e-3, seed: int = 0, model_name: str = "") -> LinearDictionary:
+            tol: float = 1e-3, seed: int = 0, model_name: str = "", massive=None) -> LinearDictionary:
     """FastICA components, each signed so that its heavy tail is positive."""
     from scipy.stats import skew
     from sklearn.decomposition import FastICA
     from sklearn.exceptions import ConvergenceWarning
 
     n_components = n_components or store.d_model
-    x = _fit_data(store, hook, max_tokens, n_components, "ICA").double().numpy()
+    x = _fit_data(store, hook, max_tokens, n_components, "ICA", massive).double().numpy()
     ica = FastICA(n_components=n_components, whiten="unit-variance", max_iter=max_iter, tol=tol, random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -84,12 +88,12 @@ def fit_ica(store, hook: str, n_components: int | None = None, max_tokens: int =
     enc = torch.as_tensor(ica.components_.T * sign, dtype=torch.float32)      # [d, k]
     dec = torch.as_tensor(ica.mixing_.T * sign[:, None], dtype=torch.float32)  # [k, d]
     d = LinearDictionary(enc, dec, torch.as_tensor(ica.mean_, dtype=torch.float32), name="ICA",
-                         hook_name=hook, model_name=model_name)
+                         hook_name=hook, model_name=model_name, massive=massive)
     d.n_iter, d.converged = int(ica.n_iter_), not caught
     return d
 
 
-def _cached_fit(cache_dir, name: str, key: list, fit) -> LinearDictionary:
+def _cached_fit(cache_dir, name: str, key: list, fit, massive=None) -> LinearDictionary:
     """fit() once, then load it from cache_dir (safetensors); a cached ICA that had not converged
     warns again on load."""
     if cache_dir is None:
@@ -103,7 +107,7 @@ def _cached_fit(cache_dir, name: str, key: list, fit) -> LinearDictionary:
         t = load_file(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         d = LinearDictionary(t["encoder"], t["decoder"], t["mean"], name=meta["name"], hook_name=meta["hook_name"],
-                             model_name=meta["model_name"])
+                             model_name=meta["model_name"], massive=massive)
         if "n_iter" in meta:
             d.n_iter, d.converged = meta["n_iter"], meta["converged"]
             if not d.converged:
@@ -127,97 +131,96 @@ def _cached_fit(cache_dir, name: str, key: list, fit) -> LinearDictionary:
 
 
 def baselines(store, hook: str, n_features: int, seed: int = 0, model_name: str = "",
-              ica_tokens: int = 50_000, ica_max_iter: int = 400, cache_dir=None) -> dict:
-    """PCA, ICA, neuron basis and random directions for `hook` (random: n_features features).
+              ica_tokens: int = 50_000, ica_max_iter: int = 400, cache_dir=None, massive=None) -> dict:
+    """PCA, ICA, neuron basis and random directions for `hook` (random: n_features features), all
+    seeing the activations through the massive-activation rule `massive` if one is given.
     With `cache_dir`, PCA and ICA are fitted once per store, hook and settings, then loaded."""
-    mean = store.activations(hook, max_tokens=IN_MEMORY_TOKENS).mean(0)
-    key = [str(store.path), store.n_tokens, hook, model_name]
+    x = store.activations(hook, max_tokens=IN_MEMORY_TOKENS)
+    mean = (x if massive is None else massive.shift(x)).mean(0)
+    key = [str(store.path), store.n_tokens, hook, model_name, None if massive is None else massive.threshold]
     return {
-        "PCA": _cached_fit(cache_dir, "pca", key, lambda: fit_pca(store, hook, model_name=model_name)),
+        "PCA": _cached_fit(cache_dir, "pca", key, lambda: fit_pca(store, hook, model_name=model_name, massive=massive),
+                           massive),
         "ICA": _cached_fit(cache_dir, "ica", key + [ica_tokens, ica_max_iter, seed], lambda: fit_ica(
-            store, hook, max_tokens=ica_tokens, max_iter=ica_max_iter, seed=seed, model_name=model_name)),
-        "neurons": neuron_basis(store.d_model, mean, hook_name=hook, model_name=model_name),
-        "random": random_directions(store.d_model, n_features, mean, seed=seed, hook_name=hook, model_name=model_name),
+            store, hook, max_tokens=ica_tokens, max_iter=ica_max_iter, seed=seed, model_name=model_name,
+            massive=massive), massive),
+        "neurons": neuron_basis(store.d_model, mean, hook_name=hook, model_name=model_name, massive=massive),
+        "random": random_directions(store.d_model, n_features, mean, seed=seed, hook_name=hook, model_name=model_name,
+                                    massive=massive),
     }
 
 
-def layer_sae(profile, layer: int, store, config, progress: bool = True):
-    """An SAE with the chosen SAE's settings at another layer: trained once, then loaded."""
-    from .sae import SAEConfig, load_saelens, save_saelens
-    from .sweep import train_config
-    from .train import train_sweep
+def massive_rule(profile, store, layer: int):
+    """The massive-activation rule of a layer, fitted on the training store (inert if the profile
+    turns the treatment off)."""
+    from . import massive
 
     hook = f"blocks.{layer}.hook_{profile.hook}"
-    cfg = SAEConfig(**{**config, "hook_name": hook})
-    key = json.dumps([profile.model, profile.corpus, profile.ctx_len, profile.harvest_tokens, hook, repr(cfg),
-                      profile.train_tokens, profile.train_batch, profile.lr, profile.seed])
-    folder = profile.cache_dir / "sae" / f"layer{layer}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-    if (folder / "sae" / "cfg.json").exists():
-        return load_saelens(folder / "sae")
-    res = train_sweep(store, hook, [cfg], train_config(profile), run_dir=folder, progress=progress)
-    save_saelens(res.saes[0].cpu(), folder / "sae")
-    return load_saelens(folder / "sae")
+    return massive.fit(store, hook) if profile.massive else massive.Massive.none(hook, store.d_model)
 
 
-def layer_dictionaries(profile, layer: int, store, sweep, progress: bool = True) -> dict:
-    """Every dictionary compared at one layer, by name: "SAE" (the paper's L1 SAE the sweep chose),
-    "TopK SAE" (the sweep's TopK SAE nearest to it in L0, if any), "PCA", "ICA", "neurons" and
-    "random" (as many features as the L1 SAE). At the sweep's layer the SAEs are the sweep's own;
-    elsewhere SAEs with the same settings, trained on that layer once and then loaded."""
-    from .sweep import load_sweep_sae, matched_topk
+def layer_dictionaries(profile, layer: int, store, sweep, progress: bool = True, saes: dict | None = None) -> dict:
+    """Every dictionary compared at one layer, by name: "SAE" (the L1 SAE the sweep chose), "TopK SAE"
+    (the sweep's TopK SAE nearest to it in L0, if any), "PCA", "ICA", "neurons" and "random" (as many
+    features as the L1 SAE). The SAEs come from helpers.sweep.layer_saes (pass its result as `saes`
+    to reuse it): the sweep's own at its layer, SAEs with the same settings elsewhere."""
+    from .sweep import layer_saes
 
     if layer not in profile.layers:
         raise ValueError(f"layer {layer} was not harvested: the profile's layers are {profile.layers}")
     hook = f"blocks.{layer}.hook_{profile.hook}"
-    keys = ("d_in", "d_sae", "architecture", "tied", "l1_coefficient", "k", "model_name")
-    saes = {"SAE": sweep["chosen"]}
-    if matched_topk(sweep) is not None:
-        saes["TopK SAE"] = matched_topk(sweep)
-    dicts = {}
-    for name, i in saes.items():
-        config = {k: sweep["rows"][i][k] for k in keys}
-        sae = load_sweep_sae(sweep, i) if hook == profile.sae_hook else \
-            layer_sae(profile, layer, store, config, progress)
-        dicts[name] = SAEDictionary(sae, name=name).to(resolve_device(profile.device))
+    saes = saes if saes is not None else layer_saes(profile, store, sweep, progress=progress)
+    dicts = {name: SAEDictionary(sae, name=name).to(resolve_device(profile.device))
+             for (lay, name), sae in saes.items() if lay == layer}
     dicts.update(baselines(store, hook, dicts["SAE"].n_features, seed=profile.seed, model_name=profile.model,
                            ica_tokens=profile.ica_tokens, ica_max_iter=profile.ica_max_iter,
-                           cache_dir=profile.cache_dir / "baselines"))
+                           cache_dir=profile.cache_dir / "baselines", massive=massive_rule(profile, store, layer)))
     return dicts
 
 
 def compare_layers(profile, store, model, sweep, progress: bool = True) -> list[dict]:
-    """Concept scores (median best-concept MCC and correlation, 95% CIs) of the SAEs and each
-    baseline at every harvested layer.
+    """Concept scores (median best-concept MCC and correlation, 95% CIs), over all tokens and over
+    ordinary tokens, of the SAEs and each baseline at every harvested layer.
 
-    "SAE" is the paper's (ReLU + L1) SAE the sweep chose, "TopK SAE" the sweep's TopK SAE nearest to
-    it in L0 (if the sweep has one); at the sweep's layer they are the sweep's own, elsewhere SAEs
-    trained with the same settings on that layer. Random directions match the L1 SAE's size."""
-    from .sweep import matched_topk
+    "SAE" is the L1 SAE the sweep chose, "TopK SAE" the sweep's TopK SAE nearest to it in L0 (if the
+    sweep has one); at the sweep's layer they are the sweep's own, elsewhere SAEs trained with the
+    same settings on that layer (all layers in one pass). Random directions match the L1 SAE's size."""
+    from . import massive
+    from .sweep import layer_saes
 
     concepts = Concepts.from_store(store, model.tokenizer)
+    saes = layer_saes(profile, store, sweep, progress=progress)
     rows = []
     from tqdm.auto import tqdm
 
-    n_saes = 1 + (matched_topk(sweep) is not None)
+    n_saes = len({name for _, name in saes})
     bar = tqdm(total=len(profile.layers) * (n_saes + 4), desc="compare layers", unit="dictionary",
                disable=not progress)
     for layer in profile.layers:
         hook = f"blocks.{layer}.hook_{profile.hook}"
-        dicts = layer_dictionaries(profile, layer, store, sweep, progress=progress)
+        dicts = layer_dictionaries(profile, layer, store, sweep, progress=progress, saes=saes)
+        rule = massive_rule(profile, store, layer)
+        flags = massive.flags(store, hook, rule)
         for name, d in dicts.items():
             bar.set_postfix_str(f"layer {layer} {name}")
             st = feature_stats(d, store, hook=hook, progress=False)
-            sc = concept_scores(d, store, st, concepts, progress=False)
-            s, c = dictionary_score(sc), dictionary_score(sc, key="corr")
-            rows.append({"layer": layer, "method": name, "features": d.n_features, "median_mcc": s["value"],
-                         "low": s["low"], "high": s["high"], "median_corr": c["value"], "corr_low": c["low"],
-                         "corr_high": c["high"], "n_scored": s["n"], "dead": s["excluded"],
-                         "median_density": float(st.density.median()),
-                         "converged": getattr(d, "converged", None), "scores": sc["mcc"], "concepts": sc["concept"],
-                         "corr": sc["corr"], "corr_concepts": sc["corr_concept"], "dictionary": d, "stats": st})
+            both = concept_scores(d, store, st, concepts, progress=False, massive=flags)
+            row = {"layer": layer, "method": name, "features": d.n_features, "massive_share": float(flags.mean()),
+                   "median_density": float(st.density.median()), "converged": getattr(d, "converged", None),
+                   "dictionary": d, "stats": st}
+            for tokens, sc in (("all", both), ("ordinary", both.get("ordinary", both))):
+                s, c = dictionary_score(sc), dictionary_score(sc, key="corr")
+                suffix = "" if tokens == "all" else "_ord"
+                row.update({f"median_mcc{suffix}": s["value"], f"low{suffix}": s["low"], f"high{suffix}": s["high"],
+                            f"median_corr{suffix}": c["value"], f"corr_low{suffix}": c["low"],
+                            f"corr_high{suffix}": c["high"], f"n_scored{suffix}": s["n"], f"dead{suffix}": s["excluded"],
+                            f"scores{suffix}": sc["mcc"], f"concepts{suffix}": sc["concept"], f"corr{suffix}": sc["corr"],
+                            f"corr_concepts{suffix}": sc["corr_concept"]})
+            rows.append(row)
             bar.update(1)
         if progress:
-            bar.write(f"layer {layer}: " + ", ".join(f"{r['method']} {r['median_mcc']:.3f}/{r['median_corr']:.3f}"
-                                                     for r in rows[-len(dicts):]) + "  (MCC/corr)")
+            bar.write(f"layer {layer}: " + ", ".join(
+                f"{r['method']} {r['median_mcc_ord']:.3f}/{r['median_corr_ord']:.3f}" for r in rows[-len(dicts):])
+                + "  (MCC/corr, ordinary tokens)")
     bar.close()
     return rows

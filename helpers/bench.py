@@ -1,17 +1,21 @@
 """Benchmarks (commands, not tests): harvest and SAE-training throughput.
 
     python -m helpers.bench harvest [--profile P] [--tokens N] [--device cuda]
-    python -m helpers.bench train [--d 512 576] [--ratios 2 4 8 16 32] [--batch 4096] [--sweep 16]
+    python -m helpers.bench train [--d 576] [--ratios 2 4 8 16] [--batch 4096] [--k 32] [--l0 50] [--sweep 12]
 
 harvest: harvest throughput beside a bare forward pass to the same layer, on the same contexts
 with the same batch size; the harvest also tokenises the corpus, caches the hooks, casts, copies
 to the CPU and writes shards (to a temporary folder). The figure to watch is the ratio harvest
 time / bare forward time (target: at most 1.25).
 
-train: tokens/s of `train_sweep` (data loading from a store included) for one SAE and for a sweep
-of SAEs of one size, beside the measured matmul rate of the device (bf16 on GPU, fp32 on CPU);
-a dense SAE costs about 10·d·m FLOPs per token (forward, backward and update), and the table
-gives the fraction of the matmul rate that reaches.
+train: tokens/s of one training step (helpers.train.train_step, on batches in memory) of our SAEs on
+the dense path and on the sparse one (helpers.sparse), of SAELens's standard L1 SAE and of EleutherAI
+sparsify's TopK SAE (helpers.bench_others; shown as n/a where not installed), at several R, beside
+the device's measured matmul rate (bf16 on GPU, fp32 on CPU). A dense SAE costs about 12·d·m FLOP
+per token (two matmuls forward, four backward); each cell gives tokens/s and that dense-equivalent
+FLOP rate as a fraction of the matmul rate (a sparse path can exceed 100%). The L1 SAEs are set to
+the regime after warm-up (about --l0 active latents per token). Then a sweep of --sweep SAEs in one
+stack against one SAE of the same size.
 """
 from __future__ import annotations
 
@@ -91,56 +95,124 @@ def matmul_rate(device, dtype, n: int, k: int, m: int, repeats: int = 10) -> flo
     return 2 * n * k * m * repeats / (time.perf_counter() - t)
 
 
-def train_throughput(d: int, ratio: float, n_saes: int, batch: int, steps: int, device,
-                     architecture: str = "standard") -> float:
-    """tokens/s of train_sweep for n_saes SAEs of one size on a synthetic store (each SAE sees
-    every token, so a sweep's data rate is this number, its SAE-token rate n_saes times it)."""
-    from .sae import SAEConfig
-    from .store import META_DTYPE, StoreWriter
-    from .train import TrainConfig, train_sweep
+def _calibrate_l0(stack, x: torch.Tensor, l0: float) -> None:
+    """Set each latent's encoder bias so that it fires on a share l0 / d_sae of the rows of x: a
+    stand-in for an L1 SAE after warm-up, whose codes are sparse."""
+    with torch.no_grad():
+        pre = stack.pre_acts(x)                                   # [n, B, m]
+        q = torch.quantile(pre.float(), 1 - l0 / stack.d_sae, dim=1)  # [n, m]
+        stack.b_enc.sub_(q.to(stack.b_enc.dtype))
 
-    hook = "blocks.0.hook_resid_post"
-    n_tok = batch * (steps + 2)
-    with tempfile.TemporaryDirectory() as tmp:
-        w = StoreWriter(tmp, {"model": "bench", "corpus": "none", "split": "train", "ctx_len": 2, "seed": 0,
-                              "hooks": [hook], "d_model": d, "dtype": "bfloat16" if device.type == "cuda" else "float16"})
-        per_shard = max(batch, 65536)
-        for s, i in enumerate(range(0, n_tok, per_shard)):
-            x = torch.randn(min(per_shard, n_tok - i), d)
-            w.write_shard(np.zeros(len(x), dtype=META_DTYPE), {hook: x}, s, 1)
-        store = w.finish()
-        kw = {"k": 32} if architecture == "topk" else {}
-        configs = [SAEConfig.from_ratio(d, ratio, architecture=architecture,
-                                        l1_coefficient=1e-3 * (1 + i) if architecture == "standard" else 0, **kw)
-                   for i in range(n_saes)]
-        tc = TrainConfig(total_tokens=batch * 2, batch_size=batch, device=str(device), log_every=10**9,
-                         warmup_steps=1, resample_every=0)
-        train_sweep(store, hook, configs, tc, progress=False)  # warm-up
-        tc = TrainConfig(total_tokens=batch * steps, batch_size=batch, device=str(device), log_every=10**9,
-                         warmup_steps=1, resample_every=0, dead_window=batch * steps)
-        r = train_sweep(store, hook, configs, tc, progress=False)
-        return r.tokens / r.seconds
+
+def ours_step_fn(d: int, m: int, batch: torch.Tensor, device, *, architecture: str = "standard",
+                 path: str = "auto", n_saes: int = 1, k: int = 32, l0: float | None = None):
+    """One training step of our trainer (helpers.train.train_step: losses, backward, the recipe's
+    gradient treatment, fused Adam, renormalisation) for n_saes SAEs of one size stacked, on an
+    in-memory batch. For L1 SAEs, `l0` sets the encoder biases so that about l0 latents fire per
+    token (the regime after warm-up). Returns (step function, the stack)."""
+    from .sae import SAEConfig
+    from .train import TrainConfig, build_stacks, make_optimizer, train_step
+
+    configs = [SAEConfig(d, m, architecture=architecture, k=k if architecture == "topk" else 0,
+                         l1_coefficient=1e-3 * (1 + i) if architecture == "standard" else 0.0) for i in range(n_saes)]
+    stacks, _ = build_stacks(configs, seed=0)
+    st = stacks[0].to(device)
+    with torch.no_grad():
+        st.scale.fill_(math.sqrt(d) / float(batch.float().norm(dim=-1).mean()))
+    if l0 is not None and architecture == "standard":
+        _calibrate_l0(st, batch, l0)
+    # a tiny LR keeps the codes in the calibrated regime while we time (the cost of a step does not depend on it)
+    tc = TrainConfig(batch_size=len(batch), device=str(device), path=path, warmup_steps=1, dead_window=10**12, lr=1e-7)
+    opt, sched = make_optimizer([st], tc, total_steps=10**9)
+    since = [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device)]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    state = {}
+
+    def step():
+        state["outs"] = train_step([st], [batch], opt, sched, since, tc, autocast=autocast)
+
+    step.state = state
+    return step, st
+
+
+def time_steps(step, device, steps: int, warmup: int = 2) -> float:
+    """Seconds per call of step(), the best of a few timed blocks after warm-up."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(max(1, steps // 3)):
+            step()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t) / max(1, steps // 3))
+    return best
 
 
 def bench_train(a) -> None:
+    from . import bench_others
+
     device = resolve_device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"SAE training on {name}, batch {a.batch}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
-          f"{a.steps} steps each")
-    print(f"{'d':>5} {'R':>4} {'m':>7} {'matmul TFLOP/s':>15} {'1 SAE tok/s':>12} {'frac':>6} "
-          f"{f'{a.sweep}-SAE sweep tok/s':>20} {'SAE-tok/s':>10} {'frac':>6} {'TopK tok/s':>11}")
-    for d in a.d:
-        for ratio in a.ratios:
-            m = int(round(d * ratio))
-            rate = matmul_rate(device, dtype, a.batch, d, m)
-            one = train_throughput(d, ratio, 1, a.batch, a.steps, device)
-            many = train_throughput(d, ratio, a.sweep, a.batch, a.steps, device)
-            topk = train_throughput(d, ratio, 1, a.batch, a.steps, device, architecture="topk")
-            flops = 10 * d * m
-            print(f"{d:>5} {ratio:>4g} {m:>7} {rate / 1e12:>15.2f} {one:>12,.0f} {one * flops / rate:>6.1%} "
-                  f"{many:>20,.0f} {many * a.sweep:>10,.0f} {many * a.sweep * flops / rate:>6.1%} {topk:>11,.0f}",
-                  flush=True)
+    d, B = a.d, a.batch
+    print(f"SAE training step on {name}, d={d}, batch {B}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
+          f"batches in memory; tokens/s (fraction of the dense-equivalent FLOP rate: 12·d·m FLOP per token "
+          f"over the measured {'bf16' if device.type == 'cuda' else 'fp32'} matmul rate)")
+    print("external libraries:", bench_others.versions())
+    cols = ["ours L1 dense", f"ours L1 sparse (L0~{a.l0:g})", "ours TopK dense", f"ours TopK sparse (k={a.k})",
+            "SAELens L1", f"sparsify TopK (k={a.k})"]
+    print(f"{'R':>4} {'m':>6} {'matmul TFLOP/s':>14} " + " ".join(f"{c:>24}" for c in cols), flush=True)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(B, d, generator=g).to(device)
+    results = []
+    for ratio in a.ratios:
+        m = int(round(d * ratio))
+        rate = matmul_rate(device, dtype, B, d, m)
+        cells, row = [], {"R": ratio, "m": m, "matmul_flops": rate}
+        runs = [("ours L1 dense", lambda: ours_step_fn(d, m, batch, device, path="dense", l0=a.l0)[0]),
+                ("ours L1 sparse", lambda: ours_step_fn(d, m, batch, device, path="auto", l0=a.l0)[0]),
+                ("ours TopK dense", lambda: ours_step_fn(d, m, batch, device, architecture="topk", path="dense", k=a.k)[0]),
+                ("ours TopK sparse", lambda: ours_step_fn(d, m, batch, device, architecture="topk", path="sparse", k=a.k)[0]),
+                ("SAELens L1", lambda: bench_others.saelens_step_fn(d, m, batch, device, dtype)),
+                ("sparsify TopK", lambda: bench_others.sparsify_step_fn(d, m, a.k, batch, device, dtype))]
+        for label, make in runs:
+            try:
+                step = make()
+            except Exception as e:  # an external library's API changed: say so, keep going
+                step = f"failed: {type(e).__name__}: {str(e)[:60]}"
+            if isinstance(step, str):
+                cells.append(f"{'n/a':>24}")
+                row[label] = None
+                row[label + " note"] = step
+                continue
+            tok_s = B / time_steps(step, device, a.steps)
+            row[label] = tok_s
+            if label.startswith("ours"):
+                out = step.state["outs"][0]
+                row[label + " note"] = f"path {out['path']}, L0 {float(out['l0'][0]):.0f} on the last step"
+            cells.append(f"{tok_s:>14,.0f} ({tok_s * 12 * d * m / rate:>6.1%})")
+        results.append(row)
+        print(f"{ratio:>4g} {m:>6} {rate / 1e12:>14.2f} " + " ".join(cells), flush=True)
+    for row in results:
+        notes = {k: v for k, v in row.items() if k.endswith(" note")}
+        for k, v in notes.items():
+            print(f"  R={row['R']:g}: {k[:-5]}: {v}")
+    # Ratios that the targets are stated in, from the same run.
+    for row in results:
+        def ratio_of(x, y):
+            return f"{row[x] / row[y]:.2f}x" if row.get(x) and row.get(y) else "n/a"
+        print(f"R={row['R']:g}: TopK sparse / dense {ratio_of('ours TopK sparse', 'ours TopK dense')}, "
+              f"/ sparsify {ratio_of('ours TopK sparse', 'sparsify TopK')}; L1 sparse / dense "
+              f"{ratio_of('ours L1 sparse', 'ours L1 dense')}, / SAELens {ratio_of('ours L1 sparse', 'SAELens L1')}")
+    if a.sweep > 1:
+        m = int(round(d * a.sweep_ratio))
+        for arch, kw in (("topk", {"architecture": "topk", "k": a.k}), ("standard", {"l0": a.l0})):
+            one = time_steps(ours_step_fn(d, m, batch, device, n_saes=1, **kw)[0], device, a.steps)
+            many = time_steps(ours_step_fn(d, m, batch, device, n_saes=a.sweep, **kw)[0], device, a.steps)
+            print(f"sweep of {a.sweep} {'TopK' if arch == 'topk' else 'L1'} SAEs at R={a.sweep_ratio:g} in one stack: "
+                  f"{many / one:.2f}x the time of one ({a.sweep / (many / one):.2f}x the SAE-tokens/s)", flush=True)
 
 
 def main(argv=None):
@@ -152,11 +224,14 @@ def main(argv=None):
     h.add_argument("--device", default=None)
     h.add_argument("--repeats", type=int, default=2)
     t = sub.add_parser("train", help="SAE trainer throughput")
-    t.add_argument("--d", type=int, nargs="+", default=[512, 576])
-    t.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8, 16, 32])
+    t.add_argument("--d", type=int, default=576)
+    t.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8, 16])
     t.add_argument("--batch", type=int, default=4096)
-    t.add_argument("--sweep", type=int, default=16)
-    t.add_argument("--steps", type=int, default=30)
+    t.add_argument("--k", type=int, default=32, help="TopK's k")
+    t.add_argument("--l0", type=float, default=50, help="L0 of the L1 SAEs in the sparse regime")
+    t.add_argument("--sweep", type=int, default=12, help="SAEs in the sweep measurement (0: skip)")
+    t.add_argument("--sweep-ratio", type=float, default=8)
+    t.add_argument("--steps", type=int, default=12)
     t.add_argument("--device", default=None)
     a = ap.parse_args(argv)
     if a.what == "train":

@@ -9,6 +9,10 @@ The rule for methods with signed codes (PCA, ICA, neurons, random directions): e
 becomes two features, its positive half ReLU(s) and its negative half ReLU(-s) (direction -v),
 so "activation" means the same thing for every method: how strongly the token points along the
 feature's direction, zero when it does not.
+
+Massive activations (helpers.massive) get one treatment for every method: an SAE removes the massive
+offset from flagged tokens before encoding (its own rule, saved with it), and a LinearDictionary
+given a `massive` rule does the same, so no method's codes are dominated by the massive tokens.
 """
 from __future__ import annotations
 
@@ -108,11 +112,12 @@ class LinearDictionary(Dictionary):
     """
 
     def __init__(self, encoder: torch.Tensor, decoder: torch.Tensor, mean: torch.Tensor | None = None,
-                 name: str = "linear", hook_name: str = "", model_name: str = ""):
+                 name: str = "linear", hook_name: str = "", model_name: str = "", massive=None):
         self.encoder = encoder.float()
         self.decoder = decoder.float()
         self.mean = torch.zeros(encoder.shape[0]) if mean is None else mean.float()
         self.name, self.hook_name, self.model_name = name, hook_name, model_name
+        self.massive = massive  # helpers.massive.Massive, or None
         d = self.decoder / self.decoder.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         self._directions = torch.cat([d, -d])
 
@@ -126,7 +131,8 @@ class LinearDictionary(Dictionary):
 
     def signed_codes(self, x):  # differentiable, as encode
         self.check(x)
-        return (x.float() - self.mean.to(x.device)) @ self.encoder.to(x.device)
+        x = x.float() if self.massive is None else self.massive.shift(x.float())
+        return (x - self.mean.to(x.device)) @ self.encoder.to(x.device)
 
     def encode(self, x):
         s = self.signed_codes(x)
@@ -138,23 +144,27 @@ class LinearDictionary(Dictionary):
 
     @torch.no_grad()
     def decode(self, codes):
+        """The activation the codes stand for (with any massive offset removed, as encode saw it)."""
         k = self.n_signed
         s = codes[..., :k] - codes[..., k:]
         return self.mean.to(codes.device) + s @ self.decoder.to(codes.device)
 
 
 def random_directions(d_in: int, n_features: int, mean: torch.Tensor | None = None, seed: int = 0,
-                      hook_name: str = "", model_name: str = ""):
+                      hook_name: str = "", model_name: str = "", massive=None):
     """n_features/2 random unit directions (each split in two halves) around the data mean: the
     chance baseline."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(max(1, n_features // 2), d_in, generator=g)
     w = w / w.norm(dim=-1, keepdim=True)
-    return LinearDictionary(w.T, w, mean, name="random directions", hook_name=hook_name, model_name=model_name)
+    return LinearDictionary(w.T, w, mean, name="random directions", hook_name=hook_name, model_name=model_name,
+                            massive=massive)
 
 
-def neuron_basis(d_in: int, mean: torch.Tensor | None = None, hook_name: str = "", model_name: str = ""):
+def neuron_basis(d_in: int, mean: torch.Tensor | None = None, hook_name: str = "", model_name: str = "",
+                 massive=None):
     """The standard basis around the data mean: each residual-stream dimension (a "neuron") and
     its negative."""
     eye = torch.eye(d_in)
-    return LinearDictionary(eye, eye, mean, name="neuron basis", hook_name=hook_name, model_name=model_name)
+    return LinearDictionary(eye, eye, mean, name="neuron basis", hook_name=hook_name, model_name=model_name,
+                            massive=massive)

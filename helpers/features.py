@@ -215,7 +215,7 @@ def activity_thresholds(stats: FeatureStats, max_density: float = 0.005) -> torc
 
 @torch.no_grad()
 def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, max_density: float = 0.005,
-                   batch_size: int = 4096, device=None, progress: bool = True) -> dict:
+                   batch_size: int = 4096, device=None, progress: bool = True, massive=None) -> dict:
     """Each feature's best concept by two scores, over the tokens of `stats`:
 
     * ``mcc``: the Matthews correlation of "feature active" with "concept present" (activity by
@@ -226,18 +226,39 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
       simulated with true activations), over all tokens rather than sampled excerpts, for the
       explanation "fires on <concept>" and a simulator that follows it exactly. It weighs strong
       activations more than weak ones and needs no activity threshold.
+
+    massive: optional [n_tokens] bool flags of the massive tokens (helpers.massive.flags); if any is
+    set, the result also holds "ordinary": the same scores over the other tokens (one pass for both).
     """
     hook = dictionary.check_store(store, stats.hook)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tau = activity_thresholds(stats, max_density).to(device)
     meta_all = store.tokens()[: stats.n_tokens]
     F, C, T = stats.n_features, len(concepts), concepts.n_token_concepts
-    joint = torch.zeros(F, C, device=device, dtype=torch.float64)   # active tokens with the concept
-    mass = torch.zeros(F, C, device=device, dtype=torch.float64)    # activation summed over them
-    a_sum = torch.zeros(F, device=device, dtype=torch.float64)
-    a_sq = torch.zeros(F, device=device, dtype=torch.float64)
-    active_n = torch.zeros(F, device=device, dtype=torch.float64)
-    totals = torch.zeros(C, device=device, dtype=torch.float64)
+    split = massive is not None and bool(np.asarray(massive)[: stats.n_tokens].any())
+
+    def accumulators():
+        z = lambda *s: torch.zeros(*s, device=device, dtype=torch.float64)  # noqa: E731
+        return {"joint": z(F, C), "mass": z(F, C), "a_sum": z(F), "a_sq": z(F), "active_n": z(F), "totals": z(C), "n": 0}
+
+    acc = {"all": accumulators()}
+    if split:
+        acc["massive"] = accumulators()
+        flags_all = torch.as_tensor(np.asarray(massive)[: stats.n_tokens])
+
+    def add(a, codes, active, col, ok, m):
+        # token identity is one-hot: scatter-add instead of a matmul with a [B, vocab] matrix
+        a["joint"][:, :T].index_add_(1, col[ok], active[ok].T)
+        a["mass"][:, :T].index_add_(1, col[ok], codes[ok].T)
+        a["totals"][:T].index_add_(0, col[ok], torch.ones(int(ok.sum()), device=device, dtype=torch.float64))
+        a["joint"][:, T:] += active.T @ m
+        a["mass"][:, T:] += codes.T @ m
+        a["a_sum"] += codes.sum(0)
+        a["a_sq"] += (codes * codes).sum(0)
+        a["active_n"] += active.sum(0)
+        a["totals"][T:] += m.sum(0)
+        a["n"] += len(codes)
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=stats.n_tokens, unit="tok", unit_scale=True, desc="concept scores", disable=not progress)
@@ -249,47 +270,53 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
         codes = dictionary.encode(x.to(device)).double()
         active = (codes > tau).double()
         meta = meta_all[idx.numpy()]
-        # token identity is one-hot: scatter-add instead of a matmul with a [B, vocab] matrix
         col = torch.as_tensor(concepts.token_column(meta), device=device)
         ok = col >= 0
-        joint[:, :T].index_add_(1, col[ok], active[ok].T)
-        mass[:, :T].index_add_(1, col[ok], codes[ok].T)
-        totals[:T].index_add_(0, col[ok], torch.ones(int(ok.sum()), device=device, dtype=torch.float64))
         m = concepts.label_multi_hot(meta).to(device).double()
-        joint[:, T:] += active.T @ m
-        mass[:, T:] += codes.T @ m
-        a_sum += codes.sum(0)
-        a_sq += (codes * codes).sum(0)
-        active_n += active.sum(0)
-        totals[T:] += m.sum(0).double()
+        add(acc["all"], codes, active, col, ok, m)
+        if split:
+            f = flags_all[idx].to(device)
+            if f.any():
+                add(acc["massive"], codes[f], active[f], col[f], ok[f], m[f])
         done += len(x)
         bar.update(len(x))
     bar.close()
-    n = float(done)
-    tp = joint
+    out = _best_concepts(acc["all"], concepts, tau)
+    if split:
+        ordinary = {k: (v - acc["massive"][k]) for k, v in acc["all"].items()}
+        out["ordinary"] = _best_concepts(ordinary, concepts, tau)
+    return out
+
+
+def _best_concepts(a: dict, concepts: Concepts, tau: torch.Tensor) -> dict:
+    """Scores from the accumulated counts of `concept_scores` (one token set)."""
+    n = float(a["n"])
+    tp, active_n, totals = a["joint"], a["active_n"], a["totals"]
+    F = len(active_n)
     fp = active_n[:, None] - tp
     fn = totals[None, :] - tp
     tn = n - tp - fp - fn
     mcc = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).clamp_min(1e-12).sqrt()
     best = mcc.argmax(1)
-    rows = torch.arange(F, device=device)
-    tp_b, a_b, t_b = tp[rows, best], active_n, totals[best]
-    precision = tp_b / a_b.clamp_min(1)
+    rows = torch.arange(F, device=tp.device)
+    tp_b, t_b = tp[rows, best], totals[best]
+    precision = tp_b / active_n.clamp_min(1)
     recall = tp_b / t_b.clamp_min(1)
     f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    a_sum, a_sq = a["a_sum"], a["a_sq"]
     var_a = (n * a_sq - a_sum ** 2).clamp_min(0)
     var_c = (n * totals - totals ** 2).clamp_min(0)
     den = (var_a[:, None] * var_c[None, :]).sqrt()
     # a constant feature (or concept) has no correlation; guard against rounding noise over ~0
     flat = (var_a <= 1e-9 * n * a_sq.clamp_min(1e-30))[:, None] | (var_c <= 0)[None, :]
     corr = torch.where(flat, torch.zeros_like(den),
-                       (n * mass - a_sum[:, None] * totals[None, :]) / den.clamp_min(1e-30)).clamp(-1, 1)
+                       (n * a["mass"] - a_sum[:, None] * totals[None, :]) / den.clamp_min(1e-30)).clamp(-1, 1)
     corr_best = corr.argmax(1)
     cpu = lambda t: t.float().cpu()  # noqa: E731
     return {"concept": [concepts.names[i] for i in best.tolist()], "concept_index": best.cpu(),
             "mcc": cpu(mcc[rows, best]), "precision": cpu(precision), "recall": cpu(recall), "f1": cpu(f1),
             "corr": cpu(corr[rows, corr_best]), "corr_concept": [concepts.names[i] for i in corr_best.tolist()],
-            "active_counts": cpu(active_n), "threshold": tau.cpu()}
+            "active_counts": cpu(active_n), "threshold": tau.cpu(), "n_tokens": int(n)}
 
 
 def summarise(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, stat=torch.median) -> dict:

@@ -1,13 +1,17 @@
 """How good is a dictionary? Reconstruction, sparsity, downstream loss, and dictionary overlap.
 
-* `reconstruction_metrics`: L0, MSE, fraction of variance unexplained (FVU), dead and dense
-  latent fractions, on a set of activations.
+* `reconstruction_metrics`: L0, MSE, fraction of variance unexplained (FVU) over all tokens, over
+  ordinary tokens and over massive ones (helpers.massive), dead and dense latent fractions, on a set
+  of activations.
 * `spliced_loss`: CE loss and KL divergence when the reconstruction replaces the activations at
   their hook inside the model, against zero- and mean-ablation; "CE-loss recovered" is
   (CE_ablated - CE_spliced) / (CE_ablated - CE_clean): 100% is as good as the real activations,
   0% as bad as ablating them.
 * `mmcs`: the paper's mean max cosine similarity between two dictionaries.
 * `pca_fvu`: the FVU of keeping the top-k principal components, the reference an SAE must beat.
+
+FVU over a set S of tokens is Σ_S‖x - x̂‖² / Σ_S‖x - mean_S(x)‖²: over all tokens, over the ordinary
+ones, over the massive ones (each against its own mean), by `split_fvu`.
 """
 from __future__ import annotations
 
@@ -17,48 +21,75 @@ import torch
 DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as dense
 
 
+def split_fvu(sq_err: torch.Tensor, x: torch.Tensor, flags: torch.Tensor | None) -> dict:
+    """FVU over all tokens, ordinary tokens and massive tokens (None where a set is empty), with the
+    share of massive tokens; sq_err [N] is each token's squared error, flags [N] marks massive ones."""
+    x64 = x.double()
+    sq_err = sq_err.double().cpu()
+    flags = torch.zeros(len(x), dtype=torch.bool) if flags is None else flags.cpu()
+
+    def fvu(sel):
+        if not sel.any():
+            return None
+        xs = x64[sel]
+        return float(sq_err[sel].sum() / (xs - xs.mean(0)).pow(2).sum().clamp_min(1e-30))
+
+    return {"fvu": fvu(torch.ones_like(flags)), "fvu_ordinary": fvu(~flags), "fvu_massive": fvu(flags),
+            "massive_share": float(flags.double().mean())}
+
+
 @torch.no_grad()
-def reconstruction_metrics(sae, x: torch.Tensor, batch_size: int = 4096) -> list[dict]:
-    """Per SAE of the stack: l0, mse (per token, model units), fvu, dead and dense fractions."""
+def reconstruction_metrics(sae, x: torch.Tensor, batch_size: int = 4096, flags: torch.Tensor | None = None) -> list[dict]:
+    """Per SAE of the stack: l0, mse (per token, model units), fvu / fvu_ordinary / fvu_massive,
+    massive_share, dead and dense fractions. Tokens are split into ordinary and massive by `flags`
+    [N] if given (the hook's rule: helpers.massive), else by the SAE's own rule."""
     device = sae.b_dec.device
     n = sae.n
-    sq_err = torch.zeros(n, dtype=torch.float64)
+    sq_err = torch.zeros(n, len(x), dtype=torch.float64)
     l0 = torch.zeros(n, dtype=torch.float64)
     fired = torch.zeros(n, sae.d_sae, dtype=torch.int64)
+    flags_own = torch.zeros(len(x), dtype=torch.bool)
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device).float()
         c = sae.encode(xb)
         xhat = sae.decode(c)
-        sq_err += (xhat - xb).pow(2).sum(-1).sum(-1).double().cpu()
+        flag = sae.massive_flags(xb)
+        xhat = xhat + flag.unsqueeze(-1) * sae.massive_offset.unsqueeze(1)
+        sq_err[:, i:i + batch_size] = (xhat - xb).pow(2).sum(-1).double().cpu()
+        flags_own[i:i + batch_size] = flag[0].cpu()
         active = c > 0
         l0 += active.sum(-1).sum(-1).double().cpu()
         fired += active.sum(1).cpu()
-    x64 = x.double()
-    total_var = float((x64 - x64.mean(0)).pow(2).sum())
+    flags = flags_own if flags is None else torch.as_tensor(flags, dtype=torch.bool).cpu()
     out = []
     for j in range(n):
         density = fired[j].double() / len(x)
         out.append({
-            "l0": float(l0[j] / len(x)), "mse": float(sq_err[j] / len(x)), "fvu": float(sq_err[j] / total_var),
+            "l0": float(l0[j] / len(x)), "mse": float(sq_err[j].sum() / len(x)), **split_fvu(sq_err[j], x, flags),
             "dead": float((fired[j] == 0).double().mean()), "dense": float((density > DENSE_THRESHOLD).double().mean()),
         })
     return out
 
 
-def pca_fvu(train_x: torch.Tensor, eval_x: torch.Tensor, ks) -> dict[int, float]:
-    """FVU on eval_x of projecting onto the top-k principal components of train_x, for each k."""
+def pca_fvu(train_x: torch.Tensor, eval_x: torch.Tensor, ks, rule=None, treat: bool = True) -> dict:
+    """FVU on eval_x of projecting onto the top-k principal components of train_x, for each k:
+    {"all": {k: fvu}, "ordinary": {k: fvu}}, ordinary tokens being those a massive-activation `rule`
+    does not flag. With treat=True (and a rule), PCA sees the activations with the massive offset
+    removed and the reconstruction adds it back, exactly as for an SAE; treat=False fits raw PCA."""
     from sklearn.decomposition import PCA
 
     ks = sorted({int(k) for k in ks})
-    pca = PCA(n_components=min(max(ks), train_x.shape[1]), svd_solver="full").fit(train_x.double().numpy())
-    e = eval_x.double().numpy()
+    shift = (lambda t: t) if rule is None or not treat else rule.shift
+    pca = PCA(n_components=min(max(ks), train_x.shape[1]), svd_solver="full").fit(shift(train_x).double().numpy())
+    flags = None if rule is None else rule.flags(eval_x)
+    e = shift(eval_x).double().numpy()
     centred = e - pca.mean_
-    total = float(((e - e.mean(0)) ** 2).sum())
-    out = {}
+    out = {"all": {}, "ordinary": {}}
     for k in ks:
         comp = pca.components_[:k]
-        recon = centred @ comp.T @ comp
-        out[k] = float(((centred - recon) ** 2).sum() / total)
+        err = ((centred - centred @ comp.T @ comp) ** 2).sum(-1)
+        f = split_fvu(torch.as_tensor(err), eval_x, flags)
+        out["all"][k], out["ordinary"][k] = f["fvu"], f["fvu_ordinary"]
     return out
 
 

@@ -20,11 +20,16 @@ decoder works: the SAE and the baselines alike.
 * `captured_share`: how much of the clean-to-counterfactual change in the activation a dictionary's
   reconstruction carries, which bounds what patching its features can do.
 
-Everything is batched over prompts: one forward pass per point of a curve.
+Everything is batched over prompts, and the points of a curve share forward passes: what does not
+depend on the dictionary (the clean and counterfactual runs, their activations and the gradient that
+attribution needs) is computed once per hook and prompt set (`patch_context`, `edit_context`) and
+reused by every dictionary; all the patched runs of a curve go through the model together, and only
+the last position's logits are computed where only they are read.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -57,11 +62,37 @@ def hook_acts(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
     return cache[hook].float()
 
 
-def run_with_activation(model, tokens, hook: str, new_act: torch.Tensor) -> torch.Tensor:
-    """Logits with the activation at `hook` replaced by new_act (all positions)."""
+def run_with_activation(model, tokens, hook: str, new_act: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    """Logits with the activation at `hook` replaced by new_act (all positions); last_only: only the
+    last position's logits, [n, vocab] (the unembedding of the other positions is skipped)."""
     def replace(act, hook):
         return new_act.to(act.dtype)
+    if last_only:
+        return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)], logits_to_keep=1)[:, -1]
     return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)])
+
+
+@torch.no_grad()
+def _last_logits_and_acts(model, tokens, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, vocab] last-position logits and [n, pos, d] activations at `hook`, from one forward pass."""
+    logits, cache = model.run_with_cache(tokens.to(_device(model)), names_filter=[hook], logits_to_keep=1)
+    return logits[:, -1].float(), cache[hook].float()
+
+
+@torch.no_grad()
+def _patched_last_logits(model, tokens, hook: str, acts: list[torch.Tensor], max_rows: int = 256) -> list[torch.Tensor]:
+    """For each activation in `acts` ([n, pos, d] each), the last-position logits [n, vocab] of the
+    prompts `tokens` with that activation at `hook`: the patched runs go through the model together,
+    in batches of at most `max_rows` prompts."""
+    n = tokens.shape[0]
+    stacked = torch.cat(acts)
+    toks = tokens.repeat(len(acts), 1)
+    out = []
+    step = max(n, max_rows // n * n)
+    for i in range(0, len(stacked), step):
+        out.append(run_with_activation(model, toks[i:i + step], hook, stacked[i:i + step].to(_device(model)),
+                                       last_only=True).float().cpu())
+    return list(torch.cat(out).split(n))
 
 
 def _encode(dictionary, x):
@@ -69,52 +100,81 @@ def _encode(dictionary, x):
     return dictionary.encode(x.reshape(-1, d)).reshape(n, p, -1).float().cpu()
 
 
-def attribution(model, tokens, hook: str, dictionary, delta_codes: torch.Tensor, metric,
-                x: torch.Tensor | None = None) -> torch.Tensor:
-    """First-order estimate, per feature, of the change in metric(logits) when the codes at `hook`
-    change by delta_codes [n, pos, F]: Σ_{n,pos} δc_f · (∂metric/∂x · decoder_rows[f]).
-    `x`: the clean activations at `hook`, if the caller already has them."""
-    x = hook_acts(model, tokens, hook) if x is None else x
-    leaf = x.clone().requires_grad_(True)
+def _grad(model, tokens, hook: str, x: torch.Tensor, metric) -> torch.Tensor:
+    """∂metric(last-position logits)/∂(activation at hook), [n, pos, d], at activation x."""
+    leaf = x.clone().to(_device(model)).requires_grad_(True)
     with torch.enable_grad():
-        logits = run_with_activation(model, tokens, hook, leaf)
-        metric(logits).backward()
-    grad = leaf.grad.float().cpu()                                    # [n, pos, d]
+        metric(run_with_activation(model, tokens, hook, leaf, last_only=True)).backward()
+    return leaf.grad.float().cpu()
+
+
+def attribution(model, tokens, hook: str, dictionary, delta_codes: torch.Tensor, metric,
+                x: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """First-order estimate, per feature, of the change in metric(last-position logits [n, vocab])
+    when the codes at `hook` change by delta_codes [n, pos, F]: Σ_{n,pos} δc_f · (∂metric/∂x ·
+    decoder_rows[f]). `x`: the clean activations at `hook`; `grad`: ∂metric/∂x, if the caller has it
+    (it does not depend on the dictionary)."""
+    if grad is None:
+        x = hook_acts(model, tokens, hook) if x is None else x
+        grad = _grad(model, tokens, hook, x, metric)
     proj = grad @ dictionary.decoder_rows.float().cpu().T             # [n, pos, F]
     return (delta_codes * proj).sum((0, 1))
 
 
 @torch.no_grad()
-def _kl_last(clean_logits, logits) -> float:
-    p = clean_logits[:, -1].float().log_softmax(-1)
-    q = logits[:, -1].float().log_softmax(-1)
+def _kl(clean_logits, logits) -> float:
+    """Mean KL(clean || patched) of the next-token distributions, from [n, vocab] logits."""
+    p = clean_logits.float().log_softmax(-1)
+    q = logits.float().log_softmax(-1)
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
+@dataclass
+class PatchContext:
+    """What the patch curves of every dictionary at one hook share, for one prompt set."""
+
+    hook: str
+    x: torch.Tensor        # [n, pos, d] clean activations at hook (CPU)
+    x_cf: torch.Tensor     # [n, pos, d] counterfactual activations
+    clean: torch.Tensor    # [n, vocab] clean last-position logits
+    ld_clean: float        # mean logit difference, clean run
+    ld_cf: float           # ... counterfactual run
+    grad: torch.Tensor     # [n, pos, d] ∂ Σ logit_diff / ∂x at the clean activations
+
+
+def patch_context(model, ps, hook: str) -> PatchContext:
+    """The clean and counterfactual runs, their activations at `hook`, and the attribution gradient:
+    three passes (two forward, one forward-backward), shared by every dictionary's `patch_curve`."""
+    clean, x = _last_logits_and_acts(model, ps.tokens, hook)
+    cf, x_cf = _last_logits_and_acts(model, ps.cf_tokens, hook)
+    grad = _grad(model, ps.tokens, hook, x, lambda lg: logit_diff(lg, ps).sum())
+    return PatchContext(hook, x.cpu(), x_cf.cpu(), clean.cpu(), float(logit_diff(clean, ps).mean()),
+                        float(logit_diff(cf, ps).mean()), grad)
+
+
 @torch.no_grad()
-def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32)) -> dict:
+def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32), context: PatchContext | None = None) -> dict:
     """Patch the k features that most move the logit difference towards the counterfactual.
-    The result's "captured" is the dictionary's `captured_share` for these prompts."""
+    The result's "captured" is the dictionary's `captured_share` for these prompts. Pass the hook's
+    `patch_context` to share its runs between dictionaries."""
     check_hook(model, dictionary, hook)
-    x, x_cf = hook_acts(model, ps.tokens, hook), hook_acts(model, ps.cf_tokens, hook)
+    ctx = context if context is not None else patch_context(model, ps, hook)
+    if ctx.hook != hook:
+        raise ValueError(f"the context was made for {ctx.hook!r}, not {hook!r}")
+    x, x_cf = ctx.x, ctx.x_cf
     c, c_cf = _encode(dictionary, x), _encode(dictionary, x_cf)
     delta = c_cf - c
-    clean = model(ps.tokens.to(_device(model))).float()
-    cf = model(ps.cf_tokens.to(_device(model))).float()
-    ld_clean, ld_cf = float(logit_diff(clean, ps).mean()), float(logit_diff(cf, ps).mean())
-    attr = attribution(model, ps.tokens, hook, dictionary, delta, lambda lg: logit_diff(lg, ps).sum(), x=x)
+    attr = attribution(model, ps.tokens, hook, dictionary, delta, None, grad=ctx.grad)
     order = attr.argsort()  # most negative first: pushes the answer towards the counterfactual's
     rows = dictionary.decoder_rows.float().cpu()
-    captured = _captured(x_cf.cpu() - x.cpu(), delta @ rows)
+    captured = _captured(x_cf - x, delta @ rows)
+    acts = [x + delta[..., order[:k]] @ rows[order[:k]] for k in ks]
     points = []
-    for k in ks:
-        sel = order[:k]
-        new = x.cpu() + delta[..., sel] @ rows[sel]
-        logits = run_with_activation(model, ps.tokens, hook, new).float()
+    for k, logits in zip(ks, _patched_last_logits(model, ps.tokens, hook, acts)):
         ld = float(logit_diff(logits, ps).mean())
-        points.append({"k": int(k), "logit_diff": ld, "gap_closed": _gap_closed(ld_clean, ld_cf, ld),
-                       "kl": _kl_last(clean, logits)})
-    return {"dictionary": dictionary.name, "hook": hook, "ld_clean": ld_clean, "ld_cf": ld_cf,
+        points.append({"k": int(k), "logit_diff": ld, "gap_closed": _gap_closed(ctx.ld_clean, ctx.ld_cf, ld),
+                       "kl": _kl(ctx.clean, logits)})
+    return {"dictionary": dictionary.name, "hook": hook, "ld_clean": ctx.ld_clean, "ld_cf": ctx.ld_cf,
             "captured": captured, "points": points, "order": order[: max(ks)].tolist(), "attribution": attr}
 
 
@@ -151,27 +211,47 @@ def ablate(dictionary, features) -> callable:
     return fn
 
 
+@dataclass
+class EditContext:
+    """What the edit curves of every dictionary at one hook share, for one prompt set and text."""
+
+    hook: str
+    x: torch.Tensor        # [n, pos, d] the prompts' activations at hook
+    grad: torch.Tensor     # [n, pos, d] ∂ Σ logit_diff / ∂x
+    ld_clean: float
+    ce_clean: float        # CE on the held-out text, unedited
+
+
+def edit_context(model, ps, text_tokens: torch.Tensor, hook: str) -> EditContext:
+    """The prompts' clean run, activations and attribution gradient, and the text's clean CE loss,
+    shared by every dictionary's `edit_curve` at `hook`."""
+    clean, x = _last_logits_and_acts(model, ps.tokens, hook)
+    grad = _grad(model, ps.tokens, hook, x, lambda lg: logit_diff(lg, ps).sum())
+    return EditContext(hook, x.cpu(), grad, float(logit_diff(clean, ps).mean()), ce_loss(model, text_tokens))
+
+
 @torch.no_grad()
-def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(1, 4, 16)) -> dict:
-    """Remove a behaviour by zero-ablating its top-k features; measure edit and collateral damage."""
+def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(1, 4, 16),
+               context: EditContext | None = None) -> dict:
+    """Remove a behaviour by zero-ablating its top-k features; measure edit and collateral damage.
+    Pass the hook's `edit_context` to share its runs between dictionaries."""
     check_hook(model, dictionary, hook)
-    x = hook_acts(model, ps.tokens, hook)
+    ctx = context if context is not None else edit_context(model, ps, text_tokens, hook)
+    if ctx.hook != hook:
+        raise ValueError(f"the context was made for {ctx.hook!r}, not {hook!r}")
+    x = ctx.x
     c = _encode(dictionary, x)
     c[:, 0] = 0  # BOS is never ablated
-    attr = attribution(model, ps.tokens, hook, dictionary, -c, lambda lg: logit_diff(lg, ps).sum(), x=x)
+    attr = attribution(model, ps.tokens, hook, dictionary, -c, None, grad=ctx.grad)
     order = attr.argsort()
-    clean = model(ps.tokens.to(_device(model))).float()
-    ld_clean = float(logit_diff(clean, ps).mean())
-    ce_clean = ce_loss(model, text_tokens)
+    fns = [ablate(dictionary, order[:k]) for k in ks]
     points = []
-    for k in ks:
-        fn = ablate(dictionary, order[:k])
-        logits = run_with_activation(model, ps.tokens, hook, fn(x)).float()
+    for k, fn, logits in zip(ks, fns, _patched_last_logits(model, ps.tokens, hook, [fn(x) for fn in fns])):
         ld = logit_diff(logits, ps)
         points.append({"k": int(k), "logit_diff": float(ld.mean()), "accuracy": float((ld > 0).float().mean()),
-                       "edit": (ld_clean - float(ld.mean())) / ld_clean,
-                       "ce_increase": ce_loss(model, text_tokens, hook, fn) - ce_clean})
-    return {"dictionary": dictionary.name, "hook": hook, "ld_clean": ld_clean, "ce_clean": ce_clean,
+                       "edit": (ctx.ld_clean - float(ld.mean())) / ctx.ld_clean,
+                       "ce_increase": ce_loss(model, text_tokens, hook, fn) - ctx.ce_clean})
+    return {"dictionary": dictionary.name, "hook": hook, "ld_clean": ctx.ld_clean, "ce_clean": ctx.ce_clean,
             "points": points, "order": order[: max(ks)].tolist()}
 
 
@@ -240,8 +320,8 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
             raise ValueError(f"layer {layer} is outside the model's 0..{model.cfg.n_layers - 1}")
     dev = _device(model)
     hooks = {layer: f"blocks.{layer}.hook_{hook_kind}" for layer in layers}
-    cf, cache = model.run_with_cache(ps.cf_tokens.to(dev), names_filter=list(hooks.values()))
-    clean = model(ps.tokens.to(dev))
+    cf, cache = model.run_with_cache(ps.cf_tokens.to(dev), names_filter=list(hooks.values()), logits_to_keep=1)
+    clean = model(ps.tokens.to(dev), logits_to_keep=1)
     ld_clean, ld_cf = float(logit_diff(clean.float(), ps).mean()), float(logit_diff(cf.float(), ps).mean())
     changed = changed_positions(ps).to(dev)
     last = torch.zeros_like(changed)
@@ -250,15 +330,18 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
 
     out = []
     for layer in tqdm(list(layers), desc="patch by layer", disable=not progress):
-        hook = hooks[layer]
-        x_cf = cache[hook]
-        row = {"layer": layer}
-        for name, mask in (("changed", changed), ("last", last)):
-            def patch(act, hook, mask=mask):
-                return torch.where(mask[..., None], x_cf.to(act.dtype), act)
-            logits = model.run_with_hooks(ps.tokens.to(dev), fwd_hooks=[(hook, patch)]).float()
-            row[name] = _gap_closed(ld_clean, ld_cf, float(logit_diff(logits, ps).mean()))
-        out.append(row)
+        x_cf = cache[hooks[layer]]
+
+        def patch(act, hook):  # both position sets in one batched pass: [clean prompts ×2]
+            n = len(act) // 2
+            return torch.cat([torch.where(changed[..., None], x_cf.to(act.dtype), act[:n]),
+                              torch.where(last[..., None], x_cf.to(act.dtype), act[n:])])
+        logits = model.run_with_hooks(ps.tokens.repeat(2, 1).to(dev), fwd_hooks=[(hooks[layer], patch)],
+                                      logits_to_keep=1)[:, -1].float()
+        n = len(ps)
+        out.append({"layer": layer,
+                    "changed": _gap_closed(ld_clean, ld_cf, float(logit_diff(logits[:n], ps).mean())),
+                    "last": _gap_closed(ld_clean, ld_cf, float(logit_diff(logits[n:], ps).mean()))})
     return out
 
 

@@ -68,48 +68,79 @@ def label_counts(tokens: np.ndarray, tags: list[str], genres: list[str]):
     return fig
 
 
+def massive_norms(store, rules: dict, max_tokens: int = 100_000):
+    """Per hook, a histogram of token norms (log scale) with the massive-activation threshold, and
+    the share of tokens and of variance beyond it."""
+    hooks = list(rules)
+    fig, axes = plt.subplots(1, len(hooks), figsize=(4.2 * len(hooks), 3.2), squeeze=False)
+    for ax, h in zip(axes[0], hooks):
+        n = store.activations(h, max_tokens).norm(dim=-1).numpy()
+        r = rules[h]
+        ax.hist(n, bins=np.geomspace(max(n.min(), 1e-3), n.max() * 1.01, 80), log=True, color="tab:blue")
+        ax.set_xscale("log")
+        ax.axvline(r.threshold, color="tab:red", ls="--", lw=1)
+        ax.set_title(f"{h.replace('.hook_', ' ')}\n{r.share:.1%} of tokens massive, {r.variance_share:.0%} of variance",
+                     fontsize=9)
+        ax.set_xlabel("‖activation‖₂ (red: 4 × median)")
+    axes[0, 0].set_ylabel("tokens (log)")
+    fig.tight_layout()
+    return fig
+
+
 # ---- notebook 02: the SAE sweep ----------------------------------------------------------------
-def _paper_groups(rows):
+FAMILY_STYLE = {"paper L1": dict(marker="o", color="tab:blue"), "improved L1": dict(marker="s", color="tab:green"),
+                "TopK": dict(marker="*", ms=11, color="black"),
+                "improved L1 (no massive treatment)": dict(marker="x", ms=9, color="tab:red")}
+
+
+def _family_groups(rows):
+    """{(family, ratio, tied): rows sorted by α or k}."""
     groups = {}
     for r in rows:
-        if r["architecture"] == "standard":
-            groups.setdefault((r["tied"], r["ratio"]), []).append(r)
-    return {k: sorted(v, key=lambda r: r["l1_coefficient"]) for k, v in sorted(groups.items())}
+        groups.setdefault((r["family"], r["ratio"], r["tied"]), []).append(r)
+    return {k: sorted(v, key=lambda r: (r["l1_coefficient"], r["k"])) for k, v in sorted(groups.items())}
+
+
+def _paper_groups(rows):
+    return {(tied, ratio): rs for (fam, ratio, tied), rs in _family_groups(rows).items() if fam == "paper L1"}
 
 
 def sweep_frontier(rows, pca: dict | None = None):
-    """Sparsity against reconstruction: L0 vs FVU, a line per dictionary (over α), TopK as
-    stars, and PCA with as many components as the L0 (dashed)."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (tied, ratio), rs in _paper_groups(rows).items():
-        ax.plot([r["l0"] for r in rs], [r["fvu"] for r in rs], "o-", label=f"L1 R={ratio:g}{' tied' if tied else ''}")
-        for r in rs:
-            ax.annotate(f"α={r['l1_coefficient']:g}", (r["l0"], r["fvu"]), fontsize=6, alpha=0.6)
-    top = [r for r in rows if r["architecture"] == "topk"]
-    if top:
-        ax.plot([r["l0"] for r in top], [r["fvu"] for r in top], "*", ms=12, color="black", label="TopK")
-    if pca:
-        ks = sorted(pca)
-        ax.plot(ks, [pca[k] for k in ks], "k--", lw=1, label="PCA, L0 = #components")
-    ax.set_xscale("log")
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("FVU (held-out)")
-    ax.set_title("Sparsity vs reconstruction: lower-left is better")
-    ax.legend(fontsize=7)
+    """Sparsity against reconstruction, over all tokens (left) and over ordinary tokens (right): L0
+    vs held-out FVU, a line per family and size (over α or k), and PCA keeping as many components
+    as the L0 (dashed; `pca` as returned by helpers.metrics.pca_fvu)."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
+    for ax, key, title in ((axes[0], "fvu", "all tokens"), (axes[1], "fvu_ordinary", "ordinary tokens")):
+        for (fam, ratio, tied), rs in _family_groups(rows).items():
+            style = dict(FAMILY_STYLE.get(fam, {}))
+            if fam == "paper L1" and len({r["ratio"] for r in rows if r["family"] == fam}) > 1:
+                style.pop("color", None)
+            ax.plot([r["l0"] for r in rs], [r[key] for r in rs], "-", lw=1, alpha=0.8,
+                    label=f"{fam} R={ratio:g}{' tied' if tied else ''}", **style)
+        if pca:
+            ks = sorted(pca["all" if key == "fvu" else "ordinary"])
+            vals = pca["all" if key == "fvu" else "ordinary"]
+            ax.plot(ks, [vals[k] for k in ks], "k--", lw=1, label="PCA, L0 = #components")
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel(f"FVU (held-out, {title})")
+        ax.set_title(f"Sparsity vs reconstruction, {title}: lower-left is better", fontsize=10)
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
 def sweep_panels(rows, mmcs_rows):
-    """Three panels: dead latents vs α, MMCS vs R, CE-loss recovered vs L0."""
+    """Three panels: dead latents vs α, MMCS vs R (paper SAEs), CE-loss recovered vs L0 (all families)."""
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8))
-    for (tied, ratio), rs in _paper_groups(rows).items():
-        lab = f"R={ratio:g}{' tied' if tied else ''}"
-        a.plot([r["l1_coefficient"] for r in rs], [100 * r["dead"] for r in rs], "o-", label=lab)
-        c.plot([r["l0"] for r in rs], [100 * r["ce_recovered_mean"] for r in rs], "o-", label=lab)
-    top = [r for r in rows if r["architecture"] == "topk"]
-    if top:
-        c.plot([r["l0"] for r in top], [100 * r["ce_recovered_mean"] for r in top], "*", ms=12, color="black", label="TopK")
+    for (fam, ratio, tied), rs in _family_groups(rows).items():
+        lab = f"{fam} R={ratio:g}{' tied' if tied else ''}"
+        style = dict(FAMILY_STYLE.get(fam, {}))
+        if fam == "paper L1" and len({r["ratio"] for r in rows if r["family"] == fam}) > 1:
+            style.pop("color", None)
+        if fam != "TopK":
+            a.plot([r["l1_coefficient"] for r in rs], [100 * r["dead"] for r in rs], "-", label=lab, **style)
+        c.plot([r["l0"] for r in rs], [100 * r["ce_recovered_mean"] for r in rs], "-", label=lab, **style)
     a.set_xscale("log"), a.set_xlabel("α (L1 coefficient)"), a.set_ylabel("dead latents (%)")
     a.set_title("Dead latents vs α"), a.legend(fontsize=7)
     by_alpha = {}
@@ -137,6 +168,30 @@ def training_curves(history, labels):
     a.set_yscale("log"), a.set_xlabel("step"), a.set_ylabel("MSE / d_in (scaled)"), a.set_title("Reconstruction loss")
     b.set_yscale("log"), b.set_xlabel("step"), b.set_ylabel("L0"), b.set_title("Active latents per token")
     b.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(curve, rows, highlight=None):
+    """Held-out FVU (all and ordinary tokens) and CE-loss recovered (mean-ablation reference) against
+    tokens seen, one line per SAE (`curve` from helpers.sweep.get_sweep; `highlight`: SAE indices to
+    draw bold)."""
+    highlight = set(highlight or [])
+    tokens = [c["tokens"] for c in curve]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for i, r in enumerate(rows):
+        style = dict(FAMILY_STYLE.get(r["family"], {}))
+        style.update(lw=2.5 if i in highlight else 0.8, alpha=1 if i in highlight else 0.6, ms=5)
+        for ax, key in zip(axes, ("fvu", "fvu_ordinary", "ce_recovered_mean")):
+            ys = [c["rows"][i].get(key) for c in curve]
+            if all(y is not None for y in ys):
+                ax.plot(tokens, [100 * y if key.startswith("ce") else y for y in ys], "-",
+                        label=r["label"] if ax is axes[2] else None, **style)
+    for ax, lab in zip(axes, ("FVU, all tokens", "FVU, ordinary tokens", "CE-loss recovered (%), mean-ablation ref.")):
+        ax.set_xscale("log"), ax.set_xlabel("tokens seen"), ax.set_ylabel(lab + " (held-out)")
+    axes[0].set_yscale("log"), axes[1].set_yscale("log")
+    axes[1].set_title("Learning curves: flat at the right end = more tokens would not help", fontsize=10)
+    axes[2].legend(fontsize=6)
     fig.tight_layout()
     return fig
 
@@ -186,13 +241,14 @@ def concept_families(scores: dict, min_mcc: float = 0.3):
 
 
 # ---- notebook 04: baselines --------------------------------------------------------------------
-def scores_by_layer(rows):
+def scores_by_layer(rows, tokens: str = "ordinary"):
     """The paper's Figure 2 layout: concept score by layer, one line per method, 95% CIs; one panel
-    per score (best-concept MCC, best-concept correlation)."""
+    per score (best-concept MCC, best-concept correlation), over `tokens` ("ordinary" or "all")."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    for ax, (key, lo, hi, label) in zip(axes, [("median_mcc", "low", "high", "median best-concept MCC"),
-                                               ("median_corr", "corr_low", "corr_high",
+    s = "_ord" if tokens == "ordinary" else ""
+    for ax, (key, lo, hi, label) in zip(axes, [(f"median_mcc{s}", f"low{s}", f"high{s}", "median best-concept MCC"),
+                                               (f"median_corr{s}", f"corr_low{s}", f"corr_high{s}",
                                                 "median best-concept correlation")]):
         for i, m in enumerate(methods):
             rs = sorted([r for r in rows if r["method"] == m], key=lambda r: r["layer"])
@@ -202,7 +258,7 @@ def scores_by_layer(rows):
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=m, lw=2 if "SAE" in m else 1)
         ax.set_xlabel("layer (residual stream after the block)")
         ax.set_ylabel(label)
-    axes[0].set_title("Interpretability by layer: SAEs vs baselines", fontsize=10)
+    axes[0].set_title(f"Interpretability by layer: SAEs vs baselines ({tokens} tokens)", fontsize=10)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     return fig

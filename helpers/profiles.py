@@ -7,8 +7,9 @@ or in a notebook's first cell, where any field can also be overridden::
     P = get_profile("cpu", harvest_tokens=50_000)
 
 ``test`` is what the test suite (nbval) runs: seconds to a couple of minutes per notebook.
-``cpu`` is a laptop: about an hour for the whole workbook on 2 CPU cores (notebooks 04 and 05 take
-about 20 minutes each, mostly training SAEs for the other layers and patching). ``gpu`` is the embedded model at
+``cpu`` is a laptop: about an hour for the whole workbook on 2 CPU cores (measured: 58 minutes; notebook 02
+15 minutes, training 11 SAEs on 1.2M tokens each; 04 21 minutes, mostly concept-scoring 18 dictionaries
+over 300k tokens; 05 12 minutes of patching). ``gpu`` is the embedded model at
 full scale on one GPU. ``paper`` is the paper's setting for Colab: Pythia-70M-deduped on the Pile.
 """
 from __future__ import annotations
@@ -46,12 +47,18 @@ class Profile:
     sae_ratios: tuple[float, ...] = (0.5, 2)           # R = d_sae / d_in
     sae_alphas: tuple[float, ...] = (3e-3, 5e-3, 1e-2) # L1 coefficients α of the paper's SAEs
     pick_ratio: float = 2                              # R of the SAE that later notebooks use
+    pick_max_l0: float = 50                            # ... with at most this L0
     sae_tied: tuple[bool, ...] = (False,)              # tied and/or untied decoders
+    improved_alphas: tuple[float, ...] = ()            # improved-recipe L1 SAEs (at pick_ratio)
     topk_ks: tuple[int, ...] = (16,)                   # TopK SAEs for comparison ...
     topk_ratio: float = 2                              # ... at this R
     train_tokens: int = 32_256            # activations seen by each SAE (epochs over the store)
     train_batch: int = 256
     lr: float = 2e-3
+    massive: bool = True                  # give massive activations their own treatment (helpers.massive)
+    massive_control: bool = True          # ... and train a twin of an improved-L1 SAE without it, for comparison
+    curve_points: int = 4                 # learning-curve points (log-spaced in tokens seen)
+    curve_contexts: int = 4               # held-out contexts for the learning curve's CE-loss recovered
     eval_tokens: int = 4_032              # held-out (test split) activations for evaluation
     ce_contexts: int = 16                 # held-out contexts for CE-loss recovered
     # --- interpretation (notebook 03) ---
@@ -84,21 +91,24 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "test": Profile(
-        "test", layers=(2, 6), ctx_len=64, harvest_tokens=16_128, batch_contexts=16,
-        shard_contexts=64, ioi_prompts=32, pronoun_prompts=32, patch_layer_step=6,
+        "test", layers=(2, 6), ctx_len=64, harvest_tokens=16_128, batch_contexts=16, improved_alphas=(3e-3, 5e-3, 1e-2),
+        shard_contexts=64, ioi_prompts=16, pronoun_prompts=16, patch_layer_step=6, autointerp_features=1,
+        curve_points=3, curve_contexts=2,
     ),
     "cpu": Profile(
         "cpu", layers=(3, 6, 9), ctx_len=128, harvest_tokens=300_000, batch_contexts=16,
-        shard_contexts=256, sae_ratios=(0.5, 1, 2, 4), sae_alphas=(2e-3, 4e-3, 8e-3), pick_ratio=4,
-        topk_ks=(32,), topk_ratio=4, train_tokens=600_000, train_batch=1024, lr=1e-3,
-        eval_tokens=16_256, ce_contexts=64, autointerp_features=8, ica_tokens=30_000, ica_max_iter=100,
-        ioi_prompts=128, pronoun_prompts=128, patch_layer_step=2,
+        shard_contexts=256, sae_ratios=(1, 4), sae_alphas=(1e-3, 2e-3, 4e-3), pick_ratio=4,
+        improved_alphas=(1e-3, 2e-3, 4e-3), topk_ks=(32,), topk_ratio=4, train_tokens=1_228_800,
+        train_batch=1024, lr=4e-3, curve_points=4, curve_contexts=4, eval_tokens=16_256, ce_contexts=32,
+        autointerp_features=4, ica_tokens=30_000, ica_max_iter=60, ioi_prompts=128, pronoun_prompts=128,
+        patch_layer_step=2,
     ),
     "gpu": Profile(
         "gpu", layers=tuple(range(0, 30, 2)), ctx_len=256, harvest_tokens=1_200_000,
         batch_contexts=64, shard_contexts=1024, store_dtype="bfloat16",
         sae_ratios=(0.5, 1, 2, 4, 8, 16, 32), sae_alphas=(1e-3, 2e-3, 4e-3, 8e-3), pick_ratio=8,
-        sae_tied=(True, False), topk_ks=(16, 32, 64), topk_ratio=8, train_tokens=10_000_000,
+        sae_tied=(True, False), improved_alphas=(5e-4, 1e-3, 2e-3, 4e-3), topk_ks=(16, 32, 64), topk_ratio=8,
+        train_tokens=10_000_000,
         train_batch=4096, lr=1e-3, eval_tokens=100_000, ce_contexts=256, autointerp_features=40,
         ica_tokens=100_000, ica_max_iter=400, ioi_prompts=256, pronoun_prompts=256, patch_layer_step=1,
     ),
@@ -106,7 +116,8 @@ PROFILES: dict[str, Profile] = {
         "paper", model=PAPER_MODEL, corpus="pile", layers=tuple(range(6)), ctx_len=256,
         harvest_tokens=5_000_000, batch_contexts=64, shard_contexts=1024, store_dtype="bfloat16",
         sae_layer=2, sae_ratios=(0.5, 1, 2, 4, 8, 16, 32), sae_alphas=(1e-3, 2e-3, 4e-3, 8e-3), pick_ratio=8,
-        sae_tied=(True, False), topk_ks=(16, 32, 64), topk_ratio=8, train_tokens=20_000_000,
+        sae_tied=(True, False), improved_alphas=(5e-4, 1e-3, 2e-3, 4e-3), topk_ks=(16, 32, 64), topk_ratio=8,
+        train_tokens=20_000_000,
         train_batch=4096, lr=1e-3, eval_tokens=200_000, ce_contexts=256, autointerp_features=40,
         ica_tokens=100_000, ica_max_iter=400, ioi_prompts=256, pronoun_prompts=256, patch_layer_step=1,
     ),
@@ -135,7 +146,7 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
     if unknown:
         raise ValueError(f"unknown profile field(s) {sorted(unknown)}; fields are "
                          f"{[f.name for f in dataclasses.fields(Profile)]}")
-    for key in ("layers", "sae_ratios", "sae_alphas", "sae_tied", "topk_ks"):
+    for key in ("layers", "sae_ratios", "sae_alphas", "sae_tied", "improved_alphas", "topk_ks"):
         if key in overrides:
             overrides[key] = tuple(overrides[key])
     profile = PROFILES[name].replace(**overrides)

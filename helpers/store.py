@@ -214,18 +214,23 @@ class ActivationStore:
             out[torch.as_tensor(sel)] = self.shard_activations(int(s), hook)[local].to(dtype)
         return out
 
-    def iter_batches(self, hook: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+    def iter_batches(self, hook, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                      epochs: int = 1, buffer_shards: int = 4, device="cpu",
                      dtype: torch.dtype = torch.float32, drop_last: bool = False,
                      return_index: bool = False) -> Iterator:
         """Batches [batch_size, d_model] of `hook`'s activations; every token once per epoch.
 
+        `hook` may also be a list of hooks: each batch is then [n_hooks, batch_size, d_model], the
+        same tokens at every hook (one shuffled read serves SAEs of several layers).
         Shuffling draws a random shard order, then mixes `buffer_shards` shards at a time (plus
         the remainder of the previous group) in RAM: memory stays bounded by the buffer.
         With return_index, yields (batch, index) where index is each row's global token
         index (a row of `tokens()`).
         """
-        self._check_hook(hook)
+        many = not isinstance(hook, str)
+        hooks = list(hook) if many else [hook]
+        for h in hooks:
+            self._check_hook(h)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, not {batch_size}")
         if not self.shards:
@@ -235,24 +240,25 @@ class ActivationStore:
             rng = np.random.default_rng([seed, epoch])
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
-            carry_x = torch.zeros(0, self.d_model, dtype=self.dtype)
+            carry_x = torch.zeros(len(hooks), 0, self.d_model, dtype=self.dtype)
             carry_i = torch.zeros(0, dtype=torch.int64)
             for g in range(0, len(order), buffer_shards):
                 group = order[g:g + buffer_shards]
-                xs = [carry_x] + [self.shard_activations(int(s), hook).clone() for s in group]
+                xs = [carry_x] + [torch.stack([self.shard_activations(int(s), h) for h in hooks]) for s in group]
                 ids = [carry_i] + [torch.arange(int(self._shard_start[s]), int(self._shard_start[s + 1]))
                                    for s in group]
-                x, idx = torch.cat(xs), torch.cat(ids)
+                x, idx = torch.cat(xs, dim=1), torch.cat(ids)
                 if shuffle:
-                    perm = torch.randperm(len(x), generator=gen)
-                    x, idx = x[perm], idx[perm]
+                    perm = torch.randperm(len(idx), generator=gen)
+                    x, idx = x[:, perm], idx[perm]
                 last = g + buffer_shards >= len(order)
-                n_full = len(x) if (last and not drop_last) else len(x) // batch_size * batch_size
+                n_full = len(idx) if (last and not drop_last) else len(idx) // batch_size * batch_size
                 for i in range(0, n_full, batch_size):
                     j = min(i + batch_size, n_full)
-                    batch = x[i:j].to(device=device, dtype=dtype, non_blocking=True)
+                    batch = x[:, i:j].to(device=device, dtype=dtype, non_blocking=True)
+                    batch = batch if many else batch[0]
                     yield (batch, idx[i:j]) if return_index else batch
-                carry_x, carry_i = x[n_full:], idx[n_full:]
+                carry_x, carry_i = x[:, n_full:], idx[n_full:]
 
 
 class StoreWriter:

@@ -1,15 +1,28 @@
-"""The profile's SAE sweep, end to end: its grid, training, evaluation, and the SAE it picks.
+"""The profile's SAEs, end to end: the sweep's grid, training, evaluation, and the SAE it picks.
 
-`get_sweep(profile)` trains the grid (``sae_ratios`` × ``sae_alphas`` × ``sae_tied`` paper SAEs,
-plus TopK SAEs with ``topk_ks`` at ``topk_ratio``) in one pass (helpers.train), evaluates every SAE
-on held-out activations and inside the model (helpers.metrics), saves each in SAELens layout and
-the table in ``results.json``, and returns the table. A finished sweep is loaded, not retrained;
-an interrupted one resumes from its checkpoint. `get_sae(profile)` returns the chosen SAE.
+`get_sweep(profile)` trains the grid in one pass (helpers.train):
 
-The choice, as a rule: among the paper's SAEs (ReLU + L1) of the profile's ``pick_ratio`` with at
-most 20% dead latents and an L0 of at most 10% of d_in, the one with the highest CE-loss
-recovered; if none qualifies, the one of that ratio with the lowest FVU (among those with at most
-20% dead latents, if any).
+* the paper's SAEs: ``sae_ratios`` × ``sae_alphas`` × ``sae_tied``, ReLU + L1 with a unit-norm
+  dictionary and resampling (recipe "paper");
+* the improved L1 recipe (Anthropic, April 2024; helpers.sae): ``improved_alphas`` at ``pick_ratio``;
+* TopK SAEs: ``topk_ks`` at ``topk_ratio``;
+* a control: the middle improved-recipe SAE again, trained without the massive-activation treatment
+  (``massive_control``), so that notebook 02 can show what the treatment does. It is never chosen.
+
+While they train it records a learning curve (held-out FVU over all and ordinary tokens for every
+SAE; CE-loss recovered for those at ``pick_ratio``) at ``curve_points`` log-spaced points. It then
+evaluates every SAE on held-out activations and inside the model (helpers.metrics), saves each in
+SAELens layout and the table in ``results.json``. A finished sweep is loaded, not retrained; an
+interrupted one resumes from its checkpoint. `get_sae(profile)` returns the chosen SAE.
+
+The choice, as a rule: among the L1 SAEs of either recipe at the profile's ``pick_ratio`` with at most
+20% dead latents and an L0 of at most ``pick_max_l0``, the one with the highest CE-loss recovered
+(mean-ablation reference); if none qualifies, the one of that ratio with the lowest FVU (among those
+with at most 20% dead latents, if any). So the improved recipe becomes the default for later
+notebooks exactly when it wins; the table keeps the paper's best beside it.
+
+`layer_saes(profile, store, sweep)` trains the chosen L1 SAE's settings and its matched TopK SAE at
+every other harvested layer, all in one more pass over the store (notebooks 04 and 05).
 """
 from __future__ import annotations
 
@@ -18,6 +31,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .harvest import get_store
@@ -26,50 +40,76 @@ from .sae import SAEConfig, load_saelens, save_saelens
 from .train import TrainConfig, train_sweep
 
 MAX_DEAD = 0.2
-MAX_L0_SHARE = 0.1
+VERSION = 2  # bump when the training or evaluation changes what a cached sweep holds
 
 
 def sweep_configs(profile, d_in: int) -> list[SAEConfig]:
     common = {"hook_name": profile.sae_hook, "model_name": profile.model}
     configs = [SAEConfig.from_ratio(d_in, r, l1_coefficient=a, tied=t, **common)
                for t in profile.sae_tied for r in profile.sae_ratios for a in profile.sae_alphas]
+    configs += [SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=a, recipe="improved", **common)
+                for a in profile.improved_alphas]
     configs += [SAEConfig.from_ratio(d_in, profile.topk_ratio, architecture="topk", k=k, **common)
                 for k in profile.topk_ks]
+    if profile.massive and profile.massive_control and profile.improved_alphas:
+        alpha = profile.improved_alphas[len(profile.improved_alphas) // 2]
+        configs.append(SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=alpha, recipe="improved",
+                                            massive=False, **common))
     return configs
 
 
-def train_config(profile) -> TrainConfig:
-    steps = profile.train_tokens // profile.train_batch
-    return TrainConfig(total_tokens=profile.train_tokens, batch_size=profile.train_batch, lr=profile.lr,
-                       warmup_steps=max(1, steps // 20), dead_window=min(profile.train_tokens // 4, 1_000_000),
+def train_config(profile, tokens: int | None = None) -> TrainConfig:
+    tokens = tokens or profile.train_tokens
+    steps = tokens // profile.train_batch
+    points = max(0, profile.curve_points)
+    eval_at = tuple(sorted({max(1, int(round(steps * 2.0 ** -j))) for j in range(points)})) if points else ()
+    return TrainConfig(total_tokens=tokens, batch_size=profile.train_batch, lr=profile.lr,
+                       warmup_steps=max(1, steps // 20), dead_window=min(tokens // 4, 1_000_000),
                        resample_every=max(1, steps // 5), resample_until=0.7, log_every=max(1, steps // 100),
-                       checkpoint_every=max(1, steps // 10), seed=profile.seed, device=profile.device)
+                       checkpoint_every=max(1, steps // 10), seed=profile.seed, device=profile.device,
+                       massive=profile.massive, eval_at=eval_at)
+
+
+def _key(profile, *extra) -> str:
+    fields = [VERSION, profile.model, profile.corpus, profile.ctx_len, profile.harvest_tokens, profile.pick_ratio,
+              profile.pick_max_l0, profile.eval_tokens, profile.ce_contexts, profile.sae_ratios, profile.sae_alphas,
+              profile.sae_tied, profile.improved_alphas, profile.topk_ks, profile.topk_ratio, profile.train_tokens,
+              profile.train_batch, profile.lr, profile.seed, profile.massive, profile.massive_control, profile.curve_points,
+              profile.curve_contexts, *extra]
+    return hashlib.sha1(json.dumps(fields).encode()).hexdigest()[:8]
 
 
 def sweep_dir(profile) -> Path:
-    key = json.dumps([profile.model, profile.corpus, profile.ctx_len, profile.harvest_tokens, profile.sae_hook,
-                      profile.pick_ratio, profile.eval_tokens, profile.ce_contexts,
-                      profile.sae_ratios, profile.sae_alphas, profile.sae_tied, profile.topk_ks,
-                      profile.topk_ratio, profile.train_tokens, profile.train_batch, profile.lr, profile.seed])
-    return profile.cache_dir / "sae" / f"sweep-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    return profile.cache_dir / "sae" / f"sweep-{_key(profile, profile.sae_hook)}"
 
 
-def choose(rows: list[dict], d_in: int, ratio: float) -> int:
+def choose(rows: list[dict], ratio: float, max_l0: float) -> int:
     """Index of the chosen SAE in the sweep table (the rule in this module's docstring)."""
-    paper = [i for i, r in enumerate(rows) if r["architecture"] == "standard" and r["ratio"] == ratio]
-    if not paper:
-        raise ValueError(f"the sweep has no paper SAE of ratio {ratio}")
-    ok = [i for i in paper if rows[i]["dead"] <= MAX_DEAD and rows[i]["l0"] <= MAX_L0_SHARE * d_in]
+    l1 = [i for i, r in enumerate(rows) if r["architecture"] == "standard" and r["ratio"] == ratio
+          and r.get("massive", True)]
+    if not l1:
+        raise ValueError(f"the sweep has no L1 SAE of ratio {ratio}")
+    ok = [i for i in l1 if rows[i]["dead"] <= MAX_DEAD and rows[i]["l0"] <= max_l0]
     if ok:
-        return max(ok, key=lambda i: rows[i]["ce_recovered"])
-    alive = [i for i in paper if rows[i]["dead"] <= MAX_DEAD] or paper
+        return max(ok, key=lambda i: rows[i]["ce_recovered_mean"])
+    alive = [i for i in l1 if rows[i]["dead"] <= MAX_DEAD] or l1
     return min(alive, key=lambda i: rows[i]["fvu"])
 
 
+def best_of_recipe(rows: list[dict], recipe: str, ratio: float, max_l0: float) -> int | None:
+    """The SAE the rule would choose among one recipe's L1 SAEs only (None if it has none)."""
+    idx = [i for i, r in enumerate(rows) if r["architecture"] != "standard" or r["recipe"] == recipe]
+    if not any(rows[i]["architecture"] == "standard" and rows[i]["ratio"] == ratio for i in idx):
+        return None
+    return idx[choose([rows[i] for i in idx], ratio, max_l0)]
+
+
 @torch.no_grad()
-def evaluate(saes, configs, eval_store, hook, model, ce_contexts: int) -> list[dict]:
-    """One table row per SAE: config, L0/MSE/FVU/dead/dense on held-out activations, CE and KL."""
+def evaluate(saes, configs, eval_store, hook, model, ce_contexts: int, rule=None) -> list[dict]:
+    """One table row per SAE: config, L0/MSE/FVU (all, ordinary, massive: split by the hook's
+    massive-activation `rule`)/dead/dense on held-out activations, CE loss spliced in and KL."""
     x = eval_store.activations(hook)
+    flags = None if rule is None else rule.flags(x)
     device = next(model.parameters()).device
     tokens = contexts_from_store(eval_store, ce_contexts, model.tokenizer.bos_token_id)
     saes = [s.to(device) for s in saes]
@@ -80,8 +120,8 @@ def evaluate(saes, configs, eval_store, hook, model, ce_contexts: int) -> list[d
     spliced = spliced_loss(model, tokens, hook, reconstruct, mean_act=x.mean(0))
     rows = []
     for j, (sae, cfg) in enumerate(zip(saes, configs)):
-        r = reconstruction_metrics(sae, x)[0]
-        rows.append({**dataclasses.asdict(cfg), "ratio": cfg.ratio, "label": cfg.label, **r,
+        r = reconstruction_metrics(sae, x, flags=flags)[0]
+        rows.append({**dataclasses.asdict(cfg), "ratio": cfg.ratio, "label": cfg.label, "family": cfg.family, **r,
                      "ce_sae": spliced["ce_sae"][j], "kl": spliced["kl_sae"][j],
                      "ce_recovered": spliced["ce_recovered"][j], "ce_recovered_mean": spliced["ce_recovered_mean"][j]})
     refs = {k: spliced[k] for k in ("ce_clean", "ce_zero", "ce_mean", "kl_zero", "kl_mean")}
@@ -93,7 +133,7 @@ def evaluate(saes, configs, eval_store, hook, model, ce_contexts: int) -> list[d
 def mmcs_table(saes, configs) -> list[dict]:
     """MMCS between each pair of paper SAEs with the same α and decoder, of successive sizes."""
     out = []
-    paper = [(c, s) for c, s in zip(configs, saes) if c.architecture == "standard"]
+    paper = [(c, s) for c, s in zip(configs, saes) if c.architecture == "standard" and c.recipe == "paper"]
     for ca, sa in paper:
         larger = sorted([(cb, sb) for cb, sb in paper if cb.l1_coefficient == ca.l1_coefficient
                          and cb.tied == ca.tied and cb.d_sae > ca.d_sae], key=lambda p: p[0].d_sae)
@@ -110,11 +150,35 @@ def get_eval_store(profile, model=None, progress: bool = True):
                      progress=progress)
 
 
+def learning_curve_fn(configs, eval_store, hook, model, profile, rule=None):
+    """on_eval for train_sweep: held-out FVU (all, ordinary) and L0 of every SAE, and CE-loss recovered
+    (on `curve_contexts` held-out contexts) of the SAEs at the profile's pick ratio and the TopK ones."""
+    x = eval_store.activations(hook)
+    flags = None if rule is None else rule.flags(x)
+    tokens = contexts_from_store(eval_store, profile.curve_contexts, model.tokenizer.bos_token_id)
+    device = next(model.parameters()).device
+    ce_idx = [i for i, c in enumerate(configs) if c.ratio == profile.pick_ratio
+              or c.architecture == "topk"]
+
+    def on_eval(step, n_tokens, saes):
+        rows = [{k: v for k, v in reconstruction_metrics(s.to(device), x, flags=flags)[0].items()
+                 if k in ("l0", "fvu", "fvu_ordinary", "dead")} for s in saes]
+        if ce_idx and profile.curve_contexts:
+            sp = spliced_loss(model, tokens, hook, lambda a: torch.stack([saes[i](a.to(device))[0] for i in ce_idx]),
+                              mean_act=x.mean(0))
+            for j, i in enumerate(ce_idx):
+                rows[i].update(ce_recovered=sp["ce_recovered"][j], ce_recovered_mean=sp["ce_recovered_mean"][j])
+        return rows
+
+    return on_eval
+
+
 def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
     """The profile's sweep results (training and evaluating first if needed).
 
-    Returns {"rows": table, "mmcs": table, "history": training log, "chosen": index,
-    "dir": folder, "seconds": training time, "tokens": tokens per SAE}.
+    Returns {"rows": table, "mmcs": table, "history": training log, "curve": learning curve,
+    "chosen": index, "best_paper": index of the paper recipe's best, "massive": the rule at the SAE
+    hook, "dir": folder, "seconds": training time, "tokens": tokens per SAE}.
     """
     folder = sweep_dir(profile)
     results = folder / "results.json"
@@ -128,13 +192,22 @@ def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
     hook = profile.sae_hook
     eval_store = get_eval_store(profile, model=model, progress=progress)
     configs = sweep_configs(profile, store.d_model)
-    result = train_sweep(store, hook, configs, train_config(profile), run_dir=folder, progress=progress)
-    rows = evaluate(result.saes, configs, eval_store, hook, model, profile.ce_contexts)
+    from . import massive
+
+    rule = massive.fit(store, hook) if profile.massive else None
+    on_eval = learning_curve_fn(configs, eval_store, hook, model, profile, rule)
+    result = train_sweep(store, hook, configs, train_config(profile), run_dir=folder, progress=progress,
+                         on_eval=on_eval, rules={hook: rule} if rule else None)
+    rows = evaluate(result.saes, configs, eval_store, hook, model, profile.ce_contexts, rule)
     for i, (sae, row) in enumerate(zip(result.saes, rows)):
         save_saelens(sae.cpu(), folder / f"sae_{i:02d}", extra={"eval": {k: row[k] for k in
-                     ("l0", "fvu", "dead", "ce_recovered")}})
-    out = {"rows": rows, "mmcs": mmcs_table(result.saes, configs), "history": result.history,
-           "chosen": choose(rows, store.d_model, profile.pick_ratio), "seconds": result.seconds, "tokens": result.tokens}
+                     ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")}})
+    curve = [{"tokens": h["tokens"], "rows": h["eval"]} for h in result.history if "eval" in h]
+    history = [h for h in result.history if "eval" not in h]
+    out = {"rows": rows, "mmcs": mmcs_table(result.saes, configs), "history": history, "curve": curve,
+           "chosen": choose(rows, profile.pick_ratio, profile.pick_max_l0),
+           "best_paper": best_of_recipe(rows, "paper", profile.pick_ratio, profile.pick_max_l0),
+           "massive": result.rules[hook].to_json(), "seconds": result.seconds, "tokens": result.tokens}
     tmp = results.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(results)
@@ -143,8 +216,9 @@ def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
 
 def matched_topk(sweep: dict) -> int | None:
     """Index of the sweep's TopK SAE whose L0 is closest to the chosen SAE's (None without TopK):
-    the 'go beyond the paper' SAE, compared at about the same sparsity."""
-    topk = [i for i, r in enumerate(sweep["rows"]) if r["architecture"] == "topk"]
+    the 'go beyond the paper' SAE, compared at about the same sparsity (the control trained without
+    the massive-activation treatment is never matched)."""
+    topk = [i for i, r in enumerate(sweep["rows"]) if r["architecture"] == "topk" and r.get("massive", True)]
     if not topk:
         return None
     l0 = sweep["rows"][sweep["chosen"]]["l0"]
@@ -159,3 +233,33 @@ def get_sae(profile, progress: bool = True):
     """The SAE that the sweep's rule chose (running the sweep first if needed), as a one-SAE stack."""
     sweep = get_sweep(profile, progress=progress)
     return load_sweep_sae(sweep, sweep["chosen"])
+
+
+SAE_KEYS = ("d_in", "d_sae", "architecture", "tied", "l1_coefficient", "k", "model_name", "recipe", "massive")
+
+
+def layer_saes(profile, store, sweep: dict, progress: bool = True) -> dict:
+    """{(layer, name): SAE} for name "SAE" (the chosen L1 SAE's settings) and "TopK SAE" (the matched
+    TopK SAE's, if any) at every harvested layer: the sweep's own at its layer, and at every other
+    layer SAEs with the same settings, all trained together in one pass over the store (each shard
+    read once for every layer), then saved and loaded from then on."""
+    named = {"SAE": sweep["chosen"]}
+    if matched_topk(sweep) is not None:
+        named["TopK SAE"] = matched_topk(sweep)
+    out = {(profile.sae_layer, name): load_sweep_sae(sweep, i) for name, i in named.items()}
+    others = [layer for layer in profile.layers if layer != profile.sae_layer]
+    if not others:
+        return out
+    jobs = [(layer, name, SAEConfig(**{**{k: sweep["rows"][i][k] for k in SAE_KEYS},
+                                       "hook_name": f"blocks.{layer}.hook_{profile.hook}"}))
+            for layer in others for name, i in named.items()]
+    folder = profile.cache_dir / "sae" / f"layers-{_key(profile, [repr(c) for _, _, c in jobs])}"
+    paths = [folder / f"L{layer}-{name.replace(' ', '_')}" for layer, name, _ in jobs]
+    if not all((p / "cfg.json").exists() for p in paths):
+        tc = dataclasses.replace(train_config(profile), eval_at=())
+        res = train_sweep(store, None, [c for _, _, c in jobs], tc, run_dir=folder, progress=progress)
+        for sae, p in zip(res.saes, paths):
+            save_saelens(sae.cpu(), p)
+    for (layer, name, _), p in zip(jobs, paths):
+        out[(layer, name)] = load_saelens(p)
+    return out

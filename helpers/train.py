@@ -1,20 +1,31 @@
-"""Train a sweep of SAEs in one pass over an activation store.
+"""Train a sweep of SAEs, at one or several hooks, in one pass over an activation store.
 
-`train_sweep` groups the configs into stacks of equal shape (one stack per dictionary size and
-architecture; the α's or k's of a size share it), reads each batch of activations once and
-trains every stack on it: Adam with LR warm-up and a final linear decay, the unit-norm
-projection of the dictionary after every step, dead-latent tracking, Anthropic-style resampling
-of dead latents for L1 SAEs and the AuxK loss for TopK SAEs, bf16 autocast on GPU, fp32 on CPU.
+`train_sweep` groups the configs into stacks (one per hook, dictionary size, architecture and recipe;
+the α's or k's of a group share a stack), reads each shuffled batch once, at every hook the configs
+need, and trains every stack on it:
 
-A run folder keeps ``checkpoint.pt`` (written atomically every `checkpoint_every` steps and at
-the end); a run started again with the same settings resumes from it and ends with the same SAEs
-as an uninterrupted run. A batch holding NaN or inf stops training with an error naming the
-step and the shard, and the last good checkpoint is kept.
+* Adam (fused where torch has it) with LR warm-up and a final linear decay;
+* the paper recipe and TopK: unit-norm dictionary rows (the parallel gradient component removed,
+  rows renormalised after every step), dead latents resampled (paper L1) or revived by AuxK (TopK);
+* the improved L1 recipe (helpers.sae): α warmed up over the first `l1_warmup_fraction` of steps,
+  gradients clipped per SAE, no norm constraint and no resampling; its decoder norms are folded into
+  the codes at the end;
+* massive activations (helpers.massive): by default the rule is fitted on the store at each hook and
+  every SAE removes the massive offset from flagged tokens; input scaling and b_dec's initial value
+  come from the activations with the offset removed;
+* the sparse kernels (helpers.sparse) wherever a batch's codes are sparse (`path="auto"`);
+* bf16 autocast on GPU, fp32 on CPU.
+
+Dead latents are tracked per SAE. A run folder keeps ``checkpoint.pt`` (written atomically every
+`checkpoint_every` steps and at the end); a run started again with the same settings resumes from it
+and ends with the same SAEs as an uninterrupted run. A batch holding NaN or inf stops training with
+an error naming the step and the shard, and the last good checkpoint is kept. `on_eval(step, tokens,
+saes)` is called at the steps in `eval_at` with snapshots of every SAE (learning curves); what it
+returns is kept in the history.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -39,9 +50,15 @@ class TrainConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2        # LR decays linearly to 0 over this last share of steps
     dead_window: int = 200_000         # a latent silent for this many tokens is dead
-    resample_every: int = 0            # steps between resamplings of dead L1 latents (0: never)
+    resample_every: int = 0            # steps between resamplings of dead paper-L1 latents (0: never)
     resample_until: float = 0.7        # ... only during this first share of training
+    resample_pool: int = 16_384        # inputs drawn (without replacement) for each resampling
     aux_coefficient: float = 1 / 32    # AuxK (TopK SAEs)
+    l1_warmup_fraction: float = 0.05   # improved recipe: α rises linearly from 0 over this share of steps
+    grad_clip: float = 1.0             # improved recipe: per-SAE gradient norm clip
+    massive: bool = True               # apply the massive-activation rule (helpers.massive)
+    path: str = "auto"                 # SAE.losses path: "auto", "sparse" or "dense"
+    eval_at: tuple = ()                # steps at which on_eval is called (learning curves)
     log_every: int = 25
     checkpoint_every: int = 500
     seed: int = 0
@@ -57,9 +74,10 @@ class TrainingError(RuntimeError):
 class SweepResult:
     saes: list            # one-SAE stacks, in the order of the configs given
     configs: list
-    history: list         # dicts: step, tokens, and per-SAE lists of mse / l0 / dead
+    history: list         # dicts: step, tokens, and per-SAE lists of mse / l0 / dead (and "eval")
     seconds: float
     tokens: int
+    rules: dict = dataclasses.field(default_factory=dict)  # hook -> helpers.massive.Massive
 
     def stack_of(self, i: int) -> SAEStack:
         return self.saes[i]
@@ -72,18 +90,35 @@ def _lr_factor(step: int, total: int, tc: TrainConfig) -> float:
     return warm * decay
 
 
-def data_stats(store, hook: str, n: int = 20_000) -> tuple[float, torch.Tensor]:
+def data_stats(store, hook: str, n: int = 20_000, rule=None) -> tuple[float, torch.Tensor]:
     """The factor that brings activations to mean norm √d_in (SAELens's 'expected_average_only_in')
-    and the mean activation, from the first n finite rows of the store."""
+    and the mean activation, from the first n finite rows of the store, after the massive rule's
+    shift (if a rule is given)."""
     x = store.activations(hook, max_tokens=n)
     x = x[torch.isfinite(x).all(-1)]  # a bad row is reported when training reaches it
     if len(x) == 0:
         raise TrainingError(f"no finite activations among the first {n} rows of {hook} in {store.path}")
+    if rule is not None:
+        x = rule.shift(x)
     return math.sqrt(x.shape[1]) / float(x.norm(dim=-1).mean()), x.mean(0)
 
 
+def resolve_hooks(configs: list[SAEConfig], hook: str | None) -> list[SAEConfig]:
+    """Each config with its hook: its own hook_name, else `hook` (which must then be given)."""
+    out = []
+    for c in configs:
+        if hook and c.hook_name and c.hook_name != hook:
+            raise ValueError(f"config {c.label} is for {c.hook_name!r}, but training was asked for {hook!r}; "
+                             "pass hook=None to train each config at its own hook")
+        h = c.hook_name or hook
+        if not h:
+            raise ValueError(f"config {c.label} names no hook: set its hook_name or pass hook=...")
+        out.append(c if c.hook_name == h else dataclasses.replace(c, hook_name=h))
+    return out
+
+
 def build_stacks(configs: list[SAEConfig], seed: int) -> tuple[list[SAEStack], list[tuple[int, int]]]:
-    """Group configs by shape into stacks; return the stacks and, per config, (stack, row)."""
+    """Group configs by shape key into stacks; return the stacks and, per config, (stack, row)."""
     groups: dict = {}
     for i, c in enumerate(configs):
         groups.setdefault(c.shape_key, []).append(i)
@@ -95,11 +130,11 @@ def build_stacks(configs: list[SAEConfig], seed: int) -> tuple[list[SAEStack], l
     return stacks, where
 
 
-def _fingerprint(configs, tc: TrainConfig, store, hook) -> dict:
+def _fingerprint(configs, tc: TrainConfig, store) -> dict:
     return {"configs": [dataclasses.asdict(c) for c in configs],
             "train": {k: v for k, v in dataclasses.asdict(tc).items()
-                      if k not in ("log_every", "checkpoint_every", "device")},
-            "store": str(store.path), "hook": hook, "store_tokens": store.n_tokens}
+                      if k not in ("log_every", "checkpoint_every", "device", "path")},
+            "store": str(store.path), "store_tokens": store.n_tokens}
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -108,70 +143,147 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _adam(params, tc: TrainConfig, device: torch.device):
+    kw = {"lr": tc.lr, "betas": (tc.beta1, tc.beta2)}
+    try:  # one fused kernel for every parameter: much less memory traffic than the loop over tensors
+        return torch.optim.Adam(params, fused=True, **kw)
+    except (RuntimeError, TypeError):  # pragma: no cover - older torch or an unsupported device
+        return torch.optim.Adam(params, **kw)
+
+
+@torch.no_grad()
+def clip_grad_norm_per_sae(stack: SAEStack, max_norm: float) -> torch.Tensor:
+    """Scale each SAE's gradients (all its parameters together) to a norm of at most max_norm, so
+    that the SAEs of a stack stay independent. Returns the norms before clipping [n]."""
+    grads = [p.grad for p in stack.parameters() if p.grad is not None]
+    sq = torch.zeros(stack.n, device=stack.b_dec.device)
+    for g in grads:
+        sq += g.float().pow(2).flatten(1).sum(1)
+    norm = sq.sqrt()
+    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+    return norm
+
+
 @torch.no_grad()
 def resample_dead(stack: SAEStack, row: int, dead: torch.Tensor, x: torch.Tensor, opt, gen) -> int:
-    """Anthropic-style resampling of the dead latents of SAE `row` of a stack, using batch x.
+    """Anthropic-style resampling of the dead latents of SAE `row` of a stack, from a pool of inputs x.
 
-    Inputs are drawn with probability proportional to their squared reconstruction error; each
-    dead latent's decoder row becomes such an input's (centred, normalised) direction, its
-    encoder column the same direction at 0.2 times the mean encoder norm of the live latents, its
-    bias 0, and its Adam state is cleared. Returns the number resampled.
+    Inputs are drawn *without replacement*, with probability proportional to their squared
+    reconstruction error (drawing with replacement sent dozens of latents to one rare token whose
+    error dominated); each dead latent's decoder row becomes such an input's (centred, normalised)
+    direction, its encoder row the same direction at 0.2 times the mean encoder norm of the live
+    latents, its bias 0, and its Adam state is cleared. Returns the number resampled (at most the
+    number of inputs with a positive error).
     """
     idx = dead.nonzero().flatten()
     if len(idx) == 0:
         return 0
     one = stack[row]
-    xs = x.float() * stack.scale[row]
-    err = (one(x.float())[0] * stack.scale[row] - xs).pow(2).sum(-1)
-    probs = err / err.sum() if float(err.sum()) > 0 else torch.full_like(err, 1 / len(err))
-    pick = torch.multinomial(probs.cpu(), len(idx), replacement=True, generator=gen).to(x.device)
+    xs = one._scaled(x.float())[0]
+    err = (one.decode(one.encode(x.float()))[0] * one.scale[0] - xs).pow(2).sum(-1)
+    positive = int((err > 0).sum())
+    if positive == 0:
+        err, positive = torch.ones_like(err), len(err)
+    idx = idx[:positive]
+    pick = torch.multinomial((err / err.sum()).cpu(), len(idx), replacement=False, generator=gen).to(x.device)
     dirs = xs[pick] - stack.b_dec[row]
     dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     stack.W_dec[row, idx] = dirs
     if not stack.tied:
         alive = ~dead
-        enc_norm = stack.W_enc[row][:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-        stack.W_enc[row][:, idx] = dirs.T * 0.2 * enc_norm
+        enc_norm = stack.W_enc[row, alive].norm(dim=-1).mean() if alive.any() else torch.tensor(1.0)
+        stack.W_enc[row, idx] = dirs * 0.2 * enc_norm
     stack.b_enc[row, idx] = 0
     for p in [stack.W_dec, stack.W_enc, stack.b_enc]:
         if p is None or p not in opt.state:
             continue
         for key in ("exp_avg", "exp_avg_sq"):
-            buf = opt.state[p][key]
-            if p is stack.W_dec:
-                buf[row, idx] = 0
-            elif p is stack.W_enc:
-                buf[row][:, idx] = 0
-            else:
-                buf[row, idx] = 0
+            opt.state[p][key][row, idx] = 0
     return len(idx)
 
 
-def train_sweep(store, hook: str, configs: list[SAEConfig], tc: TrainConfig = TrainConfig(),
-                run_dir=None, progress: bool = True) -> SweepResult:
-    """Train every config on `hook`'s activations in `store`, reading the data once."""
+def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since_fired: list[torch.Tensor],
+               tc: TrainConfig, l1_scale: float = 1.0, autocast=None) -> list[dict]:
+    """One optimisation step of every stack on its batch (xs[s] for stacks[s]): losses (through the
+    sparse or dense path), one backward pass, the recipe's gradient treatment (unit-norm projection,
+    or per-SAE clipping), Adam, the LR schedule, renormalisation and dead-latent counters. `l1_scale`
+    is the improved recipe's α warm-up factor. Returns each stack's losses."""
+    from contextlib import nullcontext
+
+    total, outs = 0.0, []
+    for s, st in enumerate(stacks):
+        dead = since_fired[s] >= tc.dead_window
+        with autocast or nullcontext():
+            out = st.losses(xs[s], dead=dead if st.architecture == "topk" else None,
+                            aux_coefficient=tc.aux_coefficient, l1_scale=1.0 if st.unit_norm else l1_scale,
+                            path=tc.path)
+        total = total + out["loss"].sum()
+        outs.append(out)
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    for st in stacks:
+        if st.unit_norm:
+            st.remove_parallel_grads()
+        elif tc.grad_clip:
+            clip_grad_norm_per_sae(st, tc.grad_clip)
+    opt.step()
+    sched.step()
+    for s, (st, out) in enumerate(zip(stacks, outs)):
+        if st.unit_norm:
+            st.normalize_decoder()
+        since_fired[s] = torch.where(out["fired"], torch.zeros_like(since_fired[s]), since_fired[s] + len(xs[s]))
+    return outs
+
+
+def make_optimizer(stacks: list[SAEStack], tc: TrainConfig, total_steps: int):
+    """Adam over every stack's parameters and its LR schedule (warm-up, final linear decay)."""
+    params = [p for st in stacks for p in st.parameters()]
+    opt = _adam(params, tc, params[0].device)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, tc))
+
+
+def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConfig = TrainConfig(),
+                run_dir=None, progress: bool = True, on_eval=None, rules: dict | None = None) -> SweepResult:
+    """Train every config on the store's activations, reading the data once.
+
+    hook: the hook for configs that name none (None: every config trains at its own hook_name).
+    rules: {hook: helpers.massive.Massive} to use instead of fitting the massive rule on the store.
+    """
     if not configs:
         raise ValueError("no SAE configs given")
-    store._check_hook(hook)
+    configs = resolve_hooks(configs, hook)
+    hooks = list(dict.fromkeys(c.hook_name for c in configs))
+    for h in hooks:
+        store._check_hook(h)
     for c in configs:
         if c.d_in != store.d_model:
             raise ValueError(f"SAE config d_in={c.d_in} does not match the activations' d_model="
-                             f"{store.d_model} at {hook} in {store.path}")
+                             f"{store.d_model} at {c.hook_name} in {store.path}")
     if tc.batch_size <= 0 or tc.total_tokens < tc.batch_size:
         raise ValueError(f"need total_tokens >= batch_size > 0, got {tc.total_tokens} and {tc.batch_size}")
     device = resolve_device(tc.device)
     total_steps = tc.total_tokens // tc.batch_size
     stacks, where = build_stacks(configs, tc.seed)
-    scale, mean = data_stats(store, hook)
-    mean = mean * scale
+    from . import massive
+
+    if tc.massive:
+        rules = {h: (rules or {}).get(h) or massive.fit(store, h) for h in hooks}
+    else:
+        rules = {h: massive.Massive.none(h, store.d_model) for h in hooks}
+    stats = {(h, m): data_stats(store, h, rule=rules[h] if m else None)
+             for h, m in {(c.hook_name, c.massive) for c in configs}}
     for st in stacks:
+        h = st.configs[0].hook_name
+        scale, mean = stats[(h, st.configs[0].massive)]
+        if st.configs[0].massive:
+            st.set_massive(rules[h])
         st.scale.fill_(scale)
         with torch.no_grad():
-            st.b_dec.copy_(mean.expand_as(st.b_dec))  # start the decoder bias at the data mean
+            st.b_dec.copy_((mean * scale).expand_as(st.b_dec))  # start the decoder bias at the data mean
         st.to(device)
-    params = [p for st in stacks for p in st.parameters()]
-    opt = torch.optim.Adam(params, lr=tc.lr, betas=(tc.beta1, tc.beta2))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, tc))
+    opt, sched = make_optimizer(stacks, tc, total_steps)
     since_fired = [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device) for st in stacks]
     # One generator per SAE, seeded by the seed and the SAE's own config, so that resampling draws
     # the same inputs whether the SAE trains alone or in a sweep.
@@ -180,7 +292,7 @@ def train_sweep(store, hook: str, configs: list[SAEConfig], tc: TrainConfig = Tr
     history, step, seconds = [], 0, 0.0
 
     ckpt = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
-    fingerprint = _fingerprint(configs, tc, store, hook)
+    fingerprint = _fingerprint(configs, tc, store)
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         if ckpt.exists():
@@ -206,11 +318,23 @@ def train_sweep(store, hook: str, configs: list[SAEConfig], tc: TrainConfig = Tr
                 "since_fired": since_fired, "generators": [g.get_state() for g in gens],
                 "history": history, "step": step, "seconds": seconds})
 
+    def snapshot() -> list[SAEStack]:
+        """Every SAE as it would be if training stopped now (improved-recipe norms folded)."""
+        out = []
+        for s, row in where:
+            one = stacks[s][row]
+            if not one.unit_norm:
+                one.fold_decoder_norms()
+            out.append(one)
+        return out
+
     epochs = math.ceil(total_steps * tc.batch_size / store.n_tokens) + 1
-    batches = store.iter_batches(hook, tc.batch_size, seed=tc.seed, epochs=epochs, drop_last=True,
+    batches = store.iter_batches(hooks, tc.batch_size, seed=tc.seed, epochs=epochs, drop_last=True,
                                  buffer_shards=tc.buffer_shards, device=device, return_index=True)
+    hook_index = {h: i for i, h in enumerate(hooks)}
     shard_starts = np.cumsum([s["n_tokens"] for s in store.shards])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    warm_l1 = max(1, int(tc.l1_warmup_fraction * total_steps))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, desc=f"train {len(configs)} SAEs", unit="step",
@@ -220,65 +344,62 @@ def train_sweep(store, hook: str, configs: list[SAEConfig], tc: TrainConfig = Tr
     t0 = time.perf_counter()
     try:
         while step < total_steps:
-            x, index = next(batches)
-            if not torch.isfinite(x).all():
-                bad = int(index[(~torch.isfinite(x)).any(-1).cpu()][0])
+            x_all, index = next(batches)
+            if not torch.isfinite(x_all).all():
+                bad = int(index[(~torch.isfinite(x_all)).any(-1).any(0).cpu()][0])
                 shard = int(np.searchsorted(shard_starts, bad, side="right"))
                 raise TrainingError(f"non-finite activations at step {step}: token {bad} in shard {shard} "
-                                    f"({store.shards[shard]['files'][hook]['name']}); training stopped, the last "
+                                    f"({store.shards[shard]['files'][hooks[0]]['name']}); training stopped, the last "
                                     f"good checkpoint is kept{f' in {ckpt}' if ckpt else ''}")
-            total, outs = 0.0, []
-            for s, st in enumerate(stacks):
-                dead = since_fired[s] >= tc.dead_window
-                if autocast is not None:
-                    with autocast:
-                        out = st.losses(x, dead=dead if st.architecture == "topk" else None,
-                                        aux_coefficient=tc.aux_coefficient)
-                else:
-                    out = st.losses(x, dead=dead if st.architecture == "topk" else None,
-                                    aux_coefficient=tc.aux_coefficient)
-                total = total + out["loss"].sum()
-                outs.append(out)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            for st in stacks:
-                st.remove_parallel_grads()
-            opt.step()
-            sched.step()
-            for s, (st, out) in enumerate(zip(stacks, outs)):
-                st.normalize_decoder()
-                fired = (out["codes"] > 0).any(1)
-                since_fired[s] = torch.where(fired, torch.zeros_like(since_fired[s]), since_fired[s] + len(x))
+            outs = train_step(stacks, [x_all[hook_index[st.configs[0].hook_name]] for st in stacks], opt, sched,
+                              since_fired, tc, l1_scale=min(1.0, (step + 1) / warm_l1), autocast=autocast)
             step += 1
             if (tc.resample_every and step % tc.resample_every == 0
                     and step < tc.resample_until * total_steps):
-                for s, st in enumerate(stacks):
-                    if st.architecture != "standard":
-                        continue
-                    for row in range(st.n):
-                        dead = since_fired[s][row] >= tc.dead_window
-                        if resample_dead(st, row, dead, x, opt, gen_of[(s, row)]):
-                            since_fired[s][row][dead] = 0
+                _resample(stacks, since_fired, store, tc, step, opt, gen_of, device)
             if step % tc.log_every == 0 or step == total_steps:
                 rec = {"step": step, "tokens": step * tc.batch_size, "mse": [None] * len(configs),
                        "l0": [None] * len(configs), "dead": [None] * len(configs),
-                       "lr": sched.get_last_lr()[0]}
+                       "lr": sched.get_last_lr()[0],
+                       "sparse_steps": [o["path"] == "sparse" for o in outs]}
                 for i, (s, row) in enumerate(where):
                     rec["mse"][i] = float(outs[s]["mse"][row].detach())
-                    rec["l0"][i] = float((outs[s]["codes"][row] > 0).sum(-1).float().mean())
+                    rec["l0"][i] = float(outs[s]["l0"][row])
                     rec["dead"][i] = float((since_fired[s][row] >= tc.dead_window).float().mean())
                 history.append(rec)
                 bar.set_postfix_str(f"L0 {min(rec['l0']):.0f}-{max(rec['l0']):.0f} "
                                     f"mse {min(rec['mse']):.3f}-{max(rec['mse']):.3f} "
                                     f"dead {max(rec['dead']):.0%}")
+            if on_eval is not None and step in tc.eval_at:
+                seconds += time.perf_counter() - t0
+                history.append({"step": step, "tokens": step * tc.batch_size,
+                                "eval": on_eval(step, step * tc.batch_size, snapshot())})
+                t0 = time.perf_counter()
             bar.update(1)
             if ckpt is not None and step % tc.checkpoint_every == 0:
-                seconds_now = seconds + time.perf_counter() - t0
-                seconds, t0 = seconds_now, time.perf_counter()
+                seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
                 checkpoint()
     finally:
         bar.close()
     seconds += time.perf_counter() - t0
     checkpoint()
-    saes = [stacks[s][row] for s, row in where]
-    return SweepResult(saes, list(configs), history, seconds, total_steps * tc.batch_size)
+    return SweepResult(snapshot(), list(configs), history, seconds, total_steps * tc.batch_size, rules)
+
+
+def _resample(stacks, since_fired, store, tc: TrainConfig, step: int, opt, gen_of, device) -> None:
+    """Resample the dead latents of every paper-recipe L1 SAE from one pool of stored inputs per hook
+    (the same pool, drawn from the step and seed, whether an SAE trains alone or in a sweep)."""
+    pools = {}
+    for s, st in enumerate(stacks):
+        if st.architecture != "standard" or not st.unit_norm:
+            continue
+        hook = st.configs[0].hook_name
+        if hook not in pools:
+            g = torch.Generator().manual_seed(tc.seed * 7919 + step)
+            n = min(tc.resample_pool, store.n_tokens)
+            pools[hook] = store.rows(hook, torch.randperm(store.n_tokens, generator=g)[:n]).to(device)
+        for row in range(st.n):
+            dead = since_fired[s][row] >= tc.dead_window
+            if resample_dead(st, row, dead, pools[hook], opt, gen_of[(s, row)]):
+                since_fired[s][row][dead] = 0

@@ -11,7 +11,7 @@ def identity_sae(d):
     with torch.no_grad():
         eye = torch.eye(d)
         sae.W_dec.copy_(torch.cat([eye, -eye])[None])
-        sae.W_enc.copy_(torch.cat([eye, -eye]).T[None])
+        sae.W_enc.copy_(torch.cat([eye, -eye])[None])
     return sae
 
 
@@ -37,7 +37,7 @@ def test_mmcs():
 
 def test_pca_fvu():
     x = torch.randn(2000, 10) * torch.arange(1, 11)
-    f = pca_fvu(x[:1500], x[1500:], [1, 5, 10])
+    f = pca_fvu(x[:1500], x[1500:], [1, 5, 10])["all"]
     assert f[1] > f[5] > f[10] and f[10] < 1e-8
     assert 0.6 < f[1] < 0.95
 

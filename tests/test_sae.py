@@ -38,7 +38,8 @@ def test_forward_backward_match_reference(tied):
     (out["loss"].sum()).backward()
     for i, a in enumerate(alphas):
         W_dec = sae.W_dec[i].detach().clone().requires_grad_()
-        W_enc = W_dec.T if tied else sae.W_enc[i].detach().clone().requires_grad_()
+        W_enc_rows = None if tied else sae.W_enc[i].detach().clone().requires_grad_()  # [M, D]: a row per latent
+        W_enc = W_dec.T if tied else W_enc_rows.T
         b_enc = sae.b_enc[i].detach().clone().requires_grad_()
         b_dec = sae.b_dec[i].detach().clone().requires_grad_()
         mse, l1, c = reference_losses(x, W_enc, W_dec, b_enc, b_dec, 1.7, a)
@@ -50,7 +51,7 @@ def test_forward_backward_match_reference(tied):
         assert torch.allclose(sae.b_enc.grad[i], b_enc.grad, atol=1e-5)
         assert torch.allclose(sae.b_dec.grad[i], b_dec.grad, atol=1e-5)
         if not tied:
-            assert torch.allclose(sae.W_enc.grad[i], W_enc.grad, atol=1e-5)
+            assert torch.allclose(sae.W_enc.grad[i], W_enc_rows.grad, atol=1e-5)
     assert (sae.W_enc is None) == tied
 
 
@@ -141,3 +142,36 @@ def test_saelens_file_without_b_dec_on_input(tmp_path):
     c = torch.relu(x @ W_enc + b_enc)  # SAELens's formula when b_dec is not applied to the input
     assert torch.allclose(sae.encode(x)[0], c, atol=1e-4)
     assert torch.allclose(sae(x)[0], c @ W_dec + b_dec, atol=1e-4)
+
+
+def test_recipe_is_checked_on_load(tmp_path):
+    improved = randomised([SAEConfig(D, M, l1_coefficient=1e-3, recipe="improved")])
+    save_saelens(improved, tmp_path / "imp")
+    assert load_saelens(tmp_path / "imp", recipe="improved").recipe == "improved"
+    with pytest.raises(ValueError, match="trained with the 'improved' recipe, not 'paper'"):
+        load_saelens(tmp_path / "imp", recipe="paper")
+    # a training checkpoint (state dict) of one recipe cannot be loaded into an SAE of the other
+    paper = SAEStack([SAEConfig(D, M, l1_coefficient=1e-3)])
+    with pytest.raises(ValueError, match="trained with the 'improved' recipe but are being loaded into a 'paper'"):
+        paper.load_state_dict(improved.state_dict())
+    with pytest.raises(ValueError, match="improved recipe is for untied"):
+        SAEConfig(D, M, architecture="topk", k=3, recipe="improved")
+
+
+def test_fold_decoder_norms_keeps_every_reconstruction():
+    sae = randomised([SAEConfig(D, M, l1_coefficient=1e-3, recipe="improved")] * 2)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(2, M, 1) * 3 + 0.1)  # free row norms, as the improved recipe trains them
+    x = torch.randn(30, D)
+    before, codes = sae(x), sae.encode(x)
+    penalty = (codes * sae.W_dec.norm(dim=-1).unsqueeze(1)).sum(-1)
+    sae.fold_decoder_norms()
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(2, M), atol=1e-5)
+    assert torch.allclose(sae(x), before, atol=1e-4)
+    assert torch.allclose(sae.encode(x).sum(-1), penalty, rtol=1e-4)  # the weighted L1 is now a plain L1
+
+
+def test_improved_recipe_initialisation():
+    sae = SAEStack([SAEConfig(D, M, l1_coefficient=1e-3, recipe="improved")])
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.full((1, M), 0.1), atol=1e-6)
+    assert torch.equal(sae.W_enc, sae.W_dec) and not sae.unit_norm  # W_enc = W_decᵀ (a row per latent)

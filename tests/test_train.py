@@ -34,11 +34,14 @@ def test_same_seed_same_weights(data):
 
 
 def test_sweep_equals_training_each_alone(data):
+    """Bit for bit: every SAE of a sweep ends exactly as if trained alone (the sparse and dense paths
+    are chosen per SAE, so the sweep's SAEs take the paths their solo runs take)."""
     store, _ = data
-    sweep = weights(train_sweep(store, HOOK, CONFIGS, TC, progress=False))
-    for i in (1, 2, 3):
-        alone = weights(train_sweep(store, HOOK, [CONFIGS[i]], TC, progress=False))[0]
-        assert torch.allclose(sweep[i], alone, atol=1e-5), CONFIGS[i].label
+    configs = CONFIGS + [SAEConfig(D, 48, l1_coefficient=3e-3, recipe="improved")]
+    sweep = weights(train_sweep(store, HOOK, configs, TC, progress=False))
+    for i in range(len(configs)):
+        alone = weights(train_sweep(store, HOOK, [configs[i]], TC, progress=False))[0]
+        assert torch.equal(sweep[i], alone), configs[i].label
 
 
 def test_decoder_rows_unit_norm_after_every_step(data, monkeypatch):
@@ -92,7 +95,8 @@ def test_nan_batch_stops_with_step_and_shard(array_store, tmp_path):
     with pytest.raises(TrainingError, match=r"non-finite activations at step \d+: token 1000 in shard 3"):
         train_sweep(store, HOOK, CONFIGS, tc, run_dir=tmp_path / "run", progress=False)
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert all(torch.isfinite(v).all() for sd in state["stacks"] for v in sd.values())
+    assert all(torch.isfinite(v).all() for sd in state["stacks"] for k, v in sd.items()
+               if k in ("W_enc", "W_dec", "b_enc", "b_dec"))
 
 
 def test_mismatched_d_model_and_bad_budget(data):
@@ -134,3 +138,55 @@ def test_sae_recovers_ground_truth_features(array_store):
     # a random dictionary of the same size matches far worse
     rand = torch.randn(96, 16)
     assert mmcs(feats, rand) < 0.85
+
+
+def test_several_hooks_in_one_pass_equal_each_hook_alone(tmp_path):
+    """SAEs of two layers trained together (one read of each batch at both hooks) end exactly as the
+    SAEs of each layer trained alone."""
+    import numpy as np
+
+    from helpers.store import META_DTYPE, StoreWriter
+
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    x0, _ = sparse_data(n=2048, seed=0)
+    x1, _ = sparse_data(n=2048, seed=1)
+    w = StoreWriter(tmp_path / "two", {"model": "toy", "corpus": "brown", "split": "train", "ctx_len": 9, "seed": 0,
+                                       "hooks": hooks, "d_model": D, "dtype": "float16"})
+    for s, i in enumerate(range(0, 2048, 256)):
+        w.write_shard(np.zeros(256, dtype=META_DTYPE), {hooks[0]: x0[i:i + 256], hooks[1]: x1[i:i + 256]}, s, 1)
+    store = w.finish()
+    per_hook = {h: [SAEConfig(D, 48, l1_coefficient=3e-3, hook_name=h), SAEConfig(D, 48, architecture="topk", k=3, hook_name=h)]
+                for h in hooks}
+    tc = TrainConfig(**{**TC.__dict__, "total_tokens": 128 * 12})
+    both = train_sweep(store, None, per_hook[hooks[0]] + per_hook[hooks[1]], tc, progress=False)
+    assert [c.hook_name for c in both.configs] == [hooks[0]] * 2 + [hooks[1]] * 2
+    for j, h in enumerate(hooks):
+        alone = train_sweep(store, None, per_hook[h], tc, progress=False)
+        for a, b in zip(weights(alone), weights(both)[2 * j:2 * j + 2]):
+            assert torch.equal(a, b), h
+    with pytest.raises(ValueError, match="names no hook"):
+        train_sweep(store, None, [SAEConfig(D, 48)], tc, progress=False)
+    with pytest.raises(ValueError, match="is for 'blocks.1.hook_resid_post', but training was asked for"):
+        train_sweep(store, hooks[0], per_hook[hooks[1]], tc, progress=False)
+
+
+def test_improved_recipe_trains_with_free_norms_and_ends_folded(data):
+    store, _ = data
+    cfg = SAEConfig(D, 48, l1_coefficient=3e-3, recipe="improved")
+    res = train_sweep(store, HOOK, [cfg], TC, progress=False)
+    sae = res.saes[0]
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(1, 48), atol=1e-5)  # folded at the end
+    assert res.history[-1]["mse"][0] < res.history[0]["mse"][0]
+
+
+def test_resampling_draws_distinct_inputs():
+    """Drawing without replacement: one input with a huge error can take at most one dead latent."""
+    sae = SAEStack([SAEConfig(D, 24, l1_coefficient=1e-3)])
+    opt = torch.optim.Adam(sae.parameters())
+    x = torch.randn(64, D) * 0.01
+    x[7] = 100.0  # one input dominates the error
+    dead = torch.zeros(24, dtype=torch.bool)
+    dead[:10] = True
+    resample_dead(sae, 0, dead, x, opt, torch.Generator().manual_seed(0))
+    rows = sae.W_dec[0, :10]
+    assert (rows @ rows.T - torch.eye(10)).abs().max() < 0.999  # no two resampled latents share a direction

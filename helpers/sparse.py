@@ -1,0 +1,153 @@
+"""Sparse-code kernels: an SAE's decoder, and every backward pass, touch only the active latents.
+
+A trained SAE's codes are sparse: TopK keeps k of its m latents per token, a trained L1 SAE a few
+dozen. A dense trainer still multiplies the whole dictionary forward and backward, about 12·d·m FLOP
+per token. Here only the encoder's forward pass stays dense (we need every pre-activation to know
+which latents are active); everything else costs O(active · d) per token:
+
+* `Pattern`: the active (token, latent) pairs of a batch, in row order (CSR) and, through a
+  permutation, in column order (CSC). The rows of an n-SAE stack are flattened to n·B tokens and its
+  latents to n·m, so a whole sweep is one pattern: no Python loop over SAEs.
+* `encode_values(xc, W_enc, b_enc, vals, pattern)`: the active codes, as an autograd function whose
+  backward gives the encoder's weight, bias and input gradients from the active pairs only.
+* `decode(vals, W_dec, pattern)`: Σ_j c_j · W_dec[j] over the active latents of each token, and its
+  backward (the codes' and the dictionary's gradients), from the active pairs only.
+
+The gathers and scatters are `torch.nn.functional.embedding_bag` with per-sample weights (fused: no
+[active, d] temporary) and `index_add_`; the sampled dot product g[row] · W[col] of the decoder's
+backward is `torch.sparse.sampled_addmm` on CPU and bounded chunks of gathers elsewhere. All of it
+is plain torch, so it runs on CPU and CUDA alike (untested on CUDA here: no GPU was lent). The SAE (helpers.sae) chooses this path or the dense one
+per batch; a unit test checks that both give the same losses and gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_CHUNK = 1 << 15  # active pairs per chunk of the sampled dot product (bounds its temporary memory)
+
+
+@dataclass
+class Pattern:
+    """Active (row, col) pairs of a [n_rows, n_cols] code matrix, sorted by row."""
+
+    rows: torch.Tensor         # [nnz] int64, non-decreasing
+    cols: torch.Tensor         # [nnz] int64
+    n_rows: int
+    n_cols: int
+    row_offsets: torch.Tensor  # [n_rows] start of each row's pairs
+    by_col: torch.Tensor       # [nnz] permutation that sorts the pairs by column (stable)
+    col_offsets: torch.Tensor  # [n_cols] start of each column's pairs in that order
+
+    @property
+    def nnz(self) -> int:
+        return len(self.cols)
+
+    @classmethod
+    def from_pairs(cls, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> "Pattern":
+        row_counts = torch.bincount(rows, minlength=n_rows)
+        col_counts = torch.bincount(cols, minlength=n_cols)
+        return cls(rows, cols, n_rows, n_cols, torch.cumsum(row_counts, 0) - row_counts,
+                   torch.argsort(cols, stable=True), torch.cumsum(col_counts, 0) - col_counts)
+
+    @classmethod
+    def from_topk(cls, indices: torch.Tensor, n_cols: int) -> "Pattern":
+        """indices [n_rows, k] (global column indices): k pairs per row."""
+        n_rows, k = indices.shape
+        rows = torch.arange(n_rows, device=indices.device).repeat_interleave(k)
+        return cls.from_pairs(rows, indices.reshape(-1), n_rows, n_cols)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "Pattern":
+        """The active entries of a [n_rows, n_cols] boolean mask."""
+        rows, cols = mask.nonzero(as_tuple=True)
+        return cls.from_pairs(rows, cols, *mask.shape)
+
+
+def _bag(index: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """out[b] = Σ_{j in bag b} scale[j] · weight[index[j]] (bags given by offsets)."""
+    return F.embedding_bag(index, weight, offsets, mode="sum", per_sample_weights=scale.to(weight.dtype))
+
+
+def _sampled_dot(a: torch.Tensor, b: torch.Tensor, p: "Pattern") -> torch.Tensor:
+    """[nnz]: a[rows[j]] · b[cols[j]] for the pattern's pairs (a [n_rows, d], b [n_cols, d]).
+
+    On CPU, torch's sampled dense-dense matmul over the pattern as a CSR matrix (one fused loop);
+    elsewhere gathers in chunks of _CHUNK pairs."""
+    a, b = a.float(), b.float()
+    if a.device.type == "cpu":
+        import warnings
+
+        crow = torch.cat([p.row_offsets, torch.tensor([p.nnz], device=a.device)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            csr = torch.sparse_csr_tensor(crow, p.cols, torch.zeros(p.nnz, device=a.device),
+                                          size=(p.n_rows, p.n_cols), check_invariants=False)
+            return torch.sparse.sampled_addmm(csr, a, b.T, beta=0.0).values()
+    out = torch.empty(p.nnz, dtype=torch.float32, device=a.device)
+    for i in range(0, p.nnz, _CHUNK):
+        r, c = p.rows[i:i + _CHUNK], p.cols[i:i + _CHUNK]
+        out[i:i + _CHUNK] = (a.index_select(0, r) * b.index_select(0, c)).sum(-1)
+    return out
+
+
+class _EncodeValues(torch.autograd.Function):
+    """vals[j] = ReLU(xc[row_j] · W[col_j] + b[col_j]), already computed by the caller (from the
+    dense pre-activations); the backward runs over the active pairs only."""
+
+    @staticmethod
+    def forward(ctx, xc, weight, bias, vals, pattern: Pattern):
+        ctx.save_for_backward(xc, weight, vals)
+        ctx.pattern = pattern
+        return vals.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, weight, vals = ctx.saved_tensors
+        p = ctx.pattern
+        g = torch.where(vals > 0, grad, torch.zeros_like(grad)).float()  # ReLU: no gradient where the code is 0
+        grad_xc = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_xc = _bag(p.cols, weight, p.row_offsets, g).to(xc.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _bag(p.rows[p.by_col], xc, p.col_offsets, g[p.by_col]).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(p.n_cols, dtype=torch.float32, device=g.device).index_add_(0, p.cols, g)
+        return grad_xc, grad_w, grad_b, None, None
+
+
+class _Decode(torch.autograd.Function):
+    """out[r] = Σ_{j in row r} vals[j] · W[col_j]."""
+
+    @staticmethod
+    def forward(ctx, vals, weight, pattern: Pattern):
+        ctx.save_for_backward(vals, weight)
+        ctx.pattern = pattern
+        return _bag(pattern.cols, weight, pattern.row_offsets, vals)
+
+    @staticmethod
+    def backward(ctx, grad):
+        vals, weight = ctx.saved_tensors
+        p = ctx.pattern
+        grad = grad.contiguous()
+        grad_vals = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = _sampled_dot(grad, weight, p).to(vals.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _bag(p.rows[p.by_col], grad.to(weight.dtype), p.col_offsets, vals[p.by_col]).to(weight.dtype)
+        return grad_vals, grad_w, None
+
+
+def encode_values(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, vals: torch.Tensor,
+                  pattern: Pattern) -> torch.Tensor:
+    """The active codes `vals` [nnz] (ReLU of the pre-activations at the pattern's pairs, computed by
+    the caller), differentiable with respect to the encoder input xc [n_rows, d], weight
+    [n_cols, d] and bias [n_cols] through a sparse backward."""
+    return _EncodeValues.apply(xc, weight, bias, vals, pattern)
+
+
+def decode(vals: torch.Tensor, weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """[n_rows, d]: each row's active codes times their dictionary rows (weight [n_cols, d])."""
+    return _Decode.apply(vals, weight, pattern)
