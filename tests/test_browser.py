@@ -268,6 +268,20 @@ def check_circuitsvis(page, cell, theme, props):
     return found
 
 
+def settled(page, check, timeout_s=15):
+    """Run check() until it passes: the widget replaces its HTML when it changes feature, and a
+    token read while the new HTML is being laid out has no computed colours yet. The last failure is
+    raised after timeout_s."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.time() > deadline:
+                raise
+            page.wait_for_timeout(500)
+
+
 def check_plain_contexts(widget, theme):
     """The browser widget's HTML contexts: each context's strongest token shaded, inactive ones not,
     every token readable."""
@@ -413,11 +427,11 @@ def check_notebook(page, lab, name, out) -> dict:
                     sorted(round(x, 2) for x in check_circuitsvis(page, cell, tag, props))
             widget = cell.locator(".jupyter-widgets.widget-vbox").first
             if widget.count():
-                check_plain_contexts(widget, tag)
+                settled(page, lambda: check_plain_contexts(widget, tag))
                 if tag == "light":
                     widget.screenshot(path=str(out / f"cell{i:02d}-widget-before-{tag}.png"))
                     report[f"cell {i} feature browser"] = check_feature_browser(page, widget)
-                    check_plain_contexts(widget, tag)
+                    settled(page, lambda: check_plain_contexts(widget, tag))
             cell.locator(".jp-Cell-outputWrapper").screenshot(path=str(out / f"cell{i:02d}-{tag}.png"))
         if theme != "JupyterLab Light":
             change_theme(page, "JupyterLab Light")
