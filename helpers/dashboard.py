@@ -18,7 +18,12 @@ import numpy as np
 import torch
 
 from .corpus import COARSE_TAGS, NO_TAG, coarse_tag
-from .features import context_codes
+from .features import context_codes, ranked
+
+
+# Contexts "across the activation range" start at this fraction of the feature's largest activation:
+# circuitsvis shades a token in proportion to it, and a fainter one is indistinguishable from white.
+VISIBLE_FRACTION = 0.05
 
 
 @dataclass
@@ -54,12 +59,13 @@ class FeatureView:
         return [self.token_str(t) for t in ids], codes
 
     def examples(self, f: int, which: str = "top", n: int = 8) -> list[int]:
-        """Token indices: the top-n activations, or n spread over the activation range ("quantiles")."""
+        """Token indices: the top-n activations, or n spread over the activation range ("quantiles")
+        from VISIBLE_FRACTION of the feature's maximum up (weaker ones would show as uncoloured)."""
         f = self.check(f)
         if which == "top":
             idx = self.stats.top_idx[f]
             return [int(i) for i in idx[idx >= 0][:n]]
-        ok = self.stats.sample_idx[f] >= 0
+        ok = (self.stats.sample_idx[f] >= 0) & (self.stats.sample_acts[f] >= VISIBLE_FRACTION * self.stats.max_act[f])
         acts, idx = self.stats.sample_acts[f][ok], self.stats.sample_idx[f][ok]
         if len(idx) == 0:
             return []
@@ -225,7 +231,7 @@ def browser(view: FeatureView, n: int = 6):
     from IPython.display import display
 
     orders = {
-        "concept score (MCC)": torch.argsort(view.scores["mcc"], descending=True),
+        "concept score (MCC)": ranked(view.scores),
         "density": torch.argsort(view.stats.density, descending=True),
         "max activation": torch.argsort(view.stats.max_act, descending=True),
         "feature index": torch.arange(view.stats.n_features),

@@ -330,7 +330,19 @@ def summarise(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, stat=torc
             "n": len(v)}
 
 
-def dictionary_score(scores: dict, min_active: int = 5, key: str = "mcc", **kw) -> dict:
+MIN_ACTIVE = 5  # a feature active on fewer tokens than this (in the scored token set) is not scored
+
+
+def ranked(scores: dict, key: str = "mcc", min_active: int = MIN_ACTIVE) -> torch.Tensor:
+    """Feature indices by descending best-concept score, the features active on fewer than
+    `min_active` scored tokens last: a feature that fires almost only on massive tokens has a handful
+    of ordinary ones, and a perfect but meaningless score on them."""
+    alive = scores["active_counts"] >= min_active
+    return torch.argsort(torch.where(alive, scores[key].float(), torch.full_like(scores[key].float(), -2.0)),
+                         descending=True, stable=True)
+
+
+def dictionary_score(scores: dict, min_active: int = MIN_ACTIVE, key: str = "mcc", **kw) -> dict:
     """Median best-concept score (`key`: "mcc" or "corr") over the features active on at least
     `min_active` tokens, with a bootstrap 95% CI; also how many features were left out as (nearly) dead."""
     if key not in ("mcc", "corr"):

@@ -140,3 +140,13 @@ def test_describe_features(toy, model):
     assert sum(int(part.rsplit("×", 1)[1]) for part in out[0].split(", ")) <= 5
     with pytest.raises(ValueError, match="features must lie"):
         describe_features(d, store, [12], model.tokenizer)
+
+
+def test_ranked_puts_features_with_too_few_scored_tokens_last():
+    """A perfect score on a handful of tokens (e.g. a feature that fires almost only on massive
+    tokens, scored on ordinary ones) must not rank first."""
+    from helpers.features import ranked
+
+    scores = {"mcc": torch.tensor([0.3, 1.0, 0.8, 0.5]), "active_counts": torch.tensor([40.0, 1.0, 12.0, 5.0])}
+    assert ranked(scores).tolist() == [2, 3, 0, 1]
+    assert ranked(scores, min_active=1).tolist() == [1, 2, 3, 0]
