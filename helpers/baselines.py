@@ -203,7 +203,7 @@ def compare_layers(profile, store, model, sweep, progress: bool = True) -> list[
         flags = massive.flags(store, hook, rule)
         for name, d in dicts.items():
             bar.set_postfix_str(f"layer {layer} {name}")
-            st = feature_stats(d, store, hook=hook, progress=False)
+            st = feature_stats(d, store, hook=hook, max_tokens=profile.score_tokens, progress=False)
             both = concept_scores(d, store, st, concepts, progress=False, massive=flags)
             row = {"layer": layer, "method": name, "features": d.n_features, "massive_share": float(flags.mean()),
                    "median_density": float(st.density.median()), "converged": getattr(d, "converged", None),

@@ -208,11 +208,16 @@ def bench_train(a) -> None:
               f"{ratio_of('ours L1 sparse', 'ours L1 dense')}, / SAELens {ratio_of('ours L1 sparse', 'SAELens L1')}")
     if a.sweep > 1:
         m = int(round(d * a.sweep_ratio))
+        # Every SAE of a stack needs its own dense encoder forward (2·B·d·m FLOP): at the measured
+        # matmul rate that alone bounds the stack's time from below, whatever the rest costs.
+        t_mm = 2 * B * d * m / matmul_rate(device, dtype, B, d, m)
         for arch, kw in (("topk", {"architecture": "topk", "k": a.k}), ("standard", {"l0": a.l0})):
             one = time_steps(ours_step_fn(d, m, batch, device, n_saes=1, **kw)[0], device, a.steps)
             many = time_steps(ours_step_fn(d, m, batch, device, n_saes=a.sweep, **kw)[0], device, a.steps)
             print(f"sweep of {a.sweep} {'TopK' if arch == 'topk' else 'L1'} SAEs at R={a.sweep_ratio:g} in one stack: "
-                  f"{many / one:.2f}x the time of one ({a.sweep / (many / one):.2f}x the SAE-tokens/s)", flush=True)
+                  f"{many / one:.2f}x the time of one ({a.sweep / (many / one):.2f}x the SAE-tokens/s); the encoder's "
+                  f"dense forward alone is {t_mm / one:.0%} of one SAE's step, so {a.sweep} cannot take less than "
+                  f"{a.sweep * t_mm / one:.1f}x one at this matmul rate", flush=True)
 
 
 def main(argv=None):

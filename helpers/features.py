@@ -206,10 +206,19 @@ def activity_thresholds(stats: FeatureStats, max_density: float = 0.005) -> torc
     direction is judged on its strongest activations, as a sparse feature is on all of its own."""
     tau = torch.zeros(stats.n_features)
     dense = (stats.density > max_density).nonzero().flatten()
-    for f in dense.tolist():
-        vals = stats.sample_acts[f][stats.sample_idx[f] >= 0]
-        if len(vals):
-            tau[f] = torch.quantile(vals, 1 - max_density / float(stats.density[f]))
+    if len(dense) == 0:
+        return tau
+    # torch.quantile's linear interpolation for every dense feature at once: each row's valid sample
+    # values sorted (the padding, +inf, sorts last) and read at rank q * (n_valid - 1)
+    valid = stats.sample_idx[dense] >= 0
+    vals = torch.where(valid, stats.sample_acts[dense], torch.full_like(stats.sample_acts[dense], float("inf")))
+    vals = vals.sort(1).values
+    n_valid = valid.sum(1)
+    q = (1 - max_density / stats.density[dense].double()).float()
+    rank = q * (n_valid - 1).clamp_min(0).float()
+    lo, hi = rank.floor(), rank.ceil()
+    t = torch.lerp(vals.gather(1, lo.long()[:, None])[:, 0], vals.gather(1, hi.long()[:, None])[:, 0], rank - lo)
+    tau[dense] = torch.where(n_valid > 0, t, torch.zeros_like(t))
     return tau
 
 
@@ -288,34 +297,42 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
     return out
 
 
-def _best_concepts(a: dict, concepts: Concepts, tau: torch.Tensor) -> dict:
-    """Scores from the accumulated counts of `concept_scores` (one token set)."""
+def _best_concepts(a: dict, concepts: Concepts, tau: torch.Tensor, chunk: int = 32) -> dict:
+    """Scores from the accumulated counts of `concept_scores` (one token set). The [features x
+    concepts] tables are scored a few feature rows at a time, so that the temporaries stay in cache."""
     n = float(a["n"])
-    tp, active_n, totals = a["joint"], a["active_n"], a["totals"]
+    active_n, totals, a_sum, a_sq = a["active_n"], a["totals"], a["a_sum"], a["a_sq"]
     F = len(active_n)
-    fp = active_n[:, None] - tp
-    fn = totals[None, :] - tp
-    tn = n - tp - fp - fn
-    mcc = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).clamp_min(1e-12).sqrt()
-    best = mcc.argmax(1)
-    rows = torch.arange(F, device=tp.device)
-    tp_b, t_b = tp[rows, best], totals[best]
+    var_a = (n * a_sq - a_sum ** 2).clamp_min(0)
+    var_c = (n * totals - totals ** 2).clamp_min(0)
+    # a constant feature (or concept) has no correlation; guard against rounding noise over ~0
+    flat_a = var_a <= 1e-9 * n * a_sq.clamp_min(1e-30)
+    flat_c = var_c <= 0
+    best, mcc_b, corr_best, corr_b = (torch.empty(F, dtype=torch.long, device=active_n.device),
+                                      torch.empty(F, dtype=torch.float64, device=active_n.device),
+                                      torch.empty(F, dtype=torch.long, device=active_n.device),
+                                      torch.empty(F, dtype=torch.float64, device=active_n.device))
+    for s in range(0, F, chunk):
+        r = slice(s, min(F, s + chunk))
+        tp = a["joint"][r]
+        fp = active_n[r, None] - tp
+        fn = totals[None, :] - tp
+        tn = n - tp - fp - fn
+        mcc = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).clamp_min(1e-12).sqrt()
+        mcc_b[r], best[r] = mcc.max(1)
+        den = (var_a[r, None] * var_c[None, :]).sqrt()
+        corr = torch.where(flat_a[r, None] | flat_c[None, :], torch.zeros_like(den),
+                           (n * a["mass"][r] - a_sum[r, None] * totals[None, :]) / den.clamp_min(1e-30)).clamp(-1, 1)
+        corr_b[r], corr_best[r] = corr.max(1)
+    rows = torch.arange(F, device=active_n.device)
+    tp_b, t_b = a["joint"][rows, best], totals[best]
     precision = tp_b / active_n.clamp_min(1)
     recall = tp_b / t_b.clamp_min(1)
     f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
-    a_sum, a_sq = a["a_sum"], a["a_sq"]
-    var_a = (n * a_sq - a_sum ** 2).clamp_min(0)
-    var_c = (n * totals - totals ** 2).clamp_min(0)
-    den = (var_a[:, None] * var_c[None, :]).sqrt()
-    # a constant feature (or concept) has no correlation; guard against rounding noise over ~0
-    flat = (var_a <= 1e-9 * n * a_sq.clamp_min(1e-30))[:, None] | (var_c <= 0)[None, :]
-    corr = torch.where(flat, torch.zeros_like(den),
-                       (n * a["mass"] - a_sum[:, None] * totals[None, :]) / den.clamp_min(1e-30)).clamp(-1, 1)
-    corr_best = corr.argmax(1)
     cpu = lambda t: t.float().cpu()  # noqa: E731
     return {"concept": [concepts.names[i] for i in best.tolist()], "concept_index": best.cpu(),
-            "mcc": cpu(mcc[rows, best]), "precision": cpu(precision), "recall": cpu(recall), "f1": cpu(f1),
-            "corr": cpu(corr[rows, corr_best]), "corr_concept": [concepts.names[i] for i in corr_best.tolist()],
+            "mcc": cpu(mcc_b), "precision": cpu(precision), "recall": cpu(recall), "f1": cpu(f1),
+            "corr": cpu(corr_b), "corr_concept": [concepts.names[i] for i in corr_best.tolist()],
             "active_counts": cpu(active_n), "threshold": tau.cpu(), "n_tokens": int(n)}
 
 

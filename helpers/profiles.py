@@ -7,9 +7,9 @@ or in a notebook's first cell, where any field can also be overridden::
     P = get_profile("cpu", harvest_tokens=50_000)
 
 ``test`` is what the test suite (nbval) runs: seconds to a couple of minutes per notebook.
-``cpu`` is a laptop: about an hour for the whole workbook on 2 CPU cores (measured: 58 minutes; notebook 02
-15 minutes, training 11 SAEs on 1.2M tokens each; 04 21 minutes, mostly concept-scoring 18 dictionaries
-over 300k tokens; 05 12 minutes of patching). ``gpu`` is the embedded model at
+``cpu`` is a laptop: about 30 minutes for the whole workbook on 2 CPU cores (measured: 30.1 minutes;
+notebook 02 11 minutes, training 11 SAEs on 1.2M tokens each; 04 9 minutes; 05 5.5 minutes of patching).
+``gpu`` is the embedded model at
 full scale on one GPU. ``paper`` is the paper's setting for Colab: Pythia-70M-deduped on the Pile.
 """
 from __future__ import annotations
@@ -61,7 +61,8 @@ class Profile:
     curve_contexts: int = 4               # held-out contexts for the learning curve's CE-loss recovered
     eval_tokens: int = 4_032              # held-out (test split) activations for evaluation
     ce_contexts: int = 16                 # held-out contexts for CE-loss recovered
-    # --- interpretation (notebook 03) ---
+    # --- interpretation (notebook 03) and baselines (04) ---
+    score_tokens: int | None = None       # store tokens for feature statistics and concept scores (None: all)
     autointerp_features: int = 2          # features per dictionary scored by explain-simulate-score
     # --- baselines (notebook 04) ---
     ica_tokens: int = 16_128              # activations FastICA is fitted on
@@ -97,11 +98,11 @@ PROFILES: dict[str, Profile] = {
     ),
     "cpu": Profile(
         "cpu", layers=(3, 6, 9), ctx_len=128, harvest_tokens=300_000, batch_contexts=16,
-        shard_contexts=256, sae_ratios=(1, 4), sae_alphas=(1e-3, 2e-3, 4e-3), pick_ratio=4,
-        improved_alphas=(1e-3, 2e-3, 4e-3), topk_ks=(32,), topk_ratio=4, train_tokens=1_228_800,
-        train_batch=1024, lr=4e-3, curve_points=4, curve_contexts=4, eval_tokens=16_256, ce_contexts=32,
-        autointerp_features=4, ica_tokens=30_000, ica_max_iter=60, ioi_prompts=128, pronoun_prompts=128,
-        patch_layer_step=2,
+        shard_contexts=256, sae_ratios=(1, 4), sae_alphas=(2e-3, 3e-3, 4e-3), pick_ratio=4,
+        improved_alphas=(2e-3, 3e-3, 4e-3), topk_ks=(32,), topk_ratio=4, train_tokens=1_228_800,
+        train_batch=1024, lr=4e-3, curve_points=4, curve_contexts=2, eval_tokens=16_256, ce_contexts=16,
+        score_tokens=50_000, autointerp_features=1, ica_tokens=20_000, ica_max_iter=60, ioi_prompts=48,
+        pronoun_prompts=48, patch_layer_step=4,
     ),
     "gpu": Profile(
         "gpu", layers=tuple(range(0, 30, 2)), ctx_len=256, harvest_tokens=1_200_000,

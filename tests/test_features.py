@@ -150,3 +150,47 @@ def test_ranked_puts_features_with_too_few_scored_tokens_last():
     scores = {"mcc": torch.tensor([0.3, 1.0, 0.8, 0.5]), "active_counts": torch.tensor([40.0, 1.0, 12.0, 5.0])}
     assert ranked(scores).tolist() == [2, 3, 0, 1]
     assert ranked(scores, min_active=1).tolist() == [1, 2, 3, 0]
+
+
+def test_activity_thresholds_equal_torch_quantile_per_feature():
+    """The thresholds are computed for all features at once; they must equal torch.quantile of each
+    dense feature's valid sample values, bit for bit (and 0 for sparse features or empty samples)."""
+    from helpers.features import FeatureStats, activity_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    F, S = 500, 64
+    acts = torch.rand(F, S, generator=g) * 5
+    n_valid = torch.randint(0, S + 1, (F,), generator=g)
+    idx = torch.where(torch.arange(S)[None] < n_valid[:, None], torch.arange(S)[None].expand(F, S), -1)
+    perm = torch.argsort(torch.rand(F, S, generator=g), 1)  # valid entries scattered through each row
+    idx = idx.gather(1, perm)
+    acts = torch.where(idx >= 0, acts, torch.zeros_like(acts))
+    density = torch.rand(F, generator=g) ** 3
+    st = FeatureStats("x", "h", 1000, density, acts.max(1).values, acts.mean(1), acts[:, :2], idx[:, :2],
+                      acts, idx, n_valid)
+    tau = activity_thresholds(st, max_density=0.005)
+    for f in range(F):
+        vals = acts[f][idx[f] >= 0]
+        want = torch.quantile(vals, 1 - 0.005 / float(density[f])) if density[f] > 0.005 and len(vals) else 0.0
+        assert float(tau[f]) == float(want), f
+    assert (tau[density <= 0.005] == 0).all() and (tau > 0).any()
+
+
+def test_best_concepts_do_not_depend_on_the_chunk_of_features():
+    """_best_concepts scores a few features at a time; the result equals scoring them all at once."""
+    from helpers.features import _best_concepts
+
+    g = torch.Generator().manual_seed(1)
+    F, C, n = 70, 40, 5000
+    totals = torch.randint(0, 400, (C,), generator=g).double()
+    active_n = torch.randint(0, 300, (F,), generator=g).double()
+    joint = torch.minimum(torch.rand(F, C, generator=g, dtype=torch.float64) * 50, torch.minimum(
+        active_n[:, None], totals[None, :])).floor()
+    mass = joint * 1.7
+    a = {"joint": joint, "mass": mass, "a_sum": active_n * 2.0, "a_sq": active_n * 5.0, "active_n": active_n,
+         "totals": totals, "n": n}
+    concepts = type("C", (), {"names": [f"c{i}" for i in range(C)]})()
+    one, chunked = _best_concepts(a, concepts, torch.zeros(F), chunk=F), _best_concepts(a, concepts, torch.zeros(F), chunk=7)
+    for key in ("mcc", "corr", "precision", "recall", "f1", "concept_index"):
+        assert torch.equal(one[key], chunked[key]), key
+    assert one["concept"] == chunked["concept"] and one["corr_concept"] == chunked["corr_concept"]
