@@ -211,8 +211,7 @@ def activity_thresholds(stats: FeatureStats, max_density: float = 0.005) -> torc
     # torch.quantile's linear interpolation for every dense feature at once: each row's valid sample
     # values sorted (the padding, +inf, sorts last) and read at rank q * (n_valid - 1)
     valid = stats.sample_idx[dense] >= 0
-    vals = torch.where(valid, stats.sample_acts[dense], torch.full_like(stats.sample_acts[dense], float("inf")))
-    vals = vals.sort(1).values
+    vals = stats.sample_acts[dense].masked_fill(~valid, float("inf")).sort(1).values
     n_valid = valid.sum(1)
     q = (1 - max_density / stats.density[dense].double()).float()
     rank = q * (n_valid - 1).clamp_min(0).float()
@@ -308,10 +307,7 @@ def _best_concepts(a: dict, concepts: Concepts, tau: torch.Tensor, chunk: int = 
     # a constant feature (or concept) has no correlation; guard against rounding noise over ~0
     flat_a = var_a <= 1e-9 * n * a_sq.clamp_min(1e-30)
     flat_c = var_c <= 0
-    best, mcc_b, corr_best, corr_b = (torch.empty(F, dtype=torch.long, device=active_n.device),
-                                      torch.empty(F, dtype=torch.float64, device=active_n.device),
-                                      torch.empty(F, dtype=torch.long, device=active_n.device),
-                                      torch.empty(F, dtype=torch.float64, device=active_n.device))
+    parts = []  # per chunk: (best MCC, its concept, best correlation, its concept)
     for s in range(0, F, chunk):
         r = slice(s, min(F, s + chunk))
         tp = a["joint"][r]
@@ -319,11 +315,11 @@ def _best_concepts(a: dict, concepts: Concepts, tau: torch.Tensor, chunk: int = 
         fn = totals[None, :] - tp
         tn = n - tp - fp - fn
         mcc = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).clamp_min(1e-12).sqrt()
-        mcc_b[r], best[r] = mcc.max(1)
         den = (var_a[r, None] * var_c[None, :]).sqrt()
         corr = torch.where(flat_a[r, None] | flat_c[None, :], torch.zeros_like(den),
                            (n * a["mass"][r] - a_sum[r, None] * totals[None, :]) / den.clamp_min(1e-30)).clamp(-1, 1)
-        corr_b[r], corr_best[r] = corr.max(1)
+        parts.append((*mcc.max(1), *corr.max(1)))
+    mcc_b, best, corr_b, corr_best = (torch.cat(t) for t in zip(*parts))
     rows = torch.arange(F, device=active_n.device)
     tp_b, t_b = a["joint"][rows, best], totals[best]
     precision = tp_b / active_n.clamp_min(1)

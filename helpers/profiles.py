@@ -9,8 +9,7 @@ or in a notebook's first cell, where any field can also be overridden::
 ``test`` is what the test suite (nbval) runs: seconds to a couple of minutes per notebook.
 ``cpu`` is a laptop: about 30 minutes for the whole workbook on 2 CPU cores (measured: 30.1 minutes;
 notebook 02 11 minutes, training 11 SAEs on 1.2M tokens each; 04 9 minutes; 05 5.5 minutes of patching).
-``gpu`` is the embedded model at
-full scale on one GPU. ``paper`` is the paper's setting for Colab: Pythia-70M-deduped on the Pile.
+``gpu`` is the embedded model at full scale on one GPU. ``paper`` is the paper's setting for Colab: Pythia-70M-deduped on the Pile.
 """
 from __future__ import annotations
 

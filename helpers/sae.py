@@ -398,15 +398,11 @@ class SAEStack(nn.Module):
             return self._rows_dense_l1(x, rows, l1_scale)
         pre = self.pre_acts(x)
         c = self.activation(pre)
-        xs = self._scaled(x)
-        xhat = torch.baddbmm(self.b_dec.unsqueeze(1), c, self.W_dec.to(c.dtype))
-        err = (xhat.float() - xs.float())
-        mse = err.pow(2).sum(-1).mean(-1) / self.d_in
-        active = (c > 0).detach()
-        out = {"mse": mse, "path": "dense", "l0": active.sum(-1).float().mean(-1), "fired": active.any(1)}
+        out, err = self._decode_losses(c, self._scaled(x), self.b_dec, self.W_dec)
+        out["path"] = "dense"
+        mse = out["mse"]
         if self.architecture == "standard":
-            l1 = (c.float().abs() * self.W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
-            out["l1"] = l1_scale * self.l1 * l1
+            out["l1"] = l1_scale * self.l1 * self._l1_penalty(c, self.W_dec)
             out["loss"] = mse + out["l1"]
         else:
             aux = torch.zeros_like(mse)
@@ -430,11 +426,23 @@ class SAEStack(nn.Module):
         w_enc, w_dec = self.encoder_weight()[idx], self.W_dec[idx]
         b_enc, b_dec = self.b_enc[idx], self.b_dec[idx]
         c = torch.relu(torch.baddbmm(b_enc.unsqueeze(1), xs - b_dec.unsqueeze(1), w_enc.transpose(1, 2).to(xs.dtype)))
+        out, _ = self._decode_losses(c, xs, b_dec, w_dec)
+        out["l1"] = l1_scale * self.l1[idx] * self._l1_penalty(c, w_dec)
+        out["loss"] = out["mse"] + out["l1"]
+        return out
+
+    def _decode_losses(self, c, xs, b_dec, w_dec) -> tuple[dict, torch.Tensor]:
+        """From codes c [n, B, m] of scaled inputs xs [n, B, d]: ({mse, l0, fired}, reconstruction error)."""
         xhat = torch.baddbmm(b_dec.unsqueeze(1), c, w_dec.to(c.dtype))
-        mse = (xhat.float() - xs.float()).pow(2).sum(-1).mean(-1) / self.d_in
-        l1 = l1_scale * self.l1[idx] * (c.float().abs() * w_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
+        err = xhat.float() - xs.float()
         active = (c > 0).detach()
-        return {"mse": mse, "l1": l1, "loss": mse + l1, "l0": active.sum(-1).float().mean(-1), "fired": active.any(1)}
+        return {"mse": err.pow(2).sum(-1).mean(-1) / self.d_in, "l0": active.sum(-1).float().mean(-1),
+                "fired": active.any(1)}, err
+
+    @staticmethod
+    def _l1_penalty(c, w_dec) -> torch.Tensor:
+        """Σ_i |c_i| · ‖W_dec,i‖ per SAE, averaged over the batch (before α and its warm-up scale)."""
+        return (c.float().abs() * w_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
 
     # ---- the dictionary's norms ------------------------------------------------------------
     @torch.no_grad()
