@@ -2,10 +2,12 @@
 
 Modules, one job each:
 
-* ``profiles``: settings presets (test / cpu / gpu / paper), chosen by $SAE_PROFILE
+* ``profiles``: settings presets (test / cpu / gpu / colab / paper), chosen by $SAE_PROFILE, changed by
+                $SAE_OVERRIDES
+* ``plan``:     the resource plan (disk, host RAM, GPU memory, time) of a profile on this machine
 * ``paths``:    repository, data and cache locations
 * ``models``:   load a model as a TransformerLens TransformerBridge (embedded SmolLM2 by default)
-* ``corpus``:   the Brown Corpus (embedded) or the Pile (online), as labelled token contexts
+* ``corpus``:   the Brown Corpus (embedded) or the Pile (hub stream or local files), as labelled token contexts
 * ``store``:    the on-disk activation store (shards, manifest, checksums, shuffled batches)
 * ``harvest``:  one model pass writing chosen hooks' activations to a store
 * ``massive``:  massive activations: the rule that flags them and the treatment every dictionary gets

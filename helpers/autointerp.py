@@ -192,6 +192,17 @@ def parse_activation_list(text: str, n: int) -> list[float]:
 
 # ------------------------------------------------------------------------------------ local model
 
+def local_backend(model, device: str = "auto") -> "LocalBackend":
+    """A LocalBackend on `model` if it is an instruction-tuned chat model, else on the embedded
+    SmolLM2-135M-Instruct: a base model such as the paper's Pythia has no chat template to explain with."""
+    if getattr(model.tokenizer, "chat_template", None):
+        return LocalBackend(model)
+    from .models import load_model
+    from .profiles import EMBEDDED_MODEL
+
+    return LocalBackend(load_model(EMBEDDED_MODEL, device=device))
+
+
 class LocalBackend:
     """Explain and simulate with a local TransformerBridge (default: the embedded SmolLM2-135M)."""
 

@@ -41,14 +41,18 @@ def _fit_data(store, hook: str, max_tokens: int, n_components: int, method: str,
 
 
 def fit_pca(store, hook: str, n_components: int | None = None, max_tokens: int = IN_MEMORY_TOKENS,
-            model_name: str = "", massive=None) -> LinearDictionary:
-    """PCA directions of `hook`'s activations (all d_in of them by default)."""
+            model_name: str = "", massive=None, tokens: int | None = None) -> LinearDictionary:
+    """PCA directions of `hook`'s activations (all d_in of them by default): fitted in memory when the
+    store holds at most `max_tokens`, else streamed over the whole store (IncrementalPCA); with
+    `tokens`, fitted in memory on the store's first `tokens` activations (its contexts are in random
+    order, so a prefix is a fair sample; streaming millions of tokens takes hours on 2 vCPUs)."""
     n_components = n_components or store.d_model
+    max_tokens = tokens if tokens is not None else max_tokens
     n = min(store.n_tokens, max_tokens)
     if n < n_components:
         raise ValueError(f"PCA needs at least as many samples as directions: {n} activations of {hook} for "
                          f"{n_components} components; harvest more tokens or ask for fewer components")
-    if store.n_tokens <= max_tokens:
+    if store.n_tokens <= max_tokens or tokens is not None:
         from sklearn.decomposition import PCA
 
         x = _fit_data(store, hook, max_tokens, n_components, "PCA", massive).double().numpy()
@@ -131,7 +135,8 @@ def _cached_fit(cache_dir, name: str, key: list, fit, massive=None) -> LinearDic
 
 
 def baselines(store, hook: str, n_features: int, seed: int = 0, model_name: str = "",
-              ica_tokens: int = 50_000, ica_max_iter: int = 400, cache_dir=None, massive=None) -> dict:
+              ica_tokens: int = 50_000, ica_max_iter: int = 400, cache_dir=None, massive=None,
+              pca_tokens: int | None = None) -> dict:
     """PCA, ICA, neuron basis and random directions for `hook` (random: n_features features), all
     seeing the activations through the massive-activation rule `massive` if one is given.
     With `cache_dir`, PCA and ICA are fitted once per store, hook and settings, then loaded."""
@@ -139,8 +144,8 @@ def baselines(store, hook: str, n_features: int, seed: int = 0, model_name: str 
     mean = (x if massive is None else massive.shift(x)).mean(0)
     key = [str(store.path), store.n_tokens, hook, model_name, None if massive is None else massive.threshold]
     return {
-        "PCA": _cached_fit(cache_dir, "pca", key, lambda: fit_pca(store, hook, model_name=model_name, massive=massive),
-                           massive),
+        "PCA": _cached_fit(cache_dir, "pca", key + ([pca_tokens] if pca_tokens else []), lambda: fit_pca(
+            store, hook, model_name=model_name, massive=massive, tokens=pca_tokens), massive),
         "ICA": _cached_fit(cache_dir, "ica", key + [ica_tokens, ica_max_iter, seed], lambda: fit_ica(
             store, hook, max_tokens=ica_tokens, max_iter=ica_max_iter, seed=seed, model_name=model_name,
             massive=massive), massive),
@@ -174,21 +179,24 @@ def layer_dictionaries(profile, layer: int, store, sweep, progress: bool = True,
              for (lay, name), sae in saes.items() if lay == layer}
     dicts.update(baselines(store, hook, dicts["SAE"].n_features, seed=profile.seed, model_name=profile.model,
                            ica_tokens=profile.ica_tokens, ica_max_iter=profile.ica_max_iter,
-                           cache_dir=profile.cache_dir / "baselines", massive=massive_rule(profile, store, layer)))
+                           pca_tokens=profile.pca_tokens, cache_dir=profile.cache_dir / "baselines", massive=massive_rule(profile, store, layer)))
     return dicts
 
 
-def compare_layers(profile, store, model, sweep, progress: bool = True) -> list[dict]:
+def compare_layers(profile, store, model, sweep, progress: bool = True, score_store=None) -> list[dict]:
     """Concept scores (median best-concept MCC and correlation, 95% CIs), over all tokens and over
     ordinary tokens, of the SAEs and each baseline at every harvested layer.
 
     "SAE" is the L1 SAE the sweep chose, "TopK SAE" the sweep's TopK SAE nearest to it in L0 (if the
     sweep has one); at the sweep's layer they are the sweep's own, elsewhere SAEs trained with the
-    same settings on that layer (all layers in one pass). Random directions match the L1 SAE's size."""
+    same settings on that layer (all layers in one pass). Random directions match the L1 SAE's size.
+    Dictionaries are fitted on `store`; features are scored on `score_store` (default: `store`; for a
+    model trained on the Pile, the Brown store of `profile.scoring`, whose tokens carry POS tags)."""
     from . import massive
     from .sweep import layer_saes
 
-    concepts = Concepts.from_store(store, model.tokenizer)
+    score_store = store if score_store is None else score_store
+    concepts = Concepts.from_store(score_store, model.tokenizer)
     saes = layer_saes(profile, store, sweep, progress=progress)
     rows = []
     from tqdm.auto import tqdm
@@ -200,11 +208,11 @@ def compare_layers(profile, store, model, sweep, progress: bool = True) -> list[
         hook = f"blocks.{layer}.hook_{profile.hook}"
         dicts = layer_dictionaries(profile, layer, store, sweep, progress=progress, saes=saes)
         rule = massive_rule(profile, store, layer)
-        flags = massive.flags(store, hook, rule)
+        flags = massive.flags(score_store, hook, rule)
         for name, d in dicts.items():
             bar.set_postfix_str(f"layer {layer} {name}")
-            st = feature_stats(d, store, hook=hook, max_tokens=profile.score_tokens, progress=False)
-            both = concept_scores(d, store, st, concepts, progress=False, massive=flags)
+            st = feature_stats(d, score_store, hook=hook, max_tokens=profile.score_tokens, progress=False)
+            both = concept_scores(d, score_store, st, concepts, progress=False, massive=flags)
             row = {"layer": layer, "method": name, "features": d.n_features, "massive_share": float(flags.mean()),
                    "median_density": float(st.density.median()), "converged": getattr(d, "converged", None),
                    "dictionary": d, "stats": st}

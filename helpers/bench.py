@@ -105,13 +105,14 @@ def _calibrate_l0(stack, x: torch.Tensor, l0: float) -> None:
 
 
 def ours_step_fn(d: int, m: int, batch: torch.Tensor, device, *, architecture: str = "standard",
-                 path: str = "auto", n_saes: int = 1, k: int = 32, l0: float | None = None):
+                 path: str = "auto", n_saes: int = 1, k: int = 32, l0: float | None = None,
+                 precision: str = "auto"):
     """One training step of our trainer (helpers.train.train_step: losses, backward, the recipe's
     gradient treatment, fused Adam, renormalisation) for n_saes SAEs of one size stacked, on an
     in-memory batch. For L1 SAEs, `l0` sets the encoder biases so that about l0 latents fire per
     token (the regime after warm-up). Returns (step function, the stack)."""
     from .sae import SAEConfig
-    from .train import TrainConfig, build_stacks, make_optimizer, train_step
+    from .train import TrainConfig, amp, build_stacks, make_optimizer, train_step
 
     configs = [SAEConfig(d, m, architecture=architecture, k=k if architecture == "topk" else 0,
                          l1_coefficient=1e-3 * (1 + i) if architecture == "standard" else 0.0) for i in range(n_saes)]
@@ -125,11 +126,11 @@ def ours_step_fn(d: int, m: int, batch: torch.Tensor, device, *, architecture: s
     tc = TrainConfig(batch_size=len(batch), device=str(device), path=path, warmup_steps=1, dead_window=10**12, lr=1e-7)
     opt, sched = make_optimizer([st], tc, total_steps=10**9)
     since = [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device)]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    autocast, scaler = amp(torch.device(device), precision)
     state = {}
 
     def step():
-        state["outs"] = train_step([st], [batch], opt, sched, since, tc, autocast=autocast)
+        state["outs"] = train_step([st], [batch], opt, sched, since, tc, autocast=autocast, scaler=scaler)
 
     step.state = state
     return step, st
@@ -153,13 +154,17 @@ def time_steps(step, device, steps: int, warmup: int = 2) -> float:
 def bench_train(a) -> None:
     from . import bench_others
 
+    from .train import resolve_precision
+
     device = resolve_device(a.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision = resolve_precision(device, a.precision)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     d, B = a.d, a.batch
-    print(f"SAE training step on {name}, d={d}, batch {B}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
+    print(f"SAE training step on {name}, d={d}, batch {B}, "
+          f"{precision + ' autocast' + (' + grad scaler' if precision == 'fp16' else '') if precision != 'fp32' else 'fp32'}, "
           f"batches in memory; tokens/s (fraction of the dense-equivalent FLOP rate: 12·d·m FLOP per token "
-          f"over the measured {'bf16' if device.type == 'cuda' else 'fp32'} matmul rate)")
+          f"over the measured {precision} matmul rate)")
     print("external libraries:", bench_others.versions())
     cols = ["ours L1 dense", f"ours L1 sparse (L0~{a.l0:g})", "ours TopK dense", f"ours TopK sparse (k={a.k})",
             "SAELens L1", f"sparsify TopK (k={a.k})"]
@@ -171,10 +176,10 @@ def bench_train(a) -> None:
         m = int(round(d * ratio))
         rate = matmul_rate(device, dtype, B, d, m)
         cells, row = [], {"R": ratio, "m": m, "matmul_flops": rate}
-        runs = [("ours L1 dense", lambda: ours_step_fn(d, m, batch, device, path="dense", l0=a.l0)[0]),
-                ("ours L1 sparse", lambda: ours_step_fn(d, m, batch, device, path="auto", l0=a.l0)[0]),
-                ("ours TopK dense", lambda: ours_step_fn(d, m, batch, device, architecture="topk", path="dense", k=a.k)[0]),
-                ("ours TopK sparse", lambda: ours_step_fn(d, m, batch, device, architecture="topk", path="sparse", k=a.k)[0]),
+        runs = [("ours L1 dense", lambda: ours_step_fn(d, m, batch, device, path="dense", l0=a.l0, precision=precision)[0]),
+                ("ours L1 sparse", lambda: ours_step_fn(d, m, batch, device, path="auto", l0=a.l0, precision=precision)[0]),
+                ("ours TopK dense", lambda: ours_step_fn(d, m, batch, device, architecture="topk", path="dense", k=a.k, precision=precision)[0]),
+                ("ours TopK sparse", lambda: ours_step_fn(d, m, batch, device, architecture="topk", path="sparse", k=a.k, precision=precision)[0]),
                 ("SAELens L1", lambda: bench_others.saelens_step_fn(d, m, batch, device, dtype)),
                 ("sparsify TopK", lambda: bench_others.sparsify_step_fn(d, m, a.k, batch, device, dtype))]
         for label, make in runs:
@@ -212,8 +217,8 @@ def bench_train(a) -> None:
         # matmul rate that alone bounds the stack's time from below, whatever the rest costs.
         t_mm = 2 * B * d * m / matmul_rate(device, dtype, B, d, m)
         for arch, kw in (("topk", {"architecture": "topk", "k": a.k}), ("standard", {"l0": a.l0})):
-            one = time_steps(ours_step_fn(d, m, batch, device, n_saes=1, **kw)[0], device, a.steps)
-            many = time_steps(ours_step_fn(d, m, batch, device, n_saes=a.sweep, **kw)[0], device, a.steps)
+            one = time_steps(ours_step_fn(d, m, batch, device, n_saes=1, precision=precision, **kw)[0], device, a.steps)
+            many = time_steps(ours_step_fn(d, m, batch, device, n_saes=a.sweep, precision=precision, **kw)[0], device, a.steps)
             print(f"sweep of {a.sweep} {'TopK' if arch == 'topk' else 'L1'} SAEs at R={a.sweep_ratio:g} in one stack: "
                   f"{many / one:.2f}x the time of one ({a.sweep / (many / one):.2f}x the SAE-tokens/s); the encoder's "
                   f"dense forward alone is {t_mm / one:.0%} of one SAE's step, so {a.sweep} cannot take less than "
@@ -238,6 +243,8 @@ def main(argv=None):
     t.add_argument("--sweep-ratio", type=float, default=8)
     t.add_argument("--steps", type=int, default=12)
     t.add_argument("--device", default=None)
+    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on a GPU with native bf16, fp16 + grad scaler on other GPUs, fp32 on CPU")
     a = ap.parse_args(argv)
     if a.what == "train":
         bench_train(a)

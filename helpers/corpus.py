@@ -8,17 +8,26 @@ contexts of ``ctx_len`` tokens (a BOS token, then ``ctx_len - 1`` text tokens; t
 document that does not fill a context is dropped), served in a fixed, seeded random order so
 that any prefix (a small harvest) mixes documents and genres.
 
-The paper's corpus, the Pile, is streamed from the Hugging Face hub when online (``corpus="pile"``);
-its tokens carry the Pile subset as genre and no POS tag.
+The paper's corpus, the Pile (``corpus="pile"``), is read from local files when the environment
+variable ``SAE_PILE`` names them (`pile_files`; ``SAE_PILE_TEST`` for the test split), and is
+otherwise streamed from the Hugging Face hub when online. Its documents are cut into contexts in
+file order (the Pile's files are already shuffled; ``seed`` does not change it); its tokens carry
+the Pile subset as genre and no POS tag. Every Pile context records where the stream stands after
+it (`Context.resume_next`), and ``iter_contexts(..., resume=that)`` continues from there without
+reading or tokenising the documents before it: an interrupted harvest resumes in constant time.
 """
 from __future__ import annotations
 
 import functools
+import glob
+import io
 import itertools
 import json
 import lzma
+import os
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -109,8 +118,9 @@ def load_corpus(name: str) -> Corpus:
     if name == "brown":
         return load_brown()
     if name == "pile":
-        raise ValueError("the Pile is streamed, not loaded: use iter_contexts(corpus='pile', ...)")
-    raise ValueError(f"unknown corpus {name!r}: 'brown' (embedded) or 'pile' (online)")
+        raise ValueError("the Pile is streamed (from SAE_PILE's files, or the hub), not loaded: use "
+                         "iter_contexts(corpus='pile', ...)")
+    raise ValueError(f"unknown corpus {name!r}: 'brown' (embedded) or 'pile' (SAE_PILE's files, or the hub)")
 
 
 @dataclass
@@ -150,6 +160,9 @@ class Context:
     start: int             # position of the first text token within its document's tokens
     pos: np.ndarray        # uint8 [ctx_len-1]
     genre: int             # index into the corpus's genres
+    # Pile only: where the stream stands after this context; iter_contexts(resume=...) continues
+    # from there with the next context (a JSON-able dict; see _pile_contexts). None for Brown.
+    resume_next: dict | None = None
 
 
 def _tokenizer_key(tokenizer) -> str:
@@ -198,36 +211,188 @@ PILE_SUBSETS = [
 ]
 
 
-def _pile_contexts(tokenizer, ctx_len: int, split: str, seed: int) -> Iterator[Context]:
+PILE_ENV, PILE_TEST_ENV = "SAE_PILE", "SAE_PILE_TEST"
+PILE_SUFFIXES = (".jsonl", ".jsonl.zst")
+
+
+def pile_files(split: str = "train") -> list[Path] | None:
+    """The local Pile files named by $SAE_PILE ($SAE_PILE_TEST for split "test"), or None if unset.
+
+    The variable holds paths, globs or folders (a folder means its *.jsonl and *.jsonl.zst),
+    comma-separated; files are read in that order, each glob's matches sorted. Each file holds
+    one JSON object per line, as the Pile's own files do: ``text``, and ``meta.pile_set_name``
+    (the genre; optional). A part that matches nothing is an error, as is SAE_PILE set without
+    SAE_PILE_TEST when the test split is asked for (it would otherwise come from the hub, or
+    silently repeat the training files).
+    """
+    var = PILE_TEST_ENV if split == "test" else PILE_ENV
+    spec = os.environ.get(var, "").strip()
+    if not spec:
+        if split == "test" and os.environ.get(PILE_ENV, "").strip():
+            raise ValueError(f"{PILE_ENV} is set but {PILE_TEST_ENV} is not: the test split of the "
+                             f"Pile needs its own files (e.g. the Pile's val.jsonl.zst) in {PILE_TEST_ENV}")
+        return None
+    files: list[Path] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        part = os.path.expanduser(part)
+        if any(c in part for c in "*?["):
+            matches = sorted(glob.glob(part))
+        else:
+            matches = [part] if os.path.exists(part) else []
+        found = []
+        for m in map(Path, matches):
+            found += sorted(f for f in m.iterdir() if f.name.endswith(PILE_SUFFIXES)) if m.is_dir() else [m]
+        if not found:
+            raise FileNotFoundError(f"{var}={spec!r}: {part!r} matches no file (expected "
+                                    f"{' or '.join(PILE_SUFFIXES)} files in the Pile's format)")
+        for f in found:
+            if not f.name.endswith(PILE_SUFFIXES):
+                raise ValueError(f"{var}: {f} is neither {' nor '.join(PILE_SUFFIXES)}")
+            if f not in files:
+                files.append(f)
+    return files
+
+
+def _open_lines(path: Path):
+    """A binary file object over the lines of a .jsonl or (decompressed) .jsonl.zst file."""
+    if path.name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise ImportError(f"reading {path} needs the zstandard package: pip install zstandard") from None
+        raw = open(path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+def _file_rows(files: list[Path], resume: dict | None) -> Iterator[tuple[dict, dict]]:
+    """(position before the row, row) for every document of the local files, from `resume` on.
+
+    A position is {"source": "files", "file": i, "name": file name, "line": n, "offset": byte
+    offset of the line in a plain .jsonl (None in a .zst)}. Resuming seeks to the offset (plain)
+    or skips n decompressed lines without decoding them (.zst).
+    """
+    first, line0, offset0 = 0, 0, 0
+    if resume is not None:
+        if resume.get("source") != "files":
+            raise ValueError(f"cannot resume from {resume.get('source')!r} position {resume} with the "
+                             f"local files of {PILE_ENV}: unset {PILE_ENV} (or set it) as when the "
+                             "store was harvested, or use another store folder")
+        first, line0, offset0 = resume["file"], resume["line"], resume.get("offset")
+        if first >= len(files) or files[first].name != resume["name"]:
+            now = files[first].name if first < len(files) else "nothing"
+            raise ValueError(f"the files of {PILE_ENV} changed since the store was harvested: it stopped "
+                             f"in file {first} {resume['name']!r}, which is now {now!r}")
+    for i in range(first, len(files)):
+        path, plain = files[i], not files[i].name.endswith(".zst")
+        line, offset = (line0, offset0) if i == first else (0, 0)
+        with _open_lines(path) as f:
+            if plain and offset:
+                f.seek(offset)
+            else:
+                for _ in range(line):  # skip without decoding
+                    if not f.readline():
+                        break
+                offset = 0
+            while raw := f.readline():
+                pos = {"source": "files", "file": i, "name": path.name, "line": line,
+                       "offset": offset if plain else None}
+                line += 1
+                offset += len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {line}: not a JSON object ({e})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise ValueError(f"{path}, line {line}: no 'text' string; Pile files hold one JSON "
+                                     'object per line: {"text": ..., "meta": {"pile_set_name": ...}}')
+                yield pos, row
+
+
+def _pile_stream(split: str):
+    """The Pile as a `datasets.IterableDataset` streamed from the hub (a seam tests replace)."""
     from .models import ModelUnavailable, hub_reachable
 
     if not hub_reachable():
-        raise ModelUnavailable("the Pile is streamed from the Hugging Face hub, which is not reachable "
-                               "from here; offline, use corpus='brown' (the embedded default)")
+        raise ModelUnavailable(f"the Pile is streamed from the Hugging Face hub, which is not reachable "
+                               f"from here; offline, use corpus='brown' (the embedded default), or "
+                               f"point {PILE_ENV} at local .jsonl / .jsonl.zst files of the Pile")
     from datasets import load_dataset
 
-    stream = load_dataset(PILE_DATASET, split="train" if split != "test" else "validation",
-                          streaming=True).shuffle(seed=seed, buffer_size=10_000)
-    bos, n_text, index = tokenizer.bos_token_id, ctx_len - 1, 0
+    return load_dataset(PILE_DATASET, split="train" if split != "test" else "validation", streaming=True)
+
+
+def _hub_rows(split: str, resume: dict | None) -> Iterator[tuple[dict, dict]]:
+    """(position before the row, row) over the hub stream, from `resume` on.
+
+    A position is {"source": "hub", "state": the stream's state_dict() after the previous row
+    (None: the start)}; resuming loads it (datasets skips the rows before it without our
+    tokenising them). The stream is not shuffled: the Pile's files already are, and a shuffle
+    buffer's contents are lost on resuming, so a shuffled stream could not resume exactly.
+    """
+    stream = _pile_stream(split)
+    state = None
+    if resume is not None:
+        if resume.get("source") != "hub":
+            raise ValueError(f"cannot resume from {resume.get('source')!r} position {resume} with the "
+                             f"hub stream: set {PILE_ENV} as when the store was harvested, or use "
+                             "another store folder")
+        state = resume["state"]
+        if state is not None:
+            stream.load_state_dict(state)
     for row in stream:
+        yield {"source": "hub", "state": state}, row
+        state = stream.state_dict()  # taken after the row: where the next one starts
+
+
+def _pile_contexts(tokenizer, ctx_len: int, split: str, seed: int, resume: dict | None = None,
+                   index: int = 0) -> Iterator[Context]:
+    """Contexts of the Pile in stream order (`seed` is unused), numbered from `index`.
+
+    Each context's `resume_next` is the position of the row it came from plus "chunk": the
+    number of contexts of that row served so far. `resume` (one such dict) starts at that row
+    and skips its first `chunk` contexts; no earlier row is tokenised.
+    """
+    files = pile_files(split)
+    rows = _file_rows(files, resume) if files is not None else _hub_rows(split, resume)
+    bos, n_text = tokenizer.bos_token_id, ctx_len - 1
+    skip = resume["chunk"] if resume is not None else 0
+    for pos, row in rows:
         ids = np.asarray(tokenizer(row["text"], add_special_tokens=False)["input_ids"], dtype=np.int64)
         subset = (row.get("meta") or {}).get("pile_set_name", "")
         genre = PILE_SUBSETS.index(subset) if subset in PILE_SUBSETS else len(PILE_SUBSETS)
-        for start in range(0, len(ids) - n_text + 1, n_text):
+        for k, start in enumerate(range(0, len(ids) - n_text + 1, n_text)):
+            if k < skip:
+                continue
             yield Context(index, np.concatenate([[bos], ids[start:start + n_text]]), -1, start,
-                          np.full(n_text, NO_TAG, dtype=np.uint8), genre)
+                          np.full(n_text, NO_TAG, dtype=np.uint8), genre, {**pos, "chunk": k + 1})
             index += 1
+        skip = 0
 
 
 def iter_contexts(tokenizer, corpus: str = "brown", ctx_len: int = 128, split: str = "train",
-                  seed: int = 0, start_context: int = 0, max_contexts: int | None = None
-                  ) -> Iterator[Context]:
-    """Contexts of `ctx_len` tokens in a fixed order; `start_context` skips ahead (for resuming)."""
+                  seed: int = 0, start_context: int = 0, max_contexts: int | None = None,
+                  resume: dict | None = None) -> Iterator[Context]:
+    """Contexts of `ctx_len` tokens in a fixed order; `start_context` skips ahead (for resuming).
+
+    For the Pile, `resume` (the `resume_next` of context start_context - 1) continues from that
+    context without reading or tokenising what comes before it; the contexts are then numbered
+    from `start_context`. Without it, and always for Brown (whose tokens are cached in memory),
+    the first `start_context` contexts are produced and dropped.
+    """
     if ctx_len < 2:
         raise ValueError(f"ctx_len must be at least 2 (BOS + one token), not {ctx_len}")
     source = {"brown": _brown_contexts, "pile": _pile_contexts}.get(corpus)
     if source is None:
-        raise ValueError(f"unknown corpus {corpus!r}: 'brown' (embedded) or 'pile' (online)")
+        raise ValueError(f"unknown corpus {corpus!r}: 'brown' (embedded) or 'pile' (SAE_PILE's files, or the hub)")
+    if corpus == "pile" and resume is not None:
+        return itertools.islice(_pile_contexts(tokenizer, ctx_len, split, seed, resume, start_context),
+                                max_contexts)
     stop = None if max_contexts is None else start_context + max_contexts
     return itertools.islice(source(tokenizer, ctx_len, split, seed), start_context, stop)
 

@@ -3,7 +3,9 @@
 `harvest` runs the model on fixed-length contexts (helpers.corpus), caches only the requested
 hooks, stops the forward pass after the deepest requested layer, drops the BOS position, and
 writes shards through `helpers.store.StoreWriter`. An interrupted harvest resumes where it
-stopped: contexts are produced in a fixed order, so the next one is known from the manifest.
+stopped: contexts are produced in a fixed order, so the next one is known from the manifest; for
+the Pile each shard also records where the stream stands after it (`next_resume`), so resuming
+seeks there instead of re-reading and re-tokenising every earlier document.
 `get_store(profile)` is what notebooks call: open the profile's store, harvesting what is missing.
 """
 from __future__ import annotations
@@ -107,7 +109,8 @@ def harvest(model, path, hooks, *, corpus: str = "brown", split: str = "train", 
     device = _model_device(model)
     tokenizer = model.tokenizer
     contexts = iter_contexts(tokenizer, corpus=corpus, ctx_len=ctx_len, split=split, seed=seed,
-                             start_context=start, max_contexts=max(target - start, 0))
+                             start_context=start, max_contexts=max(target - start, 0),
+                             resume=writer.next_resume)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=target * per_ctx, initial=start * per_ctx, unit="tok", unit_scale=True,
@@ -127,7 +130,7 @@ def harvest(model, path, hooks, *, corpus: str = "brown", split: str = "train", 
             meta["ctx"][sl] = c.index
             meta["pos"][sl] = c.pos
             meta["genre"][sl] = c.genre
-        writer.write_shard(meta, acts, ctxs[0].index, len(ctxs))
+        writer.write_shard(meta, acts, ctxs[0].index, len(ctxs), next_resume=ctxs[-1].resume_next)
 
     try:
         with torch.inference_mode():

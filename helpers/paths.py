@@ -5,7 +5,9 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
+# The repository's data/ (a clone, or an editable install); in a non-editable `pip install .` the same
+# files are installed inside the package as helpers/data (pyproject.toml maps them there).
+DATA_DIR = REPO_ROOT / "data" if (REPO_ROOT / "data" / "brown.json.xz").exists() else Path(__file__).resolve().parent / "data"
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
 

@@ -6,21 +6,36 @@ or in a notebook's first cell, where any field can also be overridden::
     P = get_profile()                           # $SAE_PROFILE, else "gpu" with CUDA, else "cpu"
     P = get_profile("cpu", harvest_tokens=50_000)
 
+A JSON object in ``SAE_OVERRIDES`` overrides fields of whichever profile is selected, before the
+keyword overrides (``SAE_OVERRIDES='{"harvest_tokens": 50000, "layers": [1, 2]}'``): any profile can be
+shrunk without editing a notebook. An unknown field or a value of the wrong type is refused with a
+message naming it.
+
 ``test`` is what the test suite (nbval) runs: seconds to a couple of minutes per notebook.
 ``cpu`` is a laptop: about 30 minutes for the whole workbook on 2 CPU cores (measured: 30.1 minutes;
 notebook 02 11 minutes, training 11 SAEs on 1.2M tokens each; 04 9 minutes; 05 5.5 minutes of patching).
-``gpu`` is the embedded model at full scale on one GPU. ``paper`` is the paper's setting for Colab: Pythia-70M-deduped on the Pile.
+``gpu`` is the embedded model at full scale on one GPU. ``colab`` is the paper's model and data
+(Pythia-70M-deduped on the Pile) sized for Colab's free T4 (15 GB GPU, 12 GB RAM, a cache that fits
+15 GB of Google Drive, each notebook well under an hour); ``paper`` is the paper's full setting for a
+bigger GPU (A100/L4) with disk to match. `helpers.plan` says what a profile needs before it runs.
+
+A model trained on the Pile has no POS tags to score features against: `Profile.scoring` is the
+profile whose store notebooks 03 and 04 score on: the profile itself on the Brown Corpus, else the
+embedded Brown Corpus harvested through the same model (``score_tokens`` of it).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .paths import cache_root
 
 ENV_VAR = "SAE_PROFILE"
+OVERRIDES_VAR = "SAE_OVERRIDES"
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 PAPER_MODEL = "EleutherAI/pythia-70m-deduped"
 
@@ -64,6 +79,7 @@ class Profile:
     score_tokens: int | None = None       # store tokens for feature statistics and concept scores (None: all)
     autointerp_features: int = 2          # features per dictionary scored by explain-simulate-score
     # --- baselines (notebook 04) ---
+    pca_tokens: int | None = None         # activations PCA is fitted on (None: the whole store, streamed)
     ica_tokens: int = 16_128              # activations FastICA is fitted on
     ica_max_iter: int = 30                # FastICA iterations (non-convergence is reported)
     # --- patching and editing (notebook 05) ---
@@ -87,6 +103,15 @@ class Profile:
 
     def replace(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def scoring(self) -> "Profile":
+        """The profile whose store concept scores are computed on: this one where the corpus carries
+        POS tags (Brown), else the embedded Brown Corpus through the same model, `score_tokens` of it
+        (50k if unset). Its store lives beside the training store, under its own name."""
+        if self.corpus == "brown":
+            return self
+        return self.replace(corpus="brown", harvest_tokens=self.score_tokens or 50_000)
 
 
 PROFILES: dict[str, Profile] = {
@@ -112,16 +137,28 @@ PROFILES: dict[str, Profile] = {
         train_batch=4096, lr=1e-3, eval_tokens=100_000, ce_contexts=256, autointerp_features=40,
         ica_tokens=100_000, ica_max_iter=400, ioi_prompts=256, pronoun_prompts=256, patch_layer_step=1,
     ),
+    "colab": Profile(
+        "colab", model=PAPER_MODEL, corpus="pile", layers=(1, 2, 3), ctx_len=256,
+        harvest_tokens=2_000_000, batch_contexts=64, shard_contexts=512, store_dtype="float16",
+        sae_layer=2, sae_ratios=(1, 2, 4, 8), sae_alphas=(1e-3, 2e-3, 4e-3), pick_ratio=8,
+        sae_tied=(True, False), improved_alphas=(1e-3, 2e-3, 4e-3), topk_ks=(32, 64), topk_ratio=8,
+        train_tokens=10_000_000, train_batch=4096, lr=1e-3, eval_tokens=100_000, ce_contexts=128,
+        score_tokens=50_000, autointerp_features=10, pca_tokens=200_000, ica_tokens=20_000, ica_max_iter=100,
+        ioi_prompts=128, pronoun_prompts=128, patch_layer_step=1,
+    ),
     "paper": Profile(
         "paper", model=PAPER_MODEL, corpus="pile", layers=tuple(range(6)), ctx_len=256,
         harvest_tokens=5_000_000, batch_contexts=64, shard_contexts=1024, store_dtype="bfloat16",
         sae_layer=2, sae_ratios=(0.5, 1, 2, 4, 8, 16, 32), sae_alphas=(1e-3, 2e-3, 4e-3, 8e-3), pick_ratio=8,
         sae_tied=(True, False), improved_alphas=(5e-4, 1e-3, 2e-3, 4e-3), topk_ks=(16, 32, 64), topk_ratio=8,
         train_tokens=20_000_000,
-        train_batch=4096, lr=1e-3, eval_tokens=200_000, ce_contexts=256, autointerp_features=40,
-        ica_tokens=100_000, ica_max_iter=400, ioi_prompts=256, pronoun_prompts=256, patch_layer_step=1,
+        train_batch=4096, lr=1e-3, eval_tokens=200_000, ce_contexts=256, score_tokens=300_000,
+        autointerp_features=40, pca_tokens=200_000, ica_tokens=50_000, ica_max_iter=200, ioi_prompts=256,
+        pronoun_prompts=256,
+        patch_layer_step=1,
     ),
 }
+TUPLE_FIELDS = ("layers", "sae_ratios", "sae_alphas", "sae_tied", "improved_alphas", "topk_ks")
 
 
 def default_profile_name() -> str:
@@ -136,22 +173,73 @@ def default_profile_name() -> str:
         return "cpu"
 
 
+def _check_value(name: str, value, source: str):
+    """`value` for field `name`, as the field's type (lists become tuples); else a ValueError."""
+    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    if name not in fields:
+        raise ValueError(f"unknown profile field {name!r} in {source}; fields are {sorted(fields)}")
+    hint = typing.get_type_hints(Profile)[name]
+    default = getattr(PROFILES["test"], name)
+    if name in TUPLE_FIELDS:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"{source}: {name} must be a non-empty list, e.g. {list(default)}, not {value!r}")
+        elem = type(default[0])
+        ok = all(isinstance(v, bool) if elem is bool else
+                 isinstance(v, (int, float)) and not isinstance(v, bool) and (elem is float or float(v).is_integer())
+                 for v in value)
+        if not ok:
+            raise ValueError(f"{source}: {name} must be a list of {elem.__name__}, e.g. {list(default)}, not {value!r}")
+        return tuple(elem(v) for v in value)
+    if value is None and "None" in str(hint):
+        return None
+    kind = type(default) if default is not None else int
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ValueError(f"{source}: {name} must be {kind.__name__}{' or null' if 'None' in str(hint) else ''}, "
+                         f"e.g. {default!r}, not {value!r}")
+    return kind(value) if kind in (int, float) else value
+
+
+def env_overrides() -> dict:
+    """The profile fields set by $SAE_OVERRIDES (a JSON object), checked; {} when it is unset."""
+    raw = os.environ.get(OVERRIDES_VAR, "").strip()
+    if not raw:
+        return {}
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"${OVERRIDES_VAR} is not valid JSON ({e}): write a JSON object such as "
+                         '\'{"harvest_tokens": 50000}\'') from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"${OVERRIDES_VAR} must be a JSON object of profile fields, not {type(obj).__name__}")
+    if "name" in obj:
+        raise ValueError(f"${OVERRIDES_VAR} cannot set 'name': choose the profile with ${ENV_VAR}")
+    return {k: _check_value(k, v, f"${OVERRIDES_VAR}") for k, v in obj.items()}
+
+
 def get_profile(name: str | None = None, **overrides) -> Profile:
-    """The named preset (default: $SAE_PROFILE), with any field overridden by keyword."""
+    """The named preset (default: $SAE_PROFILE), with the fields of $SAE_OVERRIDES and then any
+    keyword overrides applied."""
     name = name or default_profile_name()
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} "
                          f"(set ${ENV_VAR} or pass the name to get_profile)")
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
-    if unknown:
-        raise ValueError(f"unknown profile field(s) {sorted(unknown)}; fields are "
-                         f"{[f.name for f in dataclasses.fields(Profile)]}")
-    for key in ("layers", "sae_ratios", "sae_alphas", "sae_tied", "improved_alphas", "topk_ks"):
-        if key in overrides:
-            overrides[key] = tuple(overrides[key])
-    profile = PROFILES[name].replace(**overrides)
+    changes = env_overrides()
+    changes.update({k: _check_value(k, v, "get_profile") for k, v in overrides.items()})
+    profile = PROFILES[name].replace(**changes)
     if profile.pick_ratio not in profile.sae_ratios:
         raise ValueError(f"pick_ratio {profile.pick_ratio} is not among sae_ratios {profile.sae_ratios}")
     if profile.sae_layer not in profile.layers:
         raise ValueError(f"sae_layer {profile.sae_layer} is not among the harvested layers {profile.layers}")
+    if profile.corpus not in ("brown", "pile"):
+        raise ValueError(f"corpus {profile.corpus!r}: choose 'brown' (embedded) or 'pile'")
+    if profile.store_dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"store_dtype {profile.store_dtype!r}: choose 'float16' or 'bfloat16'")
     return profile

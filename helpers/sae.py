@@ -306,8 +306,11 @@ class SAEStack(nn.Module):
                "l0": torch.bincount(sae_of[on], minlength=n).float() / B,
                "fired": (torch.bincount(pattern.cols[on], minlength=n * m) > 0).view(n, m)}
         if self.architecture == "standard":
-            norms = self.W_dec.norm(dim=-1).reshape(n * m)
-            per_sae = torch.zeros(n, device=x.device).index_add(0, sae_of, codes.abs() * norms[pattern.cols])
+            # Σ_i ‖W_dec,i‖ · (Σ_tokens c_i): each latent's codes are summed first (in a fixed order),
+            # so no gradient is scattered back into the norms (a gather norms[cols] would, with float
+            # atomics on a multi-threaded CPU: run-to-run differences). Codes are ReLUs, so |c| = c.
+            per_latent = sparse.column_sums(codes, pattern).view(n, m)
+            per_sae = (per_latent * self.W_dec.norm(dim=-1).float()).sum(-1)
             out["l1"] = l1_scale * self.l1 * per_sae / B
             out["loss"] = mse + out["l1"]
             if dense_rows:  # the SAEs whose codes are still dense take the dense path, each as if alone
@@ -345,7 +348,7 @@ class SAEStack(nn.Module):
 
         n, B, _ = xc.shape
         m = self.d_sae
-        rows = B if xc.device.type != "cpu" else max(1, min(B, self._BLOCK_BYTES // (4 * m)))
+        rows = max(1, min(B, self._BLOCK_BYTES // (4 * m))) if sparse.use_cpu_kernels(xc) else B
         topk = self.architecture == "topk"
         parts, dense_rows = [], []
         if topk:
@@ -422,9 +425,10 @@ class SAEStack(nn.Module):
     def _rows_dense_l1(self, x, rows: list[int], l1_scale) -> dict:
         """Dense-path L1 losses of some SAEs of the stack (the same computation each would do alone)."""
         idx = torch.tensor(rows, device=x.device)
-        xs = self._scaled(x)[idx]
-        w_enc, w_dec = self.encoder_weight()[idx], self.W_dec[idx]
-        b_enc, b_dec = self.b_enc[idx], self.b_dec[idx]
+        # index_select, not t[idx]: its backward is an index_add_, not an index_put_ with float atomics
+        xs = self._scaled(x).index_select(0, idx)
+        w_enc, w_dec = self.encoder_weight().index_select(0, idx), self.W_dec.index_select(0, idx)
+        b_enc, b_dec = self.b_enc.index_select(0, idx), self.b_dec.index_select(0, idx)
         c = torch.relu(torch.baddbmm(b_enc.unsqueeze(1), xs - b_dec.unsqueeze(1), w_enc.transpose(1, 2).to(xs.dtype)))
         out, _ = self._decode_losses(c, xs, b_dec, w_dec)
         out["l1"] = l1_scale * self.l1[idx] * self._l1_penalty(c, w_dec)
@@ -441,8 +445,21 @@ class SAEStack(nn.Module):
 
     @staticmethod
     def _l1_penalty(c, w_dec) -> torch.Tensor:
-        """Σ_i |c_i| · ‖W_dec,i‖ per SAE, averaged over the batch (before α and its warm-up scale)."""
-        return (c.float().abs() * w_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
+        """Σ_i |c_i| · ‖W_dec,i‖ per SAE, averaged over the batch (before α and its warm-up scale).
+
+        c [n, B, m] are ReLU codes (never negative: |c| = c, with the same gradient, as ReLU passes
+        none at 0). Each latent's codes are summed over the batch with an fp32 result, then weighted
+        by the norms: no [n, B, m] temporary (under bf16/fp16 autocast on CUDA the reduction reads
+        the codes in their dtype and accumulates in fp32; a CPU reduction would first copy
+        low-precision codes to fp32, so there they are summed in their dtype, with an fp32
+        accumulator, and each latent's total is rounded once)."""
+        from . import sparse
+
+        if c.dtype == torch.float32 or not sparse.use_cpu_kernels(c):
+            per_latent = c.sum(1, dtype=torch.float32)
+        else:
+            per_latent = c.sum(1).float()
+        return (per_latent * w_dec.norm(dim=-1).float()).sum(-1) / c.shape[1]
 
     # ---- the dictionary's norms ------------------------------------------------------------
     @torch.no_grad()

@@ -12,21 +12,56 @@ which latents are active); everything else costs O(active · d) per token:
   backward gives the encoder's weight, bias and input gradients from the active pairs only.
 * `decode(vals, W_dec, pattern)`: Σ_j c_j · W_dec[j] over the active latents of each token, and its
   backward (the codes' and the dictionary's gradients), from the active pairs only.
+* `column_sums(vals, pattern)`: Σ of the active codes of each latent (the L1 penalty's per-latent
+  totals), with a gather for its backward.
 
 The gathers and scatters are `torch.nn.functional.embedding_bag` with per-sample weights (fused: no
-[active, d] temporary) and `index_add_`; the sampled dot product g[row] · W[col] of the decoder's
-backward is `torch.sparse.sampled_addmm` on CPU and bounded chunks of gathers elsewhere. All of it
-is plain torch, so it runs on CPU and CUDA alike (untested on CUDA here: no GPU was lent). The SAE (helpers.sae) chooses this path or the dense one
+[active, d] temporary); the sampled dot product g[row] · W[col] of the decoder's backward is
+`torch.sparse.sampled_addmm` on CPU and bounded chunks of gathers elsewhere (the "generic" branch;
+`FORCE_GENERIC`, or SAE_SPARSE_FORCE_GENERIC=1 in the environment, makes a CPU take it too, so that
+its results can be tested without a GPU). All of it is plain torch, so it runs on CPU and CUDA alike
+(not yet measured on a GPU). The SAE (helpers.sae) chooses this path or the dense one
 per batch; a unit test checks that both give the same losses and gradients.
+
+Determinism: every sum over active pairs here adds one output's pairs in a fixed order (a bag of
+embedding_bag per output row or column, a dot product per pair, a serial `index_add_` into a vector
+on CPU), so a run gives the same bits every time, whatever the threads' timing. Keep it so: never let
+autograd scatter-add (`t[idx]` on a tensor that needs a gradient: its backward is
+`index_put_(accumulate=True)`, which on a CPU with 2+ threads and 32768+ elements adds with float
+atomics, in an order that depends on the threads' timing; that was what made training
+irreproducible). Sum each column's pairs with `column_sums` instead, as the L1 penalty and the
+encoder's bias gradient do (CUDA's `index_add_` adds with atomics, so the generic branch sums a bag
+per column).
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 _CHUNK = 1 << 15  # active pairs per chunk of the sampled dot product (bounds its temporary memory)
+
+# Take the generic (non-CPU) branches on a CPU too: for tests of the code a GPU would run.
+FORCE_GENERIC = os.environ.get("SAE_SPARSE_FORCE_GENERIC", "") not in ("", "0")
+
+
+def use_cpu_kernels(t: torch.Tensor) -> bool:
+    """Whether code on tensor t takes its CPU-specific branch (a CPU tensor, and FORCE_GENERIC unset)."""
+    return t.device.type == "cpu" and not FORCE_GENERIC
+
+
+@contextmanager
+def force_generic(on: bool = True):
+    """Within the block, CPU tensors take the generic branches (here and in helpers.sae) or not."""
+    global FORCE_GENERIC
+    old, FORCE_GENERIC = FORCE_GENERIC, on
+    try:
+        yield
+    finally:
+        FORCE_GENERIC = old
 
 
 @dataclass
@@ -71,13 +106,23 @@ def _bag(index: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, scale
     return F.embedding_bag(index, weight, offsets, mode="sum", per_sample_weights=scale.to(weight.dtype))
 
 
+def _column_sums(vals: torch.Tensor, p: "Pattern") -> torch.Tensor:
+    """[n_cols] fp32: Σ of vals over each column's pairs, added in the pairs' order (the same bits on
+    every run, and on both branches). On CPU, `index_add_` into a vector (one serial loop: faster
+    than a bag); elsewhere a bag per column (`index_add_` would use float atomics on CUDA)."""
+    vals = vals.float()
+    if use_cpu_kernels(vals):
+        return torch.zeros(p.n_cols, dtype=torch.float32, device=vals.device).index_add_(0, p.cols, vals)
+    return F.embedding_bag(p.by_col, vals.unsqueeze(1), p.col_offsets, mode="sum").squeeze(1)
+
+
 def _sampled_dot(a: torch.Tensor, b: torch.Tensor, p: "Pattern") -> torch.Tensor:
     """[nnz]: a[rows[j]] · b[cols[j]] for the pattern's pairs (a [n_rows, d], b [n_cols, d]).
 
     On CPU, torch's sampled dense-dense matmul over the pattern as a CSR matrix (one fused loop);
     elsewhere gathers in chunks of _CHUNK pairs."""
     a, b = a.float(), b.float()
-    if a.device.type == "cpu":
+    if use_cpu_kernels(a):
         import warnings
 
         crow = torch.cat([p.row_offsets, torch.tensor([p.nnz], device=a.device)])
@@ -114,7 +159,7 @@ class _EncodeValues(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = _bag(p.rows[p.by_col], xc, p.col_offsets, g[p.by_col]).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(p.n_cols, dtype=torch.float32, device=g.device).index_add_(0, p.cols, g)
+            grad_b = _column_sums(g, p)
         return grad_xc, grad_w, grad_b, None, None
 
 
@@ -140,6 +185,20 @@ class _Decode(torch.autograd.Function):
         return grad_vals, grad_w, None
 
 
+class _ColumnSums(torch.autograd.Function):
+    """out[c] = Σ_{j in column c} vals[j]."""
+
+    @staticmethod
+    def forward(ctx, vals, pattern: Pattern):
+        ctx.pattern = pattern
+        ctx.dtype = vals.dtype
+        return _column_sums(vals, pattern)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.index_select(0, ctx.pattern.cols).to(ctx.dtype), None
+
+
 def encode_values(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, vals: torch.Tensor,
                   pattern: Pattern) -> torch.Tensor:
     """The active codes `vals` [nnz] (ReLU of the pre-activations at the pattern's pairs, computed by
@@ -151,3 +210,10 @@ def encode_values(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, va
 def decode(vals: torch.Tensor, weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """[n_rows, d]: each row's active codes times their dictionary rows (weight [n_cols, d])."""
     return _Decode.apply(vals, weight, pattern)
+
+
+def column_sums(vals: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """[n_cols] fp32: the sum of the active values `vals` [nnz] of each column (latent), differentiable
+    with respect to vals. Deterministic, unlike `zeros.index_add(0, cols, vals)` on CUDA or
+    `(vals * w[cols])` whose backward scatter-adds into w with atomics on a multi-threaded CPU."""
+    return _ColumnSums.apply(vals, pattern)

@@ -12,8 +12,9 @@ the store exactly as of its last completed shard, and `StoreWriter` resumes from
 manifest records each file's size and CRC-32; sizes are checked on opening, checksums the first
 time a file is read (or all at once with `verify()`), and a mismatch names the file.
 
-Reading memory-maps shard files: `iter_batches` serves shuffled batches holding at most
-`buffer_shards` shards in RAM, each token exactly once per epoch.
+Reading memory-maps shard files, except `iter_batches`, which serves shuffled batches (each
+token exactly once per epoch) from one RAM buffer of at most `buffer_shards` shards, read straight
+from the files; `iter_batches_peak_bytes` / `ActivationStore.buffer_bytes` estimate its peak.
 """
 from __future__ import annotations
 
@@ -155,12 +156,14 @@ class ActivationStore:
                                "(delete the store folder, or the shard and its manifest entry)")
         if checksum and entry["name"] not in self._verified:
             with open(path, "rb") as f:
-                crc = _crc32(f.read())
-            if crc != entry["crc32"]:
-                raise CorruptShard(f"shard file {path} fails its checksum (crc32 {crc:08x}, manifest "
-                                   f"{entry['crc32']:08x}): its contents changed since it was written")
-            self._verified.add(entry["name"])
+                self._check_crc(path, entry, _crc32(f.read()))
         return path
+
+    def _check_crc(self, path: Path, entry: dict, crc: int) -> None:
+        if crc != entry["crc32"]:
+            raise CorruptShard(f"shard file {path} fails its checksum (crc32 {crc:08x}, manifest "
+                               f"{entry['crc32']:08x}): its contents changed since it was written")
+        self._verified.add(entry["name"])
 
     def verify(self, checksums: bool = True) -> None:
         """Check every file's size (and checksum); raise CorruptShard naming the first bad one."""
@@ -214,6 +217,33 @@ class ActivationStore:
             out[torch.as_tensor(sel)] = self.shard_activations(int(s), hook)[local].to(dtype)
         return out
 
+    def _read_into(self, entry: dict, out: np.ndarray) -> None:
+        """Read one shard file straight into `out` (a C-contiguous array of the file's size),
+        checking its checksum on the bytes read the first time: no second copy, no mapping."""
+        path = self._file(entry, checksum=False)
+        view = memoryview(out).cast("B")
+        got = 0
+        with open(path, "rb", buffering=0) as f:
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        if got != len(view):
+            raise CorruptShard(f"shard file {path} ended after {got:,} bytes, expected {len(view):,}")
+        if entry["name"] not in self._verified:
+            self._check_crc(path, entry, _crc32(view))
+
+    def buffer_bytes(self, n_hooks: int | None = None, buffer_shards: int = 4, batch_size: int = 0,
+                     dtype: torch.dtype = torch.float32) -> int:
+        """Host-RAM peak of `iter_batches` on this store (see `iter_batches_peak_bytes`), for
+        `n_hooks` hooks (default: all of them): its largest possible shuffle buffer is its
+        `buffer_shards` largest shards plus a remainder of under `batch_size` tokens."""
+        sizes = sorted((s["n_tokens"] for s in self.shards), reverse=True)
+        return iter_batches_peak_bytes(len(self.hooks) if n_hooks is None else n_hooks, self.d_model,
+                                       sum(sizes[:buffer_shards]), 1, batch_size,
+                                       store_dtype=self.dtype, dtype=dtype)
+
     def iter_batches(self, hook, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                      epochs: int = 1, buffer_shards: int = 4, device="cpu",
                      dtype: torch.dtype = torch.float32, drop_last: bool = False,
@@ -226,6 +256,13 @@ class ActivationStore:
         the remainder of the previous group) in RAM: memory stays bounded by the buffer.
         With return_index, yields (batch, index) where index is each row's global token
         index (a row of `tokens()`).
+
+        Host RAM: one buffer [n_hooks, tokens of the group + remainder, d_model] in the store's
+        dtype, filled shard by shard straight from the files; each batch is gathered from it
+        through a random permutation (the buffer itself is never permuted or copied), and the
+        remainder is carried into the next group's buffer. `iter_batches_peak_bytes` estimates
+        the peak. The batches are those of the earlier three-copy code (cat, then permute),
+        bit for bit: same generator draws, same order.
         """
         many = not isinstance(hook, str)
         hooks = list(hook) if many else [hook]
@@ -236,29 +273,67 @@ class ActivationStore:
         if not self.shards:
             raise StoreError(f"store {self.path} has no shards yet")
         device = torch.device(device)
+        d = self.d_model
         for epoch in range(epochs):
             rng = np.random.default_rng([seed, epoch])
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
-            carry_x = torch.zeros(len(hooks), 0, self.d_model, dtype=self.dtype)
+            carry_x = torch.zeros(len(hooks), 0, d, dtype=self.dtype)
             carry_i = torch.zeros(0, dtype=torch.int64)
             for g in range(0, len(order), buffer_shards):
-                group = order[g:g + buffer_shards]
-                xs = [carry_x] + [torch.stack([self.shard_activations(int(s), h) for h in hooks]) for s in group]
-                ids = [carry_i] + [torch.arange(int(self._shard_start[s]), int(self._shard_start[s + 1]))
-                                   for s in group]
-                x, idx = torch.cat(xs, dim=1), torch.cat(ids)
-                if shuffle:
-                    perm = torch.randperm(len(idx), generator=gen)
-                    x, idx = x[:, perm], idx[perm]
+                group = [int(s) for s in order[g:g + buffer_shards]]
+                n = len(carry_i) + sum(self.shards[s]["n_tokens"] for s in group)
+                raw = torch.empty(len(hooks), n, d, dtype=torch.int16)  # 2-byte words, as on disk
+                idx = torch.empty(n, dtype=torch.int64)
+                c = len(carry_i)
+                raw[:, :c] = carry_x.view(torch.int16)
+                idx[:c] = carry_i
+                del carry_x, carry_i
+                for s in group:
+                    shard = self.shards[s]
+                    m = shard["n_tokens"]
+                    for k, h in enumerate(hooks):
+                        self._read_into(shard["files"][h], raw[k, c:c + m].numpy())
+                    idx[c:c + m] = torch.arange(int(self._shard_start[s]), int(self._shard_start[s + 1]))
+                    c += m
+                x = raw.view(self.dtype)
+                perm = torch.randperm(n, generator=gen) if shuffle else None
                 last = g + buffer_shards >= len(order)
-                n_full = len(idx) if (last and not drop_last) else len(idx) // batch_size * batch_size
+                n_full = n if (last and not drop_last) else n // batch_size * batch_size
                 for i in range(0, n_full, batch_size):
                     j = min(i + batch_size, n_full)
-                    batch = x[:, i:j].to(device=device, dtype=dtype, non_blocking=True)
+                    if perm is None:
+                        batch, index = x[:, i:j], idx[i:j]
+                    else:
+                        batch, index = x[:, perm[i:j]], idx[perm[i:j]]
+                    batch = batch.to(device=device, dtype=dtype, non_blocking=True)
                     batch = batch if many else batch[0]
-                    yield (batch, idx[i:j]) if return_index else batch
-                carry_x, carry_i = x[:, n_full:], idx[n_full:]
+                    yield (batch, index) if return_index else batch
+                if perm is None:
+                    carry_x, carry_i = x[:, n_full:].clone(), idx[n_full:].clone()
+                else:
+                    carry_x, carry_i = x[:, perm[n_full:]], idx[perm[n_full:]]
+                batch = index = None
+                del raw, x, idx, perm  # free this buffer before the next one is allocated
+
+
+def iter_batches_peak_bytes(n_hooks: int, d_model: int, shard_tokens: int, buffer_shards: int = 4,
+                            batch_size: int = 0, *, store_dtype="float16",
+                            dtype: torch.dtype = torch.float32) -> int:
+    """Estimated host-RAM peak (bytes) of `ActivationStore.iter_batches`, for a resource planner.
+
+    The buffer: n_hooks x (buffer_shards * shard_tokens + batch_size - 1) x d_model values in the
+    store dtype (2 bytes), plus two int64 per buffered token (token index and permutation), plus
+    three batches of n_hooks x batch_size x d_model (the one gathered in the store dtype, the one
+    served as `dtype`, and the previous one the caller may still hold). Take `shard_tokens` as
+    the largest shard (a harvest's shards hold shard_contexts * (ctx_len - 1) tokens). Excludes
+    the interpreter and torch themselves, and the device copy when device is not the CPU.
+    """
+    item = torch.empty(0, dtype=STORE_DTYPES.get(store_dtype, store_dtype)).element_size()
+    out_item = torch.empty(0, dtype=dtype).element_size()
+    n = buffer_shards * shard_tokens + max(batch_size - 1, 0)
+    return (n_hooks * n * d_model * item + 16 * n
+            + n_hooks * batch_size * d_model * (item + 2 * out_item))
 
 
 class StoreWriter:
@@ -293,6 +368,14 @@ class StoreWriter:
         return last["first_context"] + last["n_contexts"]
 
     @property
+    def next_resume(self) -> dict | None:
+        """Where the corpus stream stands after the last stored context (helpers.corpus
+        `Context.resume_next`, recorded by write_shard), or None (Brown, or an older store)."""
+        if not self.manifest["shards"]:
+            return None
+        return self.manifest["shards"][-1].get("next_resume")
+
+    @property
     def n_tokens(self) -> int:
         return int(sum(s["n_tokens"] for s in self.manifest["shards"]))
 
@@ -300,8 +383,11 @@ class StoreWriter:
         _write_atomic(self.path / "manifest.json", json.dumps(self.manifest, indent=1).encode())
 
     def write_shard(self, meta: np.ndarray, acts: dict[str, torch.Tensor], first_context: int,
-                    n_contexts: int) -> None:
-        """Write one shard (labels + one activation array per hook) and record it."""
+                    n_contexts: int, next_resume: dict | None = None) -> None:
+        """Write one shard (labels + one activation array per hook) and record it.
+
+        `next_resume` (JSON-able) is recorded with the shard as where the corpus stream continues
+        after its last context; a resumed harvest reads it back from `next_resume`."""
         if first_context != self.next_context:
             raise StoreError(f"shard starts at context {first_context}, the store expects {self.next_context}")
         if set(acts) != set(self.manifest["hooks"]):
@@ -315,8 +401,11 @@ class StoreWriter:
                                  f"({len(meta)}, {self.manifest['d_model']})")
             data = x.detach().to("cpu", self.dtype).contiguous().view(torch.uint16).numpy().tobytes()
             files[hook] = _write_atomic(self.path / _hook_file(index, hook), data)
-        self.manifest["shards"].append({"index": index, "first_context": first_context,
-                                        "n_contexts": n_contexts, "n_tokens": len(meta), "files": files})
+        entry = {"index": index, "first_context": first_context, "n_contexts": n_contexts,
+                 "n_tokens": len(meta), "files": files}
+        if next_resume is not None:
+            entry["next_resume"] = next_resume
+        self.manifest["shards"].append(entry)
         self.manifest["n_tokens"] = self.n_tokens
         self._save_manifest()
 

@@ -14,7 +14,14 @@ need, and trains every stack on it:
   every SAE removes the massive offset from flagged tokens; input scaling and b_dec's initial value
   come from the activations with the offset removed;
 * the sparse kernels (helpers.sparse) wherever a batch's codes are sparse (`path="auto"`);
-* bf16 autocast on GPU, fp32 on CPU.
+* precision by hardware (`precision`, "auto" by default): bf16 autocast on a GPU that does bf16
+  natively (compute capability 8.0 and up: A100, L4, H100), fp16 autocast with a gradient scaler on
+  one that does not (Colab's T4: it reports bf16 "supported" by emulation, at or below fp32 speed),
+  fp32 on CPU. The scaler's gradients are unscaled before any gradient treatment (decoder
+  projection, clipping). "fp32", "bf16" and "fp16" force a choice (on CPU too: torch's CPU autocast
+  and gradient scaler run the same code path, which is how the tests exercise it);
+* one backward pass per stack, so that only one stack's graph is alive at a time (a sweep's peak
+  memory is its largest stack's, not the sum of all of them).
 
 Dead latents are tracked per SAE. A run folder keeps ``checkpoint.pt`` (written atomically every
 `checkpoint_every` steps and at the end); a run started again with the same settings resumes from it
@@ -64,6 +71,36 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     buffer_shards: int = 4
+    precision: str = "auto"            # "auto" (by hardware: see the module docstring), "fp32", "bf16", "fp16"
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """The precision training uses on `device`: "fp32", "bf16" or "fp16" (see the module docstring)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    try:  # emulated bf16 (T4, V100) runs at or below fp32 speed: fp16 with a scaler instead
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # pragma: no cover - torch without the argument
+        native = torch.cuda.get_device_capability(device) >= (8, 0)
+    return "bf16" if native else "fp16"
+
+
+def amp(device: torch.device, precision: str = "auto"):
+    """(autocast context or None, GradScaler or None) for training at `precision` on `device`."""
+    chosen = resolve_precision(device, precision)
+    if chosen == "fp32":
+        return None, None
+    dtype = torch.bfloat16 if chosen == "bf16" else torch.float16
+    autocast = torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type) if chosen == "fp16" else None
+    return autocast, scaler
 
 
 class TrainingError(RuntimeError):
@@ -137,6 +174,22 @@ def _fingerprint(configs, tc: TrainConfig, store) -> dict:
             "store": str(store.path), "store_tokens": store.n_tokens}
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, every tensor on the CPU: the trainer moves each part to its device
+    (parameters and optimizer state through load_state_dict), and the generators' states, kept as
+    bytes, must stay CPU tensors (`Generator.set_state` refuses a CUDA one, which is what
+    map_location="cuda" used to make of them)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def restore_generators(gens: list[torch.Generator], states: list) -> None:
+    """Set each CPU generator from a saved state (bytes; a tensor on any device from older checkpoints)."""
+    for g, gs in zip(gens, states):
+        if isinstance(gs, (bytes, bytearray)):
+            gs = torch.frombuffer(bytearray(gs), dtype=torch.uint8)
+        g.set_state(gs.to("cpu"))
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -205,30 +258,39 @@ def resample_dead(stack: SAEStack, row: int, dead: torch.Tensor, x: torch.Tensor
 
 
 def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since_fired: list[torch.Tensor],
-               tc: TrainConfig, l1_scale: float = 1.0, autocast=None) -> list[dict]:
+               tc: TrainConfig, l1_scale: float = 1.0, autocast=None, scaler=None) -> list[dict]:
     """One optimisation step of every stack on its batch (xs[s] for stacks[s]): losses (through the
-    sparse or dense path), one backward pass, the recipe's gradient treatment (unit-norm projection,
-    or per-SAE clipping), Adam, the LR schedule, renormalisation and dead-latent counters. `l1_scale`
-    is the improved recipe's α warm-up factor. Returns each stack's losses."""
+    sparse or dense path) and a backward pass per stack (one graph alive at a time), the gradient
+    scaler's unscaling (fp16), the recipe's gradient treatment (unit-norm projection, or per-SAE
+    clipping), Adam (skipped by the scaler if a gradient overflowed), the LR schedule, renormalisation
+    and dead-latent counters. `l1_scale` is the improved recipe's α warm-up factor. Returns each
+    stack's losses."""
     from contextlib import nullcontext
 
-    total, outs = 0.0, []
+    outs = []
+    opt.zero_grad(set_to_none=True)
     for s, st in enumerate(stacks):
         dead = since_fired[s] >= tc.dead_window
         with autocast or nullcontext():
             out = st.losses(xs[s], dead=dead if st.architecture == "topk" else None,
                             aux_coefficient=tc.aux_coefficient, l1_scale=1.0 if st.unit_norm else l1_scale,
                             path=tc.path)
-        total = total + out["loss"].sum()
+        loss = out["loss"].sum()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        out["loss"] = out["loss"].detach()
         outs.append(out)
-    opt.zero_grad(set_to_none=True)
-    total.backward()
+    if scaler is not None:
+        scaler.unscale_(opt)  # true gradients before the projection and the clip
     for st in stacks:
         if st.unit_norm:
             st.remove_parallel_grads()
         elif tc.grad_clip:
             clip_grad_norm_per_sae(st, tc.grad_clip)
-    opt.step()
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
     sched.step()
     for s, (st, out) in enumerate(zip(stacks, outs)):
         if st.unit_norm:
@@ -284,6 +346,7 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
             st.b_dec.copy_((mean * scale).expand_as(st.b_dec))  # start the decoder bias at the data mean
         st.to(device)
     opt, sched = make_optimizer(stacks, tc, total_steps)
+    autocast, scaler = amp(device, tc.precision)
     since_fired = [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device) for st in stacks]
     # One generator per SAE, seeded by the seed and the SAE's own config, so that resampling draws
     # the same inputs whether the SAE trains alone or in a sweep.
@@ -296,7 +359,7 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         if ckpt.exists():
-            state = torch.load(ckpt, map_location=device, weights_only=False)
+            state = load_checkpoint(ckpt)
             if state["fingerprint"] != fingerprint:
                 diff = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
                 raise TrainingError(f"checkpoint {ckpt} was made with other settings ({', '.join(diff)} "
@@ -306,8 +369,9 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             since_fired = [t.to(device) for t in state["since_fired"]]
-            for g, gs in zip(gens, state["generators"]):
-                g.set_state(gs)
+            restore_generators(gens, state["generators"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             history, step, seconds = state["history"], state["step"], state["seconds"]
 
     def checkpoint():
@@ -315,7 +379,8 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
             _save_checkpoint(ckpt, {
                 "fingerprint": fingerprint, "stacks": [st.state_dict() for st in stacks],
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "since_fired": since_fired, "generators": [g.get_state() for g in gens],
+                "since_fired": since_fired, "generators": [bytes(g.get_state().numpy()) for g in gens],
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "history": history, "step": step, "seconds": seconds})
 
     def snapshot() -> list[SAEStack]:
@@ -333,7 +398,6 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
                                  buffer_shards=tc.buffer_shards, device=device, return_index=True)
     hook_index = {h: i for i, h in enumerate(hooks)}
     shard_starts = np.cumsum([s["n_tokens"] for s in store.shards])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     warm_l1 = max(1, int(tc.l1_warmup_fraction * total_steps))
     from tqdm.auto import tqdm
 
@@ -352,7 +416,8 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
                                     f"({store.shards[shard]['files'][hooks[0]]['name']}); training stopped, the last "
                                     f"good checkpoint is kept{f' in {ckpt}' if ckpt else ''}")
             outs = train_step(stacks, [x_all[hook_index[st.configs[0].hook_name]] for st in stacks], opt, sched,
-                              since_fired, tc, l1_scale=min(1.0, (step + 1) / warm_l1), autocast=autocast)
+                              since_fired, tc, l1_scale=min(1.0, (step + 1) / warm_l1), autocast=autocast,
+                              scaler=scaler)
             step += 1
             if (tc.resample_every and step % tc.resample_every == 0
                     and step < tc.resample_until * total_steps):

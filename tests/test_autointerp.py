@@ -380,3 +380,20 @@ def test_local_explanation_is_a_nonempty_line(local):
     explanation = local.explain(explain_prompt(TRAIN[:1]))
     assert isinstance(explanation, str) and explanation and "\n" not in explanation
     assert not re.fullmatch(r"The-*", explanation)  # the degenerate output of the bridge's KV cache
+
+
+def test_local_backend_falls_back_to_the_embedded_chat_model(monkeypatch):
+    """Notebook 03 without AUTOINTERP_URL built the local explainer from the profile's model; a base model
+    such as Pythia has no chat template, so it raised. It now explains with the embedded SmolLM2."""
+    from types import SimpleNamespace
+
+    import helpers.models
+    from helpers import autointerp
+
+    built, loaded = [], []
+    monkeypatch.setattr(autointerp, "LocalBackend", lambda model: built.append(model) or model)
+    monkeypatch.setattr(helpers.models, "load_model", lambda name, device="auto": loaded.append(name) or name)
+    base = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None))
+    chat = SimpleNamespace(tokenizer=SimpleNamespace(chat_template="{{ messages }}"))
+    assert autointerp.local_backend(base) == "smollm2-135m-instruct" and loaded == ["smollm2-135m-instruct"]
+    assert autointerp.local_backend(chat) is chat and loaded == ["smollm2-135m-instruct"]

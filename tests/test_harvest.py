@@ -27,21 +27,27 @@ def test_harvest_stores_the_models_activations(model, tmp_path):
         assert torch.allclose(stored, expect, rtol=1e-2, atol=1e-2), h
 
 
-def test_resume_after_crash_mid_shard_equals_uninterrupted(model, tmp_path, monkeypatch):
-    clean = harvest(model, tmp_path / "clean", HOOKS, **SMALL)
+def crash_in_shard(monkeypatch, shard: int, model, path, settings) -> None:
+    """Run a harvest that crashes while writing shard `shard` (its meta written, its first hook file
+    being written), as a killed process would leave it."""
     calls = {"n": 0}
     real = st._write_atomic
 
     def crash(path, data):
         calls["n"] += 1
-        if calls["n"] == 3 * 4 + 2:  # shard 3: meta written, first hook file being written
+        if calls["n"] == shard * 4 + 2:  # 4 files a shard: the manifest, meta and two hooks
             raise KeyboardInterrupt("simulated crash")
         return real(path, data)
 
     monkeypatch.setattr(st, "_write_atomic", crash)
     with pytest.raises(KeyboardInterrupt):
-        harvest(model, tmp_path / "crashed", HOOKS, **SMALL)
+        harvest(model, path, HOOKS, **settings)
     monkeypatch.setattr(st, "_write_atomic", real)
+
+
+def test_resume_after_crash_mid_shard_equals_uninterrupted(model, tmp_path, monkeypatch):
+    clean = harvest(model, tmp_path / "clean", HOOKS, **SMALL)
+    crash_in_shard(monkeypatch, 3, model, tmp_path / "crashed", SMALL)
     partial = ActivationStore.open(tmp_path / "crashed")
     assert not partial.complete and len(partial.shards) == 3
     resumed = harvest(model, tmp_path / "crashed", HOOKS, **SMALL)
@@ -83,3 +89,45 @@ def test_stop_layer():
     assert stop_layer(HOOKS) == 4
     assert stop_layer(["hook_embed"]) == 1
     assert stop_layer(["blocks.0.hook_resid_post", "ln_final.hook_normalized"]) is None
+
+
+def test_pile_harvest_resumes_from_its_saved_position(model, tmp_path, monkeypatch):
+    """A harvest of local Pile files (SAE_PILE) interrupted mid-way resumes to the same store,
+    tokenising only the documents from the saved position on."""
+    import json
+
+    from test_corpus import CountingTokenizer, pile_rows, write_jsonl
+
+    import helpers.corpus as corpus_mod
+
+    rows = pile_rows(60, seed=2)
+    write_jsonl(tmp_path / "a.jsonl", rows[:5])
+    write_jsonl(tmp_path / "b.jsonl.zst", rows[5:])
+    monkeypatch.setenv("SAE_PILE", str(tmp_path / "*.jsonl*"))
+    monkeypatch.setattr(corpus_mod, "_pile_stream", None)  # the hub is never asked
+    settings = {**SMALL, "corpus": "pile", "ctx_len": 9, "n_tokens": 8 * 32}
+    clean = harvest(model, tmp_path / "clean", HOOKS, **settings)
+    assert clean.n_tokens == 256 and len(clean.shards) == 8
+    assert all("next_resume" in s for s in clean.shards)
+
+    crash_in_shard(monkeypatch, 5, model, tmp_path / "crashed", settings)
+    partial = ActivationStore.open(tmp_path / "crashed")
+    assert len(partial.shards) == 5
+    position = partial.shards[-1]["next_resume"]
+    assert position == clean.shards[4]["next_resume"] and position["source"] == "files"
+    assert position["name"] == "b.jsonl.zst" and position["line"] >= 2, "resume inside the .zst file"
+    first_row = 5 + position["line"]
+
+    import sys
+
+    harvest_mod = sys.modules["helpers.harvest"]  # (helpers.harvest is also the function's name)
+    counting = CountingTokenizer(model.tokenizer)
+    monkeypatch.setattr(harvest_mod, "iter_contexts",
+                        lambda tokenizer, **kw: corpus_mod.iter_contexts(counting, **kw))
+    resumed = harvest(model, tmp_path / "crashed", HOOKS, **settings)
+    assert counting.rows and min(counting.rows) == first_row
+    assert np.array_equal(resumed.tokens(), clean.tokens())
+    for h in HOOKS:
+        assert torch.equal(resumed.activations(h), clean.activations(h))
+    manifest = json.loads((tmp_path / "crashed" / "manifest.json").read_text())
+    assert [s["next_resume"] for s in manifest["shards"]] == [s["next_resume"] for s in clean.shards]

@@ -34,7 +34,7 @@ def both_paths(configs, x, dead=None, l1_scale=1.0, massive=None):
 
 
 def assert_same(out):
-    (rd, gd, sd), (rs, gs, ss) = out["dense"], out["sparse"]
+    (rd, gd, _), (rs, gs, _) = out["dense"], out["sparse"]
     assert rs["path"] == "sparse" and rd["path"] == "dense"
     for k in ("mse", "l1", "aux", "loss", "l0"):
         if k in rd:
@@ -43,8 +43,6 @@ def assert_same(out):
     assert set(gd) == set(gs)
     for name in gd:
         assert torch.allclose(gd[name], gs[name], rtol=1e-4, atol=1e-6), (name, (gd[name] - gs[name]).abs().max())
-    x = torch.randn(9, D)
-    assert torch.allclose(sd.encode(x), ss.encode(x)) and torch.allclose(sd(x), ss(x))
 
 
 CASES = {
@@ -55,8 +53,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_sparse_equals_dense_random_data(name):
+def random_case(name):
+    """(configs, x, dead latents) of a case on random data; TopK stacks get some dead latents (AuxK)."""
     configs = CASES[name]
     x = torch.randn(64, D, generator=torch.Generator().manual_seed(2)) * 2
     dead = None
@@ -64,6 +62,12 @@ def test_sparse_equals_dense_random_data(name):
         dead = torch.zeros(2, M, dtype=torch.bool)
         dead[0, :10] = True
         dead[1, 5:8] = True
+    return configs, x, dead
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sparse_equals_dense_random_data(name):
+    configs, x, dead = random_case(name)
     out = both_paths(configs, x, dead=dead, l1_scale=0.3)
     assert_same(out)
     if dead is not None:
@@ -143,3 +147,168 @@ def test_each_sae_of_a_stack_takes_its_own_path():
         assert torch.equal(out["fired"][i:i + 1], res["fired"])
         for (name, p), q in zip(stack.named_parameters(), alone.parameters()):
             assert torch.equal(p.grad[i:i + 1], q.grad), name
+
+
+# ---- after training: weights far from their initialisation, dead and resampled latents ----------
+def trained(configs, x, steps=30):
+    """The configs trained with Adam for `steps` steps on batches of x (dense path), the way
+    helpers.train does (unit-norm rows for the paper recipe and TopK); after a third of the steps,
+    latents 0-5 of every SAE are killed (a bias that no input overcomes), and after two thirds
+    latents 3-5 are resampled (helpers.train.resample_dead): 0-2 stay dead."""
+    from helpers.train import resample_dead
+
+    sae = SAEStack(configs)
+    with torch.no_grad():
+        sae.scale.fill_(D ** 0.5 / float(x.norm(dim=-1).mean()))
+        sae.b_dec.copy_((x.mean(0) * sae.scale[0]).expand_as(sae.b_dec))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(4)
+    for step in range(steps):
+        batch = x[torch.randint(len(x), (128,), generator=g)]
+        opt.zero_grad(set_to_none=True)
+        sae.losses(batch, path="dense")["loss"].sum().backward()
+        if sae.unit_norm:
+            sae.remove_parallel_grads()
+        opt.step()
+        with torch.no_grad():
+            if sae.unit_norm:
+                sae.normalize_decoder()
+            if step == steps // 3:
+                sae.b_enc[:, :6] = -100.0
+            if step == 2 * steps // 3:
+                dead = torch.zeros(M, dtype=torch.bool)
+                dead[3:6] = True
+                for row in range(sae.n):
+                    assert resample_dead(sae, row, dead, x[:512], opt, torch.Generator().manual_seed(row)) == 3
+    return sae
+
+
+def copy_of(sae):
+    out = SAEStack(sae.configs)
+    out.load_state_dict(sae.state_dict())
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sparse_equals_dense_after_training(name):
+    """From trained weights (far from their initialisation, with dead and resampled latents), SGD
+    steps on the sparse path and on the dense one give the same losses, gradients and SAEs."""
+    from conftest import sparse_data
+
+    configs = CASES[name]
+    x, _ = sparse_data(n=2048, d=D, m=30)
+    start = trained(configs, x * 3)
+    assert not torch.allclose(start.W_dec, SAEStack(configs).W_dec, atol=0.05)  # far from the initialisation
+    saes = {path: copy_of(start) for path in ("dense", "sparse")}
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        batch = x[torch.randint(len(x), (128,), generator=g)] * 3
+        dead = None
+        if configs[0].architecture == "topk":
+            dead = torch.zeros(2, M, dtype=torch.bool)
+            dead[:, :8] = True  # 0-2 dead, 3-5 resampled, 6-7 alive: AuxK sees all three kinds
+        res = {}
+        for path, sae in saes.items():
+            sae.zero_grad(set_to_none=True)
+            res[path] = sae.losses(batch, dead=dead, l1_scale=0.5, path=path)
+            res[path]["loss"].sum().backward()
+        assert res["sparse"]["path"] == "sparse"
+        for k in ("mse", "l1", "aux", "loss", "l0"):
+            if k in res["dense"]:
+                assert torch.allclose(res["dense"][k], res["sparse"][k], rtol=1e-5, atol=1e-6), k
+        fired = res["sparse"]["fired"]
+        assert torch.equal(res["dense"]["fired"], fired)
+        assert not fired[:, :3].any()  # the dead latents stay silent
+        d, s = saes["dense"], saes["sparse"]
+        with torch.no_grad():
+            for (pn, pd), ps in zip(d.named_parameters(), s.parameters()):
+                assert torch.allclose(pd.grad, ps.grad, rtol=1e-4, atol=1e-6), (pn, (pd.grad - ps.grad).abs().max())
+                pd.sub_(0.05 * pd.grad)
+                ps.sub_(0.05 * ps.grad)
+            for sae in (d, s):
+                if sae.unit_norm:
+                    sae.normalize_decoder()
+    assert fired[:, 3:6].any()  # resampled latents fire again
+    xt = torch.randn(64, D, generator=torch.Generator().manual_seed(9)) * 3
+    assert torch.allclose(saes["dense"].encode(xt), saes["sparse"].encode(xt), atol=1e-5)
+    assert torch.allclose(saes["dense"](xt), saes["sparse"](xt), atol=1e-5)
+    assert not torch.allclose(saes["dense"].W_dec, start.W_dec)  # the steps changed the SAEs
+
+
+# ---- the generic (non-CPU) branches, forced on a CPU -------------------------------------------
+@pytest.mark.parametrize("name", list(CASES))
+def test_generic_branch_equals_cpu_branch_and_dense(name, monkeypatch):
+    """What a GPU would run (chunked gathers for the sampled dot product, pre-activations of the whole
+    batch at once), forced on a CPU, gives the CPU branch's and the dense path's losses and gradients."""
+    configs, x, dead = random_case(name)
+    monkeypatch.setattr(SAEStack, "_BLOCK_BYTES", 4 * M * 16)  # CPU branch: pre-activations 16 rows at a time
+    real, calls = torch.sparse.sampled_addmm, []
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cpu = both_paths(configs, x, dead=dead, l1_scale=0.3)
+    assert calls  # the CPU branch ran
+    n_cpu = len(calls)
+    with sparse.force_generic():
+        assert not sparse.use_cpu_kernels(x)
+        generic = both_paths(configs, x, dead=dead, l1_scale=0.3)
+    assert len(calls) == n_cpu  # the generic branch ran
+    assert sparse.use_cpu_kernels(x)  # and the setting is restored
+    assert_same(generic)  # generic sparse == dense
+    (rc, gc, _), (rg, gg, _) = cpu["sparse"], generic["sparse"]
+    for k in ("mse", "l1", "aux", "loss", "l0"):
+        if k in rc:
+            assert torch.allclose(rc[k], rg[k], rtol=1e-6, atol=1e-7), k
+    for name_ in gc:
+        assert torch.allclose(gc[name_], gg[name_], rtol=1e-5, atol=1e-7), name_
+
+
+def test_generic_branch_from_the_environment():
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch, helpers.sparse as s; print(s.FORCE_GENERIC, s.use_cpu_kernels(torch.zeros(1)))"
+    for value, expected in (("1", "True False"), ("0", "False True"), ("", "False True")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "SAE_SPARSE_FORCE_GENERIC": value})
+        assert out.stdout.split() == expected.split(), value
+
+
+# ---- the dense path's L1 penalty: no fp32 copy of the codes -------------------------------------
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op, dtype, numel) of every tensor that an aten op returns, backward included."""
+
+    def __enter__(self):
+        self.out = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        res = func(*args, **(kwargs or {}))
+        for t in (res if isinstance(res, (tuple, list)) else [res]):
+            if isinstance(t, torch.Tensor):
+                self.out.append((str(func), t.dtype, t.numel()))
+        return res
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_l1_penalty_without_an_fp32_copy_of_the_codes(dtype):
+    g = torch.Generator().manual_seed(0)
+    n, B, m = 2, 256, 300
+    c32 = torch.relu(torch.randn(n, B, m, generator=g))
+    w = torch.randn(n, m, D, generator=g, requires_grad=True)
+    c = c32.to(dtype).requires_grad_()
+    ref_c = c.detach().float().requires_grad_()
+    ref = (ref_c.abs() * w.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)  # the formula, in fp32
+    ref_gc, ref_gw = torch.autograd.grad(ref.sum(), (ref_c, w))
+    with _Allocations() as rec:
+        pen = SAEStack._l1_penalty(c, w)
+        gc, gw = torch.autograd.grad(pen.sum(), (c, w))
+    big = [(op, dt) for op, dt, numel in rec.out if numel >= c.numel() and dt != dtype]
+    assert not big, f"[n, B, m] temporaries of another dtype than the codes': {big}"
+    assert pen.dtype == torch.float32 and gc.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(pen, ref, rtol=tol)
+    on = c > 0  # where a code is 0 its ReLU passes no gradient, whatever the penalty's is
+    assert torch.allclose(gc.float()[on], ref_gc[on], rtol=tol, atol=1e-7)
+    assert torch.allclose(gw, ref_gw, rtol=tol, atol=1e-6)
+    with sparse.force_generic():  # the branch a GPU takes (where the reduction reads the codes in their dtype)
+        assert torch.allclose(SAEStack._l1_penalty(c, w), ref, rtol=tol)

@@ -190,3 +190,91 @@ def test_resampling_draws_distinct_inputs():
     resample_dead(sae, 0, dead, x, opt, torch.Generator().manual_seed(0))
     rows = sae.W_dec[0, :10]
     assert (rows @ rows.T - torch.eye(10)).abs().max() < 0.999  # no two resampled latents share a direction
+
+
+def test_checkpoint_generators_survive_a_device_map(data, tmp_path):
+    """On CUDA, loading a checkpoint with map_location=<the GPU> moved the saved generator states to the
+    GPU, and Generator.set_state refuses a non-CPU tensor: resuming failed. "meta" stands in for the GPU
+    here (set_state refuses it the same way): a checkpoint whose tensors are all mapped to another device
+    must still restore its generators, and the trainer itself loads checkpoints on the CPU."""
+    from helpers.train import load_checkpoint, restore_generators
+
+    store, _ = data
+    train_sweep(store, HOOK, CONFIGS, TC, run_dir=tmp_path, progress=False)
+    mapped = torch.load(tmp_path / "checkpoint.pt", map_location="meta", weights_only=False)
+    gens = [torch.Generator() for _ in mapped["generators"]]
+    restore_generators(gens, mapped["generators"])
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert all(torch.equal(g.get_state(), torch.frombuffer(bytearray(s), dtype=torch.uint8))
+               for g, s in zip(gens, saved["generators"]))
+    assert all(v.device.type == "cpu" for sd in saved["stacks"] for v in sd.values() if torch.is_tensor(v))
+
+
+def test_precision_follows_the_hardware(monkeypatch):
+    from helpers.train import amp, resolve_precision
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert resolve_precision(cuda) == "fp16"      # a T4: emulated bf16 only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision(cuda) == "bf16"      # an A100, L4 or H100
+    assert resolve_precision(torch.device("cpu")) == "fp32"
+    assert resolve_precision(cuda, "fp32") == "fp32"
+    autocast, scaler = amp(torch.device("cpu"), "fp16")
+    assert autocast.fast_dtype == torch.float16 and scaler is not None
+    autocast, scaler = amp(torch.device("cpu"), "bf16")
+    assert autocast.fast_dtype == torch.bfloat16 and scaler is None
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision(cuda, "fp8")
+
+
+def test_fp16_with_grad_scaler_trains_and_unscales_before_the_projection(data, monkeypatch):
+    """The T4 path (fp16 autocast + GradScaler), run on the CPU: the scaler unscales the gradients before
+    the decoder projection and the clip see them, and the SAEs learn about as well as in fp32."""
+    from torch.amp import GradScaler
+
+    store, _ = data
+    order = []
+    real_unscale, real_project = GradScaler.unscale_, SAEStack.remove_parallel_grads
+    monkeypatch.setattr(GradScaler, "unscale_", lambda self, opt: (order.append("unscale"), real_unscale(self, opt))[1])
+    monkeypatch.setattr(SAEStack, "remove_parallel_grads", lambda self: (order.append("project"), real_project(self))[1])
+    x = store.activations(HOOK)
+    configs = [CONFIGS[0], CONFIGS[3]]
+    fp16 = train_sweep(store, HOOK, configs, TrainConfig(**{**TC.__dict__, "precision": "fp16"}), progress=False)
+    assert order[:3] == ["unscale", "project", "project"] and order.count("unscale") == 40
+    fp32 = train_sweep(store, HOOK, configs, TC, progress=False)
+    for a, b in zip(fp16.saes, fp32.saes):
+        fa, fb = reconstruction_metrics(a, x)[0]["fvu"], reconstruction_metrics(b, x)[0]["fvu"]
+        assert np.isfinite(fa) and fa < 1.2 * fb + 0.02, (fa, fb)
+
+
+def test_only_one_stack_graph_is_alive_at_a_time(data):
+    """A sweep's stacks are backpropagated one at a time: the tensors saved for backward peak at about
+    one stack's worth, not the sum over stacks (64 SAEs of the paper sweep did not fit a T4 otherwise)."""
+    from helpers.train import build_stacks, make_optimizer, train_step
+
+    store, _ = data
+    x = store.activations(HOOK)[:512]
+
+    def peak_saved_bytes(n_stacks):
+        configs = [SAEConfig(D, 48 + 8 * i, l1_coefficient=1e-3) for i in range(n_stacks)]  # one stack each
+        stacks, _ = build_stacks(configs, seed=0)
+        opt, sched = make_optimizer(stacks, TC, total_steps=10)
+        since = [torch.zeros(st.n, st.d_sae, dtype=torch.int64) for st in stacks]
+        live = {"now": 0, "peak": 0}
+
+        class Saved:
+            def __init__(self, t):
+                self.t, self.n = t, t.numel() * t.element_size()
+                live["now"] += self.n
+                live["peak"] = max(live["peak"], live["now"])
+
+            def __del__(self):
+                live["now"] -= self.n
+
+        with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+            train_step(stacks, [x] * n_stacks, opt, sched, since, TC)
+        return live["peak"]
+
+    one, four = peak_saved_bytes(1), peak_saved_bytes(4)
+    assert four < 1.8 * one, (one, four)  # the sum over 4 stacks would be about 4.7x one

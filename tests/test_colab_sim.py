@@ -1,0 +1,144 @@
+"""The Colab path, simulated offline: the five notebooks, in order, as a Colab user runs them.
+
+What is real: the notebooks' own cells, run in a fresh kernel each, from their Colab setup cell on
+(`"google.colab" in sys.modules` is true there: tests/colab_sim.py's stub); the workbook cloned with git
+from a repository of this working tree and imported from the clone; the cache on the "Drive" that the
+setup cell mounts; the `colab` profile, shrunk through $SAE_OVERRIDES; the paper's model loaded *by
+name* (`EleutherAI/pythia-70m-deduped` at its pinned revision) from the local hub cache with
+HF_HUB_OFFLINE=1; the Pile read from local files in its own format ($SAE_PILE); features scored on the
+embedded Brown Corpus harvested through that model; the local explainer built on the embedded SmolLM2
+(with no feature to explain: generating explanations on 2 CPU cores takes minutes, and notebook 03 on
+the `test` profile already runs explain → simulate → score end to end).
+
+What stands in: the model is a tiny *random* GPT-NeoX (it has learnt nothing, so the cells tagged
+"checks", the notebooks' science asserts, are skipped: every other cell runs); the install step is a
+command that leaves a marker (the real install.sh is what CI runs); the Drive is a local folder.
+
+The run also measures each kernel's peak host RAM and the cache's size, which must stay within the
+resource plan's estimates (helpers.plan) for the same profile.
+"""
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from colab_sim import build
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ["01_harvest", "02_train", "03_interpret", "04_baselines", "05_ablation_editing"]
+# The `colab` profile at test size: every stage runs, on a few thousand tokens.
+OVERRIDES = {
+    "ctx_len": 64, "harvest_tokens": 6_048, "eval_tokens": 1_008, "score_tokens": 2_016, "batch_contexts": 16,
+    "shard_contexts": 32, "sae_ratios": [1, 2], "sae_alphas": [3e-3], "pick_ratio": 2, "improved_alphas": [3e-3],
+    "topk_ks": [8], "topk_ratio": 2, "train_tokens": 8_192, "train_batch": 256, "ce_contexts": 4,
+    "curve_points": 2, "curve_contexts": 2, "autointerp_features": 0, "pca_tokens": 2_016, "ica_tokens": 1_008,
+    "ica_max_iter": 10, "ioi_prompts": 8, "pronoun_prompts": 8, "patch_layer_step": 3,
+}
+MEASURE = """import json as _j, resource as _r, sys as _s, helpers as _h
+print("MEASURED " + _j.dumps({"rss": _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024, "helpers": _h.__file__,
+                              "colab": "google.colab" in _s.modules, "profile": P.name}))"""
+
+
+def _origin(root: Path) -> Path:
+    """A git repository holding this working tree as it is now (tracked and untracked, not ignored files):
+    the "GitHub" that the setup cell clones."""
+    origin = root / "origin"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        if (REPO / f).is_file():
+            (origin / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, origin / f)
+    git = ["git", "-c", "user.name=sim", "-c", "user.email=sim@localhost", "-c", "init.defaultBranch=main"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "working tree"]):
+        subprocess.run(git + cmd, cwd=origin, check=True)
+    return origin
+
+
+@pytest.fixture(scope="module")
+def colab_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colab")
+    env = build(root / "sim")
+    env.update(WORKBOOK_REPO=str(_origin(root)), WORKBOOK_DIR=str(root / "content" / "sae-workbook"),
+               WORKBOOK_INSTALL="touch installed-by-setup-cell", WORKBOOK_DRIVE=str(root / "drive"),
+               SAE_OVERRIDES=json.dumps(OVERRIDES))
+    results = {"root": root, "notebooks": {}}
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("SAE_PROFILE", "SAE_CACHE", "AUTOINTERP_URL"):
+            mp.delenv(key, raising=False)  # as on a fresh Colab VM: the setup cell chooses
+        for key, value in env.items():
+            mp.setenv(key, value)
+        for name in NOTEBOOKS:
+            nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+            nb.cells = [c for c in nb.cells if "checks" not in c.get("metadata", {}).get("tags", [])]
+            nb.cells.append(nbformat.v4.new_code_cell(MEASURE))
+            t = time.perf_counter()
+            NotebookClient(nb, timeout=600, startup_timeout=300, kernel_name="python3",
+                           resources={"metadata": {"path": str(root)}}).execute()
+            out = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("output_type") == "stream")
+            measured = json.loads(out.split("MEASURED ", 1)[1])
+            results["notebooks"][name] = {**measured, "seconds": time.perf_counter() - t, "nb": nb}
+    results["env"] = env
+    return results
+
+
+def test_every_notebook_runs_as_on_colab(colab_run):
+    root = colab_run["root"]
+    clone = root / "content" / "sae-workbook"
+    assert (clone / "installed-by-setup-cell").exists(), "the setup cell did not run the install step in the clone"
+    for name, r in colab_run["notebooks"].items():
+        assert r["colab"] and r["profile"] == "colab", (name, r)
+        assert Path(r["helpers"]).is_relative_to(clone), f"{name} imported helpers from {r['helpers']}, not the clone"
+    def printed(name):
+        return "".join(o.get("text", "") for c in colab_run["notebooks"][name]["nb"].cells
+                       for o in c.get("outputs", []) if o.get("output_type") == "stream")
+
+    # A Pile context is traced back to its own text, not to an unrelated Brown document (doc = -1).
+    assert "a streamed document (" in printed("01_harvest") and "document ca01" not in printed("01_harvest")
+    assert "0.0% of tokens carry a POS tag" in printed("01_harvest")
+    # Pythia cannot chat: notebook 03's local explainer is the embedded SmolLM2; features are scored on Brown.
+    assert "backend: local-smollm2-135m-instruct" in printed("03_interpret")
+    assert "tokens of brown" in printed("03_interpret")
+    seconds = {n: round(r["seconds"]) for n, r in colab_run["notebooks"].items()}
+    print("simulated Colab run, seconds per notebook:", seconds, "total", sum(seconds.values()))
+
+
+def test_the_cache_is_on_drive_and_holds_every_artifact(colab_run):
+    cache = colab_run["root"] / "drive" / "MyDrive" / "sae-workbook-cache" / "colab"
+    stores = {json.loads(m.read_text())["corpus"] + "/" + json.loads(m.read_text())["split"]: json.loads(m.read_text())
+              for m in (cache / "activations").glob("*/manifest.json")}
+    assert set(stores) == {"pile/train", "pile/test", "brown/train"}, sorted(stores)
+    for m in stores.values():
+        assert m["model"] == "EleutherAI/pythia-70m-deduped" and m["complete"], m
+    assert all(s.get("next_resume") is not None for s in stores["pile/train"]["shards"]), \
+        "Pile shards must record where the stream stands, so that a harvest resumes without re-reading"
+    results = list((cache / "sae").glob("sweep-*/results.json"))
+    assert results, "notebook 02 saved no sweep"
+    saes = list(results[0].parent.glob("*/cfg.json"))
+    assert len(saes) >= 5 and all((p.parent / "sae_weights.safetensors").exists() for p in saes)
+
+
+def test_measured_peaks_within_the_plan(colab_run):
+    """The plan for the same profile, made as notebook 01 makes it (in a process with the run's
+    environment, so that it reads the stand-in's dimensions), bounds the measured peaks."""
+    import sys
+
+    code = ("import json; from helpers.plan import plan; from helpers.profiles import get_profile; "
+            "p = plan(get_profile('colab')); print(json.dumps({'host': p.host_peak, 'disk': p.disk_bytes, "
+            "'parts': p.host}))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **colab_run["env"]}, cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    p = json.loads(out.strip().splitlines()[-1])
+    cache = colab_run["root"] / "drive" / "MyDrive" / "sae-workbook-cache"
+    disk = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    rss = {n: r["rss"] for n, r in colab_run["notebooks"].items()}
+    print(f"plan: host peak {p['host'] / 1e9:.2f} GB, disk {p['disk'] / 1e9:.3f} GB; measured: peak RSS "
+          + ", ".join(f"{n[:2]} {v / 1e9:.2f} GB" for n, v in rss.items()) + f", cache {disk / 1e9:.3f} GB")
+    assert max(rss.values()) <= p["host"], (rss, p)
+    assert disk <= p["disk"], (disk, p)
