@@ -19,7 +19,8 @@ so the pin is the same weights as that branch. Hub names without a pin load ``ma
 
 `is_stand_in(model)` tells whether a loaded model is the tiny random stand-in that the test
 suite saves under a hub name (its ``config.json`` carries ``workbook_stand_in: true``); the
-notebooks run every cell on it but skip the assertions that only trained weights can pass.
+simulated Colab run (tests/test_colab_sim.py) runs every notebook cell on it except the science
+checks, which only trained weights can pass.
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def load_model(name: str = EMBEDDED_MODEL, device: str | None = "auto",
             f"{name!r} (revision {revision or 'main'}) must be downloaded from the Hugging Face "
             f"hub, which is not reachable from here. Offline, use the embedded default: "
             f"load_model({EMBEDDED_MODEL!r}) (profiles 'test', 'cpu', 'gpu'); the hub models "
-            f"are the Colab path ('paper').")
+            f"are the Colab path ('colab', 'paper').")
     from transformer_lens.model_bridge import TransformerBridge
 
     device = resolve_device(device)

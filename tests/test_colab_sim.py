@@ -12,7 +12,8 @@ the `test` profile already runs explain → simulate → score end to end).
 
 What stands in: the model is a tiny *random* GPT-NeoX (it has learnt nothing, so the cells tagged
 "checks", the notebooks' science asserts, are skipped: every other cell runs); the install step is a
-command that leaves a marker (the real install.sh is what CI runs); the Drive is a local folder.
+command that leaves a marker (the real install.sh is what CI runs); the Drive is a local folder, which
+already holds the embedded model's dequantised copy (as a previous session leaves it).
 
 The run also measures each kernel's peak host RAM and the cache's size, which must stay within the
 resource plan's estimates (helpers.plan) for the same profile.
@@ -34,11 +35,11 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["01_harvest", "02_train", "03_interpret", "04_baselines", "05_ablation_editing"]
 # The `colab` profile at test size: every stage runs, on a few thousand tokens.
 OVERRIDES = {
-    "ctx_len": 64, "harvest_tokens": 6_048, "eval_tokens": 1_008, "score_tokens": 2_016, "batch_contexts": 16,
-    "shard_contexts": 32, "sae_ratios": [1, 2], "sae_alphas": [3e-3], "pick_ratio": 2, "improved_alphas": [3e-3],
-    "topk_ks": [8], "topk_ratio": 2, "train_tokens": 8_192, "train_batch": 256, "ce_contexts": 4,
-    "curve_points": 2, "curve_contexts": 2, "autointerp_features": 0, "pca_tokens": 2_016, "ica_tokens": 1_008,
-    "ica_max_iter": 10, "ioi_prompts": 8, "pronoun_prompts": 8, "patch_layer_step": 3,
+    "ctx_len": 64, "harvest_tokens": 4_032, "eval_tokens": 504, "score_tokens": 1_008, "batch_contexts": 16,
+    "shard_contexts": 16, "sae_ratios": [1, 2], "sae_alphas": [3e-3], "pick_ratio": 2, "improved_alphas": [3e-3],
+    "topk_ks": [8], "topk_ratio": 2, "train_tokens": 4_096, "train_batch": 256, "ce_contexts": 2,
+    "curve_points": 2, "curve_contexts": 1, "autointerp_features": 0, "pca_tokens": 1_008, "ica_tokens": 504,
+    "ica_max_iter": 5, "ioi_prompts": 8, "pronoun_prompts": 8, "patch_layer_step": 5,
 }
 MEASURE = """import json as _j, resource as _r, sys as _s, helpers as _h
 print("MEASURED " + _j.dumps({"rss": _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024, "helpers": _h.__file__,
@@ -61,6 +62,13 @@ def _origin(root: Path) -> Path:
     return origin
 
 
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 @pytest.fixture(scope="module")
 def colab_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("colab")
@@ -68,6 +76,13 @@ def colab_run(tmp_path_factory):
     env.update(WORKBOOK_REPO=str(_origin(root)), WORKBOOK_DIR=str(root / "content" / "sae-workbook"),
                WORKBOOK_INSTALL="touch installed-by-setup-cell", WORKBOOK_DRIVE=str(root / "drive"),
                SAE_OVERRIDES=json.dumps(OVERRIDES))
+    # The embedded model's dequantised copy (notebook 03's local explainer), as a previous session left it
+    # on the Drive: dequantising it again takes 20 s and is tested in test_models.py.
+    from helpers.models import embedded_model_dir
+
+    models = root / "drive" / "MyDrive" / "sae-workbook-cache" / "models"
+    models.mkdir(parents=True)
+    shutil.copytree(embedded_model_dir(), models / embedded_model_dir().name, copy_function=_link_or_copy)
     results = {"root": root, "notebooks": {}}
     with pytest.MonkeyPatch.context() as mp:
         for key in ("SAE_PROFILE", "SAE_CACHE", "AUTOINTERP_URL"):
