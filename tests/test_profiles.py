@@ -84,3 +84,23 @@ def test_pile_profiles_score_on_brown():
     assert colab.scoring.harvest_tokens == colab.score_tokens and colab.scoring.layers == colab.layers
     cpu = get_profile("cpu")
     assert cpu.scoring is cpu
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU: the plan's GPU memory "
+                    "estimate is checked against torch.cuda.max_memory_allocated there")
+def test_plan_bounds_the_gpu_memory_of_training(array_store):
+    """On a GPU: the plan's training estimate bounds what a sweep of the profile's shape really allocates."""
+    import torch
+
+    from helpers.plan import Machine, plan
+    from helpers.sweep import sweep_configs, train_config
+    from helpers.train import train_sweep
+
+    p = get_profile("test", train_tokens=8 * 256, device="cuda")
+    x = torch.randn(4096, 576)
+    store = array_store(x, hook=p.sae_hook)
+    torch.cuda.reset_peak_memory_stats()
+    train_sweep(store, p.sae_hook, sweep_configs(p, 576), train_config(p), progress=False)
+    used = torch.cuda.max_memory_allocated()
+    estimate = plan(p, Machine.detect()).gpu["training"]
+    assert used <= estimate, (used, estimate)
