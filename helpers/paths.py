@@ -1,4 +1,5 @@
-"""Where things live on disk: the repository, its committed data/, and the git-ignored cache."""
+"""Where things live on disk: the repository, its committed data/, the git-ignored cache, and results
+kept there so that an interrupted notebook resumes (`stored`)."""
 from __future__ import annotations
 
 import os
@@ -16,3 +17,23 @@ def cache_root() -> Path:
     root = Path(os.environ.get("SAE_CACHE") or REPO_ROOT / "cache")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def stored(path, key, compute):
+    """`compute()`'s result, kept on disk: saved to `path` (atomically, with `key`) the first time and
+    loaded afterwards while the key is the same, so that a notebook interrupted half-way (a closed laptop,
+    a Colab VM recycled) resumes where it stopped. `key` is anything comparable that names every setting
+    the result depends on; the result is anything `torch.save` can write."""
+    import torch
+
+    path = Path(path)
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        if saved.get("key") == key:
+            return saved["result"]
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": key, "result": result}, tmp)
+    os.replace(tmp, path)
+    return result
