@@ -104,12 +104,13 @@ def mmcs(dict_a: torch.Tensor, dict_b: torch.Tensor) -> float:
     return float(best.mean())
 
 
-def contexts_from_store(store, n_contexts: int, bos_token_id: int) -> torch.Tensor:
-    """The first n_contexts contexts of a store, rebuilt as token ids [n, ctx_len] (BOS first)."""
+def contexts_from_store(store, n_contexts: int, bos_token_id: int, start: int = 0) -> torch.Tensor:
+    """n_contexts contexts of a store from context `start` on (as many as it holds), rebuilt as token
+    ids [n, ctx_len] (BOS first). Context j is the store's tokens j·(ctx_len-1) to (j+1)·(ctx_len-1)."""
     per = store.manifest["ctx_len"] - 1
     tokens = store.tokens()
-    n = min(n_contexts, len(tokens) // per)
-    ids = tokens["token"][: n * per].reshape(n, per).astype(np.int64)
+    n = max(0, min(n_contexts, len(tokens) // per - start))
+    ids = tokens["token"][start * per: (start + n) * per].reshape(n, per).astype(np.int64)
     return torch.cat([torch.full((n, 1), bos_token_id), torch.as_tensor(ids)], dim=1)
 
 

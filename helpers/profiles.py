@@ -13,7 +13,8 @@ message naming it.
 
 ``test`` is what the test suite (nbval) runs: seconds to a couple of minutes per notebook.
 ``cpu`` is a laptop: about 30 minutes for the whole workbook on 2 CPU cores (measured: 30.1 minutes;
-notebook 02 11 minutes, training 11 SAEs on 1.2M tokens each; 04 9 minutes; 05 5.5 minutes of patching).
+notebook 02 11 minutes, training 11 SAEs on 1.2M tokens each, before a twelfth, tied, SAE was added
+to its sweep (`tied_alphas`; not re-measured since); 04 9 minutes; 05 5.5 minutes of patching).
 ``gpu`` is the embedded model at full scale on one GPU. ``colab`` is the paper's model and data
 (Pythia-70M-deduped on the Pile) sized for Colab's free T4 (15 GB GPU, 12 GB RAM, a cache that fits
 15 GB of Google Drive, each notebook well under an hour); ``paper`` is the paper's full setting for a
@@ -63,6 +64,7 @@ class Profile:
     pick_ratio: float = 2                              # R of the SAE that later notebooks use
     pick_max_l0: float = 50                            # ... with at most this L0
     sae_tied: tuple[bool, ...] = (False,)              # tied and/or untied decoders
+    tied_alphas: tuple[float, ...] = ()                # extra tied L1 SAEs (anthropic2023 recipe) at pick_ratio
     improved_alphas: tuple[float, ...] = ()            # improved-recipe L1 SAEs (at pick_ratio)
     topk_ks: tuple[int, ...] = (16,)                   # TopK SAEs for comparison ...
     topk_ratio: float = 2                              # ... at this R
@@ -123,7 +125,7 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         "cpu", layers=(3, 6, 9), ctx_len=128, harvest_tokens=300_000, batch_contexts=16,
         shard_contexts=256, sae_ratios=(1, 4), sae_alphas=(2e-3, 3e-3, 4e-3), pick_ratio=4,
-        improved_alphas=(2e-3, 3e-3, 4e-3), topk_ks=(32,), topk_ratio=4, train_tokens=1_228_800,
+        improved_alphas=(2e-3, 3e-3, 4e-3), tied_alphas=(3e-3,), topk_ks=(32,), topk_ratio=4, train_tokens=1_228_800,
         train_batch=1024, lr=4e-3, curve_points=4, curve_contexts=2, eval_tokens=16_256, ce_contexts=16,
         score_tokens=50_000, autointerp_features=1, ica_tokens=20_000, ica_max_iter=60, ioi_prompts=48,
         pronoun_prompts=48, patch_layer_step=4,
@@ -158,7 +160,8 @@ PROFILES: dict[str, Profile] = {
         patch_layer_step=1,
     ),
 }
-TUPLE_FIELDS = ("layers", "sae_ratios", "sae_alphas", "sae_tied", "improved_alphas", "topk_ks")
+TUPLE_FIELDS = ("layers", "sae_ratios", "sae_alphas", "sae_tied", "improved_alphas", "tied_alphas", "topk_ks")
+EMPTY_TUPLE_FIELDS = ("tied_alphas",)  # may be set to an empty list
 
 
 def default_profile_name() -> str:
@@ -181,14 +184,15 @@ def _check_value(name: str, value, source: str):
     hint = typing.get_type_hints(Profile)[name]
     default = getattr(PROFILES["test"], name)
     if name in TUPLE_FIELDS:
-        if not isinstance(value, (list, tuple)) or not value:
-            raise ValueError(f"{source}: {name} must be a non-empty list, e.g. {list(default)}, not {value!r}")
-        elem = type(default[0])
+        example = list(default) or list(PROFILES["cpu"].tied_alphas)
+        if not isinstance(value, (list, tuple)) or not (value or name in EMPTY_TUPLE_FIELDS):
+            raise ValueError(f"{source}: {name} must be a non-empty list, e.g. {example}, not {value!r}")
+        elem = type(example[0])
         ok = all(isinstance(v, bool) if elem is bool else
                  isinstance(v, (int, float)) and not isinstance(v, bool) and (elem is float or float(v).is_integer())
                  for v in value)
         if not ok:
-            raise ValueError(f"{source}: {name} must be a list of {elem.__name__}, e.g. {list(default)}, not {value!r}")
+            raise ValueError(f"{source}: {name} must be a list of {elem.__name__}, e.g. {example}, not {value!r}")
         return tuple(elem(v) for v in value)
     if value is None and "None" in str(hint):
         return None

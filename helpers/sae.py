@@ -1,26 +1,41 @@
-"""Sparse autoencoders: the paper's ReLU + L1 SAE (tied or untied) and TopK, stacked for sweeps.
+"""Sparse autoencoders: ReLU + L1 SAEs (tied or untied) and TopK, stacked for sweeps.
 
-The paper's SAE, for an activation x (d_in numbers) and a dictionary of d_sae directions::
+An L1 SAE, for an activation x (d_in numbers) and a dictionary of d_sae directions::
 
     c  = ReLU(W_enc (x - b_dec) + b_enc)          codes, one per dictionary direction
     x̂  = W_dec c + b_dec                          reconstruction
     loss = ||x - x̂||² / d_in  +  α · Σ_i |c_i|    (rows of W_dec kept at unit norm)
 
-``tied=True`` uses W_enc = W_decᵀ (the paper's residual-stream runs). ``architecture="topk"``
+``tied=True`` uses W_enc = W_decᵀ (the seed paper's residual-stream runs were tied). ``architecture="topk"``
 (Gao et al. 2024) keeps only the k largest pre-activations instead of paying an L1 penalty, with
 the AuxK loss reviving dead latents.
 
 Two recipes train a ReLU + L1 SAE (``SAEConfig.recipe``):
 
-* ``"paper"``: the paper's, as above: unit-norm dictionary rows (the gradient component that would
-  change a row's norm is removed and rows are renormalised after every step), and dead latents
-  resampled (helpers.train).
-* ``"improved"``: Anthropic's April 2024 update: no norm constraint; instead the penalty weighs each
-  code by its decoder row's norm, α·Σ_i c_i‖W_dec,i‖; small-norm decoder rows at initialisation
+* ``"anthropic2023"`` (called ``"paper"`` before, a name still accepted when reading configs and
+  files): Anthropic's 2023 recipe ("Towards Monosemanticity"), as above: a decoder bias b_dec,
+  subtracted from the encoder's input and initialised at the data mean; unit-norm dictionary rows (the
+  gradient component that would change a row's norm is removed and rows are renormalised after every
+  step); dead latents resampled (helpers.train). **This is not the seed paper's own code**
+  (Cunningham et al. 2023, github.com/HoagyC/sparse_coding), which has no decoder bias and
+  normalises the dictionary inside the forward pass (x̂ = c · W/‖W‖, gradients flowing through the
+  normalisation), with an encoder bias only, tied and untied; it is the closest standard recipe
+  of the same model (ReLU + L1, unit-norm directions), and the workbook reproduces the paper's
+  claims with it. The seed paper's exact method is not implemented here.
+* ``"improved"``: Anthropic's April 2024 update: the encoder sees x itself, f = ReLU(W_enc x + b_enc),
+  both biases initialised at zero (``centres_input`` is False; SAELens files still hold the
+  b_dec-subtracted form, converted on saving and loading); no norm constraint: the penalty weighs
+  each code by its decoder row's norm, α·Σ_i c_i‖W_dec,i‖; small-norm decoder rows at initialisation
   (norm 0.1) with W_enc = W_decᵀ (untied afterwards); α warmed up from 0 over the first 5% of steps;
-  gradients clipped per SAE; no resampling. At the end of training the norms are folded into the
-  codes (W_dec rows to unit norm, encoder rows and bias scaled to match), which changes no
-  reconstruction and makes the penalty a plain L1 again, so both recipes give SAEs of the same form.
+  gradients clipped per SAE at norm 1 *on the scale of a loss summed over dimensions*, as the update
+  does (our loss is divided by d_in, so helpers.train clips at 1/d_in, which under Adam is the same
+  clip); no resampling. At the end of training the norms are folded into the codes (W_dec rows to unit
+  norm, encoder rows and bias scaled to match), which changes no reconstruction and makes the penalty
+  a plain L1 again, so both recipes give SAEs of the same form.
+
+Every SAE starts from its own random dictionary (`initial_dictionary`), seeded by the base seed and
+the SAE's own config (`init_seed`): SAEs of one sweep start apart, and an SAE starts from the same
+dictionary alone or in a sweep.
 
 `losses` computes the training losses on a dense path (plain autograd, the reference) or a sparse
 path (helpers.sparse: the decoder and all backward passes touch only the active latents); "auto"
@@ -37,6 +52,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -44,7 +60,9 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("standard", "topk")  # SAELens's names: "standard" is ReLU + L1
-RECIPES = ("paper", "improved")       # how a standard SAE is trained (module docstring)
+RECIPES = ("anthropic2023", "improved")  # how a standard SAE is trained (module docstring)
+RECIPE_ALIASES = {"paper": "anthropic2023"}  # the name "anthropic2023" had before (old files, old code)
+RECIPE_NAMES = {"anthropic2023": "Anthropic-2023 L1", "improved": "improved L1"}  # families in tables and plots
 IMPROVED_INIT_NORM = 0.1              # decoder row norm at initialisation, improved recipe
 SPARSE_MAX_DENSITY = 0.15             # "auto": L1 batches with more active codes than this share go dense
                                       # (measured on 2 CPU cores: the sparse path wins below about 20%)
@@ -62,10 +80,11 @@ class SAEConfig:
     k: int = 0
     hook_name: str = ""
     model_name: str = ""
-    recipe: str = "paper"
+    recipe: str = "anthropic2023"
     massive: bool = True  # apply the hook's massive-activation rule when training (helpers.massive)
 
     def __post_init__(self):
+        object.__setattr__(self, "recipe", normalise_recipe(self.recipe))
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive (ratio R = d_sae/d_in > 0); got "
                              f"d_in={self.d_in}, d_sae={self.d_sae}")
@@ -79,7 +98,7 @@ class SAEConfig:
             raise ValueError(f"unknown recipe {self.recipe!r}: one of {RECIPES}")
         if self.recipe == "improved" and (self.architecture != "standard" or self.tied):
             raise ValueError("the improved recipe is for untied ReLU + L1 SAEs (architecture='standard', "
-                             "tied=False); TopK SAEs train with their own recipe (recipe='paper')")
+                             "tied=False); TopK SAEs train with their own recipe (recipe='anthropic2023')")
 
     @classmethod
     def from_ratio(cls, d_in: int, ratio: float, **kw) -> "SAEConfig":
@@ -98,17 +117,40 @@ class SAEConfig:
 
     @property
     def family(self) -> str:
-        """"paper L1", "improved L1" or "TopK": the three kinds of SAE the workbook compares (with
-        " (no massive treatment)" for a control trained without helpers.massive's rule)."""
-        base = "TopK" if self.architecture == "topk" else f"{self.recipe} L1"
+        """"Anthropic-2023 L1", "improved L1" or "TopK": the three kinds of SAE the workbook compares
+        (with " (no massive treatment)" for a control trained without helpers.massive's rule)."""
+        base = "TopK" if self.architecture == "topk" else RECIPE_NAMES[self.recipe]
         return base if self.massive else f"{base} (no massive treatment)"
 
     @property
     def label(self) -> str:
         kind = f"α={self.l1_coefficient:g}" if self.architecture == "standard" else f"k={self.k}"
         tied = "tied " if self.tied else ""
-        base = "TopK" if self.architecture == "topk" else f"{self.recipe} L1"
+        base = "TopK" if self.architecture == "topk" else RECIPE_NAMES[self.recipe]
         return f"{tied}{base} R={self.ratio:g} {kind}{'' if self.massive else ' (no massive treatment)'}"
+
+
+def normalise_recipe(name: str) -> str:
+    """A recipe's current name ("paper", its old name, is read as "anthropic2023")."""
+    return RECIPE_ALIASES.get(name, name)
+
+
+def init_seed(cfg: SAEConfig, seed: int = 0) -> int:
+    """The seed of one SAE's initial dictionary: the base seed and the SAE's own config (everything
+    but `massive`, so that the control trained without the massive treatment starts where its twin
+    does). SAEs of one sweep start from different dictionaries, and an SAE starts from the same one
+    whether it trains alone or in a sweep."""
+    key = json.dumps({k: v for k, v in asdict(cfg).items() if k != "massive"}, sort_keys=True)
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63)
+
+
+def initial_dictionary(cfg: SAEConfig, seed: int = 0) -> torch.Tensor:
+    """The decoder rows [d_sae, d_in] an SAE of this config starts from (SAEStack(..., seed)): random
+    unit directions (norm IMPROVED_INIT_NORM for the improved recipe), from init_seed(cfg, seed)."""
+    gen = torch.Generator().manual_seed(init_seed(cfg, seed))
+    w = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+    w = w / w.norm(dim=-1, keepdim=True)
+    return w * IMPROVED_INIT_NORM if cfg.recipe == "improved" else w
 
 
 class SAEStack(nn.Module):
@@ -126,15 +168,11 @@ class SAEStack(nn.Module):
         self.configs = list(configs)
         c0 = configs[0]
         n, d, m = len(configs), c0.d_in, c0.d_sae
-        # Same seed -> same initial dictionary for every SAE of this shape, wherever it sits in a
-        # sweep: a sweep trains exactly the SAEs that training each alone would.
-        gen = torch.Generator().manual_seed(seed)
-        w = torch.randn(m, d, generator=gen)
-        w = w / w.norm(dim=-1, keepdim=True)
-        if c0.recipe == "improved":
-            w = w * IMPROVED_INIT_NORM
-        self.W_dec = nn.Parameter(w.expand(n, m, d).clone())
-        self.W_enc = None if c0.tied else nn.Parameter(w.expand(n, m, d).clone())
+        # Each SAE its own initial dictionary, seeded by the base seed and its own config: SAEs of a
+        # sweep start apart, and a sweep trains exactly the SAEs that training each alone would.
+        w = torch.stack([initial_dictionary(c, seed) for c in configs])
+        self.W_dec = nn.Parameter(w.clone())
+        self.W_enc = None if c0.tied else nn.Parameter(w.clone())
         self.b_enc = nn.Parameter(torch.zeros(n, m))
         self.b_dec = nn.Parameter(torch.zeros(n, d))
         self.register_buffer("scale", torch.ones(n))
@@ -181,6 +219,13 @@ class SAEStack(nn.Module):
         """Whether training keeps the dictionary rows at unit norm (all but the improved recipe)."""
         return self.recipe != "improved"
 
+    @property
+    def centres_input(self) -> bool:
+        """Whether the encoder sees x - b_dec (Anthropic 2023, TopK) or x itself (the improved recipe,
+        as in Anthropic's April 2024 update: f = ReLU(W_enc x + b_enc)). Files hold SAELens's form
+        (b_dec subtracted): save_saelens and load_saelens convert b_enc."""
+        return self.recipe != "improved"
+
     def __getitem__(self, i: int) -> "SAEStack":
         one = SAEStack([self.configs[i]])
         one.load_state_dict({k: (v[i:i + 1].detach().clone() if torch.is_tensor(v) else v)
@@ -199,7 +244,7 @@ class SAEStack(nn.Module):
         return {"recipe": self.recipe}
 
     def set_extra_state(self, state):
-        theirs = (state or {}).get("recipe", "paper")
+        theirs = normalise_recipe((state or {}).get("recipe", "anthropic2023"))
         if theirs != self.recipe:
             raise ValueError(f"these weights were trained with the {theirs!r} recipe but are being loaded into "
                              f"a {self.recipe!r}-recipe SAE: the recipes differ in their constraints "
@@ -227,8 +272,10 @@ class SAEStack(nn.Module):
         return x * self.scale.view(-1, 1, 1)
 
     def _centred(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, d_in] (shared) or [n, B, d_in] -> scaled, minus b_dec: [n, B, d_in]."""
-        return self._scaled(x) - self.b_dec.unsqueeze(1)
+        """x [B, d_in] (shared) or [n, B, d_in] -> scaled, minus b_dec where the recipe centres the
+        encoder's input (`centres_input`): [n, B, d_in]."""
+        xs = self._scaled(x)
+        return xs - self.b_dec.unsqueeze(1) if self.centres_input else xs
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, d_in] (shared) or [n, B, d_in] -> pre-activations [n, B, d_sae]."""
@@ -268,7 +315,7 @@ class SAEStack(nn.Module):
         """Per-SAE training losses for a batch x [B, d_in]; returns a dict of [n] tensors.
 
         mse: ‖x̂ - x‖² / d_in in scaled units; l1 (standard): l1_scale·α·Σ_i c_i‖W_dec,i‖ per token
-        (the rows are unit norm in the paper recipe); aux (topk): the AuxK loss on the residual, from
+        (the rows are unit norm in the anthropic2023 recipe); aux (topk): the AuxK loss on the residual, from
         the `dead` [n, d_sae] latents. Also l0 [n] and fired [n, d_sae] (latents active in the batch),
         detached, and path, the path taken.
 
@@ -285,7 +332,7 @@ class SAEStack(nn.Module):
         from . import sparse
 
         xs = self._scaled(x)
-        xc = xs - self.b_dec.unsqueeze(1)
+        xc = xs - self.b_dec.unsqueeze(1) if self.centres_input else xs
         n, B, d = xc.shape
         m = self.d_sae
         w_enc = self.encoder_weight()
@@ -429,7 +476,8 @@ class SAEStack(nn.Module):
         xs = self._scaled(x).index_select(0, idx)
         w_enc, w_dec = self.encoder_weight().index_select(0, idx), self.W_dec.index_select(0, idx)
         b_enc, b_dec = self.b_enc.index_select(0, idx), self.b_dec.index_select(0, idx)
-        c = torch.relu(torch.baddbmm(b_enc.unsqueeze(1), xs - b_dec.unsqueeze(1), w_enc.transpose(1, 2).to(xs.dtype)))
+        xc = xs - b_dec.unsqueeze(1) if self.centres_input else xs
+        c = torch.relu(torch.baddbmm(b_enc.unsqueeze(1), xc, w_enc.transpose(1, 2).to(xs.dtype)))
         out, _ = self._decode_losses(c, xs, b_dec, w_dec)
         out["l1"] = l1_scale * self.l1[idx] * self._l1_penalty(c, w_dec)
         out["loss"] = out["mse"] + out["l1"]
@@ -510,10 +558,13 @@ def save_saelens(sae: SAEStack, path, extra: dict | None = None) -> Path:
     cfg = sae.configs[0]
     s = float(sae.scale[0])
     w_enc = sae.encoder_weight()[0].detach().float().T * s
+    b_enc = sae.b_enc[0].detach().float()
+    if not sae.centres_input:  # SAELens subtracts b_dec from the input: W_enc(x - b_dec) + (b_enc + W_enc b_dec)
+        b_enc = b_enc + sae.encoder_weight()[0].detach().float() @ sae.b_dec[0].detach().float()
     tensors = {
         "W_enc": w_enc.contiguous(),
         "W_dec": (sae.W_dec[0].detach().float() / s).contiguous(),
-        "b_enc": sae.b_enc[0].detach().float().contiguous(),
+        "b_enc": b_enc.contiguous(),
         "b_dec": (sae.b_dec[0].detach().float() / s).contiguous(),
     }
     saelens_cfg = {
@@ -548,15 +599,17 @@ def save_saelens(sae: SAEStack, path, extra: dict | None = None) -> Path:
 def load_saelens(path, recipe: str | None = None) -> SAEStack:
     """Load SAELens files (ours, or a SAELens standard/topk SAE) as a one-SAE stack.
 
-    recipe: if given, the recipe the caller expects ("paper" or "improved"); files of another recipe
-    are refused with an error that says which (files from elsewhere count as "paper")."""
+    recipe: if given, the recipe the caller expects ("anthropic2023", its old name "paper", or
+    "improved"); files of another recipe are refused with an error that says which (files from
+    elsewhere count as "anthropic2023")."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / SAELENS_CFG).exists():
         raise FileNotFoundError(f"no SAE at {path}: expected {SAELENS_CFG} and {SAELENS_WEIGHTS} (SAELens layout)")
     cfg = json.loads((path / SAELENS_CFG).read_text())
-    theirs = (cfg.get("workbook") or {}).get("recipe", "paper")
+    theirs = normalise_recipe((cfg.get("workbook") or {}).get("recipe", "anthropic2023"))
+    recipe = None if recipe is None else normalise_recipe(recipe)
     if recipe is not None and recipe != theirs:
         raise ValueError(f"{path} holds an SAE trained with the {theirs!r} recipe, not {recipe!r}: "
                          f"load it with recipe={theirs!r} (or None), or choose an SAE of the {recipe!r} recipe")
@@ -580,6 +633,8 @@ def load_saelens(path, recipe: str | None = None) -> SAEStack:
     if not cfg.get("apply_b_dec_to_input", True):
         # SAELens without b_dec on the input: fold it into b_enc so that our formula matches.
         tensors["b_enc"] = tensors["b_enc"] + b_dec @ tensors["W_enc"]
+    if theirs == "improved":  # our improved encoder does not subtract b_dec: take it out of b_enc
+        tensors["b_enc"] = tensors["b_enc"] - b_dec @ tensors["W_enc"]
     with torch.no_grad():
         sae.W_enc = nn.Parameter(tensors["W_enc"].T.unsqueeze(0).float().contiguous())
         sae.W_dec.copy_(tensors["W_dec"].unsqueeze(0))

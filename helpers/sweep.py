@@ -2,8 +2,10 @@
 
 `get_sweep(profile)` trains the grid in one pass (helpers.train):
 
-* the paper's SAEs: ``sae_ratios`` × ``sae_alphas`` × ``sae_tied``, ReLU + L1 with a unit-norm
-  dictionary and resampling (recipe "paper");
+* the paper-style SAEs: ``sae_ratios`` × ``sae_alphas`` × ``sae_tied``, ReLU + L1 with a unit-norm
+  dictionary and resampling (recipe "anthropic2023", Anthropic's 2023 recipe: see helpers.sae for how
+  it differs from the seed paper's code), and tied ones at ``pick_ratio`` for ``tied_alphas`` (the
+  seed paper's residual-stream SAEs were tied);
 * the improved L1 recipe (Anthropic, April 2024; helpers.sae): ``improved_alphas`` at ``pick_ratio``;
 * TopK SAEs: ``topk_ks`` at ``topk_ratio``;
 * a control: the middle improved-recipe SAE again, trained without the massive-activation treatment
@@ -11,13 +13,16 @@
 
 While they train it records a learning curve (held-out FVU over all and ordinary tokens for every
 SAE; CE-loss recovered for those at ``pick_ratio``) at ``curve_points`` log-spaced points. It then
-evaluates every SAE on held-out activations and inside the model (helpers.metrics), saves each in
-SAELens layout and the table in ``results.json``. A finished sweep is loaded, not retrained; an
+evaluates every SAE on held-out activations and inside the model (helpers.metrics), on two disjoint
+halves of the held-out contexts (`eval_split`): the rule below chooses on the first half ("select",
+columns ``select_*``), and every reported figure comes from the second ("report"). It saves each SAE
+in SAELens layout and the table in ``results.json``; MMCS between sizes is reported beside the MMCS of
+the same pair at initialisation and of random dictionaries (`mmcs_table`). A finished sweep is loaded, not retrained; an
 interrupted one resumes from its checkpoint. `get_sae(profile)` returns the chosen SAE.
 
-The choice, as a rule: among the L1 SAEs of either recipe at the profile's ``pick_ratio`` with at most
-20% dead latents and an L0 of at most ``pick_max_l0``, the one with the highest CE-loss recovered
-(mean-ablation reference); if none qualifies, the one of that ratio with the lowest FVU (among those
+The choice, as a rule, on the "select" half of the held-out contexts: among the L1 SAEs of either
+recipe at the profile's ``pick_ratio`` with at most 20% dead latents and an L0 of at most
+``pick_max_l0``, the one with the highest CE-loss recovered (mean-ablation reference); if none qualifies, the one of that ratio with the lowest FVU (among those
 with at most 20% dead latents, if any). So the improved recipe becomes the default for later
 notebooks exactly when it wins; the table keeps the paper's best beside it.
 
@@ -36,17 +41,19 @@ import torch
 
 from .harvest import get_store
 from .metrics import contexts_from_store, mmcs, reconstruction_metrics, spliced_loss
-from .sae import SAEConfig, load_saelens, save_saelens
+from .sae import SAEConfig, initial_dictionary, load_saelens, normalise_recipe, save_saelens
 from .train import TrainConfig, train_sweep
 
 MAX_DEAD = 0.2
-VERSION = 2  # bump when the training or evaluation changes what a cached sweep holds
+VERSION = 3  # bump when the training or evaluation changes what a cached sweep holds
 
 
 def sweep_configs(profile, d_in: int) -> list[SAEConfig]:
     common = {"hook_name": profile.sae_hook, "model_name": profile.model}
     configs = [SAEConfig.from_ratio(d_in, r, l1_coefficient=a, tied=t, **common)
                for t in profile.sae_tied for r in profile.sae_ratios for a in profile.sae_alphas]
+    configs += [c for c in (SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=a, tied=True, **common)
+                            for a in profile.tied_alphas) if c not in configs]
     configs += [SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=a, recipe="improved", **common)
                 for a in profile.improved_alphas]
     configs += [SAEConfig.from_ratio(d_in, profile.topk_ratio, architecture="topk", k=k, **common)
@@ -75,7 +82,7 @@ def _key(profile, *extra) -> str:
               profile.pick_max_l0, profile.eval_tokens, profile.ce_contexts, profile.sae_ratios, profile.sae_alphas,
               profile.sae_tied, profile.improved_alphas, profile.topk_ks, profile.topk_ratio, profile.train_tokens,
               profile.train_batch, profile.lr, profile.seed, profile.massive, profile.massive_control, profile.curve_points,
-              profile.curve_contexts, *extra]
+              profile.curve_contexts, profile.tied_alphas, *extra]
     return hashlib.sha1(json.dumps(fields).encode()).hexdigest()[:8]
 
 
@@ -83,64 +90,118 @@ def sweep_dir(profile) -> Path:
     return profile.cache_dir / "sae" / f"sweep-{_key(profile, profile.sae_hook)}"
 
 
+def _sel(row: dict, key: str):
+    """A row's selection-slice figure (``select_<key>``), or the plain one in rows made without a split."""
+    return row.get(f"select_{key}", row[key])
+
+
 def choose(rows: list[dict], ratio: float, max_l0: float) -> int:
-    """Index of the chosen SAE in the sweep table (the rule in this module's docstring)."""
+    """Index of the chosen SAE in the sweep table (the rule in this module's docstring), read from the
+    rows' selection-slice columns (``select_dead``, ``select_l0``, ``select_ce_recovered_mean``,
+    ``select_fvu``), never from the columns that are reported."""
     l1 = [i for i, r in enumerate(rows) if r["architecture"] == "standard" and r["ratio"] == ratio
           and r.get("massive", True)]
     if not l1:
         raise ValueError(f"the sweep has no L1 SAE of ratio {ratio}")
-    ok = [i for i in l1 if rows[i]["dead"] <= MAX_DEAD and rows[i]["l0"] <= max_l0]
+    ok = [i for i in l1 if _sel(rows[i], "dead") <= MAX_DEAD and _sel(rows[i], "l0") <= max_l0]
     if ok:
-        return max(ok, key=lambda i: rows[i]["ce_recovered_mean"])
-    alive = [i for i in l1 if rows[i]["dead"] <= MAX_DEAD] or l1
-    return min(alive, key=lambda i: rows[i]["fvu"])
+        return max(ok, key=lambda i: _sel(rows[i], "ce_recovered_mean"))
+    alive = [i for i in l1 if _sel(rows[i], "dead") <= MAX_DEAD] or l1
+    return min(alive, key=lambda i: _sel(rows[i], "fvu"))
 
 
 def best_of_recipe(rows: list[dict], recipe: str, ratio: float, max_l0: float) -> int | None:
-    """The SAE the rule would choose among one recipe's L1 SAEs only (None if it has none)."""
-    idx = [i for i, r in enumerate(rows) if r["architecture"] != "standard" or r["recipe"] == recipe]
+    """The SAE the rule would choose among one recipe's L1 SAEs only (None if it has none); "paper" is
+    read as "anthropic2023", its current name."""
+    recipe = normalise_recipe(recipe)
+    idx = [i for i, r in enumerate(rows) if r["architecture"] != "standard" or normalise_recipe(r["recipe"]) == recipe]
     if not any(rows[i]["architecture"] == "standard" and rows[i]["ratio"] == ratio for i in idx):
         return None
     return idx[choose([rows[i] for i in idx], ratio, max_l0)]
 
 
+def eval_split(eval_store) -> dict:
+    """The held-out store's contexts split in two disjoint halves: the first ("select") is what the
+    rule chooses an SAE on, the second ("report") what every reported figure is measured on, so the
+    chosen SAE's figures are not those it was picked for. {name: (first context, end)}."""
+    per = eval_store.manifest["ctx_len"] - 1
+    n = eval_store.n_tokens // per
+    if n < 2:
+        raise ValueError(f"the held-out store {eval_store.path} holds {n} context(s): at least 2 are needed "
+                         "(one to choose on, one to report on); raise eval_tokens")
+    return {"select": (0, n // 2), "report": (n // 2, n)}
+
+
+SELECT_KEYS = ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")
+
+
 @torch.no_grad()
-def evaluate(saes, configs, eval_store, hook, model, ce_contexts: int, rule=None) -> list[dict]:
-    """One table row per SAE: config, L0/MSE/FVU (all, ordinary, massive: split by the hook's
-    massive-activation `rule`)/dead/dense on held-out activations, CE loss spliced in and KL."""
-    x = eval_store.activations(hook)
-    flags = None if rule is None else rule.flags(x)
+def _evaluate_slice(saes, x, flags, tokens, hook, model) -> tuple[list[dict], dict]:
     device = next(model.parameters()).device
-    tokens = contexts_from_store(eval_store, ce_contexts, model.tokenizer.bos_token_id)
-    saes = [s.to(device) for s in saes]
 
     def reconstruct(a):
         return torch.stack([s(a.to(device))[0] for s in saes])
 
     spliced = spliced_loss(model, tokens, hook, reconstruct, mean_act=x.mean(0))
     rows = []
-    for j, (sae, cfg) in enumerate(zip(saes, configs)):
+    for j, sae in enumerate(saes):
         r = reconstruction_metrics(sae, x, flags=flags)[0]
-        rows.append({**dataclasses.asdict(cfg), "ratio": cfg.ratio, "label": cfg.label, "family": cfg.family, **r,
-                     "ce_sae": spliced["ce_sae"][j], "kl": spliced["kl_sae"][j],
+        rows.append({**r, "ce_sae": spliced["ce_sae"][j], "kl": spliced["kl_sae"][j],
                      "ce_recovered": spliced["ce_recovered"][j], "ce_recovered_mean": spliced["ce_recovered_mean"][j]})
-    refs = {k: spliced[k] for k in ("ce_clean", "ce_zero", "ce_mean", "kl_zero", "kl_mean")}
-    for r in rows:
-        r.update(refs)
+    return rows, {k: spliced[k] for k in ("ce_clean", "ce_zero", "ce_mean", "kl_zero", "kl_mean")}
+
+
+@torch.no_grad()
+def evaluate(saes, configs, eval_store, hook, model, ce_contexts: int, rule=None) -> list[dict]:
+    """One table row per SAE: config, L0/MSE/FVU (all, ordinary, massive: split by the hook's
+    massive-activation `rule`)/dead/dense on held-out activations, CE loss spliced in (on
+    `ce_contexts` contexts) and KL: measured on the "report" half of the held-out contexts
+    (`eval_split`). The same figures on the "select" half, which `choose` reads, are kept under
+    ``select_<name>`` (SELECT_KEYS). The mean-ablation reference is each half's own mean activation."""
+    x_all = eval_store.activations(hook)
+    per = eval_store.manifest["ctx_len"] - 1
+    device = next(model.parameters()).device
+    saes = [s.to(device) for s in saes]
+    out = {}
+    for name, (a, b) in eval_split(eval_store).items():
+        x = x_all[a * per: b * per]
+        flags = None if rule is None else rule.flags(x)
+        tokens = contexts_from_store(eval_store, min(ce_contexts, b - a), model.tokenizer.bos_token_id, start=a)
+        out[name] = _evaluate_slice(saes, x, flags, tokens, hook, model)
+    (report, refs), (select, _) = out["report"], out["select"]
+    rows = []
+    for cfg, r, sr in zip(configs, report, select):
+        rows.append({**dataclasses.asdict(cfg), "ratio": cfg.ratio, "label": cfg.label, "family": cfg.family, **r,
+                     **refs, **{f"select_{k}": sr[k] for k in SELECT_KEYS}})
     return rows
 
 
-def mmcs_table(saes, configs) -> list[dict]:
-    """MMCS between each pair of paper SAEs with the same α and decoder, of successive sizes."""
+def random_mmcs(d_in: int, m_small: int, m_large: int, seed: int = 0) -> float:
+    """MMCS between two independent dictionaries of random unit directions of these sizes (chance)."""
+    g = torch.Generator().manual_seed(seed * 7_919 + m_small * 31 + m_large)
+    return mmcs(torch.randn(m_small, d_in, generator=g), torch.randn(m_large, d_in, generator=g))
+
+
+def mmcs_table(saes, configs, seed: int = 0) -> list[dict]:
+    """MMCS between each pair of anthropic2023-recipe L1 SAEs with the same α and decoder, of
+    successive sizes: of the trained pair ("mmcs", also "mmcs_trained"), of the same pair at
+    initialisation ("mmcs_init": the initial dictionaries are rebuilt from `seed` and each config, as
+    training built them) and of two independent random unit dictionaries of the same sizes
+    ("mmcs_random", the chance level). Only trained MMCS well above both says the two sizes found
+    the same directions by learning them."""
     out = []
-    paper = [(c, s) for c, s in zip(configs, saes) if c.architecture == "standard" and c.recipe == "paper"]
-    for ca, sa in paper:
-        larger = sorted([(cb, sb) for cb, sb in paper if cb.l1_coefficient == ca.l1_coefficient
+    l1 = [(c, s) for c, s in zip(configs, saes) if c.architecture == "standard" and c.recipe == "anthropic2023"
+          and c.massive]
+    for ca, sa in l1:
+        larger = sorted([(cb, sb) for cb, sb in l1 if cb.l1_coefficient == ca.l1_coefficient
                          and cb.tied == ca.tied and cb.d_sae > ca.d_sae], key=lambda p: p[0].d_sae)
         if larger:
             cb, sb = larger[0]
+            trained = mmcs(sa.directions()[0].cpu(), sb.directions()[0].cpu())
             out.append({"alpha": ca.l1_coefficient, "tied": ca.tied, "ratio_small": ca.ratio,
-                        "ratio_large": cb.ratio, "mmcs": mmcs(sa.directions()[0].cpu(), sb.directions()[0].cpu())})
+                        "ratio_large": cb.ratio, "mmcs": trained, "mmcs_trained": trained,
+                        "mmcs_init": mmcs(initial_dictionary(ca, seed), initial_dictionary(cb, seed)),
+                        "mmcs_random": random_mmcs(ca.d_in, ca.d_sae, cb.d_sae, seed)})
     return out
 
 
@@ -177,7 +238,8 @@ def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
     """The profile's sweep results (training and evaluating first if needed).
 
     Returns {"rows": table, "mmcs": table, "history": training log, "curve": learning curve,
-    "chosen": index, "best_paper": index of the paper recipe's best, "massive": the rule at the SAE
+    "eval_split": the held-out contexts chosen on and reported on, "chosen": index, "best_paper":
+    index of the anthropic2023 recipe's best (the key keeps its old name), "massive": the rule at the SAE
     hook, "dir": folder, "seconds": training time, "tokens": tokens per SAE}.
     """
     folder = sweep_dir(profile)
@@ -198,15 +260,16 @@ def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
     on_eval = learning_curve_fn(configs, eval_store, hook, model, profile, rule)
     result = train_sweep(store, hook, configs, train_config(profile), run_dir=folder, progress=progress,
                          on_eval=on_eval, rules={hook: rule} if rule else None)
-    rows = evaluate(result.saes, configs, eval_store, hook, model, profile.ce_contexts, rule)
+    rows = evaluate(result.saes, result.configs, eval_store, hook, model, profile.ce_contexts, rule)
     for i, (sae, row) in enumerate(zip(result.saes, rows)):
         save_saelens(sae.cpu(), folder / f"sae_{i:02d}", extra={"eval": {k: row[k] for k in
                      ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")}})
     curve = [{"tokens": h["tokens"], "rows": h["eval"]} for h in result.history if "eval" in h]
     history = [h for h in result.history if "eval" not in h]
-    out = {"rows": rows, "mmcs": mmcs_table(result.saes, configs), "history": history, "curve": curve,
+    out = {"rows": rows, "mmcs": mmcs_table(result.saes, result.configs, profile.seed), "history": history,
+           "curve": curve, "eval_split": eval_split(eval_store),
            "chosen": choose(rows, profile.pick_ratio, profile.pick_max_l0),
-           "best_paper": best_of_recipe(rows, "paper", profile.pick_ratio, profile.pick_max_l0),
+           "best_paper": best_of_recipe(rows, "anthropic2023", profile.pick_ratio, profile.pick_max_l0),
            "massive": result.rules[hook].to_json(), "seconds": result.seconds, "tokens": result.tokens}
     tmp = results.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1))

@@ -5,11 +5,16 @@ the α's or k's of a group share a stack), reads each shuffled batch once, at ev
 need, and trains every stack on it:
 
 * Adam (fused where torch has it) with LR warm-up and a final linear decay;
-* the paper recipe and TopK: unit-norm dictionary rows (the parallel gradient component removed,
-  rows renormalised after every step), dead latents resampled (paper L1) or revived by AuxK (TopK);
-* the improved L1 recipe (helpers.sae): α warmed up over the first `l1_warmup_fraction` of steps,
-  gradients clipped per SAE, no norm constraint and no resampling; its decoder norms are folded into
-  the codes at the end;
+* the anthropic2023 recipe and TopK: unit-norm dictionary rows (the parallel gradient component
+  removed, rows renormalised after every step), b_dec started at the data mean, dead latents
+  resampled (anthropic2023 L1) or revived by AuxK (TopK);
+* the improved L1 recipe (helpers.sae): both biases start at zero, α warmed up over the first
+  `l1_warmup_fraction` of steps, gradients clipped per SAE at `grad_clip` on the scale of a loss summed
+  over dimensions (the April 2024 update's convention; our loss is that divided by d_in, so the clip
+  applied is grad_clip / d_in), no norm constraint and no resampling; its decoder norms are folded
+  into the codes at the end. The history logs each SAE's largest pre-clip gradient norm since the
+  previous log (``grad_norm``, in the clip's units; None for SAEs that are not clipped), so a reader
+  sees whether clipping ever acts;
 * massive activations (helpers.massive): by default the rule is fitted on the store at each hook and
   every SAE removes the massive offset from flagged tokens; input scaling and b_dec's initial value
   come from the activations with the offset removed;
@@ -62,7 +67,9 @@ class TrainConfig:
     resample_pool: int = 16_384        # inputs drawn (without replacement) for each resampling
     aux_coefficient: float = 1 / 32    # AuxK (TopK SAEs)
     l1_warmup_fraction: float = 0.05   # improved recipe: α rises linearly from 0 over this share of steps
-    grad_clip: float = 1.0             # improved recipe: per-SAE gradient norm clip
+    grad_clip: float = 1.0             # improved recipe: per-SAE gradient norm clip, on the scale of a loss
+                                       # summed over dimensions (April 2024); ours is divided by d_in, so the
+                                       # gradients are clipped at grad_clip / d_in (the same clip under Adam)
     massive: bool = True               # apply the massive-activation rule (helpers.massive)
     path: str = "auto"                 # SAE.losses path: "auto", "sparse" or "dense"
     eval_at: tuple = ()                # steps at which on_eval is called (learning curves)
@@ -264,7 +271,8 @@ def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since
     scaler's unscaling (fp16), the recipe's gradient treatment (unit-norm projection, or per-SAE
     clipping), Adam (skipped by the scaler if a gradient overflowed), the LR schedule, renormalisation
     and dead-latent counters. `l1_scale` is the improved recipe's α warm-up factor. Returns each
-    stack's losses."""
+    stack's losses (with "grad_norm" [n], the pre-clip gradient norms in the clip's units, for the
+    stacks that clip)."""
     from contextlib import nullcontext
 
     outs = []
@@ -281,11 +289,12 @@ def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since
         outs.append(out)
     if scaler is not None:
         scaler.unscale_(opt)  # true gradients before the projection and the clip
-    for st in stacks:
+    for st, out in zip(stacks, outs):
         if st.unit_norm:
             st.remove_parallel_grads()
         elif tc.grad_clip:
-            clip_grad_norm_per_sae(st, tc.grad_clip)
+            # the clip is stated for a loss summed over dimensions; ours is divided by d_in
+            out["grad_norm"] = clip_grad_norm_per_sae(st, tc.grad_clip / st.d_in) * st.d_in
     if scaler is None:
         opt.step()
     else:
@@ -342,8 +351,9 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
         if st.configs[0].massive:
             st.set_massive(rules[h])
         st.scale.fill_(scale)
-        with torch.no_grad():
-            st.b_dec.copy_((mean * scale).expand_as(st.b_dec))  # start the decoder bias at the data mean
+        if st.centres_input:  # start the decoder bias at the data mean (the improved recipe: at zero)
+            with torch.no_grad():
+                st.b_dec.copy_((mean * scale).expand_as(st.b_dec))
         st.to(device)
     opt, sched = make_optimizer(stacks, tc, total_steps)
     autocast, scaler = amp(device, tc.precision)
@@ -353,6 +363,7 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
     gens = [torch.Generator().manual_seed(tc.seed * 1_000_003 + zlib.crc32(repr(c).encode())) for c in configs]
     gen_of = {pos: gens[i] for i, pos in enumerate(where)}
     history, step, seconds = [], 0, 0.0
+    grad_max = [None] * len(configs)  # largest pre-clip gradient norm since the last log, per SAE
 
     ckpt = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
     fingerprint = _fingerprint(configs, tc, store)
@@ -419,6 +430,10 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
                               since_fired, tc, l1_scale=min(1.0, (step + 1) / warm_l1), autocast=autocast,
                               scaler=scaler)
             step += 1
+            for i, (s, row) in enumerate(where):
+                if "grad_norm" in outs[s]:
+                    g = float(outs[s]["grad_norm"][row])
+                    grad_max[i] = g if grad_max[i] is None else max(grad_max[i], g)
             if (tc.resample_every and step % tc.resample_every == 0
                     and step < tc.resample_until * total_steps):
                 _resample(stacks, since_fired, store, tc, step, opt, gen_of, device)
@@ -426,7 +441,9 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
                 rec = {"step": step, "tokens": step * tc.batch_size, "mse": [None] * len(configs),
                        "l0": [None] * len(configs), "dead": [None] * len(configs),
                        "lr": sched.get_last_lr()[0],
-                       "sparse_steps": [o["path"] == "sparse" for o in outs]}
+                       "sparse_steps": [o["path"] == "sparse" for o in outs],
+                       "grad_norm": list(grad_max), "grad_clip": tc.grad_clip}
+                grad_max = [None] * len(configs)
                 for i, (s, row) in enumerate(where):
                     rec["mse"][i] = float(outs[s]["mse"][row].detach())
                     rec["l0"][i] = float(outs[s]["l0"][row])

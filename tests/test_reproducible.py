@@ -20,7 +20,7 @@ TC = TrainConfig(total_tokens=B * STEPS, batch_size=B, lr=3e-3, warmup_steps=4, 
                  resample_every=8, resample_until=0.7, resample_pool=2048, log_every=1, checkpoint_every=8,
                  device="cpu", buffer_shards=2, path="sparse")
 FAMILIES = {
-    "paper L1": [SAEConfig(D, M, l1_coefficient=a) for a in (3e-3, 1e-2)],
+    "anthropic2023 L1": [SAEConfig(D, M, l1_coefficient=a) for a in (3e-3, 1e-2)],
     "improved L1": [SAEConfig(D, M, l1_coefficient=a, recipe="improved") for a in (3e-3, 1e-2)],
     "TopK": [SAEConfig(D, M, architecture="topk", k=k) for k in (16, 32)],
 }

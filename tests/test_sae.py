@@ -148,11 +148,11 @@ def test_recipe_is_checked_on_load(tmp_path):
     improved = randomised([SAEConfig(D, M, l1_coefficient=1e-3, recipe="improved")])
     save_saelens(improved, tmp_path / "imp")
     assert load_saelens(tmp_path / "imp", recipe="improved").recipe == "improved"
-    with pytest.raises(ValueError, match="trained with the 'improved' recipe, not 'paper'"):
+    with pytest.raises(ValueError, match="trained with the 'improved' recipe, not 'anthropic2023'"):
         load_saelens(tmp_path / "imp", recipe="paper")
     # a training checkpoint (state dict) of one recipe cannot be loaded into an SAE of the other
     paper = SAEStack([SAEConfig(D, M, l1_coefficient=1e-3)])
-    with pytest.raises(ValueError, match="trained with the 'improved' recipe but are being loaded into a 'paper'"):
+    with pytest.raises(ValueError, match="trained with the 'improved' recipe but are being loaded into a 'anthropic2023'"):
         paper.load_state_dict(improved.state_dict())
     with pytest.raises(ValueError, match="improved recipe is for untied"):
         SAEConfig(D, M, architecture="topk", k=3, recipe="improved")

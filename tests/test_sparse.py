@@ -1,4 +1,6 @@
 """The sparse training path equals the dense one: codes, reconstruction, losses, every gradient."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -46,8 +48,8 @@ def assert_same(out):
 
 
 CASES = {
-    "paper L1 untied": [SAEConfig(D, M, l1_coefficient=a) for a in (1e-3, 5e-2)],
-    "paper L1 tied": [SAEConfig(D, M, tied=True, l1_coefficient=a) for a in (1e-3, 5e-2)],
+    "anthropic2023 L1 untied": [SAEConfig(D, M, l1_coefficient=a) for a in (1e-3, 5e-2)],
+    "anthropic2023 L1 tied": [SAEConfig(D, M, tied=True, l1_coefficient=a) for a in (1e-3, 5e-2)],
     "improved L1": [SAEConfig(D, M, l1_coefficient=a, recipe="improved") for a in (1e-3, 5e-2)],
     "topk": [SAEConfig(D, M, architecture="topk", k=k) for k in (3, 7)],
 }
@@ -97,10 +99,10 @@ def test_sparse_equals_dense_with_massive_tokens():
 
 
 def test_auto_takes_the_dense_path_for_dense_l1_batches():
-    sae = randomised(CASES["paper L1 untied"], bias=2.0)   # positive biases: most codes active
+    sae = randomised(CASES["anthropic2023 L1 untied"], bias=2.0)   # positive biases: most codes active
     x = torch.randn(32, D)
     assert sae.losses(x)["path"] == "dense"
-    sae = randomised(CASES["paper L1 untied"], bias=-6.0)  # very negative biases: few codes active
+    sae = randomised(CASES["anthropic2023 L1 untied"], bias=-6.0)  # very negative biases: few codes active
     assert sae.losses(x)["path"] == "sparse"
     assert sae.losses(x, path="dense")["path"] == "dense"
     with pytest.raises(ValueError, match="path must be"):
@@ -127,7 +129,7 @@ def test_pattern_and_kernels_against_dense_matrices():
 def test_each_sae_of_a_stack_takes_its_own_path():
     """"auto" decides per SAE: in a stack with one dense and one sparse L1 SAE, each gets exactly the
     losses and gradients it gets alone (bit for bit), so a sweep trains the SAEs that solo runs would."""
-    configs = CASES["paper L1 untied"]
+    configs = CASES["anthropic2023 L1 untied"]
     stack = randomised(configs)
     with torch.no_grad():
         stack.b_enc[0].fill_(2.0)    # SAE 0: most codes active -> dense path
@@ -199,6 +201,7 @@ def test_sparse_equals_dense_after_training(name):
     x, _ = sparse_data(n=2048, d=D, m=30)
     start = trained(configs, x * 3)
     assert not torch.allclose(start.W_dec, SAEStack(configs).W_dec, atol=0.05)  # far from the initialisation
+    assert not torch.allclose(start.W_dec[0], start.W_dec[1], atol=0.05)  # two distinct SAEs in the stack
     saes = {path: copy_of(start) for path in ("dense", "sparse")}
     g = torch.Generator().manual_seed(5)
     for _ in range(4):
@@ -312,3 +315,34 @@ def test_l1_penalty_without_an_fp32_copy_of_the_codes(dtype):
     assert torch.allclose(gw, ref_gw, rtol=tol, atol=1e-6)
     with sparse.force_generic():  # the branch a GPU takes (where the reduction reads the codes in their dtype)
         assert torch.allclose(SAEStack._l1_penalty(c, w), ref, rtol=tol)
+
+
+# ---- the trainer end to end: several Adam steps of a sweep on each path -------------------------
+SWEEP = [SAEConfig(D, 48, l1_coefficient=a) for a in (3e-3, 3e-2)] + \
+        [SAEConfig(D, 48, l1_coefficient=a, recipe="improved") for a in (3e-3, 3e-2)] + \
+        [SAEConfig(D, 48, architecture="topk", k=k) for k in (3, 6)]
+
+
+def test_sparse_and_dense_paths_train_the_same_distinct_saes(array_store):
+    """Several Adam steps of a sweep of distinct SAEs (two per family, different α or k, different
+    initial dictionaries) on the sparse path and on the dense one end at the same SAEs and losses."""
+    from conftest import sparse_data
+    from helpers.sae import initial_dictionary
+    from helpers.train import TrainConfig, train_sweep
+
+    x, _ = sparse_data(n=2048, d=D, m=30)
+    store = array_store(x * 3)
+    tc = TrainConfig(total_tokens=128 * 8, batch_size=128, lr=3e-3, warmup_steps=2, log_every=1, device="cpu",
+                     dead_window=256)
+    out = {p: train_sweep(store, "blocks.0.hook_resid_post", SWEEP, dataclasses.replace(tc, path=p), progress=False)
+           for p in ("sparse", "dense")}
+    s, d = out["sparse"], out["dense"]
+    assert all(all(h["sparse_steps"]) for h in s.history) and not any(any(h["sparse_steps"]) for h in d.history)
+    for i, c in enumerate(SWEEP):
+        ws, wd = s.saes[i].W_dec, d.saes[i].W_dec
+        assert not torch.allclose(ws[0], initial_dictionary(c, tc.seed), atol=1e-3)  # the steps moved it
+        assert torch.allclose(ws, wd, atol=2e-4), (c.label, (ws - wd).abs().max())
+        assert torch.allclose(s.saes[i].b_enc, d.saes[i].b_enc, atol=2e-4), c.label
+        assert [h["mse"][i] for h in s.history] == pytest.approx([h["mse"][i] for h in d.history], rel=1e-3)
+    for a, b in ((0, 1), (2, 3), (4, 5)):  # the two SAEs of each family really are different SAEs
+        assert not torch.allclose(s.saes[a].W_dec, s.saes[b].W_dec, atol=0.05)

@@ -1,0 +1,120 @@
+"""Initialisation per SAE, MMCS against its references, the choice on a held-out slice, the improved
+recipe's uncentred encoder in SAELens files, and the logged pre-clip gradient norms."""
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import sparse_data
+from helpers.metrics import mmcs
+from helpers.sae import SAEConfig, SAEStack, initial_dictionary, load_saelens, save_saelens
+from helpers.sweep import choose, mmcs_table, random_mmcs
+from helpers.train import TrainConfig, train_sweep
+
+D = 16
+HOOK = "blocks.0.hook_resid_post"
+
+
+def test_every_sae_starts_from_its_own_dictionary():
+    a, b = SAEConfig(D, 48, l1_coefficient=1e-3), SAEConfig(D, 48, l1_coefficient=3e-3)
+    stack = SAEStack([a, b], seed=0)
+    assert not torch.allclose(stack.W_dec[0], stack.W_dec[1], atol=0.1)  # α differs -> another init
+    for i, c in enumerate((a, b)):  # in a stack exactly as alone, and as initial_dictionary rebuilds it
+        assert torch.equal(stack.W_dec[i], SAEStack([c], seed=0).W_dec[0])
+        assert torch.equal(stack.W_dec[i], initial_dictionary(c, 0))
+        assert torch.equal(stack.W_enc[i], stack.W_dec[i])
+    assert not torch.equal(SAEStack([a], seed=1).W_dec, SAEStack([a], seed=0).W_dec)  # the base seed counts
+    # the control without the massive treatment starts where its twin does
+    assert torch.equal(initial_dictionary(dataclasses.replace(a, massive=False), 0), initial_dictionary(a, 0))
+    # two sizes start from unrelated dictionaries: MMCS at chance, not 1 (it was 1 with one shared seed)
+    small, large = SAEConfig(64, 64, l1_coefficient=1e-3), SAEConfig(64, 256, l1_coefficient=1e-3)
+    init = mmcs(initial_dictionary(small, 0), initial_dictionary(large, 0))
+    chance = random_mmcs(64, 64, 256)
+    assert init < 0.6 and abs(init - chance) < 0.05, (init, chance)
+
+
+def test_mmcs_table_reports_init_and_chance():
+    configs = [SAEConfig(D, m, l1_coefficient=a) for m in (16, 64) for a in (1e-3, 3e-3)]
+    configs.append(SAEConfig(D, 64, architecture="topk", k=3))
+    stacks = [SAEStack([c], seed=0) for c in configs]
+    table = mmcs_table(stacks, configs, seed=0)
+    assert [(t["alpha"], t["ratio_small"], t["ratio_large"]) for t in table] == [(1e-3, 1, 4), (3e-3, 1, 4)]
+    for t in table:  # untrained SAEs: trained MMCS is the init MMCS, and both sit at chance
+        assert t["mmcs"] == t["mmcs_trained"] == pytest.approx(t["mmcs_init"], abs=1e-6)
+        assert abs(t["mmcs_init"] - t["mmcs_random"]) < 0.1 and t["mmcs_random"] < 0.9
+    with torch.no_grad():  # a larger dictionary that contains the smaller one: trained MMCS 1, init unchanged
+        stacks[2].W_dec[0, :16] = stacks[0].W_dec[0]
+    t = mmcs_table(stacks, configs, seed=0)[0]
+    assert t["mmcs_trained"] == pytest.approx(1.0, abs=1e-6) and t["mmcs_init"] < 0.95
+
+
+def _row(i, select_ce, report_ce, **kw):
+    r = {"architecture": "standard", "ratio": 4, "massive": True, "recipe": "improved", "l0": 20, "dead": 0.0,
+         "fvu": 0.1, "ce_recovered_mean": report_ce, "select_l0": 20, "select_dead": 0.0, "select_fvu": 0.1,
+         "select_ce_recovered_mean": select_ce}
+    r.update(kw)
+    return r
+
+
+def test_choose_reads_the_selection_slice_only():
+    rows = [_row(0, 0.90, 0.99), _row(1, 0.95, 0.80)]
+    assert choose(rows, 4, 50) == 1  # best on the selection slice, though worse on the reported one
+    rows = [_row(0, 0.90, 0.90), _row(1, 0.95, 0.95, select_l0=80, l0=10)]
+    assert choose(rows, 4, 50) == 0  # its L0 on the selection slice disqualifies SAE 1
+    rows = [_row(0, 0.90, 0.90, select_dead=0.5), _row(1, 0.80, 0.80)]
+    assert choose(rows, 4, 50) == 1
+    old = [{k: v for k, v in _row(i, 0, ce).items() if not k.startswith("select_")} for i, ce in enumerate((0.9, 0.95))]
+    assert choose(old, 4, 50) == 1  # rows of tables made without a split still work
+
+
+def test_improved_encoder_ignores_b_dec_and_files_keep_saelens_form(tmp_path):
+    cfg = SAEConfig(D, 32, l1_coefficient=1e-3, recipe="improved")
+    sae = SAEStack([cfg], seed=2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(1, 32, D, generator=g))
+        sae.b_enc.copy_(torch.randn(1, 32, generator=g) * 0.3)
+        sae.b_dec.copy_(torch.randn(1, D, generator=g))
+        sae.scale.fill_(1.3)
+    x = torch.randn(50, D, generator=g)
+    pre = (x * 1.3) @ sae.W_enc[0].T + sae.b_enc[0]       # f = ReLU(W_enc x + b_enc): no b_dec
+    assert torch.allclose(sae.encode(x)[0], torch.relu(pre), atol=1e-5)
+    save_saelens(sae, tmp_path / "imp")
+    back = load_saelens(tmp_path / "imp")
+    assert back.recipe == "improved"
+    assert torch.allclose(back(x), sae(x), atol=1e-4) and torch.allclose(back.encode(x), sae.encode(x), atol=1e-4)
+    # the file itself is SAELens's formula, relu((x - b_dec) W_enc + b_enc)
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "imp" / "sae_weights.safetensors"))
+    codes = torch.relu((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
+    assert torch.allclose(codes @ t["W_dec"] + t["b_dec"], sae(x)[0], atol=1e-4)
+    # "paper", the old name of the anthropic2023 recipe, is still read
+    assert SAEConfig(D, 32, recipe="paper").recipe == "anthropic2023"
+
+
+@pytest.fixture
+def store(array_store):
+    x, _ = sparse_data(n=2048, d=D, m=30)
+    return array_store(x * 3)
+
+
+CONFIGS = [SAEConfig(D, 48, l1_coefficient=a) for a in (3e-3, 3e-2)] + \
+          [SAEConfig(D, 48, l1_coefficient=a, recipe="improved") for a in (3e-3, 3e-2)] + \
+          [SAEConfig(D, 48, architecture="topk", k=k) for k in (3, 6)]
+
+
+def test_history_logs_pre_clip_gradient_norms(store):
+    tc = TrainConfig(total_tokens=128 * 12, batch_size=128, lr=3e-3, warmup_steps=2, log_every=3,
+                     device="cpu", grad_clip=1.0)
+    res = train_sweep(store, HOOK, CONFIGS, tc, progress=False)
+    logs = [h for h in res.history if "grad_norm" in h]
+    assert len(logs) == 4
+    for h in logs:
+        assert h["grad_clip"] == 1.0
+        for c, g in zip(CONFIGS, h["grad_norm"]):
+            assert (g is None) == (c.recipe != "improved")
+            assert g is None or g > 0
+    # the improved SAEs' biases started at zero (the April 2024 initialisation), the others' b_dec at the mean
+    fresh = train_sweep(store, HOOK, CONFIGS, dataclasses.replace(tc, total_tokens=128, lr=0.0), progress=False)
+    assert fresh.saes[2].b_dec.abs().max() == 0 and fresh.saes[0].b_dec.abs().max() > 0.1
