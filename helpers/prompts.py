@@ -220,6 +220,29 @@ class PromptSet:
                          [self.template[i] for i in idx], [self.texts[i] for i in idx],
                          [self.cf_texts[i] for i in idx], [self.variant[i] for i in idx], dict(self.meta))
 
+    def split(self, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed, seeded split of the prompts into two halves: (rank, measure), sorted index tensors.
+
+        Rank features on one half and measure them on the other, so that the measurement is not of
+        the prompts the features were selected on. The split is stratified: within each (template,
+        variant) cell the prompts are shuffled (seeded) and dealt alternately, and a cell of odd size
+        hands its spare prompt to the other half than the previous odd cell did, so the halves differ
+        in size by at most one, as do their counts in every cell."""
+        if len(self) < 2:
+            raise ValueError(f"cannot split {len(self)} prompt(s) into a ranking and a measuring half")
+        rng = random.Random(seed)
+        cells: dict = {}
+        for i, key in enumerate(zip(self.template, self.variant)):
+            cells.setdefault(key, []).append(i)
+        halves, spare = ([], []), 0
+        for key in sorted(cells):
+            idx = cells[key]
+            rng.shuffle(idx)
+            for j, i in enumerate(idx):
+                halves[(j + spare) % 2].append(i)
+            spare = (spare + len(idx)) % 2
+        return tuple(torch.tensor(sorted(h), dtype=torch.long) for h in halves)
+
     def swapped(self) -> PromptSet:
         """The counterfactual prompts as a set of their own: cf_tokens with correct and wrong exchanged."""
         return PromptSet(self.cf_tokens, self.wrong, self.correct, self.tokens, list(self.template),

@@ -3,10 +3,13 @@ import pytest
 import torch
 
 from helpers.dictionary import neuron_basis, random_directions
-from helpers.patching import ablate, ce_loss, edit_curve, patch_curve, upstream_features
+from helpers.patching import (ablate, candidate_pool, ce_loss, edit_context, edit_curve, gap_closed, patch_context,
+                              patch_curve, patch_positions_by_layer, position_mask, ratio_interval,
+                              upstream_features)
 from helpers.prompts import make_ioi, make_pronoun
 
 HOOK = "blocks.3.hook_resid_post"
+LAYER = 3
 
 
 @pytest.fixture(scope="module")
@@ -14,21 +17,93 @@ def ioi(model):
     return make_ioi(model.tokenizer, n=8, seed=0)
 
 
-def test_patching_a_complete_basis_gives_the_counterfactual_run(model, ioi):
-    d = neuron_basis(model.cfg.d_model, hook_name=HOOK)
-    r = patch_curve(model, ioi, HOOK, d, ks=(0, 2 * model.cfg.d_model))
-    none, everything = r["points"]
-    assert none["gap_closed"] == pytest.approx(0.0, abs=1e-4) and none["kl"] == pytest.approx(0.0, abs=1e-4)
-    assert everything["gap_closed"] == pytest.approx(1.0, abs=1e-3)  # the whole residual is now the counterfactual's
+@pytest.fixture(scope="module")
+def ctx(model, ioi):
+    return patch_context(model, ioi, HOOK)
+
+
+@pytest.fixture(scope="module")
+def plain(model, ioi):
+    """Plain patching of the whole residual stream at layers 0 and 3, every position set."""
+    return {r["layer"]: r for r in patch_positions_by_layer(model, ioi, [0, LAYER], progress=False)}
+
+
+@pytest.fixture(scope="module")
+def neurons():
+    return neuron_basis(576, hook_name=HOOK)
+
+
+def test_patching_every_feature_of_a_complete_basis_is_the_plain_patch(model, ioi, ctx, plain, neurons):
+    everything = 2 * model.cfg.d_model
+    rank, measure = ioi.split()
+    on_measure = {p: gap_closed(plain[LAYER]["per_prompt"]["clean"][measure], plain[LAYER]["per_prompt"]["cf"][measure],
+                                plain[LAYER]["per_prompt"][p][measure]) for p in ("changed", "last")}
+    for positions in ("changed", "last", "all"):
+        r = patch_curve(model, ioi, HOOK, neurons, ks=(0, everything), context=ctx, positions=positions)
+        none, full = r["points"]
+        assert none["gap_closed"] == pytest.approx(0.0, abs=1e-4) and none["kl"] == pytest.approx(0.0, abs=1e-4)
+        assert r["measure"] == measure.tolist() and r["n_measure"] == len(measure)
+        if positions == "all":  # the whole residual is now the counterfactual's: the counterfactual run
+            assert full["gap_closed"] == pytest.approx(1.0, abs=1e-3)
+        else:  # at chosen positions: exactly the plain patch of those positions, on the same prompts
+            assert full["gap_closed"] == pytest.approx(on_measure[positions], abs=2e-3)
     assert r["ld_clean"] > 0 > r["ld_cf"]
+    # at layer 3 the name information is still at the repeated name, not at the last position: patching
+    # the wrong position leaves the answer (nearly) where it was
+    assert on_measure["changed"] > 0.5 and abs(on_measure["last"]) < 0.2
 
 
-def test_patch_curve_ranks_by_attribution_and_moves_towards_the_counterfactual(model, ioi):
-    d = neuron_basis(model.cfg.d_model, hook_name=HOOK)
-    r = patch_curve(model, ioi, HOOK, d, ks=(1, 16, 128))
-    gaps = [p["gap_closed"] for p in r["points"]]
+def test_patch_curve_ranks_on_one_half_and_measures_on_the_other(model, ioi, ctx, neurons):
+    rank, measure = torch.arange(4), torch.arange(4, 8)
+    a = patch_curve(model, ioi, HOOK, neurons, ks=(1, 16, 128), context=ctx, split=(rank, measure))
+    b = patch_curve(model, ioi, HOOK, neurons, ks=(1, 16, 128), context=ctx, split=(rank, measure[:2]))
+    c = patch_curve(model, ioi, HOOK, neurons, ks=(1, 16, 128), context=ctx, split=(measure, rank))
+    # the ranking depends on the rank half only: measuring other prompts does not change it
+    assert a["order"] == b["order"] and a["order"] != a["order_in_sample"]
+    # "in-sample" ranks on the measured half itself: the other split's held-out ranking
+    assert a["order_in_sample"] == c["order"] and c["order_in_sample"] == a["order"]
+    assert a["attribution"][a["order"][0]] <= a["attribution"].min() + 1e-6
+    gaps = [p["gap_closed"] for p in a["points"]]
     assert gaps[-1] > 0.05 and gaps[-1] >= gaps[0] - 0.02
-    assert r["attribution"][r["order"][0]] <= r["attribution"].min() + 1e-6
+    for p in a["points"] + c["points"]:  # every point has an interval over the measured prompts around it
+        for key in ("gap_closed", "gap_in_sample", "kl"):
+            assert p[key + "_low"] - 1e-9 <= p[key] <= p[key + "_high"] + 1e-9
+    with pytest.raises(ValueError, match="overlap"):
+        patch_curve(model, ioi, HOOK, neurons, ks=(1,), context=ctx, split=(rank, torch.arange(3, 8)))
+
+
+def test_candidates_limit_the_choice(model, ioi, ctx, neurons):
+    pool = candidate_pool(1152, 100, seed=0, salt="neurons")
+    assert len(pool) == 100 and pool.tolist() == sorted(set(pool.tolist()))
+    assert torch.equal(pool, candidate_pool(1152, 100, seed=0, salt="neurons"))
+    assert not torch.equal(pool, candidate_pool(1152, 100, seed=0, salt="PCA"))
+    assert torch.equal(candidate_pool(50, 100), torch.arange(50)) and torch.equal(candidate_pool(50, None), torch.arange(50))
+    r = patch_curve(model, ioi, HOOK, neurons, ks=(4, 100), context=ctx, candidates=pool)
+    assert set(r["order"]) <= set(pool.tolist()) and r["n_candidates"] == 100
+    assert r["captured_candidates"] < r["captured"] == pytest.approx(1.0, abs=1e-4)  # 100 of 1152 halves
+
+
+def test_ratio_interval():
+    num, den = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([2.0, 2.0, 2.0, 2.0])
+    value, low, high = ratio_interval(num, den, n_boot=2000, seed=0)
+    assert value == pytest.approx(1.5) and low < value < high
+    assert ratio_interval(num, den, n_boot=2000, seed=0) == (value, low, high)  # seeded
+    wide = high - low
+    v4, lo4, hi4 = ratio_interval(num.repeat(4), den.repeat(4), n_boot=2000, seed=0)
+    assert v4 == pytest.approx(1.5) and hi4 - lo4 < 0.7 * wide  # four times the prompts: about half the width
+    assert ratio_interval(torch.ones(5), torch.full((5,), 2.0)) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="same non-empty shape"):
+        ratio_interval(num, den[:3])
+
+
+def test_position_masks(ioi):
+    changed, between, last, everything = (position_mask(ioi, p) for p in ("changed", "between", "last", "all"))
+    assert (changed.sum(1) == 1).all() and (last.sum(1) == 1).all() and last[:, -1].all()
+    assert not (changed & between).any() and not (between & last).any() and not everything[:, 0].any()
+    first = changed.float().argmax(1)
+    assert (between.sum(1) == ioi.tokens.shape[1] - 2 - first).all()
+    with pytest.raises(ValueError, match="positions must be one of"):
+        position_mask(ioi, "names")
 
 
 def test_ablate_removes_exactly_the_feature(model):
@@ -43,13 +118,24 @@ def test_ablate_removes_exactly_the_feature(model):
     assert torch.equal(y[..., others], x[..., others])
 
 
-def test_edit_curve_and_ce(model):
-    ps = make_pronoun(model.tokenizer, n=8, seed=0)
+def test_edit_curve_beats_random_features_held_out_and_counts_its_damage(model, neurons):
+    ps = make_pronoun(model.tokenizer, n=16, seed=0)
     text = model.to_tokens(["The jury said it did find that many of the election laws are outmoded."])
     assert ce_loss(model, text, HOOK, lambda a: a) == pytest.approx(ce_loss(model, text), abs=1e-5)
-    d = random_directions(model.cfg.d_model, 64, hook_name=HOOK)
-    r = edit_curve(model, ps, text, HOOK, d, ks=(1, 8))
-    assert len(r["points"]) == 2 and all(torch.isfinite(torch.tensor(p["ce_increase"])) for p in r["points"])
+    ectx = edit_context(model, ps, text, HOOK)
+    r = edit_curve(model, ps, text, HOOK, neurons, ks=(0, 16), context=ectx, random_ce=True)
+    zero, sixteen = r["points"]
+    assert all(zero[key] == pytest.approx(0, abs=1e-5) for key in ("edit", "edit_random", "ce_increase"))
+    # the features attribution picked on the other half remove much more of the behaviour than as many
+    # features drawn at random
+    assert sixteen["edit"] > 0.2 and sixteen["edit"] > sixteen["edit_random"] + 0.1
+    for p in r["points"]:
+        for key in ("edit", "edit_in_sample", "edit_random", "ce_increase", "ce_random"):
+            assert p[key + "_low"] - 1e-6 <= p[key] <= p[key + "_high"] + 1e-6
+    # the collateral damage is that of ablating the very features of the edit
+    direct = ce_loss(model, text, HOOK, ablate(neurons, r["order"][:16])) - ce_loss(model, text)
+    assert sixteen["ce_increase"] == pytest.approx(direct, abs=1e-4)
+    assert set(r["rank"]).isdisjoint(r["measure"])
 
 
 def test_bad_hooks(model, ioi):
@@ -62,33 +148,48 @@ def test_bad_hooks(model, ioi):
 
 
 def test_upstream_features_are_verified(model, ioi):
-    up, down = neuron_basis(576, hook_name="blocks.1.hook_resid_post"), neuron_basis(576, hook_name=HOOK)
-    res = upstream_features(model, ioi.tokens, HOOK, down, 7, "blocks.1.hook_resid_post", up, top=3)
-    assert len(res) == 3 and all(abs(r["change"]) >= 0 for r in res)
-    # the strongest attributed upstream feature measurably changes the downstream one
-    assert abs(res[0]["change"]) > 1e-3
+    up_hook = "blocks.1.hook_resid_post"
+    up, down = neuron_basis(576, hook_name=up_hook), neuron_basis(576, hook_name=HOOK)
+    res = upstream_features(model, ioi.tokens, HOOK, down, 7, up_hook, up, top=3)
+    assert len(res) == 3
+    # each change is a real ablation: recompute the first one by hand
+    g = res[0]["feature"]
+    with torch.no_grad():
+        got = {}
+
+        def cap(act, hook):
+            got["y"] = act
+        model.run_with_hooks(ioi.tokens, fwd_hooks=[(up_hook, lambda act, hook: ablate(up, [g])(act)), (HOOK, cap)],
+                             stop_at_layer=LAYER + 1)
+        after = float(down.encode(got["y"][:, 1:].reshape(-1, 576).float())[:, 7].sum())
+    assert res[0]["change"] == pytest.approx(after - res[0]["base"], abs=1e-3)
+    # the strongest attributed upstream feature measurably changes the downstream one, in the direction
+    # attribution predicted
+    assert abs(res[0]["change"]) > 1e-3 and res[0]["change"] * res[0]["attribution"] > 0
 
 
-def test_plain_patching_by_layer(model, ioi):
-    from helpers.patching import patch_positions_by_layer
-
-    rows = patch_positions_by_layer(model, ioi, [0, model.cfg.n_layers - 1], progress=False)
-    first, last = rows
-    # layer 0: only the changed position differs, so patching it there is the whole counterfactual run
+def test_plain_patching_by_layer(model, plain, ioi):
+    first, third = plain[0], plain[LAYER]
+    # layer 0: only the changed position differs, so patching it there is the whole counterfactual run,
+    # and the later positions carry (nearly) none of it yet
     assert first["changed"] == pytest.approx(1.0, abs=0.05) and abs(first["last"]) < 0.05
-    # last layer: the last position's residual stream alone decides the logits
-    assert last["last"] == pytest.approx(1.0, abs=1e-3)
+    assert abs(first["between"]) < 0.2
+    for row in (first, third):  # the rows' gaps are those of their per-prompt logit differences
+        pp = row["per_prompt"]
+        for p in ("changed", "between", "last"):
+            assert row[p] == pytest.approx(gap_closed(pp["clean"], pp["cf"], pp[p]), abs=1e-6)
+        assert pp["clean"].shape == (len(ioi),) and (pp["clean"] > 0).float().mean() > 0.5
     with pytest.raises(ValueError, match="outside the model"):
         patch_positions_by_layer(model, ioi, [model.cfg.n_layers], progress=False)
 
 
-def test_captured_share(model, ioi):
+def test_captured_share(model, ioi, ctx):
     from helpers.patching import captured_share
 
     assert captured_share(neuron_basis(model.cfg.d_model, hook_name=HOOK), model, ioi, HOOK) == pytest.approx(1.0, abs=1e-4)
     few = random_directions(model.cfg.d_model, 16, hook_name=HOOK)  # 8 directions of 576: a small share
-    share = captured_share(few, model, ioi, HOOK)
+    share = captured_share(few, model, ioi, HOOK, positions="changed")
     assert -0.5 < share < 0.5
-    assert patch_curve(model, ioi, HOOK, few, ks=(1,))["captured"] == pytest.approx(share, abs=1e-5)
+    assert patch_curve(model, ioi, HOOK, few, ks=(1,), context=ctx)["captured"] == pytest.approx(share, abs=1e-5)
     with pytest.raises(ValueError, match="fitted on"):
         captured_share(neuron_basis(model.cfg.d_model, hook_name="blocks.2.hook_resid_post"), model, ioi, HOOK)

@@ -189,6 +189,27 @@ def test_swapped_is_the_counterfactual_as_a_set(ioi):
     assert back.meta["swapped"] is False and back.texts == ioi.texts and torch.equal(back.tokens, ioi.tokens)
 
 
+def test_split_is_a_seeded_balanced_partition(ioi, pronoun):
+    for ps in (ioi, pronoun):
+        rank, measure = ps.split(seed=0)
+        n = len(ps)
+        assert sorted(rank.tolist() + measure.tolist()) == list(range(n))  # disjoint and covering
+        assert abs(len(rank) - len(measure)) <= 1
+        assert rank.tolist() == sorted(rank.tolist()) and measure.dtype == torch.long
+        cells = Counter(zip(ps.template, ps.variant))
+        for half in (rank, measure):  # every (template, variant) cell is split evenly
+            got = Counter((ps.template[i], ps.variant[i]) for i in half.tolist())
+            assert all(abs(2 * got[c] - k) <= 1 for c, k in cells.items())
+        again = ps.split(seed=0)
+        assert torch.equal(again[0], rank) and torch.equal(again[1], measure)
+        assert not torch.equal(ps.split(seed=1)[0], rank)
+    odd = ioi.subset(list(range(13)))  # 13 cells of one prompt each: the spares alternate
+    r, m = odd.split()
+    assert {len(r), len(m)} == {6, 7}
+    with pytest.raises(ValueError, match="cannot split 1 prompt"):
+        ioi.subset([0]).split()
+
+
 # ---------------------------------------------------------------------------------------- scoring
 
 def test_logit_diff_reads_the_last_position(ioi):
