@@ -11,15 +11,17 @@ Modules, one job each:
 * ``store``:    the on-disk activation store (shards, manifest, checksums, shuffled batches)
 * ``harvest``:  one model pass writing chosen hooks' activations to a store
 * ``massive``:  massive activations: the rule that flags them and the treatment every dictionary gets
-* ``sae``:      the SAE models (ReLU + L1 by the paper's or the improved recipe, tied or untied; TopK)
-                and SAELens files
+* ``sae``:      the SAE models (ReLU + L1 by Anthropic's 2023 or April-2024 recipe, tied or untied;
+                TopK) and SAELens files
 * ``sparse``:   sparse-code kernels: decoder and backward passes that touch only the active latents
 * ``train``:    one-pass sweep trainer, at one or several hooks (Adam, resampling, AuxK, checkpoints)
 * ``metrics``:  L0, FVU (all / ordinary / massive tokens), dead/dense, CE-loss recovered and KL, MMCS,
                 PCA reference
 * ``sweep``:    the profile's sweep end to end, the SAE it picks, and its twins at the other layers
 * ``dictionary``: one interface for SAEs and baselines (directions + encode/decode)
-* ``features``: feature statistics in one pass, LLM-free concept scores, logit effects
+* ``features``: feature statistics in one pass, in-sample concept scores (describing features), logit effects
+* ``heldout``:  held-out, sparsity-matched concept scores with nulls and context-resampled intervals
+                (comparing methods), and interpretability against training
 * ``dashboard``: feature dashboards and the ipywidgets browser
 * ``autointerp``: explain -> simulate -> score (local model or an OpenAI-compatible endpoint)
 * ``prompts``:  IOI and gendered-pronoun prompt sets for causal experiments

@@ -12,8 +12,8 @@ helpers.dictionary, and all are centred on the data mean. PCA, ICA and neurons g
 2·d_in features; random directions match the SAE's count. Given a massive-activation rule
 (helpers.massive), every baseline is fitted on, and encodes, the activations with the massive offset
 removed, exactly as the SAEs do. `compare_layers` scores the SAEs and every baseline at each of the
-profile's layers with the same concept scores and bootstrap CIs, over all tokens and over ordinary
-(non-massive) tokens.
+profile's layers with the held-out, sparsity-matched concept scores of helpers.heldout (intervals over
+resampled contexts), over ordinary (non-massive) tokens and over all tokens.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from .dictionary import LinearDictionary, SAEDictionary, neuron_basis, random_directions
-from .features import Concepts, concept_scores, dictionary_score, feature_stats
 from .models import resolve_device
 
 IN_MEMORY_TOKENS = 200_000
@@ -183,52 +182,68 @@ def layer_dictionaries(profile, layer: int, store, sweep, progress: bool = True,
     return dicts
 
 
-def compare_layers(profile, store, model, sweep, progress: bool = True, score_store=None) -> list[dict]:
-    """Concept scores (median best-concept MCC and correlation, 95% CIs), over all tokens and over
-    ordinary tokens, of the SAEs and each baseline at every harvested layer.
+def compare_layers(profile, store, model, sweep, progress: bool = True, score_store=None, n_boot: int = 200) -> list[dict]:
+    """Held-out, sparsity-matched concept scores (helpers.heldout) of the SAEs and each baseline at
+    every harvested layer: one row per (layer, method).
 
     "SAE" is the L1 SAE the sweep chose, "TopK SAE" the sweep's TopK SAE nearest to it in L0 (if the
     sweep has one); at the sweep's layer they are the sweep's own, elsewhere SAEs trained with the
-    same settings on that layer (all layers in one pass). Random directions match the L1 SAE's size.
+    same settings on that layer (all layers in one pass). The SAEs' features are active on their own
+    tokens (the module's one rule); every baseline feature (PCA, ICA, neurons, random) is made active
+    on as many tokens as a feature of the L1 SAE (`heldout.matched_counts`), so each method is judged
+    at the SAE's sparsity. Each row holds the medians over features on ordinary tokens with 95%
+    intervals over resampled contexts (`heldout.Scored.summary` keys: mcc, null_mcc, excess_mcc,
+    corr, ...), `vs_random` (the paired difference from random directions), `all` (the same medians
+    over all tokens, without intervals) and `scored` (per-feature results).
     Dictionaries are fitted on `store`; features are scored on `score_store` (default: `store`; for a
     model trained on the Pile, the Brown store of `profile.scoring`, whose tokens carry POS tags)."""
+    from tqdm.auto import tqdm
+
     from . import massive
+    from .heldout import HeldoutScorer, difference, matched_counts
     from .sweep import layer_saes
 
     score_store = store if score_store is None else score_store
-    concepts = Concepts.from_store(score_store, model.tokenizer)
     saes = layer_saes(profile, store, sweep, progress=progress)
-    rows = []
-    from tqdm.auto import tqdm
-
     n_saes = len({name for _, name in saes})
+    rows = []
     bar = tqdm(total=len(profile.layers) * (n_saes + 4), desc="compare layers", unit="dictionary",
                disable=not progress)
+    labels = None
+    device = resolve_device(profile.device)
     for layer in profile.layers:
         hook = f"blocks.{layer}.hook_{profile.hook}"
         dicts = layer_dictionaries(profile, layer, store, sweep, progress=progress, saes=saes)
-        rule = massive_rule(profile, store, layer)
-        flags = massive.flags(score_store, hook, rule)
+        flags = massive.flags(score_store, hook, massive_rule(profile, store, layer))
+        ordinary = HeldoutScorer(score_store, model.tokenizer, n_tokens=profile.score_tokens, scored=~flags,
+                                 labels=labels, n_boot=n_boot, seed=profile.seed)
+        labels = ordinary.labels  # the same tokens at every layer: label them once
+        every = HeldoutScorer(score_store, model.tokenizer, n_tokens=profile.score_tokens, labels=labels, n_boot=0,
+                              seed=profile.seed)
+        sae_counts = None
+        layer_rows = []
         for name, d in dicts.items():
             bar.set_postfix_str(f"layer {layer} {name}")
-            st = feature_stats(d, score_store, hook=hook, max_tokens=profile.score_tokens, progress=False)
-            both = concept_scores(d, score_store, st, concepts, progress=False, massive=flags)
-            row = {"layer": layer, "method": name, "features": d.n_features, "massive_share": float(flags.mean()),
-                   "median_density": float(st.density.median()), "converged": getattr(d, "converged", None),
-                   "dictionary": d, "stats": st}
-            for tokens, sc in (("all", both), ("ordinary", both.get("ordinary", both))):
-                s, c = dictionary_score(sc), dictionary_score(sc, key="corr")
-                suffix = "" if tokens == "all" else "_ord"
-                row.update({f"median_mcc{suffix}": s["value"], f"low{suffix}": s["low"], f"high{suffix}": s["high"],
-                            f"median_corr{suffix}": c["value"], f"corr_low{suffix}": c["low"],
-                            f"corr_high{suffix}": c["high"], f"n_scored{suffix}": s["n"], f"dead{suffix}": s["excluded"],
-                            f"scores{suffix}": sc["mcc"], f"concepts{suffix}": sc["concept"], f"corr{suffix}": sc["corr"],
-                            f"corr_concepts{suffix}": sc["corr_concept"]})
-            rows.append(row)
+            counts = None
+            if "SAE" not in name:
+                counts = matched_counts(sae_counts, d.n_features, seed=profile.seed)
+            sc = ordinary.score(d, name=name, hook=hook, counts=counts, device=device, progress=False)
+            if name == "SAE":
+                sae_counts = torch.as_tensor(sc.counts)
+            al = every.score(d, name=name, hook=hook, counts=counts, device=device, progress=False)
+            layer_rows.append({"layer": layer, "method": name, "features": d.n_features,
+                               "massive_share": float(flags[: ordinary.n].mean()),
+                               "converged": getattr(d, "converged", None), "dictionary": d, "scored": sc,
+                               "sparsity": "own" if counts is None else "L1 SAE's", **sc.summary(),
+                               "all": al.summary()})
             bar.update(1)
+        rnd = next(r["scored"] for r in layer_rows if r["method"] == "random")
+        for r in layer_rows:
+            r["vs_random"] = difference(r["scored"], rnd)
+        rows += layer_rows
         if progress:
             bar.write(f"layer {layer}: " + ", ".join(
-                f"{r['method']} {r['median_mcc_ord']:.3f}/{r['median_corr_ord']:.3f}" for r in rows[-len(dicts):])
-                + "  (MCC/corr, ordinary tokens)")
+                f"{r['method']} {r['mcc']:.3f} (chance {r['null_mcc']:.3f})" for r in layer_rows)
+                + "  (held-out MCC, ordinary tokens)")
     bar.close()
     return rows

@@ -150,15 +150,31 @@ class LinearDictionary(Dictionary):
         return self.mean.to(codes.device) + s @ self.decoder.to(codes.device)
 
 
+RANDOM_STREAM = 0x52414E44  # mixed into the seed of random directions: never an SAE's initialisation
+
+
 def random_directions(d_in: int, n_features: int, mean: torch.Tensor | None = None, seed: int = 0,
                       hook_name: str = "", model_name: str = "", massive=None):
     """n_features/2 random unit directions (each split in two halves) around the data mean: the
-    chance baseline."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(max(1, n_features // 2), d_in, generator=g)
-    w = w / w.norm(dim=-1, keepdim=True)
-    return LinearDictionary(w.T, w, mean, name="random directions", hook_name=hook_name, model_name=model_name,
-                            massive=massive)
+    chance baseline. They come from their own random stream (`seed` mixed with RANDOM_STREAM), so
+    they are independent of any SAE initialised with the same seed, and they have a decoder that
+    reconstructs: an orthonormal set when there are at most d_in of them (decoder = encoderᵀ), else
+    the pseudo-inverse of the encoder (d_in directions or more span the space, and
+    decode(encode(x)) = x; the transpose would move an activation by about n/d_in times too much)."""
+    import numpy as np
+
+    own = int(np.random.SeedSequence([seed, RANDOM_STREAM]).generate_state(1)[0])
+    g = torch.Generator().manual_seed(own)
+    n = max(1, n_features // 2)
+    w = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    if n <= d_in:
+        w = torch.linalg.qr(w.T).Q.T                      # orthonormal rows
+        dec = w
+    else:
+        w = w / w.norm(dim=-1, keepdim=True)
+        dec = torch.linalg.pinv(w.T)                      # [n, d_in]: (x w^T) dec = x
+    return LinearDictionary(w.T.float(), dec.float(), mean, name="random directions", hook_name=hook_name,
+                            model_name=model_name, massive=massive)
 
 
 def neuron_basis(d_in: int, mean: torch.Tensor | None = None, hook_name: str = "", model_name: str = "",

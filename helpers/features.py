@@ -199,26 +199,51 @@ def feature_stats(dictionary, store, hook: str | None = None,
                         cpu(torch.where(smp_i >= 0, smp_a, torch.zeros_like(smp_a))), cpu(smp_i), cpu(count))
 
 
-def activity_thresholds(stats: FeatureStats, max_density: float = 0.005) -> torch.Tensor:
-    """Per feature, the code above which it counts as active: 0 for features active on at most
-    `max_density` of tokens, else the level that only its top `max_density` of tokens exceed
-    (estimated from its sample of activating tokens). One rule for every method, so that a dense
-    direction is judged on its strongest activations, as a sparse feature is on all of its own."""
-    tau = torch.zeros(stats.n_features)
-    dense = (stats.density > max_density).nonzero().flatten()
-    if len(dense) == 0:
-        return tau
-    # torch.quantile's linear interpolation for every dense feature at once: each row's valid sample
-    # values sorted (the padding, +inf, sorts last) and read at rank q * (n_valid - 1)
-    valid = stats.sample_idx[dense] >= 0
-    vals = stats.sample_acts[dense].masked_fill(~valid, float("inf")).sort(1).values
-    n_valid = valid.sum(1)
-    q = (1 - max_density / stats.density[dense].double()).float()
-    rank = q * (n_valid - 1).clamp_min(0).float()
-    lo, hi = rank.floor(), rank.ceil()
-    t = torch.lerp(vals.gather(1, lo.long()[:, None])[:, 0], vals.gather(1, hi.long()[:, None])[:, 0], rank - lo)
-    tau[dense] = torch.where(n_valid > 0, t, torch.zeros_like(t))
-    return tau
+@torch.no_grad()
+def top_tokens(dictionary, store, hook: str, n_tokens: int, scored: np.ndarray, k_max: int,
+               batch_size: int = 4096, device=None, progress: bool = True):
+    """Exact per-feature top-`k_max` scored tokens by code (the first `n_tokens` of the store): values [F, k_max] (descending, 0 where
+    fewer tokens are positive), token indices [F, k_max] (-1: none) and the number of scored tokens
+    with a positive code [F]. Unscored tokens (`scored` False) never count."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device or "cpu")
+    F = dictionary.n_features
+    top_v = torch.zeros(F, k_max, device=device)
+    top_i = torch.full((F, k_max), -1, dtype=torch.int64, device=device)
+    n_pos = torch.zeros(F, dtype=torch.int64, device=device)
+    ok_all = torch.as_tensor(np.asarray(scored[:n_tokens], bool))
+    done = 0
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"top tokens of {F} features", disable=not progress)
+    for x, idx in store.iter_batches(hook, batch_size, shuffle=False, return_index=True):
+        if done >= n_tokens:
+            break
+        x, idx = x[: n_tokens - done], idx[: n_tokens - done]
+        ok = ok_all[idx].to(device)
+        c = dictionary.encode(x.to(device)).float() * ok[:, None]
+        n_pos += (c > 0).sum(0)
+        bv, bi = c.T.topk(min(k_max, len(c)), dim=1)          # the batch's own top k first: a small merge
+        cand_v = torch.cat([top_v, bv], 1)
+        cand_i = torch.cat([top_i, idx.to(device)[bi]], 1)
+        top_v, pos = cand_v.topk(k_max, dim=1)
+        top_i = cand_i.gather(1, pos)
+        done += len(x)
+        bar.update(len(x))
+    bar.close()
+    top_i = torch.where(top_v > 0, top_i, torch.full_like(top_i, -1))
+    return top_v.cpu(), top_i.cpu(), n_pos.cpu()
+
+
+def activity_thresholds(dictionary, store, hook: str, n_tokens: int, max_density: float = 0.005, scored=None,
+                        device=None) -> torch.Tensor:
+    """Per feature, the code above which it counts as active: 0 for features positive on at most
+    `max_density` of the (scored) tokens, else its exact k-th largest code, k = ceil(max_density x
+    tokens), so that exactly its top k tokens count (ties aside). One rule for every method, so that a
+    dense direction is judged on its strongest activations, as a sparse feature is on all of its own."""
+    scored = np.ones(n_tokens, bool) if scored is None else np.asarray(scored[:n_tokens], bool)
+    k = max(1, int(np.ceil(max_density * scored.sum())))
+    vals, _, n_pos = top_tokens(dictionary, store, hook, n_tokens, scored, k, device=device, progress=False)
+    return torch.where(n_pos > k, vals[:, -1], torch.zeros(len(vals)))
 
 
 @torch.no_grad()
@@ -227,7 +252,7 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
     """Each feature's best concept by two scores, over the tokens of `stats`:
 
     * ``mcc``: the Matthews correlation of "feature active" with "concept present" (activity by
-      `activity_thresholds`), with precision, recall and F1 at that concept. Chance-corrected: a
+      `activity_thresholds`: exact top 0.5%), with precision, recall and F1 at that concept. Chance-corrected: a
       feature that fires everywhere, or at random, scores about 0 with every concept.
     * ``corr``: the Pearson correlation of the feature's activation (its code, zeros included) with
       the concept's 0/1 indicator: the formula of the paper's autointerp score (correlation of
@@ -237,10 +262,14 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
 
     massive: optional [n_tokens] bool flags of the massive tokens (helpers.massive.flags); if any is
     set, the result also holds "ordinary": the same scores over the other tokens (one pass for both).
+
+    The best concept is chosen and scored on the same tokens: right for describing a feature, biased
+    for comparing methods (sparser features match rare concepts by chance). Compare methods with
+    helpers.heldout, which holds the choice out and matches sparsity.
     """
     hook = dictionary.check_store(store, stats.hook)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tau = activity_thresholds(stats, max_density).to(device)
+    tau = activity_thresholds(dictionary, store, hook, stats.n_tokens, max_density, device=device).to(device)
     meta_all = store.tokens()[: stats.n_tokens]
     F, C, T = stats.n_features, len(concepts), concepts.n_token_concepts
     split = massive is not None and bool(np.asarray(massive)[: stats.n_tokens].any())

@@ -88,21 +88,26 @@ def massive_norms(store, rules: dict, max_tokens: int = 100_000):
 
 
 # ---- notebook 02: the SAE sweep ----------------------------------------------------------------
-FAMILY_STYLE = {"paper L1": dict(marker="o", color="tab:blue"), "improved L1": dict(marker="s", color="tab:green"),
+FAMILY_STYLE = {"Anthropic-2023 L1": dict(marker="o", color="tab:blue"), "improved L1": dict(marker="s", color="tab:green"),
                 "TopK": dict(marker="*", ms=11, color="black"),
                 "improved L1 (no massive treatment)": dict(marker="x", ms=9, color="tab:red")}
 
 
+PAPER_FAMILY = "Anthropic-2023 L1"  # helpers.sae.RECIPE_NAMES["anthropic2023"] (called "paper L1" before)
+
+
 def _family_groups(rows):
-    """{(family, ratio, tied): rows sorted by α or k}."""
+    """{(family, ratio, tied): rows sorted by α or k} (rows of old tables, family "paper L1", read as
+    PAPER_FAMILY)."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["family"], r["ratio"], r["tied"]), []).append(r)
+        fam = PAPER_FAMILY if r["family"] == "paper L1" else r["family"]
+        groups.setdefault((fam, r["ratio"], r["tied"]), []).append(r)
     return {k: sorted(v, key=lambda r: (r["l1_coefficient"], r["k"])) for k, v in sorted(groups.items())}
 
 
 def _paper_groups(rows):
-    return {(tied, ratio): rs for (fam, ratio, tied), rs in _family_groups(rows).items() if fam == "paper L1"}
+    return {(tied, ratio): rs for (fam, ratio, tied), rs in _family_groups(rows).items() if fam == PAPER_FAMILY}
 
 
 def sweep_frontier(rows, pca: dict | None = None):
@@ -113,7 +118,7 @@ def sweep_frontier(rows, pca: dict | None = None):
     for ax, key, title in ((axes[0], "fvu", "all tokens"), (axes[1], "fvu_ordinary", "ordinary tokens")):
         for (fam, ratio, tied), rs in _family_groups(rows).items():
             style = dict(FAMILY_STYLE.get(fam, {}))
-            if fam == "paper L1" and len({r["ratio"] for r in rows if r["family"] == fam}) > 1:
+            if fam == PAPER_FAMILY and len({r["ratio"] for r in rows if r["family"] == fam}) > 1:
                 style.pop("color", None)
             ax.plot([r["l0"] for r in rs], [r[key] for r in rs], "-", lw=1, alpha=0.8,
                     label=f"{fam} R={ratio:g}{' tied' if tied else ''}", **style)
@@ -131,12 +136,14 @@ def sweep_frontier(rows, pca: dict | None = None):
 
 
 def sweep_panels(rows, mmcs_rows):
-    """Three panels: dead latents vs α, MMCS vs R (paper SAEs), CE-loss recovered vs L0 (all families)."""
+    """Three panels: dead latents vs α, MMCS vs R (anthropic2023 SAEs: trained, solid; the same pairs at
+    initialisation, dotted; random dictionaries of the same sizes, grey dashed), CE-loss recovered vs
+    L0 (all families)."""
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8))
     for (fam, ratio, tied), rs in _family_groups(rows).items():
         lab = f"{fam} R={ratio:g}{' tied' if tied else ''}"
         style = dict(FAMILY_STYLE.get(fam, {}))
-        if fam == "paper L1" and len({r["ratio"] for r in rows if r["family"] == fam}) > 1:
+        if fam == PAPER_FAMILY and len({r["ratio"] for r in rows if r["family"] == fam}) > 1:
             style.pop("color", None)
         if fam != "TopK":
             a.plot([r["l1_coefficient"] for r in rs], [100 * r["dead"] for r in rs], "-", label=lab, **style)
@@ -148,7 +155,14 @@ def sweep_panels(rows, mmcs_rows):
         by_alpha.setdefault((m["alpha"], m["tied"]), []).append(m)
     for (alpha, tied), ms in sorted(by_alpha.items()):
         ms = sorted(ms, key=lambda m: m["ratio_small"])
-        b.plot([m["ratio_small"] for m in ms], [m["mmcs"] for m in ms], "o-", label=f"α={alpha:g}{' tied' if tied else ''}")
+        line, = b.plot([m["ratio_small"] for m in ms], [m["mmcs"] for m in ms], "o-",
+                       label=f"α={alpha:g}{' tied' if tied else ''}, trained")
+        if all("mmcs_init" in m for m in ms):
+            b.plot([m["ratio_small"] for m in ms], [m["mmcs_init"] for m in ms], ":", marker=".",
+                   color=line.get_color(), label=f"α={alpha:g}{' tied' if tied else ''}, at initialisation")
+    chance = sorted({(m["ratio_small"], m["mmcs_random"]) for m in mmcs_rows if "mmcs_random" in m})
+    if chance:
+        b.plot([r for r, _ in chance], [v for _, v in chance], "--", color="grey", label="random dictionaries")
     b.set_xscale("log", base=2), b.set_ylim(0, 1.02)
     b.set_xlabel("R of the smaller dictionary"), b.set_ylabel("MMCS with the next larger one")
     b.set_title("Do bigger dictionaries find the same features?"), b.legend(fontsize=7)
@@ -241,29 +255,6 @@ def concept_families(scores: dict, min_mcc: float = 0.3):
 
 
 # ---- notebook 04: baselines --------------------------------------------------------------------
-def scores_by_layer(rows, tokens: str = "ordinary"):
-    """The paper's Figure 2 layout: concept score by layer, one line per method, 95% CIs; one panel
-    per score (best-concept MCC, best-concept correlation), over `tokens` ("ordinary" or "all")."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    s = "_ord" if tokens == "ordinary" else ""
-    for ax, (key, lo, hi, label) in zip(axes, [(f"median_mcc{s}", f"low{s}", f"high{s}", "median best-concept MCC"),
-                                               (f"median_corr{s}", f"corr_low{s}", f"corr_high{s}",
-                                                "median best-concept correlation")]):
-        for i, m in enumerate(methods):
-            rs = sorted([r for r in rows if r["method"] == m], key=lambda r: r["layer"])
-            x = np.array([r["layer"] for r in rs]) + (i - len(methods) / 2) * 0.06
-            y = np.array([r[key] for r in rs])
-            err = np.array([[r[key] - r[lo] for r in rs], [r[hi] - r[key] for r in rs]])
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=m, lw=2 if "SAE" in m else 1)
-        ax.set_xlabel("layer (residual stream after the block)")
-        ax.set_ylabel(label)
-    axes[0].set_title(f"Interpretability by layer: SAEs vs baselines ({tokens} tokens)", fontsize=10)
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 # ---- notebook 05: patching, editing, circuits ------------------------------------------------------
 def patch_by_layer(rows):
     """Share of the IOI gap closed by patching the whole residual stream, by layer, at the changed
@@ -348,5 +339,166 @@ def circuit_graph(down: dict, ups: list[dict]):
     ax.axis("off")
     ax.set_title("Feature circuit: ablating each upstream feature changes the downstream one by (edge label)",
                  fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ---- notebooks 03 and 04: held-out, sparsity-matched concept scores (helpers.heldout) ---------------
+def _count_bins(counts, edges):
+    return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if ((counts >= lo) & (counts < hi)).any()]
+
+
+def chance_by_sparsity(results, edges=(5, 8, 12, 20, 32, 50, 80, 128, 200, 320, 10**9)):
+    """The pitfall and its fix: median best-concept MCC by active count, chosen and read on the same
+    tokens (in-sample) and held out, for each scored dictionary and for its null (its own active
+    counts on shuffled contexts: chance at that sparsity)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, (title, real, null) in zip(axes, [("in-sample (chosen and scored on the same tokens)", "in_sample_mcc",
+                                               "null_in_sample_mcc"), ("held out (chosen on one half, scored on the other)",
+                                                                      "mcc", "null_mcc")]):
+        for i, r in enumerate(results):
+            c = np.asarray(r.counts)
+            bins = _count_bins(np.where(r.scored, c, -1), edges)
+            x = [np.sqrt(lo * min(hi, 2 * lo)) for lo, hi in bins]
+            for key, style in ((real, "-o"), (null, ":x")):
+                v = np.asarray(getattr(r, key))
+                y = [np.median(v[r.scored & (c >= lo) & (c < hi)]) for lo, hi in bins]
+                ax.plot(x, y, style, color=f"C{i}", label=f"{r.name}" + (" (null)" if key == null else ""))
+        ax.set_xscale("log")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("active tokens per feature")
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("median best-concept MCC")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def heldout_by_density(results, key: str = "mcc", edges=(5, 10, 20, 40, 80, 160, 10**9)):
+    """Held-out score (solid) and its sparsity-matched null (dotted) by active count, one colour per
+    method: interpretability and sparsity seen apart."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, r in enumerate(results):
+        c = np.asarray(r.counts)
+        bins = _count_bins(np.where(r.scored, c, -1), edges)
+        x = [np.sqrt(lo * min(hi, 2 * lo)) for lo, hi in bins]
+        for k, style in ((key, "-o"), (f"null_{key}", ":")):
+            v = np.asarray(getattr(r, k))
+            ax.plot(x, [np.median(v[r.scored & (c >= lo) & (c < hi)]) for lo, hi in bins], style, color=f"C{i}",
+                    label=r.name if k == key else None)
+    ax.set_xscale("log")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("active tokens per feature")
+    ax.set_ylabel(f"median held-out {'MCC' if key == 'mcc' else 'correlation'}")
+    ax.set_title("Held-out score by sparsity (dotted: chance at the same sparsity)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def heldout_by_layer(rows):
+    """The paper's Figure 2 layout, made fair: held-out concept score by layer, one line per method,
+    95% intervals over resampled contexts; the excess over chance at the same sparsity beside it."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for ax, (key, label) in zip(axes, [("mcc", "median held-out MCC"), ("excess_mcc", "median excess MCC over chance"),
+                                       ("corr", "median held-out correlation")]):
+        for i, m in enumerate(methods):
+            rs = sorted([r for r in rows if r["method"] == m], key=lambda r: r["layer"])
+            x = np.array([r["layer"] for r in rs]) + (i - len(methods) / 2) * 0.06
+            y = np.array([r[key] for r in rs])
+            err = np.array([[r[key] - r[f"{key}_low"] for r in rs], [r[f"{key}_high"] - r[key] for r in rs]])
+            ax.errorbar(x, y, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=m, lw=2 if "SAE" in m else 1)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("layer (residual stream after the block)")
+        ax.set_ylabel(label)
+    axes[0].set_title("Held-out, sparsity-matched interpretability by layer (ordinary tokens)", fontsize=10)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def patch_curves_heldout(curves: dict, contrast: dict | None = None):
+    """curves: {layer: {dictionary name: patch_curve result}} (ranked on one half of the prompts,
+    measured on the other, with intervals). Per layer: the held-out share of the gap closed against
+    k with its 95% interval (band) and the in-sample curve (features ranked on the measured prompts
+    themselves, dotted); the KL divergence from the clean run; and, if `contrast` (same layout, e.g.
+    patched at the last position) is given, its held-out curve."""
+    layers = list(curves)
+    cols = 3 if contrast else 2
+    fig, axes = plt.subplots(len(layers), cols, figsize=(5 * cols, 3.4 * len(layers)), squeeze=False)
+    for row, layer in enumerate(layers):
+        panels = [(axes[row, 0], curves[layer], "gap_closed", True), (axes[row, 1], curves[layer], "kl", False)]
+        if contrast:
+            panels.append((axes[row, 2], contrast[layer], "gap_closed", False))
+        for ax, res_by_name, key, with_in_sample in panels:
+            for i, (name, res) in enumerate(res_by_name.items()):
+                colour = f"C{i}"
+                pts = res["points"]
+                ks = [p["k"] for p in pts]
+                floor = 1e-6 if key == "kl" else -np.inf
+                ax.plot(ks, [max(p[key], floor) for p in pts], marker="o", color=colour,
+                        lw=2 if "SAE" in name else 1, label=name)
+                ax.fill_between(ks, [max(p[key + "_low"], floor) for p in pts],
+                                [max(p[key + "_high"], floor) for p in pts], color=colour, alpha=0.15)
+                if with_in_sample and "gap_in_sample" in pts[0]:
+                    ax.plot(ks, [p["gap_in_sample"] for p in pts], ls=":", color=colour, lw=1)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("features patched (k)")
+            if key == "kl":
+                ax.set_yscale("log")
+        axes[row, 0].set_ylabel(f"layer {layer}: gap closed")
+        axes[row, 1].set_ylabel("KL(clean ‖ patched)")
+        if contrast:
+            axes[row, 2].set_ylabel("gap closed")
+    axes[0, 0].set_title("At the repeated name: held-out (band: 95% CI), in-sample (dotted)", fontsize=9)
+    axes[0, 1].set_title("How much the whole next-token distribution changes", fontsize=9)
+    if contrast:
+        axes[0, 2].set_title("Contrast: at the last position, held-out", fontsize=9)
+    axes[0, 1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def edit_tradeoff_heldout(edits: dict):
+    """edits: {dictionary name: edit_curve result}. Held-out edit against collateral damage, with
+    95% intervals on both (prompts; text sequences), k marked; hollow markers: k random features of
+    the same dictionary."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (name, res) in enumerate(edits.items()):
+        pts, colour = res["points"], f"C{i}"
+        x, y = [p["ce_increase"] for p in pts], [p["edit"] for p in pts]
+        ax.errorbar(x, y, xerr=[[p["ce_increase"] - p["ce_increase_low"] for p in pts],
+                                [p["ce_increase_high"] - p["ce_increase"] for p in pts]],
+                    yerr=[[p["edit"] - p["edit_low"] for p in pts], [p["edit_high"] - p["edit"] for p in pts]],
+                    marker="o", color=colour, lw=2 if "SAE" in name else 1, capsize=2, label=name)
+        for p, xi, yi in zip(pts, x, y):
+            ax.annotate(str(p["k"]), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if "edit_random" in pts[0] and "ce_random" in pts[0]:
+            ax.plot([p["ce_random"] for p in pts], [p["edit_random"] for p in pts], ls=":", marker="o",
+                    mfc="none", color=colour, lw=1)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel("collateral damage: CE-loss increase on held-out text (nats/token)")
+    ax.set_ylabel("held-out edit: share of the logit difference removed")
+    ax.set_title("Removing a behaviour by ablating k features (hollow: k random features)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def interpretability_curve(rows):
+    """Held-out MCC of the SAE and of random directions at its sparsity, against training tokens."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    t = [r["tokens"] for r in rows]
+    for key, label in (("sae", "SAE"), ("random", "random directions at the SAE's sparsity")):
+        y = np.array([r[key]["mcc"] for r in rows])
+        err = np.array([[r[key]["mcc"] - r[key]["mcc_low"] for r in rows], [r[key]["mcc_high"] - r[key]["mcc"] for r in rows]])
+        ax.errorbar(t, y, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("median held-out MCC (ordinary tokens)")
+    ax.set_title("Does interpretability grow with training?", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

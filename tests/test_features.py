@@ -152,30 +152,6 @@ def test_ranked_puts_features_with_too_few_scored_tokens_last():
     assert ranked(scores, min_active=1).tolist() == [1, 2, 3, 0]
 
 
-def test_activity_thresholds_equal_torch_quantile_per_feature():
-    """The thresholds are computed for all features at once; they must equal torch.quantile of each
-    dense feature's valid sample values, bit for bit (and 0 for sparse features or empty samples)."""
-    from helpers.features import FeatureStats, activity_thresholds
-
-    g = torch.Generator().manual_seed(0)
-    F, S = 500, 64
-    acts = torch.rand(F, S, generator=g) * 5
-    n_valid = torch.randint(0, S + 1, (F,), generator=g)
-    idx = torch.where(torch.arange(S)[None] < n_valid[:, None], torch.arange(S)[None].expand(F, S), -1)
-    perm = torch.argsort(torch.rand(F, S, generator=g), 1)  # valid entries scattered through each row
-    idx = idx.gather(1, perm)
-    acts = torch.where(idx >= 0, acts, torch.zeros_like(acts))
-    density = torch.rand(F, generator=g) ** 3
-    st = FeatureStats("x", "h", 1000, density, acts.max(1).values, acts.mean(1), acts[:, :2], idx[:, :2],
-                      acts, idx, n_valid)
-    tau = activity_thresholds(st, max_density=0.005)
-    for f in range(F):
-        vals = acts[f][idx[f] >= 0]
-        want = torch.quantile(vals, 1 - 0.005 / float(density[f])) if density[f] > 0.005 and len(vals) else 0.0
-        assert float(tau[f]) == float(want), f
-    assert (tau[density <= 0.005] == 0).all() and (tau > 0).any()
-
-
 def test_best_concepts_do_not_depend_on_the_chunk_of_features():
     """_best_concepts scores a few features at a time; the result equals scoring them all at once."""
     from helpers.features import _best_concepts
@@ -194,3 +170,20 @@ def test_best_concepts_do_not_depend_on_the_chunk_of_features():
     for key in ("mcc", "corr", "precision", "recall", "f1", "concept_index"):
         assert torch.equal(one[key], chunked[key]), key
     assert one["concept"] == chunked["concept"] and one["corr_concept"] == chunked["corr_concept"]
+
+
+def test_random_directions_reconstruct_and_are_not_an_sae_initialisation():
+    """The random baseline decodes what it encodes (orthonormal, or the pseudo-inverse when there are
+    more directions than dimensions), and its seed is not the SAE's: drawn with the same seed, it
+    used to be the SAE's initial dictionary row for row."""
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+    for n in (32, 64):  # 16 directions (an orthonormal basis) and 32 (overcomplete, pseudo-inverse decoder)
+        d = random_directions(16, n, seed=0)
+        assert torch.allclose(d.decode(d.encode(x)), x, atol=1e-4), n
+    few = random_directions(16, 8, seed=0)  # 4 orthonormal directions: decoding projects onto their span
+    p = few.decode(few.encode(x))
+    assert torch.allclose(few.decode(few.encode(p)), p, atol=1e-5) and not torch.allclose(p, x, atol=1e-2)
+    sae = SAEStack([SAEConfig(d_in=16, d_sae=64, l1_coefficient=1e-3)], seed=0)
+    w = sae.W_dec[0] / sae.W_dec[0].norm(dim=-1, keepdim=True)
+    r = random_directions(16, 64, seed=0).encoder.T
+    assert (w @ r.T).abs().max() < 0.99
