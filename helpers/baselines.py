@@ -182,6 +182,9 @@ def layer_dictionaries(profile, layer: int, store, sweep, progress: bool = True,
     return dicts
 
 
+RANDOM_TOPK = "random (TopK)"  # random directions at the TopK SAE's sparsity
+
+
 def compare_layers(profile, store, model, sweep, progress: bool = True, score_store=None, n_boot: int = 200) -> list[dict]:
     """Held-out, sparsity-matched concept scores (helpers.heldout) of the SAEs and each baseline at
     every harvested layer: one row per (layer, method).
@@ -191,9 +194,10 @@ def compare_layers(profile, store, model, sweep, progress: bool = True, score_st
     same settings on that layer (all layers in one pass). The SAEs' features are active on their own
     tokens (the module's one rule); every baseline feature (PCA, ICA, neurons, random) is made active
     on as many tokens as a feature of the L1 SAE (`heldout.matched_counts`), so each method is judged
-    at the SAE's sparsity. Each row holds the medians over features on ordinary tokens with 95%
-    intervals over resampled contexts (`heldout.Scored.summary` keys: mcc, null_mcc, excess_mcc,
-    corr, ...), `vs_random` (the paired difference from random directions), `all` (the same medians
+    at the SAE's sparsity; "random (TopK)" is the same random directions at the TopK SAE's sparsity.
+    Each row holds the medians over features on ordinary tokens with 95% intervals over resampled
+    contexts (`heldout.Scored.summary` keys: mcc, null_mcc, excess_mcc, corr, ...), `vs_random` (the
+    paired difference from the random directions at the same sparsity), `all` (the same medians
     over all tokens, without intervals) and `scored` (per-feature results).
     Dictionaries are fitted on `store`; features are scored on `score_store` (default: `store`; for a
     model trained on the Pile, the Brown store of `profile.scoring`, whose tokens carry POS tags)."""
@@ -207,7 +211,7 @@ def compare_layers(profile, store, model, sweep, progress: bool = True, score_st
     saes = layer_saes(profile, store, sweep, progress=progress)
     n_saes = len({name for _, name in saes})
     rows = []
-    bar = tqdm(total=len(profile.layers) * (n_saes + 4), desc="compare layers", unit="dictionary",
+    bar = tqdm(total=len(profile.layers) * (n_saes + 4 + (n_saes > 1)), desc="compare layers", unit="dictionary",
                disable=not progress)
     labels = None
     device = resolve_device(profile.device)
@@ -237,9 +241,19 @@ def compare_layers(profile, store, model, sweep, progress: bool = True, score_st
                                "sparsity": "own" if counts is None else "L1 SAE's", **sc.summary(),
                                "all": al.summary()})
             bar.update(1)
-        rnd = next(r["scored"] for r in layer_rows if r["method"] == "random")
+        rnd = next(r for r in layer_rows if r["method"] == "random")
+        topk = next((r for r in layer_rows if r["method"] == "TopK SAE"), None)
+        if topk is not None:  # random directions at the TopK SAE's sparsity, its own fair reference
+            counts = matched_counts(torch.as_tensor(topk["scored"].counts), rnd["features"], seed=profile.seed)
+            d = rnd["dictionary"]
+            sc = ordinary.score(d, name=RANDOM_TOPK, hook=hook, counts=counts, device=device, progress=False)
+            al = every.score(d, name=RANDOM_TOPK, hook=hook, counts=counts, device=device, progress=False)
+            layer_rows.append({**rnd, "method": RANDOM_TOPK, "scored": sc, "sparsity": "TopK SAE's", **sc.summary(),
+                               "all": al.summary()})
+            bar.update(1)
         for r in layer_rows:
-            r["vs_random"] = difference(r["scored"], rnd)
+            ref = RANDOM_TOPK if r["method"] in ("TopK SAE", RANDOM_TOPK) and topk is not None else "random"
+            r["vs_random"] = difference(r["scored"], next(x["scored"] for x in layer_rows if x["method"] == ref))
         rows += layer_rows
         if progress:
             bar.write(f"layer {layer}: " + ", ".join(

@@ -12,8 +12,9 @@ interpretable whatever its features mean. Here every comparison is made fair in 
    correlation of its code with the concept) read on the other; both directions, averaged
    ("cross-fitting"). Only concepts seen at least `min_count` times in the choosing half compete.
 2. **One exact activity rule.** Every feature of every method counts as active on its exact top
-   `k` scored tokens, k = min(tokens where its code is > 0, `max_density` of the scored tokens):
-   all of a sparse feature's tokens, a dense direction's strongest ones. No sampled quantiles.
+   `k` scored tokens, k = min(tokens where its code is > 0, `max_density` of the scored tokens, 5% by
+   default): all of a sparse feature's tokens (an SAE's features nearly all fire on fewer), a dense
+   direction's strongest ones. No sampled quantiles.
    `counts=` imposes other counts, e.g. a baseline direction made active on exactly as many tokens
    as an SAE feature (`matched_counts`).
 3. **A null with the same sparsity.** Beside every feature, a chance feature: its own active
@@ -57,7 +58,7 @@ FAMILIES = {
 SUFFIXES = ("s", "ed", "ing", "ly", "er", "tion")
 SENTENCE_BINS = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 10**9))
 POSITION_BINS = ((0, 2), (3, 14), (15, 62), (63, 10**9))
-MAX_DENSITY = 0.005
+MAX_DENSITY = 0.05
 MIN_COUNT = 20
 MIN_ACTIVE = 5
 
@@ -424,17 +425,15 @@ class HeldoutScorer:
                 for a, b in ((0, 1), (1, 0)):
                     c = cand[a][f_idx]                                          # [F, M]
                     M = c.shape[1]
-                    lab = self._gather(safe, c)                                 # [F, K, M]
+                    lab = self._gather(safe, c)                                 # [F, K, M] 0/1
                     res = {}
                     for h in (a, b):
                         on = valid & (half_of == h)
                         pos = per_ctx(on.astype(float), F) @ W                  # [F, b]
-                        hits = (lab * on[:, :, None]).transpose(0, 2, 1)        # [F, M, K]
-                        rows = np.arange(F * M).reshape(F, M, 1)
-                        cc = np.broadcast_to(ctx_of[:, None, :], hits.shape)
-                        m = hits != 0
-                        tp = (sp.csr_matrix((hits[m], (np.broadcast_to(rows, hits.shape)[m], cc[m])),
-                                            shape=(F * M, self.n_ctx)) @ W).reshape(F, M, -1)
+                        f_, k_, m_ = np.nonzero(lab & on[:, :, None])           # the (feature, token, concept) hits
+                        rows, cols = f_ * M + m_, ctx_of[f_, k_]
+                        tp = (sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(F * M, self.n_ctx)) @ W
+                              ).reshape(F, M, -1)
                         tot = tot_h[h][c]                                       # [F, M, b]
                         if key == "mcc":
                             res[h] = _mcc(tp, pos[:, None, :], tot, n_h[h][None, None, :])
@@ -442,9 +441,8 @@ class HeldoutScorer:
                             v = vals * on
                             vsum = per_ctx(v, F) @ W
                             vsq = per_ctx(v * v, F) @ W
-                            mv = hits * v[:, None, :]
-                            mass = (sp.csr_matrix((mv[m], (np.broadcast_to(rows, hits.shape)[m], cc[m])),
-                                                  shape=(F * M, self.n_ctx)) @ W).reshape(F, M, -1)
+                            mass = (sp.csr_matrix((vals[f_, k_], (rows, cols)), shape=(F * M, self.n_ctx)) @ W
+                                    ).reshape(F, M, -1)
                             res[h] = _corr(mass, vsum[:, None, :], vsq[:, None, :], tot, n_h[h][None, None, :])
                     ok = tot_h[a][c] >= self.min_count                          # [F, M, b]
                     pick = np.where(ok, res[a], -np.inf).argmax(1)              # [F, b]
@@ -455,10 +453,10 @@ class HeldoutScorer:
     def _gather(self, toks: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """L[toks[f, j], cand[f, m]]: [f, K, M], whether token j of feature f has candidate concept m."""
         if self.L_dense is not None:
-            return self.L_dense[toks[:, :, None], cand[:, None, :]].astype(np.float64)
-        out = np.zeros((*toks.shape, cand.shape[1]))
+            return self.L_dense[toks[:, :, None], cand[:, None, :]].astype(bool)
+        out = np.zeros((*toks.shape, cand.shape[1]), bool)
         for f in range(len(toks)):
-            out[f] = np.asarray(self.L[toks[f]][:, cand[f]].todense())
+            out[f] = np.asarray(self.L[toks[f]][:, cand[f]].todense()) > 0
         return out
 
     def score(self, dictionary, name: str | None = None, hook: str | None = None, counts=None,
@@ -491,19 +489,6 @@ def difference(a: Scored, b: Scored, key: str = "mcc") -> dict:
         return {"value": d, "low": float("nan"), "high": float("nan")}
     lo, hi = _interval(d, ba - bb)
     return {"value": d, "low": lo, "high": hi}
-
-
-def by_density(results: list[Scored], bins=(5, 10, 20, 40, 80, 160, 10**9), key: str = "mcc") -> list[dict]:
-    """Median held-out score and null score of each method's features binned by active count."""
-    rows = []
-    for r in results:
-        for lo, hi in zip(bins[:-1], bins[1:]):
-            m = r.scored & (r.counts >= lo) & (r.counts < hi)
-            if m.any():
-                rows.append({"method": r.name, "bin": f"{lo}-{hi - 1}" if hi < 10**9 else f"{lo}+", "lo": lo,
-                             "n": int(m.sum()), key: float(np.median(_stat(r, key)[m])),
-                             f"null_{key}": float(np.median(_stat(r, f"null_{key}")[m]))})
-    return rows
 
 
 def interpretability_curve(profile, store, sweep: dict, scorer: HeldoutScorer, index: int | None = None,

@@ -348,7 +348,7 @@ def _count_bins(counts, edges):
     return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if ((counts >= lo) & (counts < hi)).any()]
 
 
-def chance_by_sparsity(results, edges=(5, 8, 12, 20, 32, 50, 80, 128, 200, 320, 10**9)):
+def chance_by_sparsity(results, edges=(5, 10, 20, 40, 80, 160, 320, 640, 1280, 10**9)):
     """The pitfall and its fix: median best-concept MCC by active count, chosen and read on the same
     tokens (in-sample) and held out, for each scored dictionary and for its null (its own active
     counts on shuffled contexts: chance at that sparsity)."""
@@ -374,7 +374,7 @@ def chance_by_sparsity(results, edges=(5, 8, 12, 20, 32, 50, 80, 128, 200, 320, 
     return fig
 
 
-def heldout_by_density(results, key: str = "mcc", edges=(5, 10, 20, 40, 80, 160, 10**9)):
+def heldout_by_density(results, key: str = "mcc", edges=(5, 10, 20, 40, 80, 160, 320, 640, 1280, 10**9)):
     """Held-out score (solid) and its sparsity-matched null (dotted) by active count, one colour per
     method: interpretability and sparsity seen apart."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
