@@ -12,9 +12,10 @@ shrunk without editing a notebook. An unknown field or a value of the wrong type
 message naming it.
 
 ``test`` is what the test suite (nbval) runs: seconds to a couple of minutes per notebook.
-``cpu`` is a laptop: about 30 minutes for the whole workbook on 2 CPU cores (measured: 30.1 minutes;
-notebook 02 11 minutes, training 11 SAEs on 1.2M tokens each, before a twelfth, tied, SAE was added
-to its sweep (`tied_alphas`; not re-measured since); 04 9 minutes; 05 5.5 minutes of patching).
+``cpu`` is a laptop: about 30 minutes for the whole workbook on 2 CPU cores before issue 19's held-out
+scores (measured: 30.1 minutes); notebook 02 now takes 14 minutes (12 SAEs on 1.2M tokens each, with a
+tied one); 03-05 do more (held-out scoring with resampled intervals, a retrained curve, held-out
+patching) and were not re-timed on a quiet machine (README).
 ``gpu`` is the embedded model at full scale on one GPU. ``colab`` is the paper's model and data
 (Pythia-70M-deduped on the Pile) sized for Colab's free T4 (15 GB GPU, 12 GB RAM, a cache that fits
 15 GB of Google Drive, each notebook well under an hour); ``paper`` is the paper's full setting for a
