@@ -273,50 +273,6 @@ def patch_by_layer(rows):
     return fig
 
 
-def patch_curves(curves: dict):
-    """curves: {layer: {dictionary name: patch_curve result}}. Per layer: number of patched directions
-    against the share of the gap closed and against the KL divergence from the clean run."""
-    layers = list(curves)
-    fig, axes = plt.subplots(len(layers), 2, figsize=(11, 3.3 * len(layers)), squeeze=False)
-    for row, layer in enumerate(layers):
-        for name, res in curves[layer].items():
-            ks = [p["k"] for p in res["points"]]
-            style = dict(marker="o", lw=2 if "SAE" in name else 1, label=name)
-            axes[row, 0].plot(ks, [p["gap_closed"] for p in res["points"]], **style)
-            axes[row, 1].plot(ks, [max(p["kl"], 1e-6) for p in res["points"]], **style)
-        for ax in axes[row]:
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("directions patched (k)")
-        axes[row, 0].set_ylabel(f"layer {layer}: gap closed")
-        axes[row, 1].set_ylabel("KL(clean ‖ patched)")
-        axes[row, 1].set_yscale("log")
-    axes[0, 0].set_title("How far the answer moves to the counterfactual's", fontsize=10)
-    axes[0, 1].set_title("How much the whole next-token distribution changes", fontsize=10)
-    axes[0, 1].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def edit_tradeoff(edits: dict):
-    """edits: {dictionary name: edit_curve result}. Edit (drop of the behaviour's logit difference)
-    against collateral damage (CE-loss increase on held-out text), one line per dictionary, k marked."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, res in edits.items():
-        x = [p["ce_increase"] for p in res["points"]]
-        y = [p["edit"] for p in res["points"]]
-        ax.plot(x, y, marker="o", lw=2 if "SAE" in name else 1, label=name)
-        for p, xi, yi in zip(res["points"], x, y):
-            ax.annotate(str(p["k"]), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.axvline(0, color="grey", lw=0.5)
-    ax.set_xlabel("collateral damage: CE-loss increase on held-out text (nats/token)")
-    ax.set_ylabel("edit: share of the logit difference removed")
-    ax.set_title("Removing a behaviour by ablating k directions (up and to the left is better)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def circuit_graph(down: dict, ups: list[dict]):
     """A one-hop feature circuit: `down` = {"label", "description"}; `ups` = [{"label",
     "description", "change"}] upstream features, drawn left, with edges whose width is the measured
