@@ -12,7 +12,9 @@ Modules, one job each:
 * ``harvest``:  one model pass writing chosen hooks' activations to a store
 * ``massive``:  massive activations: the rule that flags them and the treatment every dictionary gets
 * ``sae``:      the SAE models (ReLU + L1 by Anthropic's 2023 or April-2024 recipe, tied or untied;
-                TopK) and SAELens files
+                the other architectures) and SAELens files
+* ``architectures``: one object per SAE architecture (ReLU + L1, TopK, BatchTopK, JumpReLU,
+                Matryoshka BatchTopK) behind a registry: activation, active set, penalties, SAELens fields
 * ``sparse``:   sparse-code kernels: decoder and backward passes that touch only the active latents
 * ``train``:    one-pass sweep trainer, at one or several hooks (Adam, resampling, AuxK, checkpoints)
 * ``metrics``:  L0, FVU (all / ordinary / massive tokens), dead/dense, CE-loss recovered and KL, MMCS,

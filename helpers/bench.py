@@ -9,7 +9,8 @@ to the CPU and writes shards (to a temporary folder). The figure to watch is the
 time / bare forward time (target: at most 1.25).
 
 train: tokens/s of one training step (helpers.train.train_step, on batches in memory) of our SAEs on
-the dense path and on the sparse one (helpers.sparse), of SAELens's standard L1 SAE and of EleutherAI
+the dense path and on the sparse one (helpers.sparse), with BatchTopK, Matryoshka BatchTopK and
+JumpReLU on the sparse path (helpers.architectures), of SAELens's standard L1 SAE and of EleutherAI
 sparsify's TopK SAE (helpers.bench_others; shown as n/a where not installed), at several R, beside
 the device's measured matmul rate (bf16 on GPU, fp32 on CPU). A dense SAE costs about 12·d·m FLOP
 per token (two matmuls forward, four backward); each cell gives tokens/s and that dense-equivalent
@@ -97,11 +98,13 @@ def matmul_rate(device, dtype, n: int, k: int, m: int, repeats: int = 10) -> flo
 
 def _calibrate_l0(stack, x: torch.Tensor, l0: float) -> None:
     """Set each latent's encoder bias so that it fires on a share l0 / d_sae of the rows of x: a
-    stand-in for an L1 SAE after warm-up, whose codes are sparse."""
+    stand-in for an L1 (or JumpReLU) SAE after warm-up, whose codes are sparse. A latent fires above
+    its threshold (JumpReLU's, per latent) or above 0."""
     with torch.no_grad():
         pre = stack.pre_acts(x)                                   # [n, B, m]
         q = torch.quantile(pre.float(), 1 - l0 / stack.d_sae, dim=1)  # [n, m]
-        stack.b_enc.sub_(q.to(stack.b_enc.dtype))
+        theta = stack.arch.state(stack).get("threshold", torch.zeros(()))
+        stack.b_enc.sub_((q - theta.detach().view(stack.n, -1)).to(stack.b_enc.dtype))
 
 
 def ours_step_fn(d: int, m: int, batch: torch.Tensor, device, *, architecture: str = "standard",
@@ -109,18 +112,21 @@ def ours_step_fn(d: int, m: int, batch: torch.Tensor, device, *, architecture: s
                  precision: str = "auto"):
     """One training step of our trainer (helpers.train.train_step: losses, backward, the recipe's
     gradient treatment, fused Adam, renormalisation) for n_saes SAEs of one size stacked, on an
-    in-memory batch. For L1 SAEs, `l0` sets the encoder biases so that about l0 latents fire per
+    in-memory batch. Architectures of fixed sparsity (TopK, BatchTopK, ...) keep k latents per token;
+    for the others (L1, JumpReLU), `l0` sets the encoder biases so that about l0 latents fire per
     token (the regime after warm-up). Returns (step function, the stack)."""
+    from .architectures import get
     from .sae import SAEConfig
     from .train import TrainConfig, amp, build_stacks, make_optimizer, train_step
 
-    configs = [SAEConfig(d, m, architecture=architecture, k=k if architecture == "topk" else 0,
-                         l1_coefficient=1e-3 * (1 + i) if architecture == "standard" else 0.0) for i in range(n_saes)]
+    arch = get(architecture)
+    configs = [SAEConfig(d, m, architecture=architecture, **arch.default_setting(k if arch.fixed_sparsity else l0 or k, i))
+               for i in range(n_saes)]
     stacks, _ = build_stacks(configs, seed=0)
     st = stacks[0].to(device)
     with torch.no_grad():
         st.scale.fill_(math.sqrt(d) / float(batch.float().norm(dim=-1).mean()))
-    if l0 is not None and architecture == "standard":
+    if l0 is not None and not arch.fixed_sparsity:
         _calibrate_l0(st, batch, l0)
     # a tiny LR keeps the codes in the calibrated regime while we time (the cost of a step does not depend on it)
     tc = TrainConfig(batch_size=len(batch), device=str(device), path=path, warmup_steps=1, dead_window=10**12, lr=1e-7)
@@ -167,6 +173,7 @@ def bench_train(a) -> None:
           f"over the measured {precision} matmul rate)")
     print("external libraries:", bench_others.versions())
     cols = ["ours L1 dense", f"ours L1 sparse (L0~{a.l0:g})", "ours TopK dense", f"ours TopK sparse (k={a.k})",
+            f"ours BatchTopK sparse (k={a.k})", f"ours Matryoshka sparse (k={a.k})", f"ours JumpReLU sparse (L0~{a.l0:g})",
             "SAELens L1", f"sparsify TopK (k={a.k})"]
     print(f"{'R':>4} {'m':>6} {'matmul TFLOP/s':>14} " + " ".join(f"{c:>24}" for c in cols), flush=True)
     g = torch.Generator().manual_seed(0)
@@ -180,6 +187,9 @@ def bench_train(a) -> None:
                 ("ours L1 sparse", lambda: ours_step_fn(d, m, batch, device, path="auto", l0=a.l0, precision=precision)[0]),
                 ("ours TopK dense", lambda: ours_step_fn(d, m, batch, device, architecture="topk", path="dense", k=a.k, precision=precision)[0]),
                 ("ours TopK sparse", lambda: ours_step_fn(d, m, batch, device, architecture="topk", path="sparse", k=a.k, precision=precision)[0]),
+                ("ours BatchTopK sparse", lambda: ours_step_fn(d, m, batch, device, architecture="batchtopk", path="sparse", k=a.k, precision=precision)[0]),
+                ("ours Matryoshka sparse", lambda: ours_step_fn(d, m, batch, device, architecture="matryoshka_batchtopk", path="sparse", k=a.k, precision=precision)[0]),
+                ("ours JumpReLU sparse", lambda: ours_step_fn(d, m, batch, device, architecture="jumprelu", path="auto", l0=a.l0, precision=precision)[0]),
                 ("SAELens L1", lambda: bench_others.saelens_step_fn(d, m, batch, device, dtype)),
                 ("sparsify TopK", lambda: bench_others.sparsify_step_fn(d, m, a.k, batch, device, dtype))]
         for label, make in runs:
@@ -216,10 +226,10 @@ def bench_train(a) -> None:
         # Every SAE of a stack needs its own dense encoder forward (2·B·d·m FLOP): at the measured
         # matmul rate that alone bounds the stack's time from below, whatever the rest costs.
         t_mm = 2 * B * d * m / matmul_rate(device, dtype, B, d, m)
-        for arch, kw in (("topk", {"architecture": "topk", "k": a.k}), ("standard", {"l0": a.l0})):
+        for name, kw in (("TopK", {"architecture": "topk", "k": a.k}), ("L1", {"l0": a.l0})):
             one = time_steps(ours_step_fn(d, m, batch, device, n_saes=1, precision=precision, **kw)[0], device, a.steps)
             many = time_steps(ours_step_fn(d, m, batch, device, n_saes=a.sweep, precision=precision, **kw)[0], device, a.steps)
-            print(f"sweep of {a.sweep} {'TopK' if arch == 'topk' else 'L1'} SAEs at R={a.sweep_ratio:g} in one stack: "
+            print(f"sweep of {a.sweep} {name} SAEs at R={a.sweep_ratio:g} in one stack: "
                   f"{many / one:.2f}x the time of one ({a.sweep / (many / one):.2f}x the SAE-tokens/s); the encoder's "
                   f"dense forward alone is {t_mm / one:.0%} of one SAE's step, so {a.sweep} cannot take less than "
                   f"{a.sweep * t_mm / one:.1f}x one at this matmul rate", flush=True)

@@ -5,6 +5,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from . import architectures
 from .corpus import COARSE_TAGS, NO_TAG, coarse_tag
 
 
@@ -89,7 +90,9 @@ def massive_norms(store, rules: dict, max_tokens: int = 100_000):
 
 # ---- notebook 02: the SAE sweep ----------------------------------------------------------------
 FAMILY_STYLE = {"Anthropic-2023 L1": dict(marker="o", color="tab:blue"), "improved L1": dict(marker="s", color="tab:green"),
-                "TopK": dict(marker="*", ms=11, color="black"),
+                "TopK": dict(marker="*", ms=11, color="black"), "BatchTopK": dict(marker="^", ms=8, color="tab:purple"),
+                "Matryoshka BatchTopK": dict(marker="v", ms=8, color="tab:brown"),
+                "JumpReLU": dict(marker="D", ms=7, color="tab:orange"),
                 "improved L1 (no massive treatment)": dict(marker="x", ms=9, color="tab:red")}
 
 
@@ -97,13 +100,14 @@ PAPER_FAMILY = "Anthropic-2023 L1"  # helpers.sae.RECIPE_NAMES["anthropic2023"] 
 
 
 def _family_groups(rows):
-    """{(family, ratio, tied): rows sorted by α or k} (rows of old tables, family "paper L1", read as
-    PAPER_FAMILY)."""
+    """{(family, ratio, tied): rows sorted by the architecture's setting (α, k, λ)} (rows of old tables,
+    family "paper L1", read as PAPER_FAMILY)."""
     groups = {}
     for r in rows:
         fam = PAPER_FAMILY if r["family"] == "paper L1" else r["family"]
         groups.setdefault((fam, r["ratio"], r["tied"]), []).append(r)
-    return {k: sorted(v, key=lambda r: (r["l1_coefficient"], r["k"])) for k, v in sorted(groups.items())}
+    return {k: sorted(v, key=lambda r: r.get(architectures.get(r["architecture"]).setting, 0))
+            for k, v in sorted(groups.items())}
 
 
 def _paper_groups(rows):
@@ -145,7 +149,7 @@ def sweep_panels(rows, mmcs_rows):
         style = dict(FAMILY_STYLE.get(fam, {}))
         if fam == PAPER_FAMILY and len({r["ratio"] for r in rows if r["family"] == fam}) > 1:
             style.pop("color", None)
-        if fam != "TopK":
+        if architectures.get(rs[0]["architecture"]).l1:
             a.plot([r["l1_coefficient"] for r in rs], [100 * r["dead"] for r in rs], "-", label=lab, **style)
         c.plot([r["l0"] for r in rs], [100 * r["ce_recovered_mean"] for r in rs], "-", label=lab, **style)
     a.set_xscale("log"), a.set_xlabel("α (L1 coefficient)"), a.set_ylabel("dead latents (%)")

@@ -13,8 +13,9 @@ message naming it.
 
 ``test`` is what the test suite (nbval) runs: seconds to a couple of minutes per notebook.
 ``cpu`` is a laptop: about 30 minutes for the whole workbook on 2 CPU cores before issue 19's held-out
-scores (measured: 30.1 minutes); notebook 02 now takes 14 minutes (12 SAEs on 1.2M tokens each, with a
-tied one); 03-05 do more (held-out scoring with resampled intervals, a retrained curve, held-out
+scores (measured: 30.1 minutes); notebook 02 took 14 minutes with 12 SAEs on 1.2M tokens each (a tied
+one among them), before issue 20 added a BatchTopK, a Matryoshka BatchTopK and two JumpReLU SAEs (16 SAEs,
+not re-timed); 03-05 do more (held-out scoring with resampled intervals, a retrained curve, held-out
 patching) and were not re-timed on a quiet machine (README).
 ``gpu`` is the embedded model at full scale on one GPU. ``colab`` is the paper's model and data
 (Pythia-70M-deduped on the Pile) sized for Colab's free T4 (15 GB GPU, 12 GB RAM, a cache that fits
@@ -68,7 +69,10 @@ class Profile:
     tied_alphas: tuple[float, ...] = ()                # extra tied L1 SAEs (anthropic2023 recipe) at pick_ratio
     improved_alphas: tuple[float, ...] = ()            # improved-recipe L1 SAEs (at pick_ratio)
     topk_ks: tuple[int, ...] = (16,)                   # TopK SAEs for comparison ...
-    topk_ratio: float = 2                              # ... at this R
+    topk_ratio: float = 2                              # ... at this R, as the other architectures below
+    batchtopk_ks: tuple[int, ...] = ()                 # BatchTopK SAEs (k per token on average)
+    matryoshka_ks: tuple[int, ...] = ()                # Matryoshka BatchTopK SAEs (doubling groups)
+    jumprelu_coefficients: tuple[float, ...] = ()      # JumpReLU SAEs: their L0 coefficients λ
     train_tokens: int = 32_256            # activations seen by each SAE (epochs over the store)
     train_batch: int = 256
     lr: float = 2e-3
@@ -117,6 +121,11 @@ class Profile:
         return self.replace(corpus="brown", harvest_tokens=self.score_tokens or 50_000)
 
 
+# JumpReLU λ for the cpu profile, aimed at L0 ≈ 32 at R = 4. Not measured on the cpu sweep itself: a short run
+# (300 steps of 1,024 tokens at lr 4e-3, R = 4, on the test profile's 16k layer-6 tokens) ended at L0 27.4, 19.1
+# and 15.9 for λ = 1e-3, 3e-3, 1e-2, still falling slowly; so the cpu sweep's 1,200 steps should bracket 32 with these.
+JUMPRELU_CPU = (5e-4, 1e-3)
+
 PROFILES: dict[str, Profile] = {
     "test": Profile(
         "test", layers=(2, 6), ctx_len=64, harvest_tokens=16_128, batch_contexts=16, improved_alphas=(3e-3, 5e-3, 1e-2),
@@ -127,6 +136,7 @@ PROFILES: dict[str, Profile] = {
         "cpu", layers=(3, 6, 9), ctx_len=128, harvest_tokens=300_000, batch_contexts=16,
         shard_contexts=256, sae_ratios=(1, 4), sae_alphas=(2e-3, 3e-3, 4e-3), pick_ratio=4,
         improved_alphas=(2e-3, 3e-3, 4e-3), tied_alphas=(3e-3,), topk_ks=(32,), topk_ratio=4, train_tokens=1_228_800,
+        batchtopk_ks=(32,), matryoshka_ks=(32,), jumprelu_coefficients=JUMPRELU_CPU,
         train_batch=1024, lr=4e-3, curve_points=4, curve_contexts=2, eval_tokens=16_256, ce_contexts=16,
         score_tokens=50_000, autointerp_features=1, ica_tokens=20_000, ica_max_iter=60, ioi_prompts=48,
         pronoun_prompts=48, patch_layer_step=4,
@@ -161,8 +171,9 @@ PROFILES: dict[str, Profile] = {
         patch_layer_step=1,
     ),
 }
-TUPLE_FIELDS = ("layers", "sae_ratios", "sae_alphas", "sae_tied", "improved_alphas", "tied_alphas", "topk_ks")
-EMPTY_TUPLE_FIELDS = ("tied_alphas",)  # may be set to an empty list
+TUPLE_FIELDS = ("layers", "sae_ratios", "sae_alphas", "sae_tied", "improved_alphas", "tied_alphas", "topk_ks",
+                "batchtopk_ks", "matryoshka_ks", "jumprelu_coefficients")
+EMPTY_TUPLE_FIELDS = ("tied_alphas", "batchtopk_ks", "matryoshka_ks", "jumprelu_coefficients")  # may be empty lists
 
 
 def default_profile_name() -> str:
@@ -185,7 +196,7 @@ def _check_value(name: str, value, source: str):
     hint = typing.get_type_hints(Profile)[name]
     default = getattr(PROFILES["test"], name)
     if name in TUPLE_FIELDS:
-        example = list(default) or list(PROFILES["cpu"].tied_alphas)
+        example = list(default) or list(getattr(PROFILES["cpu"], name)) or list(PROFILES["cpu"].tied_alphas)
         if not isinstance(value, (list, tuple)) or not (value or name in EMPTY_TUPLE_FIELDS):
             raise ValueError(f"{source}: {name} must be a non-empty list, e.g. {example}, not {value!r}")
         elem = type(example[0])

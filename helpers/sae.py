@@ -1,4 +1,4 @@
-"""Sparse autoencoders: ReLU + L1 SAEs (tied or untied) and TopK, stacked for sweeps.
+"""Sparse autoencoders: the stacked SAE model, its configs, its losses on both paths, SAELens files.
 
 An L1 SAE, for an activation x (d_in numbers) and a dictionary of d_sae directions::
 
@@ -6,9 +6,10 @@ An L1 SAE, for an activation x (d_in numbers) and a dictionary of d_sae directio
     x̂  = W_dec c + b_dec                          reconstruction
     loss = ||x - x̂||² / d_in  +  α · Σ_i |c_i|    (rows of W_dec kept at unit norm)
 
-``tied=True`` uses W_enc = W_decᵀ (the seed paper's residual-stream runs were tied). ``architecture="topk"``
-(Gao et al. 2024) keeps only the k largest pre-activations instead of paying an L1 penalty, with
-the AuxK loss reviving dead latents.
+``tied=True`` uses W_enc = W_decᵀ (the seed paper's residual-stream runs were tied). Other
+architectures (``SAEConfig.architecture``: TopK, BatchTopK, JumpReLU, Matryoshka BatchTopK) replace the
+ReLU and the L1 penalty: each is one object of helpers.architectures, which says what it computes;
+this module delegates to it wherever they differ.
 
 Two recipes train a ReLU + L1 SAE (``SAEConfig.recipe``):
 
@@ -39,7 +40,8 @@ dictionary alone or in a sweep.
 
 `losses` computes the training losses on a dense path (plain autograd, the reference) or a sparse
 path (helpers.sparse: the decoder and all backward passes touch only the active latents); "auto"
-takes the sparse path for TopK and, for L1, whenever a batch's codes are sparse enough.
+takes the sparse path for the architectures of fixed sparsity (TopK, BatchTopK) and, for the others
+(L1, JumpReLU), whenever a batch's codes are sparse enough.
 
 `SAEStack` holds n SAEs of one shape as stacked parameters [n, ...] so that a sweep over α (or k)
 trains with batched matmuls on one stream of activations; `stack[i]` is a one-SAE stack.
@@ -59,7 +61,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ARCHITECTURES = ("standard", "topk")  # SAELens's names: "standard" is ReLU + L1
+from . import architectures
+
 RECIPES = ("anthropic2023", "improved")  # how a standard SAE is trained (module docstring)
 RECIPE_ALIASES = {"paper": "anthropic2023"}  # the name "anthropic2023" had before (old files, old code)
 RECIPE_NAMES = {"anthropic2023": "Anthropic-2023 L1", "improved": "improved L1"}  # families in tables and plots
@@ -68,9 +71,17 @@ SPARSE_MAX_DENSITY = 0.15             # "auto": L1 batches with more active code
                                       # (measured on 2 CPU cores: the sparse path wins below about 20%)
 
 
-@dataclass(frozen=True)
+# Fields added after the first SAEs were trained: left out of `config_dict` (and so of `init_seed`,
+# training fingerprints and repr) while they hold their defaults, so older SAEs keep their seeds and keys.
+LATER_FIELDS = ("l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold", "matryoshka_widths")
+
+
+@dataclass(frozen=True, repr=False)
 class SAEConfig:
-    """One SAE. `l1_coefficient` is the paper's α (standard), `k` the TopK size (topk)."""
+    """One SAE. `l1_coefficient` is the paper's α (standard), `k` the number of active latents per
+    token (topk; on average over a batch for batchtopk and matryoshka_batchtopk), `l0_coefficient`
+    JumpReLU's λ, and `jumprelu_bandwidth` / `jumprelu_init_threshold` its kernel width and initial
+    threshold in the paper's units, `matryoshka_widths` the nested prefixes' widths (helpers.architectures)."""
 
     d_in: int
     d_sae: int
@@ -82,23 +93,30 @@ class SAEConfig:
     model_name: str = ""
     recipe: str = "anthropic2023"
     massive: bool = True  # apply the hook's massive-activation rule when training (helpers.massive)
+    l0_coefficient: float = 0.0
+    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.04
+    matryoshka_widths: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "recipe", normalise_recipe(self.recipe))
+        object.__setattr__(self, "matryoshka_widths", tuple(int(w) for w in self.matryoshka_widths))
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive (ratio R = d_sae/d_in > 0); got "
                              f"d_in={self.d_in}, d_sae={self.d_sae}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.architecture!r}: one of {ARCHITECTURES}")
+        arch = architectures.get(self.architecture)
         if not (self.l1_coefficient >= 0 and math.isfinite(self.l1_coefficient)):
             raise ValueError(f"the L1 coefficient α must be a finite number >= 0, not {self.l1_coefficient}")
-        if self.architecture == "topk" and not 0 < self.k <= self.d_sae:
-            raise ValueError(f"topk needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}: one of {RECIPES}")
-        if self.recipe == "improved" and (self.architecture != "standard" or self.tied):
-            raise ValueError("the improved recipe is for untied ReLU + L1 SAEs (architecture='standard', "
-                             "tied=False); TopK SAEs train with their own recipe (recipe='anthropic2023')")
+        arch.validate(self)
+
+    def __repr__(self) -> str:
+        return f"SAEConfig({', '.join(f'{k}={v!r}' for k, v in config_dict(self).items())})"
+
+    @property
+    def arch(self) -> "architectures.Architecture":
+        return architectures.get(self.architecture)
 
     @classmethod
     def from_ratio(cls, d_in: int, ratio: float, **kw) -> "SAEConfig":
@@ -113,21 +131,22 @@ class SAEConfig:
     @property
     def shape_key(self) -> tuple:
         """SAEs with equal keys can share one stack (and read the same hook)."""
-        return (self.d_in, self.d_sae, self.architecture, self.tied, self.recipe, self.hook_name, self.massive)
+        return (self.d_in, self.d_sae, self.architecture, self.tied, self.recipe, self.hook_name, self.massive,
+                *self.arch.shape_fields(self))
 
     @property
     def family(self) -> str:
-        """"Anthropic-2023 L1", "improved L1" or "TopK": the three kinds of SAE the workbook compares
-        (with " (no massive treatment)" for a control trained without helpers.massive's rule)."""
-        base = "TopK" if self.architecture == "topk" else RECIPE_NAMES[self.recipe]
+        """"Anthropic-2023 L1", "improved L1", "TopK", "BatchTopK", "JumpReLU", ...: the kinds of SAE the
+        workbook compares (the architecture's family, with " (no massive treatment)" for a control
+        trained without helpers.massive's rule)."""
+        base = self.arch.family(self)
         return base if self.massive else f"{base} (no massive treatment)"
 
     @property
     def label(self) -> str:
-        kind = f"α={self.l1_coefficient:g}" if self.architecture == "standard" else f"k={self.k}"
         tied = "tied " if self.tied else ""
-        base = "TopK" if self.architecture == "topk" else RECIPE_NAMES[self.recipe]
-        return f"{tied}{base} R={self.ratio:g} {kind}{'' if self.massive else ' (no massive treatment)'}"
+        return (f"{tied}{self.arch.family(self)} R={self.ratio:g} {self.arch.setting_label(self)}"
+                f"{'' if self.massive else ' (no massive treatment)'}")
 
 
 def normalise_recipe(name: str) -> str:
@@ -135,12 +154,19 @@ def normalise_recipe(name: str) -> str:
     return RECIPE_ALIASES.get(name, name)
 
 
+def config_dict(cfg: SAEConfig) -> dict:
+    """The config's fields, less those of LATER_FIELDS that hold their defaults: what identifies an
+    SAE's settings (its seed, training fingerprints), unchanged for SAEs from before those fields."""
+    defaults = {f.name: f.default for f in fields(SAEConfig)}
+    return {k: v for k, v in asdict(cfg).items() if not (k in LATER_FIELDS and v == defaults[k])}
+
+
 def init_seed(cfg: SAEConfig, seed: int = 0) -> int:
     """The seed of one SAE's initial dictionary: the base seed and the SAE's own config (everything
     but `massive`, so that the control trained without the massive treatment starts where its twin
     does). SAEs of one sweep start from different dictionaries, and an SAE starts from the same one
     whether it trains alone or in a sweep."""
-    key = json.dumps({k: v for k, v in asdict(cfg).items() if k != "massive"}, sort_keys=True)
+    key = json.dumps({k: v for k, v in config_dict(cfg).items() if k != "massive"}, sort_keys=True)
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63)
 
 
@@ -178,6 +204,8 @@ class SAEStack(nn.Module):
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("l1", torch.tensor([c.l1_coefficient for c in configs]))
         self.register_buffer("k", torch.tensor([c.k for c in configs]))
+        self.arch = c0.arch
+        self.arch.init_state(self)  # the architecture's own parameters and buffers (thresholds)
         # Massive activations (helpers.massive): tokens whose norm exceeds the threshold have the
         # offset removed before encoding and added back after decoding. Inert by default.
         self.register_buffer("massive_threshold", torch.full((n,), math.inf))
@@ -284,13 +312,8 @@ class SAEStack(nn.Module):
         return torch.baddbmm(self.b_enc.unsqueeze(1), xc, w.transpose(1, 2).to(xc.dtype))
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        acts = torch.relu(pre)
-        if self.architecture == "topk":
-            kmax = int(self.k.max())
-            vals, idx = acts.topk(kmax, dim=-1, sorted=True)
-            keep = torch.arange(kmax, device=pre.device).view(1, 1, -1) < self.k.view(-1, 1, 1)
-            acts = torch.zeros_like(acts).scatter(-1, idx, vals * keep)
-        return acts
+        """Codes [n, B, d_sae] of pre-activations at inference (the architecture's activation)."""
+        return self.arch.codes(pre, self.arch.state(self))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes [n, B, d_sae] of activations x (in the model's units)."""
@@ -314,21 +337,28 @@ class SAEStack(nn.Module):
                l1_scale: float = 1.0, path: str = "auto") -> dict:
         """Per-SAE training losses for a batch x [B, d_in]; returns a dict of [n] tensors.
 
-        mse: ‖x̂ - x‖² / d_in in scaled units; l1 (standard): l1_scale·α·Σ_i c_i‖W_dec,i‖ per token
-        (the rows are unit norm in the anthropic2023 recipe); aux (topk): the AuxK loss on the residual, from
-        the `dead` [n, d_sae] latents. Also l0 [n] and fired [n, d_sae] (latents active in the batch),
-        detached, and path, the path taken.
+        mse: ‖x̂ - x‖² / d_in in scaled units; the architecture's terms (helpers.architectures,
+        `loss_terms`): l1 (standard): l1_scale·α·Σ_i c_i‖W_dec,i‖ per token (the rows are unit norm in
+        the anthropic2023 recipe); aux (topk, batchtopk): the AuxK loss on the residual, from the
+        `dead` [n, d_sae] latents; l0_penalty (jumprelu): λ·L0 with its straight-through gradient;
+        matryoshka: the nested prefixes' MSEs. loss: mse plus those terms. Also l0 [n] and fired
+        [n, d_sae] (latents active in the batch), detached, any metric of the architecture
+        (batchtopk: batch_threshold, the smallest code kept), and path, the path taken.
 
         path: "dense" (plain autograd, the reference), "sparse" (helpers.sparse) or "auto" (sparse for
-        TopK; for L1, each SAE of the stack on its own: sparse when at most SPARSE_MAX_DENSITY of its
-        codes in the batch are active, else dense, so that an SAE takes the same path in a sweep as
-        alone). Both paths give the same losses and gradients up to float rounding. The result's
-        "path" is "dense", "sparse" or "mixed".
+        the architectures of fixed sparsity; for the others, each SAE of the stack on its own: sparse
+        when at most SPARSE_MAX_DENSITY of its codes in the batch are active, else dense, so that an
+        SAE takes the same path in a sweep as alone). Both paths give the same losses and gradients up
+        to float rounding. The result's "path" is "dense", "sparse" or "mixed".
         """
         if path not in ("auto", "dense", "sparse"):
             raise ValueError(f"path must be 'auto', 'dense' or 'sparse', not {path!r}")
+        arch = self.arch
+        dead = dead if arch.uses_auxk and dead is not None and dead.any() else None
         if path == "dense":
             return self._dense_losses(x, dead, aux_coefficient, l1_scale)
+        from types import SimpleNamespace
+
         from . import sparse
 
         xs = self._scaled(x)
@@ -336,47 +366,32 @@ class SAEStack(nn.Module):
         n, B, d = xc.shape
         m = self.d_sae
         w_enc = self.encoder_weight()
-        topk = self.architecture == "topk"
-        dead = dead if topk and dead is not None and dead.any() else None
-        max_nnz = SPARSE_MAX_DENSITY * B * m if (path == "auto" and not topk) else None  # per SAE
-        pattern, vals, aux_sel, dense_rows = self._select_active(xc, w_enc, dead, max_nnz)
-        if len(dense_rows) == n:  # every SAE's codes are still dense in this batch: the dense path is faster
+        max_nnz = SPARSE_MAX_DENSITY * B * m if (path == "auto" and not arch.fixed_sparsity) else None  # per SAE
+        sel = self._select_active(xc, w_enc, dead, max_nnz)
+        if len(sel.dense_rows) == n:  # every SAE's codes are still dense in this batch: the dense path is faster
             return self._dense_losses(x, dead, aux_coefficient, l1_scale)
-        flat_enc, flat_dec = w_enc.reshape(n * m, d), self.W_dec.reshape(n * m, d)
-        codes = sparse.encode_values(xc.reshape(n * B, d), flat_enc, self.b_enc.reshape(n * m), vals, pattern)
-        xhat = sparse.decode(codes, flat_dec, pattern).view(n, B, d) + self.b_dec.unsqueeze(1)
+        p = arch.state(self)
+        flat_enc, flat_dec, flat_b_enc = w_enc.reshape(n * m, d), self.W_dec.reshape(n * m, d), self.b_enc.reshape(n * m)
+        xc_flat = xc.reshape(n * B, d)
+        codes = sparse.encode_values(xc_flat, flat_enc, flat_b_enc, sel.vals, sel.pattern)
+        codes = arch.sparse_codes(codes, sel, p, self)
+        xhat = sparse.decode(codes, flat_dec, sel.pattern).view(n, B, d) + self.b_dec.unsqueeze(1)
         err = xhat.float() - xs.float()
         mse = err.pow(2).sum(-1).mean(-1) / self.d_in
-        sae_of = pattern.rows // B
-        on = vals > 0
+        on = sel.vals > 0
         out = {"mse": mse, "path": "sparse",
-               "l0": torch.bincount(sae_of[on], minlength=n).float() / B,
-               "fired": (torch.bincount(pattern.cols[on], minlength=n * m) > 0).view(n, m)}
-        if self.architecture == "standard":
-            # Σ_i ‖W_dec,i‖ · (Σ_tokens c_i): each latent's codes are summed first (in a fixed order),
-            # so no gradient is scattered back into the norms (a gather norms[cols] would, with float
-            # atomics on a multi-threaded CPU: run-to-run differences). Codes are ReLUs, so |c| = c.
-            per_latent = sparse.column_sums(codes, pattern).view(n, m)
-            per_sae = (per_latent * self.W_dec.norm(dim=-1).float()).sum(-1)
-            out["l1"] = l1_scale * self.l1 * per_sae / B
-            out["loss"] = mse + out["l1"]
-            if dense_rows:  # the SAEs whose codes are still dense take the dense path, each as if alone
-                dense = self._dense_losses(x, None, aux_coefficient, l1_scale, rows=dense_rows)
-                sel = torch.tensor(dense_rows, device=x.device)
-                for key in ("mse", "l1", "loss", "l0"):
-                    out[key] = out[key].index_put((sel,), dense[key])
-                out["fired"] = out["fired"].index_put((sel,), dense["fired"])
-                out["path"] = "mixed"
-            return out
-        aux = torch.zeros_like(mse)
-        if aux_sel is not None:
-            a_pattern, a_vals = aux_sel
-            a_codes = sparse.encode_values(xc.reshape(n * B, d), flat_enc, self.b_enc.reshape(n * m), a_vals, a_pattern)
-            e_hat = sparse.decode(a_codes, flat_dec, a_pattern).view(n, B, d).float()
-            aux = (e_hat + err.detach()).pow(2).sum(-1).mean(-1) / self.d_in  # e_hat should equal -err
-            aux = torch.where(dead.any(-1), aux, torch.zeros_like(aux))
-        out["aux"] = aux_coefficient * aux
-        out["loss"] = mse + out["aux"]
+               "l0": torch.bincount(sel.pattern.rows[on] // B, minlength=n).float() / B,
+               "fired": (torch.bincount(sel.pattern.cols[on], minlength=n * m) > 0).view(n, m)}
+        ctx = SimpleNamespace(n=n, B=B, m=m, codes=codes, pattern=sel.pattern, sel=sel, err=err, xs=xs, xc=xc_flat,
+                              flat_enc=flat_enc, flat_dec=flat_dec, flat_b_enc=flat_b_enc, b_dec=self.b_dec)
+        out.update(arch.sparse_terms(self, ctx, p, dead, aux_coefficient, l1_scale))
+        out["loss"] = mse + sum((out[t] for t in arch.loss_terms), torch.zeros_like(mse))
+        if sel.dense_rows:  # the SAEs whose codes are still dense take the dense path, each as if alone
+            dense = self._dense_losses(x, None, aux_coefficient, l1_scale, rows=sel.dense_rows)
+            idx = torch.tensor(sel.dense_rows, device=x.device)
+            for key in ("mse", "loss", "l0", "fired", *arch.loss_terms):
+                out[key] = out[key].index_put((idx,), dense[key])
+            out["path"] = "mixed"
         return out
 
     _BLOCK_BYTES = 8 << 20  # pre-activations computed a block of rows at a time (CPU), this many bytes
@@ -386,101 +401,62 @@ class SAEStack(nn.Module):
         """The active (row, latent) pairs of a batch and their codes, from the dense pre-activations
         computed a block of rows at a time, so that the whole [n, B, d_sae] matrix is never held (on a
         CPU, big fresh allocations cost page faults and cache misses that a block re-used from the
-        allocator does not). Rows are flattened as s·B + b and latents as s·d_sae + j.
+        allocator does not). Which pairs are active is the architecture's `selector`; rows are
+        flattened as s·B + b and latents as s·d_sae + j.
 
-        Returns (pattern, codes [nnz], aux, dense_rows): aux is the AuxK pairs (pattern, codes) of the
-        `dead` latents for TopK (else None); dense_rows lists the L1 SAEs with more than max_nnz active
+        Returns a helpers.architectures.Selection, with the AuxK pairs (pattern, codes) of the `dead`
+        latents as `aux` (else None) and, as `dense_rows`, the SAEs with more than max_nnz active
         codes in the batch (their pairs are left out: they take the dense path)."""
         from . import sparse
 
         n, B, _ = xc.shape
         m = self.d_sae
         rows = max(1, min(B, self._BLOCK_BYTES // (4 * m))) if sparse.use_cpu_kernels(xc) else B
-        topk = self.architecture == "topk"
-        parts, dense_rows = [], []
-        if topk:
-            kmax = int(self.k.max())
-            vals = torch.empty(n, B, kmax, device=xc.device)
-            idx = torch.empty(n, B, kmax, dtype=torch.int64, device=xc.device)
-            k_aux = 0 if dead is None else min(self.d_in // 2, m, int(dead.sum(-1).max()))
-            if k_aux:
-                a_vals = torch.empty(n, B, k_aux, device=xc.device)
-                a_idx = torch.empty(n, B, k_aux, dtype=torch.int64, device=xc.device)
+        selector = self.arch.selector(self, B, max_nnz)
+        k_aux = 0 if dead is None else min(self.d_in // 2, m, int(dead.sum(-1).max()))
+        if k_aux:
+            a_vals = torch.empty(n, B, k_aux, device=xc.device)
+            a_idx = torch.empty(n, B, k_aux, dtype=torch.int64, device=xc.device)
         for s in range(n):
             wt = w_enc[s].T.to(xc.dtype)
-            mine, total = [], 0
+            selector.start(s)
             for b0 in range(0, B, rows):
                 b1 = min(B, b0 + rows)
                 pre = torch.addmm(self.b_enc[s], xc[s, b0:b1], wt)
-                if topk:
-                    v, i = pre.topk(kmax, dim=-1, sorted=True)
-                    vals[s, b0:b1], idx[s, b0:b1] = v, i
-                    if k_aux:
-                        dp = torch.where(dead[s], torch.relu(pre), torch.zeros_like(pre))
-                        v, i = dp.topk(k_aux, dim=-1)
-                        a_vals[s, b0:b1], a_idx[s, b0:b1] = v, i
-                    continue
-                flat = (pre > 0).view(-1).nonzero().squeeze(1)  # row-major, so sorted by row
-                total += len(flat)
-                if max_nnz is not None and total > max_nnz:
-                    dense_rows.append(s)
+                if not selector.block(s, b0, pre):
                     break
-                mine.append((s * B + b0 + flat // m, s * m + flat % m, pre.view(-1)[flat].float()))
-            else:
-                parts += mine
-        offsets = (torch.arange(n, device=xc.device) * m).view(n, 1, 1)
-        if not topk:
-            if not parts:
-                return None, None, None, dense_rows
-            r, c, v = (torch.cat(t) for t in zip(*parts))
-            return sparse.Pattern.from_pairs(r, c, n * B, n * m), v, None, dense_rows
-        keep = torch.arange(kmax, device=xc.device).view(1, 1, -1) < self.k.view(-1, 1, 1)
-        main = (sparse.Pattern.from_topk((idx + offsets).reshape(n * B, kmax), n * m),
-                (torch.relu(vals) * keep).reshape(-1))
-        aux = None
+                if k_aux:
+                    dp = torch.where(dead[s], torch.relu(pre), torch.zeros_like(pre))
+                    v, i = dp.topk(k_aux, dim=-1)
+                    a_vals[s, b0:b1], a_idx[s, b0:b1] = v, i
+            selector.end(s)
+        sel = selector.result(n, xc.device)
         if k_aux:
-            aux = (sparse.Pattern.from_topk((a_idx + offsets).reshape(n * B, k_aux), n * m), a_vals.reshape(-1))
-        return (*main, aux, [])
+            offsets = (torch.arange(n, device=xc.device) * m).view(n, 1, 1)
+            sel.aux = (sparse.Pattern.from_topk((a_idx + offsets).reshape(n * B, k_aux), n * m), a_vals.reshape(-1))
+        return sel
 
     def _dense_losses(self, x, dead, aux_coefficient, l1_scale, rows: list[int] | None = None) -> dict:
-        """The losses by plain autograd, for every SAE of the stack or (`rows`, L1 only) for some."""
-        if rows is not None:
-            return self._rows_dense_l1(x, rows, l1_scale)
-        pre = self.pre_acts(x)
-        c = self.activation(pre)
-        out, err = self._decode_losses(c, self._scaled(x), self.b_dec, self.W_dec)
-        out["path"] = "dense"
-        mse = out["mse"]
-        if self.architecture == "standard":
-            out["l1"] = l1_scale * self.l1 * self._l1_penalty(c, self.W_dec)
-            out["loss"] = mse + out["l1"]
-        else:
-            aux = torch.zeros_like(mse)
-            if dead is not None and dead.any():
-                k_aux = min(self.d_in // 2, self.d_sae)  # fixed, so SAEs in a stack stay independent
-                dead_pre = torch.where(dead.unsqueeze(1), torch.relu(pre), torch.zeros_like(pre))
-                vals, idx = dead_pre.topk(k_aux, dim=-1)
-                c_aux = torch.zeros_like(pre).scatter(-1, idx, vals)
-                e_hat = torch.bmm(c_aux, self.W_dec.to(c_aux.dtype)).float()
-                resid = -err.detach()  # what the live latents failed to reconstruct
-                aux = (e_hat - resid).pow(2).sum(-1).mean(-1) / self.d_in
-                aux = torch.where(dead.any(-1), aux, torch.zeros_like(aux))
-            out["aux"] = aux_coefficient * aux
-            out["loss"] = mse + out["aux"]
-        return out
+        """The losses by plain autograd, for every SAE of the stack or (`rows`) for some of them (the
+        same computation each would do alone)."""
+        from types import SimpleNamespace
 
-    def _rows_dense_l1(self, x, rows: list[int], l1_scale) -> dict:
-        """Dense-path L1 losses of some SAEs of the stack (the same computation each would do alone)."""
-        idx = torch.tensor(rows, device=x.device)
-        # index_select, not t[idx]: its backward is an index_add_, not an index_put_ with float atomics
-        xs = self._scaled(x).index_select(0, idx)
-        w_enc, w_dec = self.encoder_weight().index_select(0, idx), self.W_dec.index_select(0, idx)
-        b_enc, b_dec = self.b_enc.index_select(0, idx), self.b_dec.index_select(0, idx)
+        idx = None if rows is None else torch.tensor(rows, device=x.device)
+
+        def pick(t):  # index_select, not t[idx]: its backward is an index_add_, not an index_put_ with float atomics
+            return t if idx is None else t.index_select(0, idx)
+
+        xs = pick(self._scaled(x))
+        w_enc, b_enc, b_dec = pick(self.encoder_weight()), pick(self.b_enc), pick(self.b_dec)
+        p = self.arch.state(self, idx)
         xc = xs - b_dec.unsqueeze(1) if self.centres_input else xs
-        c = torch.relu(torch.baddbmm(b_enc.unsqueeze(1), xc, w_enc.transpose(1, 2).to(xs.dtype)))
-        out, _ = self._decode_losses(c, xs, b_dec, w_dec)
-        out["l1"] = l1_scale * self.l1[idx] * self._l1_penalty(c, w_dec)
-        out["loss"] = out["mse"] + out["l1"]
+        pre = torch.baddbmm(b_enc.unsqueeze(1), xc, w_enc.transpose(1, 2).to(xs.dtype))
+        c = self.arch.train_codes(pre, p)
+        out, err = self._decode_losses(c, xs, b_dec, p["W_dec"])
+        out["path"] = "dense"
+        ctx = SimpleNamespace(n=len(xs), B=xs.shape[1], c=c, pre=pre, err=err, xs=xs, b_dec=b_dec)
+        out.update(self.arch.dense_terms(self, ctx, p, dead, aux_coefficient, l1_scale))
+        out["loss"] = out["mse"] + sum((out[t] for t in self.arch.loss_terms), torch.zeros_like(out["mse"]))
         return out
 
     def _decode_losses(self, c, xs, b_dec, w_dec) -> tuple[dict, torch.Tensor]:
@@ -566,16 +542,17 @@ def save_saelens(sae: SAEStack, path, extra: dict | None = None) -> Path:
         "W_dec": (sae.W_dec[0].detach().float() / s).contiguous(),
         "b_enc": b_enc.contiguous(),
         "b_dec": (sae.b_dec[0].detach().float() / s).contiguous(),
+        # the architecture's own tensors (`threshold`), in units of pre-activations, which folding the
+        # scale into the weights leaves unchanged
+        **{k: v.contiguous() for k, v in sae.arch.saelens_tensors(sae).items()},
     }
     saelens_cfg = {
-        "architecture": cfg.architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+        "d_in": cfg.d_in, "d_sae": cfg.d_sae,
         "dtype": "float32", "device": "cpu", "model_name": cfg.model_name, "hook_name": cfg.hook_name,
         "hook_layer": int(cfg.hook_name.split(".")[1]) if cfg.hook_name.startswith("blocks.") else 0,
-        "hook_head_index": None, "activation_fn_str": "topk" if cfg.architecture == "topk" else "relu",
-        "activation_fn_kwargs": {"k": cfg.k} if cfg.architecture == "topk" else {},
+        "hook_head_index": None, **sae.arch.saelens_fields(cfg),
         "apply_b_dec_to_input": True, "finetuning_scaling_factor": False, "normalize_activations": "none",
         "context_size": None, "dataset_path": "", "prepend_bos": True, "sae_lens_training_version": None,
-        "k": cfg.k if cfg.architecture == "topk" else None,
         "workbook": {**asdict(cfg), "input_scale": s,
                      "massive_rule": ({"threshold": float(sae.massive_threshold[0]),
                                   "offset": [float(v) for v in sae.massive_offset[0]]}
@@ -597,7 +574,10 @@ def save_saelens(sae: SAEStack, path, extra: dict | None = None) -> Path:
 
 
 def load_saelens(path, recipe: str | None = None) -> SAEStack:
-    """Load SAELens files (ours, or a SAELens standard/topk SAE) as a one-SAE stack.
+    """Load SAELens files (ours, or a SAELens standard, topk or jumprelu SAE) as a one-SAE stack.
+
+    The architecture is the one our files record (``workbook.architecture``: a BatchTopK SAE is a
+    SAELens "jumprelu" file); files from elsewhere are read as the architecture of their SAELens name.
 
     recipe: if given, the recipe the caller expects ("anthropic2023", its old name "paper", or
     "improved"); files of another recipe are refused with an error that says which (files from
@@ -613,12 +593,17 @@ def load_saelens(path, recipe: str | None = None) -> SAEStack:
     if recipe is not None and recipe != theirs:
         raise ValueError(f"{path} holds an SAE trained with the {theirs!r} recipe, not {recipe!r}: "
                          f"load it with recipe={theirs!r} (or None), or choose an SAE of the {recipe!r} recipe")
-    arch = cfg.get("architecture", "standard")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"{path / SAELENS_CFG}: SAELens architecture {arch!r} is not supported here "
-                         f"(supported: {ARCHITECTURES})")
-    tensors = load_file(str(path / SAELENS_WEIGHTS))
     ours = cfg.get("workbook") or {}
+    theirs_arch = cfg.get("architecture", "standard")
+    readable = sorted({a.saelens_architecture for a in architectures.ARCHITECTURES.values()})
+    arch = ours.get("architecture") or theirs_arch
+    if arch not in architectures.ARCHITECTURES or architectures.get(arch).saelens_architecture != theirs_arch:
+        if ours.get("architecture"):
+            raise ValueError(f"{path / SAELENS_CFG}: SAELens architecture {theirs_arch!r} does not fit the "
+                             f"workbook's {arch!r} (saved as {architectures.get(arch).saelens_architecture!r})")
+        raise ValueError(f"{path / SAELENS_CFG}: SAELens architecture {theirs_arch!r} is not supported here "
+                         f"(supported: {readable})")
+    tensors = load_file(str(path / SAELENS_WEIGHTS))
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 0
     known = {f.name for f in fields(SAEConfig)}
     massive = ours.get("massive_rule")
@@ -643,4 +628,5 @@ def load_saelens(path, recipe: str | None = None) -> SAEStack:
         if massive:
             sae.massive_threshold.fill_(massive["threshold"])
             sae.massive_offset.copy_(torch.tensor(massive["offset"]).unsqueeze(0))
+    sae.arch.load_state(sae, tensors)
     return sae

@@ -13,7 +13,13 @@ which latents are active); everything else costs O(active · d) per token:
 * `decode(vals, W_dec, pattern)`: Σ_j c_j · W_dec[j] over the active latents of each token, and its
   backward (the codes' and the dictionary's gradients), from the active pairs only.
 * `column_sums(vals, pattern)`: Σ of the active codes of each latent (the L1 penalty's per-latent
-  totals), with a gather for its backward.
+  totals), with a gather for its backward; `gather(per_column, pattern)`, its mirror: a per-latent
+  value at every pair, whose backward is a column sum (JumpReLU's thresholds, helpers.architectures).
+
+Which pairs are active, their codes, and any gradient a code has besides the encoder's (a threshold's)
+are the architecture's (helpers.architectures): every architecture here is the identity on its active
+pairs and zero elsewhere, so `encode_values` passes a code's gradient to its pre-activation exactly
+where the code is positive (ReLU, TopK, BatchTopK, JumpReLU with its positive threshold).
 
 The gathers and scatters are `torch.nn.functional.embedding_bag` with per-sample weights (fused: no
 [active, d] temporary); the sampled dot product g[row] · W[col] of the decoder's backward is
@@ -139,8 +145,9 @@ def _sampled_dot(a: torch.Tensor, b: torch.Tensor, p: "Pattern") -> torch.Tensor
 
 
 class _EncodeValues(torch.autograd.Function):
-    """vals[j] = ReLU(xc[row_j] · W[col_j] + b[col_j]), already computed by the caller (from the
-    dense pre-activations); the backward runs over the active pairs only."""
+    """vals[j] = the code at pair j (the architecture's activation of xc[row_j] · W[col_j] + b[col_j]),
+    already computed by the caller (from the dense pre-activations); the backward runs over the
+    active pairs only, passing the gradient to the pre-activation where vals[j] > 0."""
 
     @staticmethod
     def forward(ctx, xc, weight, bias, vals, pattern: Pattern):
@@ -152,7 +159,7 @@ class _EncodeValues(torch.autograd.Function):
     def backward(ctx, grad):
         xc, weight, vals = ctx.saved_tensors
         p = ctx.pattern
-        g = torch.where(vals > 0, grad, torch.zeros_like(grad)).float()  # ReLU: no gradient where the code is 0
+        g = torch.where(vals > 0, grad, torch.zeros_like(grad)).float()  # none where the code is 0 (module docstring)
         grad_xc = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_xc = _bag(p.cols, weight, p.row_offsets, g).to(xc.dtype)
@@ -199,9 +206,29 @@ class _ColumnSums(torch.autograd.Function):
         return grad.index_select(0, ctx.pattern.cols).to(ctx.dtype), None
 
 
+class _Gather(torch.autograd.Function):
+    """out[j] = v[col_j]; the backward sums each column's pairs (`_column_sums`: deterministic)."""
+
+    @staticmethod
+    def forward(ctx, v, pattern: Pattern):
+        ctx.pattern = pattern
+        ctx.dtype = v.dtype
+        return v.index_select(0, pattern.cols)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _column_sums(grad, ctx.pattern).to(ctx.dtype), None
+
+
+def gather(per_column: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """[nnz]: per_column [n_cols] at each pair's column, differentiable with respect to per_column by
+    a deterministic column sum (not the scatter-add of `per_column[cols]`)."""
+    return _Gather.apply(per_column, pattern)
+
+
 def encode_values(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, vals: torch.Tensor,
                   pattern: Pattern) -> torch.Tensor:
-    """The active codes `vals` [nnz] (ReLU of the pre-activations at the pattern's pairs, computed by
+    """The active codes `vals` [nnz] (the architecture's codes at the pattern's pairs, computed by
     the caller), differentiable with respect to the encoder input xc [n_rows, d], weight
     [n_cols, d] and bias [n_cols] through a sparse backward."""
     return _EncodeValues.apply(xc, weight, bias, vals, pattern)

@@ -7,7 +7,9 @@
   it differs from the seed paper's code), and tied ones at ``pick_ratio`` for ``tied_alphas`` (the
   seed paper's residual-stream SAEs were tied);
 * the improved L1 recipe (Anthropic, April 2024; helpers.sae): ``improved_alphas`` at ``pick_ratio``;
-* TopK SAEs: ``topk_ks`` at ``topk_ratio``;
+* TopK SAEs: ``topk_ks`` at ``topk_ratio``, and at the same ratio BatchTopK (``batchtopk_ks``),
+  Matryoshka BatchTopK (``matryoshka_ks``) and JumpReLU SAEs (``jumprelu_coefficients``, λ): the
+  architectures of helpers.architectures, each a list in the profile (empty: none);
 * a control: the middle improved-recipe SAE again, trained without the massive-activation treatment
   (``massive_control``), so that notebook 02 can show what the treatment does. It is never chosen.
 
@@ -19,6 +21,12 @@ columns ``select_*``), and every reported figure comes from the second ("report"
 in SAELens layout and the table in ``results.json``; MMCS between sizes is reported beside the MMCS of
 the same pair at initialisation and of random dictionaries (`mmcs_table`). A finished sweep is loaded, not retrained; an
 interrupted one resumes from its checkpoint. `get_sae(profile)` returns the chosen SAE.
+
+The cache: a sweep's folder is named by a hash of its `fingerprint`, every setting that changes its
+results (the profile's fields but those of NOT_RESULT_FIELDS, the train config, VERSION), and its
+``results.json`` keeps the whole fingerprint, configs included; a results.json whose fingerprint is
+not the current one (code that changed the grid without a VERSION bump, a hash collision) is not
+reused: the sweep is trained again (`load_results`).
 
 The choice, as a rule, on the "select" half of the held-out contexts: among the L1 SAEs of either
 recipe at the profile's ``pick_ratio`` with at most 20% dead latents and an L0 of at most
@@ -41,11 +49,21 @@ import torch
 
 from .harvest import get_store
 from .metrics import contexts_from_store, mmcs, reconstruction_metrics, spliced_loss
-from .sae import SAEConfig, initial_dictionary, load_saelens, normalise_recipe, save_saelens
+from . import architectures
+from .sae import SAEConfig, config_dict, initial_dictionary, load_saelens, normalise_recipe, save_saelens
 from .train import TrainConfig, train_sweep
 
 MAX_DEAD = 0.2
-VERSION = 3  # bump when the training or evaluation changes what a cached sweep holds
+VERSION = 4  # bump when the training or evaluation changes what a cached sweep holds
+# Profile fields that change nothing a sweep computes: its name (a folder), where it runs, settings
+# of later notebooks. Every other field, present or future, is in the fingerprint.
+NOT_RESULT_FIELDS = ("name", "device", "extra", "layers", "score_tokens", "autointerp_features", "pca_tokens",
+                     "ica_tokens", "ica_max_iter", "ioi_prompts", "pronoun_prompts", "patch_layer_step")
+# TrainConfig fields that change no result (logging, checkpoints, where it runs)
+NOT_RESULT_TRAIN_FIELDS = ("log_every", "checkpoint_every", "device", "path")
+# The comparison SAEs at topk_ratio: (architecture, profile field listing the values of its setting)
+OTHER_ARCHITECTURES = (("topk", "topk_ks"), ("batchtopk", "batchtopk_ks"),
+                       ("matryoshka_batchtopk", "matryoshka_ks"), ("jumprelu", "jumprelu_coefficients"))
 
 
 def sweep_configs(profile, d_in: int) -> list[SAEConfig]:
@@ -56,8 +74,10 @@ def sweep_configs(profile, d_in: int) -> list[SAEConfig]:
                             for a in profile.tied_alphas) if c not in configs]
     configs += [SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=a, recipe="improved", **common)
                 for a in profile.improved_alphas]
-    configs += [SAEConfig.from_ratio(d_in, profile.topk_ratio, architecture="topk", k=k, **common)
-                for k in profile.topk_ks]
+    for name, listed in OTHER_ARCHITECTURES:
+        setting = architectures.get(name).setting
+        configs += [SAEConfig.from_ratio(d_in, profile.topk_ratio, architecture=name, **{setting: v}, **common)
+                    for v in getattr(profile, listed)]
     if profile.massive and profile.massive_control and profile.improved_alphas:
         alpha = profile.improved_alphas[len(profile.improved_alphas) // 2]
         configs.append(SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=alpha, recipe="improved",
@@ -77,18 +97,49 @@ def train_config(profile, tokens: int | None = None) -> TrainConfig:
                        massive=profile.massive, eval_at=eval_at)
 
 
+def fingerprint(profile, *extra, d_in: int | None = None) -> dict:
+    """Every setting that changes a sweep's results: VERSION, the profile's fields (less
+    NOT_RESULT_FIELDS), the train config (less NOT_RESULT_TRAIN_FIELDS), `extra`, and, given d_in
+    (the model's width, known once the store is), the SAE configs themselves. JSON-ready."""
+    tc = dataclasses.asdict(train_config(profile))
+    out = {"version": VERSION,
+           "profile": {k: v for k, v in dataclasses.asdict(profile).items() if k not in NOT_RESULT_FIELDS},
+           "train": {k: v for k, v in tc.items() if k not in NOT_RESULT_TRAIN_FIELDS},
+           "extra": list(extra)}
+    if d_in is not None:
+        out["configs"] = [config_dict(c) for c in sweep_configs(profile, d_in)]
+    return json.loads(json.dumps(out))  # tuples as lists: what results.json gives back
+
+
 def _key(profile, *extra) -> str:
-    fields = [VERSION, profile.model, profile.corpus, profile.ctx_len, profile.harvest_tokens, profile.pick_ratio,
-              profile.pick_max_l0, profile.eval_tokens, profile.ce_contexts, profile.sae_ratios, profile.sae_alphas,
-              profile.sae_tied, profile.improved_alphas, profile.topk_ks, profile.topk_ratio, profile.train_tokens,
-              profile.train_batch, profile.lr, profile.seed, profile.massive, profile.massive_control, profile.curve_points,
-              profile.curve_contexts, profile.tied_alphas, *extra]
-    return hashlib.sha1(json.dumps(fields).encode()).hexdigest()[:8]
+    """The short hash naming a sweep's folder: of its fingerprint (without the configs, which follow
+    from the profile and the model's width)."""
+    return hashlib.sha1(json.dumps(fingerprint(profile, *extra), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def sweep_dir(profile) -> Path:
     return profile.cache_dir / "sae" / f"sweep-{_key(profile, profile.sae_hook)}"
 
+
+def load_results(profile) -> dict | None:
+    """The sweep's saved results, if there are any and their fingerprint is the current one (configs
+    included, for the d_in they were made with); None otherwise (a stale file is reported, not used)."""
+    folder = sweep_dir(profile)
+    results = folder / "results.json"
+    if not results.exists():
+        return None
+    saved = json.loads(results.read_text())
+    old = saved.get("fingerprint") or {}
+    d_in = (old.get("configs") or [{}])[0].get("d_in")
+    now = fingerprint(profile, profile.sae_hook, d_in=d_in)
+    if old != now:
+        diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+        import warnings
+
+        warnings.warn(f"{results} was made with other settings ({', '.join(diff)} differ): training the sweep again",
+                      stacklevel=2)
+        return None
+    return {**saved, "dir": str(folder)}
 
 def _sel(row: dict, key: str):
     """A row's selection-slice figure (``select_<key>``), or the plain one in rows made without a split."""
@@ -99,7 +150,7 @@ def choose(rows: list[dict], ratio: float, max_l0: float) -> int:
     """Index of the chosen SAE in the sweep table (the rule in this module's docstring), read from the
     rows' selection-slice columns (``select_dead``, ``select_l0``, ``select_ce_recovered_mean``,
     ``select_fvu``), never from the columns that are reported."""
-    l1 = [i for i, r in enumerate(rows) if r["architecture"] == "standard" and r["ratio"] == ratio
+    l1 = [i for i, r in enumerate(rows) if architectures.get(r["architecture"]).l1 and r["ratio"] == ratio
           and r.get("massive", True)]
     if not l1:
         raise ValueError(f"the sweep has no L1 SAE of ratio {ratio}")
@@ -114,8 +165,9 @@ def best_of_recipe(rows: list[dict], recipe: str, ratio: float, max_l0: float) -
     """The SAE the rule would choose among one recipe's L1 SAEs only (None if it has none); "paper" is
     read as "anthropic2023", its current name."""
     recipe = normalise_recipe(recipe)
-    idx = [i for i, r in enumerate(rows) if r["architecture"] != "standard" or normalise_recipe(r["recipe"]) == recipe]
-    if not any(rows[i]["architecture"] == "standard" and rows[i]["ratio"] == ratio for i in idx):
+    idx = [i for i, r in enumerate(rows)
+           if not architectures.get(r["architecture"]).l1 or normalise_recipe(r["recipe"]) == recipe]
+    if not any(architectures.get(rows[i]["architecture"]).l1 and rows[i]["ratio"] == ratio for i in idx):
         return None
     return idx[choose([rows[i] for i in idx], ratio, max_l0)]
 
@@ -190,7 +242,7 @@ def mmcs_table(saes, configs, seed: int = 0) -> list[dict]:
     ("mmcs_random", the chance level). Only trained MMCS well above both says the two sizes found
     the same directions by learning them."""
     out = []
-    l1 = [(c, s) for c, s in zip(configs, saes) if c.architecture == "standard" and c.recipe == "anthropic2023"
+    l1 = [(c, s) for c, s in zip(configs, saes) if c.arch.l1 and c.recipe == "anthropic2023"
           and c.massive]
     for ca, sa in l1:
         larger = sorted([(cb, sb) for cb, sb in l1 if cb.l1_coefficient == ca.l1_coefficient
@@ -213,13 +265,13 @@ def get_eval_store(profile, model=None, progress: bool = True):
 
 def learning_curve_fn(configs, eval_store, hook, model, profile, rule=None):
     """on_eval for train_sweep: held-out FVU (all, ordinary) and L0 of every SAE, and CE-loss recovered
-    (on `curve_contexts` held-out contexts) of the SAEs at the profile's pick ratio and the TopK ones."""
+    (on `curve_contexts` held-out contexts) of the SAEs at the profile's pick ratio and of the other
+    architectures (TopK, BatchTopK, ...)."""
     x = eval_store.activations(hook)
     flags = None if rule is None else rule.flags(x)
     tokens = contexts_from_store(eval_store, profile.curve_contexts, model.tokenizer.bos_token_id)
     device = next(model.parameters()).device
-    ce_idx = [i for i, c in enumerate(configs) if c.ratio == profile.pick_ratio
-              or c.architecture == "topk"]
+    ce_idx = [i for i, c in enumerate(configs) if c.ratio == profile.pick_ratio or not c.arch.l1]
 
     def on_eval(step, n_tokens, saes):
         rows = [{k: v for k, v in reconstruction_metrics(s.to(device), x, flags=flags)[0].items()
@@ -244,8 +296,12 @@ def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
     """
     folder = sweep_dir(profile)
     results = folder / "results.json"
-    if results.exists():
-        return {**json.loads(results.read_text()), "dir": str(folder)}
+    done = load_results(profile)
+    if done is not None:
+        return done
+    if results.exists():  # stale: its checkpoint belongs to the same other settings
+        results.unlink()
+        (folder / "checkpoint.pt").unlink(missing_ok=True)
     if model is None:
         from .models import load_model
 
@@ -266,7 +322,8 @@ def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
                      ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")}})
     curve = [{"tokens": h["tokens"], "rows": h["eval"]} for h in result.history if "eval" in h]
     history = [h for h in result.history if "eval" not in h]
-    out = {"rows": rows, "mmcs": mmcs_table(result.saes, result.configs, profile.seed), "history": history,
+    out = {"fingerprint": fingerprint(profile, hook, d_in=store.d_model),
+           "rows": rows, "mmcs": mmcs_table(result.saes, result.configs, profile.seed), "history": history,
            "curve": curve, "eval_split": eval_split(eval_store),
            "chosen": choose(rows, profile.pick_ratio, profile.pick_max_l0),
            "best_paper": best_of_recipe(rows, "anthropic2023", profile.pick_ratio, profile.pick_max_l0),
@@ -281,7 +338,8 @@ def matched_topk(sweep: dict) -> int | None:
     """Index of the sweep's TopK SAE whose L0 is closest to the chosen SAE's (None without TopK):
     the 'go beyond the paper' SAE, compared at about the same sparsity (the control trained without
     the massive-activation treatment is never matched)."""
-    topk = [i for i, r in enumerate(sweep["rows"]) if r["architecture"] == "topk" and r.get("massive", True)]
+    topk = [i for i, r in enumerate(sweep["rows"])
+            if architectures.get(r["architecture"]).matched_comparison and r.get("massive", True)]
     if not topk:
         return None
     l0 = sweep["rows"][sweep["chosen"]]["l0"]
@@ -298,7 +356,7 @@ def get_sae(profile, progress: bool = True):
     return load_sweep_sae(sweep, sweep["chosen"])
 
 
-SAE_KEYS = ("d_in", "d_sae", "architecture", "tied", "l1_coefficient", "k", "model_name", "recipe", "massive")
+SAE_KEYS = tuple(f.name for f in dataclasses.fields(SAEConfig) if f.name != "hook_name")  # a row's config
 
 
 def layer_saes(profile, store, sweep: dict, progress: bool = True) -> dict:
@@ -313,7 +371,7 @@ def layer_saes(profile, store, sweep: dict, progress: bool = True) -> dict:
     others = [layer for layer in profile.layers if layer != profile.sae_layer]
     if not others:
         return out
-    jobs = [(layer, name, SAEConfig(**{**{k: sweep["rows"][i][k] for k in SAE_KEYS},
+    jobs = [(layer, name, SAEConfig(**{**{k: sweep["rows"][i][k] for k in SAE_KEYS if k in sweep["rows"][i]},
                                        "hook_name": f"blocks.{layer}.hook_{profile.hook}"}))
             for layer in others for name, i in named.items()]
     folder = profile.cache_dir / "sae" / f"layers-{_key(profile, [repr(c) for _, _, c in jobs])}"

@@ -5,9 +5,10 @@ the α's or k's of a group share a stack), reads each shuffled batch once, at ev
 need, and trains every stack on it:
 
 * Adam (fused where torch has it) with LR warm-up and a final linear decay;
-* the anthropic2023 recipe and TopK: unit-norm dictionary rows (the parallel gradient component
-  removed, rows renormalised after every step), b_dec started at the data mean, dead latents
-  resampled (anthropic2023 L1) or revived by AuxK (TopK);
+* the anthropic2023 recipe and every architecture but the improved L1 SAEs (helpers.architectures):
+  unit-norm dictionary rows (the parallel gradient component removed, rows renormalised after every
+  step), b_dec started at the data mean, dead latents resampled (anthropic2023 L1) or revived by AuxK
+  (TopK, BatchTopK); after each step the architecture updates its own state (BatchTopK's threshold);
 * the improved L1 recipe (helpers.sae): both biases start at zero, α warmed up over the first
   `l1_warmup_fraction` of steps, gradients clipped per SAE at `grad_clip` on the scale of a loss summed
   over dimensions (the April 2024 update's convention; our loss is that divided by d_in, so the clip
@@ -175,7 +176,9 @@ def build_stacks(configs: list[SAEConfig], seed: int) -> tuple[list[SAEStack], l
 
 
 def _fingerprint(configs, tc: TrainConfig, store) -> dict:
-    return {"configs": [dataclasses.asdict(c) for c in configs],
+    from .sae import config_dict
+
+    return {"configs": [config_dict(c) for c in configs],
             "train": {k: v for k, v in dataclasses.asdict(tc).items()
                       if k not in ("log_every", "checkpoint_every", "device", "path")},
             "store": str(store.path), "store_tokens": store.n_tokens}
@@ -280,7 +283,7 @@ def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since
     for s, st in enumerate(stacks):
         dead = since_fired[s] >= tc.dead_window
         with autocast or nullcontext():
-            out = st.losses(xs[s], dead=dead if st.architecture == "topk" else None,
+            out = st.losses(xs[s], dead=dead if st.arch.uses_auxk else None,
                             aux_coefficient=tc.aux_coefficient, l1_scale=1.0 if st.unit_norm else l1_scale,
                             path=tc.path)
         loss = out["loss"].sum()
@@ -304,6 +307,7 @@ def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since
     for s, (st, out) in enumerate(zip(stacks, outs)):
         if st.unit_norm:
             st.normalize_decoder()
+        st.arch.after_step(st, out)  # the architecture's own state (BatchTopK's running threshold)
         since_fired[s] = torch.where(out["fired"], torch.zeros_like(since_fired[s]), since_fired[s] + len(xs[s]))
     return outs
 
@@ -474,7 +478,7 @@ def _resample(stacks, since_fired, store, tc: TrainConfig, step: int, opt, gen_o
     (the same pool, drawn from the step and seed, whether an SAE trains alone or in a sweep)."""
     pools = {}
     for s, st in enumerate(stacks):
-        if st.architecture != "standard" or not st.unit_norm:
+        if not st.arch.resamples or not st.unit_norm:
             continue
         hook = st.configs[0].hook_name
         if hook not in pools:

@@ -1,10 +1,12 @@
 """SAE models against hand-written references; SAELens files."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from helpers.sae import SAEConfig, SAEStack, load_saelens, save_saelens
+from helpers import architectures
+from helpers.sae import SAEConfig, SAEStack, init_seed, load_saelens, save_saelens
 
 D, M = 12, 30
 
@@ -91,8 +93,25 @@ def test_bad_configs_are_refused():
         SAEConfig.from_ratio(D, -2)
     with pytest.raises(ValueError, match="topk needs"):
         SAEConfig(D, M, architecture="topk", k=0)
-    with pytest.raises(ValueError, match="unknown architecture"):
+    with pytest.raises(ValueError, match=r"unknown architecture 'gated': one of \['batchtopk', 'jumprelu', "
+                                         r"'matryoshka_batchtopk', 'standard', 'topk'\]"):
         SAEConfig(D, M, architecture="gated")
+    with pytest.raises(ValueError, match="unknown architecture 'TopK'"):
+        architectures.get("TopK")
+    for name in ("batchtopk", "matryoshka_batchtopk"):
+        with pytest.raises(ValueError, match=f"{name} needs 0 < k"):
+            SAEConfig(D, M, architecture=name, k=M + 1)
+    with pytest.raises(ValueError, match="jumprelu needs a finite l0_coefficient >= 0"):
+        SAEConfig(D, M, architecture="jumprelu", l0_coefficient=-1.0)
+    with pytest.raises(ValueError, match="jumprelu needs a finite jumprelu_bandwidth > 0"):
+        SAEConfig(D, M, architecture="jumprelu", jumprelu_bandwidth=0.0)
+    with pytest.raises(ValueError, match="matryoshka_widths must increase"):
+        SAEConfig(D, M, architecture="matryoshka_batchtopk", k=3, matryoshka_widths=(10, 5, M))
+    with pytest.raises(ValueError, match="matryoshka_widths must increase"):
+        SAEConfig(D, M, architecture="matryoshka_batchtopk", k=3, matryoshka_widths=(10, 20))
+    for name in ("batchtopk", "jumprelu"):
+        with pytest.raises(ValueError, match="improved recipe is for untied"):
+            SAEConfig(D, M, architecture=name, k=3, recipe="improved")
 
 
 def test_wrong_d_model_is_explained():
@@ -101,29 +120,64 @@ def test_wrong_d_model_is_explained():
         sae.encode(torch.randn(4, 7))
 
 
+NEW = [SAEConfig(D, M, architecture="batchtopk", k=5), SAEConfig(D, M, architecture="jumprelu", l0_coefficient=1e-3),
+       SAEConfig(D, M, architecture="matryoshka_batchtopk", k=5, matryoshka_widths=(6, 12, M))]
+
+
 @pytest.mark.parametrize("cfg", [SAEConfig(D, M, l1_coefficient=1e-3), SAEConfig(D, M, tied=True),
-                                 SAEConfig(D, M, architecture="topk", k=5)])
+                                 SAEConfig(D, M, architecture="topk", k=5), *NEW])
 def test_save_load_identical_outputs(tmp_path, cfg):
     sae = randomised([cfg])
+    if hasattr(sae, "threshold"):  # BatchTopK: a trained threshold, one that zeroes some ReLU codes
+        sae.threshold.fill_(0.4)
     save_saelens(sae, tmp_path / "sae")
     again = load_saelens(tmp_path / "sae")
     x = torch.randn(40, D) * 3
     assert torch.allclose(again(x), sae(x), atol=1e-5)
     assert torch.allclose(again.encode(x), sae.encode(x), atol=1e-5)
     on_disk = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert on_disk["architecture"] == cfg.architecture and on_disk["d_sae"] == M
+    assert on_disk["architecture"] == cfg.arch.saelens_architecture and on_disk["d_sae"] == M
+    assert again.configs[0] == dataclasses.replace(cfg, tied=False)  # a tied SAE is saved as its two matrices
     from safetensors.torch import load_file
     w = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
     assert w["W_enc"].shape == (D, M) and w["W_dec"].shape == (M, D)
+    if on_disk["architecture"] == "jumprelu":  # SAELens's formula from the file alone
+        pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+        assert w["threshold"].shape == (M,) and (w["threshold"] > 0).all()
+        ref = torch.relu(pre) * (pre > w["threshold"])
+        assert torch.allclose(sae.encode(x)[0], ref, atol=1e-5)
+        assert 0 < (ref > 0).sum() < (pre > 0).sum()  # the threshold zeroes some positive codes
+
+
+def test_jumprelu_file_from_elsewhere(tmp_path):
+    """A SAELens JumpReLU SAE (no workbook block) loads as ours and gives SAELens's codes."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    t = {"W_enc": torch.randn(D, M, generator=g), "W_dec": torch.randn(M, D, generator=g),
+         "b_enc": torch.randn(M, generator=g), "b_dec": torch.randn(D, generator=g),
+         "threshold": torch.rand(M, generator=g) * 2}
+    (tmp_path / "s").mkdir()
+    save_file(t, str(tmp_path / "s" / "sae_weights.safetensors"))
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": D, "d_sae": M}))
+    sae = load_saelens(tmp_path / "s")
+    x = torch.randn(10, D, generator=g)
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    assert sae.architecture == "jumprelu"
+    assert torch.allclose(sae.encode(x)[0], torch.relu(pre) * (pre > t["threshold"]), atol=1e-4)
 
 
 def test_saelens_unknown_architecture(tmp_path):
     sae = randomised([SAEConfig(D, M)])
     save_saelens(sae, tmp_path / "sae")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    cfg["architecture"] = "jumprelu"
+    cfg["architecture"] = "gated"
     (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="'jumprelu' is not supported"):
+    with pytest.raises(ValueError, match="'gated' does not fit the workbook's 'standard'"):
+        load_saelens(tmp_path / "sae")
+    del cfg["workbook"]
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"'gated' is not supported here \(supported: \['jumprelu', 'standard', 'topk'\]\)"):
         load_saelens(tmp_path / "sae")
 
 
@@ -175,3 +229,106 @@ def test_improved_recipe_initialisation():
     sae = SAEStack([SAEConfig(D, M, l1_coefficient=1e-3, recipe="improved")])
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.full((1, M), 0.1), atol=1e-6)
     assert torch.equal(sae.W_enc, sae.W_dec) and not sae.unit_norm  # W_enc = W_decᵀ (a row per latent)
+
+
+def test_old_configs_keep_their_seed_and_repr():
+    """Fields added for the new architectures leave the seeds (and reprs, which seed resampling) of
+    configs that do not use them as they were; setting one changes the seed."""
+    import zlib
+
+    old_fields = ("d_in", "d_sae", "architecture", "tied", "l1_coefficient", "k", "hook_name", "model_name", "recipe")
+    for cfg in (SAEConfig(D, M, l1_coefficient=3e-3, hook_name="blocks.6.hook_resid_post"),
+                SAEConfig(D, M, architecture="topk", k=5)):
+        key = json.dumps({f: getattr(cfg, f) for f in old_fields}, sort_keys=True)
+        assert init_seed(cfg, 7) == (7 * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63)
+        old_repr = "SAEConfig(" + ", ".join(f"{f}={getattr(cfg, f)!r}" for f in (*old_fields, "massive")) + ")"
+        assert repr(cfg) == old_repr
+    base = SAEConfig(D, M, architecture="jumprelu")
+    assert init_seed(base) != init_seed(SAEConfig(D, M, architecture="jumprelu", l0_coefficient=1e-3))
+    assert "l0_coefficient=0.001" in repr(SAEConfig(D, M, architecture="jumprelu", l0_coefficient=1e-3))
+
+
+def test_labels_and_families():
+    assert SAEConfig(D, M, architecture="batchtopk", k=5).label == "BatchTopK R=2.5 k=5"
+    assert SAEConfig(D, M, architecture="jumprelu", l0_coefficient=2e-3).label == "JumpReLU R=2.5 λ=0.002"
+    assert SAEConfig(D, M, architecture="matryoshka_batchtopk", k=4).family == "Matryoshka BatchTopK"
+    assert SAEConfig(D, M, architecture="topk", k=4, massive=False).family == "TopK (no massive treatment)"
+    assert SAEConfig(D, M, l1_coefficient=1e-3, recipe="improved").label == "improved L1 R=2.5 α=0.001"
+    # default Matryoshka groups double: d_sae/16, /8, /4, /2, d_sae
+    assert architectures.get("matryoshka_batchtopk").widths(SAEConfig(8, 64, architecture="matryoshka_batchtopk", k=2)) \
+        == (4, 8, 16, 32, 64)
+
+
+def test_jumprelu_codes_and_threshold_gradients():
+    """codes = pre·H(pre − θ); the threshold gets the straight-through gradients of the paper, from
+    the reconstruction and from the L0 penalty, on both paths (tests/test_sparse.py checks that the
+    paths agree)."""
+    cfg = SAEConfig(D, M, architecture="jumprelu", l0_coefficient=1e-2, jumprelu_bandwidth=0.05)
+    sae = randomised([cfg])
+    x = torch.randn(256, D, generator=torch.Generator().manual_seed(1))
+    pre, theta = sae.pre_acts(x), sae.log_threshold.exp()
+    c = sae.encode(x)
+    assert torch.equal(c, pre * (pre > theta.unsqueeze(1)))
+    assert 0 < (c > 0).sum() < (pre > 0).sum()
+    eps = 0.05 * D ** 0.5
+    window = ((pre - theta.unsqueeze(1)).abs() < eps / 2)
+    assert window.any()
+    for path in ("dense", "sparse"):
+        sae.zero_grad(set_to_none=True)
+        out = sae.losses(x, path=path)
+        assert out["path"] == path
+        assert torch.allclose(out["l0_penalty"], 1e-2 * (c > 0).sum(-1).float().mean(-1), rtol=1e-5)
+        out["l0_penalty"].sum().backward()  # the penalty alone: −λ/(εB)·(pairs in the window) per latent
+        g_pen = sae.log_threshold.grad.clone()
+        assert sae.W_enc.grad is None or sae.W_enc.grad.abs().max() == 0  # the penalty moves thresholds only
+        expected = -1e-2 * window[0].sum(0) / (eps * len(x)) * theta[0]  # chain rule through θ = exp(log θ)
+        assert torch.allclose(g_pen[0], expected, rtol=1e-4, atol=1e-7)
+        assert (g_pen[0][window[0].any(0)] < 0).all()  # raising θ lowers the penalty
+        sae.zero_grad(set_to_none=True)
+        sae.losses(x, path=path)["mse"].sum().backward()
+        assert sae.log_threshold.grad[0][window[0].any(0)].abs().sum() > 0  # the reconstruction's estimator
+
+
+def test_batchtopk_batch_budget_and_inference_threshold():
+    """In training the batch keeps exactly k·B codes (per SAE of the stack), unevenly over tokens; the
+    running threshold, after a few steps, gives about k codes per token on held-out data."""
+    from helpers.train import TrainConfig, make_optimizer, train_step
+
+    cfgs = [SAEConfig(D, M, architecture="batchtopk", k=k) for k in (3, 7)]
+    sae = randomised(cfgs)
+    with torch.no_grad():
+        sae.b_enc.add_(2.0)  # more than k·B positive pre-activations
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(128, D, generator=g)
+    for path in ("dense", "sparse"):
+        out = sae.losses(x, path=path)
+        assert torch.equal(out["l0"], torch.tensor([3.0, 7.0]))  # mean L0 = k exactly
+    per_token = (sae.arch.train_codes(sae.pre_acts(x), sae.arch.state(sae)) > 0).sum(-1)
+    assert (per_token.float().mean(-1) == torch.tensor([3.0, 7.0])).all() and per_token.min() < per_token.max()
+    assert not torch.isfinite(sae.threshold).any()  # untrained: plain ReLU at inference
+    tc = TrainConfig(batch_size=128, lr=1e-3, warmup_steps=1, dead_window=10 ** 9)
+    opt, sched = make_optimizer([sae], tc, 200)
+    since = [torch.zeros(2, M, dtype=torch.int64)]
+    for step in range(60):
+        outs = train_step([sae], [torch.randn(128, D, generator=g)], opt, sched, since, tc)
+        if step == 0:
+            assert torch.equal(sae.threshold, outs[0]["batch_threshold"])  # set outright by the first batch
+    held = sae.encode(torch.randn(4096, D, generator=g))
+    l0 = (held > 0).sum(-1).float().mean(-1)
+    assert torch.allclose(l0, torch.tensor([3.0, 7.0]), rtol=0.2), l0
+
+
+@pytest.mark.parametrize("cfg", [SAEConfig(D, M, l1_coefficient=1e-3), SAEConfig(D, M, architecture="topk", k=5), *NEW])
+def test_saelens_itself_loads_our_files(tmp_path, cfg):
+    """SAELens (where installed: it is not a dependency) loads each architecture's file and computes
+    our codes (checked with SAELens 6.54.12: max |difference| 5e-7 on trained SAEs)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = randomised([cfg])
+    if hasattr(sae, "threshold"):
+        sae.threshold.fill_(0.4)
+    save_saelens(sae, tmp_path / "sae")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
+    x = torch.randn(40, D) * 3
+    with torch.no_grad():
+        assert torch.allclose(theirs.encode(x), sae.encode(x)[0], atol=1e-5)
+        assert torch.allclose(theirs.decode(theirs.encode(x)), sae(x)[0], atol=1e-4)

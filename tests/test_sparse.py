@@ -38,7 +38,8 @@ def both_paths(configs, x, dead=None, l1_scale=1.0, massive=None):
 def assert_same(out):
     (rd, gd, _), (rs, gs, _) = out["dense"], out["sparse"]
     assert rs["path"] == "sparse" and rd["path"] == "dense"
-    for k in ("mse", "l1", "aux", "loss", "l0"):
+    assert set(TERMS) >= set(k for k in rd if k not in ("path", "fired"))  # every term is compared
+    for k in TERMS:
         if k in rd:
             assert torch.allclose(rd[k], rs[k], rtol=1e-5, atol=1e-6), (k, rd[k], rs[k])
     assert torch.equal(rd["fired"], rs["fired"])
@@ -47,20 +48,26 @@ def assert_same(out):
         assert torch.allclose(gd[name], gs[name], rtol=1e-4, atol=1e-6), (name, (gd[name] - gs[name]).abs().max())
 
 
+TERMS = ("mse", "l1", "aux", "l0_penalty", "matryoshka", "batch_threshold", "loss", "l0")
 CASES = {
     "anthropic2023 L1 untied": [SAEConfig(D, M, l1_coefficient=a) for a in (1e-3, 5e-2)],
     "anthropic2023 L1 tied": [SAEConfig(D, M, tied=True, l1_coefficient=a) for a in (1e-3, 5e-2)],
     "improved L1": [SAEConfig(D, M, l1_coefficient=a, recipe="improved") for a in (1e-3, 5e-2)],
     "topk": [SAEConfig(D, M, architecture="topk", k=k) for k in (3, 7)],
+    "batchtopk": [SAEConfig(D, M, architecture="batchtopk", k=k) for k in (3, 7)],
+    "matryoshka_batchtopk": [SAEConfig(D, M, architecture="matryoshka_batchtopk", k=k, matryoshka_widths=(5, 10, 20, M))
+                             for k in (3, 7)],
+    # a wide kernel (0.05 in the paper's units: 0.17 here) so that a batch of 64 has pairs in every window
+    "jumprelu": [SAEConfig(D, M, architecture="jumprelu", l0_coefficient=a, jumprelu_bandwidth=0.05) for a in (1e-3, 5e-2)],
 }
 
 
 def random_case(name):
-    """(configs, x, dead latents) of a case on random data; TopK stacks get some dead latents (AuxK)."""
+    """(configs, x, dead latents) of a case on random data; stacks with AuxK get some dead latents."""
     configs = CASES[name]
     x = torch.randn(64, D, generator=torch.Generator().manual_seed(2)) * 2
     dead = None
-    if configs[0].architecture == "topk":
+    if configs[0].arch.uses_auxk:
         dead = torch.zeros(2, M, dtype=torch.bool)
         dead[0, :10] = True
         dead[1, 5:8] = True
@@ -84,7 +91,7 @@ def test_sparse_equals_dense_on_a_stored_batch(array_store):
     batch = next(store.iter_batches("blocks.0.hook_resid_post", 128, seed=1))
     for configs in CASES.values():
         assert_same(both_paths(configs, batch, dead=torch.ones(2, M, dtype=torch.bool)
-                               if configs[0].architecture == "topk" else None))
+                               if configs[0].arch.uses_auxk else None))
 
 
 def test_sparse_equals_dense_with_massive_tokens():
@@ -207,7 +214,7 @@ def test_sparse_equals_dense_after_training(name):
     for _ in range(4):
         batch = x[torch.randint(len(x), (128,), generator=g)] * 3
         dead = None
-        if configs[0].architecture == "topk":
+        if configs[0].arch.uses_auxk:
             dead = torch.zeros(2, M, dtype=torch.bool)
             dead[:, :8] = True  # 0-2 dead, 3-5 resampled, 6-7 alive: AuxK sees all three kinds
         res = {}
@@ -216,7 +223,7 @@ def test_sparse_equals_dense_after_training(name):
             res[path] = sae.losses(batch, dead=dead, l1_scale=0.5, path=path)
             res[path]["loss"].sum().backward()
         assert res["sparse"]["path"] == "sparse"
-        for k in ("mse", "l1", "aux", "loss", "l0"):
+        for k in TERMS:
             if k in res["dense"]:
                 assert torch.allclose(res["dense"][k], res["sparse"][k], rtol=1e-5, atol=1e-6), k
         fired = res["sparse"]["fired"]
@@ -257,7 +264,7 @@ def test_generic_branch_equals_cpu_branch_and_dense(name, monkeypatch):
     assert sparse.use_cpu_kernels(x)  # and the setting is restored
     assert_same(generic)  # generic sparse == dense
     (rc, gc, _), (rg, gg, _) = cpu["sparse"], generic["sparse"]
-    for k in ("mse", "l1", "aux", "loss", "l0"):
+    for k in TERMS:
         if k in rc:
             assert torch.allclose(rc[k], rg[k], rtol=1e-6, atol=1e-7), k
     for name_ in gc:
@@ -320,7 +327,10 @@ def test_l1_penalty_without_an_fp32_copy_of_the_codes(dtype):
 # ---- the trainer end to end: several Adam steps of a sweep on each path -------------------------
 SWEEP = [SAEConfig(D, 48, l1_coefficient=a) for a in (3e-3, 3e-2)] + \
         [SAEConfig(D, 48, l1_coefficient=a, recipe="improved") for a in (3e-3, 3e-2)] + \
-        [SAEConfig(D, 48, architecture="topk", k=k) for k in (3, 6)]
+        [SAEConfig(D, 48, architecture="topk", k=k) for k in (3, 6)] + \
+        [SAEConfig(D, 48, architecture="batchtopk", k=k) for k in (3, 6)] + \
+        [SAEConfig(D, 48, architecture="matryoshka_batchtopk", k=k) for k in (3, 6)] + \
+        [SAEConfig(D, 48, architecture="jumprelu", l0_coefficient=a, jumprelu_bandwidth=0.05) for a in (3e-3, 3e-2)]
 
 
 def test_sparse_and_dense_paths_train_the_same_distinct_saes(array_store):
@@ -344,5 +354,5 @@ def test_sparse_and_dense_paths_train_the_same_distinct_saes(array_store):
         assert torch.allclose(ws, wd, atol=2e-4), (c.label, (ws - wd).abs().max())
         assert torch.allclose(s.saes[i].b_enc, d.saes[i].b_enc, atol=2e-4), c.label
         assert [h["mse"][i] for h in s.history] == pytest.approx([h["mse"][i] for h in d.history], rel=1e-3)
-    for a, b in ((0, 1), (2, 3), (4, 5)):  # the two SAEs of each family really are different SAEs
+    for a, b in zip(range(0, len(SWEEP), 2), range(1, len(SWEEP), 2)):  # the two SAEs of each family differ
         assert not torch.allclose(s.saes[a].W_dec, s.saes[b].W_dec, atol=0.05)

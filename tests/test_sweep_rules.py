@@ -118,3 +118,58 @@ def test_history_logs_pre_clip_gradient_norms(store):
     # the improved SAEs' biases started at zero (the April 2024 initialisation), the others' b_dec at the mean
     fresh = train_sweep(store, HOOK, CONFIGS, dataclasses.replace(tc, total_tokens=128, lr=0.0), progress=False)
     assert fresh.saes[2].b_dec.abs().max() == 0 and fresh.saes[0].b_dec.abs().max() > 0.1
+
+
+# ---- the sweep's cache key ----------------------------------------------------------------------
+def test_sweep_key_is_a_fingerprint_of_every_result_setting():
+    from helpers.profiles import Profile, get_profile
+    from helpers.sae import config_dict
+    from helpers.sweep import NOT_RESULT_FIELDS, _key, fingerprint, sweep_configs
+
+    p = get_profile("test")
+    fp = fingerprint(p, p.sae_hook, d_in=D)
+    # every profile field is in it but the listed ones: a field added later is in it by default
+    assert set(fp["profile"]) == {f.name for f in dataclasses.fields(Profile)} - set(NOT_RESULT_FIELDS)
+    assert fp["configs"] == json_ready([config_dict(c) for c in sweep_configs(p, D)])
+    assert fp["train"]["lr"] == p.lr and fp["version"] > 0
+    base = _key(p, p.sae_hook)
+    for change in ({"lr": p.lr * 2}, {"batchtopk_ks": (8,)}, {"jumprelu_coefficients": (1e-3,)},
+                   {"curve_contexts": 3}, {"store_dtype": "bfloat16"}, {"shard_contexts": 32}, {"topk_ratio": 4}):
+        assert _key(p.replace(**change), p.sae_hook) != base, change
+    for change in ({"ioi_prompts": 3}, {"device": "cpu"}, {"autointerp_features": 5}):
+        assert _key(p.replace(**change), p.sae_hook) == base, change
+    assert _key(p, "blocks.2.hook_resid_post") != base
+
+
+def json_ready(obj):
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+def test_results_with_a_stale_fingerprint_are_not_reused(tmp_path, monkeypatch):
+    import json
+
+    from helpers import sweep
+    from helpers.profiles import get_profile
+
+    monkeypatch.setenv("SAE_CACHE", str(tmp_path))
+    p = get_profile("test")
+    folder = sweep.sweep_dir(p)
+    folder.mkdir(parents=True)
+    assert sweep.load_results(p) is None  # nothing yet
+    good = {"fingerprint": sweep.fingerprint(p, p.sae_hook, d_in=D), "rows": [], "chosen": 0}
+    (folder / "results.json").write_text(json.dumps(good))
+    assert sweep.load_results(p)["fingerprint"] == good["fingerprint"]
+    # the same folder (same key), but results made by code whose grid differed: not reused
+    stale = json_ready(good)
+    stale["fingerprint"]["configs"][0]["l1_coefficient"] *= 2
+    (folder / "results.json").write_text(json.dumps(stale))
+    with pytest.warns(UserWarning, match="made with other settings \\(configs differ\\)"):
+        assert sweep.load_results(p) is None
+    # results from before fingerprints were stored: not reused either
+    (folder / "results.json").write_text(json.dumps({"rows": [], "chosen": 0}))
+    with pytest.warns(UserWarning, match="extra, profile, train, version differ"):
+        assert sweep.load_results(p) is None
+    monkeypatch.setattr(sweep, "VERSION", sweep.VERSION + 1)  # a new VERSION: a new folder
+    assert sweep.sweep_dir(p) != folder
