@@ -20,6 +20,8 @@ Modules, one job each:
 * ``metrics``:  L0, FVU (all / ordinary / massive tokens), dead/dense, CE-loss recovered and KL, MMCS,
                 PCA reference
 * ``sweep``:    the profile's sweep end to end, the SAE it picks, and its twins at the other layers
+* ``groundtruth``: the ground-truth lab: synthetic activations from known features, every architecture
+                trained on them and scored against the truth (MMCS, matched MCC, absorption)
 * ``dictionary``: one interface for SAEs and baselines (directions + encode/decode)
 * ``features``: feature statistics in one pass, in-sample concept scores (describing features), logit effects
 * ``heldout``:  held-out, sparsity-matched concept scores with nulls and context-resampled intervals

@@ -462,3 +462,27 @@ def interpretability_curve(rows):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def groundtruth_scores(rows, keys=(("mmcs", "MMCS (directions)"), ("mcc", "matched MCC (activations)"),
+                                   ("recall", "recall of the matched latent"))):
+    """The ground-truth lab (helpers.groundtruth.run_lab): per setting, one bar per family (its config
+    nearest the true L0) and the untrained reference, for each score."""
+    keep = [r for r in rows if r.get("nearest_l0") in (True, None)]
+    settings = list(dict.fromkeys(r["setting"] for r in keep))
+    families = list(dict.fromkeys(r["family"] for r in keep))
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), sharey=True)
+    width = 0.8 / len(families)
+    for ax, (key, label) in zip(np.atleast_1d(axes), keys):
+        for j, fam in enumerate(families):
+            ys = [next((r[key] for r in keep if r["setting"] == s and r["family"] == fam), np.nan) for s in settings]
+            ax.bar(np.arange(len(settings)) + (j - (len(families) - 1) / 2) * width, ys, width, label=fam,
+                   color="lightgrey" if fam.startswith("untrained") else None)
+        ax.set_xticks(np.arange(len(settings)), settings)
+        ax.set_title(label, fontsize=10)
+        ax.set_ylim(0, 1)
+    np.atleast_1d(axes)[0].set_ylabel("score against the true features")
+    np.atleast_1d(axes)[-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+

@@ -73,6 +73,7 @@ class Profile:
     batchtopk_ks: tuple[int, ...] = ()                 # BatchTopK SAEs (k per token on average)
     matryoshka_ks: tuple[int, ...] = ()                # Matryoshka BatchTopK SAEs (doubling groups)
     jumprelu_coefficients: tuple[float, ...] = ()      # JumpReLU SAEs: their L0 coefficients λ
+    lab_tokens: int = 200_000             # ground-truth lab (notebook 02): training tokens per setting
     train_tokens: int = 32_256            # activations seen by each SAE (epochs over the store)
     train_batch: int = 256
     lr: float = 2e-3
@@ -129,7 +130,7 @@ JUMPRELU_CPU = (5e-4, 1e-3)
 PROFILES: dict[str, Profile] = {
     "test": Profile(
         "test", layers=(2, 6), ctx_len=64, harvest_tokens=16_128, batch_contexts=16, improved_alphas=(3e-3, 5e-3, 1e-2),
-        shard_contexts=64, ioi_prompts=16, pronoun_prompts=16, patch_layer_step=6, autointerp_features=1,
+        shard_contexts=64, ioi_prompts=16, pronoun_prompts=16, patch_layer_step=6, autointerp_features=1, lab_tokens=60_000,
         curve_points=3, curve_contexts=2,
     ),
     "cpu": Profile(

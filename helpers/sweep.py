@@ -58,7 +58,7 @@ VERSION = 4  # bump when the training or evaluation changes what a cached sweep 
 # Profile fields that change nothing a sweep computes: its name (a folder), where it runs, settings
 # of later notebooks. Every other field, present or future, is in the fingerprint.
 NOT_RESULT_FIELDS = ("name", "device", "extra", "layers", "score_tokens", "autointerp_features", "pca_tokens",
-                     "ica_tokens", "ica_max_iter", "ioi_prompts", "pronoun_prompts", "patch_layer_step")
+                     "ica_tokens", "ica_max_iter", "ioi_prompts", "pronoun_prompts", "patch_layer_step", "lab_tokens")
 # TrainConfig fields that change no result (logging, checkpoints, where it runs)
 NOT_RESULT_TRAIN_FIELDS = ("log_every", "checkpoint_every", "device", "path")
 # The comparison SAEs at topk_ratio: (architecture, profile field listing the values of its setting)
