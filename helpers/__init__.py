@@ -26,6 +26,8 @@ Modules, one job each:
 * ``features``: feature statistics in one pass, in-sample concept scores (describing features), logit effects
 * ``heldout``:  held-out, sparsity-matched concept scores with nulls and context-resampled intervals
                 (comparing methods), and interpretability against training
+* ``probing``:  sparse probing (k-sparse probes on POS and genre tasks, residual references), SAEBench JSON
+* ``absorption``: first-letter feature absorption (SAEBench's definitions), SAEBench JSON
 * ``dashboard``: feature dashboards and the ipywidgets browser
 * ``autointerp``: explain -> simulate -> score (local model or an OpenAI-compatible endpoint)
 * ``prompts``:  IOI and gendered-pronoun prompt sets for causal experiments
