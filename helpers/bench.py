@@ -103,8 +103,9 @@ def _calibrate_l0(stack, x: torch.Tensor, l0: float) -> None:
     with torch.no_grad():
         pre = stack.pre_acts(x)                                   # [n, B, m]
         q = torch.quantile(pre.float(), 1 - l0 / stack.d_sae, dim=1)  # [n, m]
-        theta = stack.arch.state(stack).get("threshold", torch.zeros(()))
-        stack.b_enc.sub_((q - theta.detach().view(stack.n, -1)).to(stack.b_enc.dtype))
+        theta = stack.arch.state(stack).get("threshold")             # per latent (JumpReLU), else 0
+        theta = torch.zeros_like(q) if theta is None else theta.detach().reshape(stack.n, -1).to(q)
+        stack.b_enc.sub_((q - theta).to(stack.b_enc.dtype))
 
 
 def ours_step_fn(d: int, m: int, batch: torch.Tensor, device, *, architecture: str = "standard",
