@@ -303,8 +303,6 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
     mean_absorption_fraction, full_absorption_rate, num_full_absorption, num_probe_true_positives,
     num_split_features); main-latent recall and the rows go in ``eval_result_unstructured``. With
     `path` (a folder), each is written there as ``<name>_absorption.json``."""
-    import json
-    from pathlib import Path
 
     summ = summary(rows)
     eval_id, now = str(uuid.uuid4()), int(datetime.now().timestamp() * 1000)
@@ -328,11 +326,9 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
                                                "mean_main_recall": s.get("mean_main_recall"),
                                                "rows": [r for r in rows if r["method"] == m]}}
     if path is not None:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        for m, res in out.items():
-            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in m)
-            (folder / f"{safe}_absorption.json").write_text(json.dumps(res, indent=2))
+        from .baselines import write_saebench
+
+        write_saebench(out, path, "absorption")
     return out
 
 
@@ -342,12 +338,9 @@ def evaluate_layer(profile, store, sweep, tokenizer, layer: int | None = None, s
     of helpers.baselines.layer_dictionaries (or `dictionaries`), fitted on `store`, evaluated on the
     word tokens of `score_store` (default `store`), ordinary tokens only when the profile treats
     massive activations. Keyword arguments go to `run` (max_tokens, min_count, max_k)."""
-    from .baselines import layer_dictionaries, massive_rule
+    from .baselines import layer_eval_inputs
 
-    layer = profile.sae_layer if layer is None else layer
-    hook = f"blocks.{layer}.hook_{profile.hook}"
-    dicts = dictionaries if dictionaries is not None else layer_dictionaries(profile, layer, store, sweep, progress=progress)
-    rule = massive_rule(profile, store, layer) if profile.massive else None
+    layer, hook, dicts, rule = layer_eval_inputs(profile, store, sweep, layer, dictionaries, progress)
     kw.setdefault("max_tokens", profile.score_tokens)
     kw.setdefault("seed", profile.seed)
     rows = run(score_store if score_store is not None else store, hook, dicts, tokenizer, massive=rule,

@@ -185,6 +185,28 @@ def layer_dictionaries(profile, layer: int, store, sweep, progress: bool = True,
 RANDOM_TOPK = "random (TopK)"  # random directions at the TopK SAE's sparsity
 
 
+
+def layer_eval_inputs(profile, store, sweep, layer: int | None = None, dictionaries: dict | None = None,
+                      progress: bool = True):
+    """What notebook 04's later evaluations (helpers.probing, helpers.absorption) need at one layer
+    (default: the SAE's): (layer, hook, dictionaries, massive rule or None). The dictionaries are
+    `layer_dictionaries`' unless given."""
+    layer = profile.sae_layer if layer is None else layer
+    hook = f"blocks.{layer}.hook_{profile.hook}"
+    dicts = dictionaries if dictionaries is not None else layer_dictionaries(profile, layer, store, sweep, progress=progress)
+    return layer, hook, dicts, (massive_rule(profile, store, layer) if profile.massive else None)
+
+
+def write_saebench(results: dict, path, eval_name: str) -> None:
+    """Write {method: SAEBench-shaped result} as one JSON file per method, `<method>_<eval_name>.json`."""
+    from pathlib import Path
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for m, res in results.items():
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in m)
+        (folder / f"{safe}_{eval_name}.json").write_text(json.dumps(res, indent=2))
+
 def compare_layers(profile, store, model, sweep, progress: bool = True, score_store=None, n_boot: int = 200) -> list[dict]:
     """Held-out, sparsity-matched concept scores (helpers.heldout) of the SAEs and each baseline at
     every harvested layer: one row per (layer, method).

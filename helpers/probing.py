@@ -293,8 +293,6 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
     SAEBench's ``sae_test_accuracy`` (a probe on all latents) is not computed and stays None; the
     difference-of-means reference, F1s and intervals go in ``eval_result_unstructured``. With `path`
     (a folder), each is written there as ``<name>_sparse_probing.json``."""
-    import json
-    from pathlib import Path
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != RESIDUAL]
@@ -342,11 +340,9 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
                   "sae_lens_version": None, "sae_cfg_dict": {"hook_name": hook, "model_name": model_name},
                   "eval_result_unstructured": unstructured}
     if path is not None:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        for m, res in out.items():
-            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in m)
-            (folder / f"{safe}_sparse_probing.json").write_text(json.dumps(res, indent=2))
+        from .baselines import write_saebench
+
+        write_saebench(out, path, "sparse_probing")
     return out
 
 
@@ -356,12 +352,9 @@ def evaluate_layer(profile, store, sweep, layer: int | None = None, score_store=
     baselines of helpers.baselines.layer_dictionaries (or `dictionaries`), fitted on `store`, probed on
     `score_store` (default `store`; it must be the POS-tagged Brown store), ordinary tokens only when
     the profile treats massive activations. Keyword arguments go to `run` (max_tokens, ks, genres, ...)."""
-    from .baselines import layer_dictionaries, massive_rule
+    from .baselines import layer_eval_inputs
 
-    layer = profile.sae_layer if layer is None else layer
-    hook = f"blocks.{layer}.hook_{profile.hook}"
-    dicts = dictionaries if dictionaries is not None else layer_dictionaries(profile, layer, store, sweep, progress=progress)
-    rule = massive_rule(profile, store, layer) if profile.massive else None
+    layer, hook, dicts, rule = layer_eval_inputs(profile, store, sweep, layer, dictionaries, progress)
     kw.setdefault("max_tokens", profile.score_tokens)
     kw.setdefault("seed", profile.seed)
     rows = run(score_store if score_store is not None else store, hook, dicts, massive=rule, progress=progress, **kw)
