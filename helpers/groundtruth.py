@@ -297,9 +297,9 @@ def lab_train_config(total_tokens: int, batch_size: int = 512, lr: float = 1e-2,
 
 
 def _resamples(stack: SAEStack) -> bool:
-    """Whether a stack's recipe resamples dead latents (as helpers.train does: the unit-norm ReLU + L1
-    recipe). The one architecture-specific rule here, besides `_finish`."""
-    return stack.architecture == "standard" and stack.unit_norm
+    """Whether a stack resamples dead latents: helpers.train's rule (an architecture that resamples,
+    trained with unit-norm rows, i.e. the anthropic2023 L1 recipe)."""
+    return stack.arch.resamples and stack.unit_norm
 
 
 def _finish(one: SAEStack) -> SAEStack:

@@ -51,7 +51,7 @@ from .harvest import get_store
 from .metrics import contexts_from_store, mmcs, reconstruction_metrics, spliced_loss
 from . import architectures
 from .sae import SAEConfig, config_dict, initial_dictionary, load_saelens, normalise_recipe, save_saelens
-from .train import TrainConfig, train_sweep
+from .train import NOT_RESULT_TRAIN_FIELDS, TrainConfig, train_sweep
 
 MAX_DEAD = 0.2
 VERSION = 4  # bump when the training or evaluation changes what a cached sweep holds
@@ -59,8 +59,6 @@ VERSION = 4  # bump when the training or evaluation changes what a cached sweep 
 # of later notebooks. Every other field, present or future, is in the fingerprint.
 NOT_RESULT_FIELDS = ("name", "device", "extra", "layers", "score_tokens", "autointerp_features", "pca_tokens",
                      "ica_tokens", "ica_max_iter", "ioi_prompts", "pronoun_prompts", "patch_layer_step", "lab_tokens")
-# TrainConfig fields that change no result (logging, checkpoints, where it runs)
-NOT_RESULT_TRAIN_FIELDS = ("log_every", "checkpoint_every", "device", "path")
 # The comparison SAEs at topk_ratio: (architecture, profile field listing the values of its setting)
 OTHER_ARCHITECTURES = (("topk", "topk_ks"), ("batchtopk", "batchtopk_ks"),
                        ("matryoshka_batchtopk", "matryoshka_ks"), ("jumprelu", "jumprelu_coefficients"))

@@ -175,12 +175,15 @@ def build_stacks(configs: list[SAEConfig], seed: int) -> tuple[list[SAEStack], l
     return stacks, where
 
 
+NOT_RESULT_TRAIN_FIELDS = ("log_every", "checkpoint_every", "device", "path")  # change no result
+
+
 def _fingerprint(configs, tc: TrainConfig, store) -> dict:
     from .sae import config_dict
 
     return {"configs": [config_dict(c) for c in configs],
             "train": {k: v for k, v in dataclasses.asdict(tc).items()
-                      if k not in ("log_every", "checkpoint_every", "device", "path")},
+                      if k not in NOT_RESULT_TRAIN_FIELDS},
             "store": str(store.path), "store_tokens": store.n_tokens}
 
 
