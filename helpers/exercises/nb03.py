@@ -1,0 +1,2 @@
+"""The exercises of notebook 03: references, random cases and known mistakes."""
+from .core import Exercise, register  # noqa: F401
