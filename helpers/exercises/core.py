@@ -32,7 +32,9 @@ class Exercise:
     mistakes: tuple[tuple[Callable, str], ...] = ()  # (a wrong variant, what the reader probably did)
     atol: float = 1e-5
     rtol: float = 1e-4
-    real_needed: bool = False  # no random cases make sense (a model is needed): real cases are required
+    # Cases that need the embedded model (a TransformerBridge): the test suite builds them with its model;
+    # in a notebook the reader's real inputs stand in. Exercises with only these need real cases in check().
+    model_cases: Callable[[Any, torch.Generator], list[dict]] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -168,11 +170,14 @@ def compare(got: Any, want: Any, atol: float = 1e-5, rtol: float = 1e-4, where: 
     return None if got == want else f"{where}: got {got!r}, expected {want!r}"
 
 
-def run_cases(ex: Exercise, fn: Callable, real=None, seed: int = 0) -> int:
-    """Run ``fn`` against the reference on every case; raise ExerciseFailed at the first difference."""
+def run_cases(ex: Exercise, fn: Callable, real=None, seed: int = 0, model=None) -> int:
+    """Run ``fn`` against the reference on every case (random ones, those built with ``model`` when given,
+    then ``real``); raise ExerciseFailed at the first difference. Returns the number of cases."""
     cases = []
     if ex.random_cases is not None:
         cases += [("random", kw) for kw in ex.random_cases(torch.Generator().manual_seed(seed))]
+    if model is not None and ex.model_cases is not None:
+        cases += [("model", kw) for kw in ex.model_cases(model, torch.Generator().manual_seed(seed))]
     if real is not None:
         cases += [("real", kw) for kw in (real if isinstance(real, (list, tuple)) else [real])]
     if not cases:
@@ -209,7 +214,7 @@ def check(id: str, fn: Callable, real=None, seed: int = 0) -> None:
     if id not in EXERCISES:
         raise KeyError(f"no exercise {id!r}; known: {', '.join(sorted(EXERCISES))}")
     ex = EXERCISES[id]
-    if ex.real_needed and real is None:
+    if ex.random_cases is None and real is None:
         raise ValueError(f"exercise {id} needs real inputs: check({id!r}, {ex.name}, real=dict(...))")
     n = run_cases(ex, fn, real, seed)
     n_real = 0 if real is None else len(real) if isinstance(real, (list, tuple)) else 1
