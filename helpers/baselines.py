@@ -159,7 +159,7 @@ def massive_rule(profile, store, layer: int):
     turns the treatment off)."""
     from . import massive
 
-    hook = f"blocks.{layer}.hook_{profile.hook}"
+    hook = profile.hook_at(layer)
     return massive.fit(store, hook) if profile.massive else massive.Massive.none(hook, store.d_model)
 
 
@@ -172,7 +172,7 @@ def layer_dictionaries(profile, layer: int, store, sweep, progress: bool = True,
 
     if layer not in profile.layers:
         raise ValueError(f"layer {layer} was not harvested: the profile's layers are {profile.layers}")
-    hook = f"blocks.{layer}.hook_{profile.hook}"
+    hook = profile.hook_at(layer)
     saes = saes if saes is not None else layer_saes(profile, store, sweep, progress=progress)
     dicts = {name: SAEDictionary(sae, name=name).to(resolve_device(profile.device))
              for (lay, name), sae in saes.items() if lay == layer}
@@ -192,7 +192,7 @@ def layer_eval_inputs(profile, store, sweep, layer: int | None = None, dictionar
     (default: the SAE's): (layer, hook, dictionaries, massive rule or None). The dictionaries are
     `layer_dictionaries`' unless given."""
     layer = profile.sae_layer if layer is None else layer
-    hook = f"blocks.{layer}.hook_{profile.hook}"
+    hook = profile.hook_at(layer)
     dicts = dictionaries if dictionaries is not None else layer_dictionaries(profile, layer, store, sweep, progress=progress)
     return layer, hook, dicts, (massive_rule(profile, store, layer) if profile.massive else None)
 
@@ -238,7 +238,7 @@ def compare_layers(profile, store, model, sweep, progress: bool = True, score_st
     labels = None
     device = resolve_device(profile.device)
     for layer in profile.layers:
-        hook = f"blocks.{layer}.hook_{profile.hook}"
+        hook = profile.hook_at(layer)
         dicts = layer_dictionaries(profile, layer, store, sweep, progress=progress, saes=saes)
         flags = massive.flags(score_store, hook, massive_rule(profile, store, layer))
         ordinary = HeldoutScorer(score_store, model.tokenizer, n_tokens=profile.score_tokens, scored=~flags,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .corpus import iter_contexts
-from .harvest import _batched, harvest, stop_layer, validate_hooks
+from .harvest import batched, harvest, stop_layer, validate_hooks
 from .models import load_model, resolve_device
 from .profiles import get_profile
 
@@ -59,7 +59,7 @@ def run(profile_name=None, tokens=None, device=None, repeats=2) -> dict:
     per_ctx = P.ctx_len - 1
     n_ctx = math.ceil(n_tokens / per_ctx)
     contexts = list(iter_contexts(model.tokenizer, P.corpus, P.ctx_len, seed=P.seed, max_contexts=n_ctx))
-    batches = [torch.as_tensor(np.stack([c.tokens for c in b])) for b in _batched(contexts, P.batch_contexts)]
+    batches = [torch.as_tensor(np.stack([c.tokens for c in b])) for b in batched(contexts, P.batch_contexts)]
     bare_forward_seconds(model, batches[:2], hooks, device)  # warm-up
     bare, harv = [], []
     for _ in range(repeats):  # interleaved, so that drifting machine load hits both alike

@@ -611,10 +611,15 @@ def run_lab(settings=("baseline", "correlated", "hierarchy", "zipf"), configs=No
     return rows
 
 
-def table(rows: list[dict], nearest_only: bool = True,
-          columns=("setting", "name", "true_l0", "l0", "fvu", "mmcs", "mcc", "precision", "recall",
-                   "absorption", "absorption_child", "absorption_excess", "dead")) -> str:
-    """The rows as a plain-text table (the configs nearest the true L0 and the references, by default)."""
+ALL_COLUMNS = ("setting", "name", "true_l0", "l0", "fvu", "mmcs", "mcc", "precision", "recall",
+               "absorption", "absorption_child", "absorption_excess", "dead")
+# What fits a notebook's width: columns=ALL_COLUMNS for every score.
+COLUMNS = ("setting", "name", "l0", "fvu", "mmcs", "mcc", "precision", "recall", "absorption_excess", "dead")
+
+
+def table(rows: list[dict], nearest_only: bool = True, columns=COLUMNS) -> str:
+    """The rows as a plain-text table (the configs nearest the true L0 and the references, by default;
+    the columns that fit a notebook, by default: `columns=ALL_COLUMNS` for every score)."""
     keep = [r for r in rows if not nearest_only or r.get("nearest_l0") in (True, None)]
     cols = [c for c in columns if any(c in r for r in keep)]
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from .corpus import corpus_labels, iter_contexts
+from .hooks import BLOCK_HOOK
 from .store import META_DTYPE, ActivationStore, StoreError, StoreWriter
 
-BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # Hooks that stop_at_layer cannot cut short (they come after the last block).
 _FINAL_HOOKS = ("ln_final.", "unembed.", "hook_unembed")
 
@@ -71,7 +71,7 @@ def stop_layer(hooks: list[str]) -> int | None:
     return max(layers) + 1 if layers else 1
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -106,7 +106,7 @@ def harvest(model, path, hooks, *, corpus: str = "brown", split: str = "train", 
         return ActivationStore.open(path)
     writer.reopen()
     writer.manifest["target_contexts"] = max(target, start)
-    device = _model_device(model)
+    device = model_device(model)
     tokenizer = model.tokenizer
     contexts = iter_contexts(tokenizer, corpus=corpus, ctx_len=ctx_len, split=split, seed=seed,
                              start_context=start, max_contexts=max(target - start, 0),
@@ -134,7 +134,7 @@ def harvest(model, path, hooks, *, corpus: str = "brown", split: str = "train", 
 
     try:
         with torch.inference_mode():
-            for batch in _batched(contexts, batch_contexts):
+            for batch in batched(contexts, batch_contexts):
                 tokens = torch.as_tensor(np.stack([c.tokens for c in batch]), device=device)
                 out = forward_to(model, tokens, hooks)
                 for h in hooks:  # drop BOS, flatten, cast to the store dtype, to the CPU
@@ -164,7 +164,7 @@ def harvest(model, path, hooks, *, corpus: str = "brown", split: str = "train", 
                          last_run_tokens=seen * per_ctx)
 
 
-def _batched(iterable, n: int):
+def batched(iterable, n: int):
     batch = []
     for item in iterable:
         batch.append(item)

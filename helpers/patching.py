@@ -35,37 +35,30 @@ the last position's logits are computed where only they are read.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-from .harvest import _model_device
+from .harvest import model_device
+from .hooks import layer_of, name as hook_name
 from .prompts import logit_diff
 
 
-def _layer(hook: str) -> int:
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    if not m:
-        raise ValueError(f"{hook!r} is not a block hook")
-    return int(m.group(1))
-
-
 def check_hook(model, dictionary, hook: str) -> None:
-    if _layer(hook) >= model.cfg.n_layers:
-        raise ValueError(f"{hook!r}: layer {_layer(hook)} is beyond the model's {model.cfg.n_layers} layers")
+    if layer_of(hook) >= model.cfg.n_layers:
+        raise ValueError(f"{hook!r}: layer {layer_of(hook)} is beyond the model's {model.cfg.n_layers} layers")
     if dictionary.hook_name and dictionary.hook_name != hook:
         raise ValueError(f"{dictionary.name} was fitted on {dictionary.hook_name!r}, not {hook!r}: patch it at its "
                          "own hook, or fit one for this layer")
 
 
-_device = _model_device
+_device = model_device
 
 
 @torch.no_grad()
 def hook_acts(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
     """Activations [n, pos, d] at `hook` (the forward pass stops after its layer)."""
-    _, cache = model.run_with_cache(tokens.to(_device(model)), names_filter=[hook], stop_at_layer=_layer(hook) + 1)
+    _, cache = model.run_with_cache(tokens.to(_device(model)), names_filter=[hook], stop_at_layer=layer_of(hook) + 1)
     return cache[hook].float()
 
 
@@ -425,11 +418,11 @@ def upstream_features(model, tokens, down_hook: str, down_dict, feature: int, up
     """Features at `up_hook` whose zero-ablation changes `feature` (at `down_hook`) most: ranked by
     attribution, then each verified by an actual ablation. Returns [{feature, attribution,
     change}] where change is the measured change in the feature's summed activation."""
-    if _layer(up_hook) >= _layer(down_hook):
+    if layer_of(up_hook) >= layer_of(down_hook):
         raise ValueError(f"{up_hook!r} must come before {down_hook!r}")
     check_hook(model, up_dict, up_hook)
     check_hook(model, down_dict, down_hook)
-    stop = _layer(down_hook) + 1
+    stop = layer_of(down_hook) + 1
     dev = _device(model)
     toks = tokens.to(dev)
 
@@ -484,7 +477,7 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
         if not 0 <= layer < model.cfg.n_layers:
             raise ValueError(f"layer {layer} is outside the model's 0..{model.cfg.n_layers - 1}")
     dev = _device(model)
-    hooks = {layer: f"blocks.{layer}.hook_{hook_kind}" for layer in layers}
+    hooks = {layer: hook_name(layer, hook_kind) for layer in layers}
     cf, cache = model.run_with_cache(ps.cf_tokens.to(dev), names_filter=list(hooks.values()), logits_to_keep=1)
     clean = model(ps.tokens.to(dev), logits_to_keep=1)
     ld_clean, ld_cf = logit_diff(clean[:, -1].float(), ps).cpu(), logit_diff(cf[:, -1].float(), ps).cpu()

@@ -99,7 +99,7 @@ FAMILY_STYLE = {"Anthropic-2023 L1": dict(marker="o", color="tab:blue"), "improv
 PAPER_FAMILY = "Anthropic-2023 L1"  # helpers.sae.RECIPE_NAMES["anthropic2023"] (called "paper L1" before)
 
 
-def _family_groups(rows):
+def family_groups(rows):
     """{(family, ratio, tied): rows sorted by the architecture's setting (α, k, λ)} (rows of old tables,
     family "paper L1", read as PAPER_FAMILY)."""
     groups = {}
@@ -111,7 +111,7 @@ def _family_groups(rows):
 
 
 def _paper_groups(rows):
-    return {(tied, ratio): rs for (fam, ratio, tied), rs in _family_groups(rows).items() if fam == PAPER_FAMILY}
+    return {(tied, ratio): rs for (fam, ratio, tied), rs in family_groups(rows).items() if fam == PAPER_FAMILY}
 
 
 def sweep_frontier(rows, pca: dict | None = None):
@@ -120,7 +120,7 @@ def sweep_frontier(rows, pca: dict | None = None):
     as the L0 (dashed; `pca` as returned by helpers.metrics.pca_fvu)."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     for ax, key, title in ((axes[0], "fvu", "all tokens"), (axes[1], "fvu_ordinary", "ordinary tokens")):
-        for (fam, ratio, tied), rs in _family_groups(rows).items():
+        for (fam, ratio, tied), rs in family_groups(rows).items():
             style = dict(FAMILY_STYLE.get(fam, {}))
             if fam == PAPER_FAMILY and len({r["ratio"] for r in rows if r["family"] == fam}) > 1:
                 style.pop("color", None)
@@ -144,7 +144,7 @@ def sweep_panels(rows, mmcs_rows):
     initialisation, dotted; random dictionaries of the same sizes, grey dashed), CE-loss recovered vs
     L0 (all families)."""
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8))
-    for (fam, ratio, tied), rs in _family_groups(rows).items():
+    for (fam, ratio, tied), rs in family_groups(rows).items():
         lab = f"{fam} R={ratio:g}{' tied' if tied else ''}"
         style = dict(FAMILY_STYLE.get(fam, {}))
         if fam == PAPER_FAMILY and len({r["ratio"] for r in rows if r["family"] == fam}) > 1:

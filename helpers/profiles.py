@@ -32,9 +32,10 @@ import dataclasses
 import json
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from .hooks import name as hook_name
 from .paths import cache_root
 
 ENV_VAR = "SAE_PROFILE"
@@ -94,15 +95,18 @@ class Profile:
     ioi_prompts: int = 64                 # IOI prompts generated (those the model fails are dropped)
     pronoun_prompts: int = 64             # pronoun prompts generated
     patch_layer_step: int = 4             # plain residual patching at every n-th layer (and the last)
-    extra: dict = field(default_factory=dict, compare=False)
+
+    def hook_at(self, layer: int) -> str:
+        """This profile's hook kind at a layer (blocks.<layer>.hook_<kind>)."""
+        return hook_name(layer, self.hook)
 
     @property
     def hooks(self) -> list[str]:
-        return [f"blocks.{layer}.hook_{self.hook}" for layer in self.layers]
+        return [self.hook_at(layer) for layer in self.layers]
 
     @property
     def sae_hook(self) -> str:
-        return f"blocks.{self.sae_layer}.hook_{self.hook}"
+        return self.hook_at(self.sae_layer)
 
     @property
     def cache_dir(self) -> Path:

@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import architectures
+from . import architectures, hooks
 
 RECIPES = ("anthropic2023", "improved")  # how a standard SAE is trained (module docstring)
 RECIPE_ALIASES = {"paper": "anthropic2023"}  # the name "anthropic2023" had before (old files, old code)
@@ -549,7 +549,7 @@ def save_saelens(sae: SAEStack, path, extra: dict | None = None) -> Path:
     saelens_cfg = {
         "d_in": cfg.d_in, "d_sae": cfg.d_sae,
         "dtype": "float32", "device": "cpu", "model_name": cfg.model_name, "hook_name": cfg.hook_name,
-        "hook_layer": int(cfg.hook_name.split(".")[1]) if cfg.hook_name.startswith("blocks.") else 0,
+        "hook_layer": hooks.layer_of(cfg.hook_name) if hooks.is_block_hook(cfg.hook_name) else 0,
         "hook_head_index": None, **sae.arch.saelens_fields(cfg),
         "apply_b_dec_to_input": True, "finetuning_scaling_factor": False, "normalize_activations": "none",
         "context_size": None, "dataset_path": "", "prepend_bos": True, "sae_lens_training_version": None,

@@ -102,12 +102,12 @@ class ActivationStore:
             raise StoreMismatch(f"store {path} was harvested from model {manifest['model']!r}, "
                                 f"not {model!r}")
         for hook in [hooks] if isinstance(hooks, str) else hooks or []:
-            store._check_hook(hook)
+            store.check_hook(hook)
         if verify != "none":
             store.verify(checksums=verify == "full")
         return store
 
-    def _check_hook(self, hook: str) -> None:
+    def check_hook(self, hook: str) -> None:
         if hook not in self.hooks:
             raise StoreMismatch(f"store {self.path} holds hooks {self.hooks}, not {hook!r}")
 
@@ -174,7 +174,7 @@ class ActivationStore:
     # ---- reading -------------------------------------------------------------------------
     def shard_activations(self, index: int, hook: str) -> torch.Tensor:
         """Activations of one shard as a read-only memory-mapped tensor [n_tokens, d_model]."""
-        self._check_hook(hook)
+        self.check_hook(hook)
         shard = self.shards[index]
         path = self._file(shard["files"][hook])
         raw = np.memmap(path, dtype=np.uint16, mode="r", shape=(shard["n_tokens"], self.d_model))
@@ -196,7 +196,7 @@ class ActivationStore:
     def activations(self, hook: str, max_tokens: int | None = None,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The first `max_tokens` activations of `hook` in store order, in RAM, as `dtype`."""
-        self._check_hook(hook)
+        self.check_hook(hook)
         out, n = [], 0
         for i, shard in enumerate(self.shards):
             if max_tokens is not None and n >= max_tokens:
@@ -267,7 +267,7 @@ class ActivationStore:
         many = not isinstance(hook, str)
         hooks = list(hook) if many else [hook]
         for h in hooks:
-            self._check_hook(h)
+            self.check_hook(h)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, not {batch_size}")
         if not self.shards:

@@ -44,7 +44,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .harvest import get_store
@@ -57,7 +56,7 @@ MAX_DEAD = 0.2
 VERSION = 4  # bump when the training or evaluation changes what a cached sweep holds
 # Profile fields that change nothing a sweep computes: its name (a folder), where it runs, settings
 # of later notebooks. Every other field, present or future, is in the fingerprint.
-NOT_RESULT_FIELDS = ("name", "device", "extra", "layers", "score_tokens", "autointerp_features", "pca_tokens",
+NOT_RESULT_FIELDS = ("name", "device", "layers", "score_tokens", "autointerp_features", "pca_tokens",
                      "ica_tokens", "ica_max_iter", "ioi_prompts", "pronoun_prompts", "patch_layer_step", "lab_tokens")
 # The comparison SAEs at topk_ratio: (architecture, profile field listing the values of its setting)
 OTHER_ARCHITECTURES = (("topk", "topk_ks"), ("batchtopk", "batchtopk_ks"),
@@ -370,7 +369,7 @@ def layer_saes(profile, store, sweep: dict, progress: bool = True) -> dict:
     if not others:
         return out
     jobs = [(layer, name, SAEConfig(**{**{k: sweep["rows"][i][k] for k in SAE_KEYS if k in sweep["rows"][i]},
-                                       "hook_name": f"blocks.{layer}.hook_{profile.hook}"}))
+                                       "hook_name": profile.hook_at(layer)}))
             for layer in others for name, i in named.items()]
     folder = profile.cache_dir / "sae" / f"layers-{_key(profile, [repr(c) for _, _, c in jobs])}"
     paths = [folder / f"L{layer}-{name.replace(' ', '_')}" for layer, name, _ in jobs]

@@ -124,9 +124,6 @@ class SweepResult:
     tokens: int
     rules: dict = dataclasses.field(default_factory=dict)  # hook -> helpers.massive.Massive
 
-    def stack_of(self, i: int) -> SAEStack:
-        return self.saes[i]
-
 
 def _lr_factor(step: int, total: int, tc: TrainConfig) -> float:
     warm = min(1.0, (step + 1) / max(1, tc.warmup_steps))
@@ -322,30 +319,27 @@ def make_optimizer(stacks: list[SAEStack], tc: TrainConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, tc))
 
 
-def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConfig = TrainConfig(),
-                run_dir=None, progress: bool = True, on_eval=None, rules: dict | None = None) -> SweepResult:
-    """Train every config on the store's activations, reading the data once.
-
-    hook: the hook for configs that name none (None: every config trains at its own hook_name).
-    rules: {hook: helpers.massive.Massive} to use instead of fitting the massive rule on the store.
-    """
-    if not configs:
-        raise ValueError("no SAE configs given")
-    configs = resolve_hooks(configs, hook)
+def _validate(store, configs: list[SAEConfig], tc: TrainConfig) -> list[str]:
+    """The hooks to read; raise if a config does not fit the store or the budget is empty."""
     hooks = list(dict.fromkeys(c.hook_name for c in configs))
     for h in hooks:
-        store._check_hook(h)
+        store.check_hook(h)
     for c in configs:
         if c.d_in != store.d_model:
             raise ValueError(f"SAE config d_in={c.d_in} does not match the activations' d_model="
                              f"{store.d_model} at {c.hook_name} in {store.path}")
     if tc.batch_size <= 0 or tc.total_tokens < tc.batch_size:
         raise ValueError(f"need total_tokens >= batch_size > 0, got {tc.total_tokens} and {tc.batch_size}")
-    device = resolve_device(tc.device)
-    total_steps = tc.total_tokens // tc.batch_size
-    stacks, where = build_stacks(configs, tc.seed)
+    return hooks
+
+
+def prepare_stacks(store, configs: list[SAEConfig], hooks: list[str], tc: TrainConfig, rules: dict | None,
+                   device: torch.device) -> tuple[list[SAEStack], list[tuple[int, int]], dict]:
+    """The stacks to train, on `device`: massive rule (fitted unless given), input scale, and decoder bias
+    at the data mean where the recipe centres its input. Returns (stacks, where, rules)."""
     from . import massive
 
+    stacks, where = build_stacks(configs, tc.seed)
     if tc.massive:
         rules = {h: (rules or {}).get(h) or massive.fit(store, h) for h in hooks}
     else:
@@ -362,118 +356,166 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
             with torch.no_grad():
                 st.b_dec.copy_((mean * scale).expand_as(st.b_dec))
         st.to(device)
-    opt, sched = make_optimizer(stacks, tc, total_steps)
-    autocast, scaler = amp(device, tc.precision)
-    since_fired = [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device) for st in stacks]
-    # One generator per SAE, seeded by the seed and the SAE's own config, so that resampling draws
-    # the same inputs whether the SAE trains alone or in a sweep.
-    gens = [torch.Generator().manual_seed(tc.seed * 1_000_003 + zlib.crc32(repr(c).encode())) for c in configs]
-    gen_of = {pos: gens[i] for i, pos in enumerate(where)}
-    history, step, seconds = [], 0, 0.0
-    grad_max = [None] * len(configs)  # largest pre-clip gradient norm since the last log, per SAE
+    return stacks, where, rules
 
-    ckpt = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
-    fingerprint = _fingerprint(configs, tc, store)
-    if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        if ckpt.exists():
-            state = load_checkpoint(ckpt)
-            if state["fingerprint"] != fingerprint:
-                diff = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
-                raise TrainingError(f"checkpoint {ckpt} was made with other settings ({', '.join(diff)} "
-                                    "differ): use another run folder, or delete it to start afresh")
-            for st, sd in zip(stacks, state["stacks"]):
-                st.load_state_dict(sd)
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            since_fired = [t.to(device) for t in state["since_fired"]]
-            restore_generators(gens, state["generators"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            history, step, seconds = state["history"], state["step"], state["seconds"]
 
-    def checkpoint():
-        if ckpt is not None:
-            _save_checkpoint(ckpt, {
-                "fingerprint": fingerprint, "stacks": [st.state_dict() for st in stacks],
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "since_fired": since_fired, "generators": [bytes(g.get_state().numpy()) for g in gens],
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "history": history, "step": step, "seconds": seconds})
+@dataclasses.dataclass
+class _Run:
+    """Everything a sweep's training loop changes, and its checkpoint (saved and restored whole)."""
+    stacks: list
+    where: list
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: object
+    since_fired: list
+    gens: list  # one generator per SAE (resampling), in config order
+    fingerprint: dict
+    ckpt: Path | None
+    history: list = dataclasses.field(default_factory=list)
+    step: int = 0
+    seconds: float = 0.0
 
-    def snapshot() -> list[SAEStack]:
+    def restore(self, device) -> None:
+        """Continue from the checkpoint, if there is one (it must have been made with the same settings)."""
+        if self.ckpt is None:
+            return
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        if not self.ckpt.exists():
+            return
+        state = load_checkpoint(self.ckpt)
+        if state["fingerprint"] != self.fingerprint:
+            diff = [k for k in self.fingerprint if state["fingerprint"].get(k) != self.fingerprint[k]]
+            raise TrainingError(f"checkpoint {self.ckpt} was made with other settings ({', '.join(diff)} "
+                                "differ): use another run folder, or delete it to start afresh")
+        for st, sd in zip(self.stacks, state["stacks"]):
+            st.load_state_dict(sd)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.since_fired = [t.to(device) for t in state["since_fired"]]
+        restore_generators(self.gens, state["generators"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.history, self.step, self.seconds = state["history"], state["step"], state["seconds"]
+
+    def save(self) -> None:
+        if self.ckpt is not None:
+            _save_checkpoint(self.ckpt, {
+                "fingerprint": self.fingerprint, "stacks": [st.state_dict() for st in self.stacks],
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "since_fired": self.since_fired, "generators": [bytes(g.get_state().numpy()) for g in self.gens],
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "history": self.history, "step": self.step, "seconds": self.seconds})
+
+    def snapshot(self) -> list[SAEStack]:
         """Every SAE as it would be if training stopped now (improved-recipe norms folded)."""
         out = []
-        for s, row in where:
-            one = stacks[s][row]
+        for s, row in self.where:
+            one = self.stacks[s][row]
             if not one.unit_norm:
                 one.fold_decoder_norms()
             out.append(one)
         return out
 
+    def log(self, outs: list[dict], grad_max: list, tc: TrainConfig) -> dict:
+        """The history record of this step: per-SAE MSE, L0, dead share and largest gradient norm."""
+        n = len(self.where)
+        rec = {"step": self.step, "tokens": self.step * tc.batch_size, "mse": [None] * n, "l0": [None] * n,
+               "dead": [None] * n, "lr": self.sched.get_last_lr()[0],
+               "sparse_steps": [o["path"] == "sparse" for o in outs], "grad_norm": list(grad_max),
+               "grad_clip": tc.grad_clip}
+        for i, (s, row) in enumerate(self.where):
+            rec["mse"][i] = float(outs[s]["mse"][row].detach())
+            rec["l0"][i] = float(outs[s]["l0"][row])
+            rec["dead"][i] = float((self.since_fired[s][row] >= tc.dead_window).float().mean())
+        self.history.append(rec)
+        return rec
+
+
+def _check_finite(x_all: torch.Tensor, index: torch.Tensor, store, hooks: list[str], step: int, ckpt) -> None:
+    if not torch.isfinite(x_all).all():
+        bad = int(index[(~torch.isfinite(x_all)).any(-1).any(0).cpu()][0])
+        shard = int(np.searchsorted(np.cumsum([s["n_tokens"] for s in store.shards]), bad, side="right"))
+        raise TrainingError(f"non-finite activations at step {step}: token {bad} in shard {shard} "
+                            f"({store.shards[shard]['files'][hooks[0]]['name']}); training stopped, the last "
+                            f"good checkpoint is kept{f' in {ckpt}' if ckpt else ''}")
+
+
+def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConfig = TrainConfig(),
+                run_dir=None, progress: bool = True, on_eval=None, rules: dict | None = None) -> SweepResult:
+    """Train every config on the store's activations, reading the data once.
+
+    hook: the hook for configs that name none (None: every config trains at its own hook_name).
+    rules: {hook: helpers.massive.Massive} to use instead of fitting the massive rule on the store.
+    run_dir: where the checkpoint is kept (every tc.checkpoint_every steps); an interrupted sweep resumes.
+    """
+    if not configs:
+        raise ValueError("no SAE configs given")
+    configs = resolve_hooks(configs, hook)
+    hooks = _validate(store, configs, tc)
+    device = resolve_device(tc.device)
+    total_steps = tc.total_tokens // tc.batch_size
+    stacks, where, rules = prepare_stacks(store, configs, hooks, tc, rules, device)
+    opt, sched = make_optimizer(stacks, tc, total_steps)
+    autocast, scaler = amp(device, tc.precision)
+    # One generator per SAE, seeded by the seed and the SAE's own config, so that resampling draws
+    # the same inputs whether the SAE trains alone or in a sweep.
+    gens = [torch.Generator().manual_seed(tc.seed * 1_000_003 + zlib.crc32(repr(c).encode())) for c in configs]
+    gen_of = {pos: gens[i] for i, pos in enumerate(where)}
+    run = _Run(stacks, where, opt, sched, scaler,
+               [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device) for st in stacks], gens,
+               _fingerprint(configs, tc, store), Path(run_dir) / "checkpoint.pt" if run_dir is not None else None)
+    run.restore(device)
+    grad_max = [None] * len(configs)  # largest pre-clip gradient norm since the last log, per SAE
+
     epochs = math.ceil(total_steps * tc.batch_size / store.n_tokens) + 1
     batches = store.iter_batches(hooks, tc.batch_size, seed=tc.seed, epochs=epochs, drop_last=True,
                                  buffer_shards=tc.buffer_shards, device=device, return_index=True)
     hook_index = {h: i for i, h in enumerate(hooks)}
-    shard_starts = np.cumsum([s["n_tokens"] for s in store.shards])
     warm_l1 = max(1, int(tc.l1_warmup_fraction * total_steps))
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {len(configs)} SAEs", unit="step",
+    bar = tqdm(total=total_steps, initial=run.step, desc=f"train {len(configs)} SAEs", unit="step",
                disable=not progress)
-    for _ in range(step):  # resume: skip the batches already trained on (same order)
+    for _ in range(run.step):  # resume: skip the batches already trained on (same order)
         next(batches)
     t0 = time.perf_counter()
     try:
-        while step < total_steps:
+        while run.step < total_steps:
             x_all, index = next(batches)
-            if not torch.isfinite(x_all).all():
-                bad = int(index[(~torch.isfinite(x_all)).any(-1).any(0).cpu()][0])
-                shard = int(np.searchsorted(shard_starts, bad, side="right"))
-                raise TrainingError(f"non-finite activations at step {step}: token {bad} in shard {shard} "
-                                    f"({store.shards[shard]['files'][hooks[0]]['name']}); training stopped, the last "
-                                    f"good checkpoint is kept{f' in {ckpt}' if ckpt else ''}")
+            _check_finite(x_all, index, store, hooks, run.step, run.ckpt)
             outs = train_step(stacks, [x_all[hook_index[st.configs[0].hook_name]] for st in stacks], opt, sched,
-                              since_fired, tc, l1_scale=min(1.0, (step + 1) / warm_l1), autocast=autocast,
+                              run.since_fired, tc, l1_scale=min(1.0, (run.step + 1) / warm_l1), autocast=autocast,
                               scaler=scaler)
-            step += 1
+            run.step += 1
+            step = run.step
             for i, (s, row) in enumerate(where):
                 if "grad_norm" in outs[s]:
                     g = float(outs[s]["grad_norm"][row])
                     grad_max[i] = g if grad_max[i] is None else max(grad_max[i], g)
             if (tc.resample_every and step % tc.resample_every == 0
                     and step < tc.resample_until * total_steps):
-                _resample(stacks, since_fired, store, tc, step, opt, gen_of, device)
+                _resample(stacks, run.since_fired, store, tc, step, opt, gen_of, device)
             if step % tc.log_every == 0 or step == total_steps:
-                rec = {"step": step, "tokens": step * tc.batch_size, "mse": [None] * len(configs),
-                       "l0": [None] * len(configs), "dead": [None] * len(configs),
-                       "lr": sched.get_last_lr()[0],
-                       "sparse_steps": [o["path"] == "sparse" for o in outs],
-                       "grad_norm": list(grad_max), "grad_clip": tc.grad_clip}
+                rec = run.log(outs, grad_max, tc)
                 grad_max = [None] * len(configs)
-                for i, (s, row) in enumerate(where):
-                    rec["mse"][i] = float(outs[s]["mse"][row].detach())
-                    rec["l0"][i] = float(outs[s]["l0"][row])
-                    rec["dead"][i] = float((since_fired[s][row] >= tc.dead_window).float().mean())
-                history.append(rec)
                 bar.set_postfix_str(f"L0 {min(rec['l0']):.0f}-{max(rec['l0']):.0f} "
                                     f"mse {min(rec['mse']):.3f}-{max(rec['mse']):.3f} "
                                     f"dead {max(rec['dead']):.0%}")
             if on_eval is not None and step in tc.eval_at:
-                seconds += time.perf_counter() - t0
-                history.append({"step": step, "tokens": step * tc.batch_size,
-                                "eval": on_eval(step, step * tc.batch_size, snapshot())})
+                run.seconds += time.perf_counter() - t0
+                run.history.append({"step": step, "tokens": step * tc.batch_size,
+                                    "eval": on_eval(step, step * tc.batch_size, run.snapshot())})
                 t0 = time.perf_counter()
             bar.update(1)
-            if ckpt is not None and step % tc.checkpoint_every == 0:
-                seconds += time.perf_counter() - t0
+            if run.ckpt is not None and step % tc.checkpoint_every == 0:
+                run.seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                checkpoint()
+                run.save()
     finally:
         bar.close()
-    seconds += time.perf_counter() - t0
-    checkpoint()
-    return SweepResult(snapshot(), list(configs), history, seconds, total_steps * tc.batch_size, rules)
+    run.seconds += time.perf_counter() - t0
+    run.save()
+    return SweepResult(run.snapshot(), list(configs), run.history, run.seconds, total_steps * tc.batch_size, rules)
 
 
 def _resample(stacks, since_fired, store, tc: TrainConfig, step: int, opt, gen_of, device) -> None:

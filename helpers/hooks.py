@@ -1,0 +1,28 @@
+"""Hook names: `blocks.{layer}.hook_{kind}` built and parsed in one place.
+
+TransformerLens names a block's hook points `blocks.<layer>.<kind>` (`blocks.6.hook_resid_post`); the
+workbook's profiles name a kind (`resid_post`) and layers. Every module builds a name with `name` and reads
+a layer back with `layer_of`.
+"""
+from __future__ import annotations
+
+import re
+
+BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def name(layer: int, kind: str = "resid_post") -> str:
+    """The hook at a layer: name(6, "resid_post") == "blocks.6.hook_resid_post"."""
+    return f"blocks.{int(layer)}.hook_{kind.removeprefix('hook_')}"
+
+
+def layer_of(hook: str) -> int:
+    """The layer of a block hook ("blocks.6.hook_resid_post" -> 6); ValueError for other hooks."""
+    m = BLOCK_HOOK.match(hook)
+    if not m:
+        raise ValueError(f"{hook!r} is not a block hook (blocks.<layer>.<kind>)")
+    return int(m.group(1))
+
+
+def is_block_hook(hook: str) -> bool:
+    return BLOCK_HOOK.match(hook) is not None
