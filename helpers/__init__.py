@@ -6,6 +6,7 @@ Modules, one job each:
                 $SAE_OVERRIDES
 * ``plan``:     the resource plan (disk, host RAM, GPU memory, time) of a profile on this machine
 * ``paths``:    repository, data and cache locations
+* ``hooks``:    hook names (`blocks.{layer}.hook_{kind}`), built and parsed in one place
 * ``models``:   load a model as a TransformerLens TransformerBridge (embedded SmolLM2 by default)
 * ``corpus``:   the Brown Corpus (embedded) or the Pile (hub stream or local files), as labelled token contexts
 * ``store``:    the on-disk activation store (shards, manifest, checksums, shuffled batches)

@@ -255,8 +255,14 @@ def evaluate(dictionary, data: LetterData, probes: LetterProbes, max_k: int = 10
     return out
 
 
-def summary(rows: list[dict]) -> dict:
-    """{method: means over the included letters}: SAEBench's mean metrics plus main_recall."""
+INTERVAL_KEYS = ("mean_absorption_fraction_score", "mean_full_absorption_score")
+
+
+def summary(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """{method: means over the included letters}: SAEBench's mean metrics plus main_recall, and for the
+    two absorption scores a 95% interval over letters (bootstrap: `<score>_low`, `<score>_high`)."""
+    from .features import summarise
+
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m and r["included"]]
@@ -265,7 +271,7 @@ def summary(rows: list[dict]) -> dict:
             out[m] = {"letters": 0, **{k: nan for k in (
                 "mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
                 "std_dev_absorption_fraction_score", "std_dev_full_absorption_score", "std_dev_num_split_features",
-                "mean_main_recall")}}
+                "mean_main_recall", *(f"{k}_{e}" for k in INTERVAL_KEYS for e in ("low", "high")))}}
             continue
 
         def sd(v):
@@ -279,6 +285,9 @@ def summary(rows: list[dict]) -> dict:
                   "std_dev_absorption_fraction_score": sd(frac), "std_dev_full_absorption_score": sd(full),
                   "std_dev_num_split_features": sd(split),
                   "mean_main_recall": statistics.mean(r["main_recall"] for r in rs)}
+        for key, v in zip(INTERVAL_KEYS, (frac, full)):
+            ci = summarise(torch.tensor(v, dtype=torch.float64), n_boot=n_boot, seed=seed, stat=torch.mean)
+            out[m][f"{key}_low"], out[m][f"{key}_high"] = ci["low"], ci["high"]
     return out
 
 
@@ -309,7 +318,8 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
     out = {}
     for m, s in summ.items():
         rs = [r for r in rows if r["method"] == m and r["included"]]
-        mean = {k: v for k, v in s.items() if k not in ("letters", "mean_main_recall")}
+        mean = {k: v for k, v in s.items() if k not in ("letters", "mean_main_recall")
+                and not k.endswith(("_low", "_high"))}
         out[m] = {"eval_type_id": "absorption_first_letter",
                   "eval_config": {"model_name": model_name, "hook": hook, "f1_jump_threshold": 0.03,
                                   "max_k_value": max((len(r["k_sparse_f1"]) for r in rows), default=0),
@@ -323,6 +333,8 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
                   "sae_bench_commit_hash": None, "sae_lens_id": m, "sae_lens_release_id": "sae-workbook",
                   "sae_lens_version": None, "sae_cfg_dict": {"hook_name": hook, "model_name": model_name},
                   "eval_result_unstructured": {"letters_evaluated": s.get("letters", 0),
+                                               "intervals_over_letters": {k: v for k, v in s.items()
+                                                                          if k.endswith(("_low", "_high"))},
                                                "mean_main_recall": s.get("mean_main_recall"),
                                                "rows": [r for r in rows if r["method"] == m]}}
     if path is not None:

@@ -343,6 +343,22 @@ def matched_topk(sweep: dict) -> int | None:
     return min(topk, key=lambda i: abs(sweep["rows"][i]["l0"] - l0))
 
 
+def matched_others(sweep: dict) -> dict[str, int]:
+    """{family: row index} for every other architecture the sweep trained (neither an L1 recipe nor the
+    matched TopK: BatchTopK, JumpReLU, Matryoshka BatchTopK): its SAE whose L0 is closest to the chosen
+    SAE's, so that later evaluations judge every architecture at about the same sparsity."""
+    l0 = sweep["rows"][sweep["chosen"]]["l0"]
+    out: dict[str, int] = {}
+    for i, r in enumerate(sweep["rows"]):
+        arch = architectures.get(r["architecture"])
+        if arch.l1 or arch.matched_comparison or not r.get("massive", True):
+            continue
+        j = out.get(r["family"])
+        if j is None or abs(r["l0"] - l0) < abs(sweep["rows"][j]["l0"] - l0):
+            out[r["family"]] = i
+    return out
+
+
 def load_sweep_sae(sweep: dict, i: int):
     return load_saelens(Path(sweep["dir"]) / f"sae_{i:02d}")
 

@@ -98,6 +98,11 @@ def test_planted_absorption_rate_is_found(setup):
     s = absorption.summary(list(rows.values()))["planted"]
     assert s["letters"] == 4
     assert s["mean_full_absorption_score"] == pytest.approx(len(ABSORBED) / N_MARK / 4, abs=0.02)
+    # the interval over letters: one letter of four absorbs, so resampled means run from 0 to its rate
+    full = [r["full_absorption_rate"] for r in rows.values()]
+    assert s["mean_full_absorption_score_low"] == pytest.approx(0, abs=1e-9)
+    assert s["mean_full_absorption_score_low"] < s["mean_full_absorption_score"] < s["mean_full_absorption_score_high"]
+    assert s["mean_full_absorption_score_high"] <= max(full) + 1e-9
 
 
 def test_no_absorption_gives_zero(setup):
