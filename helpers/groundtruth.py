@@ -475,6 +475,7 @@ def score_saes(saes: list[SAEStack], data: SyntheticData, names: list[str] | Non
     """One row per SAE (one-SAE stacks) scored against the truth of `data` (module docstring):
     name, family, d_sae, alpha, k, true_l0, l0, fvu, dead, mmcs, mcc, precision, recall and, with a
     hierarchy, absorption, absorption_child and absorption_excess."""
+    from .features import summarise
     from .metrics import reconstruction_metrics
 
     true = data.dense_codes()
@@ -495,6 +496,9 @@ def score_saes(saes: list[SAEStack], data: SyntheticData, names: list[str] | Non
                "true_l0": data.true_l0, "l0": rec["l0"], "fvu": rec["fvu"], "dead": rec["dead"],
                "mmcs": mmcs_to_truth(data.directions, sae.directions()[0]), "mcc": float(corr.mean()),
                "precision": float(prec[fires].mean()), "recall": float(np.nanmean(recall[fires]))}
+        # 95% interval of the matched MCC over the true features (bootstrap; one training seed)
+        ci = summarise(torch.as_tensor(corr), n_boot=N_BOOT, seed=i, stat=torch.mean)
+        row["mcc_low"], row["mcc_high"] = ci["low"], ci["high"]
         if children:
             ab = absorption(lat_on, true_on, m, children)
             row.update({k: ab[k] for k in ("absorption", "absorption_child", "absorption_excess")})
@@ -506,6 +510,7 @@ def score_saes(saes: list[SAEStack], data: SyntheticData, names: list[str] | Non
 # The runner
 # ---------------------------------------------------------------------------------------------------
 
+N_BOOT = 500              # bootstrap resamples of the true features for the matched MCC's interval
 TRAIN_TOKENS = 200_000     # per setting, at the default sizes (d=64, 256 features, true L0 ≈ 5)
 EVAL_SAMPLES = 8_192
 # α grids that bracket L0 ≈ 5 at the default sizes and training (measured on the baseline setting,

@@ -467,7 +467,8 @@ def interpretability_curve(rows):
 def groundtruth_scores(rows, keys=(("mmcs", "MMCS (directions)"), ("mcc", "matched MCC (activations)"),
                                    ("recall", "recall of the matched latent"))):
     """The ground-truth lab (helpers.groundtruth.run_lab): per setting, one bar per family (its config
-    nearest the true L0) and the untrained reference, for each score."""
+    nearest the true L0) and the untrained reference, for each score (with its 95% interval over the true
+    features where the rows carry one: the matched MCC)."""
     keep = [r for r in rows if r.get("nearest_l0") in (True, None)]
     settings = list(dict.fromkeys(r["setting"] for r in keep))
     families = list(dict.fromkeys(r["family"] for r in keep))
@@ -475,9 +476,14 @@ def groundtruth_scores(rows, keys=(("mmcs", "MMCS (directions)"), ("mcc", "match
     width = 0.8 / len(families)
     for ax, (key, label) in zip(np.atleast_1d(axes), keys):
         for j, fam in enumerate(families):
-            ys = [next((r[key] for r in keep if r["setting"] == s and r["family"] == fam), np.nan) for s in settings]
+            rs = [next((r for r in keep if r["setting"] == s and r["family"] == fam), {}) for s in settings]
+            ys = np.array([r.get(key, np.nan) for r in rs])
+            err = None
+            if all(f"{key}_low" in r for r in rs):  # a 95% interval over the true features, where the rows have one
+                err = np.clip([[y - r[f"{key}_low"] for y, r in zip(ys, rs)],
+                               [r[f"{key}_high"] - y for y, r in zip(ys, rs)]], 0, None)
             ax.bar(np.arange(len(settings)) + (j - (len(families) - 1) / 2) * width, ys, width, label=fam,
-                   color="lightgrey" if fam.startswith("untrained") else None)
+                   yerr=err, capsize=2, color="lightgrey" if fam.startswith("untrained") else None)
         ax.set_xticks(np.arange(len(settings)), settings)
         ax.set_title(label, fontsize=10)
         ax.set_ylim(0, 1)
