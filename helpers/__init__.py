@@ -36,6 +36,9 @@ Modules, one job each:
 * ``bench``:    ``python -m helpers.bench``: harvest speed against a bare forward pass, trainer speed
 * ``bench_others``: one training step of SAELens and sparsify, for the trainer benchmark
 * ``run_all``:  ``python -m helpers.run_all``: execute every notebook headless, saving the results
+* ``exercises``: the notebooks' exercises: checks of a reader's function against the workbook's own code
+                (one module per notebook) and ``python -m helpers.exercises.build``, which writes the
+                exercise versions of the notebooks (notebooks/exercises/) from the solved ones
 """
 from .corpus import iter_contexts, load_brown, tokenize_document
 from .harvest import get_store, harvest, store_path, valid_hooks

@@ -107,12 +107,21 @@ def _tensor_diff(got: torch.Tensor, want: torch.Tensor, where: str, atol: float,
         return f"{where}: NaN at {list(idx)} (a division by zero, or the log/sqrt of a negative number?)"
     if _close(g, w, atol, rtol):
         return None
+    if w.numel() == 1:  # one number: no positions to report, but a ratio can name a missing factor
+        got_v, want_v = g.item(), w.item()
+        msg = f"{where}: got {got_v:.6g}, expected {want_v:.6g}"
+        if want_v != 0 and got_v != 0:
+            msg += f" ({got_v / want_v:.4g} × the expected value)"
+        return msg
     bad = ~torch.isclose(g, w, atol=atol, rtol=rtol)
     idx = tuple(torch.nonzero(bad)[0].tolist())
     frac = bad.double().mean().item()
-    msg = (f"{where}: {bad.sum().item():,} of {bad.numel():,} values differ ({frac:.0%}); first at {list(idx)}: "
-           f"got {g[idx].item():.6g}, expected {w[idx].item():.6g}; largest difference "
-           f"{(g - w).abs().max().item():.3g}")
+    head = f"{where}: {bad.sum().item():,} of {bad.numel():,} values differ ({frac:.0%}); first at {list(idx)}: "
+    if want.dtype == torch.bool:
+        return (head + f"got {bool(g[idx].item())}, expected {bool(w[idx].item())} "
+                f"({int((g > 0.5).sum()):,} True, expected {int((w > 0.5).sum()):,})")
+    msg = head + (f"got {g[idx].item():.6g}, expected {w[idx].item():.6g}; largest difference "
+                  f"{(g - w).abs().max().item():.3g}")
     if _close(g, -w, atol, rtol):
         msg += " (the sign is flipped)"
     elif w.abs().max() > 0 and _close(g, torch.zeros_like(w), atol, rtol):
