@@ -40,6 +40,7 @@ OVERRIDES = {
     "topk_ks": [8], "topk_ratio": 2, "train_tokens": 4_096, "train_batch": 256, "ce_contexts": 2,
     "curve_points": 2, "curve_contexts": 1, "autointerp_features": 0, "pca_tokens": 1_008, "ica_tokens": 504,
     "ica_max_iter": 5, "ioi_prompts": 8, "pronoun_prompts": 8, "patch_layer_step": 5,
+    "lab_tokens": 8_192,  # the ground-truth lab: the colab profile's 200k samples per setting took ~90 s of this test
 }
 MEASURE = """import json as _j, resource as _r, sys as _s, helpers as _h
 print("MEASURED " + _j.dumps({"rss": _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024, "helpers": _h.__file__,
