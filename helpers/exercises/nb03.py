@@ -1,2 +1,303 @@
-"""The exercises of notebook 03: references, random cases and known mistakes."""
-from .core import Exercise, register  # noqa: F401
+"""The exercises of notebook 03: references, random cases and known mistakes.
+
+03.1 feature statistics (density, max, mean when active), 03.2 the concept score (MCC of "feature
+active" with "concept present"), 03.3 the held-out concept score (the concept chosen on one half of the
+contexts, scored on the other), 03.4 a feature's top activating contexts. The references are the workbook's
+own code (helpers.features.feature_stats, helpers.heldout) wherever it has one, fed the exercise's
+tensors through a small in-memory store; the top contexts have a short reference here (the workbook
+ranks tokens, not contexts).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .core import Exercise, register
+
+HOOK = "exercise"
+
+
+# ------------------------------------------------------------------ the workbook's helpers on plain tensors
+
+class _Codes:
+    """A stand-in Dictionary whose "activations" are already codes: encode is the identity, so the
+    workbook's store-based helpers (feature_stats, top_tokens) run on an exercise's codes [N, F]."""
+
+    name = "codes"
+    hook_name = HOOK
+
+    def __init__(self, n_features: int):
+        self.n_features = n_features
+
+    def check_store(self, store, hook=None):
+        return HOOK
+
+    def encode(self, x):
+        return x
+
+
+class _Store:
+    """A stand-in activation store holding one tensor [N, F] under the hook ``HOOK``."""
+
+    hooks = [HOOK]
+
+    def __init__(self, x: torch.Tensor, batch_rows: int | None = None):
+        self.x = x.float()
+        self.n_tokens, self.d_model = x.shape
+        self.batch_rows = batch_rows  # serve smaller batches than asked (exercises the merge across batches)
+
+    def iter_batches(self, hook, batch_size, *, shuffle=False, return_index=False, **kw):
+        step = min(batch_size, self.batch_rows or batch_size)
+        for i in range(0, self.n_tokens, step):
+            xb = self.x[i:i + step]
+            yield (xb, torch.arange(i, i + len(xb))) if return_index else xb
+
+
+# ------------------------------------------------------------------ 03.1 feature statistics
+
+def _stats_reference(codes: torch.Tensor):
+    from ..features import feature_stats
+
+    st = feature_stats(_Codes(codes.shape[1]), _Store(codes, batch_rows=512), k=1, sample=1, device="cpu",
+                       progress=False)
+    return st.density, st.max_act, st.mean_act
+
+
+def _stats_mean_over_all(codes):
+    a = codes > 0
+    return a.float().mean(0), codes.max(0).values.clamp_min(0), codes.mean(0)
+
+
+def _stats_count(codes):
+    a = codes > 0
+    return a.float().sum(0), codes.max(0).values.clamp_min(0), codes.sum(0) / a.sum(0).clamp_min(1)
+
+
+def _stats_nonnegative(codes):
+    a = codes >= 0
+    return a.float().mean(0), codes.max(0).values.clamp_min(0), codes.sum(0) / (codes > 0).sum(0).clamp_min(1)
+
+
+def _sparse_codes(gen, n, f, p=0.1):
+    """Non-negative codes [n, f], each feature active on about a share p of the rows, one feature dead."""
+    on = torch.rand(n, f, generator=gen) < p
+    codes = torch.rand(n, f, generator=gen) * 3 * on
+    codes[:, -1] = 0.0  # a dead feature: its mean activation is 0 by the workbook's rule, not 0/0
+    return codes
+
+
+def _stats_cases(gen):
+    return [dict(codes=_sparse_codes(gen, 200, 12)), dict(codes=_sparse_codes(gen, 37, 5, p=0.4)),
+            dict(codes=_sparse_codes(gen, 500, 30, p=0.02))]
+
+
+register(Exercise(
+    id="03.1", name="feature_statistics", reference=_stats_reference, random_cases=_stats_cases,
+    mistakes=((_stats_mean_over_all, "the mean activation is over the tokens where the feature is active "
+                                     "(code > 0), not over every token"),
+              (_stats_count, "density is the share of tokens on which the feature is active, not their number"),
+              (_stats_nonnegative, "a feature is active where its code is > 0: with >= 0 every token counts")),
+))
+
+
+# ------------------------------------------------------------------ 03.4 top activating contexts
+
+def _contexts_max(codes, ctx):
+    ids, inv = torch.unique(ctx, return_inverse=True)  # sorted context ids
+    mx = torch.zeros(len(ids), dtype=codes.dtype).scatter_reduce(0, inv, codes, "amax", include_self=True)
+    return ids, mx
+
+
+def _top_contexts_reference(codes: torch.Tensor, ctx: torch.Tensor, k: int):
+    ids, mx = _contexts_max(codes, ctx)
+    order = torch.argsort(mx, descending=True, stable=True)  # ties: the lower context id first
+    order = order[mx[order] > 0][:k]
+    return ids[order], mx[order]
+
+
+def _top_contexts_tokens(codes, ctx, k):
+    vals, idx = codes.topk(min(k, int((codes > 0).sum())))
+    return ctx[idx], vals
+
+
+def _top_contexts_sum(codes, ctx, k):
+    ids, inv = torch.unique(ctx, return_inverse=True)
+    total = torch.zeros(len(ids), dtype=codes.dtype).index_add(0, inv, codes)
+    order = torch.argsort(total, descending=True, stable=True)
+    order = order[total[order] > 0][:k]
+    return ids[order], total[order]
+
+
+def _top_contexts_with_silent(codes, ctx, k):
+    ids, mx = _contexts_max(codes, ctx)
+    order = torch.argsort(mx, descending=True, stable=True)[:k]
+    return ids[order], mx[order]
+
+
+def _top_contexts_cases(gen):
+    cases = []
+    for n_ctx, per, k, p in ((6, 8, 3, 0.3), (12, 5, 5, 0.2), (5, 10, 8, 0.1)):
+        ctx = torch.arange(n_ctx).repeat_interleave(per) * 7 + 3      # ids need not start at 0 or be contiguous
+        on = torch.rand(len(ctx), generator=gen) < p
+        codes = torch.randint(1, 5, (len(ctx),), generator=gen).float() / 2 * on  # few values: ties happen
+        cases.append(dict(codes=codes, ctx=ctx, k=k))
+    return cases
+
+
+register(Exercise(
+    id="03.4", name="top_contexts", reference=_top_contexts_reference, random_cases=_top_contexts_cases,
+    mistakes=((_top_contexts_tokens, "you took the top k *tokens*: a context with several strong tokens then "
+                                     "appears more than once. Take each context's maximum first"),
+              (_top_contexts_sum, "a context is ranked by its largest activation, not by the sum of them"),
+              (_top_contexts_with_silent, "contexts where the feature never fires (maximum 0) are not among "
+                                          "its top contexts: keep only those with a maximum > 0")),
+))
+
+
+# ------------------------------------------------------------------ 03.2 the concept score (MCC)
+
+def _counts(active, labels):
+    a, lab = active.double(), labels.double()
+    return (a.T @ lab).numpy(), a.sum(0)[:, None].numpy(), lab.sum(0)[None, :].numpy(), float(len(a))
+
+
+def _mcc_reference(active: torch.Tensor, labels: torch.Tensor):
+    from ..heldout import _mcc
+
+    return torch.as_tensor(_mcc(*_counts(active, labels)))
+
+
+def _mcc_accuracy(active, labels):
+    tp, pos, tot, n = _counts(active, labels)
+    fp, fn = pos - tp, tot - tp
+    return torch.as_tensor((tp + (n - tp - fp - fn)) / n)
+
+
+def _mcc_precision(active, labels):
+    tp, pos, tot, n = _counts(active, labels)
+    return torch.as_tensor(np.where(pos > 0, tp / np.maximum(pos, 1), 0.0))
+
+
+def _mcc_no_sqrt(active, labels):
+    tp, pos, tot, n = _counts(active, labels)
+    fp, fn = pos - tp, tot - tp
+    tn = n - tp - fp - fn
+    den = pos * (n - pos) * tot * (n - tot)
+    return torch.as_tensor(np.where(den > 0, (tp * tn - fp * fn) / np.maximum(den, 1e-30), 0.0))
+
+
+def _mcc_cases(gen):
+    cases = []
+    for n, f, c in ((300, 6, 5), (80, 4, 9), (1000, 10, 3)):
+        labels = torch.rand(n, c, generator=gen) < torch.rand(c, generator=gen) * 0.5
+        labels[:, -1] = False  # a concept never present: its MCC is 0 by convention, not 0/0
+        # features that partly follow a concept, plus one that never fires
+        follow = labels[:, torch.randint(c, (f,), generator=gen)]
+        noise = torch.rand(n, f, generator=gen) < 0.1
+        active = (follow & (torch.rand(n, f, generator=gen) < 0.8)) | noise
+        active[:, 0] = False
+        cases.append(dict(active=active, labels=labels))
+    return cases
+
+
+register(Exercise(
+    id="03.2", name="mcc_table", reference=_mcc_reference, random_cases=_mcc_cases,
+    mistakes=((_mcc_accuracy, "this is the accuracy (tp + tn) / n: not chance-corrected, so a feature that "
+                              "never fires scores high with every rare concept. MCC = (tp·tn - fp·fn) / sqrt(...)"),
+              (_mcc_precision, "this is the precision tp / (tp + fp): it ignores the tokens that carry the "
+                               "concept where the feature is silent"),
+              (_mcc_no_sqrt, "the denominator is the square root of (tp+fp)(tp+fn)(tn+fp)(tn+fn)")),
+))
+
+
+# ------------------------------------------------------------------ 03.3 the held-out concept score
+
+def _scorer(labels: torch.Tensor, half: torch.Tensor, min_count: int):
+    """A HeldoutScorer reduced to what its held-out choice reads (every token scored)."""
+    import scipy.sparse as sp
+
+    from ..heldout import HeldoutScorer
+
+    s = object.__new__(HeldoutScorer)
+    lab = sp.csr_matrix(labels.double().numpy())
+    s.half = half.long().numpy()
+    s.n = len(s.half)
+    s.L_half = [lab.multiply((s.half == h)[:, None]).tocsr() for h in (0, 1)]
+    s.tot = [np.asarray(Lh.sum(0)).ravel() for Lh in s.L_half]
+    s.n_half = [float((s.half == h).sum()) for h in (0, 1)]
+    s.min_count, s.candidates = min_count, 1
+    return s
+
+
+def _active_sets(active: torch.Tensor):
+    """(values, token indices) [F, K] of each feature's active tokens, -1 padded: the scorer's format."""
+    a = active.T.numpy()
+    k = max(1, int(a.sum(1).max()))
+    idx = np.full((len(a), k), -1, dtype=np.int64)
+    for f, row in enumerate(a):
+        on = np.flatnonzero(row)
+        idx[f, :len(on)] = on
+    return (idx >= 0).astype(np.float64), idx
+
+
+def _heldout_reference(active: torch.Tensor, labels: torch.Tensor, half: torch.Tensor, min_count: int):
+    vals, idx = _active_sets(active)
+    res = _scorer(labels, half, min_count)._held_out(vals, idx)
+    return torch.as_tensor((res["mcc"][0] + res["mcc"][1]) / 2)
+
+
+def _table(active, labels):
+    return _mcc_reference(active, labels)
+
+
+def _heldout_in_sample(active, labels, half, min_count):
+    m = _table(active, labels)
+    ok = labels.sum(0) >= min_count
+    return m.masked_fill(~ok[None, :], -torch.inf).max(1).values
+
+
+def _heldout_same_half(active, labels, half, min_count):
+    out = []
+    for h in (0, 1):
+        s = half == h
+        m = _table(active[s], labels[s])
+        ok = labels[s].sum(0) >= min_count
+        out.append(m.masked_fill(~ok[None, :], -torch.inf).max(1).values)
+    return (out[0] + out[1]) / 2
+
+
+def _heldout_no_min_count(active, labels, half, min_count):
+    return _heldout_reference(active, labels, half, 0)
+
+
+def _heldout_one_way(active, labels, half, min_count):
+    vals, idx = _active_sets(active)
+    return torch.as_tensor(_scorer(labels, half, min_count)._held_out(vals, idx)["mcc"][0])
+
+
+def _heldout_cases(gen):
+    cases = []
+    for n_ctx, per, f, c, min_count in ((20, 10, 6, 8, 5), (30, 6, 4, 12, 3), (16, 16, 8, 6, 10)):
+        n = n_ctx * per
+        half = (torch.arange(n_ctx) % 2).repeat_interleave(per)          # contexts alternate between halves
+        rate = torch.rand(c, generator=gen) * 0.3
+        rate[-1] = 0.01                                                    # a rare concept: too rare to be chosen
+        labels = torch.rand(n, c, generator=gen) < rate
+        follow = labels[:, torch.randint(c, (f,), generator=gen)]
+        active = (follow & (torch.rand(n, f, generator=gen) < 0.7)) | (torch.rand(n, f, generator=gen) < 0.05)
+        active[:, -1] = labels[:, -1]                                      # follows the rare concept exactly
+        cases.append(dict(active=active, labels=labels, half=half, min_count=min_count))
+    return cases
+
+
+register(Exercise(
+    id="03.3", name="heldout_mcc", reference=_heldout_reference, random_cases=_heldout_cases,
+    mistakes=((_heldout_in_sample, "you chose the best concept and read its score on the same tokens (in-sample): "
+                                   "choose on one half, score on the other"),
+              (_heldout_same_half, "each half's concept was scored on the half it was chosen on: score it on the "
+                                   "*other* half"),
+              (_heldout_one_way, "only one direction: choose on half 0 and score on half 1, then choose on half 1 "
+                                 "and score on half 0, and average the two"),
+              (_heldout_no_min_count, "a concept present fewer than min_count times in the choosing half may not "
+                                      "compete (it could match a sparse feature by chance)")),
+))

@@ -1,2 +1,169 @@
-"""The exercises of notebook 04: references, random cases and known mistakes."""
-from .core import Exercise, register  # noqa: F401
+"""The exercises of notebook 04: references, random cases and known mistakes.
+
+04.1 PCA as a dictionary (fitted with scikit-learn, encoded by the signed-halves rule), 04.2 matched
+sparsity (each feature active on exactly its top-k tokens), 04.3 sparse probing's choice of latents. The
+references are the workbook's own: helpers.baselines.fit_pca with LinearDictionary.encode,
+helpers.heldout.HeldoutScorer.active, helpers.probing.top_k_mean_diff.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .core import Exercise, register
+from .nb03 import HOOK, _Codes, _Store
+
+
+class _Activations(_Store):
+    """The in-memory store of nb03, with `activations` too (what fit_pca reads)."""
+
+    def activations(self, hook, max_tokens=None, dtype=torch.float32):
+        return self.x[:max_tokens].to(dtype)
+
+
+# ------------------------------------------------------------------ 04.1 PCA as a dictionary
+
+def _pca_reference(x: torch.Tensor, n_components: int):
+    from ..baselines import fit_pca
+
+    d = fit_pca(_Activations(x), HOOK, n_components=n_components, max_tokens=len(x))
+    return d.encode(x)
+
+
+def _pca_parts(x, n_components):
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=n_components, svd_solver="full").fit(x.double().numpy())
+    return torch.as_tensor(pca.components_, dtype=torch.float32), torch.as_tensor(pca.mean_, dtype=torch.float32)
+
+
+def _pca_uncentred(x, n_components):
+    comps, _ = _pca_parts(x, n_components)
+    s = x.float() @ comps.T
+    return torch.cat([s.relu(), (-s).relu()], dim=-1)
+
+
+def _pca_halves_swapped(x, n_components):
+    comps, mean = _pca_parts(x, n_components)
+    s = (x.float() - mean) @ comps.T
+    return torch.cat([(-s).relu(), s.relu()], dim=-1)
+
+
+def _pca_interleaved(x, n_components):
+    comps, mean = _pca_parts(x, n_components)
+    s = (x.float() - mean) @ comps.T
+    return torch.stack([s.relu(), (-s).relu()], dim=-1).flatten(-2)
+
+
+def _pca_cases(gen):
+    cases = []
+    for n, d, k in ((200, 8, 4), (60, 12, 12), (300, 6, 2)):
+        scales = torch.linspace(3.0, 0.3, d)                     # distinct variances: well-defined components
+        rot = torch.linalg.qr(torch.randn(d, d, generator=gen)).Q
+        x = (torch.randn(n, d, generator=gen) * scales) @ rot.T + torch.randn(d, generator=gen) * 2
+        cases.append(dict(x=x, n_components=k))
+    return cases
+
+
+register(Exercise(
+    id="04.1", name="pca_codes", reference=_pca_reference, random_cases=_pca_cases, atol=1e-4,
+    mistakes=((_pca_uncentred, "the codes are taken around the data mean: s = (x - pca.mean_) @ components.T"),
+              (_pca_halves_swapped, "the positive halves come first (features 0..k-1: ReLU(s)), then the negative "
+                                    "ones (k..2k-1: ReLU(-s))"),
+              (_pca_interleaved, "the halves are two blocks, [ReLU(s), ReLU(-s)] concatenated along the last "
+                                 "dimension, not interleaved direction by direction")),
+))
+
+
+# ------------------------------------------------------------------ 04.2 matched sparsity: exact top-k activity
+
+def _active_reference(codes: torch.Tensor, counts: torch.Tensor):
+    from ..heldout import HeldoutScorer
+
+    n, f = codes.shape
+    s = object.__new__(HeldoutScorer)
+    s.store, s.n = _Store(codes, batch_rows=64), n
+    s.scored_tokens = np.ones(n, bool)
+    s.k_max = max(1, min(n, int(torch.as_tensor(counts).max())))
+    _, idx, _ = s.active(_Codes(f), HOOK, counts=counts, device="cpu", progress=False)
+    out = torch.zeros(n, f, dtype=torch.bool)
+    rows, cols = np.nonzero(idx >= 0)
+    out[torch.as_tensor(idx[rows, cols]), torch.as_tensor(rows)] = True
+    return out
+
+
+def _active_all_positive(codes, counts):
+    return codes > 0
+
+
+def _active_uncapped(codes, counts):
+    out = torch.zeros(codes.shape, dtype=torch.bool)
+    for f in range(codes.shape[1]):
+        out[codes[:, f].topk(min(int(counts[f]), len(codes))).indices, f] = True
+    return out
+
+
+def _active_cases(gen):
+    cases = []
+    for n, f, p in ((100, 6, 0.5), (40, 10, 0.2), (300, 4, 0.05)):
+        codes = torch.relu(torch.randn(n, f, generator=gen)) * (torch.rand(n, f, generator=gen) < p)
+        counts = torch.randint(1, max(2, int(n * p * 1.5)), (f,), generator=gen)  # some above the positives
+        cases.append(dict(codes=codes, counts=counts))
+    return cases
+
+
+register(Exercise(
+    id="04.2", name="active_at_counts", reference=_active_reference, random_cases=_active_cases,
+    mistakes=((_active_all_positive, "every positive code counts as active here: make feature f active on its "
+                                     "counts[f] highest codes only"),
+              (_active_uncapped, "a feature is never active where its code is 0: when it is positive on fewer "
+                                 "than counts[f] tokens, it is active on those only")),
+))
+
+
+# ------------------------------------------------------------------ 04.3 sparse probing: which latents
+
+def _latents_reference(codes: torch.Tensor, y: torch.Tensor, k: int):
+    from ..probing import top_k_mean_diff
+
+    return torch.as_tensor(top_k_mean_diff(codes.double().numpy(), y.numpy().astype(bool), k))
+
+
+def _diff(codes, y):
+    c = codes.double()
+    return c[y].mean(0) - c[~y].mean(0)
+
+
+def _latents_signed(codes, y, k):
+    return torch.argsort(_diff(codes, y), descending=True, stable=True)[:k]
+
+
+def _latents_mean_code(codes, y, k):
+    return torch.argsort(codes.double()[y].mean(0), descending=True, stable=True)[:k]
+
+
+def _latents_ascending(codes, y, k):
+    return torch.argsort(_diff(codes, y).abs(), stable=True)[:k]
+
+
+def _latents_cases(gen):
+    cases = []
+    for n, f, k in ((120, 10, 3), (60, 25, 5), (200, 6, 6)):
+        y = torch.rand(n, generator=gen) < 0.5
+        codes = torch.relu(torch.randn(n, f, generator=gen)) * (torch.rand(n, f, generator=gen) < 0.6)
+        codes[:, 1] += 2.0 * y                # fires on the positives
+        codes[:, 2] += 3.0 * ~y               # fires on the negatives: as informative, with the other sign
+        codes[:, 3] += 5.0                    # large everywhere: says nothing
+        codes[:, -1] = 0.0                    # dead
+        cases.append(dict(codes=codes, y=y, k=k))
+    return cases
+
+
+register(Exercise(
+    id="04.3", name="top_latents", reference=_latents_reference, random_cases=_latents_cases,
+    mistakes=((_latents_signed, "rank by the absolute difference |mean on positives - mean on negatives|: a latent "
+                                "that fires on the negatives tells the classes apart as well"),
+              (_latents_mean_code, "the mean code on the positives alone favours latents that are large everywhere: "
+                                   "rank by the difference between the classes"),
+              (_latents_ascending, "best first: sort by descending |difference|")),
+))

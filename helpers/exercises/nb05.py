@@ -1,2 +1,267 @@
-"""The exercises of notebook 05: references, random cases and known mistakes."""
-from .core import Exercise, register  # noqa: F401
+"""The exercises of notebook 05: references, random cases and known mistakes.
+
+05.1 the share of the logit-difference gap closed, 05.2 activation patching by hand (one position of the
+residual stream), 05.3 ablating features while keeping the dictionary's reconstruction error, 05.4
+steering (adding a direction to the residual stream). The references are the workbook's own
+(helpers.patching.gap_closed, patch_positions_by_layer, ablate); steering has a short one here.
+"""
+from __future__ import annotations
+
+import torch
+
+from .core import Exercise, register
+
+MODEL_ATOL = 1e-3  # logits of two forward passes that compute the same thing in another order
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+# ------------------------------------------------------------------ 05.1 the share of the gap closed
+
+def _gap_reference(ld_clean: torch.Tensor, ld_cf: torch.Tensor, ld: torch.Tensor) -> float:
+    from ..patching import gap_closed
+
+    return gap_closed(ld_clean, ld_cf, ld)
+
+
+def _gap_mean_of_ratios(ld_clean, ld_cf, ld):
+    return float(((ld_clean - ld) / (ld_clean - ld_cf)).mean())
+
+
+def _gap_from_cf(ld_clean, ld_cf, ld):
+    return float((ld - ld_cf).mean() / (ld_clean - ld_cf).mean())
+
+
+def _gap_over_clean(ld_clean, ld_cf, ld):
+    return float((ld_clean - ld).mean() / ld_clean.mean())
+
+
+def _gap_cases(gen):
+    cases = []
+    for n in (6, 20, 3):
+        ld_clean = 3 + torch.randn(n, generator=gen)
+        ld_cf = -2 + torch.randn(n, generator=gen)
+        ld_cf[0] = ld_clean[0] - 0.05          # a prompt whose own gap is tiny
+        ld = ld_clean + torch.rand(n, generator=gen) * (ld_cf - ld_clean)
+        cases.append(dict(ld_clean=ld_clean, ld_cf=ld_cf, ld=ld))
+    return cases
+
+
+register(Exercise(
+    id="05.1", name="share_of_gap_closed", reference=_gap_reference, random_cases=_gap_cases,
+    mistakes=((_gap_mean_of_ratios, "you averaged each prompt's own share: divide the mean change by the mean gap "
+                                    "(a ratio of means), which a prompt with a tiny gap cannot blow up"),
+              (_gap_from_cf, "measured from the wrong end: 0 is the clean answer (ld = ld_clean), 1 the "
+                             "counterfactual's (ld = ld_cf)"),
+              (_gap_over_clean, "the gap is the clean minus the counterfactual logit difference, not the clean "
+                                "logit difference alone")),
+))
+
+
+# ------------------------------------------------------------------ 05.2 activation patching by hand
+
+class _Prompts:
+    """What helpers.patching reads of a PromptSet."""
+
+    def __init__(self, tokens, cf_tokens, correct, wrong):
+        self.tokens, self.cf_tokens, self.correct, self.wrong = tokens, cf_tokens, correct, wrong
+
+    def __len__(self):
+        return self.tokens.shape[0]
+
+
+def _patch_reference(model, tokens, cf_tokens, layer: int, position: int, correct, wrong):
+    from ..patching import patch_positions_by_layer
+
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[:, position] = True
+    row = patch_positions_by_layer(model, _Prompts(tokens, cf_tokens, correct, wrong), [layer], progress=False,
+                                   positions=(mask,))[0]
+    return row["per_prompt"][mask]
+
+
+def _run_patched(model, tokens, cf_tokens, layer, correct, wrong, where):
+    """The clean run's logit differences with the counterfactual residual at `where` (a function
+    [n, pos, d] -> bool mask) of blocks.{layer}.hook_resid_post; where None: no patch."""
+    name = f"blocks.{layer}.hook_resid_post"
+    dev = _device(model)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(cf_tokens.to(dev), names_filter=[name])
+        x_cf = cache[name]
+
+        def patch(act, hook):
+            return torch.where(where(act)[..., None], x_cf.to(act.dtype), act)
+        hooks = [] if where is None else [(name, patch)]
+        logits = model.run_with_hooks(tokens.to(dev), fwd_hooks=hooks)[:, -1].float().cpu()
+    rows = torch.arange(len(tokens))
+    return logits[rows, correct] - logits[rows, wrong]
+
+
+def _patch_all(model, tokens, cf_tokens, layer, position, correct, wrong):
+    return _run_patched(model, tokens, cf_tokens, layer, correct, wrong,
+                        lambda act: torch.ones(act.shape[:2], dtype=torch.bool, device=act.device))
+
+
+def _patch_last(model, tokens, cf_tokens, layer, position, correct, wrong):
+    def last(act):
+        m = torch.zeros(act.shape[:2], dtype=torch.bool, device=act.device)
+        m[:, -1] = True
+        return m
+    return _run_patched(model, tokens, cf_tokens, layer, correct, wrong, last)
+
+
+def _patch_none(model, tokens, cf_tokens, layer, position, correct, wrong):
+    return _run_patched(model, tokens, cf_tokens, layer, correct, wrong, None)
+
+
+def _ioi_pair(model):
+    """Two IOI prompts of one template (ABBA and BABA), their counterfactuals and the repeated name's position."""
+    from ..prompts import IOI_TEMPLATES, make_ioi
+
+    ps = make_ioi(model.tokenizer, n=2, seed=0, templates=[IOI_TEMPLATES[0]])
+    changed = (ps.tokens != ps.cf_tokens).nonzero()
+    return ps, int(changed[0, 1])
+
+
+def _patch_model_cases(model, gen):
+    ps, pos = _ioi_pair(model)
+    base = dict(model=model, tokens=ps.tokens, cf_tokens=ps.cf_tokens, correct=ps.correct, wrong=ps.wrong)
+    return [dict(base, layer=model.cfg.n_layers // 4, position=pos)]  # one case: forward passes are slow on a CPU
+
+
+register(Exercise(
+    id="05.2", name="patch_residual", reference=_patch_reference, model_cases=_patch_model_cases, atol=MODEL_ATOL,
+    mistakes=((_patch_all, "you overwrote the residual stream at every position: that is the counterfactual run "
+                           "itself. Overwrite only [:, position]"),
+              (_patch_last, "you patched the last position, not `position`"),
+              (_patch_none, "nothing was patched: is the hook blocks.{layer}.hook_resid_post, and does your hook "
+                            "function return the patched activation?")),
+))
+
+
+# ------------------------------------------------------------------ 05.3 ablation that keeps the error term
+
+class _Linear:
+    """What helpers.patching.ablate reads of a Dictionary: encode and decoder_rows."""
+
+    def __init__(self, encode, decoder_rows):
+        self.encode, self.decoder_rows = encode, decoder_rows
+
+
+def _ablate_reference(x: torch.Tensor, encode, decoder_rows: torch.Tensor, features):
+    from ..patching import ablate
+
+    with torch.no_grad():
+        return ablate(_Linear(encode, decoder_rows), features)(x)
+
+
+def _contribution(x, encode, decoder_rows, features, start=1):
+    n, p, d = x.shape
+    sel = torch.as_tensor(features, dtype=torch.long)
+    with torch.no_grad():
+        codes = encode(x[:, start:].reshape(-1, d).float())[:, sel].float()
+    return (codes @ decoder_rows.float()[sel]).reshape(n, p - start, d)
+
+
+def _ablate_bos_too(x, encode, decoder_rows, features):
+    return x - _contribution(x, encode, decoder_rows, features, start=0)
+
+
+def _ablate_added(x, encode, decoder_rows, features):
+    out = x.clone()
+    out[:, 1:] += _contribution(x, encode, decoder_rows, features)
+    return out
+
+
+def _ablate_every_feature(x, encode, decoder_rows, features):
+    return _ablate_reference(x, encode, decoder_rows, list(range(decoder_rows.shape[0])))
+
+
+def _ablate_no_error(x, encode, decoder_rows, features):
+    n, p, d = x.shape
+    sel = torch.as_tensor(features, dtype=torch.long)
+    with torch.no_grad():
+        codes = encode(x[:, 1:].reshape(-1, d).float()).float()
+    codes[:, sel] = 0
+    out = x.clone()
+    out[:, 1:] = (codes @ decoder_rows.float()).reshape(n, p - 1, d)
+    return out
+
+
+def _ablate_cases(gen):
+    cases = []
+    for n, p, d, f, k in ((2, 5, 8, 12, 3), (3, 4, 6, 20, 1), (1, 7, 10, 16, 5)):
+        w = torch.randn(d, f, generator=gen) / d ** 0.5
+        b = -0.2 * torch.rand(f, generator=gen)
+        encode = (lambda w, b: lambda z: torch.relu(z @ w + b))(w, b)     # a small ReLU encoder [N, d] -> [N, f]
+        rows = torch.randn(f, d, generator=gen)
+        x = torch.randn(n, p, d, generator=gen)
+        x[:, 0] *= 10                                                     # BOS: large, as in the model
+        feats = torch.randperm(f, generator=gen)[:k].tolist()
+        cases.append(dict(x=x, encode=encode, decoder_rows=rows, features=feats))
+    return cases
+
+
+register(Exercise(
+    id="05.3", name="ablate_features", reference=_ablate_reference, random_cases=_ablate_cases, atol=1e-4,
+    mistakes=((_ablate_bos_too, "position 0 (BOS) is left as it is: the workbook never edits it"),
+              (_ablate_added, "ablating removes the features' contribution: subtract codes @ decoder_rows, do not add it"),
+              (_ablate_every_feature, "you removed every feature's contribution: only those in `features`"),
+              (_ablate_no_error, "you rebuilt the activation from the other features' codes, which drops the "
+                                 "dictionary's reconstruction error (and its bias): keep x and subtract only the "
+                                 "ablated features' contribution")),
+))
+
+
+# ------------------------------------------------------------------ 05.4 steering
+
+def _steer_run(model, tokens, hook_name, direction, scale, positions="text", normalise=True):
+    unit = direction.float() / direction.float().norm() if normalise else direction.float()
+
+    def add(act, hook):
+        out = act.clone()
+        v = (scale * unit).to(act.device, act.dtype)
+        if positions == "text":
+            out[:, 1:] += v
+        elif positions == "all":
+            out += v
+        else:
+            out[:, -1] += v
+        return out
+    with torch.no_grad():
+        return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook_name, add)])[:, -1].float().cpu()
+
+
+def _steer_reference(model, tokens, hook_name: str, direction, scale: float):
+    return _steer_run(model, tokens, hook_name, direction, scale)
+
+
+def _steer_unnormalised(model, tokens, hook_name, direction, scale):
+    return _steer_run(model, tokens, hook_name, direction, scale, normalise=False)
+
+
+def _steer_bos_too(model, tokens, hook_name, direction, scale):
+    return _steer_run(model, tokens, hook_name, direction, scale, positions="all")
+
+
+def _steer_last_only(model, tokens, hook_name, direction, scale):
+    return _steer_run(model, tokens, hook_name, direction, scale, positions="last")
+
+
+def _steer_model_cases(model, gen):
+    from ..prompts import PRONOUN_TEMPLATES, make_pronoun
+
+    ps = make_pronoun(model.tokenizer, n=2, seed=0, templates=[PRONOUN_TEMPLATES[0]])
+    return [dict(model=model, tokens=ps.tokens, hook_name=f"blocks.{model.cfg.n_layers // 2}.hook_resid_post",
+                 direction=3 * torch.randn(model.cfg.d_model, generator=gen), scale=8.0)]
+
+
+register(Exercise(
+    id="05.4", name="steer", reference=_steer_reference, model_cases=_steer_model_cases, atol=MODEL_ATOL,
+    mistakes=((_steer_unnormalised, "scale the *unit* direction: divide it by its norm first, so that `scale` is "
+                                    "the length of what you add"),
+              (_steer_bos_too, "leave position 0 (BOS) as it is, as the workbook's edits do: add at positions 1 and on"),
+              (_steer_last_only, "add the direction at every position (but BOS), not at the last one only")),
+))
