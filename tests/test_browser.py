@@ -5,7 +5,9 @@ with interactive outputs); SAE_BROWSER_NOTEBOOKS=all checks all five, or e.g. "0
 Checked: no error output; every cell ran; every figure is on the page; in notebook 03, the
 circuitsvis contexts colour their strongest tokens (and leave inactive ones white) and are
 readable, in the light and the dark theme, and the ipywidgets feature browser answers ◀, ▶ and
-its token search. Screenshots of the key outputs go to cache/test/browser/<notebook>/.
+its token search; in notebook 05, the steering playground answers Run with its three continuations
+and costs, and its steered continuations change when the scale does (readable in both themes).
+Screenshots of the key outputs go to cache/test/browser/<notebook>/.
 
 It runs on the `test` profile after nbval has run the notebooks (the README's test command runs
 notebooks/ first), so the stores and SAEs come from the cache. It needs Chromium and playwright's
@@ -382,6 +384,54 @@ def check_feature_browser(page, widget):
     return {"features": n, "rank 0": f0, "rank 1": f1, "search": word, "matches": m, "first match": f2}
 
 
+def playground_state(widget) -> dict:
+    """The steering playground's status line and its three continuations (unsteered, SAE, difference
+    of means) as shown."""
+    out = {"status": widget.locator(".steer-status").first.inner_text()}
+    for key in ("unsteered", "sae", "dim"):
+        text = widget.locator(f".steer-{key} .steer-text")
+        out[key] = text.first.inner_text() if text.count() else ""
+    return out
+
+
+def run_playground(page, widget, n) -> dict:
+    """Press Run and wait for run n to finish (its status names the scale); the state after it."""
+    widget.locator("button:has-text('Run')").click()
+    return wait_for(page, f"playground run {n}",
+                    lambda: (s := playground_state(widget))["status"].startswith(f"run {n}: scale") and s,
+                    timeout_s=600)
+
+
+def check_playground(page, widget) -> dict:
+    """Run fills the three continuations (each with the prompt and new text) and the steered ones' costs;
+    moving the scale slider to its largest value and running again changes both steered continuations and
+    keeps the unsteered one (greedy decoding)."""
+    before = playground_state(widget)
+    assert "press Run" in widget.inner_text(), before
+    first = run_playground(page, widget, 1)
+    prompt = widget.get_by_role("textbox", name="prompt").input_value()
+    for key in ("unsteered", "sae", "dim"):
+        assert first[key].startswith(prompt) and len(first[key]) > len(prompt) + 3, (key, first)
+    assert widget.locator(".steer-cost").count() == 2, widget.inner_text()
+    handle = widget.locator(".noUi-handle").first  # ipywidgets' slider: keyboard End = its maximum
+    handle.focus()
+    handle.press("End")
+    second = run_playground(page, widget, 2)
+    scale = float(re.search(r"scale (-?[\d.]+)", second["status"])[1])
+    assert scale > float(re.search(r"scale (-?[\d.]+)", first["status"])[1]), (first["status"], second["status"])
+    assert second["unsteered"] == first["unsteered"], (first, second)
+    assert second["sae"] != first["sae"] and second["dim"] != first["dim"], (first, second)
+    return {"first": first, "second": second}
+
+
+def check_playground_readable(widget, theme):
+    """The continuations' text, and the marked concept words, are readable in the theme."""
+    texts = widget.locator(".steer-text, .steer-hit").evaluate_all("els => els.map(__tok)")
+    assert texts, widget.inner_text()
+    for t in texts:
+        assert contrast(t["fg"], t["seen"]) >= 4.5, f"unreadable playground text ({theme}): {t}"
+
+
 def check_notebook(page, lab, name, out) -> dict:
     """Run the notebook in the page and check it as a reader would; screenshots into out/."""
     errors = []
@@ -432,7 +482,13 @@ def check_notebook(page, lab, name, out) -> dict:
                 report[f"cell {i} circuitsvis, {tag}: strongest token of each context / group max"] = \
                     sorted(round(x, 2) for x in check_circuitsvis(page, cell, tag, props))
             widget = cell.locator(".jupyter-widgets.widget-vbox").first
-            if widget.count():
+            playground = cell.locator(".sae-steering")
+            if playground.count():  # notebook 05's steering playground
+                if tag == "light":
+                    widget.screenshot(path=str(out / f"cell{i:02d}-playground-before-{tag}.png"))
+                    report[f"cell {i} steering playground"] = check_playground(page, playground.first)
+                settled(page, lambda: check_playground_readable(playground.first, tag))
+            elif widget.count():
                 settled(page, lambda: check_plain_contexts(widget, tag))
                 if tag == "light":
                     widget.screenshot(path=str(out / f"cell{i:02d}-widget-before-{tag}.png"))
