@@ -32,6 +32,9 @@ Modules, one job each:
 * ``dashboard``: feature dashboards and the ipywidgets browser
 * ``autointerp``: explain -> simulate -> score (local model or an OpenAI-compatible endpoint)
 * ``prompts``:  IOI and gendered-pronoun prompt sets for causal experiments
+* ``patching``: activation patching, ablation-based editing and feature circuits in a dictionary's basis
+* ``steering``: steering along an SAE feature or a difference of means at a measured cost (KL, ΔCE),
+                the comparison of the two at equal cost, and the ipywidgets playground
 * ``plots``:    the figures the notebooks show
 * ``bench``:    ``python -m helpers.bench``: harvest speed against a bare forward pass, trainer speed
 * ``bench_others``: one training step of SAELens and sparsify, for the trainer benchmark

@@ -191,7 +191,17 @@ def plan(profile, machine: Machine | None = None) -> Plan:
                                                  + 2 * pca_n * d * d / THROUGHPUT["cpu"]) + 60)
     prompts = profile.ioi_prompts + profile.pronoun_prompts
     passes = prompts * (n_layers / profile.patch_layer_step * 3 + h * 6 * 8)
-    p.seconds["05"] = fwd * passes * 20 / rate + 60
+    # steering (section 6): calibration and cost runs over held-out contexts, then sampled continuations,
+    # one full forward pass per new token (helpers.steering.generate_ids), for every concept, direction
+    # and KL target, and the unsteered ones
+    from .steering import METHODS, comparison_settings
+
+    st = comparison_settings(profile)
+    settings = st["max_concepts"] * (len(METHODS) * len(st["targets"]) + 1)
+    generated = settings * st["prompts"] * st["samples"] * st["n_new"] * (12 + st["n_new"] / 2)
+    costed = (st["max_concepts"] * len(METHODS) * (len(st["grid"]) + len(st["targets"]))
+              * (st["calib_contexts"] + st["report_contexts"]) * profile.ctx_len)
+    p.seconds["05"] = fwd * (passes * 20 + generated + costed) / rate + 60
     return p
 
 

@@ -492,3 +492,36 @@ def groundtruth_scores(rows, keys=(("mmcs", "MMCS (directions)"), ("mcc", "match
     fig.tight_layout()
     return fig
 
+
+
+def steering_comparison(result: dict):
+    """helpers.steering.compare_steering: per concept, the share of continuations showing the concept
+    (95% interval over prompts) against the measured KL cost on held-out text, one line per method
+    from the unsteered point through its KL targets."""
+    rows = result["rows"]
+    concepts = list(dict.fromkeys(r["concept"] for r in rows))
+    fig, axes = plt.subplots(1, max(len(concepts), 1), figsize=(4.2 * max(len(concepts), 1), 3.6), sharey=True,
+                             squeeze=False)
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "unsteered"]
+    for ax, name in zip(axes[0], concepts):
+        base = next(r for r in rows if r["concept"] == name and r["method"] == "unsteered")
+        ax.errorbar([0], [base["share"]], yerr=[[base["share"] - base["share_low"]], [base["share_high"] - base["share"]]],
+                    fmt="s", color="grey", capsize=2, label="unsteered")
+        for i, m in enumerate(methods):
+            pts = sorted((r for r in rows if r["concept"] == name and r["method"] == m), key=lambda r: r["target_kl"])
+            if not pts:
+                continue
+            x = [0.0] + [r["kl"] for r in pts]
+            y = [base["share"]] + [r["share"] for r in pts]
+            ax.plot(x, y, color=f"C{i}", lw=1, alpha=0.6)
+            ax.errorbar([r["kl"] for r in pts], [r["share"] for r in pts],
+                        yerr=[[r["share"] - r["share_low"] for r in pts], [r["share_high"] - r["share"] for r in pts]],
+                        fmt="o" if m.startswith("SAE") else "D", color=f"C{i}", capsize=2, label=m)
+        ax.set_title(f"{name}", fontsize=10)
+        ax.set_xlabel("KL from unsteered (nats/token)", fontsize=8)
+        ax.set_ylim(-0.03, 1.03)
+    axes[0][0].set_ylabel("share of continuations showing the concept")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Steering at matched cost (KL on held-out text): SAE feature vs difference of means", fontsize=10)
+    fig.tight_layout()
+    return fig

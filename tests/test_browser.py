@@ -5,7 +5,11 @@ with interactive outputs); SAE_BROWSER_NOTEBOOKS=all checks all five, or e.g. "0
 Checked: no error output; every cell ran; every figure is on the page; in notebook 03, the
 circuitsvis contexts colour their strongest tokens (and leave inactive ones white) and are
 readable, in the light and the dark theme, and the ipywidgets feature browser answers ◀, ▶ and
-its token search. Screenshots of the key outputs go to cache/test/browser/<notebook>/.
+its token search; in notebook 05, the steering playground answers Run with its three continuations
+and costs, and its steered continuations change when the scale does (readable in both themes). And,
+whichever notebooks are chosen, an exercise as a reader works it (exercise 02.1 of notebooks/exercises/):
+a wrong attempt shows the check's message and likely cause, the solution opens on a click, the fix passes.
+Screenshots of the key outputs go to cache/test/browser/<notebook>/ (the exercise's to .../exercise/).
 
 It runs on the `test` profile after nbval has run the notebooks (the README's test command runs
 notebooks/ first), so the stores and SAEs come from the cache. It needs Chromium and playwright's
@@ -382,6 +386,54 @@ def check_feature_browser(page, widget):
     return {"features": n, "rank 0": f0, "rank 1": f1, "search": word, "matches": m, "first match": f2}
 
 
+def playground_state(widget) -> dict:
+    """The steering playground's status line and its three continuations (unsteered, SAE, difference
+    of means) as shown."""
+    out = {"status": widget.locator(".steer-status").first.inner_text()}
+    for key in ("unsteered", "sae", "dim"):
+        text = widget.locator(f".steer-{key} .steer-text")
+        out[key] = text.first.inner_text() if text.count() else ""
+    return out
+
+
+def run_playground(page, widget, n) -> dict:
+    """Press Run and wait for run n to finish (its status names the scale); the state after it."""
+    widget.locator("button:has-text('Run')").click()
+    return wait_for(page, f"playground run {n}",
+                    lambda: (s := playground_state(widget))["status"].startswith(f"run {n}: scale") and s,
+                    timeout_s=600)
+
+
+def check_playground(page, widget) -> dict:
+    """Run fills the three continuations (each with the prompt and new text) and the steered ones' costs;
+    moving the scale slider to its largest value and running again changes both steered continuations and
+    keeps the unsteered one (greedy decoding)."""
+    before = playground_state(widget)
+    assert "press Run" in widget.inner_text(), before
+    first = run_playground(page, widget, 1)
+    prompt = widget.get_by_role("textbox", name="prompt").input_value()
+    for key in ("unsteered", "sae", "dim"):
+        assert first[key].startswith(prompt) and len(first[key]) > len(prompt) + 3, (key, first)
+    assert widget.locator(".steer-cost").count() == 2, widget.inner_text()
+    handle = widget.locator(".noUi-handle").first  # ipywidgets' slider: keyboard End = its maximum
+    handle.focus()
+    handle.press("End")
+    second = run_playground(page, widget, 2)
+    scale = float(re.search(r"scale (-?[\d.]+)", second["status"])[1])
+    assert scale > float(re.search(r"scale (-?[\d.]+)", first["status"])[1]), (first["status"], second["status"])
+    assert second["unsteered"] == first["unsteered"], (first, second)
+    assert second["sae"] != first["sae"] and second["dim"] != first["dim"], (first, second)
+    return {"first": first, "second": second}
+
+
+def check_playground_readable(widget, theme):
+    """The continuations' text, and the marked concept words, are readable in the theme."""
+    texts = widget.locator(".steer-text, .steer-hit").evaluate_all("els => els.map(__tok)")
+    assert texts, widget.inner_text()
+    for t in texts:
+        assert contrast(t["fg"], t["seen"]) >= 4.5, f"unreadable playground text ({theme}): {t}"
+
+
 def check_notebook(page, lab, name, out) -> dict:
     """Run the notebook in the page and check it as a reader would; screenshots into out/."""
     errors = []
@@ -432,7 +484,13 @@ def check_notebook(page, lab, name, out) -> dict:
                 report[f"cell {i} circuitsvis, {tag}: strongest token of each context / group max"] = \
                     sorted(round(x, 2) for x in check_circuitsvis(page, cell, tag, props))
             widget = cell.locator(".jupyter-widgets.widget-vbox").first
-            if widget.count():
+            playground = cell.locator(".sae-steering")
+            if playground.count():  # notebook 05's steering playground
+                if tag == "light":
+                    widget.screenshot(path=str(out / f"cell{i:02d}-playground-before-{tag}.png"))
+                    report[f"cell {i} steering playground"] = check_playground(page, playground.first)
+                settled(page, lambda: check_playground_readable(playground.first, tag))
+            elif widget.count():
                 settled(page, lambda: check_plain_contexts(widget, tag))
                 if tag == "light":
                     widget.screenshot(path=str(out / f"cell{i:02d}-widget-before-{tag}.png"))
@@ -461,4 +519,90 @@ def test_notebook_in_jupyterlab(name, lab, browser, shots):
     finally:
         page.close()
         for s in api(lab, "GET", "/api/sessions"):  # free the kernel's memory before the next notebook
+            api(lab, "DELETE", f"/api/sessions/{s['id']}")
+
+
+# --- an exercise, as a reader works it ---------------------------------------------------------
+
+EXERCISE_ATTEMPT = '''# Exercise 02.1
+import torch
+from helpers.exercises import check
+
+
+def sae_forward(x, W_enc, b_enc, W_dec, b_dec):
+    """x: [batch, d_in]; W_enc, W_dec: [d_sae, d_in] (one row per latent); b_enc: [d_sae]; b_dec: [d_in].
+    Returns (codes [batch, d_sae], x_hat [batch, d_in]).
+    """
+    codes = torch.relu(x @ W_enc.T + b_enc)   # a first attempt
+    x_hat = codes @ W_dec + b_dec
+    return codes, x_hat
+
+
+check("02.1", sae_forward)'''
+EXERCISE_FIXED = EXERCISE_ATTEMPT.replace("torch.relu(x @ W_enc.T + b_enc)   # a first attempt",
+                                          "torch.relu((x - b_dec) @ W_enc.T + b_enc)   # after the check's message")
+
+
+def exercise_demo(root: Path) -> str:
+    """A notebook with exercise 02.1 as the exercise version shows it (its text and its hidden solution,
+    from notebooks/exercises/), a wrong attempt and the fixed one; its name in root."""
+    import nbformat
+
+    cells = json.loads((NOTEBOOKS_DIR / "exercises" / "02_train.ipynb").read_text())["cells"]
+    text = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+    intro = next(t for t in text if t.startswith("### Exercise 02.1"))
+    solution = next(t for t in text if t.startswith("<details>") and "# Exercise 02.1" in t)
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3 (ipykernel)"}})
+    nb.cells = [nbformat.v4.new_markdown_cell(intro), nbformat.v4.new_code_cell(EXERCISE_ATTEMPT),
+                nbformat.v4.new_markdown_cell(solution), nbformat.v4.new_code_cell(EXERCISE_FIXED)]
+    nbformat.write(nb, root / "exercise_demo.ipynb")
+    return "exercise_demo"
+
+
+def test_exercise_check_in_jupyterlab(lab, browser, shots):
+    """A wrong attempt at exercise 02.1 shows the check's message and its likely cause, without frames of
+    the checker; the solution is hidden until its Solution line is clicked; the fixed function passes.
+    Readable in the light and dark themes; screenshots in cache/test/browser/exercise/."""
+    name = exercise_demo(lab["root"])
+    out = shots / "exercise"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    page = browser.new_page()
+    try:
+        page.set_viewport_size({"width": 1300, "height": 1700})
+        page.goto(f"{lab['url']}/lab/workspaces/{name}/tree/{name}.ipynb?token={lab['token']}")
+        page.wait_for_function("/\\| Idle/.test((document.querySelector('#jp-main-statusbar') || {}).innerText)",
+                               timeout=120_000)
+        cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell")
+        for i in range(2):  # run each code cell (Run All would stop at the failed check)
+            cells.nth(i).locator(".jp-InputArea-prompt").click()
+            page.keyboard.press("Shift+Enter")
+            page.wait_for_function(f"() => /\\[\\d+\\]/.test(({CELL_STATE})()[{i}])", timeout=300_000)
+        wait_for(page, "the fixed function's check", lambda: "✔" in cells.nth(1).inner_text())
+        failed = cells.nth(0).locator(".jp-OutputArea-output").inner_text()
+        assert "ExerciseFailed: Exercise 02.1 (sae_forward) differs from the reference" in failed, failed
+        assert "likely cause: the encoder sees x - b_dec" in failed, failed
+        assert "Traceback" not in failed and "core.py" not in failed, failed
+        assert "matches the reference" in cells.nth(1).locator(".jp-OutputArea-output").inner_text()
+        details = page.locator(".jp-MarkdownCell details").first
+        assert not details.evaluate("d => d.open") and not page.get_by_text("(x - b_dec) @ W_enc.T").first.is_visible()
+        details.locator("summary").click()
+        assert details.evaluate("d => d.open")
+        page.add_script_tag(content=COLOUR_JS)
+        for theme in ("JupyterLab Light", "JupyterLab Dark"):
+            if theme != "JupyterLab Light":
+                change_theme(page, theme)
+            tag = theme.split()[-1].lower()
+            message = cells.nth(0).locator(".jp-OutputArea-output pre").first.evaluate("__tok")
+            assert contrast(message["fg"], message["seen"]) >= 4.5, f"unreadable check message ({tag}): {message}"
+            page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook").screenshot(
+                path=str(out / f"exercise-02.1-{tag}.png"))
+        change_theme(page, "JupyterLab Light")
+    except BaseException:
+        page.screenshot(path=str(out / "failure.png"))
+        raise
+    finally:
+        page.close()
+        for s in api(lab, "GET", "/api/sessions"):
             api(lab, "DELETE", f"/api/sessions/{s['id']}")

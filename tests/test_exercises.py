@@ -194,3 +194,23 @@ def test_compare_messages():
     assert compare((a, 1.0), (a, 1.0)) is None
     assert compare((a, 24.0), (a, 1.0)) == "output[1]: got 24, expected 1 (24 × the expected value)"
     assert "first at [1]: got True, expected False" in compare(torch.tensor([0, 1, 1]) > 0, torch.tensor([0, 0, 1]) > 0)
+
+
+def test_jupyter_shows_the_message_not_the_checker():
+    """In Jupyter a failed check shows its message (IPython's _render_traceback_), not frames of the checker;
+    an error raised by the reader's function keeps the reader's own frame."""
+    def no_relu(x, W_enc, b_enc, W_dec, b_dec):
+        codes = (x - b_dec) @ W_enc.T + b_enc
+        return codes, codes @ W_dec + b_dec
+
+    def broken(x, W_enc, b_enc, W_dec, b_dec):
+        return x @ W_enc  # wrong shapes: raises in the reader's code
+
+    with pytest.raises(ExerciseFailed) as info:
+        run_cases(EXERCISES["02.1"], no_relu)
+    shown = "\n".join(info.value._render_traceback_())
+    assert "likely cause: the ReLU is left out" in shown and "core.py" not in shown, shown
+    with pytest.raises(ExerciseFailed) as info:
+        run_cases(EXERCISES["02.1"], broken)
+    shown = "\n".join(info.value._render_traceback_())
+    assert "raised RuntimeError" in shown and "in broken" in shown and "return x @ W_enc" in shown, shown

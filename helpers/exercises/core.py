@@ -22,6 +22,16 @@ import torch
 class ExerciseFailed(AssertionError):
     """The reader's function is not written yet, raised, or differs from the reference."""
 
+    def _render_traceback_(self):
+        """In Jupyter (IPython), show the check's message alone: the traceback would point into the
+        checker, not into the reader's code (an error the reader's function raises is chained below it)."""
+        lines = [f"\x1b[1;31mExerciseFailed\x1b[0m: {self}"]
+        if self.__cause__ is not None:
+            import traceback
+            lines += ["", "raised by your function:"] + "".join(
+                traceback.format_exception(self.__cause__)).rstrip().splitlines()
+        return lines
+
 
 @dataclass
 class Exercise:

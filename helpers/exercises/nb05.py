@@ -218,6 +218,7 @@ register(Exercise(
 # ------------------------------------------------------------------ 05.4 steering
 
 def _steer_run(model, tokens, hook_name, direction, scale, positions="text", normalise=True):
+    """The exercise's mistakes: steering with the direction unnormalised, at BOS too, or at the last position only."""
     unit = direction.float() / direction.float().norm() if normalise else direction.float()
 
     def add(act, hook):
@@ -235,7 +236,12 @@ def _steer_run(model, tokens, hook_name, direction, scale, positions="text", nor
 
 
 def _steer_reference(model, tokens, hook_name: str, direction, scale: float):
-    return _steer_run(model, tokens, hook_name, direction, scale)
+    from ..steering import add_hook  # the workbook's own steering hook (section 6)
+
+    unit = direction.float() / direction.float().norm()
+    with torch.no_grad():
+        return model.run_with_hooks(tokens.to(_device(model)),
+                                    fwd_hooks=[(hook_name, add_hook(scale * unit))])[:, -1].float().cpu()
 
 
 def _steer_unnormalised(model, tokens, hook_name, direction, scale):

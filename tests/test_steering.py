@@ -1,0 +1,156 @@
+"""helpers.steering: the intervention, generation, cost, the index and the comparison."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import steering
+from helpers.dictionary import neuron_basis
+from helpers.steering import SteeringIndex, add_hook, steering_vector
+
+HOOK = "blocks.6.hook_resid_post"
+
+
+def test_add_hook_adds_exactly_the_vector_after_bos():
+    g = torch.Generator().manual_seed(0)
+    act = torch.randn(2, 5, 8, generator=g)
+    u = torch.randn(8, generator=g)
+    v = steering_vector(u, 0.5, 10.0)
+    assert torch.allclose(v.norm(), torch.tensor(5.0)) and torch.allclose(v / v.norm(), u / u.norm())
+    out = add_hook(v)(act)
+    assert torch.equal(out[:, 0], act[:, 0])                                   # BOS untouched
+    assert torch.allclose(out[:, 1:] - act[:, 1:], v.expand(2, 4, 8), atol=1e-6)
+    rows = torch.stack([v, -2 * v])                                            # one vector per row
+    out = add_hook(rows)(act)
+    assert torch.allclose(out[1, 1:] - act[1, 1:], -2 * v.expand(4, 8), atol=1e-5)
+    assert torch.equal(add_hook(torch.zeros(8))(act), act)                     # scale 0: bit for bit
+
+
+def test_scale_for_interpolates_sqrt_kl():
+    assert steering._scale_for([1.0, 2.0], [1.0, 4.0], 1.0) == (1.0, True)
+    s, ok = steering._scale_for([1.0, 2.0], [1.0, 4.0], 2.25)                  # sqrt: 1.5, half-way
+    assert ok and abs(s - 1.5) < 1e-9
+    s, ok = steering._scale_for([1.0, 2.0], [1.0, 4.0], 0.25)                  # below the grid: through (0, 0)
+    assert ok and abs(s - 0.5) < 1e-9
+    assert steering._scale_for([1.0, 2.0], [1.0, 4.0], 9.0) == (2.0, False)    # not reached
+
+
+def test_shows_whole_words_any_case():
+    assert steering.shows("Then Her hat fell.", ("her",))
+    assert not steering.shows("over there", ("her",))
+    assert steering.shows("holy water!", ("god", "water"))
+
+
+def toy_index(x, tokens, vocab, dictionary):
+    meta = np.zeros(len(x), dtype=[("token", np.int64)])
+    meta["token"] = tokens
+    c = dictionary.encode(x)
+    return SteeringIndex(dictionary, HOOK, x, meta, float(x.norm(dim=-1).median()), None, vocab,
+                         (c > 0).sum(0), torch.full((dictionary.n_features, 1), -1), torch.zeros(dictionary.n_features, 1,
+                                                                                                   dtype=torch.int64),
+                         torch.zeros(dictionary.n_features, 1), word_concepts={"bee": ("b",)})
+
+
+def test_diff_of_means_and_mcc_by_hand():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 3, generator=g)
+    tokens = torch.randint(0, 4, (40,), generator=g).numpy()
+    tokens[:2] = (1, 3)
+    d = neuron_basis(3)
+    index = toy_index(x, tokens, ["a", " b", "c", " B"], d)
+    present = np.isin(tokens, [1, 3])                                           # " b" and " B" read as "b"
+    assert index.word_ids(("b",)) == [1, 3] and (index.mask("bee") == present).all()
+    want = x[torch.as_tensor(present)].mean(0) - x[~torch.as_tensor(present)].mean(0)
+    assert torch.allclose(index.diff_of_means("bee"), want, atol=1e-6)
+    active = (d.encode(x) > 0).numpy()
+    for f in range(d.n_features):
+        tp = (active[:, f] & present).sum()
+        fp = (active[:, f] & ~present).sum()
+        fn = (~active[:, f] & present).sum()
+        tn = (~active[:, f] & ~present).sum()
+        mcc = (tp * tn - fp * fn) / np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+        assert abs(float(index.feature_mcc("bee")[f]) - mcc) < 1e-5, f
+    best, v = index.fires_on("bee", k=1, min_active=1)[0]
+    assert best == int(np.nanargmax([float(m) for m in index.feature_mcc("bee")]))
+
+
+def test_generation_scale_zero_is_the_model_and_seeds_reproduce(model):
+    d = model.cfg.d_model
+    plain = steering.generate_ids(model, "The cat sat on the", HOOK, None, n_new=4)
+    assert torch.equal(steering.generate_ids(model, "The cat sat on the", HOOK, torch.zeros(1, d), n_new=4), plain)
+    u = model.W_U[:, model.tokenizer.encode(" dog")[0]].detach().float().cpu()  # a direction that says " dog"
+    big = steering.generate_ids(model, "The cat sat on the", HOOK, steering_vector(u, 2.0, 100.0)[None], n_new=4)
+    assert not torch.equal(big, plain)
+    a = steering.generate(model, "I think", HOOK, torch.zeros(4, d), n_new=4, sample=True, seeds=[1, 2, 3, 4])
+    assert a == steering.generate(model, "I think", HOOK, torch.zeros(4, d), n_new=4, sample=True, seeds=[1, 2, 3, 4])
+    assert len(set(a)) > 1                                                       # other seeds, other samples
+
+
+def test_the_hook_steers_the_model_after_bos(model):
+    toks = model.to_tokens("The cat sat on the mat")
+    u = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    v = steering_vector(u, 1.0, 100.0)
+    got = {}
+
+    def capture(act, hook):
+        got["x"] = act.detach().clone()
+        return act
+    with torch.no_grad():
+        clean = model.run_with_hooks(toks, fwd_hooks=[(HOOK, capture)])
+        x0 = got["x"]
+        steered = model.run_with_hooks(toks, fwd_hooks=[(HOOK, add_hook(v)), (HOOK, capture)])
+    assert torch.allclose(got["x"][0, 1:] - x0[0, 1:], v.expand(toks.shape[1] - 1, -1), atol=1e-3)
+    assert torch.equal(got["x"][0, 0], x0[0, 0])
+    assert torch.allclose(steered[0, 0], clean[0, 0], atol=1e-5)                # BOS's prediction untouched
+    assert not torch.allclose(steered[0, -1], clean[0, -1], atol=1e-2)
+
+
+def test_cost_is_zero_at_scale_zero_and_grows(model):
+    text = torch.cat([model.to_tokens("The old man walked slowly down the road")[:, :8],
+                      model.to_tokens("She opened the letter and read it twice")[:, :8]])
+    u = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    cost = steering.steering_cost(model, text, HOOK, torch.stack([steering_vector(u, s, 100.0) for s in (0, 0.25, 1.0)]))
+    assert abs(float(cost["kl"][0])) < 1e-6 and abs(float(cost["dce"][0])) < 1e-6
+    assert 0 < cost["kl"][1] < cost["kl"][2]
+
+
+@pytest.fixture
+def small_index(model, array_store):
+    """A steering index over a toy store at the model's width: random activations, token ids 0..n-1."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, model.cfg.d_model, generator=g) * 3
+    store = array_store(x, hook=HOOK)
+    return steering.build_index(model, store, neuron_basis(model.cfg.d_model, hook_name=HOOK), progress=False)
+
+
+def test_build_index_and_compare_smoke(model, small_index):
+    index = small_index
+    x = index.x
+    assert abs(index.norm - float(x.norm(dim=-1).median())) < 1e-4
+    assert torch.equal(index.active, (index.dictionary.encode(x) > 0).sum(0))
+    f = 7
+    best = int(index.top_rows[f, 0])
+    assert best == int(index.dictionary.encode(x)[:, f].argmax())
+    word = next(t.strip() for t in index.vocab[300:] if t.strip().isalpha())
+    index.word_concepts["toy"] = (word,)
+    assert index.n_present("toy") >= 1 and "toy" in index.search(word)
+    text = model.to_tokens(["The old man walked slowly down the road", "She opened the letter and read it"])[:, :8]
+    res = steering.compare_steering(model, index, text, text, concepts={"toy": (word,)}, prompts=("I think",),
+                                    samples=1, n_new=2, targets=(0.1,), grid=(1.0,), min_present=1,
+                                    progress=False, n_boot=20)
+    methods = [r["method"] for r in res["rows"]]
+    assert methods[0] == "unsteered" and "difference of means" in methods and "SAE: fires on" in methods
+    for r in res["rows"]:
+        assert 0 <= r["share_low"] <= r["share"] <= r["share_high"] <= 1 and r["n"] == 1
+    assert "toy" in steering.table(res) and steering.verdicts(res)
+
+
+def test_comparison_settings_by_profile():
+    from helpers.profiles import get_profile
+
+    assert steering.comparison_settings(get_profile("cpu"))["prompts"] == steering.SETTINGS["cpu"]["prompts"]
+    assert steering.comparison_settings(get_profile("gpu")) == steering.SETTINGS["default"]
+    shrunk = get_profile("colab", harvest_tokens=4_032)                         # the simulated Colab run's size
+    assert steering.comparison_settings(shrunk) == steering.SETTINGS["test"]
+    assert steering.comparison_settings(get_profile("test"), samples=3)["samples"] == 3
+    with pytest.raises(ValueError, match="unknown steering setting"):
+        steering.comparison_settings(get_profile("test"), sample=3)
