@@ -226,9 +226,9 @@ def top_token_is(view: FeatureView, text: str) -> torch.Tensor:
 
 
 def browser(view: FeatureView, n: int = 6):
-    """An ipywidgets feature browser over precomputed statistics (nothing heavy on a click)."""
+    """An ipywidgets feature browser over precomputed statistics (nothing heavy on a click). Returns the
+    widget: a cell ending in the call shows it."""
     import ipywidgets as w
-    from IPython.display import display
 
     orders = {
         "concept score (MCC)": ranked(view.scores),
@@ -256,8 +256,8 @@ def browser(view: FeatureView, n: int = 6):
             return
         rank.max = len(order) - 1
         f = int(order[min(rank.value, len(order) - 1)])
+        page.value = dashboard_html(view, f, n)  # the page first: the line above it never names another feature's page
         info.value = f"{len(order)} features match · showing rank {rank.value}: feature {f}"
-        page.value = dashboard_html(view, f, n)
 
     prev.on_click(lambda _: setattr(rank, "value", max(0, rank.value - 1)))
     nxt.on_click(lambda _: setattr(rank, "value", min(rank.max, rank.value + 1)))
@@ -265,5 +265,4 @@ def browser(view: FeatureView, n: int = 6):
         widget.observe(show, names="value")
     ui = w.VBox([w.HBox([sort, search]), w.HBox([prev, rank, nxt]), info, page])
     show()
-    display(ui)
     return ui

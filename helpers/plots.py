@@ -7,6 +7,7 @@ import torch
 
 from . import architectures
 from .corpus import COARSE_TAGS, NO_TAG, coarse_tag
+from .sweep import PAPER_FAMILY, family_groups
 
 
 def norms_by_hook(store, max_tokens: int = 20_000):
@@ -94,20 +95,6 @@ FAMILY_STYLE = {"Anthropic-2023 L1": dict(marker="o", color="tab:blue"), "improv
                 "Matryoshka BatchTopK": dict(marker="v", ms=8, color="tab:brown"),
                 "JumpReLU": dict(marker="D", ms=7, color="tab:orange"),
                 "improved L1 (no massive treatment)": dict(marker="x", ms=9, color="tab:red")}
-
-
-PAPER_FAMILY = "Anthropic-2023 L1"  # helpers.sae.RECIPE_NAMES["anthropic2023"] (called "paper L1" before)
-
-
-def family_groups(rows):
-    """{(family, ratio, tied): rows sorted by the architecture's setting (α, k, λ)} (rows of old tables,
-    family "paper L1", read as PAPER_FAMILY)."""
-    groups = {}
-    for r in rows:
-        fam = PAPER_FAMILY if r["family"] == "paper L1" else r["family"]
-        groups.setdefault((fam, r["ratio"], r["tied"]), []).append(r)
-    return {k: sorted(v, key=lambda r: r.get(architectures.get(r["architecture"]).setting, 0))
-            for k, v in sorted(groups.items())}
 
 
 def _paper_groups(rows):
@@ -491,7 +478,6 @@ def groundtruth_scores(rows, keys=(("mmcs", "MMCS (directions)"), ("mcc", "match
     np.atleast_1d(axes)[-1].legend(fontsize=7)
     fig.tight_layout()
     return fig
-
 
 
 def steering_comparison(result: dict):

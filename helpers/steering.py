@@ -651,16 +651,16 @@ def _highlight(text: str, words) -> str:
 
 def playground(model, index: SteeringIndex, text_tokens: torch.Tensor, prompt: str = "I think that",
                concept: str = "she", scale: float = 0.5, max_scale: float = 2.0, n_new: int = 24,
-               temperature: float = 0.8, display_ui: bool = True):
+               temperature: float = 0.8):
     """An ipywidgets steering playground: find a concept or a feature by text, pick a scale (in units
     of the typical ordinary-token norm at the hook), type a prompt, Run: the continuation unsteered, with
     the SAE feature's direction added, and with the concept's difference of means added (greedy, or
     sampling with a seed), side by side; below each, its cost on `text_tokens` (KL from the unsteered
-    model, ΔCE) and what it does to the next-token distribution. Returns the widget."""
+    model, ΔCE) and what it does to the next-token distribution. Returns the widget: a cell ending in the
+    call shows it."""
     import time
 
     import ipywidgets as w
-    from IPython.display import display
 
     search = w.Text(value=concept, placeholder="token or concept, e.g. she, water, POS pronoun",
                     description="find", continuous_update=False)
@@ -765,6 +765,4 @@ def playground(model, index: SteeringIndex, text_tokens: torch.Tensor, prompt: s
     ui = w.VBox([w.HBox([search, concept_dd]), feature_dd, w.HBox([scale_sl, unit_note]),
                  w.HBox([prompt_tx, mode, seed, run]), status, w.HBox(list(cols.values()))])
     ui.add_class("sae-steering")
-    if display_ui:
-        display(ui)
     return ui

@@ -63,6 +63,20 @@ OTHER_ARCHITECTURES = (("topk", "topk_ks"), ("batchtopk", "batchtopk_ks"),
                        ("matryoshka_batchtopk", "matryoshka_ks"), ("jumprelu", "jumprelu_coefficients"))
 
 
+PAPER_FAMILY = "Anthropic-2023 L1"  # helpers.sae.RECIPE_NAMES["anthropic2023"] (called "paper L1" before)
+
+
+def family_groups(rows):
+    """{(family, ratio, tied): rows sorted by the architecture's setting (α, k, λ)} (rows of old tables,
+    family "paper L1", read as PAPER_FAMILY)."""
+    groups = {}
+    for r in rows:
+        fam = PAPER_FAMILY if r["family"] == "paper L1" else r["family"]
+        groups.setdefault((fam, r["ratio"], r["tied"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r.get(architectures.get(r["architecture"]).setting, 0))
+            for k, v in sorted(groups.items())}
+
+
 def sweep_configs(profile, d_in: int) -> list[SAEConfig]:
     common = {"hook_name": profile.sae_hook, "model_name": profile.model}
     configs = [SAEConfig.from_ratio(d_in, r, l1_coefficient=a, tied=t, **common)

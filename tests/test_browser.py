@@ -363,7 +363,8 @@ def check_feature_browser(page, widget):
     n, rank, f0, ctx0 = browser_state(widget)
     assert rank == 0 and n > 1, browser_state(widget)
     widget.locator("button:has-text('▶')").click()
-    _, rank, f1, ctx1 = wait_for(page, "▶", lambda: (s := browser_state(widget))[1] == 1 and s[2] != f0 and s)
+    _, rank, f1, ctx1 = wait_for(page, "▶", lambda: (s := browser_state(widget))[1] == 1 and s[2] != f0
+                                 and s[3] != ctx0 and s)
     assert f1 != f0
     widget.locator("button:has-text('◀')").click()
     wait_for(page, "◀", lambda: browser_state(widget) == (n, 0, f0, ctx0))  # the same page as at first
