@@ -40,6 +40,7 @@ can be compared with the simple baseline it is measured against.
 """
 from __future__ import annotations
 
+import ast
 import html
 import re
 from dataclasses import dataclass, field
@@ -298,7 +299,7 @@ class SteeringIndex:
         m = re.fullmatch(r"token (.+)", name)
         if m:
             try:
-                text = eval(m[1], {})  # the name holds repr() of the token's text
+                text = ast.literal_eval(m[1])  # the name holds repr() of the token's text
             except Exception:
                 return None
             return (text.strip(),) if isinstance(text, str) and text.strip() else None
@@ -333,12 +334,17 @@ class SteeringIndex:
                 partial.append(n)
         return (groups + exact + partial)[:limit]
 
+    def _words_key(self, name: str):
+        """What a cached result for `name` depends on besides the index: a word group's words (a group can
+        be redefined under the same name, as `compare_steering`'s `concepts` do)."""
+        return tuple(self.word_concepts[name]) if name in self.word_concepts else None
+
     def n_present(self, name: str) -> int:
         return int(self.mask(name).sum())
 
     def diff_of_means(self, name: str) -> torch.Tensor:
         """The mean activation where `name` is present minus where it is absent (ordinary tokens)."""
-        key = ("dim", name)
+        key = ("dim", name, self._words_key(name))
         if key not in self._cache:
             m = torch.as_tensor(self.mask(name))
             if not m.any() or m.all():
@@ -355,7 +361,7 @@ class SteeringIndex:
     @torch.no_grad()
     def feature_mcc(self, name: str) -> torch.Tensor:
         """[F]: each feature's Matthews correlation of "active" with "`name` present" (ordinary tokens)."""
-        key = ("mcc", name)
+        key = ("mcc", name, self._words_key(name))
         if key not in self._cache:
             m = torch.as_tensor(self.mask(name))
             tp = torch.zeros(self.dictionary.n_features, dtype=torch.float64)
@@ -571,7 +577,7 @@ def compare_steering(model, index: SteeringIndex, calib_tokens: torch.Tensor, re
         for j in range(len(all_vecs)):
             texts[j][p] = dec[j * samples:(j + 1) * samples]
     # 4. the shares, with intervals over prompts, and the paired differences
-    rows, hits = [], {}
+    rows, hits, reached = [], {}, {}
     for name, n in chosen:
         words = concepts[name]
         for j, r in enumerate([None] + settings_rows):
@@ -585,16 +591,19 @@ def compare_steering(model, index: SteeringIndex, calib_tokens: torch.Tensor, re
             row.update(share=float(h.mean()), share_low=lo, share_high=hi, n=int(h.size),
                        nll=float(nll[j].mean()), example=texts[j][0][0])
             hits[(name, row["method"], row["target_kl"])] = h
+            reached[(name, row["method"], row["target_kl"])] = bool(row["reached"])
             rows.append(row)
     diffs = []
     g = np.random.default_rng(seed)
+    # equal cost only where both directions reached the target KL (else one ran at the grid's largest scale)
     for (name, method, t), h in hits.items():
         base = hits.get((name, "difference of means", t))
         if method.startswith("SAE") and base is not None:
             d = (h - base).mean(1)
             b = d[g.integers(0, len(d), (n_boot, len(d)))].mean(1)
             diffs.append({"concept": name, "method": method, "target_kl": t, "difference": float(d.mean()),
-                          "low": float(np.quantile(b, 0.025)), "high": float(np.quantile(b, 0.975))})
+                          "low": float(np.quantile(b, 0.025)), "high": float(np.quantile(b, 0.975)),
+                          "equal_cost": reached[(name, method, t)] and reached[(name, "difference of means", t)]})
     return {"rows": rows, "differences": diffs, "skipped": skipped, "settings": settings,
             "calibration": {"keys": keys, "grid": list(grid), "kl": calib, "features": [units[k]["feature"] for k in keys]},
             "ce_clean": ce_clean, "kl_mean_ablation": kl_mean,
@@ -608,12 +617,15 @@ MIN_PROMPTS = 5  # fewer prompts than this: no verdict (a bootstrap over 2-4 pro
 def verdicts(result: dict) -> list[str]:
     """One line per concept, SAE method and KL target: the SAE method's share minus the difference of
     means' share, with its paired interval over prompts, and who is ahead (only where the interval
-    excludes zero, and only with at least MIN_PROMPTS prompts)."""
+    excludes zero, only with at least MIN_PROMPTS prompts, and only where both directions reached the
+    target KL: otherwise they are not at equal cost)."""
     out = []
     n_prompts = len(result["settings"]["prompts"])
     for d in result["differences"]:
         if n_prompts < MIN_PROMPTS:
             who = f"too few prompts ({n_prompts}) to call"
+        elif not d.get("equal_cost", True):
+            who = "no verdict: not at equal cost (a direction did not reach the target KL at the grid's largest scale)"
         elif d["low"] > 0:
             who = f"{d['method']} ahead"
         elif d["high"] < 0:

@@ -85,6 +85,21 @@ def test_generation_scale_zero_is_the_model_and_seeds_reproduce(model):
     assert len(set(a)) > 1                                                       # other seeds, other samples
 
 
+def test_rows_keep_their_order_and_seeds_whatever_the_batch(model):
+    """Row i of a sampled batch is what a one-row call with seeds[i] gives, and batching by max_rows keeps
+    the rows' order (greedy decoding, so that the last bits of the logits, which can differ between batch
+    shapes, do not decide a sample)."""
+    g = torch.Generator().manual_seed(3)
+    vecs = torch.stack([steering_vector(torch.randn(model.cfg.d_model, generator=g), s, 100.0) for s in (0, 1, 2)])
+    batched = steering.generate_ids(model, "I think", HOOK, vecs, n_new=5)
+    assert torch.equal(steering.generate_ids(model, "I think", HOOK, vecs, n_new=5, max_rows=1), batched)
+    assert torch.equal(steering.generate_ids(model, "I think", HOOK, vecs[2:], n_new=5)[0], batched[2])
+    zeros = torch.zeros(3, model.cfg.d_model)
+    sampled = steering.generate_ids(model, "I think", HOOK, zeros, n_new=5, sample=True, seeds=[5, 6, 7], max_rows=2)
+    alone = steering.generate_ids(model, "I think", HOOK, zeros[:1], n_new=5, sample=True, seeds=[7])
+    assert torch.equal(sampled[2], alone[0])
+
+
 def test_the_hook_steers_the_model_after_bos(model):
     toks = model.to_tokens("The cat sat on the mat")
     u = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
@@ -142,6 +157,18 @@ def test_build_index_and_compare_smoke(model, small_index):
     for r in res["rows"]:
         assert 0 <= r["share_low"] <= r["share"] <= r["share_high"] <= 1 and r["n"] == 1
     assert "toy" in steering.table(res) and steering.verdicts(res)
+    # a difference not at equal cost (a direction missed its target KL) gets no verdict, whatever its interval
+    res["settings"]["prompts"] = ["p"] * steering.MIN_PROMPTS
+    res["differences"] = [dict(d, low=0.2, high=0.4, equal_cost=False) for d in res["differences"]]
+    assert res["differences"] and all("not at equal cost" in v for v in steering.verdicts(res))
+    res["differences"] = [dict(d, equal_cost=True) for d in res["differences"]]
+    assert all("ahead" in v for v in steering.verdicts(res))
+    # a word group redefined under the same name is not served from the cache
+    before = index.diff_of_means("toy").clone()
+    other = next(t.strip() for t in index.vocab[400:] if t.strip().isalpha() and t.strip() != word)
+    index.word_concepts["toy"] = (other,)
+    assert 0 < index.n_present("toy") < index.n
+    assert not torch.allclose(index.diff_of_means("toy"), before)
 
 
 def test_comparison_settings_by_profile():
