@@ -496,14 +496,22 @@ def _boot_share(hits: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]
 @torch.no_grad()
 def continuation_nll(model, prompt, ids: torch.Tensor, max_rows: int = 16) -> torch.Tensor:
     """[rows]: the unsteered model's mean next-token loss on each continuation (ids [rows, n_new]) after
-    `prompt`: how fluent the text is to the model itself (the unsteered model's own samples score
-    about their entropy)."""
+    `prompt`, over its tokens up to and including the first end-of-sequence token (the text `decode`
+    shows, and its end): how fluent the text is to the model itself (the unsteered model's own samples
+    score about their entropy)."""
     p = _tokens(model, prompt)
+    eos = model.tokenizer.eos_token_id
     out = []
     for a in range(0, len(ids), max_rows):
-        toks = torch.cat([p.repeat(len(ids[a:a + max_rows]), 1), ids[a:a + max_rows]], 1).to(_device(model))
+        chunk = ids[a:a + max_rows]
+        toks = torch.cat([p.repeat(len(chunk), 1), chunk], 1).to(_device(model))
         logp = model(toks).float().log_softmax(-1)[:, len(p) - 1:-1]
-        out.append(-logp.gather(-1, toks[:, len(p):, None])[..., 0].mean(1).cpu())
+        nll = -logp.gather(-1, toks[:, len(p):, None])[..., 0].cpu()
+        keep = torch.ones_like(nll, dtype=torch.bool)
+        if eos is not None:
+            is_eos = (chunk == eos).int()
+            keep = (is_eos.cumsum(1) - is_eos) == 0  # before the first EOS, and the EOS itself
+        out.append((nll * keep).sum(1) / keep.sum(1))
     return torch.cat(out)
 
 

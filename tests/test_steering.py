@@ -100,6 +100,15 @@ def test_rows_keep_their_order_and_seeds_whatever_the_batch(model):
     assert torch.equal(sampled[2], alone[0])
 
 
+def test_continuation_loss_stops_at_the_end_of_sequence(model):
+    """The fluency column scores the text `decode` shows and its end-of-sequence token, not what follows."""
+    eos = model.tokenizer.eos_token_id
+    a, b, c = model.tokenizer.encode(" the dog barked")[:3]
+    nll = steering.continuation_nll(model, "I think", torch.tensor([[a, eos, b, c], [a, eos, c, b], [a, b, c, eos]]))
+    assert torch.allclose(nll[0], nll[1]) and not torch.allclose(nll[0], nll[2])
+    assert steering.decode(model.tokenizer, [a, eos, b, c]) == model.tokenizer.decode([a])
+
+
 def test_the_hook_steers_the_model_after_bos(model):
     toks = model.to_tokens("The cat sat on the mat")
     u = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
