@@ -214,7 +214,9 @@ def matched_counts(counts: torch.Tensor, n_features: int, seed: int = 0, min_act
 
 # ------------------------------------------------------------------ scoring
 
-def _mcc(tp, pos, tot, n):
+def mcc_from_counts(tp, pos, tot, n):
+    """Matthews correlation from counts (numpy, broadcasting): tp tokens active with the concept, pos active,
+    tot with the concept, n in all; 0 where undefined (nothing active, or the concept everywhere or nowhere)."""
     fp, fn = pos - tp, tot - tp
     tn = n - tp - fp - fn
     den = (pos * (n - pos) * tot * (n - tot))
@@ -373,12 +375,12 @@ class HeldoutScorer:
         res = {"mcc": [], "corr": [], "best": []}
         for a, b in ((0, 1), (1, 0)):
             eligible = self.tot[a] >= self.min_count
-            m_a = np.where(eligible[None, :], _mcc(t[a]["tp"], t[a]["pos"][:, None], self.tot[a][None, :], self.n_half[a]), -np.inf)
+            m_a = np.where(eligible[None, :], mcc_from_counts(t[a]["tp"], t[a]["pos"][:, None], self.tot[a][None, :], self.n_half[a]), -np.inf)
             c_a = np.where(eligible[None, :], _corr(t[a]["mass"], t[a]["vsum"][:, None], t[a]["vsq"][:, None],
                                                     self.tot[a][None, :], self.n_half[a]), -np.inf)
             bm, bc = m_a.argmax(1), c_a.argmax(1)
             r = np.arange(len(idx))
-            m_b = _mcc(t[b]["tp"][r, bm], t[b]["pos"], self.tot[b][bm], self.n_half[b])
+            m_b = mcc_from_counts(t[b]["tp"][r, bm], t[b]["pos"], self.tot[b][bm], self.n_half[b])
             c_b = _corr(t[b]["mass"][r, bc], t[b]["vsum"], t[b]["vsq"], self.tot[b][bc], self.n_half[b])
             res["mcc"].append(m_b), res["corr"].append(c_b)
             res["best"].append(np.argsort(-m_a, 1, kind="stable")[:, : self.candidates])
@@ -391,7 +393,7 @@ class HeldoutScorer:
         S = sp.csr_matrix((np.ones(len(toks)), (rows, toks)), shape=(len(idx), self.n))
         tot = self.tot[0] + self.tot[1]
         n = self.n_half[0] + self.n_half[1]
-        return _mcc(np.asarray((S @ self.L).todense()), np.asarray(S.sum(1)), tot[None, :], n).max(1)
+        return mcc_from_counts(np.asarray((S @ self.L).todense()), np.asarray(S.sum(1)), tot[None, :], n).max(1)
 
     def _boot(self, vals, idx, best, best_corr, scored, chunk: int = 250) -> dict:
         """Per resample, the median over `scored` features of the held-out MCC and correlation, the
@@ -436,7 +438,7 @@ class HeldoutScorer:
                               ).reshape(F, M, -1)
                         tot = tot_h[h][c]                                       # [F, M, b]
                         if key == "mcc":
-                            res[h] = _mcc(tp, pos[:, None, :], tot, n_h[h][None, None, :])
+                            res[h] = mcc_from_counts(tp, pos[:, None, :], tot, n_h[h][None, None, :])
                         else:
                             v = vals * on
                             vsum = per_ctx(v, F) @ W

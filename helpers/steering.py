@@ -48,6 +48,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .harvest import model_device as _device
+from .heldout import mcc_from_counts
+
 # Neutral prompts for the comparison: none mentions a concept we steer towards.
 PROMPTS = ("I think that", "The next morning", "When I was young,", "He looked at the", "The report says that",
            "In the evening we", "It was a", "My favourite thing is", "They decided to", "After the meeting,",
@@ -99,10 +102,6 @@ def held_out_text(eval_store, bos_token_id: int, skip: int, n_calib: int, n_repo
     n_report = min(n_report, left - n_calib)
     return (contexts_from_store(eval_store, n_calib, bos_token_id, start=skip),
             contexts_from_store(eval_store, n_report, bos_token_id, start=skip + n_calib))
-
-
-def _device(model):
-    return next(model.parameters()).device
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:
@@ -253,14 +252,6 @@ def next_token_change(model, prompt, hook: str, vector: torch.Tensor, k: int = 5
     return {"rose": rows(diff.topk(k).indices), "fell": rows((-diff).topk(k).indices), "watch": rows(list(watch))}
 
 
-def _mcc(tp, active, present, n):
-    tp, active, present = (t.double() for t in (tp, active, present))
-    fp, fn = active - tp, present - tp
-    tn = n - tp - fp - fn
-    den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).clamp_min(1e-12).sqrt()
-    return ((tp * tn - fp * fn) / den).float()
-
-
 @dataclass
 class SteeringIndex:
     """What finding a steering direction needs, computed once from the harvested store (`build_index`):
@@ -368,7 +359,8 @@ class SteeringIndex:
             rows = self.x[m]
             for a in range(0, len(rows), 4096):
                 tp += (self.dictionary.encode(rows[a:a + 4096]) > 0).sum(0).double().cpu()
-            self._cache[key] = _mcc(tp, self.active, m.sum(), self.n)
+            self._cache[key] = torch.as_tensor(mcc_from_counts(tp.numpy(), self.active.double().numpy(),
+                                                               float(m.sum()), self.n)).float()
         return self._cache[key]
 
     def fires_on(self, name: str, k: int = 5, min_active: int = 5) -> list[tuple[int, float]]:

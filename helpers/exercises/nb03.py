@@ -162,9 +162,9 @@ def _counts(active, labels):
 
 
 def _mcc_reference(active: torch.Tensor, labels: torch.Tensor):
-    from ..heldout import _mcc
+    from ..heldout import mcc_from_counts
 
-    return torch.as_tensor(_mcc(*_counts(active, labels)))
+    return torch.as_tensor(mcc_from_counts(*_counts(active, labels)))
 
 
 def _mcc_accuracy(active, labels):

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from ..harvest import model_device as _device
 from .core import Exercise, register
 
 MODEL_ATOL = 1e-3  # logits of two forward passes that compute the same thing in another order
-
-
-def _device(model):
-    return next(model.parameters()).device
 
 
 # ------------------------------------------------------------------ 05.1 the share of the gap closed
