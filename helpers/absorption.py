@@ -45,6 +45,8 @@ from datetime import datetime
 import numpy as np
 import torch
 
+from .dictionary import device_of, encode_batched
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 EPS = 1e-8
 FULL_COS = 0.025          # full absorption: cosine of the top-projecting latent with the probe
@@ -151,11 +153,6 @@ def fit_probes(data: LetterData, min_count: int = 20, C: float = 1.0, progress: 
     return LetterProbes(letters, torch.tensor(np.array(W)), torch.tensor(B), np.array(F), np.array(N))
 
 
-def _encode(d, x, batch=4096):
-    with torch.no_grad():
-        return torch.cat([d.encode(x[i:i + batch]).float().cpu() for i in range(0, len(x), batch)])
-
-
 def _rows_and_bias(d):
     try:
         rows = d.decoder_rows.detach().float().cpu()
@@ -163,7 +160,7 @@ def _rows_and_bias(d):
         rows = d.directions.detach().float().cpu()
     try:
         with torch.no_grad():
-            bias = d.decode(torch.zeros(1, d.n_features)).float().cpu()[0]
+            bias = d.decode(torch.zeros(1, d.n_features, device=device_of(d))).float().cpu()[0]
     except NotImplementedError:
         bias = torch.zeros(rows.shape[1])
     return rows, bias
@@ -200,7 +197,7 @@ def evaluate(dictionary, data: LetterData, probes: LetterProbes, max_k: int = 10
     positive; summaries use included rows only."""
     from tqdm.auto import tqdm
 
-    ctr_t, cte_t = _encode(dictionary, data.x_train), _encode(dictionary, data.x_test)
+    ctr_t, cte_t = encode_batched(dictionary, data.x_train), encode_batched(dictionary, data.x_test)
     ctr, cte = ctr_t.numpy(), cte_t.numpy()
     rows_dec, bias = _rows_and_bias(dictionary)
     if rows_dec.shape[0] != cte.shape[1]:

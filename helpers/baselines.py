@@ -174,12 +174,12 @@ def layer_dictionaries(profile, layer: int, store, sweep, progress: bool = True,
         raise ValueError(f"layer {layer} was not harvested: the profile's layers are {profile.layers}")
     hook = profile.hook_at(layer)
     saes = saes if saes is not None else layer_saes(profile, store, sweep, progress=progress)
-    dicts = {name: SAEDictionary(sae, name=name).to(resolve_device(profile.device))
-             for (lay, name), sae in saes.items() if lay == layer}
+    dicts = {name: SAEDictionary(sae, name=name) for (lay, name), sae in saes.items() if lay == layer}
     dicts.update(baselines(store, hook, dicts["SAE"].n_features, seed=profile.seed, model_name=profile.model,
                            ica_tokens=profile.ica_tokens, ica_max_iter=profile.ica_max_iter,
                            pca_tokens=profile.pca_tokens, cache_dir=profile.cache_dir / "baselines", massive=massive_rule(profile, store, layer)))
-    return dicts
+    device = resolve_device(profile.device)
+    return {name: d.to(device) for name, d in dicts.items()}
 
 
 RANDOM_TOPK = "random (TopK)"  # random directions at the TopK SAE's sparsity
@@ -225,8 +225,7 @@ def compare_layers(profile, store, model, sweep, progress: bool = True, score_st
     model trained on the Pile, the Brown store of `profile.scoring`, whose tokens carry POS tags)."""
     from tqdm.auto import tqdm
 
-    from . import massive
-    from .heldout import HeldoutScorer, difference, matched_counts
+    from .paths import stored
     from .sweep import layer_saes
 
     score_store = store if score_store is None else score_store
@@ -235,47 +234,19 @@ def compare_layers(profile, store, model, sweep, progress: bool = True, score_st
     rows = []
     bar = tqdm(total=len(profile.layers) * (n_saes + 4 + (n_saes > 1)), desc="compare layers", unit="dictionary",
                disable=not progress)
-    labels = None
-    device = resolve_device(profile.device)
+    shared = {}  # the scored tokens' concept labels, the same at every layer: built once
     for layer in profile.layers:
         hook = profile.hook_at(layer)
         dicts = layer_dictionaries(profile, layer, store, sweep, progress=progress, saes=saes)
-        flags = massive.flags(score_store, hook, massive_rule(profile, store, layer))
-        ordinary = HeldoutScorer(score_store, model.tokenizer, n_tokens=profile.score_tokens, scored=~flags,
-                                 labels=labels, n_boot=n_boot, seed=profile.seed)
-        labels = ordinary.labels  # the same tokens at every layer: label them once
-        every = HeldoutScorer(score_store, model.tokenizer, n_tokens=profile.score_tokens, labels=labels, n_boot=0,
-                              seed=profile.seed)
-        sae_counts = None
-        layer_rows = []
-        for name, d in dicts.items():
-            bar.set_postfix_str(f"layer {layer} {name}")
-            counts = None
-            if "SAE" not in name:
-                counts = matched_counts(sae_counts, d.n_features, seed=profile.seed)
-            sc = ordinary.score(d, name=name, hook=hook, counts=counts, device=device, progress=False)
-            if name == "SAE":
-                sae_counts = torch.as_tensor(sc.counts)
-            al = every.score(d, name=name, hook=hook, counts=counts, device=device, progress=False)
-            layer_rows.append({"layer": layer, "method": name, "features": d.n_features,
-                               "massive_share": float(flags[: ordinary.n].mean()),
-                               "converged": getattr(d, "converged", None), "dictionary": d, "scored": sc,
-                               "sparsity": "own" if counts is None else "L1 SAE's", **sc.summary(),
-                               "all": al.summary()})
-            bar.update(1)
-        rnd = next(r for r in layer_rows if r["method"] == "random")
-        topk = next((r for r in layer_rows if r["method"] == "TopK SAE"), None)
-        if topk is not None:  # random directions at the TopK SAE's sparsity, its own fair reference
-            counts = matched_counts(torch.as_tensor(topk["scored"].counts), rnd["features"], seed=profile.seed)
-            d = rnd["dictionary"]
-            sc = ordinary.score(d, name=RANDOM_TOPK, hook=hook, counts=counts, device=device, progress=False)
-            al = every.score(d, name=RANDOM_TOPK, hook=hook, counts=counts, device=device, progress=False)
-            layer_rows.append({**rnd, "method": RANDOM_TOPK, "scored": sc, "sparsity": "TopK SAE's", **sc.summary(),
-                               "all": al.summary()})
-            bar.update(1)
-        for r in layer_rows:
-            ref = RANDOM_TOPK if r["method"] in ("TopK SAE", RANDOM_TOPK) and topk is not None else "random"
-            r["vs_random"] = difference(r["scored"], next(x["scored"] for x in layer_rows if x["method"] == ref))
+        # each layer's rows are kept in the cache as soon as they are scored: a rerun resumes at the next layer
+        key = [repr(profile), sweep["dir"], layer, n_boot, str(score_store.path), score_store.n_tokens, list(dicts)]
+        path = profile.cache_dir / "compare_layers" / f"layer{layer:02d}-{str(sweep['dir']).rstrip('/').split('-')[-1]}.pt"
+        n_done = bar.n
+        layer_rows = stored(path, key, lambda: _score_layer(profile, store, score_store, model, layer, hook, dicts,
+                                                            shared, n_boot, bar))
+        bar.update(n_done + len(layer_rows) - bar.n)
+        layer_rows = [{**r, "dictionary": dicts["random" if r["method"] == RANDOM_TOPK else r["method"]]}
+                      for r in layer_rows]
         rows += layer_rows
         if progress:
             bar.write(f"layer {layer}: " + ", ".join(
@@ -283,3 +254,48 @@ def compare_layers(profile, store, model, sweep, progress: bool = True, score_st
                 + "  (held-out MCC, ordinary tokens)")
     bar.close()
     return rows
+
+
+def _score_layer(profile, store, score_store, model, layer, hook, dicts, shared, n_boot, bar):
+    """compare_layers' rows at one layer, without their dictionaries; `shared` keeps the scored tokens'
+    concept labels for the next layer."""
+    from . import massive
+    from .heldout import HeldoutScorer, difference, matched_counts
+
+    flags = massive.flags(score_store, hook, massive_rule(profile, store, layer))
+    ordinary = HeldoutScorer(score_store, model.tokenizer, n_tokens=profile.score_tokens, scored=~flags,
+                             labels=shared.get("labels"), n_boot=n_boot, seed=profile.seed)
+    shared["labels"] = ordinary.labels
+    every = HeldoutScorer(score_store, model.tokenizer, n_tokens=profile.score_tokens, labels=ordinary.labels,
+                          n_boot=0, seed=profile.seed)
+    sae_counts = None
+    layer_rows = []
+    for name, d in dicts.items():
+        bar.set_postfix_str(f"layer {layer} {name}")
+        counts = None
+        if "SAE" not in name:
+            counts = matched_counts(sae_counts, d.n_features, seed=profile.seed)
+        sc = ordinary.score(d, name=name, hook=hook, counts=counts, progress=False)
+        if name == "SAE":
+            sae_counts = torch.as_tensor(sc.counts)
+        al = every.score(d, name=name, hook=hook, counts=counts, progress=False)
+        layer_rows.append({"layer": layer, "method": name, "features": d.n_features,
+                           "massive_share": float(flags[: ordinary.n].mean()),
+                           "converged": getattr(d, "converged", None), "dictionary": d, "scored": sc,
+                           "sparsity": "own" if counts is None else "L1 SAE's", **sc.summary(),
+                           "all": al.summary()})
+        bar.update(1)
+    rnd = next(r for r in layer_rows if r["method"] == "random")
+    topk = next((r for r in layer_rows if r["method"] == "TopK SAE"), None)
+    if topk is not None:  # random directions at the TopK SAE's sparsity, its own fair reference
+        counts = matched_counts(torch.as_tensor(topk["scored"].counts), rnd["features"], seed=profile.seed)
+        d = rnd["dictionary"]
+        sc = ordinary.score(d, name=RANDOM_TOPK, hook=hook, counts=counts, progress=False)
+        al = every.score(d, name=RANDOM_TOPK, hook=hook, counts=counts, progress=False)
+        layer_rows.append({**rnd, "method": RANDOM_TOPK, "scored": sc, "sparsity": "TopK SAE's", **sc.summary(),
+                           "all": al.summary()})
+        bar.update(1)
+    for r in layer_rows:
+        ref = RANDOM_TOPK if r["method"] in ("TopK SAE", RANDOM_TOPK) and topk is not None else "random"
+        r["vs_random"] = difference(r["scored"], next(x["scored"] for x in layer_rows if x["method"] == ref))
+    return [{k: v for k, v in r.items() if k != "dictionary"} for r in layer_rows]

@@ -10,6 +10,10 @@ becomes two features, its positive half ReLU(s) and its negative half ReLU(-s) (
 so "activation" means the same thing for every method: how strongly the token points along the
 feature's direction, zero when it does not.
 
+Devices: a dictionary computes where its tensors live (`device`); `to(device)` moves it. Helpers that
+take a dictionary compute on its device (`device_of`), move what they create there, and return CPU
+tensors or numpy arrays.
+
 Massive activations (helpers.massive) get one treatment for every method: an SAE removes the massive
 offset from flagged tokens before encoding (its own rule, saved with it), and a LinearDictionary
 given a `massive` rule does the same, so no method's codes are dominated by the massive tokens.
@@ -17,6 +21,28 @@ given a `massive` rule does the same, so no method's codes are dominated by the 
 from __future__ import annotations
 
 import torch
+
+
+def device_of(obj) -> torch.device:
+    """The device an SAE, a dictionary or a model computes on: its `device` attribute where it has one
+    (a Dictionary, a SAELens SAE), else its first parameter's or buffer's, else the CPU."""
+    dev = getattr(obj, "device", None)
+    if isinstance(dev, (torch.device, str)):
+        return torch.device(dev)
+    for get in ("parameters", "buffers"):
+        t = next(iter(getattr(obj, get, lambda: ())()), None)
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def encode_batched(dictionary, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """`dictionary.encode(x)` [N, n_features] as float32 on the CPU: encoded in batches on the
+    dictionary's device (any object with `encode`: a Dictionary, an SAE)."""
+    dev = device_of(dictionary)
+    return torch.cat([dictionary.encode(x[i:i + batch_size].to(dev)).float().cpu()
+                      for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, dictionary.n_features)
 
 
 class Dictionary:
@@ -31,6 +57,14 @@ class Dictionary:
     @property
     def n_features(self) -> int:
         return self.directions.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.directions.device
+
+    def to(self, device):
+        """Move the dictionary to `device` (in place) and return it."""
+        raise NotImplementedError(f"{self.name} cannot move between devices")
 
     @property
     def d_in(self) -> int:
@@ -86,13 +120,17 @@ class SAEDictionary(Dictionary):
     def directions(self) -> torch.Tensor:
         return self.sae.directions()[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.sae.b_dec.device
+
     def encode(self, x):  # differentiable: callers that need no gradient run under no_grad
         self.check(x)
         return self.sae.encode(x.to(self.sae.b_dec.device).float())[0]
 
     @torch.no_grad()
     def decode(self, codes):
-        return self.sae.decode(codes.unsqueeze(0).float())[0]
+        return self.sae.decode(codes.unsqueeze(0).to(self.device).float())[0]
 
     @property
     def decoder_rows(self):
@@ -124,6 +162,11 @@ class LinearDictionary(Dictionary):
     @property
     def directions(self) -> torch.Tensor:
         return self._directions
+
+    def to(self, device):
+        for name in ("encoder", "decoder", "mean", "_directions"):   # a massive rule follows its input
+            setattr(self, name, getattr(self, name).to(device))
+        return self
 
     @property
     def n_signed(self) -> int:

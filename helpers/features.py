@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .corpus import COARSE_TAGS, NO_TAG, coarse_tag
+from .dictionary import device_of
 
 TOKEN_CLASSES = ["capitalised", "digit", "punctuation", "word start", "apostrophe"]
 
@@ -147,12 +148,11 @@ class FeatureStats:
 @torch.no_grad()
 def feature_stats(dictionary, store, hook: str | None = None,
                   k: int = 20, sample: int = 128, batch_size: int = 4096, max_tokens: int | None = None,
-                  device=None, seed: int = 0, progress: bool = True) -> FeatureStats:
-    """Statistics of every feature of `dictionary` over the store (one pass, in store order)."""
+                  seed: int = 0, progress: bool = True) -> FeatureStats:
+    """Statistics of every feature of `dictionary` over the store (one pass, in store order), computed
+    on the dictionary's device and returned on the CPU."""
     hook = dictionary.check_store(store, hook)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if hasattr(dictionary, "to"):
-        dictionary.to(device)
+    device = device_of(dictionary)
     F = dictionary.n_features
     n = store.n_tokens if max_tokens is None else min(max_tokens, store.n_tokens)
     count = torch.zeros(F, dtype=torch.int64, device=device)
@@ -201,13 +201,13 @@ def feature_stats(dictionary, store, hook: str | None = None,
 
 @torch.no_grad()
 def top_tokens(dictionary, store, hook: str, n_tokens: int, scored: np.ndarray, k_max: int,
-               batch_size: int = 4096, device=None, progress: bool = True):
+               batch_size: int = 4096, progress: bool = True):
     """Exact per-feature top-`k_max` scored tokens by code (the first `n_tokens` of the store): values [F, k_max] (descending, 0 where
     fewer tokens are positive), token indices [F, k_max] (-1: none) and the number of scored tokens
     with a positive code [F]. Unscored tokens (`scored` False) never count."""
     from tqdm.auto import tqdm
 
-    device = torch.device(device or "cpu")
+    device = device_of(dictionary)
     F = dictionary.n_features
     top_v = torch.zeros(F, k_max, device=device)
     top_i = torch.full((F, k_max), -1, dtype=torch.int64, device=device)
@@ -234,21 +234,21 @@ def top_tokens(dictionary, store, hook: str, n_tokens: int, scored: np.ndarray, 
     return top_v.cpu(), top_i.cpu(), n_pos.cpu()
 
 
-def activity_thresholds(dictionary, store, hook: str, n_tokens: int, max_density: float = 0.005, scored=None,
-                        device=None) -> torch.Tensor:
+def activity_thresholds(dictionary, store, hook: str, n_tokens: int, max_density: float = 0.005,
+                        scored=None) -> torch.Tensor:
     """Per feature, the code above which it counts as active: 0 for features positive on at most
     `max_density` of the (scored) tokens, else its exact k-th largest code, k = ceil(max_density x
     tokens), so that exactly its top k tokens count (ties aside). One rule for every method, so that a
     dense direction is judged on its strongest activations, as a sparse feature is on all of its own."""
     scored = np.ones(n_tokens, bool) if scored is None else np.asarray(scored[:n_tokens], bool)
     k = max(1, int(np.ceil(max_density * scored.sum())))
-    vals, _, n_pos = top_tokens(dictionary, store, hook, n_tokens, scored, k, device=device, progress=False)
+    vals, _, n_pos = top_tokens(dictionary, store, hook, n_tokens, scored, k, progress=False)
     return torch.where(n_pos > k, vals[:, -1], torch.zeros(len(vals)))
 
 
 @torch.no_grad()
 def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, max_density: float = 0.005,
-                   batch_size: int = 4096, device=None, progress: bool = True, massive=None) -> dict:
+                   batch_size: int = 4096, progress: bool = True, massive=None) -> dict:
     """Each feature's best concept by two scores, over the tokens of `stats`:
 
     * ``mcc``: the Matthews correlation of "feature active" with "concept present" (activity by
@@ -268,8 +268,8 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
     helpers.heldout, which holds the choice out and matches sparsity.
     """
     hook = dictionary.check_store(store, stats.hook)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tau = activity_thresholds(dictionary, store, hook, stats.n_tokens, max_density, device=device).to(device)
+    device = device_of(dictionary)
+    tau = activity_thresholds(dictionary, store, hook, stats.n_tokens, max_density).to(device)
     meta_all = store.tokens()[: stats.n_tokens]
     F, C, T = stats.n_features, len(concepts), concepts.n_token_concepts
     split = massive is not None and bool(np.asarray(massive)[: stats.n_tokens].any())
@@ -423,8 +423,7 @@ def context_codes(dictionary, store, meta: np.ndarray, hook: str, index: int, fe
     start = index // per_ctx * per_ctx
     rows = np.arange(max(start, index - before), min(start + per_ctx, index + after + 1))
     x = store.rows(hook, rows)
-    dev = getattr(getattr(dictionary, "sae", None), "b_dec", torch.zeros(0)).device
-    codes = dictionary.encode(x.to(dev))[:, feature]
+    codes = dictionary.encode(x.to(device_of(dictionary)))[:, feature]
     return meta["token"][rows], codes.float().cpu().tolist()
 
 
@@ -467,7 +466,7 @@ def describe_features(dictionary, store, features, tokenizer, hook: str | None =
     for x, idx in store.iter_batches(hook, 4096, shuffle=False, return_index=True):
         if done >= max_tokens:
             break
-        c = dictionary.encode(x).float().cpu()[:, feats].T              # [f, B]
+        c = dictionary.encode(x.to(device_of(dictionary))).float().cpu()[:, feats].T   # [f, B]
         a = torch.cat([top_a, c], 1)
         i = torch.cat([top_i, idx.expand(len(feats), -1)], 1)
         top_a, pos = a.topk(k, dim=1)

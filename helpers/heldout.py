@@ -326,12 +326,12 @@ class HeldoutScorer:
         self.L_dense = np.asarray(L.todense(), dtype=np.uint8) if L.shape[0] * L.shape[1] <= 2e9 else None
 
     # -- active sets -------------------------------------------------------------
-    def active(self, dictionary, hook: str | None = None, counts=None, device=None, progress: bool = True):
+    def active(self, dictionary, hook: str | None = None, counts=None, progress: bool = True):
         """(values [F, k_max], token indices [F, k_max] with -1 padding, counts [F]): each feature's
         exact top-k scored tokens, k = min(positive tokens, k_max) or the given `counts`."""
         hook = dictionary.check_store(self.store, hook)
         v, i, n_pos = top_tokens(dictionary, self.store, hook, self.n, self.scored_tokens, self.k_max,
-                                 device=device, progress=progress)
+                                 progress=progress)
         k = torch.minimum(n_pos, torch.tensor(self.k_max)) if counts is None else \
             torch.minimum(torch.as_tensor(counts, dtype=torch.int64), n_pos.clamp_max(self.k_max))
         keep = torch.arange(self.k_max)[None, :] < k[:, None]
@@ -462,9 +462,9 @@ class HeldoutScorer:
         return out
 
     def score(self, dictionary, name: str | None = None, hook: str | None = None, counts=None,
-              device=None, progress: bool = True) -> Scored:
+              progress: bool = True) -> Scored:
         """Held-out scores of every feature of `dictionary`, with its null and the resampled medians."""
-        vals, idx, k = self.active(dictionary, hook, counts, device=device, progress=progress)
+        vals, idx, k = self.active(dictionary, hook, counts, progress=progress)
         null_idx = self.null_of(idx)
         null_vals = np.where(null_idx >= 0, vals, 0.0)
         ho, nho = self._held_out(vals, idx), self._held_out(null_vals, null_idx)
@@ -494,17 +494,18 @@ def difference(a: Scored, b: Scored, key: str = "mcc") -> dict:
 
 
 def interpretability_curve(profile, store, sweep: dict, scorer: HeldoutScorer, index: int | None = None,
-                           points: int = 3, progress: bool = True) -> list[dict]:
+                           points: int = 3, run_dir=None, progress: bool = True) -> list[dict]:
     """Does the gap open with training? The held-out score of one sweep SAE (default: the chosen
     one) at `points` budgets halving down from the profile's (1/4, 1/2 and all of it, by default),
     beside random directions made active on as many tokens as that snapshot's features. The SAE is
     trained again alone, with the sweep's settings (a sweep trains exactly what training each SAE
     alone would), and scored on `scorer` at each snapshot. One row per budget: tokens, the SAE's and
-    the random directions' `Scored.summary()`, and their paired `difference`."""
+    the random directions' `Scored.summary()`, and their paired `difference`. With `run_dir`, training
+    keeps a checkpoint there (with the rows scored so far) and an interrupted curve resumes from it."""
     import dataclasses
 
     from . import massive
-    from .dictionary import SAEDictionary, random_directions
+    from .dictionary import SAEDictionary, device_of, random_directions
     from .sae import SAEConfig
     from .sweep import SAE_KEYS, train_config
     from .train import train_sweep
@@ -520,15 +521,13 @@ def interpretability_curve(profile, store, sweep: dict, scorer: HeldoutScorer, i
     mean = (x if rule is None else rule.shift(x)).mean(0)
     rand = random_directions(store.d_model, cfg.d_sae, mean, seed=profile.seed, hook_name=hook,
                              model_name=profile.model, massive=rule)
-    rows = []
 
     def on_eval(step, n_tokens, saes):
         sae = scorer.score(SAEDictionary(saes[0], name="SAE"), hook=hook, progress=False)
-        rnd = scorer.score(rand, name="random", hook=hook, progress=False,
+        rnd = scorer.score(rand.to(device_of(saes[0])), name="random", hook=hook, progress=False,
                            counts=matched_counts(torch.as_tensor(sae.counts), rand.n_features, seed=profile.seed))
-        rows.append({"tokens": n_tokens, "sae": sae.summary(), "random": rnd.summary(),
-                     "difference": difference(sae, rnd)})
-        return {}
+        return {"tokens": n_tokens, "sae": sae.summary(), "random": rnd.summary(), "difference": difference(sae, rnd)}
 
-    train_sweep(store, hook, [cfg], tc, progress=progress, on_eval=on_eval, rules={hook: rule} if rule else None)
-    return rows
+    result = train_sweep(store, hook, [cfg], tc, run_dir=run_dir, progress=progress, on_eval=on_eval,
+                         rules={hook: rule} if rule else None)
+    return [h["eval"] for h in result.history if "eval" in h]

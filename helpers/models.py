@@ -162,6 +162,8 @@ def load_model(name: str = EMBEDDED_MODEL, device: str | None = "auto",
             tokenizer = AutoTokenizer.from_pretrained(path)
             bridge = TransformerBridge.boot_transformers(
                 EMBEDDED_MODEL, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
+            if next(bridge.parameters()).device.type != device.type:
+                bridge.to(device)  # given hf_model=, the bridge records `device` but leaves the weights where they are
         else:
             # boot_transformers forwards `revision` to the config, model and tokenizer loads.
             bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, revision=revision)

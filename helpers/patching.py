@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .dictionary import encode_batched
 from .harvest import model_device
 from .hooks import layer_of, name as hook_name
 from .prompts import logit_diff
@@ -97,7 +98,7 @@ def _patched_last_logits(model, tokens, hook: str, acts: list[torch.Tensor], max
 
 def _encode(dictionary, x):
     n, p, d = x.shape
-    return dictionary.encode(x.reshape(-1, d)).reshape(n, p, -1).float().cpu()
+    return encode_batched(dictionary, x.reshape(-1, d)).reshape(n, p, -1)
 
 
 def _grad(model, tokens, hook: str, x: torch.Tensor, metric) -> torch.Tensor:

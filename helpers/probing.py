@@ -44,6 +44,8 @@ from datetime import datetime
 import numpy as np
 import torch
 
+from .dictionary import encode_batched
+
 KS = (1, 2, 5, 20)
 # name -> helpers.corpus.COARSE_TAGS entry
 POS_CLASSES = {"noun": "NOUN", "verb": "VERB", "adjective": "ADJ", "adverb": "ADV", "preposition": "ADP",
@@ -188,11 +190,6 @@ def top_k_mean_diff(codes: np.ndarray, y: np.ndarray, k: int, signed: bool = Fal
     return np.argsort(-score, kind="stable")[:k]
 
 
-def _encode(d, x: torch.Tensor, batch: int = 4096) -> np.ndarray:
-    with torch.no_grad():
-        return torch.cat([d.encode(x[i:i + batch]).float().cpu() for i in range(0, len(x), batch)]).numpy()
-
-
 def _row(task, method, probe, k, pred, latents=None, n_boot=200, seed=0) -> dict:
     pred = np.asarray(pred, bool)
     return {"task": task.name, "kind": task.kind, "method": method, "probe": probe, "k": k,
@@ -249,7 +246,7 @@ def probe_tasks(dictionaries: dict, x: torch.Tensor, tasks: list[ProbeTask], ks=
             bar.update(1)
         for name, d in dictionaries.items():
             bar.set_postfix_str(f"{task.name} {name}")
-            ctr, cte = _encode(d, x[task.train]), _encode(d, x[task.test])
+            ctr, cte = encode_batched(d, x[task.train]).numpy(), encode_batched(d, x[task.test]).numpy()
             rows += _top_k_rows(ctr, cte, task, name, ks, n_boot, seed)
             bar.update(1)
     bar.close()

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .dictionary import encode_batched
 from .harvest import model_device as _device
 from .heldout import mcc_from_counts
 
@@ -355,10 +356,7 @@ class SteeringIndex:
         key = ("mcc", name, self._words_key(name))
         if key not in self._cache:
             m = torch.as_tensor(self.mask(name))
-            tp = torch.zeros(self.dictionary.n_features, dtype=torch.float64)
-            rows = self.x[m]
-            for a in range(0, len(rows), 4096):
-                tp += (self.dictionary.encode(rows[a:a + 4096]) > 0).sum(0).double().cpu()
+            tp = (encode_batched(self.dictionary, self.x[m]) > 0).sum(0).double()
             self._cache[key] = torch.as_tensor(mcc_from_counts(tp.numpy(), self.active.double().numpy(),
                                                                float(m.sum()), self.n)).float()
         return self._cache[key]
@@ -444,7 +442,7 @@ def build_index(model, store, dictionary, hook: str | None = None, rule=None, ma
     top_v = torch.full((F, k), -1.0)
     top_i = torch.full((F, k), -1, dtype=torch.int64)
     for a in tqdm(range(0, len(x), batch_size), desc=f"steering index ({F} features)", disable=not progress):
-        c = dictionary.encode(x[a:a + batch_size]).float().cpu()
+        c = encode_batched(dictionary, x[a:a + batch_size], batch_size)
         active += (c > 0).sum(0)
         v, i = torch.cat([top_v, c.T], 1), torch.cat([top_i, torch.arange(a, a + len(c)).expand(F, -1)], 1)
         top_v, pos = v.topk(k, dim=1)

@@ -27,7 +27,7 @@ def view(array_store):
     g = torch.Generator().manual_seed(0)
     store = array_store(torch.randn(600, 6, generator=g), hook=HOOK, shard_tokens=128)
     d = neuron_basis(6, hook_name=HOOK, model_name="toy")  # ReLU'd ± neurons: about half the codes are 0
-    st = feature_stats(d, store, k=8, sample=32, device="cpu", progress=False)
+    st = feature_stats(d, store, k=8, sample=32, progress=False)
     return FeatureView(d, store, st, scores={}, effects={}, tokenizer=Tokenizer())
 
 

@@ -23,7 +23,7 @@ def toy(array_store):
 def test_stats_match_brute_force(toy):
     store, x = toy
     d = neuron_basis(6, hook_name=HOOK, model_name="toy")
-    st = feature_stats(d, store, k=5, sample=16, batch_size=100, device="cpu", progress=False)
+    st = feature_stats(d, store, k=5, sample=16, batch_size=100, progress=False)
     codes = d.encode(x)
     assert torch.allclose(st.density, (codes > 0).float().mean(0))
     assert torch.allclose(st.max_act, codes.max(0).values)
@@ -63,8 +63,8 @@ def test_concept_score_finds_the_planted_concept(array_store, model):
     store = ActivationStore.open(store.path)
     d = LinearDictionary(torch.eye(4), torch.eye(4), name="planted", hook_name=HOOK, model_name="toy")
     concepts = Concepts.from_store(store, model.tokenizer)
-    st = feature_stats(d, store, device="cpu", progress=False)
-    sc = concept_scores(d, store, st, concepts, max_density=1.0, device="cpu", progress=False)
+    st = feature_stats(d, store, progress=False)
+    sc = concept_scores(d, store, st, concepts, max_density=1.0, progress=False)
     assert sc["concept"][0] == f"token {model.tokenizer.decode([11])!r}"
     assert sc["mcc"][0] == pytest.approx(1.0, abs=1e-5) and sc["precision"][0] == pytest.approx(1.0)
     assert abs(float(sc["mcc"][1])) < 1e-6, "a feature that fires everywhere carries no information"
@@ -84,9 +84,9 @@ def test_concept_score_finds_the_planted_concept(array_store, model):
 def test_dense_directions_are_judged_on_their_top_tokens(toy, model):
     store, x = toy
     d = random_directions(6, 8, seed=1, hook_name=HOOK, model_name="toy")
-    st = feature_stats(d, store, device="cpu", progress=False)
+    st = feature_stats(d, store, progress=False)
     sc = concept_scores(d, store, st, Concepts.from_store(store, model.tokenizer), max_density=0.05,
-                        device="cpu", progress=False)
+                        progress=False)
     assert (sc["active_counts"] <= 0.05 * 600 + 10).all() and (sc["threshold"] > 0).all()
 
 
@@ -113,8 +113,8 @@ def test_linear_dictionary_round_trip_and_sae_wrapper():
 def test_dashboard_and_browser_pieces(toy, model):
     store, x = toy
     d = neuron_basis(6, hook_name=HOOK, model_name="toy")
-    st = feature_stats(d, store, k=5, device="cpu", progress=False)
-    sc = concept_scores(d, store, st, Concepts.from_store(store, model.tokenizer), device="cpu", progress=False)
+    st = feature_stats(d, store, k=5, progress=False)
+    sc = concept_scores(d, store, st, Concepts.from_store(store, model.tokenizer), progress=False)
     fake_model = type("M", (), {})()
     fake_model.W_U = torch.randn(6, 50)
     fake_model.ln_final = torch.nn.LayerNorm(6)
