@@ -54,6 +54,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import uuid
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -523,10 +526,17 @@ class SAEStack(nn.Module):
 # ---- SAELens files ---------------------------------------------------------------------------
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CFG = "cfg.json"
+SAELENS_FILES = (SAELENS_CFG, SAELENS_WEIGHTS)  # everything save_saelens writes in an SAE's folder
 
 
 def save_saelens(sae: SAEStack, path, extra: dict | None = None) -> Path:
-    """Save a one-SAE stack as SAELens files (the input scale folded into the weights)."""
+    """Save a one-SAE stack as SAELens files in the folder `path` (the input scale folded into the weights).
+
+    `path` must be new, empty, or an SAE's folder (only SAELENS_FILES): anything else in it (notes,
+    another SAE's files) is refused with FileExistsError, never deleted. The files are written to a
+    sibling folder of a name unique to this call and then moved to `path`, replacing an SAE already
+    there: an interrupted save never leaves part of an SAE at `path`.
+    """
     from safetensors.torch import save_file
 
     if sae.n != 1:
@@ -561,16 +571,44 @@ def save_saelens(sae: SAEStack, path, extra: dict | None = None) -> Path:
                      **(extra or {})},
     }
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / SAELENS_WEIGHTS))
-    (tmp / SAELENS_CFG).write_text(json.dumps(saelens_cfg, indent=1))
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)
+    _check_sae_folder(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "new")
+    try:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / SAELENS_WEIGHTS))
+        (tmp / SAELENS_CFG).write_text(json.dumps(saelens_cfg, indent=1))
+        _check_sae_folder(path)  # nothing else was put there while the files were written
+        if path.exists():
+            old = _sibling(path, "old")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _check_sae_folder(path: Path) -> None:
+    """Refuse a `path` that is a file, or a folder holding anything but an SAE's own files."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder: save_saelens writes an SAE's folder "
+                              "there; choose another path")
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in SAELENS_FILES)
+        if others:
+            raise FileExistsError(
+                f"{path} holds files that are not an SAE's ({', '.join(others)}); save_saelens replaces the "
+                f"folder it saves to, so it only writes to a new or empty folder or over an SAE (only "
+                f"{', '.join(SAELENS_FILES)}): choose another folder, or move those files out")
+
+
+def _sibling(path: Path, what: str) -> Path:
+    """A name next to `path` that no other save uses (this process's id and a random part)."""
+    return path.with_name(f".{path.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
 def load_saelens(path, recipe: str | None = None) -> SAEStack:

@@ -332,3 +332,55 @@ def test_saelens_itself_loads_our_files(tmp_path, cfg):
     with torch.no_grad():
         assert torch.allclose(theirs.encode(x), sae.encode(x)[0], atol=1e-5)
         assert torch.allclose(theirs.decode(theirs.encode(x)), sae(x)[0], atol=1e-4)
+
+
+# ---- saving over a folder --------------------------------------------------------------------
+
+def test_save_refuses_a_folder_with_other_files_and_keeps_them(tmp_path):
+    sae = randomised([SAEConfig(D, M)])
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "other_sae").mkdir()
+    with pytest.raises(FileExistsError, match=r"mine holds files that are not an SAE's \(notes.txt, other_sae\)"):
+        save_saelens(sae, folder)
+    assert (folder / "notes.txt").read_text() == "my notes" and (folder / "other_sae").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left behind
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="a_file is a file"):
+        save_saelens(sae, tmp_path / "a_file")
+
+
+def test_save_replaces_an_sae_and_writes_only_its_own_files(tmp_path):
+    first, second = randomised([SAEConfig(D, M)], seed=1), randomised([SAEConfig(D, M)], seed=2)
+    (tmp_path / "empty").mkdir()
+    save_saelens(first, tmp_path / "empty")  # an empty folder is fine
+    save_saelens(first, tmp_path / "sae")
+    # a temporary folder left by another save (of the old fixed name) is neither used nor touched
+    (tmp_path / "sae.tmp").mkdir()
+    (tmp_path / "sae.tmp" / "junk").write_text("x")
+    save_saelens(second, tmp_path / "sae")
+    x = torch.randn(20, D)
+    assert torch.allclose(load_saelens(tmp_path / "sae")(x), second(x), atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "sae", "sae.tmp"]
+    assert (tmp_path / "sae.tmp" / "junk").exists()
+
+
+def test_an_interrupted_save_keeps_the_old_sae_whole(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    old, new = randomised([SAEConfig(D, M)], seed=1), randomised([SAEConfig(D, M)], seed=2)
+    save_saelens(old, tmp_path / "sae")
+
+    def half_written(tensors, filename, *a, **kw):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        save_saelens(new, tmp_path / "sae")
+    x = torch.randn(20, D)
+    assert torch.allclose(load_saelens(tmp_path / "sae")(x), old(x), atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # the partial files are gone
