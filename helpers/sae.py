@@ -622,7 +622,6 @@ class SAELensFileError(ValueError):
 # `hook_head_index`: the SAE reads one attention head's slice of the hook; `reshape_activations`:
 # the SAE reads [heads, d_head] activations flattened.
 _NO_NORMALIZATION = (None, "none", False)
-_SAELENS_TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec")
 _SCALING_TENSORS = ("finetuning_scaling_factor", "scaling_factor")
 
 

@@ -218,7 +218,8 @@ def test_a_key_is_refused_over_plain_http_to_another_machine(url, monkeypatch):
     with pytest.raises(ValueError, match="plain http"):
         OpenAIBackend(url)
     assert OpenAIBackend(url, api_key="").api_key is None  # no key: a plain http server is fine
-    for ok in ("https://example.com/v1", "http://localhost:8000/v1", "http://127.0.0.1:8000/v1", "http://[::1]:8000/v1"):
+    for ok in ("https://example.com/v1", "http://localhost:8000/v1", "http://127.0.0.1:8000/v1",
+               "http://[::1]:8000/v1"):
         assert OpenAIBackend(ok, api_key="sk-test").api_key == "sk-test"
 
 
