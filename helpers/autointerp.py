@@ -26,7 +26,8 @@ Two backends:
 * `OpenAIBackend`: any OpenAI-compatible ``/v1/chat/completions`` endpoint (OpenAI, vLLM, llama.cpp
   server, Ollama, ...). Paper-grade scores need a strong model here. Transient failures (unreachable
   server, timeouts, HTTP 429/5xx, malformed replies) are retried with exponential backoff; a rejected
-  key fails at once.
+  key fails at once. An API key goes only to the endpoint it was given for: over https, or plain http
+  to this machine (localhost, 127.0.0.1, ::1), and never along a redirect to another host.
 
 `score_features` scores many features, appending each result to a JSON-lines file as soon as it is
 scored, so an interrupted or failed run keeps its work and resumes where it stopped.
@@ -34,6 +35,7 @@ scored, so an interrupted or failed run keeps its work and resumes where it stop
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import math
 import os
@@ -41,6 +43,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,11 +334,49 @@ class _FirstLineDone:
 
 # ------------------------------------------------------------------------------------ HTTP backend
 
+def _is_this_machine(host: str | None) -> bool:
+    """Whether a URL's host is this machine: localhost or a loopback address (127.0.0.1, ::1)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _origin(url: str) -> tuple:
+    """(scheme, host, port) of a URL: a key given for one origin is sent to that origin only."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects (it copies every header, Authorization included, to the new address),
+    except that a request carrying a key is not redirected to another scheme, host or port."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url) and req.has_header("Authorization"):
+            fp.close()
+            raise AutointerpError(
+                f"{req.full_url} redirected (HTTP {code}) to {newurl}, another address: the API key is only "
+                "sent to the endpoint it was given for, so the request was not followed. If you trust the "
+                "new address, set AUTOINTERP_URL (base_url) to it, with its key")
+        return new
+
+
 class OpenAIBackend:
     """Explain and simulate with a chat model behind an OpenAI-compatible ``/chat/completions`` endpoint.
 
     `base_url` includes the API version, e.g. ``https://api.openai.com/v1`` or ``http://localhost:8000/v1``.
-    `api_key` defaults to $OPENAI_API_KEY; without either, no Authorization header is sent (local servers).
+    `api_key` is sent as a bearer token; by default it is $AUTOINTERP_KEY when `base_url` is
+    $AUTOINTERP_URL, and otherwise no key is sent (local servers need none). No other variable is
+    read: a key set for another service ($OPENAI_API_KEY) never goes to this endpoint. A key is
+    refused over plain http unless the server is on this machine (localhost, 127.0.0.1, ::1), and is
+    never sent along a redirect to another scheme, host or port.
     A call is tried ``1 + retries`` times, sleeping ``backoff * 2**attempt`` seconds between tries.
     """
 
@@ -349,7 +390,17 @@ class OpenAIBackend:
                              f"retries={retries}, backoff={backoff}")
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        if api_key is None and os.environ.get("AUTOINTERP_URL", "").rstrip("/") == self.base_url:
+            api_key = os.environ.get("AUTOINTERP_KEY")
+        self.api_key = api_key or None
+        host = urllib.parse.urlsplit(self.base_url).hostname
+        if self.api_key and self.base_url.startswith("http://") and not _is_this_machine(host):
+            raise ValueError(
+                f"refusing to send an API key over plain http to {self.base_url}: anyone on the way to {host} "
+                "could read it. Use the endpoint's https:// address, or a server on this machine "
+                "(http://localhost, 127.0.0.1 or [::1]); if this server needs no key, pass api_key='' "
+                "(or leave AUTOINTERP_KEY unset)")
+        self._opener = urllib.request.build_opener(_SameOriginRedirects)
         self.model = model
         self.timeout = float(timeout)
         self.retries = int(retries)
@@ -364,14 +415,14 @@ class OpenAIBackend:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as err:
             detail = err.read()[:300].decode("utf-8", "replace")
             if err.code in (401, 403):
                 raise AutointerpError(
                     f"{self.url} rejected the API key (HTTP {err.code}: {detail}); check api_key "
-                    f"(or $OPENAI_API_KEY) and that it may use model {self.model!r}") from None
+                    f"(or $AUTOINTERP_KEY) and that it may use model {self.model!r}") from None
             if err.code == 429 or err.code >= 500:
                 raise _Retryable(f"HTTP {err.code} ({detail})") from None
             raise AutointerpError(

@@ -54,6 +54,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import uuid
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -523,10 +526,17 @@ class SAEStack(nn.Module):
 # ---- SAELens files ---------------------------------------------------------------------------
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CFG = "cfg.json"
+SAELENS_FILES = (SAELENS_CFG, SAELENS_WEIGHTS)  # everything save_saelens writes in an SAE's folder
 
 
 def save_saelens(sae: SAEStack, path, extra: dict | None = None) -> Path:
-    """Save a one-SAE stack as SAELens files (the input scale folded into the weights)."""
+    """Save a one-SAE stack as SAELens files in the folder `path` (the input scale folded into the weights).
+
+    `path` must be new, empty, or an SAE's folder (only SAELENS_FILES): anything else in it (notes,
+    another SAE's files) is refused with FileExistsError, never deleted. The files are written to a
+    sibling folder of a name unique to this call and then moved to `path`, replacing an SAE already
+    there: an interrupted save never leaves part of an SAE at `path`.
+    """
     from safetensors.torch import save_file
 
     if sae.n != 1:
@@ -561,16 +571,158 @@ def save_saelens(sae: SAEStack, path, extra: dict | None = None) -> Path:
                      **(extra or {})},
     }
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / SAELENS_WEIGHTS))
-    (tmp / SAELENS_CFG).write_text(json.dumps(saelens_cfg, indent=1))
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)
+    _check_sae_folder(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "new")
+    try:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / SAELENS_WEIGHTS))
+        (tmp / SAELENS_CFG).write_text(json.dumps(saelens_cfg, indent=1))
+        _check_sae_folder(path)  # nothing else was put there while the files were written
+        if path.exists():
+            old = _sibling(path, "old")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _check_sae_folder(path: Path) -> None:
+    """Refuse a `path` that is a file, or a folder holding anything but an SAE's own files."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder: save_saelens writes an SAE's folder "
+                              "there; choose another path")
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in SAELENS_FILES)
+        if others:
+            raise FileExistsError(
+                f"{path} holds files that are not an SAE's ({', '.join(others)}); save_saelens replaces the "
+                f"folder it saves to, so it only writes to a new or empty folder or over an SAE (only "
+                f"{', '.join(SAELENS_FILES)}): choose another folder, or move those files out")
+
+
+def _sibling(path: Path, what: str) -> Path:
+    """A name next to `path` that no other save uses (this process's id and a random part)."""
+    return path.with_name(f".{path.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+class SAELensFileError(ValueError):
+    """SAELens files that cannot be loaded as they are: a missing or malformed field or tensor, a
+    tensor of the wrong shape, non-finite weights, or a setting the workbook does not apply. The
+    message names the file."""
+
+
+# Config fields that change what a SAELens SAE computes and that the workbook does not apply.
+# `normalize_activations`: the inputs are rescaled per token or by a factor kept outside the files;
+# `hook_head_index`: the SAE reads one attention head's slice of the hook; `reshape_activations`:
+# the SAE reads [heads, d_head] activations flattened.
+_NO_NORMALIZATION = (None, "none", False)
+_SCALING_TENSORS = ("finetuning_scaling_factor", "scaling_factor")
+
+
+def _saelens_field(cfg: dict, name: str, *old_names: str, default=None):
+    """A config field, top-level or (SAELens 6 files) in the `metadata` block, or under an older name."""
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    for key in (name, *old_names):
+        if key in cfg:
+            return cfg[key]
+        if key in meta:
+            return meta[key]
+    return default
+
+
+def _read_saelens_cfg(cfg_path: Path) -> dict:
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SAELensFileError(f"{cfg_path} is not a JSON config ({err})") from None
+    if not isinstance(cfg, dict):
+        raise SAELensFileError(f"{cfg_path} holds {type(cfg).__name__}, not a JSON object of config fields")
+    for key in ("d_in", "d_sae"):
+        if key not in cfg:
+            raise SAELensFileError(f"{cfg_path} has no {key!r} field: a SAELens config states d_in (the "
+                                   "activation size) and d_sae (the number of latents)")
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise SAELensFileError(f"{cfg_path}: {key} must be a positive integer, not {value!r}")
+    norm = cfg.get("normalize_activations")
+    if norm not in _NO_NORMALIZATION:
+        what = "expected_average_only_in" if norm is True else norm
+        raise SAELensFileError(
+            f"{cfg_path}: normalize_activations={what!r} is not supported: this SAE expects its inputs "
+            "rescaled before encoding, which the workbook does not do. Fold the scaling into the weights "
+            "first (SAELens: sae.fold_activation_norm_scaling_factor(factor) for a constant factor, then "
+            "save with normalize_activations='none'), or use an SAE trained without it")
+    head = _saelens_field(cfg, "hook_head_index", "hook_point_head_index")
+    if head is not None:
+        raise SAELensFileError(f"{cfg_path}: hook_head_index={head!r} is not supported: this SAE reads one "
+                               "attention head's slice of its hook, and the workbook feeds SAEs the whole "
+                               "activation")
+    reshape = cfg.get("reshape_activations")
+    if reshape not in (None, "none"):
+        raise SAELensFileError(f"{cfg_path}: reshape_activations={reshape!r} is not supported: the workbook "
+                               "feeds SAEs activations as its hooks give them, not reshaped")
+    fn = _saelens_field(cfg, "activation_fn", "activation_fn_str")
+    if fn not in (None, "relu", "topk"):
+        raise SAELensFileError(f"{cfg_path}: activation function {fn!r} is not supported (supported: "
+                               "'relu', 'topk')")
+    if not isinstance(cfg.get("finetuning_scaling_factor", False), bool):
+        raise SAELensFileError(f"{cfg_path}: finetuning_scaling_factor must be true or false, not "
+                               f"{cfg['finetuning_scaling_factor']!r}")
+    return cfg
+
+
+def _read_saelens_tensors(weights_path: Path, d_in: int, d_sae: int, arch: "architectures.Architecture",
+                          cfg: dict) -> dict:
+    """The file's tensors as float32, each checked for its shape and finite values; a finetuning
+    scaling factor (SAELens multiplies the codes by it before decoding) folded into W_dec."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not weights_path.exists():
+        raise SAELensFileError(f"{weights_path} is missing: an SAE's folder holds {SAELENS_CFG} and "
+                               f"{SAELENS_WEIGHTS}")
+    try:
+        tensors = {k: v.float() for k, v in load_file(str(weights_path)).items()}
+    except (SafetensorError, OSError) as err:
+        raise SAELensFileError(f"{weights_path} is not a readable safetensors file ({err})") from None
+    scaled = bool(cfg.get("finetuning_scaling_factor", False))
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    if arch.saelens_architecture == "jumprelu":
+        shapes["threshold"] = (d_sae,)
+    if scaled:
+        name = next((k for k in _SCALING_TENSORS if k in tensors), None)
+        if name is None:
+            raise SAELensFileError(f"{weights_path} has no finetuning_scaling_factor tensor, but "
+                                   f"{SAELENS_CFG} sets finetuning_scaling_factor: true")
+        shapes[name] = (d_sae,)
+    missing = [k for k in shapes if k not in tensors]
+    if missing:
+        raise SAELensFileError(f"{weights_path} has no {', '.join(missing)} tensor(s); a SAELens "
+                               f"{arch.saelens_architecture!r} SAE needs {', '.join(shapes)}")
+    unused = sorted(set(tensors) - set(shapes))
+    unit_scale = [k for k in unused if k == "scaling_factor" and torch.equal(tensors[k], torch.ones_like(tensors[k]))]
+    unused = [k for k in unused if k not in unit_scale]  # an all-ones scaling factor changes nothing
+    if unused:
+        raise SAELensFileError(f"{weights_path} holds tensors the workbook does not apply: {', '.join(unused)} "
+                               f"(a SAELens {arch.saelens_architecture!r} SAE has {', '.join(shapes)})")
+    for k, shape in shapes.items():
+        if tuple(tensors[k].shape) != shape:
+            raise SAELensFileError(f"{weights_path}: {k} has shape {list(tensors[k].shape)}, but d_in={d_in} "
+                                   f"and d_sae={d_sae} in {SAELENS_CFG} make it {list(shape)}")
+        bad = int((~torch.isfinite(tensors[k])).sum())
+        if bad:
+            raise SAELensFileError(f"{weights_path}: {k} holds {bad} non-finite value(s) (NaN or inf): "
+                                   "the SAE is broken (a diverged or corrupted training run)")
+    if scaled:
+        factor = tensors.pop(name)
+        tensors["W_dec"] = tensors["W_dec"] * factor.unsqueeze(-1)  # (c·s) W_dec = c (s·W_dec)
+    return tensors
 
 
 def load_saelens(path, recipe: str | None = None) -> SAEStack:
@@ -578,41 +730,61 @@ def load_saelens(path, recipe: str | None = None) -> SAEStack:
 
     The architecture is the one our files record (``workbook.architecture``: a BatchTopK SAE is a
     SAELens "jumprelu" file); files from elsewhere are read as the architecture of their SAELens name.
+    Every tensor's shape is checked against d_in and d_sae, weights must be finite, and a setting
+    the workbook does not apply (normalize_activations, hook_head_index, reshape_activations, another
+    activation function) is refused: SAELensFileError, naming the file. A finetuning scaling factor is
+    folded into W_dec; ``apply_b_dec_to_input: false`` into b_enc.
 
     recipe: if given, the recipe the caller expects ("anthropic2023", its old name "paper", or
     "improved"); files of another recipe are refused with an error that says which (files from
     elsewhere count as "anthropic2023")."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if not (path / SAELENS_CFG).exists():
+    cfg_path, weights_path = path / SAELENS_CFG, path / SAELENS_WEIGHTS
+    if not cfg_path.exists():
         raise FileNotFoundError(f"no SAE at {path}: expected {SAELENS_CFG} and {SAELENS_WEIGHTS} (SAELens layout)")
-    cfg = json.loads((path / SAELENS_CFG).read_text())
-    theirs = normalise_recipe((cfg.get("workbook") or {}).get("recipe", "anthropic2023"))
+    cfg = _read_saelens_cfg(cfg_path)
+    ours = cfg.get("workbook") or {}
+    if not isinstance(ours, dict):
+        raise SAELensFileError(f"{cfg_path}: the 'workbook' field must be an object, not {ours!r}")
+    theirs = normalise_recipe(ours.get("recipe", "anthropic2023"))
     recipe = None if recipe is None else normalise_recipe(recipe)
     if recipe is not None and recipe != theirs:
-        raise ValueError(f"{path} holds an SAE trained with the {theirs!r} recipe, not {recipe!r}: "
-                         f"load it with recipe={theirs!r} (or None), or choose an SAE of the {recipe!r} recipe")
-    ours = cfg.get("workbook") or {}
+        raise SAELensFileError(f"{path} holds an SAE trained with the {theirs!r} recipe, not {recipe!r}: "
+                               f"load it with recipe={theirs!r} (or None), or choose an SAE of the {recipe!r} recipe")
     theirs_arch = cfg.get("architecture", "standard")
     readable = sorted({a.saelens_architecture for a in architectures.ARCHITECTURES.values()})
     arch = ours.get("architecture") or theirs_arch
     if arch not in architectures.ARCHITECTURES or architectures.get(arch).saelens_architecture != theirs_arch:
         if ours.get("architecture"):
-            raise ValueError(f"{path / SAELENS_CFG}: SAELens architecture {theirs_arch!r} does not fit the "
-                             f"workbook's {arch!r} (saved as {architectures.get(arch).saelens_architecture!r})")
-        raise ValueError(f"{path / SAELENS_CFG}: SAELens architecture {theirs_arch!r} is not supported here "
-                         f"(supported: {readable})")
-    tensors = load_file(str(path / SAELENS_WEIGHTS))
+            raise SAELensFileError(f"{cfg_path}: SAELens architecture {theirs_arch!r} does not fit the "
+                                   f"workbook's {arch!r} (saved as {architectures.get(arch).saelens_architecture!r})")
+        raise SAELensFileError(f"{cfg_path}: SAELens architecture {theirs_arch!r} is not supported here "
+                               f"(supported: {readable})")
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    for key in ("d_in", "d_sae"):
+        if key in ours and ours[key] != cfg[key]:
+            raise SAELensFileError(f"{cfg_path}: {key}={cfg[key]} but the workbook block says {ours[key]}")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 0
     known = {f.name for f in fields(SAEConfig)}
+    try:
+        conf = SAEConfig(**{**{"d_in": d_in, "d_sae": d_sae, "architecture": arch, "k": int(k),
+                               "hook_name": _saelens_field(cfg, "hook_name", "hook_point", default="") or "",
+                               "model_name": _saelens_field(cfg, "model_name", default="") or ""},
+                            **{k2: v for k2, v in ours.items() if k2 in known}, "tied": False, "recipe": theirs})
+    except (TypeError, ValueError) as err:
+        raise SAELensFileError(f"{cfg_path}: {err}") from None
+    tensors = _read_saelens_tensors(weights_path, d_in, d_sae, conf.arch, cfg)
     massive = ours.get("massive_rule")
-    conf = SAEConfig(**{**{"d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "architecture": arch, "k": int(k),
-                           "hook_name": cfg.get("hook_name", ""), "model_name": cfg.get("model_name", "")},
-                        **{k2: v for k2, v in ours.items() if k2 in known}, "tied": False, "recipe": theirs})
-    if tensors["W_enc"].shape != (conf.d_in, conf.d_sae) or tensors["W_dec"].shape != (conf.d_sae, conf.d_in):
-        raise ValueError(f"{path}: weight shapes {tuple(tensors['W_enc'].shape)}/{tuple(tensors['W_dec'].shape)} "
-                         f"do not match d_in={conf.d_in}, d_sae={conf.d_sae} in cfg.json")
+    if massive is not None:
+        try:
+            offset = torch.tensor(massive["offset"], dtype=torch.float32)
+            threshold = float(massive["threshold"])
+        except (KeyError, TypeError, ValueError):
+            raise SAELensFileError(f"{cfg_path}: workbook.massive_rule needs a threshold and an offset of "
+                                   f"{d_in} numbers, not {massive!r}") from None
+        if offset.shape != (d_in,) or not torch.isfinite(offset).all() or math.isnan(threshold):
+            raise SAELensFileError(f"{cfg_path}: workbook.massive_rule's offset must be {d_in} finite numbers "
+                                   f"(d_in) and its threshold a number")
     sae = SAEStack([conf])
     b_dec = tensors["b_dec"]
     if not cfg.get("apply_b_dec_to_input", True):
@@ -621,12 +793,18 @@ def load_saelens(path, recipe: str | None = None) -> SAEStack:
     if theirs == "improved":  # our improved encoder does not subtract b_dec: take it out of b_enc
         tensors["b_enc"] = tensors["b_enc"] - b_dec @ tensors["W_enc"]
     with torch.no_grad():
-        sae.W_enc = nn.Parameter(tensors["W_enc"].T.unsqueeze(0).float().contiguous())
+        sae.W_enc = nn.Parameter(tensors["W_enc"].T.unsqueeze(0).contiguous())
         sae.W_dec.copy_(tensors["W_dec"].unsqueeze(0))
         sae.b_enc.copy_(tensors["b_enc"].unsqueeze(0))
         sae.b_dec.copy_(b_dec.unsqueeze(0))
-        if massive:
-            sae.massive_threshold.fill_(massive["threshold"])
-            sae.massive_offset.copy_(torch.tensor(massive["offset"]).unsqueeze(0))
+        if massive is not None:
+            sae.massive_threshold.fill_(threshold)
+            sae.massive_offset.copy_(offset.unsqueeze(0))
     sae.arch.load_state(sae, tensors)
+    if "threshold" in tensors:  # the architecture must hold the file's threshold, latent by latent
+        held = sae.arch.saelens_tensors(sae)["threshold"]
+        # a threshold <= 0 gates nothing that the ReLU keeps: the same codes as a threshold of 0
+        if not torch.allclose(held, tensors["threshold"].clamp_min(0), rtol=1e-5, atol=1e-6):
+            raise SAELensFileError(f"{weights_path}: the threshold differs between latents, but the workbook's "
+                                   f"{arch!r} SAE has one threshold for all of them")
     return sae

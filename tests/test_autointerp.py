@@ -1,10 +1,12 @@
 """Automated interpretability: prompts, scoring maths, resumable runs, a real HTTP server, the local model."""
 import contextlib
+import io
 import json
 import re
 import socket
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -109,14 +111,21 @@ def test_good_server_scores_the_apostrophe_feature_perfectly():
     assert "'s (10)" in first["body"]["messages"][-1]["content"]  # the explainer saw the marked tokens
 
 
-def test_api_key_comes_from_the_environment_or_is_left_out(monkeypatch):
+def test_api_key_comes_from_autointerp_key_for_autointerp_url_only(monkeypatch):
+    monkeypatch.delenv("AUTOINTERP_KEY", raising=False)
+    monkeypatch.delenv("AUTOINTERP_URL", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")  # a key for another service: never sent
     with serve(lambda n, body, release: good_reply(body)) as (url, requests):
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
         OpenAIBackend(url).explain("x")
-        monkeypatch.delenv("OPENAI_API_KEY")
-        OpenAIBackend(url).explain("x")
-    assert requests[0]["headers"]["Authorization"] == "Bearer sk-env"
-    assert "Authorization" not in requests[1]["headers"]
+        monkeypatch.setenv("AUTOINTERP_KEY", "sk-env")
+        monkeypatch.setenv("AUTOINTERP_URL", url + "/")
+        OpenAIBackend(url).explain("x")  # the endpoint AUTOINTERP_KEY is for
+        monkeypatch.setenv("AUTOINTERP_URL", "https://api.example.com/v1")
+        OpenAIBackend(url).explain("x")  # another endpoint
+        OpenAIBackend(url, api_key="sk-given").explain("x")
+        OpenAIBackend(url, api_key="").explain("x")
+    keys = [r["headers"].get("Authorization") for r in requests]
+    assert keys == [None, "Bearer sk-env", None, "Bearer sk-given", None]
 
 
 @pytest.mark.parametrize("bad", ["I think the activations are low.", "[1, 2]", '["a", "b", "c", "d"]', "[1, 2,"])
@@ -169,7 +178,7 @@ def test_a_rejected_key_fails_at_once(status):
         with pytest.raises(AutointerpError, match="API key") as err:
             fast(url, retries=3).explain("x")
     assert len(requests) == 1
-    assert "OPENAI_API_KEY" in str(err.value) and url in str(err.value)
+    assert "AUTOINTERP_KEY" in str(err.value) and url in str(err.value)
 
 
 def test_a_wrong_path_fails_at_once_naming_base_url():
@@ -197,6 +206,97 @@ def test_backoff_doubles_between_attempts(monkeypatch):
         with pytest.raises(AutointerpError):
             fast(url, retries=3, backoff=0.5).simulate(EXPLANATION, TEST_TOP[0])
     assert sleeps == [0.5, 1.0, 2.0] and len(requests) == 4
+
+
+@pytest.mark.parametrize("url", ["http://example.com/v1", "http://10.0.0.5:8000/v1", "http://127.0.0.1.example.com/v1"])
+def test_a_key_is_refused_over_plain_http_to_another_machine(url, monkeypatch):
+    with pytest.raises(ValueError, match=re.escape(f"refusing to send an API key over plain http to {url}") +
+                       ".*https://.*api_key=''"):
+        OpenAIBackend(url, api_key="sk-test")
+    monkeypatch.setenv("AUTOINTERP_URL", url)
+    monkeypatch.setenv("AUTOINTERP_KEY", "sk-env")
+    with pytest.raises(ValueError, match="plain http"):
+        OpenAIBackend(url)
+    assert OpenAIBackend(url, api_key="").api_key is None  # no key: a plain http server is fine
+    for ok in ("https://example.com/v1", "http://localhost:8000/v1", "http://127.0.0.1:8000/v1",
+               "http://[::1]:8000/v1"):
+        assert OpenAIBackend(ok, api_key="sk-test").api_key == "sk-test"
+
+
+@contextlib.contextmanager
+def redirecting(to):
+    """A server on 127.0.0.1 that records every request (method, path, headers) and answers it with
+    a chat completion, or, for paths in `to` (path -> URL, or a function of the server's base URL), a
+    302 redirect there. Yields (base URL, requests)."""
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 5  # a stalled client cannot hold the server
+
+        def answer(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            if n:
+                self.rfile.read(n)
+            requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers)})
+            target = to.get(self.path)
+            if target is not None:
+                self.send_response(302)
+                self.send_header("Location", target(base) if callable(target) else target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            data = json.dumps(completion(EXPLANATION)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield base, requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_a_redirect_to_another_host_never_gets_the_key():
+    with redirecting({}) as (other, elsewhere):
+        with redirecting({"/v1/chat/completions": other + "/v1/chat/completions"}) as (base, here):
+            with pytest.raises(AutointerpError, match=re.escape(f"{base}/v1/chat/completions redirected (HTTP 302) "
+                                                                f"to {other}/v1/chat/completions, another address")):
+                fast(base + "/v1", retries=3).explain("x")
+            assert len(here) == 1 and here[0]["headers"]["Authorization"] == "Bearer sk-test"
+            # without a key there is nothing to protect: the redirect is followed
+            assert OpenAIBackend(base + "/v1", api_key="").explain("x") == EXPLANATION
+    assert [r["headers"].get("Authorization") for r in elsewhere] == [None]  # only the keyless request arrived
+
+
+def test_a_redirect_on_the_same_host_keeps_the_key():
+    with redirecting({"/v1/chat/completions": lambda base: base + "/moved/chat/completions"}) as (base, requests):
+        assert fast(base + "/v1").explain("x") == EXPLANATION
+    assert [r["path"] for r in requests] == ["/v1/chat/completions", "/moved/chat/completions"]
+    assert all(r["headers"]["Authorization"] == "Bearer sk-test" for r in requests)
+
+
+def test_a_redirect_to_another_scheme_or_port_is_refused_with_a_key():
+    handler = autointerp._SameOriginRedirects()
+    for target in ("https://127.0.0.1:8000/v1/chat/completions", "http://127.0.0.1:8001/v1/chat/completions",
+                   "http://localhost:8000/v1/chat/completions"):
+        req = urllib.request.Request("http://127.0.0.1:8000/v1/chat/completions", data=b"{}", method="POST",
+                                     headers={"Authorization": "Bearer sk-test"})
+        with pytest.raises(AutointerpError, match="another address"):
+            handler.redirect_request(req, io.BytesIO(), 302, "Found", {}, target)
 
 
 def test_replies_in_code_fences_are_parsed_and_clipped():

@@ -1,6 +1,7 @@
 """SAE models against hand-written references; SAELens files."""
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -332,3 +333,156 @@ def test_saelens_itself_loads_our_files(tmp_path, cfg):
     with torch.no_grad():
         assert torch.allclose(theirs.encode(x), sae.encode(x)[0], atol=1e-5)
         assert torch.allclose(theirs.decode(theirs.encode(x)), sae(x)[0], atol=1e-4)
+
+
+# ---- saving over a folder --------------------------------------------------------------------
+
+def test_save_refuses_a_folder_with_other_files_and_keeps_them(tmp_path):
+    sae = randomised([SAEConfig(D, M)])
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "other_sae").mkdir()
+    with pytest.raises(FileExistsError, match=r"mine holds files that are not an SAE's \(notes.txt, other_sae\)"):
+        save_saelens(sae, folder)
+    assert (folder / "notes.txt").read_text() == "my notes" and (folder / "other_sae").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left behind
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="a_file is a file"):
+        save_saelens(sae, tmp_path / "a_file")
+
+
+def test_save_replaces_an_sae_and_writes_only_its_own_files(tmp_path):
+    first, second = randomised([SAEConfig(D, M)], seed=1), randomised([SAEConfig(D, M)], seed=2)
+    (tmp_path / "empty").mkdir()
+    save_saelens(first, tmp_path / "empty")  # an empty folder is fine
+    save_saelens(first, tmp_path / "sae")
+    # a temporary folder left by another save (of the old fixed name) is neither used nor touched
+    (tmp_path / "sae.tmp").mkdir()
+    (tmp_path / "sae.tmp" / "junk").write_text("x")
+    save_saelens(second, tmp_path / "sae")
+    x = torch.randn(20, D)
+    assert torch.allclose(load_saelens(tmp_path / "sae")(x), second(x), atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "sae", "sae.tmp"]
+    assert (tmp_path / "sae.tmp" / "junk").exists()
+
+
+def test_an_interrupted_save_keeps_the_old_sae_whole(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    old, new = randomised([SAEConfig(D, M)], seed=1), randomised([SAEConfig(D, M)], seed=2)
+    save_saelens(old, tmp_path / "sae")
+
+    def half_written(tensors, filename, *a, **kw):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        save_saelens(new, tmp_path / "sae")
+    x = torch.randn(20, D)
+    assert torch.allclose(load_saelens(tmp_path / "sae")(x), old(x), atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # the partial files are gone
+
+
+# ---- SAELens files from elsewhere --------------------------------------------------------------
+
+def saelens_folder(folder, cfg=None, **tensors):
+    """A SAELens folder: a standard D -> M SAE's random tensors (replaced or, with None, left out by
+    `tensors`) and a cfg.json of `cfg` (d_in and d_sae by default)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    t = {"W_enc": torch.randn(D, M, generator=g), "W_dec": torch.randn(M, D, generator=g),
+         "b_enc": torch.randn(M, generator=g), "b_dec": torch.randn(D, generator=g)}
+    t.update(tensors)
+    folder.mkdir()
+    save_file({k: v for k, v in t.items() if v is not None}, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": D, "d_sae": M, **(cfg or {})}))
+    return t
+
+
+@pytest.mark.parametrize("name, arch", [("b_enc", "standard"), ("b_dec", "standard"), ("threshold", "jumprelu")])
+def test_a_tensor_of_the_wrong_shape_is_refused(tmp_path, name, arch):
+    from helpers.sae import SAELensFileError
+
+    extra = {"threshold": torch.full((M,), 0.5)} if arch == "jumprelu" else {}
+    saelens_folder(tmp_path / "s", {"architecture": arch}, **{**extra, name: torch.ones(1)})
+    with pytest.raises(SAELensFileError, match=rf"s/sae_weights.safetensors: {name} has shape \[1\], but d_in=12 "
+                                               rf"and d_sae=30 in cfg.json make it \[(12|30)\]"):
+        load_saelens(tmp_path / "s")
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("normalize_activations", "expected_average_only_in", "normalize_activations='expected_average_only_in'"),
+    ("normalize_activations", "constant_norm_rescale", "normalize_activations='constant_norm_rescale'"),
+    ("normalize_activations", "layer_norm", "normalize_activations='layer_norm'"),
+    ("normalize_activations", True, "normalize_activations='expected_average_only_in'"),  # the older bool form
+    ("hook_head_index", 3, "hook_head_index=3"),
+    ("metadata", {"hook_name": "blocks.0.attn.hook_z", "hook_head_index": 2}, "hook_head_index=2"),  # SAELens 6
+    ("reshape_activations", "hook_z", "reshape_activations='hook_z'"),
+    ("activation_fn_str", "tanh-relu", "activation function 'tanh-relu'"),
+])
+def test_settings_the_workbook_does_not_apply_are_refused(tmp_path, field, value, says):
+    from helpers.sae import SAELensFileError
+
+    saelens_folder(tmp_path / "s", {field: value})
+    with pytest.raises(SAELensFileError, match=r"s/cfg.json: " + re.escape(says) + " is not supported"):
+        load_saelens(tmp_path / "s")
+
+
+@pytest.mark.parametrize("cfg", [{"normalize_activations": "none"}, {"normalize_activations": None},
+                                 {"normalize_activations": False, "hook_head_index": None}])
+def test_settings_that_change_nothing_load(tmp_path, cfg):
+    t = saelens_folder(tmp_path / "s", cfg)
+    x = torch.randn(10, D)
+    assert torch.allclose(load_saelens(tmp_path / "s").encode(x)[0],
+                          torch.relu((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]), atol=1e-4)
+
+
+def test_a_finetuning_scaling_factor_is_applied(tmp_path):
+    """SAELens decodes (codes · s) W_dec + b_dec; codes are unscaled."""
+    s = torch.rand(M, generator=torch.Generator().manual_seed(8)) + 0.5
+    t = saelens_folder(tmp_path / "s", {"finetuning_scaling_factor": True}, finetuning_scaling_factor=s)
+    sae = load_saelens(tmp_path / "s")
+    x = torch.randn(10, D)
+    c = torch.relu((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
+    assert torch.allclose(sae.encode(x)[0], c, atol=1e-4)
+    assert torch.allclose(sae(x)[0], (c * s) @ t["W_dec"] + t["b_dec"], atol=1e-4)
+    assert not torch.allclose(sae(x)[0], c @ t["W_dec"] + t["b_dec"], atol=1e-2)  # the factor matters here
+
+
+def test_non_finite_weights_and_missing_fields_are_named(tmp_path):
+    from helpers.sae import SAELensFileError
+
+    w = torch.randn(M, D)
+    w[3, 4] = float("nan")
+    saelens_folder(tmp_path / "nan", W_dec=w)
+    with pytest.raises(SAELensFileError, match=r"nan/sae_weights.safetensors: W_dec holds 1 non-finite value"):
+        load_saelens(tmp_path / "nan")
+    saelens_folder(tmp_path / "inf", b_enc=torch.full((M,), float("inf")))
+    with pytest.raises(SAELensFileError, match=r"inf/sae_weights.safetensors: b_enc holds 30 non-finite"):
+        load_saelens(tmp_path / "inf")
+    saelens_folder(tmp_path / "no_b_dec", b_dec=None)
+    with pytest.raises(SAELensFileError, match=r"no_b_dec/sae_weights.safetensors has no b_dec tensor"):
+        load_saelens(tmp_path / "no_b_dec")
+    saelens_folder(tmp_path / "no_d_sae")
+    cfg = json.loads((tmp_path / "no_d_sae" / "cfg.json").read_text())
+    del cfg["d_sae"]
+    (tmp_path / "no_d_sae" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAELensFileError, match=r"no_d_sae/cfg.json has no 'd_sae' field"):
+        load_saelens(tmp_path / "no_d_sae")
+    saelens_folder(tmp_path / "extra", finetuning_scaling_factor=torch.ones(M) * 2)  # the flag is not set
+    with pytest.raises(SAELensFileError, match=r"extra/sae_weights.safetensors holds tensors the workbook does not "
+                                               r"apply: finetuning_scaling_factor"):
+        load_saelens(tmp_path / "extra")
+    assert issubclass(SAELensFileError, ValueError)
+
+
+def test_saelens_6_metadata_block_is_read(tmp_path):
+    saelens_folder(tmp_path / "s", {"metadata": {"hook_name": "blocks.2.hook_resid_post", "model_name": "pythia-70m",
+                                                 "hook_head_index": None, "sae_lens_version": "6.5.0"}})
+    conf = load_saelens(tmp_path / "s").configs[0]
+    assert (conf.hook_name, conf.model_name) == ("blocks.2.hook_resid_post", "pythia-70m")
