@@ -52,8 +52,8 @@ PROTECTED = {
     "torch", "triton", "numpy", "ipywidgets", "widgetsnbextension", "jupyterlab-widgets",
     "ipykernel", "ipython", "jupyter-client", "jupyter-core", "jupyter-server", "jupyterlab", "notebook",
     "traitlets", "tornado", "pyzmq", "comm", "debugpy", "nbformat", "nbclient", "nbconvert",
-    "pip", "setuptools", "wheel",
 }
+NEVER_PINNED = {"pip", "setuptools", "wheel"}  # the installer's own tools: pip chooses
 PROTECTED_PREFIXES = ("nvidia-",)  # torch's CUDA libraries
 COLAB_PACKAGE = "google-colab"
 
@@ -198,12 +198,12 @@ def runtime_constraints(tested: dict[str, str], installed: dict[str, str], requi
     bounds = {canonical(r.name): r for r in requirements}
     pins = {}
     for name, version in tested.items():
-        if is_protected(name) or name in keep:
+        if is_protected(name) or name in keep or name in NEVER_PINNED:
             continue
         if name not in installed or (name in bounds and not _satisfies(bounds[name], installed[name])):
             pins[name] = version
     for name, version in installed.items():
-        if is_protected(name) or name in keep:
+        if (is_protected(name) or name in keep) and name not in NEVER_PINNED:
             pins[name] = version
     return [f"{name}=={version}" for name, version in sorted(pins.items())]
 
@@ -215,7 +215,7 @@ def tested_closure(requirements: list[Requirement]) -> dict[str, str]:
     found, todo = {}, [canonical(r.name) for r in requirements]
     while todo:
         name = todo.pop()
-        if name in found or is_protected(name):
+        if name in found or is_protected(name) or name in NEVER_PINNED:
             continue
         try:
             dist = metadata.distribution(name)
