@@ -3,8 +3,9 @@
 What is real: the notebooks' own cells, run in a fresh kernel each, from their Colab setup cell on
 (`"google.colab" in sys.modules` is true there: tests/colab_sim.py's stub); the workbook cloned with git
 from a repository of this working tree and imported from the clone; the cache on the "Drive" that the
-setup cell mounts; the `colab` profile, shrunk through $SAE_OVERRIDES; the paper's model loaded *by
-name* (`EleutherAI/pythia-70m-deduped` at its pinned revision) from the local hub cache with
+setup cell mounts; the `colab` profile, shrunk through $SAE_OVERRIDES, which also sets its device to
+"cpu" (the setup cell's documented way past its GPU check); the paper's model loaded *by name*
+(`EleutherAI/pythia-70m-deduped` at its pinned revision) from the local hub cache with
 HF_HUB_OFFLINE=1; the Pile read from local files in its own format ($SAE_PILE); features scored on the
 embedded Brown Corpus harvested through that model; the local explainer built on the embedded SmolLM2
 (with no feature to explain: generating explanations on 2 CPU cores takes minutes, and notebook 03 on
@@ -41,6 +42,7 @@ OVERRIDES = {
     "curve_points": 2, "curve_contexts": 1, "autointerp_features": 0, "pca_tokens": 1_008, "ica_tokens": 504,
     "ica_max_iter": 5, "ioi_prompts": 8, "pronoun_prompts": 8, "patch_layer_step": 5,
     "lab_tokens": 8_192,  # the ground-truth lab: the colab profile's 200k samples per setting took ~90 s of this test
+    "device": "cpu",  # this machine has no GPU: the setup cell refuses `colab` on a CPU unless asked so explicitly
 }
 MEASURE = """import json as _j, resource as _r, sys as _s, helpers as _h
 print("MEASURED " + _j.dumps({"rss": _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024, "helpers": _h.__file__,
