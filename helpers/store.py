@@ -8,7 +8,11 @@ Layout of a store folder::
 
 Every file is written to a temporary name, flushed and renamed, and a shard enters the manifest
 (itself replaced atomically) only once all its files are on disk: an interrupted writer leaves
-the store exactly as of its last completed shard, and `StoreWriter` resumes from there. The
+the store exactly as of its last completed shard, and `StoreWriter` resumes from there. A folder
+synced to the cloud (Google Drive on Colab) uploads files in its own order, so after a disconnect
+the manifest can list shards whose files never arrived, or arrived short: `StoreWriter` drops such
+last shards with a warning and resumes before them; a bad shard followed by complete ones is an
+error naming its file. The
 manifest records each file's size and CRC-32; sizes are checked on opening, checksums the first
 time a file is read (or all at once with `verify()`), and a mismatch names the file.
 
@@ -148,12 +152,15 @@ class ActivationStore:
     def _file(self, entry: dict, checksum: bool = True) -> Path:
         path = self.path / entry["name"]
         if not path.exists():
-            raise CorruptShard(f"shard file {path} is missing (listed in {self.path / 'manifest.json'})")
+            raise CorruptShard(f"shard file {path} is missing (listed in {self.path / 'manifest.json'}). If it "
+                               "belongs to the last shards, harvesting again with the same settings drops them "
+                               "and resumes; a shard before complete ones cannot be repaired: delete the store folder")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise CorruptShard(f"shard file {path} has {size:,} bytes, the manifest says "
-                               f"{entry['bytes']:,}: truncated or overwritten; re-harvest it "
-                               "(delete the store folder, or the shard and its manifest entry)")
+                               f"{entry['bytes']:,}: truncated or overwritten. If it belongs to the last "
+                               "shards, harvesting again with the same settings drops them and resumes; "
+                               "a shard before complete ones cannot be repaired: delete the store folder")
         if checksum and entry["name"] not in self._verified:
             with open(path, "rb") as f:
                 self._check_crc(path, entry, _crc32(f.read()))
@@ -353,11 +360,48 @@ class StoreWriter:
                     f"store {self.path} was written with different settings, so it cannot be resumed: "
                     + "; ".join(f"{k}: store has {a!r}, asked {b!r}" for k, (a, b) in diffs.items())
                     + ". Use another folder, or delete this one.")
-            ActivationStore(self.path, manifest).verify(checksums=False)
+            self.manifest = manifest
+            self._drop_incomplete_tail()
         else:
             manifest = {"format": FORMAT, **header, "complete": False, "shards": []}
         self.manifest = manifest
         self.dtype = STORE_DTYPES[self.manifest["dtype"]]
+
+    def _drop_incomplete_tail(self) -> None:
+        """Drop the last shards of the manifest whose files are missing or short (a write that never
+        reached the disk, or a synced folder whose upload stopped before them), with a warning, so
+        that the harvest resumes after the last complete shard. Any other bad file is an error
+        naming it (a shard in the middle, a file longer than recorded)."""
+        shards = self.manifest["shards"]
+        reader = ActivationStore(self.path, self.manifest)
+
+        def problem(shard):
+            for entry in shard["files"].values():
+                path = self.path / entry["name"]
+                if not path.exists():
+                    return f"{path.name} is missing"
+                if path.stat().st_size < entry["bytes"]:
+                    return f"{path.name} has {path.stat().st_size:,} of its {entry['bytes']:,} bytes"
+            return None
+
+        keep = len(shards)
+        while keep and problem(shards[keep - 1]) is not None:
+            keep -= 1
+        for shard in shards[:keep]:
+            for entry in shard["files"].values():
+                reader._file(entry, checksum=False)  # raises CorruptShard naming a bad file
+        if keep == len(shards):
+            return
+        dropped = shards[keep:]
+        warnings.warn(
+            f"store {self.path}: dropping its last {len(dropped)} shard(s) (from shard "
+            f"{dropped[0]['index']}: {problem(dropped[0])}), incompletely written or synced; "
+            f"the harvest resumes after shard {keep - 1} ({sum(s['n_tokens'] for s in shards[:keep]):,} tokens)",
+            stacklevel=3)
+        del shards[keep:]
+        self.manifest["complete"] = False
+        self.manifest["n_tokens"] = self.n_tokens
+        self._save_manifest()
 
     @property
     def next_context(self) -> int:

@@ -260,3 +260,82 @@ def test_iter_batches_peak_rss_matches_the_estimate(tmp_path):
     assert estimate >= buffer
     # the three-copy implementation measured ~3x the buffer here; allow noise, not a second copy
     assert 0.5 * buffer < peak < 1.5 * estimate, (peak, estimate)
+
+
+def _resume(path, n_shards=5, per_shard=40, seed=0):
+    """Resume a store as the harvest does (from `next_context`) with the shards `make_store` writes."""
+    gen = torch.Generator().manual_seed(seed)
+    shards = []
+    for s in range(n_shards):
+        acts = {h: torch.randn(per_shard, D, generator=gen) for h in HOOKS}
+        for h in HOOKS:
+            acts[h][:, 0] = torch.arange(s * per_shard, (s + 1) * per_shard) / 8
+        meta = np.zeros(per_shard, dtype=META_DTYPE)
+        meta["token"] = np.arange(s * per_shard, (s + 1) * per_shard)
+        meta["ctx"] = s
+        shards.append((meta, acts))
+    w = StoreWriter(path, header())
+    for s in range(w.next_context, n_shards):
+        w.write_shard(*shards[s], first_context=s, n_contexts=1)
+    return w.finish()
+
+
+def _same_store(a, b):
+    assert a.complete and b.complete and len(a.shards) == len(b.shards)
+    assert np.array_equal(a.tokens(), b.tokens())
+    for h in HOOKS:
+        assert torch.equal(a.activations(h), b.activations(h))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "empty"])
+def test_incomplete_last_shard_is_dropped_and_the_harvest_resumes(tmp_path, damage):
+    """A synced folder (Drive) can hold a manifest listing a last shard whose files never arrived,
+    or arrived short: reopening drops that shard with a warning and resumes to the same store as an
+    uninterrupted write."""
+    clean, _ = make_store(tmp_path / "clean")
+    make_store(tmp_path / "synced")
+    victim = tmp_path / "synced" / f"shard_00004.{HOOKS[1]}.bin"
+    if damage == "missing":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[:-10] if damage == "truncated" else b"")
+    with pytest.raises(CorruptShard, match="shard_00004"):
+        ActivationStore.open(tmp_path / "synced")  # a reader is told, and told that resuming repairs it
+    with pytest.warns(UserWarning, match=r"dropping its last 1 shard\(s\) \(from shard 4: shard_00004"):
+        w = StoreWriter(tmp_path / "synced", header())
+    assert w.next_context == 4 and not w.manifest["complete"]
+    on_disk = json.loads((tmp_path / "synced" / "manifest.json").read_text())
+    assert len(on_disk["shards"]) == 4 and on_disk["n_tokens"] == 160 and not on_disk["complete"]
+    _same_store(_resume(tmp_path / "synced"), clean)
+    ActivationStore.open(tmp_path / "synced", verify="full")
+
+
+def test_manifest_ahead_of_its_last_shards(tmp_path):
+    """The manifest arrived with two more shards than their files (each last shard missing one or
+    all of its files): both are dropped, and the resumed store equals an uninterrupted one."""
+    clean, _ = make_store(tmp_path / "clean")
+    make_store(tmp_path / "synced")
+    for f in (tmp_path / "synced").glob("shard_00004.*"):
+        f.unlink()
+    (tmp_path / "synced" / "shard_00003.meta.bin").unlink()
+    with pytest.warns(UserWarning, match=r"last 2 shard\(s\) \(from shard 3: shard_00003.meta.bin is missing"):
+        resumed = _resume(tmp_path / "synced")
+    _same_store(resumed, clean)
+
+
+def test_bad_shard_before_complete_ones_is_an_error_naming_it(tmp_path):
+    make_store(tmp_path)
+    victim = tmp_path / f"shard_00002.{HOOKS[0]}.bin"
+    victim.write_bytes(victim.read_bytes()[:-10])
+    manifest = (tmp_path / "manifest.json").read_text()
+    with pytest.raises(CorruptShard, match=f"shard_00002.{HOOKS[0]}.bin has 630 bytes") as err:
+        StoreWriter(tmp_path, header())
+    assert "cannot be repaired: delete the store folder" in str(err.value)  # no editing of the manifest by hand
+    (tmp_path / "shard_00004.meta.bin").unlink()  # a bad last shard too: the middle one is still named
+    with pytest.raises(CorruptShard, match="shard_00002"):
+        StoreWriter(tmp_path, header())
+    assert (tmp_path / "manifest.json").read_text() == manifest, "an error changes nothing"
+    victim.write_bytes(victim.read_bytes() + b"0123456789" * 2)  # longer than recorded: not an upload cut short
+    (tmp_path / "shard_00004.meta.bin").write_bytes(b"")
+    with pytest.raises(CorruptShard, match="shard_00002"):
+        StoreWriter(tmp_path, header())
