@@ -455,8 +455,11 @@ class StoreWriter:
 
     def finish(self, **fields) -> ActivationStore:
         """Mark the store complete (recording `fields`, e.g. why it stopped) and open it."""
+        from .paths import sync_drive
+
         self.manifest.update(fields, complete=True, n_tokens=self.n_tokens)
         self._save_manifest()
+        sync_drive()
         return ActivationStore(self.path, self.manifest)
 
     def reopen(self) -> None:
