@@ -49,6 +49,16 @@ def scratch_dir(folder) -> Path | None:
     return root / rel
 
 
+DRIVE_MOUNTS = ("/content/drive",)  # where Colab mounts Google Drive
+
+
+def cache_on_drive() -> bool:
+    """Whether the cache is on Colab's Google Drive mount (a synced drive that keeps replaced and
+    deleted files in its trash, counted in its quota)."""
+    root = str(Path(os.environ.get("SAE_CACHE") or REPO_ROOT / "cache").resolve())
+    return any(root == m or root.startswith(m + "/") for m in DRIVE_MOUNTS)
+
+
 def on_colab() -> bool:
     return "google.colab" in sys.modules
 

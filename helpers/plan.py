@@ -175,7 +175,8 @@ def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -
     """The resources `profile` needs (see the module docstring), with times for `machine`; checkpoints
     as helpers.train keeps them with a scratch folder or without (default: as $SAE_SCRATCH says)."""
     from .store import iter_batches_peak_bytes
-    from .sweep import sweep_configs
+    from .paths import cache_on_drive
+    from .sweep import sweep_configs, train_config
     from .train import TrainConfig
 
     machine = machine or Machine.detect()
@@ -202,6 +203,11 @@ def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -
         p.scratch["one being saved"] = max(runs)
     else:        # each run's checkpoint, and the temporary that replaces it while one is saved
         p.disk["checkpoints"] = sum(runs) + max(runs)
+        if cache_on_drive():  # every replaced checkpoint goes to Drive's trash, which counts for 30 days
+            tc = train_config(profile)
+            steps = tc.total_tokens // tc.batch_size
+            saves = steps // tc.checkpoint_every + (steps % tc.checkpoint_every > 0)
+            p.disk["replaced checkpoints in Drive's trash"] = sum(runs) * (saves - 1)
     p.disk["baselines"] = h * 3 * d * d * 4
     embedded = KNOWN_MODELS["smollm2-135m-instruct"][2]
     p.disk["dequantised model"] = embedded * 4 + 10e6     # the embedded model (notebook 03's local explainer), tokenizer
@@ -279,8 +285,12 @@ def check(p: Plan, machine: Machine | None = None, margin: float = 0.9) -> None:
                         f"{gb(machine.scratch_free_bytes)} are free at $SAE_SCRATCH: point SAE_SCRATCH to a bigger "
                         "disk, or unset it to keep checkpoints in the cache")
     if p.disk_bytes > margin * machine.disk_free_bytes:
+        trash = p.disk.get("replaced checkpoints in Drive's trash")
         raise PlanError(f"profile {p.profile!r} needs {gb(p.disk_bytes)} of disk, {gb(machine.disk_free_bytes)} are "
-                        f"free at the cache: lower harvest_tokens (training store {gb(p.disk['training store'])}) "
+                        f"free at the cache: " + (f"set SAE_SCRATCH to a folder on the VM's disk (replaced "
+                        f"checkpoints would leave {gb(trash)} in Drive's trash; with it, two copies are rewritten "
+                        "in place), or " if trash else "")
+                        + f"lower harvest_tokens (training store {gb(p.disk['training store'])}) "
                         "or the number of layers, or set SAE_CACHE to a bigger disk")
     if p.host_peak > margin * machine.host_bytes:
         big = max((k for k in p.host if k not in ("kernel", "model")), key=p.host.get)

@@ -123,8 +123,17 @@ def test_plan_counts_the_checkpoint_copies_in_the_cache_and_on_scratch(monkeypat
     assert drive.scratch == {"working checkpoints": sweep + layers, "one being saved": sweep}
     assert drive.disk_bytes - local.disk_bytes == copies - local.disk["checkpoints"] == layers
     assert "local scratch ($SAE_SCRATCH): 1.66 GB" in drive.table()
+    # a cache on Colab's Drive without scratch: every replaced checkpoint stays in Drive's trash
+    monkeypatch.setenv("SAE_CACHE", "/content/drive/MyDrive/sae-workbook-cache")
+    monkeypatch.delenv("SAE_SCRATCH", raising=False)
+    on_drive = plan(colab, t4)
+    assert on_drive.disk["replaced checkpoints in Drive's trash"] == 10 * (sweep + layers)  # 11 saves a run
+    free_drive = Machine("t4", "Tesla T4, cache on free Google Drive", 12.7e9, 15e9, 15.8e9)
+    with pytest.raises(PlanError, match="set SAE_SCRATCH to a folder on the VM's disk"):
+        check(on_drive, free_drive)
     monkeypatch.setenv("SAE_SCRATCH", "/somewhere")
     assert plan(colab, t4).scratch == drive.scratch  # the default follows the environment
+    check(plan(colab, t4), free_drive)
     check(drive, t4)
     cramped = Machine("t4", "Tesla T4", 12.7e9, 78e9, 15.8e9, scratch_free_bytes=1e9)
     with pytest.raises(PlanError, match="SAE_SCRATCH"):
