@@ -33,7 +33,8 @@ Dead latents are tracked per SAE. A run folder keeps its checkpoint (every `chec
 and at the end; with $SAE_SCRATCH, a working copy on local disk and two alternating copies in the run
 folder, rewritten in place: `Checkpoints`); a run started again with the same settings resumes from
 the newest checkpoint that loads (a truncated one is named in a warning and passed over) and ends
-with the same SAEs as an uninterrupted run; a run that had finished returns at once, reading nothing.
+with the same SAEs as an uninterrupted run, skipping the batches already trained on without reading
+them (`ActivationStore.iter_batches`' `start`); a run that had finished returns at once, reading nothing.
 A batch holding NaN or inf stops training with an error naming the step and the shard, and the last
 good checkpoint is kept. `on_eval(step, tokens,
 saes)` is called at the steps in `eval_at` with snapshots of every SAE (learning curves); what it
@@ -575,15 +576,14 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
 
     epochs = math.ceil(total_steps * tc.batch_size / store.n_tokens) + 1
     batches = store.iter_batches(hooks, tc.batch_size, seed=tc.seed, epochs=epochs, drop_last=True,
-                                 buffer_shards=tc.buffer_shards, device=device, return_index=True)
+                                 buffer_shards=tc.buffer_shards, device=device, return_index=True,
+                                 start=run.step)  # resume: the batches already trained on are skipped unread
     hook_index = {h: i for i, h in enumerate(hooks)}
     warm_l1 = max(1, int(tc.l1_warmup_fraction * total_steps))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=run.step, desc=f"train {len(configs)} SAEs", unit="step",
                disable=not progress)
-    for _ in range(run.step):  # resume: skip the batches already trained on (same order)
-        next(batches)
     t0 = time.perf_counter()
     try:
         while run.step < total_steps:

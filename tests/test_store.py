@@ -339,3 +339,31 @@ def test_bad_shard_before_complete_ones_is_an_error_naming_it(tmp_path):
     (tmp_path / "shard_00004.meta.bin").write_bytes(b"")
     with pytest.raises(CorruptShard, match="shard_00002"):
         StoreWriter(tmp_path, header())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_start_skips_batches_unread_and_serves_the_same_ones_after(tmp_path, monkeypatch, dtype):
+    """A resumed training run starts its batches at `start`: the same batches as after serving and
+    dropping that many, bit for bit, and the groups of shards it skips whole are not read."""
+    store = make_uneven_store(tmp_path, dtype=dtype)
+    reads = []
+    real = ActivationStore._read_into
+    monkeypatch.setattr(ActivationStore, "_read_into", lambda self, e, out: (reads.append(e["name"]), real(self, e, out))[1])
+    for kw in (dict(batch_size=32, buffer_shards=2, shuffle=True, drop_last=True, seed=3),
+               dict(batch_size=7, buffer_shards=1, shuffle=False, drop_last=False, seed=0),
+               dict(batch_size=50, buffer_shards=3, shuffle=True, drop_last=False, seed=1)):
+        full = list(store.iter_batches(HOOKS, epochs=3, return_index=True, **kw))
+        for start in sorted({0, 1, 5, len(full) // 3, len(full) // 2 + 1, len(full) - 1, len(full)}):
+            reads.clear()
+            got = list(store.iter_batches(HOOKS, epochs=3, return_index=True, start=start, **kw))
+            assert len(got) == len(full) - start, (kw, start)
+            for (b, i), (w, j) in zip(got, full[start:]):
+                assert torch.equal(i, j) and torch.equal(b, w), (kw, start)
+            if start == len(full):
+                assert reads == [], "nothing left to serve: nothing read"
+    reads.clear()
+    n = len(list(store.iter_batches(HOOKS[0], 32, buffer_shards=2)))
+    first_read = len(reads)
+    reads.clear()
+    list(store.iter_batches(HOOKS[0], 32, buffer_shards=2, start=n - 1))
+    assert len(reads) < first_read  # only the last group (and its carried rows) is read
