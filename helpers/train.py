@@ -260,6 +260,7 @@ class Checkpoints:
     def load(self, fingerprint: dict | None = None) -> tuple[Path, dict] | None:
         """(path, state) of the newest checkpoint that loads, or None. Raises TrainingError for a
         checkpoint made with settings other than `fingerprint`."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         best, bad, copy_steps = None, [], {}
         for path in self.paths():
             if not path.exists():
