@@ -367,3 +367,23 @@ def test_start_skips_batches_unread_and_serves_the_same_ones_after(tmp_path, mon
     reads.clear()
     list(store.iter_batches(HOOKS[0], 32, buffer_shards=2, start=n - 1))
     assert len(reads) < first_read  # only the last group (and its carried rows) is read
+
+
+def test_harvest_through_get_store_repairs_a_store_whose_last_shard_did_not_sync(model, tmp_path, monkeypatch):
+    """End to end with the embedded model: a profile's store whose manifest says complete but whose last
+    shard arrived short is harvested again from that shard by `get_store`, to the uninterrupted store."""
+    from helpers.harvest import get_store, store_path
+    from helpers.profiles import get_profile
+
+    monkeypatch.setenv("SAE_CACHE", str(tmp_path / "cache"))
+    p = get_profile("test", layers=(1, 3), sae_layer=3, ctx_len=17, harvest_tokens=16 * 20, batch_contexts=3, shard_contexts=4)
+    clean = get_store(p.replace(name="clean"), model=model, progress=False)
+    synced = get_store(p, model=model, progress=False)
+    assert len(synced.shards) == 5 and synced.complete
+    victim = store_path(p) / synced.shards[-1]["files"]["meta"]["name"]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.warns(UserWarning, match=r"dropping its last 1 shard"):
+        again = get_store(p, model=model, progress=False)
+    assert again.complete and np.array_equal(again.tokens(), clean.tokens())
+    for h in p.hooks:
+        assert torch.equal(again.activations(h), clean.activations(h))
