@@ -8,7 +8,11 @@ Layout of a store folder::
 
 Every file is written to a temporary name, flushed and renamed, and a shard enters the manifest
 (itself replaced atomically) only once all its files are on disk: an interrupted writer leaves
-the store exactly as of its last completed shard, and `StoreWriter` resumes from there. The
+the store exactly as of its last completed shard, and `StoreWriter` resumes from there. A folder
+synced to the cloud (Google Drive on Colab) uploads files in its own order, so after a disconnect
+the manifest can list shards whose files never arrived, or arrived short: `StoreWriter` drops such
+last shards with a warning and resumes before them; a bad shard followed by complete ones is an
+error naming its file. The
 manifest records each file's size and CRC-32; sizes are checked on opening, checksums the first
 time a file is read (or all at once with `verify()`), and a mismatch names the file.
 
@@ -148,12 +152,15 @@ class ActivationStore:
     def _file(self, entry: dict, checksum: bool = True) -> Path:
         path = self.path / entry["name"]
         if not path.exists():
-            raise CorruptShard(f"shard file {path} is missing (listed in {self.path / 'manifest.json'})")
+            raise CorruptShard(f"shard file {path} is missing (listed in {self.path / 'manifest.json'}). If it "
+                               "belongs to the last shards, harvesting again with the same settings drops them "
+                               "and resumes; a shard before complete ones cannot be repaired: delete the store folder")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise CorruptShard(f"shard file {path} has {size:,} bytes, the manifest says "
-                               f"{entry['bytes']:,}: truncated or overwritten; re-harvest it "
-                               "(delete the store folder, or the shard and its manifest entry)")
+                               f"{entry['bytes']:,}: truncated or overwritten. If it belongs to the last "
+                               "shards, harvesting again with the same settings drops them and resumes; "
+                               "a shard before complete ones cannot be repaired: delete the store folder")
         if checksum and entry["name"] not in self._verified:
             with open(path, "rb") as f:
                 self._check_crc(path, entry, _crc32(f.read()))
@@ -217,6 +224,17 @@ class ActivationStore:
             out[torch.as_tensor(sel)] = self.shard_activations(int(s), hook)[local].to(dtype)
         return out
 
+    def _raw_rows(self, hooks: list[str], index: torch.Tensor) -> torch.Tensor:
+        """The stored 2-byte words of the given global token indices at each hook [n_hooks, len, d_model]."""
+        out = torch.empty(len(hooks), len(index), self.d_model, dtype=torch.int16)
+        shard_of = np.searchsorted(self._shard_start, index.numpy(), side="right") - 1
+        for s in np.unique(shard_of):
+            sel = torch.as_tensor(np.flatnonzero(shard_of == s))
+            local = index[sel] - int(self._shard_start[s])
+            for k, h in enumerate(hooks):
+                out[k, sel] = self.shard_activations(int(s), h)[local].view(torch.int16)
+        return out
+
     def _read_into(self, entry: dict, out: np.ndarray) -> None:
         """Read one shard file straight into `out` (a C-contiguous array of the file's size),
         checking its checksum on the bytes read the first time: no second copy, no mapping."""
@@ -247,7 +265,7 @@ class ActivationStore:
     def iter_batches(self, hook, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                      epochs: int = 1, buffer_shards: int = 4, device="cpu",
                      dtype: torch.dtype = torch.float32, drop_last: bool = False,
-                     return_index: bool = False) -> Iterator:
+                     return_index: bool = False, start: int = 0) -> Iterator:
         """Batches [batch_size, d_model] of `hook`'s activations; every token once per epoch.
 
         `hook` may also be a list of hooks: each batch is then [n_hooks, batch_size, d_model], the
@@ -263,6 +281,11 @@ class ActivationStore:
         remainder is carried into the next group's buffer. `iter_batches_peak_bytes` estimates
         the peak. The batches are those of the earlier three-copy code (cat, then permute),
         bit for bit: same generator draws, same order.
+
+        `start` skips the first `start` batches (counted over all epochs) as if they had been served
+        and dropped: the batches that follow are the same, and a group of shards whose batches are
+        all skipped is not read (the rows it carries into the next group are read from their shards
+        when that group is): a resumed training run finds its place without reading the store.
         """
         many = not isinstance(hook, str)
         hooks = list(hook) if many else [hook]
@@ -274,33 +297,41 @@ class ActivationStore:
             raise StoreError(f"store {self.path} has no shards yet")
         device = torch.device(device)
         d = self.d_model
+        skip = max(0, int(start))
         for epoch in range(epochs):
             rng = np.random.default_rng([seed, epoch])
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
-            carry_x = torch.zeros(len(hooks), 0, d, dtype=self.dtype)
+            carry_x = torch.zeros(len(hooks), 0, d, dtype=self.dtype)  # None: not read (skipped), only carry_i
             carry_i = torch.zeros(0, dtype=torch.int64)
             for g in range(0, len(order), buffer_shards):
                 group = [int(s) for s in order[g:g + buffer_shards]]
                 n = len(carry_i) + sum(self.shards[s]["n_tokens"] for s in group)
+                last = g + buffer_shards >= len(order)
+                n_full = n if (last and not drop_last) else n // batch_size * batch_size
+                n_batches = -(-n_full // batch_size)
+                idx = torch.cat([carry_i] + [torch.arange(int(self._shard_start[s]), int(self._shard_start[s + 1]))
+                                             for s in group])
+                if skip and skip >= n_batches:  # every batch of this group is skipped: draw its order, read nothing
+                    skip -= n_batches
+                    perm = torch.randperm(n, generator=gen) if shuffle else None
+                    carry_i = (idx[n_full:] if perm is None else idx[perm[n_full:]]).clone()
+                    carry_x = None
+                    continue
                 raw = torch.empty(len(hooks), n, d, dtype=torch.int16)  # 2-byte words, as on disk
-                idx = torch.empty(n, dtype=torch.int64)
                 c = len(carry_i)
-                raw[:, :c] = carry_x.view(torch.int16)
-                idx[:c] = carry_i
+                raw[:, :c] = self._raw_rows(hooks, carry_i) if carry_x is None else carry_x.view(torch.int16)
                 del carry_x, carry_i
                 for s in group:
                     shard = self.shards[s]
                     m = shard["n_tokens"]
                     for k, h in enumerate(hooks):
                         self._read_into(shard["files"][h], raw[k, c:c + m].numpy())
-                    idx[c:c + m] = torch.arange(int(self._shard_start[s]), int(self._shard_start[s + 1]))
                     c += m
                 x = raw.view(self.dtype)
                 perm = torch.randperm(n, generator=gen) if shuffle else None
-                last = g + buffer_shards >= len(order)
-                n_full = n if (last and not drop_last) else n // batch_size * batch_size
-                for i in range(0, n_full, batch_size):
+                first, skip = skip * batch_size, 0
+                for i in range(first, n_full, batch_size):
                     j = min(i + batch_size, n_full)
                     if perm is None:
                         batch, index = x[:, i:j], idx[i:j]
@@ -353,11 +384,48 @@ class StoreWriter:
                     f"store {self.path} was written with different settings, so it cannot be resumed: "
                     + "; ".join(f"{k}: store has {a!r}, asked {b!r}" for k, (a, b) in diffs.items())
                     + ". Use another folder, or delete this one.")
-            ActivationStore(self.path, manifest).verify(checksums=False)
+            self.manifest = manifest
+            self._drop_incomplete_tail()
         else:
             manifest = {"format": FORMAT, **header, "complete": False, "shards": []}
         self.manifest = manifest
         self.dtype = STORE_DTYPES[self.manifest["dtype"]]
+
+    def _drop_incomplete_tail(self) -> None:
+        """Drop the last shards of the manifest whose files are missing or short (a write that never
+        reached the disk, or a synced folder whose upload stopped before them), with a warning, so
+        that the harvest resumes after the last complete shard. Any other bad file is an error
+        naming it (a shard in the middle, a file longer than recorded)."""
+        shards = self.manifest["shards"]
+        reader = ActivationStore(self.path, self.manifest)
+
+        def problem(shard):
+            for entry in shard["files"].values():
+                path = self.path / entry["name"]
+                if not path.exists():
+                    return f"{path.name} is missing"
+                if path.stat().st_size < entry["bytes"]:
+                    return f"{path.name} has {path.stat().st_size:,} of its {entry['bytes']:,} bytes"
+            return None
+
+        keep = len(shards)
+        while keep and problem(shards[keep - 1]) is not None:
+            keep -= 1
+        for shard in shards[:keep]:
+            for entry in shard["files"].values():
+                reader._file(entry, checksum=False)  # raises CorruptShard naming a bad file
+        if keep == len(shards):
+            return
+        dropped = shards[keep:]
+        warnings.warn(
+            f"store {self.path}: dropping its last {len(dropped)} shard(s) (from shard "
+            f"{dropped[0]['index']}: {problem(dropped[0])}), incompletely written or synced; "
+            f"the harvest resumes after shard {keep - 1} ({sum(s['n_tokens'] for s in shards[:keep]):,} tokens)",
+            stacklevel=3)
+        del shards[keep:]
+        self.manifest["complete"] = False
+        self.manifest["n_tokens"] = self.n_tokens
+        self._save_manifest()
 
     @property
     def next_context(self) -> int:
@@ -411,8 +479,11 @@ class StoreWriter:
 
     def finish(self, **fields) -> ActivationStore:
         """Mark the store complete (recording `fields`, e.g. why it stopped) and open it."""
+        from .paths import sync_drive
+
         self.manifest.update(fields, complete=True, n_tokens=self.n_tokens)
         self._save_manifest()
+        sync_drive()
         return ActivationStore(self.path, self.manifest)
 
     def reopen(self) -> None:

@@ -50,7 +50,7 @@ from .harvest import get_store
 from .metrics import contexts_from_store, mmcs, reconstruction_metrics, spliced_loss
 from . import architectures
 from .sae import SAEConfig, config_dict, initial_dictionary, load_saelens, normalise_recipe, save_saelens
-from .train import NOT_RESULT_TRAIN_FIELDS, TrainConfig, train_sweep
+from .train import NOT_RESULT_TRAIN_FIELDS, TrainConfig, discard_checkpoints, train_sweep
 
 MAX_DEAD = 0.2
 VERSION = 4  # bump when the training or evaluation changes what a cached sweep holds
@@ -312,7 +312,7 @@ def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
         return done
     if results.exists():  # stale: its checkpoint belongs to the same other settings
         results.unlink()
-        (folder / "checkpoint.pt").unlink(missing_ok=True)
+        discard_checkpoints(folder)
     if model is None:
         from .models import load_model
 

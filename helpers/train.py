@@ -29,10 +29,14 @@ need, and trains every stack on it:
 * one backward pass per stack, so that only one stack's graph is alive at a time (a sweep's peak
   memory is its largest stack's, not the sum of all of them).
 
-Dead latents are tracked per SAE. A run folder keeps ``checkpoint.pt`` (written atomically every
-`checkpoint_every` steps and at the end); a run started again with the same settings resumes from it
-and ends with the same SAEs as an uninterrupted run. A batch holding NaN or inf stops training with
-an error naming the step and the shard, and the last good checkpoint is kept. `on_eval(step, tokens,
+Dead latents are tracked per SAE. A run folder keeps its checkpoint (every `checkpoint_every` steps
+and at the end; with $SAE_SCRATCH, a working copy on local disk and two alternating copies in the run
+folder, rewritten in place: `Checkpoints`); a run started again with the same settings resumes from
+the newest checkpoint that loads (a truncated one is named in a warning and passed over) and ends
+with the same SAEs as an uninterrupted run, skipping the batches already trained on without reading
+them (`ActivationStore.iter_batches`' `start`); a run that had finished returns at once, reading nothing.
+A batch holding NaN or inf stops training with an error naming the step and the shard, and the last
+good checkpoint is kept. `on_eval(step, tokens,
 saes)` is called at the steps in `eval_at` with snapshots of every SAE (learning curves); what it
 returns is kept in the history.
 """
@@ -41,7 +45,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,9 +207,112 @@ def restore_generators(gens: list[torch.Generator], states: list) -> None:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _copy_in_place(src: Path, dest: Path) -> None:
+    """Write src's bytes into dest by truncating and rewriting dest itself: the same file, never a new
+    one renamed over it (a synced drive keeps a replaced file in its trash, counted in its quota)."""
+    with open(src, "rb") as f, open(dest, "wb") as g:
+        shutil.copyfileobj(f, g, 16 << 20)
+        g.flush()
+        os.fsync(g.fileno())
+
+
+CHECKPOINT = "checkpoint.pt"
+COPIES = ("checkpoint-a.pt", "checkpoint-b.pt")
+
+
+class Checkpoints:
+    """Where a run keeps its checkpoints, and which one it resumes from.
+
+    Without $SAE_SCRATCH: ``checkpoint.pt`` in the run folder, replaced atomically at every save.
+    With it (a cache on a synced drive): the working checkpoint is ``checkpoint.pt`` in the run's
+    scratch folder (helpers.paths.scratch_dir, on the machine's own disk), replaced atomically, and
+    every save also copies it into the run folder, alternately into ``checkpoint-a.pt`` and
+    ``checkpoint-b.pt``, each rewritten in place: the cache only ever holds these two files, none is
+    replaced or deleted, and the one not being written holds the previous complete checkpoint.
+
+    `load` resumes from the newest checkpoint that loads, wherever it is (the scratch copy is gone
+    with a recycled VM; a synced copy may have arrived truncated); one that does not load is named in
+    a warning, and with none left training starts afresh."""
+
+    def __init__(self, run_dir):
+        from .paths import scratch_dir
+
+        self.run_dir = Path(run_dir)
+        scratch = scratch_dir(self.run_dir)
+        self.work = (scratch or self.run_dir) / CHECKPOINT
+        self.copies = [self.run_dir / name for name in COPIES] if scratch is not None else []
+        self.next_copy = 0
+
+    def __str__(self) -> str:
+        return str(self.work) + (f" (copied to {self.run_dir})" if self.copies else "")
+
+    def paths(self) -> list[Path]:
+        """Every file a checkpoint of this run may be in, working copy first."""
+        out = [self.work] + [self.run_dir / name for name in (CHECKPOINT, *COPIES)]
+        return list(dict.fromkeys(out))
+
+    def load(self, fingerprint: dict | None = None) -> tuple[Path, dict] | None:
+        """(path, state) of the newest checkpoint that loads, or None. Raises TrainingError for a
+        checkpoint made with settings other than `fingerprint`."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        best, bad, copy_steps = None, [], {}
+        for path in self.paths():
+            if not path.exists():
+                continue
+            try:
+                state = load_checkpoint(path)
+                step = int(state["step"])
+            except Exception as e:  # truncated (a cut-short upload), empty, or not a checkpoint
+                bad.append(f"{path} ({type(e).__name__}: {str(e)[:120]})")
+                continue
+            if fingerprint is not None and state["fingerprint"] != fingerprint:
+                diff = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
+                raise TrainingError(f"checkpoint {path} was made with other settings ({', '.join(diff)} "
+                                    "differ): use another run folder, or delete it to start afresh")
+            if path in self.copies:
+                copy_steps[self.copies.index(path)] = step
+            if best is None or step > best[1]["step"]:
+                best = (path, state)
+        if self.copies:  # write next into the copy that does not hold the newest complete checkpoint
+            newest = max(copy_steps, key=copy_steps.get) if copy_steps else 1
+            self.next_copy = 1 - newest
+        if bad:
+            then = (f"resuming from {best[0]} (step {best[1]['step']})" if best is not None
+                    else "training starts afresh")
+            warnings.warn("unreadable checkpoint(s), truncated or incompletely synced: " + "; ".join(bad)
+                          + f"; {then}", stacklevel=3)
+        return best
+
+    def save(self, state: dict) -> None:
+        """Save the working checkpoint, then copy it into the cache (with $SAE_SCRATCH)."""
+        from .paths import sync_drive
+
+        _save_checkpoint(self.work, state)
+        if self.copies:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _copy_in_place(self.work, self.copies[self.next_copy])
+            self.next_copy = 1 - self.next_copy
+        sync_drive()
+
+    def discard(self) -> None:
+        """Delete every checkpoint of the run; each file in the cache is first emptied in place, so that
+        a synced drive's trash keeps an empty file, not a checkpoint's worth of quota."""
+        for path in self.paths():
+            if path.exists():
+                if path.parent == self.run_dir:
+                    open(path, "wb").close()
+                path.unlink()
+
+
+def discard_checkpoints(run_dir) -> None:
+    """Delete a run folder's checkpoints (see `Checkpoints.discard`)."""
+    Checkpoints(run_dir).discard()
 
 
 def _adam(params, tc: TrainConfig, device: torch.device):
@@ -370,7 +479,7 @@ class _Run:
     since_fired: list
     gens: list  # one generator per SAE (resampling), in config order
     fingerprint: dict
-    ckpt: Path | None
+    ckpt: Checkpoints | None
     history: list = dataclasses.field(default_factory=list)
     step: int = 0
     seconds: float = 0.0
@@ -379,14 +488,10 @@ class _Run:
         """Continue from the checkpoint, if there is one (it must have been made with the same settings)."""
         if self.ckpt is None:
             return
-        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
-        if not self.ckpt.exists():
+        found = self.ckpt.load(self.fingerprint)
+        if found is None:
             return
-        state = load_checkpoint(self.ckpt)
-        if state["fingerprint"] != self.fingerprint:
-            diff = [k for k in self.fingerprint if state["fingerprint"].get(k) != self.fingerprint[k]]
-            raise TrainingError(f"checkpoint {self.ckpt} was made with other settings ({', '.join(diff)} "
-                                "differ): use another run folder, or delete it to start afresh")
+        state = found[1]
         for st, sd in zip(self.stacks, state["stacks"]):
             st.load_state_dict(sd)
         self.opt.load_state_dict(state["optimizer"])
@@ -399,7 +504,7 @@ class _Run:
 
     def save(self) -> None:
         if self.ckpt is not None:
-            _save_checkpoint(self.ckpt, {
+            self.ckpt.save({
                 "fingerprint": self.fingerprint, "stacks": [st.state_dict() for st in self.stacks],
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "since_fired": self.since_fired, "generators": [bytes(g.get_state().numpy()) for g in self.gens],
@@ -463,21 +568,23 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
     gen_of = {pos: gens[i] for i, pos in enumerate(where)}
     run = _Run(stacks, where, opt, sched, scaler,
                [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device) for st in stacks], gens,
-               _fingerprint(configs, tc, store), Path(run_dir) / "checkpoint.pt" if run_dir is not None else None)
+               _fingerprint(configs, tc, store), Checkpoints(run_dir) if run_dir is not None else None)
     run.restore(device)
+    if run.step >= total_steps:  # finished before: nothing to read or train
+        return SweepResult(run.snapshot(), list(configs), run.history, run.seconds, total_steps * tc.batch_size,
+                           rules)
     grad_max = [None] * len(configs)  # largest pre-clip gradient norm since the last log, per SAE
 
     epochs = math.ceil(total_steps * tc.batch_size / store.n_tokens) + 1
     batches = store.iter_batches(hooks, tc.batch_size, seed=tc.seed, epochs=epochs, drop_last=True,
-                                 buffer_shards=tc.buffer_shards, device=device, return_index=True)
+                                 buffer_shards=tc.buffer_shards, device=device, return_index=True,
+                                 start=run.step)  # resume: the batches already trained on are skipped unread
     hook_index = {h: i for i, h in enumerate(hooks)}
     warm_l1 = max(1, int(tc.l1_warmup_fraction * total_steps))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=run.step, desc=f"train {len(configs)} SAEs", unit="step",
                disable=not progress)
-    for _ in range(run.step):  # resume: skip the batches already trained on (same order)
-        next(batches)
     t0 = time.perf_counter()
     try:
         while run.step < total_steps:
@@ -514,7 +621,8 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
     finally:
         bar.close()
     run.seconds += time.perf_counter() - t0
-    run.save()
+    if run.ckpt is not None and run.step % tc.checkpoint_every:  # else saved at this step already
+        run.save()
     return SweepResult(run.snapshot(), list(configs), run.history, run.seconds, total_steps * tc.batch_size, rules)
 
 

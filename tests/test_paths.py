@@ -25,3 +25,32 @@ def test_stored_computes_once_per_key_and_survives_an_interruption(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         stored(tmp_path / "other.pt", "k", killed)
     assert not list(tmp_path.glob("other.pt*")), "an interrupted computation leaves no file behind"
+
+
+def test_scratch_mirrors_the_cache_and_is_off_by_default(tmp_path, monkeypatch):
+    from helpers.paths import scratch_dir
+
+    monkeypatch.setenv("SAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SAE_SCRATCH", raising=False)
+    assert scratch_dir(tmp_path / "cache" / "sae" / "run") is None
+    monkeypatch.setenv("SAE_SCRATCH", str(tmp_path / "scratch"))
+    assert scratch_dir(tmp_path / "cache" / "sae" / "run") == tmp_path / "scratch" / "sae" / "run"
+    elsewhere = scratch_dir(tmp_path / "other" / "run")
+    assert elsewhere.parent.parent == tmp_path / "scratch" and elsewhere != scratch_dir(tmp_path / "x" / "run")
+
+
+def test_sync_drive_syncs_on_colab_only(monkeypatch):
+    import os
+    import sys
+    import types
+
+    from helpers.paths import sync_drive
+
+    calls = []
+    monkeypatch.setattr(os, "sync", lambda: calls.append(1))
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    sync_drive()
+    assert calls == []
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    sync_drive()
+    assert calls == [1]

@@ -104,3 +104,72 @@ def test_plan_bounds_the_gpu_memory_of_training(array_store):
     used = torch.cuda.max_memory_allocated()
     estimate = plan(p, Machine.detect()).gpu["training"]
     assert used <= estimate, (used, estimate)
+
+
+def test_plan_counts_the_checkpoint_copies_in_the_cache_and_on_scratch(monkeypatch):
+    from helpers.plan import Machine, PlanError, check, checkpoint_bytes, model_dims, plan
+    from helpers.sweep import sweep_configs
+
+    colab = get_profile("colab")
+    d = model_dims(colab.model)[0]
+    sweep = checkpoint_bytes(sweep_configs(colab, d), d)
+    assert 0.7e9 < sweep < 0.76e9  # the colab sweep: 60.6M parameters, each with two Adam moments
+    t4 = Machine("t4", "Tesla T4", host_bytes=12.7e9, disk_free_bytes=78e9, gpu_bytes=15.8e9, scratch_free_bytes=70e9)
+    local, drive = plan(colab, t4, scratch=False), plan(colab, t4, scratch=True)
+    assert not local.scratch and "checkpoints" in local.disk
+    copies = drive.disk["checkpoint copies (2 a run)"]
+    layers = copies / 2 - sweep  # the layer SAEs' run: the chosen SAE and its TopK twin at 2 more layers
+    assert 0 < layers < sweep
+    assert drive.scratch == {"working checkpoints": sweep + layers, "one being saved": sweep}
+    assert drive.disk_bytes - local.disk_bytes == copies - local.disk["checkpoints"] == layers
+    assert "local scratch ($SAE_SCRATCH): 1.66 GB" in drive.table()
+    # a cache on Colab's Drive without scratch: every replaced checkpoint stays in Drive's trash
+    monkeypatch.setenv("SAE_CACHE", "/content/drive/MyDrive/sae-workbook-cache")
+    monkeypatch.delenv("SAE_SCRATCH", raising=False)
+    on_drive = plan(colab, t4)
+    assert on_drive.disk["replaced checkpoints in Drive's trash"] == 10 * (sweep + layers)  # 11 saves a run
+    free_drive = Machine("t4", "Tesla T4, cache on free Google Drive", 12.7e9, 15e9, 15.8e9)
+    with pytest.raises(PlanError, match="set SAE_SCRATCH to a folder on the VM's disk"):
+        check(on_drive, free_drive)
+    monkeypatch.setenv("SAE_SCRATCH", "/somewhere")
+    assert plan(colab, t4).scratch == drive.scratch  # the default follows the environment
+    check(plan(colab, t4), free_drive)
+    check(drive, t4)
+    cramped = Machine("t4", "Tesla T4", 12.7e9, 78e9, 15.8e9, scratch_free_bytes=1e9)
+    with pytest.raises(PlanError, match="SAE_SCRATCH"):
+        check(drive, cramped)
+
+
+def test_checkpoint_bytes_is_what_training_writes(array_store, tmp_path):
+    """The plan's checkpoint size against a real checkpoint (tied and untied SAEs, TopK)."""
+    import torch
+
+    from helpers.plan import checkpoint_bytes
+    from helpers.sae import SAEConfig
+    from helpers.train import TrainConfig, train_sweep
+
+    d = 64
+    configs = [SAEConfig(d, 512, l1_coefficient=1e-3), SAEConfig(d, 256, l1_coefficient=1e-3, tied=True),
+               SAEConfig(d, 512, architecture="topk", k=8)]
+    store = array_store(torch.randn(2048, d))
+    tc = TrainConfig(total_tokens=256 * 4, batch_size=256, device="cpu", log_every=100, checkpoint_every=2)
+    train_sweep(store, "blocks.0.hook_resid_post", configs, tc, run_dir=tmp_path / "run", progress=False)
+    size = (tmp_path / "run" / "checkpoint.pt").stat().st_size
+    assert checkpoint_bytes(configs, d) <= size < 1.05 * checkpoint_bytes(configs, d) + 50_000, size
+
+
+def test_plan_times_the_cpu_steps_on_any_gpu(monkeypatch):
+    """Held-out scores with their resamples, PCA/ICA fits and logit effects run on the CPU whatever the
+    GPU: on an arbitrarily fast one, notebooks 03 and 04 still take their CPU time, which grows with
+    the scored tokens."""
+    import helpers.plan as plan_mod
+    from helpers.plan import Machine, plan
+
+    monkeypatch.setitem(plan_mod.THROUGHPUT, "instant", 1e30)
+    fast = Machine("instant", "a GPU of unlimited speed", 12.7e9, 78e9, 80e9)
+    colab = get_profile("colab")
+    p = plan(colab, fast).seconds
+    assert p["03"] > 60 + 60 and p["04"] > 60 + 600, p  # beyond the fixed minute of each notebook
+    more = plan(colab.replace(score_tokens=2 * colab.score_tokens), fast).seconds
+    assert more["03"] - 60 > 1.8 * (p["03"] - 60), (p, more)  # 03's CPU work is the held-out scoring
+    assert more["04"] > p["04"] + 0.5 * (p["03"] - 60)

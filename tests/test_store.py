@@ -260,3 +260,130 @@ def test_iter_batches_peak_rss_matches_the_estimate(tmp_path):
     assert estimate >= buffer
     # the three-copy implementation measured ~3x the buffer here; allow noise, not a second copy
     assert 0.5 * buffer < peak < 1.5 * estimate, (peak, estimate)
+
+
+def _resume(path, n_shards=5, per_shard=40, seed=0):
+    """Resume a store as the harvest does (from `next_context`) with the shards `make_store` writes."""
+    gen = torch.Generator().manual_seed(seed)
+    shards = []
+    for s in range(n_shards):
+        acts = {h: torch.randn(per_shard, D, generator=gen) for h in HOOKS}
+        for h in HOOKS:
+            acts[h][:, 0] = torch.arange(s * per_shard, (s + 1) * per_shard) / 8
+        meta = np.zeros(per_shard, dtype=META_DTYPE)
+        meta["token"] = np.arange(s * per_shard, (s + 1) * per_shard)
+        meta["ctx"] = s
+        shards.append((meta, acts))
+    w = StoreWriter(path, header())
+    for s in range(w.next_context, n_shards):
+        w.write_shard(*shards[s], first_context=s, n_contexts=1)
+    return w.finish()
+
+
+def _same_store(a, b):
+    assert a.complete and b.complete and len(a.shards) == len(b.shards)
+    assert np.array_equal(a.tokens(), b.tokens())
+    for h in HOOKS:
+        assert torch.equal(a.activations(h), b.activations(h))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "empty"])
+def test_incomplete_last_shard_is_dropped_and_the_harvest_resumes(tmp_path, damage):
+    """A synced folder (Drive) can hold a manifest listing a last shard whose files never arrived,
+    or arrived short: reopening drops that shard with a warning and resumes to the same store as an
+    uninterrupted write."""
+    clean, _ = make_store(tmp_path / "clean")
+    make_store(tmp_path / "synced")
+    victim = tmp_path / "synced" / f"shard_00004.{HOOKS[1]}.bin"
+    if damage == "missing":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[:-10] if damage == "truncated" else b"")
+    with pytest.raises(CorruptShard, match="shard_00004"):
+        ActivationStore.open(tmp_path / "synced")  # a reader is told, and told that resuming repairs it
+    with pytest.warns(UserWarning, match=r"dropping its last 1 shard\(s\) \(from shard 4: shard_00004"):
+        w = StoreWriter(tmp_path / "synced", header())
+    assert w.next_context == 4 and not w.manifest["complete"]
+    on_disk = json.loads((tmp_path / "synced" / "manifest.json").read_text())
+    assert len(on_disk["shards"]) == 4 and on_disk["n_tokens"] == 160 and not on_disk["complete"]
+    _same_store(_resume(tmp_path / "synced"), clean)
+    ActivationStore.open(tmp_path / "synced", verify="full")
+
+
+def test_manifest_ahead_of_its_last_shards(tmp_path):
+    """The manifest arrived with two more shards than their files (each last shard missing one or
+    all of its files): both are dropped, and the resumed store equals an uninterrupted one."""
+    clean, _ = make_store(tmp_path / "clean")
+    make_store(tmp_path / "synced")
+    for f in (tmp_path / "synced").glob("shard_00004.*"):
+        f.unlink()
+    (tmp_path / "synced" / "shard_00003.meta.bin").unlink()
+    with pytest.warns(UserWarning, match=r"last 2 shard\(s\) \(from shard 3: shard_00003.meta.bin is missing"):
+        resumed = _resume(tmp_path / "synced")
+    _same_store(resumed, clean)
+
+
+def test_bad_shard_before_complete_ones_is_an_error_naming_it(tmp_path):
+    make_store(tmp_path)
+    victim = tmp_path / f"shard_00002.{HOOKS[0]}.bin"
+    victim.write_bytes(victim.read_bytes()[:-10])
+    manifest = (tmp_path / "manifest.json").read_text()
+    with pytest.raises(CorruptShard, match=f"shard_00002.{HOOKS[0]}.bin has 630 bytes") as err:
+        StoreWriter(tmp_path, header())
+    assert "cannot be repaired: delete the store folder" in str(err.value)  # no editing of the manifest by hand
+    (tmp_path / "shard_00004.meta.bin").unlink()  # a bad last shard too: the middle one is still named
+    with pytest.raises(CorruptShard, match="shard_00002"):
+        StoreWriter(tmp_path, header())
+    assert (tmp_path / "manifest.json").read_text() == manifest, "an error changes nothing"
+    victim.write_bytes(victim.read_bytes() + b"0123456789" * 2)  # longer than recorded: not an upload cut short
+    (tmp_path / "shard_00004.meta.bin").write_bytes(b"")
+    with pytest.raises(CorruptShard, match="shard_00002"):
+        StoreWriter(tmp_path, header())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_start_skips_batches_unread_and_serves_the_same_ones_after(tmp_path, monkeypatch, dtype):
+    """A resumed training run starts its batches at `start`: the same batches as after serving and
+    dropping that many, bit for bit, and the groups of shards it skips whole are not read."""
+    store = make_uneven_store(tmp_path, dtype=dtype)
+    reads = []
+    real = ActivationStore._read_into
+    monkeypatch.setattr(ActivationStore, "_read_into", lambda self, e, out: (reads.append(e["name"]), real(self, e, out))[1])
+    for kw in (dict(batch_size=32, buffer_shards=2, shuffle=True, drop_last=True, seed=3),
+               dict(batch_size=7, buffer_shards=1, shuffle=False, drop_last=False, seed=0),
+               dict(batch_size=50, buffer_shards=3, shuffle=True, drop_last=False, seed=1)):
+        full = list(store.iter_batches(HOOKS, epochs=3, return_index=True, **kw))
+        for start in sorted({0, 1, 5, len(full) // 3, len(full) // 2 + 1, len(full) - 1, len(full)}):
+            reads.clear()
+            got = list(store.iter_batches(HOOKS, epochs=3, return_index=True, start=start, **kw))
+            assert len(got) == len(full) - start, (kw, start)
+            for (b, i), (w, j) in zip(got, full[start:]):
+                assert torch.equal(i, j) and torch.equal(b, w), (kw, start)
+            if start == len(full):
+                assert reads == [], "nothing left to serve: nothing read"
+    reads.clear()
+    n = len(list(store.iter_batches(HOOKS[0], 32, buffer_shards=2)))
+    first_read = len(reads)
+    reads.clear()
+    list(store.iter_batches(HOOKS[0], 32, buffer_shards=2, start=n - 1))
+    assert len(reads) < first_read  # only the last group (and its carried rows) is read
+
+
+def test_harvest_through_get_store_repairs_a_store_whose_last_shard_did_not_sync(model, tmp_path, monkeypatch):
+    """End to end with the embedded model: a profile's store whose manifest says complete but whose last
+    shard arrived short is harvested again from that shard by `get_store`, to the uninterrupted store."""
+    from helpers.harvest import get_store, store_path
+    from helpers.profiles import get_profile
+
+    monkeypatch.setenv("SAE_CACHE", str(tmp_path / "cache"))
+    p = get_profile("test", layers=(1, 3), sae_layer=3, ctx_len=17, harvest_tokens=16 * 20, batch_contexts=3, shard_contexts=4)
+    clean = get_store(p.replace(name="clean"), model=model, progress=False)
+    synced = get_store(p, model=model, progress=False)
+    assert len(synced.shards) == 5 and synced.complete
+    victim = store_path(p) / synced.shards[-1]["files"]["meta"]["name"]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.warns(UserWarning, match=r"dropping its last 1 shard"):
+        again = get_store(p, model=model, progress=False)
+    assert again.complete and np.array_equal(again.tokens(), clean.tokens())
+    for h in p.hooks:
+        assert torch.equal(again.activations(h), clean.activations(h))

@@ -315,3 +315,121 @@ def test_each_architecture_learns_at_its_sparsity(array_store):
     assert last["l0"][2] < 0.7 * first["l0"][2] and l0_held[3] < l0_held[2], l0_held
     thresholds = [s.log_threshold.exp().mean() for s in res.saes[2:]]
     assert thresholds[1] > max(thresholds[0], 1.5 * configs[2].jumprelu_init_threshold * 4), thresholds  # θ₀ = 0.04·√16
+
+
+def _killed_at_step_21(store, run_dir, monkeypatch):
+    """Train until step 21 and die there (the checkpoints: steps 8 and 16)."""
+    real, calls = SAEStack.normalize_decoder, {"n": 0}
+
+    def dying(self):
+        calls["n"] += 1
+        if calls["n"] == 3 * 21:
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(SAEStack, "normalize_decoder", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_sweep(store, HOOK, CONFIGS, TC, run_dir=run_dir, progress=False)
+    monkeypatch.setattr(SAEStack, "normalize_decoder", real)
+
+
+def test_checkpoints_with_scratch_live_there_and_the_cache_copies_are_rewritten_in_place(data, tmp_path, monkeypatch):
+    """With SAE_SCRATCH, the working checkpoint is in scratch; the run folder in the cache (on Drive)
+    only ever holds two files, each rewritten in place: nothing there is renamed over, deleted or
+    created anew, so a synced drive's trash does not grow with every checkpoint."""
+    import os
+
+    store, _ = data
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    monkeypatch.setenv("SAE_CACHE", str(cache))
+    monkeypatch.setenv("SAE_SCRATCH", str(scratch))
+    run_dir = cache / "sae" / "run"
+    run_dir.mkdir(parents=True)
+    seen, moved = {}, []
+
+    def look(step, tokens, saes):  # before the checkpoint of the same step
+        for f in run_dir.iterdir():
+            seen.setdefault(f.name, set()).add(f.stat().st_ino)
+
+    for name in ("replace", "rename", "unlink", "remove"):
+        real = getattr(os, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            if any(str(a).startswith(str(run_dir)) for a in args):
+                moved.append((_name, *map(str, args)))
+            return _real(*args, **kw)
+        monkeypatch.setattr(os, name, spy)
+    tc = TrainConfig(**{**TC.__dict__, "checkpoint_every": 4, "eval_at": tuple(range(1, 41))})
+    result = train_sweep(store, HOOK, CONFIGS, tc, run_dir=run_dir, progress=False, on_eval=look)
+    look(None, None, None)
+    assert moved == [], "files in the cache were replaced or deleted"
+    assert sorted(seen) == ["checkpoint-a.pt", "checkpoint-b.pt"], sorted(seen)  # 11 saves, two files
+    assert all(len(inodes) == 1 for inodes in seen.values()), seen  # each the same file throughout
+    work = scratch / "sae" / "run" / "checkpoint.pt"
+    assert torch.load(work, weights_only=False)["step"] == 40
+    steps = sorted(torch.load(run_dir / n, weights_only=False)["step"] for n in seen)
+    assert steps == [36, 40]  # the previous checkpoint is kept while the next is written
+    clean = weights(train_sweep(store, HOOK, CONFIGS, tc, progress=False))
+    assert all(torch.equal(x, y) for x, y in zip(clean, weights(result)))
+    # discarded (a stale sweep): each copy in the cache is emptied before it is deleted (the trash keeps 0 bytes)
+    from helpers.train import discard_checkpoints
+
+    moved.clear()
+    sizes = {}
+    real_stat = os.stat
+    monkeypatch.setattr(os, "unlink", lambda p, _u=os.unlink: (sizes.setdefault(str(p), real_stat(p).st_size), _u(p)))
+    discard_checkpoints(run_dir)
+    assert not list(run_dir.iterdir()) and not work.exists()
+    assert {k: v for k, v in sizes.items() if k.startswith(str(run_dir))} == {
+        str(run_dir / "checkpoint-a.pt"): 0, str(run_dir / "checkpoint-b.pt"): 0}
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(data, tmp_path, monkeypatch):
+    """A disconnect: the VM (and its scratch) is gone and the newest copy in the cache arrived
+    truncated. Training resumes from the previous copy, with a warning naming the truncated one,
+    and ends as an uninterrupted run."""
+    import shutil
+
+    store, _ = data
+    clean = weights(train_sweep(store, HOOK, CONFIGS, TC, progress=False))
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    monkeypatch.setenv("SAE_CACHE", str(cache))
+    monkeypatch.setenv("SAE_SCRATCH", str(scratch))
+    run_dir = cache / "run"
+    _killed_at_step_21(store, run_dir, monkeypatch)
+    a, b = run_dir / "checkpoint-a.pt", run_dir / "checkpoint-b.pt"
+    assert [torch.load(p, weights_only=False)["step"] for p in (a, b)] == [8, 16]
+    shutil.rmtree(scratch)
+    b.write_bytes(b.read_bytes()[: b.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"checkpoint-b\.pt .*resuming from .*checkpoint-a\.pt \(step 8\)"):
+        resumed = train_sweep(store, HOOK, CONFIGS, TC, run_dir=run_dir, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(clean, weights(resumed)))
+    # the truncated copy was the first written again (step 16), not the good one; then they alternated
+    assert [torch.load(p, weights_only=False)["step"] for p in (a, b)] == [40, 32]
+
+
+def test_no_readable_checkpoint_restarts_with_a_warning(data, tmp_path, monkeypatch):
+    store, _ = data
+    clean = weights(train_sweep(store, HOOK, CONFIGS, TC, progress=False))
+    _killed_at_step_21(store, tmp_path, monkeypatch)
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match=r"checkpoint\.pt .*training starts afresh"):
+        again = train_sweep(store, HOOK, CONFIGS, TC, run_dir=tmp_path, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(clean, weights(again)))
+
+
+def test_a_finished_run_returns_at_once_without_reading_the_store(data, tmp_path, monkeypatch):
+    store, _ = data
+    first = train_sweep(store, HOOK, CONFIGS, TC, run_dir=tmp_path, progress=False)
+    saved = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+
+    def no_reading(*args, **kw):
+        raise AssertionError("a finished run read the store's batches")
+        yield
+
+    monkeypatch.setattr(type(store), "iter_batches", no_reading)
+    again = train_sweep(store, HOOK, CONFIGS, TC, run_dir=tmp_path, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(weights(first), weights(again)))
+    assert again.history == first.history
+    assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == saved, "nothing to save again"
