@@ -58,7 +58,7 @@ class _Store:
 def _stats_reference(codes: torch.Tensor):
     from ..features import feature_stats
 
-    st = feature_stats(_Codes(codes.shape[1]), _Store(codes, batch_rows=512), k=1, sample=1, device="cpu",
+    st = feature_stats(_Codes(codes.shape[1]), _Store(codes, batch_rows=512), k=1, sample=1,
                        progress=False)
     return st.density, st.max_act, st.mean_act
 

@@ -85,7 +85,7 @@ def _active_reference(codes: torch.Tensor, counts: torch.Tensor):
     s.store, s.n = _Store(codes, batch_rows=64), n
     s.scored_tokens = np.ones(n, bool)
     s.k_max = max(1, min(n, int(torch.as_tensor(counts).max())))
-    _, idx, _ = s.active(_Codes(f), HOOK, counts=counts, device="cpu", progress=False)
+    _, idx, _ = s.active(_Codes(f), HOOK, counts=counts, progress=False)
     out = torch.zeros(n, f, dtype=torch.bool)
     rows, cols = np.nonzero(idx >= 0)
     out[torch.as_tensor(idx[rows, cols]), torch.as_tensor(rows)] = True
