@@ -192,12 +192,13 @@ def choose(rows: list[dict], ratio: float, max_l0: float) -> int:
 
 
 def best_of_recipe(rows: list[dict], recipe: str, ratio: float, max_l0: float) -> int | None:
-    """The SAE the rule would choose among one recipe's L1 SAEs only (None if it has none); "paper" is
-    read as "anthropic2023", its current name."""
+    """The SAE the rule would choose among one recipe's L1 SAEs only (None if it has none that trained to
+    the end); "paper" is read as "anthropic2023", its current name."""
     recipe = normalise_recipe(recipe)
     idx = [i for i, r in enumerate(rows)
            if not architectures.get(r["architecture"]).l1 or normalise_recipe(r["recipe"]) == recipe]
-    if not any(architectures.get(rows[i]["architecture"]).l1 and rows[i]["ratio"] == ratio for i in idx):
+    if not any(architectures.get(rows[i]["architecture"]).l1 and rows[i]["ratio"] == ratio and usable(rows[i])
+               for i in idx):
         return None
     return idx[choose([rows[i] for i in idx], ratio, max_l0)]
 
@@ -339,7 +340,8 @@ def move_aside(folder: Path, why: str) -> Path:
 
 def _nan_row(cfg, like: dict) -> dict:
     """A table row for an SAE that diverged: its config, and NaN for every figure of a row like `like`."""
-    out = {k: (float("nan") if isinstance(v, float) else v) for k, v in like.items()}
+    out = {k: (float("nan") if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+           for k, v in like.items()}
     out.update({**dataclasses.asdict(cfg), "ratio": cfg.ratio, "label": cfg.label, "family": cfg.family})
     return out
 

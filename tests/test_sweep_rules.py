@@ -185,6 +185,10 @@ def test_choose_never_picks_a_diverged_or_non_finite_sae():
     assert choose(rows, 4, 50) == 1  # the fallback (lowest FVU among all) skips it too
     with pytest.raises(ValueError, match="diverged or has non-finite figures"):
         choose([_row(0, nan, nan, select_fvu=nan)], 4, 50)
+    from helpers.sweep import best_of_recipe
+
+    rows = [_row(0, 0.9, 0.9, recipe="anthropic2023", diverged=3), _row(1, 0.8, 0.8)]
+    assert best_of_recipe(rows, "anthropic2023", 4, 50) is None and best_of_recipe(rows, "improved", 4, 50) == 1
 
 
 def test_save_saes_skips_a_diverged_sae(tmp_path):
@@ -230,3 +234,23 @@ def test_a_stale_sweep_is_moved_aside_not_deleted(tmp_path, monkeypatch):
     assert len(moved) == 1 and str(moved[0]) in " ".join(str(w.message) for w in got)
     assert json.loads((moved[0] / "results.json").read_text()) == stale  # the reader's results, intact
     assert (moved[0] / "sae_00" / "cfg.json").exists()
+
+
+def test_a_diverged_sae_is_not_evaluated_and_its_row_says_so(monkeypatch):
+    from helpers import sweep
+    from helpers.train import SweepResult
+
+    configs = [SAEConfig(D, 32, l1_coefficient=a) for a in (1e-3, 1e-2, 3e-2)]
+    asked = []
+
+    def fake_evaluate(saes, cfgs, *a, **kw):
+        asked.extend(cfgs)
+        return [{**dataclasses.asdict(c), "label": c.label, "l0": 5.0, "fvu": 0.1, "n_eval": 100} for c in cfgs]
+
+    monkeypatch.setattr(sweep, "evaluate", fake_evaluate)
+    result = SweepResult([None] * 3, configs, [], 0.0, 0, diverged={1: 9})
+    rows = sweep.evaluate_result(result, None, HOOK, None, 1)
+    assert asked == [configs[0], configs[2]]
+    assert [r["diverged"] for r in rows] == [None, 9, None]
+    assert rows[1]["label"] == configs[1].label and rows[1]["l1_coefficient"] == 1e-2
+    assert all(v != v for k, v in rows[1].items() if k in ("l0", "fvu", "n_eval"))  # NaN figures
