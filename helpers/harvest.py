@@ -21,7 +21,7 @@ import torch
 
 from .corpus import corpus_labels, iter_contexts
 from .hooks import BLOCK_HOOK
-from .store import META_DTYPE, ActivationStore, StoreError, StoreWriter
+from .store import META_DTYPE, ActivationStore, CorruptShard, StoreError, StoreWriter
 
 # Hooks that stop_at_layer cannot cut short (they come after the last block).
 _FINAL_HOOKS = ("ln_final.", "unembed.", "hook_unembed")
@@ -83,11 +83,14 @@ def forward_to(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch
 
 def harvest(model, path, hooks, *, corpus: str = "brown", split: str = "train", ctx_len: int = 128,
             n_tokens: int = 100_000, batch_contexts: int = 16, shard_contexts: int = 256,
-            dtype: str = "float16", seed: int = 0, progress: bool = True) -> ActivationStore:
+            dtype: str = "float16", seed: int = 0, progress: bool = True,
+            wait: float | None = None) -> ActivationStore:
     """Harvest at least `n_tokens` activations of each hook into the store at `path`.
 
     Resumes an existing store written with the same settings (and extends it if `n_tokens`
     grew). Returns the opened store. Tokens per context are ctx_len - 1 (BOS is not stored).
+    While another process writes the store this waits (`wait` seconds; None: helpers.locks.default_wait,
+    printing who holds it), then continues from what it wrote: a store it finished is opened.
     """
     hooks = validate_hooks(model, hooks)
     if n_tokens <= 0:
@@ -100,7 +103,17 @@ def harvest(model, path, hooks, *, corpus: str = "brown", split: str = "train", 
     header = {"model": model_name(model), "corpus": corpus, "split": split, "ctx_len": ctx_len,
               "seed": seed, "hooks": hooks, "d_model": model.cfg.d_model, "dtype": dtype,
               "target_contexts": target, **corpus_labels(corpus)}
-    writer = StoreWriter(path, header)
+    writer = StoreWriter(path, header, wait=wait)
+    try:
+        return _harvest_into(writer, model, path, hooks, corpus, split, ctx_len, target, batch_contexts,
+                             shard_contexts, dtype, seed, progress)
+    finally:
+        writer.close()
+
+
+def _harvest_into(writer, model, path, hooks, corpus, split, ctx_len, target, batch_contexts, shard_contexts,
+                  dtype, seed, progress) -> ActivationStore:
+    per_ctx = ctx_len - 1
     start = writer.next_context
     if start >= target and writer.manifest.get("complete"):
         return ActivationStore.open(path)
@@ -187,7 +200,10 @@ def store_path(profile, split: str = "train"):
 def get_store(profile, model=None, split: str = "train", progress: bool = True) -> ActivationStore:
     """The profile's activation store, harvested (or resumed) first if it is missing or short.
 
-    `model` is loaded from the profile when a harvest is needed and none is given.
+    `model` is loaded from the profile when a harvest is needed and none is given. A store with a bad
+    shard is repaired first (`ActivationStore.repair`: the shards before it are kept, a warning names
+    those dropped) and harvested again from there. While another process harvests the same store this
+    waits for it (helpers.locks.default_wait) and then uses what it wrote.
     """
     path = store_path(profile, split)
     per_ctx = profile.ctx_len - 1
@@ -195,6 +211,8 @@ def get_store(profile, model=None, split: str = "train", progress: bool = True) 
         store = ActivationStore.open(path, hooks=profile.hooks)
         if store.complete and (store.n_tokens >= profile.harvest_tokens or store.manifest.get("exhausted")):
             return store
+    except CorruptShard:
+        ActivationStore.repair(path, wait=None)  # keeps the intact shards before the bad one, with a warning
     except StoreError:
         pass
     if model is None:

@@ -5,16 +5,21 @@ Layout of a store folder::
     manifest.json                     what was harvested, and every completed shard
     shard_00000.meta.bin              token labels of shard 0 (a numpy record array, META_DTYPE)
     shard_00000.blocks.6.hook_resid_post.bin   activations [n_tokens, d_model], float16/bfloat16
+    shard_00004-g1.meta.bin           a shard written after shards were dropped (generation 1)
 
-Every file is written to a temporary name, flushed and renamed, and a shard enters the manifest
-(itself replaced atomically) only once all its files are on disk: an interrupted writer leaves
-the store exactly as of its last completed shard, and `StoreWriter` resumes from there. A folder
-synced to the cloud (Google Drive on Colab) uploads files in its own order, so after a disconnect
-the manifest can list shards whose files never arrived, or arrived short: `StoreWriter` drops such
-last shards with a warning and resumes before them; a bad shard followed by complete ones is an
-error naming its file. The
+Every file is written to a temporary name unique to its process, flushed and renamed, and a shard
+enters the manifest (itself replaced atomically) only once all its files are on disk: an interrupted
+writer leaves the store exactly as of its last completed shard, and `StoreWriter` resumes from there.
+One writer at a time: a `StoreWriter` holds the folder's lock (helpers.locks) until it finishes or
+is closed, and a second one, in another process, is refused (or waits) with a message naming it.
+A folder synced to the cloud (Google Drive on Colab) uploads files in its own order, so after a
+disconnect the manifest can list shards whose files never arrived, or arrived short: `StoreWriter`
+drops such last shards with a warning and resumes before them; a bad shard followed by complete ones
+is an error naming its file and saying to run `ActivationStore.repair`, which keeps every intact shard
+before the first bad one. Dropping shards starts a new generation of file names (``-g1``, ``-g2``...),
+so a resumed harvest never writes a name a dropped file had (a late upload cannot overwrite it). The
 manifest records each file's size and CRC-32; sizes are checked on opening, checksums the first
-time a file is read (or all at once with `verify()`), and a mismatch names the file.
+time a file is read (or all at once with `verify()`), and a mismatch names the file and the repair.
 
 Reading memory-maps shard files, except `iter_batches`, which serves shuffled batches (each
 token exactly once per epoch) from one RAM buffer of at most `buffer_shards` shards, read straight
@@ -28,6 +33,8 @@ import warnings
 import zlib
 from pathlib import Path
 from typing import Iterator
+
+from .locks import FolderLock, tmp_name
 
 import numpy as np
 import torch
@@ -63,7 +70,7 @@ def _crc32(data) -> int:
 
 
 def _write_atomic(path: Path, data: bytes) -> dict:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -72,8 +79,23 @@ def _write_atomic(path: Path, data: bytes) -> dict:
     return {"name": path.name, "bytes": len(data), "crc32": _crc32(data)}
 
 
-def _hook_file(index: int, hook: str) -> str:
-    return f"shard_{index:05d}.{hook}.bin"
+def _shard_stem(index: int, generation: int = 0) -> str:
+    """The file-name stem of shard `index` written in the store's `generation` (``shard_00004``, or
+    ``shard_00004-g1`` once a repair has dropped shards): a shard written after a repair never takes the
+    name of a dropped file, which a synced drive may still deliver late."""
+    return f"shard_{index:05d}" + (f"-g{generation}" if generation else "")
+
+
+def _hook_file(index: int, hook: str, generation: int = 0) -> str:
+    return f"{_shard_stem(index, generation)}.{hook}.bin"
+
+
+def repair_advice(path) -> str:
+    """What to run to repair the store at `path` (the sentence every corrupt-shard error ends with)."""
+    return (f"Repair it with `from helpers.store import ActivationStore; ActivationStore.repair({str(path)!r})` "
+            "(it keeps every intact shard before the first bad one and drops the rest), then harvest again "
+            "(`helpers.harvest.get_store(profile)`, which also repairs by itself, or `harvest(...)` with the "
+            "same settings) to resume from there")
 
 
 class ActivationStore:
@@ -110,6 +132,30 @@ class ActivationStore:
         if verify != "none":
             store.verify(checksums=verify == "full")
         return store
+
+    @classmethod
+    def repair(cls, path, wait: float | None = 0.0) -> list[int]:
+        """Keep every intact shard before the first bad one (a file missing, of the wrong size, or failing
+        its checksum: every file is read) and drop that shard and all after it, with a warning naming
+        them; the store is then incomplete, and harvesting again with the same settings resumes after
+        the last kept shard (under new file names: see `_shard_stem`). Returns the dropped shards'
+        indices ([] if every shard is intact). Holds the store's lock (`wait` as in helpers.locks)."""
+        path = Path(path)
+        with FolderLock(path, f"repairing the store {path}", wait=wait):
+            mpath = path / "manifest.json"
+            if not mpath.exists():
+                raise StoreError(f"no activation store at {path} (no manifest.json): nothing to repair")
+            manifest = json.loads(mpath.read_text())
+            reader = cls(path, manifest)
+            for k, shard in enumerate(manifest["shards"]):
+                try:
+                    for entry in shard["files"].values():
+                        reader._file(entry, checksum=True)
+                except CorruptShard as e:
+                    n = len(manifest["shards"])
+                    _drop_shards(path, manifest, k, str(e).split(". Repair it")[0], stacklevel=3)
+                    return list(range(k, n))
+            return []
 
     def check_hook(self, hook: str) -> None:
         if hook not in self.hooks:
@@ -152,15 +198,12 @@ class ActivationStore:
     def _file(self, entry: dict, checksum: bool = True) -> Path:
         path = self.path / entry["name"]
         if not path.exists():
-            raise CorruptShard(f"shard file {path} is missing (listed in {self.path / 'manifest.json'}). If it "
-                               "belongs to the last shards, harvesting again with the same settings drops them "
-                               "and resumes; a shard before complete ones cannot be repaired: delete the store folder")
+            raise CorruptShard(f"shard file {path} is missing (listed in {self.path / 'manifest.json'}). "
+                               + repair_advice(self.path))
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise CorruptShard(f"shard file {path} has {size:,} bytes, the manifest says "
-                               f"{entry['bytes']:,}: truncated or overwritten. If it belongs to the last "
-                               "shards, harvesting again with the same settings drops them and resumes; "
-                               "a shard before complete ones cannot be repaired: delete the store folder")
+                               f"{entry['bytes']:,}: truncated or overwritten. " + repair_advice(self.path))
         if checksum and entry["name"] not in self._verified:
             with open(path, "rb") as f:
                 self._check_crc(path, entry, _crc32(f.read()))
@@ -169,7 +212,8 @@ class ActivationStore:
     def _check_crc(self, path: Path, entry: dict, crc: int) -> None:
         if crc != entry["crc32"]:
             raise CorruptShard(f"shard file {path} fails its checksum (crc32 {crc:08x}, manifest "
-                               f"{entry['crc32']:08x}): its contents changed since it was written")
+                               f"{entry['crc32']:08x}): its contents changed since it was written. "
+                               + repair_advice(self.path))
         self._verified.add(entry["name"])
 
     def verify(self, checksums: bool = True) -> None:
@@ -248,7 +292,8 @@ class ActivationStore:
                     break
                 got += n
         if got != len(view):
-            raise CorruptShard(f"shard file {path} ended after {got:,} bytes, expected {len(view):,}")
+            raise CorruptShard(f"shard file {path} ended after {got:,} bytes, expected {len(view):,}. "
+                               + repair_advice(self.path))
         if entry["name"] not in self._verified:
             self._check_crc(path, entry, _crc32(view))
 
@@ -367,13 +412,58 @@ def iter_batches_peak_bytes(n_hooks: int, d_model: int, shard_tokens: int, buffe
             + n_hooks * batch_size * d_model * (item + 2 * out_item))
 
 
-class StoreWriter:
-    """Appends shards to a store folder; resumes an existing one written with the same header."""
+def _drop_shards(path: Path, manifest: dict, keep: int, reason: str, stacklevel: int = 3) -> None:
+    """Drop shards keep.. from the manifest (saved at once, incomplete, in a new file-name generation),
+    delete what is left of their files, and warn naming them and why."""
+    shards = manifest["shards"]
+    dropped = shards[keep:]
+    names = [e["name"] for sh in dropped for e in sh["files"].values()]
+    warnings.warn(
+        f"store {path}: dropping its last {len(dropped)} shard(s) (from shard {dropped[0]['index']}: {reason}; "
+        f"shards {dropped[0]['index']}-{dropped[-1]['index']}, files {names[0]} ... {names[-1]}); "
+        f"{keep} intact shard(s) kept ({sum(s['n_tokens'] for s in shards[:keep]):,} tokens): the harvest "
+        f"resumes after shard {keep - 1}", stacklevel=stacklevel + 1)
+    del shards[keep:]
+    manifest["generation"] = int(manifest.get("generation", 0)) + 1
+    manifest["complete"] = False
+    manifest["n_tokens"] = int(sum(s["n_tokens"] for s in shards))
+    _write_atomic(path / "manifest.json", json.dumps(manifest, indent=1).encode())
+    for name in names:
+        try:
+            (path / name).unlink()
+        except FileNotFoundError:
+            pass
 
-    def __init__(self, path, header: dict):
+
+class StoreWriter:
+    """Appends shards to a store folder; resumes an existing one written with the same header.
+
+    It holds the folder's lock (helpers.locks) from its creation until `finish` or `close` (it is also a
+    context manager): a second writer of the same folder, in another process, waits up to `wait` seconds
+    (None: helpers.locks.default_wait) and is then refused with an error naming the holder."""
+
+    def __init__(self, path, header: dict, wait: float | None = 0.0):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        for tmp in self.path.glob("*.tmp"):  # leftovers of an interrupted write
+        self._lock = FolderLock(self.path, f"writing the activation store {self.path}", wait=wait).acquire()
+        try:
+            self._open(header)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the folder's lock (the store stays as written so far)."""
+        self._lock.release()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open(self, header: dict) -> None:
+        for tmp in self.path.glob("*.tmp"):  # leftovers of an interrupted write (the lock is ours)
             tmp.unlink()
         mpath = self.path / "manifest.json"
         if mpath.exists():
@@ -416,16 +506,8 @@ class StoreWriter:
                 reader._file(entry, checksum=False)  # raises CorruptShard naming a bad file
         if keep == len(shards):
             return
-        dropped = shards[keep:]
-        warnings.warn(
-            f"store {self.path}: dropping its last {len(dropped)} shard(s) (from shard "
-            f"{dropped[0]['index']}: {problem(dropped[0])}), incompletely written or synced; "
-            f"the harvest resumes after shard {keep - 1} ({sum(s['n_tokens'] for s in shards[:keep]):,} tokens)",
-            stacklevel=3)
-        del shards[keep:]
-        self.manifest["complete"] = False
-        self.manifest["n_tokens"] = self.n_tokens
-        self._save_manifest()
+        _drop_shards(self.path, self.manifest, keep, f"{problem(shards[keep])}, incompletely written or synced",
+                     stacklevel=5)
 
     @property
     def next_context(self) -> int:
@@ -461,14 +543,21 @@ class StoreWriter:
         if set(acts) != set(self.manifest["hooks"]):
             raise StoreMismatch(f"shard has hooks {sorted(acts)}, the store {self.manifest['hooks']}")
         index = len(self.manifest["shards"])
-        files = {"meta": _write_atomic(self.path / f"shard_{index:05d}.meta.bin",
-                                       np.ascontiguousarray(meta, dtype=META_DTYPE).tobytes())}
         for hook, x in acts.items():
             if x.shape != (len(meta), self.manifest["d_model"]):
                 raise StoreError(f"{hook}: activations of shape {tuple(x.shape)}, expected "
                                  f"({len(meta)}, {self.manifest['d_model']})")
+        gen = int(self.manifest.get("generation", 0))
+        while any((self.path / n).exists() for n in [f"{_shard_stem(index, gen)}.meta.bin"]
+                  + [_hook_file(index, h, gen) for h in acts]):
+            gen += 1  # a file of that name exists (left by a dropped shard): never write over it
+        if gen != self.manifest.get("generation", 0):
+            self.manifest["generation"] = gen
+        files = {"meta": _write_atomic(self.path / f"{_shard_stem(index, gen)}.meta.bin",
+                                       np.ascontiguousarray(meta, dtype=META_DTYPE).tobytes())}
+        for hook, x in acts.items():
             data = x.detach().to("cpu", self.dtype).contiguous().view(torch.uint16).numpy().tobytes()
-            files[hook] = _write_atomic(self.path / _hook_file(index, hook), data)
+            files[hook] = _write_atomic(self.path / _hook_file(index, hook, gen), data)
         entry = {"index": index, "first_context": first_context, "n_contexts": n_contexts,
                  "n_tokens": len(meta), "files": files}
         if next_resume is not None:
@@ -483,6 +572,7 @@ class StoreWriter:
 
         self.manifest.update(fields, complete=True, n_tokens=self.n_tokens)
         self._save_manifest()
+        self.close()
         sync_drive()
         return ActivationStore(self.path, self.manifest)
 

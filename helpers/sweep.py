@@ -26,7 +26,10 @@ The cache: a sweep's folder is named by a hash of its `fingerprint`, every setti
 results (the profile's fields but those of NOT_RESULT_FIELDS, the train config, VERSION), and its
 ``results.json`` keeps the whole fingerprint, configs included; a results.json whose fingerprint is
 not the current one (code that changed the grid without a VERSION bump, a hash collision) is not
-reused: the sweep is trained again (`load_results`).
+reused: the folder is moved aside to ``<name>.stale-<date>`` (`move_aside`: never deleted, and the
+warning says where) and the sweep is trained again (`load_results`). While a sweep is trained and
+saved its folder is locked (helpers.locks), so two notebooks asking for it train it once. An SAE whose
+loss stops being finite is stopped there (helpers.train), not saved, and never chosen.
 
 The choice, as a rule, on the "select" half of the held-out contexts: among the L1 SAEs of either
 recipe at the profile's ``pick_ratio`` with at most 20% dead latents and an L0 of at most
@@ -42,6 +45,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import warnings
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -50,7 +56,8 @@ from .harvest import get_store
 from .metrics import contexts_from_store, mmcs, reconstruction_metrics, spliced_loss
 from . import architectures
 from .sae import SAEConfig, config_dict, initial_dictionary, load_saelens, normalise_recipe, save_saelens
-from .train import NOT_RESULT_TRAIN_FIELDS, TrainConfig, discard_checkpoints, train_sweep
+from .locks import FolderLock, tmp_name
+from .train import CHECKPOINT, NOT_RESULT_TRAIN_FIELDS, TrainConfig, TrainingError, train_sweep
 
 MAX_DEAD = 0.2
 VERSION = 4  # bump when the training or evaluation changes what a cached sweep holds
@@ -145,8 +152,6 @@ def load_results(profile) -> dict | None:
     now = fingerprint(profile, profile.sae_hook, d_in=d_in)
     if old != now:
         diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
-        import warnings
-
         warnings.warn(f"{results} was made with other settings ({', '.join(diff)} differ): training the sweep again",
                       stacklevel=2)
         return None
@@ -157,14 +162,28 @@ def _sel(row: dict, key: str):
     return row.get(f"select_{key}", row[key])
 
 
+def usable(row: dict) -> bool:
+    """Whether a table row's SAE trained to the end with finite figures (not diverged)."""
+    if row.get("diverged") is not None:
+        return False
+    return all(math.isfinite(_sel(row, k)) for k in ("l0", "fvu", "dead", "ce_recovered_mean")
+               if isinstance(row.get(f"select_{k}", row.get(k)), (int, float)))
+
+
 def choose(rows: list[dict], ratio: float, max_l0: float) -> int:
     """Index of the chosen SAE in the sweep table (the rule in this module's docstring), read from the
     rows' selection-slice columns (``select_dead``, ``select_l0``, ``select_ce_recovered_mean``,
-    ``select_fvu``), never from the columns that are reported."""
+    ``select_fvu``), never from the columns that are reported. A diverged SAE, or one with a non-finite
+    figure, is never chosen (`usable`)."""
     l1 = [i for i, r in enumerate(rows) if architectures.get(r["architecture"]).l1 and r["ratio"] == ratio
           and r.get("massive", True)]
     if not l1:
         raise ValueError(f"the sweep has no L1 SAE of ratio {ratio}")
+    diverged = [rows[i].get("label", i) for i in l1 if not usable(rows[i])]
+    l1 = [i for i in l1 if usable(rows[i])]
+    if not l1:
+        raise ValueError(f"every L1 SAE of ratio {ratio} diverged or has non-finite figures ({diverged}): "
+                         "none can be chosen; lower the learning rate")
     ok = [i for i in l1 if _sel(rows[i], "dead") <= MAX_DEAD and _sel(rows[i], "l0") <= max_l0]
     if ok:
         return max(ok, key=lambda i: _sel(rows[i], "ce_recovered_mean"))
@@ -173,12 +192,13 @@ def choose(rows: list[dict], ratio: float, max_l0: float) -> int:
 
 
 def best_of_recipe(rows: list[dict], recipe: str, ratio: float, max_l0: float) -> int | None:
-    """The SAE the rule would choose among one recipe's L1 SAEs only (None if it has none); "paper" is
-    read as "anthropic2023", its current name."""
+    """The SAE the rule would choose among one recipe's L1 SAEs only (None if it has none that trained to
+    the end); "paper" is read as "anthropic2023", its current name."""
     recipe = normalise_recipe(recipe)
     idx = [i for i, r in enumerate(rows)
            if not architectures.get(r["architecture"]).l1 or normalise_recipe(r["recipe"]) == recipe]
-    if not any(architectures.get(rows[i]["architecture"]).l1 and rows[i]["ratio"] == ratio for i in idx):
+    if not any(architectures.get(rows[i]["architecture"]).l1 and rows[i]["ratio"] == ratio and usable(rows[i])
+               for i in idx):
         return None
     return idx[choose([rows[i] for i in idx], ratio, max_l0)]
 
@@ -297,6 +317,60 @@ def learning_curve_fn(configs, eval_store, hook, model, profile, rule=None):
     return on_eval
 
 
+def move_aside(folder: Path, why: str) -> Path:
+    """Rename a sweep's folder to ``<name>.stale-<date and time>`` beside it (nothing in it is deleted), drop
+    the working checkpoint kept for it in $SAE_SCRATCH (a copy of the one in the folder), and warn
+    saying where it went. Returns the new path."""
+    from .paths import scratch_dir
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = folder.with_name(f"{folder.name}.stale-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = folder.with_name(f"{folder.name}.stale-{stamp}-{n}")
+    folder.rename(dest)
+    scratch = scratch_dir(folder)
+    if scratch is not None and (scratch / CHECKPOINT).exists():
+        (scratch / CHECKPOINT).unlink()
+    warnings.warn(f"{folder} holds a sweep made with other settings ({why}): moved aside to {dest}, kept as it "
+                  "was (delete it once you no longer need its results); the sweep is trained again", stacklevel=3)
+    return dest
+
+
+def _nan_row(cfg, like: dict) -> dict:
+    """A table row for an SAE that diverged: its config, and NaN for every figure of a row like `like`."""
+    out = {k: (float("nan") if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+           for k, v in like.items()}
+    out.update({**dataclasses.asdict(cfg), "ratio": cfg.ratio, "label": cfg.label, "family": cfg.family})
+    return out
+
+
+def evaluate_result(result, eval_store, hook, model, ce_contexts: int, rule=None) -> list[dict]:
+    """`evaluate` the sweep's SAEs that trained to the end; a diverged one (`SweepResult.diverged`) gets a
+    row of NaN figures with ``diverged`` set to the step it diverged at (None for the others)."""
+    ok = [i for i in range(len(result.saes)) if i not in result.diverged]
+    if not ok:
+        raise TrainingError(f"every SAE of the sweep diverged ({result.diverged}): lower the learning rate")
+    done = evaluate([result.saes[i] for i in ok], [result.configs[i] for i in ok], eval_store, hook, model,
+                    ce_contexts, rule)
+    rows = [None] * len(result.saes)
+    for i, r in zip(ok, done):
+        rows[i] = {**r, "diverged": None}
+    for i, step in result.diverged.items():
+        rows[i] = {**_nan_row(result.configs[i], done[0]), "diverged": step}
+    return rows
+
+
+def save_saes(result, rows, folder: Path) -> None:
+    """Save each SAE that trained to the end in SAELens layout (``sae_<i>``); a diverged SAE is not saved."""
+    for i, (sae, row) in enumerate(zip(result.saes, rows)):
+        if row.get("diverged") is not None or not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
+            continue
+        save_saelens(sae.cpu(), folder / f"sae_{i:02d}", extra={"eval": {k: row[k] for k in
+                     ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")}})
+
+
 def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
     """The profile's sweep results (training and evaluating first if needed).
 
@@ -304,15 +378,29 @@ def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
     "eval_split": the held-out contexts chosen on and reported on, "chosen": index, "best_paper":
     index of the anthropic2023 recipe's best (the key keeps its old name), "massive": the rule at the SAE
     hook, "dir": folder, "seconds": training time, "tokens": tokens per SAE}.
+
+    The sweep's folder is locked while it is trained and saved (helpers.locks): another process asking
+    for the same sweep waits for it, then loads what it saved. A folder holding results made with other
+    settings is moved aside (`move_aside`), never deleted. An SAE that diverged is listed in its row
+    (``diverged``: the step), not saved, and never chosen.
     """
     folder = sweep_dir(profile)
-    results = folder / "results.json"
     done = load_results(profile)
     if done is not None:
         return done
-    if results.exists():  # stale: its checkpoint belongs to the same other settings
-        results.unlink()
-        discard_checkpoints(folder)
+    with FolderLock(folder, f"training the sweep {folder.name}", wait=None):
+        return _make_sweep(profile, folder, store, model, progress)
+
+
+def _make_sweep(profile, folder: Path, store, model, progress: bool) -> dict:
+    results = folder / "results.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once already, by get_sweep's own look
+        done = load_results(profile)  # saved by another process while this one waited
+    if done is not None:
+        return done
+    if results.exists():  # stale: the folder (its checkpoint too) belongs to other settings
+        move_aside(folder, "its results.json has another fingerprint")
     if model is None:
         from .models import load_model
 
@@ -327,19 +415,20 @@ def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
     on_eval = learning_curve_fn(configs, eval_store, hook, model, profile, rule)
     result = train_sweep(store, hook, configs, train_config(profile), run_dir=folder, progress=progress,
                          on_eval=on_eval, rules={hook: rule} if rule else None)
-    rows = evaluate(result.saes, result.configs, eval_store, hook, model, profile.ce_contexts, rule)
-    for i, (sae, row) in enumerate(zip(result.saes, rows)):
-        save_saelens(sae.cpu(), folder / f"sae_{i:02d}", extra={"eval": {k: row[k] for k in
-                     ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")}})
+    rows = evaluate_result(result, eval_store, hook, model, profile.ce_contexts, rule)
+    save_saes(result, rows, folder)
     curve = [{"tokens": h["tokens"], "rows": h["eval"]} for h in result.history if "eval" in h]
     history = [h for h in result.history if "eval" not in h]
+    ok = [i for i in range(len(rows)) if rows[i]["diverged"] is None]
     out = {"fingerprint": fingerprint(profile, hook, d_in=store.d_model),
-           "rows": rows, "mmcs": mmcs_table(result.saes, result.configs, profile.seed), "history": history,
-           "curve": curve, "eval_split": eval_split(eval_store),
+           "rows": rows, "mmcs": mmcs_table([result.saes[i] for i in ok], [result.configs[i] for i in ok],
+                                            profile.seed),
+           "history": history, "curve": curve, "eval_split": eval_split(eval_store),
            "chosen": choose(rows, profile.pick_ratio, profile.pick_max_l0),
            "best_paper": best_of_recipe(rows, "anthropic2023", profile.pick_ratio, profile.pick_max_l0),
-           "massive": result.rules[hook].to_json(), "seconds": result.seconds, "tokens": result.tokens}
-    tmp = results.with_suffix(".tmp")
+           "massive": result.rules[hook].to_json(), "seconds": result.seconds, "tokens": result.tokens,
+           "diverged": {result.configs[i].label: step for i, step in result.diverged.items()}}
+    tmp = tmp_name(results)
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(results)
     return {**out, "dir": str(folder)}
@@ -350,7 +439,7 @@ def matched_topk(sweep: dict) -> int | None:
     the 'go beyond the paper' SAE, compared at about the same sparsity (the control trained without
     the massive-activation treatment is never matched)."""
     topk = [i for i, r in enumerate(sweep["rows"])
-            if architectures.get(r["architecture"]).matched_comparison and r.get("massive", True)]
+            if architectures.get(r["architecture"]).matched_comparison and r.get("massive", True) and usable(r)]
     if not topk:
         return None
     l0 = sweep["rows"][sweep["chosen"]]["l0"]
@@ -365,7 +454,7 @@ def matched_others(sweep: dict) -> dict[str, int]:
     out: dict[str, int] = {}
     for i, r in enumerate(sweep["rows"]):
         arch = architectures.get(r["architecture"])
-        if arch.l1 or arch.matched_comparison or not r.get("massive", True):
+        if arch.l1 or arch.matched_comparison or not r.get("massive", True) or not usable(r):
             continue
         j = out.get(r["family"])
         if j is None or abs(r["l0"] - l0) < abs(sweep["rows"][j]["l0"] - l0):
@@ -374,6 +463,10 @@ def matched_others(sweep: dict) -> dict[str, int]:
 
 
 def load_sweep_sae(sweep: dict, i: int):
+    step = sweep["rows"][i].get("diverged")
+    if step is not None:
+        raise TrainingError(f"SAE {i} of the sweep in {sweep['dir']} ({sweep['rows'][i].get('label')}) diverged at "
+                            f"step {step}: it was not saved")
     return load_saelens(Path(sweep["dir"]) / f"sae_{i:02d}")
 
 
@@ -404,10 +497,16 @@ def layer_saes(profile, store, sweep: dict, progress: bool = True) -> dict:
     folder = profile.cache_dir / "sae" / f"layers-{_key(profile, [repr(c) for _, _, c in jobs])}"
     paths = [folder / f"L{layer}-{name.replace(' ', '_')}" for layer, name, _ in jobs]
     if not all((p / "cfg.json").exists() for p in paths):
-        tc = dataclasses.replace(train_config(profile), eval_at=())
-        res = train_sweep(store, None, [c for _, _, c in jobs], tc, run_dir=folder, progress=progress)
-        for sae, p in zip(res.saes, paths):
-            save_saelens(sae.cpu(), p)
+        with FolderLock(folder, f"training the layer SAEs {folder.name}", wait=None):
+            if not all((p / "cfg.json").exists() for p in paths):  # saved by another process meanwhile
+                tc = dataclasses.replace(train_config(profile), eval_at=())
+                res = train_sweep(store, None, [c for _, _, c in jobs], tc, run_dir=folder, progress=progress)
+                if res.diverged:
+                    raise TrainingError("layer SAEs diverged: " + ", ".join(
+                        f"L{jobs[i][0]} {jobs[i][1]} at step {step}" for i, step in res.diverged.items())
+                        + f" (in {folder}); none of this run is saved: lower the learning rate")
+                for sae, p in zip(res.saes, paths):
+                    save_saelens(sae.cpu(), p)
     for (layer, name, _), p in zip(jobs, paths):
         out[(layer, name)] = load_saelens(p)
     return out

@@ -35,8 +35,17 @@ folder, rewritten in place: `Checkpoints`); a run started again with the same se
 the newest checkpoint that loads (a truncated one is named in a warning and passed over) and ends
 with the same SAEs as an uninterrupted run, skipping the batches already trained on without reading
 them (`ActivationStore.iter_batches`' `start`); a run that had finished returns at once, reading nothing.
+Bit for bit holds on the same setting only: a checkpoint records the CPU thread count, the device and
+the resolved precision (`run_setting`), and a resume on another one warns naming the old and new values
+(the improved recipe's per-SAE clip, for one, sums in an order that depends on the thread count). A
+checkpoint that cannot be read is named in every message about it. The run folder is locked while it
+trains (helpers.locks): a second process training the same folder waits, or is refused naming the
+holder; temporary files have names unique to their process.
 A batch holding NaN or inf stops training with an error naming the step and the shard, and the last
-good checkpoint is kept. `on_eval(step, tokens,
+good checkpoint is kept. An SAE whose loss stops being finite (a learning rate that diverges) is
+stopped at that step with a warning naming it: its gradients and Adam state are zeroed from then on,
+the others train on unchanged, and `SweepResult.diverged` lists it (helpers.sweep neither saves nor
+chooses it); if every SAE diverges, training stops with an error. `on_eval(step, tokens,
 saes)` is called at the steps in `eval_at` with snapshots of every SAE (learning curves); what it
 returns is kept in the history.
 """
@@ -49,12 +58,14 @@ import shutil
 import time
 import warnings
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .locks import FolderLock, tmp_name
 from .models import resolve_device
 from .sae import SAEConfig, SAEStack
 
@@ -129,6 +140,7 @@ class SweepResult:
     seconds: float
     tokens: int
     rules: dict = dataclasses.field(default_factory=dict)  # hook -> helpers.massive.Massive
+    diverged: dict = dataclasses.field(default_factory=dict)  # config index -> step its loss stopped being finite
 
 
 def _lr_factor(step: int, total: int, tc: TrainConfig) -> float:
@@ -194,8 +206,15 @@ def load_checkpoint(path: Path) -> dict:
     """A training checkpoint, every tensor on the CPU: the trainer moves each part to its device
     (parameters and optimizer state through load_state_dict), and the generators' states, kept as
     bytes, must stay CPU tensors (`Generator.set_state` refuses a CUDA one, which is what
-    map_location="cuda" used to make of them)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    map_location="cuda" used to make of them). A file that does not load (truncated, empty, not a
+    checkpoint) raises TrainingError naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        int(state["step"])
+    except Exception as e:
+        raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}): truncated, "
+                            "incompletely synced, or not a checkpoint") from e
+    return state
 
 
 def restore_generators(gens: list[torch.Generator], states: list) -> None:
@@ -208,9 +227,13 @@ def restore_generators(gens: list[torch.Generator], states: list) -> None:
 
 def _save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp = tmp_name(path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _copy_in_place(src: Path, dest: Path) -> None:
@@ -268,11 +291,13 @@ class Checkpoints:
             try:
                 state = load_checkpoint(path)
                 step = int(state["step"])
+                saved = dict(state["fingerprint"])
             except Exception as e:  # truncated (a cut-short upload), empty, or not a checkpoint
-                bad.append(f"{path} ({type(e).__name__}: {str(e)[:120]})")
+                cause = e.__cause__ or e
+                bad.append(f"{path} ({type(cause).__name__}: {str(cause)[:120]})")
                 continue
-            if fingerprint is not None and state["fingerprint"] != fingerprint:
-                diff = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
+            if fingerprint is not None and saved != fingerprint:
+                diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
                 raise TrainingError(f"checkpoint {path} was made with other settings ({', '.join(diff)} "
                                     "differ): use another run folder, or delete it to start afresh")
             if path in self.copies:
@@ -377,16 +402,17 @@ def resample_dead(stack: SAEStack, row: int, dead: torch.Tensor, x: torch.Tensor
 
 
 def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since_fired: list[torch.Tensor],
-               tc: TrainConfig, l1_scale: float = 1.0, autocast=None, scaler=None) -> list[dict]:
+               tc: TrainConfig, l1_scale: float = 1.0, autocast=None, scaler=None,
+               frozen: list[torch.Tensor] | None = None) -> list[dict]:
     """One optimisation step of every stack on its batch (xs[s] for stacks[s]): losses (through the
     sparse or dense path) and a backward pass per stack (one graph alive at a time), the gradient
     scaler's unscaling (fp16), the recipe's gradient treatment (unit-norm projection, or per-SAE
     clipping), Adam (skipped by the scaler if a gradient overflowed), the LR schedule, renormalisation
     and dead-latent counters. `l1_scale` is the improved recipe's α warm-up factor. Returns each
     stack's losses (with "grad_norm" [n], the pre-clip gradient norms in the clip's units, for the
-    stacks that clip)."""
-    from contextlib import nullcontext
-
+    stacks that clip). With `frozen` (a bool [n] per stack), the gradients of the frozen SAEs and of every
+    SAE whose loss is not finite this step are set to zero before any other gradient treatment, so that a
+    diverged SAE changes no other (its NaN would otherwise stop the scaler's steps for all)."""
     outs = []
     opt.zero_grad(set_to_none=True)
     for s, st in enumerate(stacks):
@@ -399,6 +425,13 @@ def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since
         (loss if scaler is None else scaler.scale(loss)).backward()
         out["loss"] = out["loss"].detach()
         outs.append(out)
+    if frozen is not None:
+        for st, out, fr in zip(stacks, outs, frozen):
+            stop = fr | ~torch.isfinite(out["loss"])
+            if bool(stop.any()):
+                for p in st.parameters():
+                    if p.grad is not None:
+                        p.grad[stop] = 0
     if scaler is not None:
         scaler.unscale_(opt)  # true gradients before the projection and the clip
     for st, out in zip(stacks, outs):
@@ -483,24 +516,47 @@ class _Run:
     history: list = dataclasses.field(default_factory=list)
     step: int = 0
     seconds: float = 0.0
+    setting: dict = dataclasses.field(default_factory=dict)  # threads, device, precision (see `run_setting`)
+    diverged: dict = dataclasses.field(default_factory=dict)  # config index -> step its loss stopped being finite
+
+    def frozen(self) -> list[torch.Tensor]:
+        """Per stack, a bool [n]: the SAEs that diverged (trained no further)."""
+        out = [torch.zeros(st.n, dtype=torch.bool, device=st.b_dec.device) for st in self.stacks]
+        for i in self.diverged:
+            s, row = self.where[i]
+            out[s][row] = True
+        return out
 
     def restore(self, device) -> None:
-        """Continue from the checkpoint, if there is one (it must have been made with the same settings)."""
+        """Continue from the checkpoint, if there is one (it must have been made with the same settings;
+        one made on another thread count, device or precision is used with a warning naming both)."""
         if self.ckpt is None:
             return
         found = self.ckpt.load(self.fingerprint)
         if found is None:
             return
-        state = found[1]
-        for st, sd in zip(self.stacks, state["stacks"]):
-            st.load_state_dict(sd)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.since_fired = [t.to(device) for t in state["since_fired"]]
-        restore_generators(self.gens, state["generators"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.history, self.step, self.seconds = state["history"], state["step"], state["seconds"]
+        path, state = found
+        try:
+            for st, sd in zip(self.stacks, state["stacks"]):
+                st.load_state_dict(sd)
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.since_fired = [t.to(device) for t in state["since_fired"]]
+            restore_generators(self.gens, state["generators"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.history, self.step, self.seconds = state["history"], state["step"], state["seconds"]
+            self.diverged = {int(k): int(v) for k, v in (state.get("diverged") or {}).items()}
+        except Exception as e:
+            raise TrainingError(f"checkpoint {path} loads but cannot be restored ({type(e).__name__}: "
+                                f"{str(e)[:200]}): delete it to start afresh") from e
+        old = state.get("setting")
+        if old is not None and old != self.setting:
+            diff = ", ".join(f"{k} {old.get(k)!r} -> {self.setting.get(k)!r}" for k in self.setting
+                             if old.get(k) != self.setting.get(k))
+            warnings.warn(f"checkpoint {path} (step {self.step}) was made with another setting ({diff}): training "
+                          "continues, but it will not end bit for bit as an uninterrupted run would have (that holds "
+                          "only on the same thread count, device and precision)", stacklevel=3)
 
     def save(self) -> None:
         if self.ckpt is not None:
@@ -509,7 +565,8 @@ class _Run:
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "since_fired": self.since_fired, "generators": [bytes(g.get_state().numpy()) for g in self.gens],
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "history": self.history, "step": self.step, "seconds": self.seconds})
+                "history": self.history, "step": self.step, "seconds": self.seconds,
+                "setting": self.setting, "diverged": self.diverged})
 
     def snapshot(self) -> list[SAEStack]:
         """Every SAE as it would be if training stopped now (improved-recipe norms folded)."""
@@ -545,13 +602,53 @@ def _check_finite(x_all: torch.Tensor, index: torch.Tensor, store, hooks: list[s
                             f"good checkpoint is kept{f' in {ckpt}' if ckpt else ''}")
 
 
+def run_setting(device: torch.device, precision: str) -> dict:
+    """What a checkpoint records of where it was made: CPU threads, device (with the GPU's name) and the
+    resolved precision. Kill-and-resume is bit-identical only when the resume has the same setting (the
+    improved recipe's per-SAE clip sums in a thread-count-dependent order, for one)."""
+    name = str(device)
+    if device.type == "cuda":
+        try:
+            name += f" ({torch.cuda.get_device_name(device)})"
+        except Exception:  # pragma: no cover - a device that cannot say
+            pass
+    return {"threads": torch.get_num_threads(), "device": name, "precision": resolve_precision(device, precision)}
+
+
+def _note_divergence(run: "_Run", outs: list[dict], configs, opt, step: int, tc: TrainConfig) -> None:
+    """Mark every SAE whose loss is not finite at `step` as diverged (warning, naming it and the step) and
+    clear its Adam state, so that it is trained no further; stop the run if none is left."""
+    fresh = []
+    for i, (s, row) in enumerate(run.where):
+        if i not in run.diverged and not bool(torch.isfinite(outs[s]["loss"][row])):
+            run.diverged[i] = step
+            fresh.append(i)
+            st = run.stacks[s]
+            for p in st.parameters():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if p in opt.state and key in opt.state[p]:
+                        opt.state[p][key][row] = 0
+    for i in fresh:
+        warnings.warn(f"SAE {i} ({configs[i].label}) diverged at step {step}: its loss is not finite (lr "
+                      f"{tc.lr:g}). It is trained no further and will not be saved or chosen; the others go on. "
+                      "A lower learning rate trains it", stacklevel=4)
+    if fresh and len(run.diverged) == len(configs):
+        raise TrainingError(f"every SAE diverged (the last at step {step}, lr {tc.lr:g}): training stopped; "
+                            "lower the learning rate")
+
+
 def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConfig = TrainConfig(),
-                run_dir=None, progress: bool = True, on_eval=None, rules: dict | None = None) -> SweepResult:
+                run_dir=None, progress: bool = True, on_eval=None, rules: dict | None = None,
+                wait: float | None = None) -> SweepResult:
     """Train every config on the store's activations, reading the data once.
 
     hook: the hook for configs that name none (None: every config trains at its own hook_name).
     rules: {hook: helpers.massive.Massive} to use instead of fitting the massive rule on the store.
     run_dir: where the checkpoint is kept (every tc.checkpoint_every steps); an interrupted sweep resumes.
+    The run folder is locked while it trains (helpers.locks): another process training the same folder
+    waits for it (`wait` seconds; None: helpers.locks.default_wait), then resumes from its checkpoint.
+    An SAE whose loss stops being finite is stopped there (a warning names it and the step) and listed
+    in the result's `diverged`; the others train on.
     """
     if not configs:
         raise ValueError("no SAE configs given")
@@ -559,21 +656,38 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
     hooks = _validate(store, configs, tc)
     device = resolve_device(tc.device)
     total_steps = tc.total_tokens // tc.batch_size
-    stacks, where, rules = prepare_stacks(store, configs, hooks, tc, rules, device)
-    opt, sched = make_optimizer(stacks, tc, total_steps)
-    autocast, scaler = amp(device, tc.precision)
-    # One generator per SAE, seeded by the seed and the SAE's own config, so that resampling draws
-    # the same inputs whether the SAE trains alone or in a sweep.
-    gens = [torch.Generator().manual_seed(tc.seed * 1_000_003 + zlib.crc32(repr(c).encode())) for c in configs]
-    gen_of = {pos: gens[i] for i, pos in enumerate(where)}
-    run = _Run(stacks, where, opt, sched, scaler,
-               [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device) for st in stacks], gens,
-               _fingerprint(configs, tc, store), Checkpoints(run_dir) if run_dir is not None else None)
-    run.restore(device)
-    if run.step >= total_steps:  # finished before: nothing to read or train
-        return SweepResult(run.snapshot(), list(configs), run.history, run.seconds, total_steps * tc.batch_size,
-                           rules)
+    lock = (FolderLock(run_dir, f"training {len(configs)} SAEs in {run_dir}", wait=wait)
+            if run_dir is not None else nullcontext())
+    with lock:
+        stacks, where, rules = prepare_stacks(store, configs, hooks, tc, rules, device)
+        opt, sched = make_optimizer(stacks, tc, total_steps)
+        autocast, scaler = amp(device, tc.precision)
+        # One generator per SAE, seeded by the seed and the SAE's own config, so that resampling draws
+        # the same inputs whether the SAE trains alone or in a sweep.
+        gens = [torch.Generator().manual_seed(tc.seed * 1_000_003 + zlib.crc32(repr(c).encode())) for c in configs]
+        gen_of = {pos: gens[i] for i, pos in enumerate(where)}
+        run = _Run(stacks, where, opt, sched, scaler,
+                   [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device) for st in stacks], gens,
+                   _fingerprint(configs, tc, store), Checkpoints(run_dir) if run_dir is not None else None,
+                   setting=run_setting(device, tc.precision))
+        run.restore(device)
+        if run.step < total_steps:
+            _train_loop(run, store, configs, hooks, tc, total_steps, device, gen_of, autocast, scaler, progress,
+                        on_eval)
+        for i, sae in enumerate(snap := run.snapshot()):  # an SAE gone non-finite without a non-finite loss
+            if i not in run.diverged and not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
+                run.diverged[i] = run.step
+                warnings.warn(f"SAE {i} ({configs[i].label}) ended with non-finite weights: it will not be saved "
+                              "or chosen", stacklevel=2)
+        return SweepResult(snap, list(configs), run.history, run.seconds, total_steps * tc.batch_size, rules,
+                           dict(run.diverged))
+
+
+def _train_loop(run, store, configs, hooks, tc, total_steps, device, gen_of, autocast, scaler, progress,
+                on_eval) -> None:
+    stacks, where, opt, sched = run.stacks, run.where, run.opt, run.sched
     grad_max = [None] * len(configs)  # largest pre-clip gradient norm since the last log, per SAE
+    frozen = run.frozen()
 
     epochs = math.ceil(total_steps * tc.batch_size / store.n_tokens) + 1
     batches = store.iter_batches(hooks, tc.batch_size, seed=tc.seed, epochs=epochs, drop_last=True,
@@ -592,16 +706,19 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
             _check_finite(x_all, index, store, hooks, run.step, run.ckpt)
             outs = train_step(stacks, [x_all[hook_index[st.configs[0].hook_name]] for st in stacks], opt, sched,
                               run.since_fired, tc, l1_scale=min(1.0, (run.step + 1) / warm_l1), autocast=autocast,
-                              scaler=scaler)
+                              scaler=scaler, frozen=frozen)
             run.step += 1
             step = run.step
+            if not all(bool(torch.isfinite(o["loss"]).all()) for o in outs):
+                _note_divergence(run, outs, configs, opt, step, tc)
+                frozen = run.frozen()
             for i, (s, row) in enumerate(where):
                 if "grad_norm" in outs[s]:
                     g = float(outs[s]["grad_norm"][row])
                     grad_max[i] = g if grad_max[i] is None else max(grad_max[i], g)
             if (tc.resample_every and step % tc.resample_every == 0
                     and step < tc.resample_until * total_steps):
-                _resample(stacks, run.since_fired, store, tc, step, opt, gen_of, device)
+                _resample(stacks, run.since_fired, store, tc, step, opt, gen_of, device, frozen)
             if step % tc.log_every == 0 or step == total_steps:
                 rec = run.log(outs, grad_max, tc)
                 grad_max = [None] * len(configs)
@@ -623,12 +740,12 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
     run.seconds += time.perf_counter() - t0
     if run.ckpt is not None and run.step % tc.checkpoint_every:  # else saved at this step already
         run.save()
-    return SweepResult(run.snapshot(), list(configs), run.history, run.seconds, total_steps * tc.batch_size, rules)
 
 
-def _resample(stacks, since_fired, store, tc: TrainConfig, step: int, opt, gen_of, device) -> None:
+def _resample(stacks, since_fired, store, tc: TrainConfig, step: int, opt, gen_of, device, frozen=None) -> None:
     """Resample the dead latents of every paper-recipe L1 SAE from one pool of stored inputs per hook
-    (the same pool, drawn from the step and seed, whether an SAE trains alone or in a sweep)."""
+    (the same pool, drawn from the step and seed, whether an SAE trains alone or in a sweep); diverged
+    (`frozen`) SAEs are left alone."""
     pools = {}
     for s, st in enumerate(stacks):
         if not st.arch.resamples or not st.unit_norm:
@@ -639,6 +756,8 @@ def _resample(stacks, since_fired, store, tc: TrainConfig, step: int, opt, gen_o
             n = min(tc.resample_pool, store.n_tokens)
             pools[hook] = store.rows(hook, torch.randperm(store.n_tokens, generator=g)[:n]).to(device)
         for row in range(st.n):
+            if frozen is not None and bool(frozen[s][row]):
+                continue
             dead = since_fired[s][row] >= tc.dead_window
             if resample_dead(st, row, dead, pools[hook], opt, gen_of[(s, row)]):
                 since_fired[s][row][dead] = 0

@@ -4,8 +4,11 @@ tests/test_train.py checks the same properties on tiny data (d=16, batches of 12
 kernel runs on one thread. Here batches hold enough active (token, latent) pairs (more than torch's
 parallel grain of 32768) that the sparse path's gathers and scatters run on several threads: a
 kernel that sums with float atomics or in a thread-dependent order would make two runs differ.
-The tests run at 2 threads (and one at 1 thread).
+The tests run at 2 threads (and one at 1 thread). Bit-identity holds on the same thread count, device
+and precision: a checkpoint records them, and a resume on another setting warns (tests/test_train.py).
 """
+import warnings
+
 import pytest
 import torch
 
@@ -89,5 +92,9 @@ def test_resume_equals_uninterrupted(store, threads, tmp_path, monkeypatch):
         train_sweep(store, HOOK, configs, TC, run_dir=tmp_path / "b", progress=False)
     monkeypatch.setattr(SAEStack, "losses", real)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 8
-    resumed = weights(train_sweep(store, HOOK, configs, TC, run_dir=tmp_path / "b", progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same threads, device and precision: no setting warning
+        resumed = weights(train_sweep(store, HOOK, configs, TC, run_dir=tmp_path / "b", progress=False))
     assert_bitwise(clean, resumed, configs)
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["setting"]
+    assert saved == {"threads": threads, "device": "cpu", "precision": "fp32"}

@@ -304,6 +304,7 @@ def test_incomplete_last_shard_is_dropped_and_the_harvest_resumes(tmp_path, dama
     with pytest.warns(UserWarning, match=r"dropping its last 1 shard\(s\) \(from shard 4: shard_00004"):
         w = StoreWriter(tmp_path / "synced", header())
     assert w.next_context == 4 and not w.manifest["complete"]
+    w.close()
     on_disk = json.loads((tmp_path / "synced" / "manifest.json").read_text())
     assert len(on_disk["shards"]) == 4 and on_disk["n_tokens"] == 160 and not on_disk["complete"]
     _same_store(_resume(tmp_path / "synced"), clean)
@@ -330,7 +331,7 @@ def test_bad_shard_before_complete_ones_is_an_error_naming_it(tmp_path):
     manifest = (tmp_path / "manifest.json").read_text()
     with pytest.raises(CorruptShard, match=f"shard_00002.{HOOKS[0]}.bin has 630 bytes") as err:
         StoreWriter(tmp_path, header())
-    assert "cannot be repaired: delete the store folder" in str(err.value)  # no editing of the manifest by hand
+    assert f"ActivationStore.repair({str(tmp_path)!r})" in str(err.value)  # exactly what to run
     (tmp_path / "shard_00004.meta.bin").unlink()  # a bad last shard too: the middle one is still named
     with pytest.raises(CorruptShard, match="shard_00002"):
         StoreWriter(tmp_path, header())
@@ -387,3 +388,55 @@ def test_harvest_through_get_store_repairs_a_store_whose_last_shard_did_not_sync
     assert again.complete and np.array_equal(again.tokens(), clean.tokens())
     for h in p.hooks:
         assert torch.equal(again.activations(h), clean.activations(h))
+
+
+def _files(path):
+    return sorted(f.name for f in path.iterdir() if f.name.startswith("shard_"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flip", "missing"])
+def test_repair_keeps_the_shards_before_a_bad_one_and_the_harvest_resumes_under_new_names(tmp_path, damage):
+    """A bad shard followed by complete ones: the error says to run `ActivationStore.repair(path)`, which
+    keeps the intact shards before it and drops the rest with a warning naming them; the resumed harvest
+    writes names no dropped file had, and ends as an uninterrupted store."""
+    clean, _ = make_store(tmp_path / "clean")
+    path = tmp_path / "store"
+    make_store(path)
+    victim = path / f"shard_00002.{HOOKS[0]}.bin"
+    data = bytearray(victim.read_bytes())
+    if damage == "truncated":
+        victim.write_bytes(data[:-10])
+    elif damage == "bit flip":
+        data[17] ^= 0x04
+        victim.write_bytes(data)
+    else:
+        victim.unlink()
+    store = ActivationStore.open(path, verify="none")
+    with pytest.raises(CorruptShard, match="shard_00002") as err:
+        store.verify()
+    assert f"ActivationStore.repair({str(path)!r})" in str(err.value)
+    dropped_names = {e["name"] for sh in store.shards[2:] for e in sh["files"].values()}
+    with pytest.warns(UserWarning, match=r"dropping its last 3 shard\(s\) \(from shard 2: .*shard_00002\."):
+        assert ActivationStore.repair(path) == [2, 3, 4]
+    kept = ActivationStore.open(path, verify="full")
+    assert len(kept.shards) == 2 and not kept.complete and kept.n_tokens == 80
+    assert ActivationStore.repair(path) == []  # nothing more to drop
+    for name in dropped_names:  # a late upload of a dropped file: it must not be taken for a new shard
+        (path / name).write_bytes(b"late")
+    resumed = _resume(path)
+    new_names = {e["name"] for sh in resumed.shards[2:] for e in sh["files"].values()}
+    assert not new_names & dropped_names and all("-g1." in n for n in new_names), new_names
+    assert all((path / n).read_bytes() == b"late" for n in dropped_names)  # never written over
+    _same_store(resumed, clean)
+    ActivationStore.open(path, verify="full")
+
+
+def test_dropped_last_shard_is_harvested_again_under_a_new_name(tmp_path):
+    make_store(tmp_path)
+    (tmp_path / "shard_00004.meta.bin").unlink()
+    old = _files(tmp_path)
+    with pytest.warns(UserWarning, match="dropping its last 1 shard"):
+        store = _resume(tmp_path)
+    assert "shard_00004-g1.meta.bin" in _files(tmp_path)
+    assert not set(e["name"] for e in store.shards[4]["files"].values()) & set(old)
+    store.verify()

@@ -173,3 +173,84 @@ def test_results_with_a_stale_fingerprint_are_not_reused(tmp_path, monkeypatch):
         assert sweep.load_results(p) is None
     monkeypatch.setattr(sweep, "VERSION", sweep.VERSION + 1)  # a new VERSION: a new folder
     assert sweep.sweep_dir(p) != folder
+
+
+def test_choose_never_picks_a_diverged_or_non_finite_sae():
+    nan = float("nan")
+    rows = [_row(0, nan, nan, select_fvu=nan, fvu=nan), _row(1, 0.90, 0.90)]
+    assert choose(rows, 4, 50) == 1
+    rows = [_row(0, 0.99, 0.99, diverged=7), _row(1, 0.90, 0.90)]
+    assert choose(rows, 4, 50) == 1
+    rows = [_row(0, nan, nan, select_fvu=nan, select_dead=0.9), _row(1, 0.5, 0.5, select_dead=0.9)]
+    assert choose(rows, 4, 50) == 1  # the fallback (lowest FVU among all) skips it too
+    with pytest.raises(ValueError, match="diverged or has non-finite figures"):
+        choose([_row(0, nan, nan, select_fvu=nan)], 4, 50)
+    from helpers.sweep import best_of_recipe
+
+    rows = [_row(0, 0.9, 0.9, recipe="anthropic2023", diverged=3), _row(1, 0.8, 0.8)]
+    assert best_of_recipe(rows, "anthropic2023", 4, 50) is None and best_of_recipe(rows, "improved", 4, 50) == 1
+
+
+def test_save_saes_skips_a_diverged_sae(tmp_path):
+    from helpers.sweep import save_saes
+    from helpers.train import SweepResult
+
+    configs = [SAEConfig(D, 32, l1_coefficient=1e-3), SAEConfig(D, 32, l1_coefficient=1e-2)]
+    saes = [SAEStack([c], seed=0) for c in configs]
+    with torch.no_grad():
+        saes[1].W_enc.fill_(float("nan"))
+    row = {k: 0.0 for k in ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")}
+    result = SweepResult(saes, configs, [], 0.0, 0, diverged={1: 3})
+    save_saes(result, [{**row, "diverged": None}, {**row, "diverged": 3}], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae_00"]
+
+
+def test_a_stale_sweep_is_moved_aside_not_deleted(tmp_path, monkeypatch):
+    import json
+
+    from helpers import sweep
+    from helpers.profiles import get_profile
+
+    monkeypatch.setenv("SAE_CACHE", str(tmp_path))
+    p = get_profile("test")
+    folder = sweep.sweep_dir(p)
+    folder.mkdir(parents=True)
+    stale = json_ready({"fingerprint": sweep.fingerprint(p, p.sae_hook, d_in=D), "rows": [], "chosen": 0})
+    stale["fingerprint"]["configs"][0]["l1_coefficient"] *= 2
+    (folder / "results.json").write_text(json.dumps(stale))
+    (folder / "sae_00").mkdir()
+    (folder / "sae_00" / "cfg.json").write_text("{}")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **kw):
+        raise Stop
+
+    monkeypatch.setattr(sweep, "get_store", stop)  # stop once the folder is dealt with
+    with pytest.warns(UserWarning, match=r"moved aside to .*\.stale-\d{8}-\d{6}") as got, pytest.raises(Stop):
+        sweep.get_sweep(p, model=object(), progress=False)
+    moved = [f for f in folder.parent.iterdir() if f.name.startswith(folder.name + ".stale-")]
+    assert len(moved) == 1 and str(moved[0]) in " ".join(str(w.message) for w in got)
+    assert json.loads((moved[0] / "results.json").read_text()) == stale  # the reader's results, intact
+    assert (moved[0] / "sae_00" / "cfg.json").exists()
+
+
+def test_a_diverged_sae_is_not_evaluated_and_its_row_says_so(monkeypatch):
+    from helpers import sweep
+    from helpers.train import SweepResult
+
+    configs = [SAEConfig(D, 32, l1_coefficient=a) for a in (1e-3, 1e-2, 3e-2)]
+    asked = []
+
+    def fake_evaluate(saes, cfgs, *a, **kw):
+        asked.extend(cfgs)
+        return [{**dataclasses.asdict(c), "label": c.label, "l0": 5.0, "fvu": 0.1, "n_eval": 100} for c in cfgs]
+
+    monkeypatch.setattr(sweep, "evaluate", fake_evaluate)
+    result = SweepResult([None] * 3, configs, [], 0.0, 0, diverged={1: 9})
+    rows = sweep.evaluate_result(result, None, HOOK, None, 1)
+    assert asked == [configs[0], configs[2]]
+    assert [r["diverged"] for r in rows] == [None, 9, None]
+    assert rows[1]["label"] == configs[1].label and rows[1]["l1_coefficient"] == 1e-2
+    assert all(v != v for k, v in rows[1].items() if k in ("l0", "fvu", "n_eval"))  # NaN figures

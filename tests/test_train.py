@@ -433,3 +433,55 @@ def test_a_finished_run_returns_at_once_without_reading_the_store(data, tmp_path
     assert all(torch.equal(x, y) for x, y in zip(weights(first), weights(again)))
     assert again.history == first.history
     assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == saved, "nothing to save again"
+
+
+def test_a_diverging_sae_is_stopped_and_named_and_the_others_train_on(data, tmp_path):
+    """At a learning rate that diverges, each SAE whose loss stops being finite is named with its step and
+    trained no further; the one that stays finite trains on exactly as it would alone; the record of
+    which diverged survives the checkpoint."""
+    store, _ = data
+    tc = TrainConfig(**{**TC.__dict__, "lr": 1e12, "warmup_steps": 1})
+    with pytest.warns(UserWarning, match=r"SAE 0 \(.*\) diverged at step \d+: its loss is not finite") as got:
+        res = train_sweep(store, HOOK, CONFIGS, tc, run_dir=tmp_path, progress=False)
+    named = {int(str(w.message).split()[1]) for w in got if "diverged at step" in str(w.message)}
+    assert set(res.diverged) == named and 2 not in res.diverged and len(res.diverged) >= 2, res.diverged
+    assert all(torch.isfinite(p).all() for p in res.saes[2].parameters())  # the tied SAE trained on
+    alone = train_sweep(store, HOOK, CONFIGS[2:3], tc, progress=False)
+    assert torch.equal(weights(alone)[0], weights(res)[2])
+    again = train_sweep(store, HOOK, CONFIGS, tc, run_dir=tmp_path, progress=False)  # finished: from the checkpoint
+    assert again.diverged == res.diverged
+    only_diverging = [CONFIGS[0], CONFIGS[1]]
+    with pytest.raises(TrainingError, match="every SAE diverged"), pytest.warns(UserWarning):
+        train_sweep(store, HOOK, only_diverging, tc, progress=False)
+
+
+def test_resume_on_another_thread_count_warns_naming_both(data, tmp_path, monkeypatch):
+    import warnings
+
+    store, _ = data
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _killed_at_step_21(store, tmp_path, monkeypatch)
+        saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["setting"]
+        assert saved == {"threads": 2, "device": "cpu", "precision": "fp32"}
+        torch.set_num_threads(1)
+        with pytest.warns(UserWarning, match=r"checkpoint .*checkpoint\.pt \(step 16\) was made with another setting "
+                                             r"\(threads 2 -> 1\).*same thread count"):
+            train_sweep(store, HOOK, CONFIGS, TC, run_dir=tmp_path, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same setting: no warning
+            train_sweep(store, HOOK, CONFIGS, TC, run_dir=tmp_path, progress=False)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_a_truncated_checkpoint_is_named(data, tmp_path):
+    from helpers.train import load_checkpoint
+
+    store, _ = data
+    train_sweep(store, HOOK, CONFIGS[:1], TC, run_dir=tmp_path, progress=False)
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:500])
+    with pytest.raises(TrainingError, match=f"checkpoint {ckpt} cannot be read"):
+        load_checkpoint(ckpt)
