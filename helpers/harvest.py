@@ -126,7 +126,7 @@ def harvest(model, path, hooks, *, corpus: str = "brown", split: str = "train", 
             sl = slice(i * per_ctx, (i + 1) * per_ctx)
             meta["token"][sl] = c.tokens[1:]
             meta["doc"][sl] = c.doc
-            meta["tok_pos"][sl] = c.start + np.arange(per_ctx)
+            meta["tok_pos"][sl] = c.tok_pos
             meta["ctx"][sl] = c.index
             meta["pos"][sl] = c.pos
             meta["genre"][sl] = c.genre
