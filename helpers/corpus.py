@@ -385,12 +385,14 @@ def pile_subsets_read(position: dict, split: str = "train") -> set[str] | None:
     """The genres (Pile subsets, or PILE_OTHER) of the documents a packed stream served up to
     `position` (the `resume_next` of its last context, e.g. a store's last shard's
     ``next_resume``), read again from $SAE_PILE's files without tokenising; None for the hub
-    stream. Every document before that position has tokens in those contexts (packing drops
-    none), so these are exactly the subsets among the harvested tokens."""
+    stream, or when $SAE_PILE is not set. Every document up to that position has tokens in
+    those contexts (packing drops none), so these are exactly the subsets among their tokens."""
     if position is None or position.get("source") != "files":
         return None
     files = pile_files(split)
-    if files is None or position["file"] >= len(files) or files[position["file"]].name != position["name"]:
+    if files is None:
+        return None
+    if position["file"] >= len(files) or files[position["file"]].name != position["name"]:
         raise ValueError(f"the files of {PILE_TEST_ENV if split == 'test' else PILE_ENV} are not those the "
                          f"stream was read from (it stopped in {position['name']!r})")
     seen = set()

@@ -2,6 +2,7 @@
 files (SAE_PILE) and from a stand-in hub stream, and resuming both from a saved position."""
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -377,3 +378,36 @@ def test_a_non_editable_install_keeps_the_data(tmp_path):
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")})
     n, data_dir = out.stdout.split()
     assert n == "500" and Path(data_dir).is_relative_to(tmp_path / "site"), out.stdout
+
+
+def notebook_cell(name: str, cell_id: str) -> str:
+    """The source of one cell of a notebook, found by its id."""
+    nb = json.loads((Path(__file__).resolve().parent.parent / "notebooks" / f"{name}.ipynb").read_text())
+    return "".join(next(c for c in nb["cells"] if c.get("id") == cell_id)["source"])
+
+
+def test_notebook_label_check_accepts_a_two_subset_corpus(model, tmp_path, monkeypatch, capsys):
+    """Notebook 01's label check on a store harvested from a user's own Pile files holding two subsets:
+    it passes, and it still fails on a token whose subset no document read has."""
+    from helpers.profiles import PAPER_MODEL, get_profile
+
+    rows = pile_rows(30)
+    for i, r in enumerate(rows):
+        r["meta"]["pile_set_name"] = ["Github", "ArXiv"][i % 2]
+    write_jsonl(tmp_path / "mine.jsonl.zst", rows)
+    monkeypatch.setenv("SAE_PILE", str(tmp_path / "mine.jsonl.zst"))
+    store = _pile_store(model, tmp_path / "store", n_tokens=200)
+    assert not store.manifest.get("exhausted")
+    P = get_profile("test").replace(model=PAPER_MODEL, corpus="pile")
+    cell = notebook_cell("01_harvest", "4fa70bfe")
+    ns = dict(np=np, NO_TAG=NO_TAG, store=store, m=store.manifest, tokens=store.tokens(), P=P)
+    exec(cell, ns)
+    assert "0.0% of tokens carry a POS tag; 2 genres: ArXiv, Github" in capsys.readouterr().out
+    bad = store.tokens()
+    bad["genre"][np.flatnonzero(bad["tok_pos"] >= 0)[5]] = PILE_GENRES.index("PubMed Central")
+    with pytest.raises(AssertionError, match="harvested subsets"):
+        exec(cell, dict(ns, tokens=bad))
+    bad = store.tokens()
+    bad["genre"][np.flatnonzero(bad["tok_pos"] < 0)[0]] = PILE_GENRES.index("Github")
+    with pytest.raises(AssertionError, match="separator"):
+        exec(cell, dict(ns, tokens=bad))
