@@ -421,9 +421,9 @@ def _pile_contexts(tokenizer, ctx_len: int, split: str, seed: int, resume: dict 
     """Contexts of the packed Pile in stream order (`seed` is unused), numbered from `index`.
 
     Each row's document becomes its tokens (the first ctx_len - 1 of them in the test split) and
-    one separator; documents with no text but whitespace are skipped. Each context's `resume_next` is the position of
-    the row its last token came from plus "token": how many of that row's tokens (its separator
-    included) have been served. `resume` (one such dict) starts at that row, skipping those
+    one separator; documents with no text but whitespace are skipped. Each context's
+    `resume_next` is the position of the row its last token came from plus "token": how many of
+    that row's tokens (its separator included) have been served. `resume` (one such dict) starts at that row, skipping those
     tokens; no earlier row is tokenised. The stream's final, partial context is not served.
     """
     if resume is not None and "token" not in resume:
