@@ -3,18 +3,33 @@
 The embedded corpus is the Brown Corpus (``data/brown.json.xz``, built by ``data/build_data.py``):
 500 documents in 15 genres, every word POS-tagged. Tokenising a document with the model's
 (fast) tokenizer maps each token to the word its first visible character falls in, so each token
-carries its word's Brown tag, its document and its genre. `iter_contexts` cuts documents into
-contexts of ``ctx_len`` tokens (a BOS token, then ``ctx_len - 1`` text tokens; the tail of a
-document that does not fill a context is dropped), served in a fixed, seeded random order so
-that any prefix (a small harvest) mixes documents and genres.
+carries its word's Brown tag, its document and its genre. `iter_contexts` cuts Brown documents
+into contexts of ``ctx_len`` tokens (a BOS token, then ``ctx_len - 1`` text tokens of one
+document; the tail of a document that does not fill a context is dropped, so that every context
+is one POS-tagged passage), served in a fixed, seeded random order so that any prefix (a small
+harvest) mixes documents and genres.
 
 The paper's corpus, the Pile (``corpus="pile"``), is read from local files when the environment
 variable ``SAE_PILE`` names them (`pile_files`; ``SAE_PILE_TEST`` for the test split), and is
-otherwise streamed from the Hugging Face hub when online. Its documents are cut into contexts in
-file order (the Pile's files are already shuffled; ``seed`` does not change it); its tokens carry
-the Pile subset as genre and no POS tag. Every Pile context records where the stream stands after
-it (`Context.resume_next`), and ``iter_contexts(..., resume=that)`` continues from there without
-reading or tokenising the documents before it: an interrupted harvest resumes in constant time.
+otherwise streamed from the Hugging Face hub when online. It is packed as SAE training pipelines
+pack text: its documents, in file order (the Pile's files are already shuffled; ``seed`` does not
+change it), are tokenised and concatenated with the tokenizer's end-of-text token
+(`separator_token_id`) after each one, and the stream is cut into contexts of a BOS token and
+``ctx_len - 1`` stream tokens. No document is dropped for being short and no tail is cut: a
+context may hold the end of one document and the start of the next ones. A context never begins
+with a separator (its BOS already marks a boundary). Only the stream's final, partial context is
+left out. In the test split each document contributes at most its first ``ctx_len - 1`` tokens,
+so that held-out contexts (and the CE-loss contexts taken from them) span many documents instead
+of a few long ones.
+
+Every token keeps its own labels: its document's subset as genre, its position within its
+document (`Context.tok_pos`, 0 at each document's first token) and no POS tag. A separator is
+labelled as no document's text: tok_pos -1 and the genre `PILE_SEPARATOR` (the last entry of
+`corpus_labels("pile")["genres"]`). Every Pile context records where the stream stands after it
+(`Context.resume_next`: the row it ended in and how many of that row's tokens were served), and
+``iter_contexts(..., resume=that)`` continues from there without reading or tokenising the
+documents before that row: an interrupted harvest resumes in constant time and gets the same
+contexts as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -153,13 +168,13 @@ def tokenize_document(doc: Document, tokenizer) -> TokenizedDoc:
 
 @dataclass
 class Context:
-    """One context: BOS + ctx_len-1 text tokens, and the labels of the text tokens."""
+    """One context: BOS + ctx_len-1 tokens, and the labels of each token after BOS."""
     index: int             # position of this context in the iteration order
     tokens: np.ndarray     # int64 [ctx_len], BOS first
-    doc: int               # document index in the corpus (-1 for streamed corpora)
-    start: int             # position of the first text token within its document's tokens
-    pos: np.ndarray        # uint8 [ctx_len-1]
-    genre: int             # index into the corpus's genres
+    doc: np.ndarray        # int64 [ctx_len-1]: each token's document index in the corpus (-1: streamed)
+    tok_pos: np.ndarray    # int64 [ctx_len-1]: each token's position in its document (-1: a separator)
+    pos: np.ndarray        # uint8 [ctx_len-1]: each token's fine tag index, or NO_TAG
+    genre: np.ndarray      # uint8 [ctx_len-1]: each token's genre, an index into the corpus's genres
     # Pile only: where the stream stands after this context; iter_contexts(resume=...) continues
     # from there with the next context (a JSON-able dict; see _pile_contexts). None for Brown.
     resume_next: dict | None = None
@@ -199,7 +214,9 @@ def _brown_contexts(tokenizer, ctx_len: int, split: str, seed: int) -> Iterator[
         d, start = chunks[k]
         tok = docs[d]
         tokens = np.concatenate([[bos], tok.token_ids[start:start + n_text]])
-        yield Context(index, tokens, d, start, tok.pos[start:start + n_text], genre_of[corpus.docs[d].genre])
+        yield Context(index, tokens, np.full(n_text, d, dtype=np.int64), start + np.arange(n_text),
+                      tok.pos[start:start + n_text],
+                      np.full(n_text, genre_of[corpus.docs[d].genre], dtype=np.uint8))
 
 
 PILE_DATASET = "monology/pile-uncopyrighted"
@@ -209,6 +226,9 @@ PILE_SUBSETS = [
     "OpenSubtitles", "Wikipedia (en)", "DM Mathematics", "Ubuntu IRC", "BookCorpus2",
     "EuroParl", "HackerNews", "YoutubeSubtitles", "PhilPapers", "NIH ExPorter", "Enron Emails",
 ]
+PILE_OTHER = "other"           # genre of a document whose subset is missing or not in PILE_SUBSETS
+PILE_SEPARATOR = "separator"   # genre of the end-of-text token between packed documents
+PILE_GENRES = PILE_SUBSETS + [PILE_OTHER, PILE_SEPARATOR]
 
 
 PILE_ENV, PILE_TEST_ENV = "SAE_PILE", "SAE_PILE_TEST"
@@ -350,29 +370,97 @@ def _hub_rows(split: str, resume: dict | None) -> Iterator[tuple[dict, dict]]:
         state = stream.state_dict()  # taken after the row: where the next one starts
 
 
+def _has_text(row: dict) -> bool:
+    """Whether a row's document is packed: one whose text is empty or only whitespace is skipped."""
+    return bool(row["text"].strip())
+
+
+def _subset(row: dict) -> str:
+    """The genre name of a row's document: its Pile subset, or PILE_OTHER."""
+    subset = (row.get("meta") or {}).get("pile_set_name", "")
+    return subset if subset in PILE_SUBSETS else PILE_OTHER
+
+
+def pile_subsets_read(position: dict, split: str = "train") -> set[str] | None:
+    """The genres (Pile subsets, or PILE_OTHER) of the documents a packed stream served up to
+    `position` (the `resume_next` of its last context, e.g. a store's last shard's
+    ``next_resume``), read again from $SAE_PILE's files without tokenising; None for the hub
+    stream, or when $SAE_PILE is not set. Every document up to that position has tokens in
+    those contexts (packing drops none), so these are exactly the subsets among their tokens."""
+    if position is None or position.get("source") != "files":
+        return None
+    files = pile_files(split)
+    if files is None:
+        return None
+    if position["file"] >= len(files) or files[position["file"]].name != position["name"]:
+        raise ValueError(f"the files of {PILE_TEST_ENV if split == 'test' else PILE_ENV} are not those the "
+                         f"stream was read from (it stopped in {position['name']!r})")
+    seen = set()
+    for where, row in _file_rows(files, None):
+        if _has_text(row):
+            seen.add(_subset(row))
+        if (where["file"], where["line"]) == (position["file"], position["line"]):
+            return seen
+    raise ValueError(f"the files end before {position}: they are not those the stream was read from")
+
+
+def separator_token_id(tokenizer) -> int:
+    """The token placed after each packed document: the vocabulary's ``<|endoftext|>`` if it has
+    one (Pythia's EOS and BOS; SmolLM2's pretraining separator, whose chat EOS is another token),
+    else the tokenizer's EOS."""
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(eot, int) and tokenizer.convert_ids_to_tokens(eot) == "<|endoftext|>":
+        return eot
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither <|endoftext|> nor an EOS token to separate packed documents")
+    return int(tokenizer.eos_token_id)
+
+
 def _pile_contexts(tokenizer, ctx_len: int, split: str, seed: int, resume: dict | None = None,
                    index: int = 0) -> Iterator[Context]:
-    """Contexts of the Pile in stream order (`seed` is unused), numbered from `index`.
+    """Contexts of the packed Pile in stream order (`seed` is unused), numbered from `index`.
 
-    Each context's `resume_next` is the position of the row it came from plus "chunk": the
-    number of contexts of that row served so far. `resume` (one such dict) starts at that row
-    and skips its first `chunk` contexts; no earlier row is tokenised.
+    Each row's document becomes its tokens (the first ctx_len - 1 of them in the test split) and
+    one separator; documents with no text but whitespace are skipped. Each context's
+    `resume_next` is the position of the row its last token came from plus "token": how many of
+    that row's tokens (its separator included) have been served. `resume` (one such dict) starts at that row, skipping those
+    tokens; no earlier row is tokenised. The stream's final, partial context is not served.
     """
+    if resume is not None and "token" not in resume:
+        raise ValueError(f"cannot resume from {resume}: it is not a position in the packed Pile stream "
+                         "(it has no 'token' count); harvest into another store folder")
     files = pile_files(split)
     rows = _file_rows(files, resume) if files is not None else _hub_rows(split, resume)
-    bos, n_text = tokenizer.bos_token_id, ctx_len - 1
-    skip = resume["chunk"] if resume is not None else 0
-    for pos, row in rows:
-        ids = np.asarray(tokenizer(row["text"], add_special_tokens=False)["input_ids"], dtype=np.int64)
-        subset = (row.get("meta") or {}).get("pile_set_name", "")
-        genre = PILE_SUBSETS.index(subset) if subset in PILE_SUBSETS else len(PILE_SUBSETS)
-        for k, start in enumerate(range(0, len(ids) - n_text + 1, n_text)):
-            if k < skip:
-                continue
-            yield Context(index, np.concatenate([[bos], ids[start:start + n_text]]), -1, start,
-                          np.full(n_text, NO_TAG, dtype=np.uint8), genre, {**pos, "chunk": k + 1})
-            index += 1
-        skip = 0
+    bos, sep, n_text = tokenizer.bos_token_id, separator_token_id(tokenizer), ctx_len - 1
+    if bos is None:
+        raise ValueError("the tokenizer has no BOS token; contexts start with one")
+    sep_genre, cap = PILE_GENRES.index(PILE_SEPARATOR), n_text if split == "test" else None
+    skip = resume["token"] if resume is not None else 0
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (ids, tok_pos, genre) pieces
+    filled = 0
+    for where, row in rows:
+        k, skip = skip, 0
+        if not _has_text(row):
+            continue
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"][:cap]
+        n = len(ids)
+        genre = PILE_GENRES.index(_subset(row))
+        ids = np.asarray(ids + [sep], dtype=np.int64)
+        tok_pos = np.r_[np.arange(n), -1]
+        genres = np.r_[np.full(n, genre), sep_genre].astype(np.uint8)
+        while k <= n:
+            if filled == 0 and k == n:  # a context never begins with a separator
+                break
+            take = min(n_text - filled, n + 1 - k)
+            parts.append((ids[k:k + take], tok_pos[k:k + take], genres[k:k + take]))
+            k += take
+            filled += take
+            if filled == n_text:
+                toks, tpos, gens = (np.concatenate(p) for p in zip(*parts))
+                yield Context(index, np.r_[bos, toks], np.full(n_text, -1, dtype=np.int64), tpos,
+                              np.full(n_text, NO_TAG, dtype=np.uint8), gens, {**where, "token": k})
+                index += 1
+                parts, filled = [], 0
 
 
 def iter_contexts(tokenizer, corpus: str = "brown", ctx_len: int = 128, split: str = "train",
@@ -403,5 +491,5 @@ def corpus_labels(corpus: str) -> dict:
         c = load_brown()
         return {"tags": c.tags, "genres": c.genres}
     if corpus == "pile":
-        return {"tags": [], "genres": PILE_SUBSETS + ["other"]}
+        return {"tags": [], "genres": list(PILE_GENRES)}
     raise ValueError(f"unknown corpus {corpus!r}")

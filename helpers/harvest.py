@@ -139,7 +139,7 @@ def _harvest_into(writer, model, path, hooks, corpus, split, ctx_len, target, ba
             sl = slice(i * per_ctx, (i + 1) * per_ctx)
             meta["token"][sl] = c.tokens[1:]
             meta["doc"][sl] = c.doc
-            meta["tok_pos"][sl] = c.start + np.arange(per_ctx)
+            meta["tok_pos"][sl] = c.tok_pos
             meta["ctx"][sl] = c.index
             meta["pos"][sl] = c.pos
             meta["genre"][sl] = c.genre

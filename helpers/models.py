@@ -19,8 +19,8 @@ so the pin is the same weights as that branch. Hub names without a pin load ``ma
 
 `is_stand_in(model)` tells whether a loaded model is the tiny random stand-in that the test
 suite saves under a hub name (its ``config.json`` carries ``workbook_stand_in: true``); the
-simulated Colab run (tests/test_colab_sim.py) runs every notebook cell on it except the science
-checks, which only trained weights can pass.
+simulated Colab run (tests/test_colab_sim.py) runs every notebook cell on it, the checks included:
+their claims about the model (helpers.claims) report a verdict on it rather than assert.
 """
 from __future__ import annotations
 

@@ -2,12 +2,14 @@
 files (SAE_PILE) and from a stand-in hub stream, and resuming both from a saved position."""
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import helpers.corpus as corpus_mod
-from helpers.corpus import (NO_TAG, PILE_SUBSETS, coarse_tag, iter_contexts, load_brown, pile_files,
+from helpers.corpus import (NO_TAG, PILE_GENRES, PILE_OTHER, PILE_SEPARATOR, PILE_SUBSETS, coarse_tag,
+                            iter_contexts, load_brown, pile_files, pile_subsets_read, separator_token_id,
                             tokenize_document)
 from helpers.paths import DATA_DIR
 
@@ -58,14 +60,17 @@ def test_contexts_are_fixed_length_seeded_and_resumable(tokenizer):
     a = list(iter_contexts(tokenizer, ctx_len=32, max_contexts=30))
     assert all(len(c.tokens) == 32 and c.tokens[0] == tokenizer.bos_token_id for c in a)
     assert [c.index for c in a] == list(range(30))
-    assert len({c.doc for c in a}) > 10, "a prefix of the stream should mix documents"
+    assert all(len(set(c.doc)) == 1 and len(set(c.genre)) == 1 for c in a), "a Brown context is one passage"
+    assert len({c.doc[0] for c in a}) > 10, "a prefix of the stream should mix documents"
     b = list(iter_contexts(tokenizer, ctx_len=32, start_context=10, max_contexts=20))
     assert all(np.array_equal(x.tokens, y.tokens) and x.index == y.index for x, y in zip(a[10:], b))
     other = list(iter_contexts(tokenizer, ctx_len=32, seed=1, max_contexts=30))
-    assert [c.doc for c in other] != [c.doc for c in a]
-    doc = tokenize_document(load_brown().docs[a[0].doc], tokenizer)
-    assert np.array_equal(a[0].tokens[1:], doc.token_ids[a[0].start:a[0].start + 31])
-    assert np.array_equal(a[0].pos, doc.pos[a[0].start:a[0].start + 31])
+    assert [c.doc[0] for c in other] != [c.doc[0] for c in a]
+    doc = tokenize_document(load_brown().docs[a[0].doc[0]], tokenizer)
+    start = a[0].tok_pos[0]
+    assert np.array_equal(a[0].tok_pos, start + np.arange(31))
+    assert np.array_equal(a[0].tokens[1:], doc.token_ids[start:start + 31])
+    assert np.array_equal(a[0].pos, doc.pos[start:start + 31])
 
 
 def test_bad_corpus_arguments(tokenizer):
@@ -130,12 +135,35 @@ class CountingTokenizer:
         return len(self.tok)
 
 
-def expected_contexts(tokenizer, rows, n_text=8):
-    out = []
-    for r in rows:
-        ids = tokenizer(r["text"], add_special_tokens=False)["input_ids"]
-        out += [ids[s:s + n_text] for s in range(0, len(ids) - n_text + 1, n_text)]
+def packed_reference(tokenizer, rows, n_text=8, cap=None):
+    """The packed stream, built here from the rows: per context, (token, tok_pos, genre, row) of
+    each token after BOS. Each non-blank document's tokens (its first `cap`), then <|endoftext|>;
+    cut every n_text tokens; a separator that would open a context is left out."""
+    sep = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    stream = []
+    for r, row in enumerate(rows):
+        if not row["text"].strip():
+            continue
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"][:cap]
+        name = row["meta"]["pile_set_name"]
+        genre = PILE_GENRES.index(name if name in PILE_SUBSETS else PILE_OTHER)
+        stream += [(t, i, genre, r) for i, t in enumerate(ids)] + [(sep, -1, PILE_GENRES.index(PILE_SEPARATOR), r)]
+    out, cur = [], []
+    for item in stream:
+        if cur or item[1] != -1:
+            cur.append(item)
+        if len(cur) == n_text:
+            out.append(cur)
+            cur = []
     return out
+
+
+def assert_matches_reference(got, want, bos):
+    assert len(got) == len(want)
+    for c, w in zip(got, want):
+        assert c.tokens[0] == bos and [int(t) for t in c.tokens[1:]] == [x[0] for x in w]
+        assert list(c.tok_pos) == [x[1] for x in w] and list(c.genre) == [x[2] for x in w]
+        assert (c.doc == -1).all() and (c.pos == NO_TAG).all()
 
 
 @pytest.fixture
@@ -156,39 +184,134 @@ def pile_dir(tmp_path, monkeypatch):
 def test_sae_pile_reads_local_plain_and_zst_files(tokenizer, pile_dir):
     path, rows = pile_dir
     assert [f.name for f in pile_files()] == ["00.jsonl", "01.jsonl.zst", "02.jsonl.zst"]
+    assert separator_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|endoftext|>") != tokenizer.eos_token_id
     got = list(iter_contexts(tokenizer, corpus="pile", ctx_len=9))
-    want = expected_contexts(tokenizer, rows)
-    assert len(got) == len(want) > 30
-    assert [c.index for c in got] == list(range(len(got)))
-    for c, w in zip(got, want):
-        assert c.tokens[0] == tokenizer.bos_token_id and list(c.tokens[1:]) == w and c.doc == -1
-        assert (c.pos == NO_TAG).all()
-    genres = {c.genre for c in got}
-    assert genres <= {PILE_SUBSETS.index("Github"), PILE_SUBSETS.index("ArXiv"), len(PILE_SUBSETS)}
-    assert len(genres) == 3
+    want = packed_reference(tokenizer, rows)
+    assert len(got) > 30 and [c.index for c in got] == list(range(len(got)))
+    assert_matches_reference(got, want, tokenizer.bos_token_id)
+    genres = {int(g) for c in got for g in c.genre}
+    assert genres == {PILE_GENRES.index(g) for g in ("Github", "ArXiv", PILE_OTHER, PILE_SEPARATOR)}
     json.dumps([c.resume_next for c in got])  # positions go into the manifest
 
 
-def test_sae_pile_resumes_without_tokenising_earlier_rows(tokenizer, pile_dir):
+def test_packing_keeps_short_documents_and_tails(tokenizer, pile_dir):
+    """Every document's tokens are served, a short one or a long one's tail alike: only the final,
+    partial context of the stream is left out."""
+    path, rows = pile_dir
+    ids = [tokenizer(r["text"], add_special_tokens=False)["input_ids"] for r in rows]
+    assert sum(len(i) < 8 for i in ids) >= 3 and sum(len(i) % 8 for i in ids if len(i) > 8) > 8
+    stream = [int(t) for c in iter_contexts(tokenizer, corpus="pile", ctx_len=9) for t in c.tokens[1:]]
+    sep = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    served = [t for t in stream if t != sep]
+    assert 0 <= sum(map(len, ids)) - len(served) < 8
+    at = 0
+    for i in ids:  # each document, in order, as one run of the stream
+        if at + len(i) > len(served):
+            break
+        assert served[at:at + len(i)] == i
+        at += len(i)
+    assert len(served) - at < 8
+
+
+def _pile_store(model, path, n_tokens=100_000):
+    from helpers.harvest import harvest
+
+    return harvest(model, path, ["blocks.0.hook_resid_post"], corpus="pile", ctx_len=9, n_tokens=n_tokens,
+                   batch_contexts=8, shard_contexts=8, progress=False)
+
+
+def test_harvested_tokens_per_subset_are_the_files(model, tokenizer, pile_dir):
+    """Token counts per Pile subset in a harvested store: those of the files, short documents and tails
+    included (less at most the stream's final, partial context)."""
+    path, rows = pile_dir
+    store = _pile_store(model, path / "store")
+    meta, names = store.tokens(), store.manifest["genres"]
+    deficit = 0
+    for subset, name in (("Github", "Github"), ("ArXiv", "ArXiv"), ("Nowhere", "other")):
+        in_files = sum(len(tokenizer(r["text"], add_special_tokens=False)["input_ids"])
+                       for r in rows if r["meta"]["pile_set_name"] == subset)
+        stored = int(((meta["genre"] == names.index(name)) & (meta["tok_pos"] >= 0)).sum())
+        assert 0 <= in_files - stored < 8, (subset, in_files, stored)
+        deficit += in_files - stored
+    assert deficit < 8
+
+
+def test_harvested_labels_line_up_across_separators(model, tokenizer, pile_dir):
+    """In the store, each document's tokens carry its own subset and their positions in it, across
+    context boundaries; a separator follows each document, labelled as no document's text."""
+    path, rows = pile_dir
+    store = _pile_store(model, path / "store")
+    meta, names = store.tokens(), store.manifest["genres"]
+    sep = meta["tok_pos"] == -1
+    assert sep.sum() >= 10
+    assert (meta["token"][sep] == tokenizer.convert_tokens_to_ids("<|endoftext|>")).all()
+    assert (meta["genre"][sep] == names.index(PILE_SEPARATOR)).all() and (meta["pos"] == NO_TAG).all()
+    assert (meta["doc"] == -1).all()
+    starts = np.flatnonzero(meta["tok_pos"] == 0)
+    assert starts[0] == 0 and len(starts) == len(rows)  # the last document ends in the final, unserved context
+    spans_contexts = 0
+    for r, (a, b) in enumerate(zip(starts, np.r_[starts[1:], len(meta)])):
+        seg = meta[a:b]
+        ids = tokenizer(rows[r]["text"], add_special_tokens=False)["input_ids"]
+        text = seg[seg["tok_pos"] >= 0]
+        n = len(ids) if b < len(meta) else len(text)
+        assert list(text["token"]) == ids[:n] and list(text["tok_pos"]) == list(range(n)), r
+        assert list(seg["tok_pos"]) in (list(range(n)), list(range(n)) + [-1]), r  # its separator, if any, last
+        subset = rows[r]["meta"]["pile_set_name"]
+        assert (text["genre"] == names.index(subset if subset in PILE_SUBSETS else PILE_OTHER)).all(), r
+        if b < len(meta) and len(seg) == n:  # no separator: it was left out at the start of the next context
+            assert meta["ctx"][b] != meta["ctx"][b - 1]
+        spans_contexts += len(set(text["ctx"])) > 1
+    assert spans_contexts >= 5
+
+
+def test_sae_pile_resumes_to_the_same_contexts(tokenizer, pile_dir):
+    """Resuming from any context's position gives the contexts that followed it, labels included,
+    tokenising no row before the one that context ended in."""
+    path, rows = pile_dir
     full = list(iter_contexts(tokenizer, corpus="pile", ctx_len=9))
-    for c in full[::3] + full[-1:]:
+    want = packed_reference(tokenizer, rows)
+    assert_matches_reference(full, want, tokenizer.bos_token_id)
+    for c in full:
         counting = CountingTokenizer(tokenizer)
-        rest = list(iter_contexts(counting, corpus="pile", ctx_len=9, resume=c.resume_next,
-                                  start_context=c.index + 1))
+        position = json.loads(json.dumps(c.resume_next))  # as read back from a manifest
+        rest = list(iter_contexts(counting, corpus="pile", ctx_len=9, resume=position, start_context=c.index + 1))
         assert [x.index for x in rest] == [x.index for x in full[c.index + 1:]]
-        assert all(np.array_equal(x.tokens, y.tokens) and x.genre == y.genre and x.start == y.start
-                   for x, y in zip(rest, full[c.index + 1:]))
-        # each row once, starting with the row of c itself (whose later chunks may follow c)
-        assert counting.rows == list(range(_row_of(tokenizer, full, c), 30))
+        assert_matches_reference(rest, want[c.index + 1:], tokenizer.bos_token_id)
+        assert all(x.resume_next == y.resume_next for x, y in zip(rest, full[c.index + 1:]))
+        # each row once, starting with the row c ended in (whose other tokens may follow c)
+        assert counting.rows == list(range(want[c.index][-1][3], 30))
     two = list(iter_contexts(tokenizer, corpus="pile", ctx_len=9, resume=full[4].resume_next,
                              start_context=5, max_contexts=2))
     assert [x.index for x in two] == [5, 6]
 
 
-def _row_of(tokenizer, full, c):
-    """Row number of context c: that of the first context of its row (start == 0)."""
-    first = next(x for x in reversed(full[:c.index + 1]) if x.start == 0)
-    return int(tokenizer.decode(first.tokens[1:]).split(":")[0].split()[-1])
+def test_test_split_contexts_span_many_documents(tokenizer, tmp_path, monkeypatch):
+    """Held-out contexts (where CE-loss contexts are taken) take at most one context's worth of each
+    document, so a few long documents do not fill them."""
+    rng = np.random.default_rng(3)
+    rows = [{"text": f"Document {i}: " + " ".join(rng.choice(WORDS, 200 if i < 3 else 6)),
+             "meta": {"pile_set_name": "Github"}} for i in range(20)]
+    write_jsonl(tmp_path / "val.jsonl", rows)
+    monkeypatch.setenv("SAE_PILE", str(tmp_path / "val.jsonl"))
+    monkeypatch.setenv("SAE_PILE_TEST", str(tmp_path / "val.jsonl"))
+    test = list(iter_contexts(tokenizer, corpus="pile", ctx_len=9, split="test", max_contexts=6))
+    text = tokenizer.decode([int(t) for c in test for t in c.tokens[1:]])
+    assert text.count("Document ") >= 6, text
+    assert_matches_reference(test, packed_reference(tokenizer, rows, cap=8)[:6], tokenizer.bos_token_id)
+    train = list(iter_contexts(tokenizer, corpus="pile", ctx_len=9, max_contexts=6))
+    assert_matches_reference(train, packed_reference(tokenizer, rows)[:6], tokenizer.bos_token_id)
+
+
+def test_subsets_read_are_those_of_the_harvest(model, tokenizer, pile_dir):
+    path, rows = pile_dir
+    store = _pile_store(model, path / "store", n_tokens=80)
+    position = store.manifest["shards"][-1]["next_resume"]
+    read = pile_subsets_read(position)
+    names = store.manifest["genres"]
+    harvested = {names[g] for g in np.unique(store.tokens()["genre"])} - {PILE_SEPARATOR}
+    assert read == harvested and len(read) >= 2
+    assert pile_subsets_read({"source": "hub", "state": None}) is None
 
 
 def test_sae_pile_errors(tokenizer, tmp_path, monkeypatch):
@@ -224,17 +347,17 @@ def test_hub_stream_resumes_from_its_state_dict(tokenizer, monkeypatch):
 
     monkeypatch.setattr(corpus_mod, "_pile_stream", stream)
     full = list(iter_contexts(tokenizer, corpus="pile", ctx_len=9))
-    want = expected_contexts(tokenizer, rows)
-    assert [list(c.tokens[1:]) for c in full] == want and made == ["train"]
-    assert full[0].resume_next["source"] == "hub"
+    want = packed_reference(tokenizer, rows)
+    assert_matches_reference(full, want, tokenizer.bos_token_id)
+    assert made == ["train"] and full[0].resume_next["source"] == "hub"
     for c in full:
         counting = CountingTokenizer(tokenizer)
         position = json.loads(json.dumps(c.resume_next))  # as read back from a manifest
         rest = list(iter_contexts(counting, corpus="pile", ctx_len=9, resume=position,
                                   start_context=c.index + 1))
-        assert [list(x.tokens) for x in rest] == [list(x.tokens) for x in full[c.index + 1:]]
+        assert_matches_reference(rest, want[c.index + 1:], tokenizer.bos_token_id)
         assert [x.index for x in rest] == list(range(c.index + 1, len(full)))
-        assert counting.rows[:1] == [_row_of(tokenizer, full, c)], "no row before c's is tokenised"
+        assert counting.rows[:1] == [want[c.index][-1][3]], "no row before the one c ended in is tokenised"
     with pytest.raises(ValueError, match="cannot resume"):
         next(iter_contexts(tokenizer, corpus="pile", ctx_len=9, resume=dict(full[0].resume_next, source="files")))
 
@@ -255,3 +378,36 @@ def test_a_non_editable_install_keeps_the_data(tmp_path):
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")})
     n, data_dir = out.stdout.split()
     assert n == "500" and Path(data_dir).is_relative_to(tmp_path / "site"), out.stdout
+
+
+def notebook_cell(name: str, cell_id: str) -> str:
+    """The source of one cell of a notebook, found by its id."""
+    nb = json.loads((Path(__file__).resolve().parent.parent / "notebooks" / f"{name}.ipynb").read_text())
+    return "".join(next(c for c in nb["cells"] if c.get("id") == cell_id)["source"])
+
+
+def test_notebook_label_check_accepts_a_two_subset_corpus(model, tmp_path, monkeypatch, capsys):
+    """Notebook 01's label check on a store harvested from a user's own Pile files holding two subsets:
+    it passes, and it still fails on a token whose subset no document read has."""
+    from helpers.profiles import PAPER_MODEL, get_profile
+
+    rows = pile_rows(30)
+    for i, r in enumerate(rows):
+        r["meta"]["pile_set_name"] = ["Github", "ArXiv"][i % 2]
+    write_jsonl(tmp_path / "mine.jsonl.zst", rows)
+    monkeypatch.setenv("SAE_PILE", str(tmp_path / "mine.jsonl.zst"))
+    store = _pile_store(model, tmp_path / "store", n_tokens=200)
+    assert not store.manifest.get("exhausted")
+    P = get_profile("test").replace(model=PAPER_MODEL, corpus="pile")
+    cell = notebook_cell("01_harvest", "4fa70bfe")
+    ns = dict(np=np, NO_TAG=NO_TAG, store=store, m=store.manifest, tokens=store.tokens(), P=P)
+    exec(cell, ns)
+    assert "0.0% of tokens carry a POS tag; 2 genres: ArXiv, Github" in capsys.readouterr().out
+    bad = store.tokens()
+    bad["genre"][np.flatnonzero(bad["tok_pos"] >= 0)[5]] = PILE_GENRES.index("PubMed Central")
+    with pytest.raises(AssertionError, match="harvested subsets"):
+        exec(cell, dict(ns, tokens=bad))
+    bad = store.tokens()
+    bad["genre"][np.flatnonzero(bad["tok_pos"] < 0)[0]] = PILE_GENRES.index("Github")
+    with pytest.raises(AssertionError, match="separator"):
+        exec(cell, dict(ns, tokens=bad))

@@ -101,8 +101,8 @@ def test_pile_harvest_resumes_from_its_saved_position(model, tmp_path, monkeypat
     import helpers.corpus as corpus_mod
 
     rows = pile_rows(60, seed=2)
-    write_jsonl(tmp_path / "a.jsonl", rows[:5])
-    write_jsonl(tmp_path / "b.jsonl.zst", rows[5:])
+    write_jsonl(tmp_path / "a.jsonl", rows[:2])
+    write_jsonl(tmp_path / "b.jsonl.zst", rows[2:])
     monkeypatch.setenv("SAE_PILE", str(tmp_path / "*.jsonl*"))
     monkeypatch.setattr(corpus_mod, "_pile_stream", None)  # the hub is never asked
     settings = {**SMALL, "corpus": "pile", "ctx_len": 9, "n_tokens": 8 * 32}
@@ -116,7 +116,7 @@ def test_pile_harvest_resumes_from_its_saved_position(model, tmp_path, monkeypat
     position = partial.shards[-1]["next_resume"]
     assert position == clean.shards[4]["next_resume"] and position["source"] == "files"
     assert position["name"] == "b.jsonl.zst" and position["line"] >= 2, "resume inside the .zst file"
-    first_row = 5 + position["line"]
+    first_row = 2 + position["line"]
 
     import sys
 
