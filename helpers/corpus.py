@@ -40,6 +40,7 @@ import itertools
 import json
 import lzma
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +289,38 @@ def _open_lines(path: Path):
     return open(path, "rb")
 
 
+def _bad_row(row: dict) -> str | None:
+    """Why a document cannot be used (None if it can): text that is not valid Unicode (a lone
+    surrogate, which JSON's escapes allow and no tokenizer takes), or a `meta` that is not an object."""
+    try:
+        row["text"].encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"its text is not valid Unicode ({e.reason} at character {e.start})"
+    if row.get("meta") is not None and not isinstance(row["meta"], dict):
+        return f"its 'meta' is a {type(row['meta']).__name__}, not an object"
+    return None
+
+
+class _BadRows:
+    """Documents skipped while reading Pile files: each of the first few named in a warning (file,
+    line, why), then a count every 1,000, so that a few bad rows in a reader's files cost those rows
+    and nothing else (a resumed harvest skips them again at the same place)."""
+
+    SHOWN = 10
+
+    def __init__(self):
+        self.n = 0
+
+    def skip(self, path, line: int, why: str) -> None:
+        self.n += 1
+        if self.n <= self.SHOWN:
+            more = " (further bad rows are counted every 1,000)" if self.n == self.SHOWN else ""
+            warnings.warn(f"{path}, line {line}: skipped: {why}{more}", stacklevel=3)
+        elif self.n % 1000 == 0:
+            warnings.warn(f"{self.n:,} rows of the Pile files skipped so far, the last at {path}, line {line}",
+                          stacklevel=3)
+
+
 def _file_rows(files: list[Path], resume: dict | None) -> Iterator[tuple[dict, dict]]:
     """(position before the row, row) for every document of the local files, from `resume` on.
 
@@ -306,6 +339,7 @@ def _file_rows(files: list[Path], resume: dict | None) -> Iterator[tuple[dict, d
             now = files[first].name if first < len(files) else "nothing"
             raise ValueError(f"the files of {PILE_ENV} changed since the store was harvested: it stopped "
                              f"in file {first} {resume['name']!r}, which is now {now!r}")
+    bad = _BadRows()
     for i in range(first, len(files)):
         path, plain = files[i], not files[i].name.endswith(".zst")
         line, offset = (line0, offset0) if i == first else (0, 0)
@@ -325,12 +359,19 @@ def _file_rows(files: list[Path], resume: dict | None) -> Iterator[tuple[dict, d
                 if not raw.strip():
                     continue
                 try:
-                    row = json.loads(raw)
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    bad.skip(path, line, f"not UTF-8 text ({e})")
+                    continue
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {line}: not a JSON object ({e})") from None
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise ValueError(f"{path}, line {line}: no 'text' string; Pile files hold one JSON "
                                      'object per line: {"text": ..., "meta": {"pile_set_name": ...}}')
+                why = _bad_row(row)
+                if why:
+                    bad.skip(path, line, why)
+                    continue
                 yield pos, row
 
 
@@ -365,8 +406,13 @@ def _hub_rows(split: str, resume: dict | None) -> Iterator[tuple[dict, dict]]:
         state = resume["state"]
         if state is not None:
             stream.load_state_dict(state)
-    for row in stream:
-        yield {"source": "hub", "state": state}, row
+    bad = _BadRows()
+    for n, row in enumerate(stream):
+        why = _bad_row(row)
+        if why:
+            bad.skip(f"{PILE_DATASET} (the stream, counted from where this read began)", n + 1, why)
+        else:
+            yield {"source": "hub", "state": state}, row
         state = stream.state_dict()  # taken after the row: where the next one starts
 
 

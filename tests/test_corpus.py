@@ -411,3 +411,27 @@ def test_notebook_label_check_accepts_a_two_subset_corpus(model, tmp_path, monke
     bad["genre"][np.flatnonzero(bad["tok_pos"] < 0)[0]] = PILE_GENRES.index("Github")
     with pytest.raises(AssertionError, match="separator"):
         exec(cell, dict(ns, tokens=bad))
+
+
+def test_bad_rows_in_pile_files_are_skipped_and_named(tokenizer, tmp_path, monkeypatch):
+    """A row that is not UTF-8, holds a lone surrogate or a non-object meta costs that row, named in
+    a warning (file and line), and nothing else; reading again gives the same contexts."""
+    good = [{"text": f"Document {i} says something plain about the weather.", "meta": {"pile_set_name": "Pile-CC"}}
+            for i in range(12)]
+    lines = [json.dumps(r).encode() for r in good[:4]]
+    lines += [b'{"text": "caf\xe9 au lait", "meta": {"pile_set_name": "Pile-CC"}}',   # line 5: Latin-1, not UTF-8
+              b'{"text": "lone \\ud800 surrogate", "meta": {"pile_set_name": "Pile-CC"}}',  # line 6
+              json.dumps({"text": "meta is a list", "meta": ["Pile-CC"]}).encode()]  # line 7
+    lines += [json.dumps(r).encode() for r in good[4:]]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    monkeypatch.setenv("SAE_PILE", str(path))
+    with pytest.warns(UserWarning) as caught:
+        got = list(iter_contexts(tokenizer, corpus="pile", ctx_len=9))
+    said = "\n".join(str(w.message) for w in caught)
+    for line in (5, 6, 7):
+        assert f"mixed.jsonl, line {line}: skipped" in said, said
+    (tmp_path / "clean.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+    monkeypatch.setenv("SAE_PILE", str(tmp_path / "clean.jsonl"))
+    want = list(iter_contexts(tokenizer, corpus="pile", ctx_len=9))
+    assert [c.tokens.tolist() for c in got] == [c.tokens.tolist() for c in want]
