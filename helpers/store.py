@@ -98,6 +98,16 @@ def repair_advice(path) -> str:
             "same settings) to resume from there")
 
 
+def _read_manifest(mpath: Path) -> dict:
+    """A store's manifest.json, or a StoreError naming it when it is not whole JSON."""
+    try:
+        return json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{mpath} is not whole JSON ({e}): a write was cut short, or the file is still on its way "
+                         "to Google Drive. Wait for Drive to finish and try again; if it stays so, delete the store "
+                         f"folder {mpath.parent} and harvest again") from None
+
+
 class ActivationStore:
     """Read access to a completed (or partly written) store folder."""
 
@@ -120,7 +130,7 @@ class ActivationStore:
         if not mpath.exists():
             raise StoreError(f"no activation store at {path} (no manifest.json): harvest one with "
                              "helpers.harvest.harvest(...) or helpers.harvest.get_store(profile)")
-        manifest = json.loads(mpath.read_text())
+        manifest = _read_manifest(mpath)
         if manifest.get("format") != FORMAT:
             raise StoreError(f"{mpath} has format {manifest.get('format')!r}, expected {FORMAT!r}")
         store = cls(path, manifest)
@@ -145,7 +155,7 @@ class ActivationStore:
             mpath = path / "manifest.json"
             if not mpath.exists():
                 raise StoreError(f"no activation store at {path} (no manifest.json): nothing to repair")
-            manifest = json.loads(mpath.read_text())
+            manifest = _read_manifest(mpath)
             reader = cls(path, manifest)
             for k, shard in enumerate(manifest["shards"]):
                 try:
@@ -467,7 +477,7 @@ class StoreWriter:
             tmp.unlink()
         mpath = self.path / "manifest.json"
         if mpath.exists():
-            manifest = json.loads(mpath.read_text())
+            manifest = _read_manifest(mpath)
             diffs = {k: (manifest.get(k), header.get(k)) for k in IDENTITY if manifest.get(k) != header.get(k)}
             if diffs:
                 raise StoreMismatch(

@@ -440,3 +440,15 @@ def test_dropped_last_shard_is_harvested_again_under_a_new_name(tmp_path):
     assert "shard_00004-g1.meta.bin" in _files(tmp_path)
     assert not set(e["name"] for e in store.shards[4]["files"].values()) & set(old)
     store.verify()
+
+
+def test_a_truncated_manifest_is_named(array_store):
+    import torch
+
+    from helpers.store import ActivationStore, StoreError
+
+    store = array_store(torch.randn(300, 8))
+    m = store.path / "manifest.json"
+    m.write_text(m.read_text()[:40])
+    with pytest.raises(StoreError, match=r"manifest.json is not whole JSON.*delete the store folder"):
+        ActivationStore.open(store.path)
