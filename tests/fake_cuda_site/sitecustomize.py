@@ -7,4 +7,5 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fake_cuda  # noqa: E402
 
-fake_cuda.fake_cuda().__enter__()
+ACTIVE = fake_cuda.fake_cuda()  # kept for the whole process: a context left to the garbage collector would close
+ACTIVE.__enter__()
