@@ -42,8 +42,8 @@ class CudaTensor(torch.Tensor):
 def _is_cuda(device) -> bool:
     if device is None:
         return False
-    if isinstance(device, int):
-        return True
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True                                  # a CUDA device index
     return torch.device(device).type == "cuda"
 
 
@@ -78,7 +78,7 @@ def _to_target(args, kwargs):
     for a in args[1:]:
         if isinstance(a, torch.Tensor):
             dev = a.device
-        elif isinstance(a, (str, torch.device, int)):
+        elif isinstance(a, (str, torch.device, int)) and not isinstance(a, bool):   # not non_blocking
             dev = a
     if dev is None:
         return None
@@ -114,6 +114,8 @@ class _Mode(TorchFunctionMode):
         if func in (torch.Tensor.numpy, torch.Tensor.__array__) and isinstance(first, CudaTensor):
             raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the "
                             "tensor to host memory first. (fake CUDA)")
+        if func is torch.Tensor.__format__ and isinstance(first, CudaTensor) and first.dim() == 0:
+            return first.item().__format__(*args[1:])          # a CUDA scalar formats as a number
         if func is torch.Tensor.pin_memory:
             return first
         if func is torch.Tensor.cuda:
@@ -124,14 +126,17 @@ class _Mode(TorchFunctionMode):
                 return _plain(first)
         if func is torch.Tensor.to:
             target = _to_target(args, kwargs)
-            kwargs.pop("device", None)
-            rest = [a for a in args[1:] if not isinstance(a, (str, torch.device, int))
-                    and not isinstance(a, torch.Tensor)]
-            other = [a for a in args[1:] if isinstance(a, torch.Tensor)]
-            if other and "dtype" not in kwargs:
-                kwargs["dtype"] = other[0].dtype
+            kw = {k: v for k, v in kwargs.items() if k != "device"}
+            flags = iter(("non_blocking", "copy"))
+            for a in args[1:]:                       # (device?, dtype?, non_blocking?, copy?) or (tensor, ...)
+                if isinstance(a, torch.dtype):
+                    kw["dtype"] = a
+                elif isinstance(a, torch.Tensor):
+                    kw.setdefault("dtype", a.dtype)
+                elif isinstance(a, bool):
+                    kw[next(flags)] = a
             with torch._C.DisableTorchFunctionSubclass():
-                out = _plain(first).to(*rest, **kwargs)
+                out = _plain(first).to(**kw)
             if target == "cuda" or (target is None and isinstance(first, CudaTensor)):
                 return _wrap(out)
             return out
