@@ -169,3 +169,19 @@ def test_sync_drive_syncs_on_colab_only(monkeypatch):
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     sync_drive()
     assert calls == [1]
+
+
+def test_held_out_scores_round_trip_through_the_cache(tmp_path):
+    from helpers.heldout import Scored
+
+    rng = np.random.default_rng(0)
+    sc = Scored("SAE", rng.integers(0, 9, 5), np.array([True, True, False, True, True]), *rng.random((4, 5)),
+                ["token 'a'", "NOUN", "token 'b'", "VERB", "NOUN"], *rng.random((2, 5)),
+                boot={"mcc": rng.random(20), "null_mcc": rng.random(20)})
+    back = stored(tmp_path / "layer.pt", "k", lambda: {"scored": sc.to_dict()})
+    back = stored(tmp_path / "layer.pt", "k", lambda: pytest.fail("recomputed"))
+    again = Scored.from_dict(back["scored"])
+    assert again.summary() == pytest.approx(sc.summary(), nan_ok=True)
+    for name in ("counts", "scored", "mcc", "corr", "null_mcc", "null_corr", "in_sample_mcc", "null_in_sample_mcc"):
+        assert isinstance(getattr(again, name), np.ndarray) and np.array_equal(getattr(again, name), getattr(sc, name))
+    assert again.concept == sc.concept and again.name == "SAE" and np.array_equal(again.boot["mcc"], sc.boot["mcc"])
