@@ -98,14 +98,16 @@ _PICKLE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, a bare pi
 
 
 def code_digest(*code) -> dict[str, str]:
-    """{module name: SHA-256 of its source file (16 hex digits)} for each module in `code` (a module,
-    or a function or class, which stands for the module it is defined in)."""
+    """{module name: SHA-256 of its source file (16 hex digits)} for each module in `code`: a module,
+    its name ("helpers.patching"), or a function or class, which stands for the module it is defined in."""
     import hashlib
+    import importlib
     import inspect
 
     out = {}
     for obj in code:
-        module = obj if inspect.ismodule(obj) else inspect.getmodule(obj)
+        module = importlib.import_module(obj) if isinstance(obj, str) else obj if inspect.ismodule(obj) \
+            else inspect.getmodule(obj)
         source = getattr(module, "__file__", None)
         if module is None or not source:
             raise ValueError(f"code: {obj!r} is not a module with a source file (nor defined in one)")
@@ -244,7 +246,7 @@ def stored(path, key, compute, code=()):
 
     `key` names every input the result depends on (settings, prompts, a fingerprint of a dictionary):
     str, numbers, bools, None, lists, tuples, dicts, paths and tensors (compared by their bytes).
-    `code` is the modules (or functions or classes, standing for their modules) of helpers/ whose code
+    `code` is the modules (or their names, or functions or classes standing for their modules) whose code
     computes the result from those inputs: the hash of each one's source file is kept with the result,
     and an edit to any of them computes it again. Name the modules that do the computation, not the
     whole package (an edit anywhere would recompute everything) nor the ones that built the inputs

@@ -113,7 +113,7 @@ def test_an_edit_to_the_code_that_computes_a_result_recomputes_it(tmp_path, monk
     calc = _module(tmp_path, "calc_for_stored", "def f():\n    return 2  # changed\n")
     assert stored(path, "k", calc.f, code=(calc.f,)) == 2  # a function stands for its module
     assert "code of calc_for_stored changed" in capsys.readouterr().out
-    assert stored(path, "k", lambda: pytest.fail("recomputed"), code=(calc,)) == 2
+    assert stored(path, "k", lambda: pytest.fail("recomputed"), code=("calc_for_stored",)) == 2  # or its name
     with pytest.raises(ValueError, match="not a module with a source file"):
         stored(path, "k", lambda: 0, code=(sys,))
     del other
