@@ -225,6 +225,7 @@ def compare_layers(profile, store, model, sweep, progress: bool = True, score_st
     model trained on the Pile, the Brown store of `profile.scoring`, whose tokens carry POS tags)."""
     from tqdm.auto import tqdm
 
+    from . import heldout, massive
     from .paths import stored
     from .sweep import layer_saes
 
@@ -242,10 +243,12 @@ def compare_layers(profile, store, model, sweep, progress: bool = True, score_st
         key = [repr(profile), sweep["dir"], layer, n_boot, str(score_store.path), score_store.n_tokens, list(dicts)]
         path = profile.cache_dir / "compare_layers" / f"layer{layer:02d}-{str(sweep['dir']).rstrip('/').split('-')[-1]}.pt"
         n_done = bar.n
-        layer_rows = stored(path, key, lambda: _score_layer(profile, store, score_store, model, layer, hook, dicts,
-                                                            shared, n_boot, bar))
+        layer_rows = stored(path, key, lambda: [{**r, "scored": r["scored"].to_dict()} for r in _score_layer(
+            profile, store, score_store, model, layer, hook, dicts, shared, n_boot, bar)],
+                            code=(_score_layer, heldout, massive))
         bar.update(n_done + len(layer_rows) - bar.n)
-        layer_rows = [{**r, "dictionary": dicts["random" if r["method"] == RANDOM_TOPK else r["method"]]}
+        layer_rows = [{**r, "scored": heldout.Scored.from_dict(r["scored"]),
+                       "dictionary": dicts["random" if r["method"] == RANDOM_TOPK else r["method"]]}
                       for r in layer_rows]
         rows += layer_rows
         if progress:

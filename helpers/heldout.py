@@ -32,6 +32,7 @@ recognised as an LLM explainer would recognise it; each family is documented in 
 """
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass, field
 
@@ -256,6 +257,23 @@ class Scored:
             out[k] = float(np.median(v[s])) if s.any() else float("nan")
             out[f"{k}_low"], out[f"{k}_high"] = _interval(out[k], self.boot.get(k))
         return out
+
+    def to_dict(self) -> dict:
+        """The scores as plain values (arrays as tensors), for `helpers.paths.stored`; `from_dict` rebuilds them."""
+        def plain(v):
+            return torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+        out = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "boot"}
+        return {**out, "concept": list(self.concept), "boot": {k: plain(v) for k, v in self.boot.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scored":
+        def array(v):
+            return v.numpy() if isinstance(v, torch.Tensor) else v if v is None else np.asarray(v)
+        names = [f.name for f in dataclasses.fields(cls)]
+        if set(d) != set(names):
+            raise ValueError(f"Scored.from_dict: fields {sorted(d)}, expected {sorted(names)}")
+        return cls(**{k: d[k] if k == "name" else list(d[k]) if k == "concept" else
+                      {b: array(v) for b, v in d[k].items()} if k == "boot" else array(d[k]) for k in names})
 
 
 def _interval(value: float, boot) -> tuple[float, float]:

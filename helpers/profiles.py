@@ -8,15 +8,14 @@ or in a notebook's first cell, where any field can also be overridden::
 
 A JSON object in ``SAE_OVERRIDES`` overrides fields of whichever profile is selected, before the
 keyword overrides (``SAE_OVERRIDES='{"harvest_tokens": 50000, "layers": [1, 2]}'``): any profile can be
-shrunk without editing a notebook. An unknown field or a value of the wrong type is refused with a
-message naming it.
+shrunk without editing a notebook. Every profile is checked when it is made (a preset, `get_profile`,
+`Profile.replace`, ``SAE_OVERRIDES``), before any work: an unknown field, a value of the wrong type or
+outside its field's range (`RANGES`: ``batch_contexts`` at least 1, ``lr`` a finite number above 0,
+``layers`` distinct and not negative, ...) is refused with a message naming the field, the value and
+what is allowed.
 
 ``test`` is what the test suite (nbval) runs: seconds to a couple of minutes per notebook.
-``cpu`` is a laptop: about 30 minutes for the whole workbook on 2 CPU cores before issue 19's held-out
-scores (measured: 30.1 minutes); notebook 02 took 14 minutes with 12 SAEs on 1.2M tokens each (a tied
-one among them), before issue 20 added a BatchTopK, a Matryoshka BatchTopK and two JumpReLU SAEs (16 SAEs,
-not re-timed); 03-05 do more (held-out scoring with resampled intervals, a retrained curve, held-out
-patching): 1,360 s, 1,485 s and 1,098 s measured with other jobs on the cores (README).
+``cpu`` is a laptop: the whole workbook on 2 CPU cores, 16 SAEs in notebook 02 (the README has the times).
 ``gpu`` is the embedded model at full scale on one GPU. ``colab`` is the paper's model and data
 (Pythia-70M-deduped on the Pile) sized for Colab's free T4 (15 GB GPU, 12 GB RAM, a cache that fits
 15 GB of Google Drive, each notebook well under an hour); ``paper`` is the paper's full setting for a
@@ -30,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -96,6 +96,13 @@ class Profile:
     pronoun_prompts: int = 64             # pronoun prompts generated
     patch_layer_step: int = 4             # plain residual patching at every n-th layer (and the last)
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # checked; values kept as given (they name the cached results)
+            value = _check_value(f.name, getattr(self, f.name), f"profile {self.name!r}")
+            if isinstance(getattr(self, f.name), list):  # but a list given for a tuple field becomes a tuple
+                object.__setattr__(self, f.name, value)
+        _check_profile(self)
+
     def hook_at(self, layer: int) -> str:
         """This profile's hook kind at a layer (blocks.<layer>.hook_<kind>)."""
         return hook_name(layer, self.hook)
@@ -114,6 +121,7 @@ class Profile:
         return cache_root() / self.name
 
     def replace(self, **changes) -> "Profile":
+        """A copy with `changes` applied, checked as every profile is (a ValueError names a bad field)."""
         return dataclasses.replace(self, **changes)
 
     @property
@@ -124,6 +132,136 @@ class Profile:
         if self.corpus == "brown":
             return self
         return self.replace(corpus="brown", harvest_tokens=self.score_tokens or 50_000)
+
+
+TUPLE_FIELDS = ("layers", "sae_ratios", "sae_alphas", "sae_tied", "improved_alphas", "tied_alphas", "topk_ks",
+                "batchtopk_ks", "matryoshka_ks", "jumprelu_coefficients")
+EMPTY_TUPLE_FIELDS = ("tied_alphas", "improved_alphas", "batchtopk_ks", "matryoshka_ks", "jumprelu_coefficients")  # may be empty lists
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number field (or each element of a list field) may take: from `low` (excluded when
+    `above`) to `high`; `finite` refuses inf and nan."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+    finite: bool = True
+
+    def __contains__(self, v) -> bool:
+        if v != v or (self.finite and v in (math.inf, -math.inf)):
+            return False
+        if self.low is not None and (v <= self.low if self.above else v < self.low):
+            return False
+        return self.high is None or v <= self.high
+
+    def describe(self, kind: type) -> str:
+        """"an int ≥ 1", "a finite number > 0", ..."""
+        def num(x):
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.above else '≥'} {num(self.low)}")
+        if self.high is not None:
+            bounds.append(f"≤ {num(self.high)}")
+        what = "an int" if kind is int else "a finite number" if self.finite else "a number (inf allowed)"
+        return f"{what} {' and '.join(bounds)}"
+
+
+AT_LEAST_1, ABOVE_0 = Range(1), Range(0, above=True)
+# The allowed values of each number field (of each element, for list fields); fields not named are checked
+# for type only, or below (corpus, store_dtype, hook, device).
+RANGES: dict[str, Range] = {
+    "layers": Range(0), "ctx_len": Range(2), "harvest_tokens": AT_LEAST_1, "batch_contexts": AT_LEAST_1,
+    "shard_contexts": AT_LEAST_1, "seed": Range(0, 2**32 - 1), "sae_layer": Range(0), "sae_ratios": ABOVE_0,
+    "sae_alphas": ABOVE_0, "pick_ratio": ABOVE_0, "pick_max_l0": Range(0, above=True, finite=False),
+    "tied_alphas": ABOVE_0, "improved_alphas": ABOVE_0, "topk_ks": AT_LEAST_1, "topk_ratio": ABOVE_0,
+    "batchtopk_ks": AT_LEAST_1, "matryoshka_ks": AT_LEAST_1, "jumprelu_coefficients": ABOVE_0,
+    "lab_tokens": AT_LEAST_1, "train_tokens": AT_LEAST_1, "train_batch": AT_LEAST_1, "lr": ABOVE_0,
+    "curve_points": AT_LEAST_1, "curve_contexts": AT_LEAST_1, "eval_tokens": AT_LEAST_1, "ce_contexts": AT_LEAST_1,
+    "score_tokens": AT_LEAST_1, "autointerp_features": Range(0), "pca_tokens": Range(2), "ica_tokens": Range(2),
+    "ica_max_iter": AT_LEAST_1, "ioi_prompts": Range(2), "pronoun_prompts": Range(2), "patch_layer_step": AT_LEAST_1,
+}
+
+
+def _check_value(name: str, value, source: str):
+    """`value` for field `name`, as the field's type (lists become tuples) and within its `RANGES`;
+    else a ValueError naming `source`, the field, the value and what is allowed."""
+    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    if name not in fields:
+        raise ValueError(f"unknown profile field {name!r} in {source}; fields are {sorted(fields)}")
+    hint = typing.get_type_hints(Profile)[name]
+    default = fields[name].default
+    allowed = RANGES.get(name)
+    if name in TUPLE_FIELDS:
+        elem = typing.get_args(hint)[0]
+        example = list(default) or [{int: 16, float: 1e-3, bool: False}[elem]]
+        if not isinstance(value, (list, tuple)) or not (value or name in EMPTY_TUPLE_FIELDS):
+            raise ValueError(f"{source}: {name} must be a non-empty list, e.g. {example}, not {value!r}")
+        ok = all(isinstance(v, bool) if elem is bool else
+                 isinstance(v, (int, float)) and not isinstance(v, bool) and (elem is float or float(v).is_integer())
+                 for v in value)
+        if not ok:
+            raise ValueError(f"{source}: {name} must be a list of {elem.__name__}, e.g. {example}, not {value!r}")
+        out = tuple(elem(v) for v in value)
+        bad = [v for v in out if allowed is not None and v not in allowed]
+        if bad:
+            raise ValueError(f"{source}: {name}={list(value)!r} holds {bad[0]!r}; each must be "
+                             f"{allowed.describe(elem)}")
+        if len(set(out)) != len(out):
+            raise ValueError(f"{source}: {name}={list(value)!r} repeats {next(v for v in out if out.count(v) > 1)!r}; "
+                             "each value may appear once")
+        return out
+    if value is None and "None" in str(hint):
+        return None
+    kind = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        example = "" if default is dataclasses.MISSING else f", e.g. {default!r}"
+        raise ValueError(f"{source}: {name} must be {kind.__name__}{' or null' if 'None' in str(hint) else ''}"
+                         f"{example}, not {value!r}")
+    given = value
+    if kind is int:
+        value = int(value)
+    elif kind is float and not isinstance(value, float):  # an int stays one where the default is (pick_ratio=2)
+        value = type(default)(value) if isinstance(default, (int, float)) else float(value)
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"{source}: {name}={given!r} is out of range: it must be {allowed.describe(kind)}")
+    return value
+
+
+def _check_profile(p: "Profile") -> None:
+    """The checks that concern several fields, or a string field's allowed values."""
+    if p.pick_ratio not in p.sae_ratios:
+        raise ValueError(f"pick_ratio {p.pick_ratio} is not among sae_ratios {p.sae_ratios}")
+    if p.sae_layer not in p.layers:
+        raise ValueError(f"sae_layer {p.sae_layer} is not among the harvested layers {p.layers}")
+    if p.corpus not in ("brown", "pile"):
+        raise ValueError(f"corpus {p.corpus!r}: choose 'brown' (embedded) or 'pile'")
+    if p.store_dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"store_dtype {p.store_dtype!r}: choose 'float16' or 'bfloat16'")
+    if not p.name or not all(c.isalnum() or c in "-_." for c in p.name) or p.name.startswith("."):
+        raise ValueError(f"profile name {p.name!r}: use letters, digits, '-', '_' and '.' (it names a cache folder)")
+    if not p.hook or not p.hook.replace("_", "").isalnum():
+        raise ValueError(f"hook {p.hook!r}: a hook kind such as 'resid_post' (letters, digits and '_')")
+    if p.device != "auto":
+        import torch
+
+        try:
+            torch.device(p.device)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"device {p.device!r}: 'auto', 'cpu', 'cuda', 'cuda:1', ... ({e})") from None
+    if p.train_tokens < p.train_batch:
+        raise ValueError(f"train_tokens {p.train_tokens} is less than one training batch (train_batch "
+                         f"{p.train_batch}): each SAE would take no step")
 
 
 # JumpReLU λ for the cpu profile, aimed at L0 ≈ 32 at R = 4. Not measured on the cpu sweep itself: a short run
@@ -176,9 +314,6 @@ PROFILES: dict[str, Profile] = {
         patch_layer_step=1,
     ),
 }
-TUPLE_FIELDS = ("layers", "sae_ratios", "sae_alphas", "sae_tied", "improved_alphas", "tied_alphas", "topk_ks",
-                "batchtopk_ks", "matryoshka_ks", "jumprelu_coefficients")
-EMPTY_TUPLE_FIELDS = ("tied_alphas", "batchtopk_ks", "matryoshka_ks", "jumprelu_coefficients")  # may be empty lists
 
 
 def default_profile_name() -> str:
@@ -191,41 +326,6 @@ def default_profile_name() -> str:
         return "gpu" if torch.cuda.is_available() else "cpu"
     except ImportError:  # pragma: no cover
         return "cpu"
-
-
-def _check_value(name: str, value, source: str):
-    """`value` for field `name`, as the field's type (lists become tuples); else a ValueError."""
-    fields = {f.name: f for f in dataclasses.fields(Profile)}
-    if name not in fields:
-        raise ValueError(f"unknown profile field {name!r} in {source}; fields are {sorted(fields)}")
-    hint = typing.get_type_hints(Profile)[name]
-    default = getattr(PROFILES["test"], name)
-    if name in TUPLE_FIELDS:
-        example = list(default) or list(getattr(PROFILES["cpu"], name)) or list(PROFILES["cpu"].tied_alphas)
-        if not isinstance(value, (list, tuple)) or not (value or name in EMPTY_TUPLE_FIELDS):
-            raise ValueError(f"{source}: {name} must be a non-empty list, e.g. {example}, not {value!r}")
-        elem = type(example[0])
-        ok = all(isinstance(v, bool) if elem is bool else
-                 isinstance(v, (int, float)) and not isinstance(v, bool) and (elem is float or float(v).is_integer())
-                 for v in value)
-        if not ok:
-            raise ValueError(f"{source}: {name} must be a list of {elem.__name__}, e.g. {example}, not {value!r}")
-        return tuple(elem(v) for v in value)
-    if value is None and "None" in str(hint):
-        return None
-    kind = type(default) if default is not None else int
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        raise ValueError(f"{source}: {name} must be {kind.__name__}{' or null' if 'None' in str(hint) else ''}, "
-                         f"e.g. {default!r}, not {value!r}")
-    return kind(value) if kind in (int, float) else value
 
 
 def env_overrides() -> dict:
@@ -254,13 +354,4 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
                          f"(set ${ENV_VAR} or pass the name to get_profile)")
     changes = env_overrides()
     changes.update({k: _check_value(k, v, "get_profile") for k, v in overrides.items()})
-    profile = PROFILES[name].replace(**changes)
-    if profile.pick_ratio not in profile.sae_ratios:
-        raise ValueError(f"pick_ratio {profile.pick_ratio} is not among sae_ratios {profile.sae_ratios}")
-    if profile.sae_layer not in profile.layers:
-        raise ValueError(f"sae_layer {profile.sae_layer} is not among the harvested layers {profile.layers}")
-    if profile.corpus not in ("brown", "pile"):
-        raise ValueError(f"corpus {profile.corpus!r}: choose 'brown' (embedded) or 'pile'")
-    if profile.store_dtype not in ("float16", "bfloat16"):
-        raise ValueError(f"store_dtype {profile.store_dtype!r}: choose 'float16' or 'bfloat16'")
-    return profile
+    return PROFILES[name].replace(**changes)

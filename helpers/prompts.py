@@ -141,6 +141,10 @@ def unambiguous_names(names) -> tuple[list[str], int]:
 
 
 def _usable_names(tokenizer, names) -> tuple[list[str], dict]:
+    bad = [n for n in names if not isinstance(n, str) or not n or any(c.isspace() for c in n)]
+    if bad:
+        raise ValueError(f"names must be single words without spaces (a prompt puts one space before each): "
+                         f"{bad[:5]!r}{' ...' if len(bad) > 5 else ''}")
     one, multi = single_token_names(tokenizer, names)
     kept, words = unambiguous_names(one)
     return kept, {"multi_token": multi, "common_word": words}

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from helpers.profiles import PROFILES, get_profile
@@ -173,3 +175,58 @@ def test_plan_times_the_cpu_steps_on_any_gpu(monkeypatch):
     more = plan(colab.replace(score_tokens=2 * colab.score_tokens), fast).seconds
     assert more["03"] - 60 > 1.8 * (p["03"] - 60), (p, more)  # 03's CPU work is the held-out scoring
     assert more["04"] > p["04"] + 0.5 * (p["03"] - 60)
+
+
+OUT_OF_RANGE = [  # field, value, what the message says is allowed
+    ("batch_contexts", 0, "an int ≥ 1"), ("shard_contexts", 0, "an int ≥ 1"), ("train_batch", 0, "an int ≥ 1"),
+    ("harvest_tokens", -5, "an int ≥ 1"), ("ctx_len", 1, "an int ≥ 2"), ("lr", float("inf"), "a finite number > 0"),
+    ("lr", float("nan"), "a finite number > 0"), ("lr", 0, "a finite number > 0"), ("seed", -1, "an int ≥ 0"),
+    ("ioi_prompts", 1, "an int ≥ 2"), ("patch_layer_step", 0, "an int ≥ 1"), ("score_tokens", 0, "an int ≥ 1"),
+]
+
+
+@pytest.mark.parametrize("field,value,allowed", OUT_OF_RANGE)
+def test_values_out_of_range_are_refused_before_any_work(monkeypatch, field, value, allowed):
+    import json
+
+    from helpers.profiles import Profile
+
+    shown = re.escape(f"{field}={value!r} is out of range: it must be {allowed}")
+    with pytest.raises(ValueError, match="get_profile: " + shown):
+        get_profile("test", **{field: value})
+    with pytest.raises(ValueError, match=shown):
+        PROFILES["test"].replace(**{field: value})
+    with pytest.raises(ValueError, match=shown):
+        Profile("mine", **{field: value})
+    if value == value and abs(value) != float("inf"):  # JSON has no nan or inf
+        monkeypatch.setenv("SAE_OVERRIDES", json.dumps({field: value}))
+        with pytest.raises(ValueError, match=re.escape("$SAE_OVERRIDES: ") + shown):
+            get_profile("cpu")
+
+
+def test_list_fields_are_checked_element_by_element():
+    for changes, message in [({"layers": [-1, 6]}, "layers=[-1, 6] holds -1; each must be an int ≥ 0"),
+                             ({"layers": [2, 6, 2]}, "layers=[2, 6, 2] repeats 2; each value may appear once"),
+                             ({"sae_alphas": [1e-3, 0]}, "sae_alphas=[0.001, 0] holds 0.0; each must be a finite number > 0"),
+                             ({"topk_ks": [0]}, "topk_ks=[0] holds 0; each must be an int ≥ 1"),
+                             ({"sae_ratios": [2, float("inf")]}, "holds inf; each must be a finite number > 0")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            get_profile("test", **changes)
+
+
+def test_fields_checked_together_and_strings():
+    with pytest.raises(ValueError, match="train_tokens 100 is less than one training batch"):
+        get_profile("test", train_tokens=100)
+    with pytest.raises(ValueError, match="device 'gpu'"):
+        PROFILES["cpu"].replace(device="gpu")
+    with pytest.raises(ValueError, match="hook 'resid post'"):
+        get_profile("test", hook="resid post")
+    with pytest.raises(ValueError, match="sae_layer 6 is not among"):
+        PROFILES["test"].replace(layers=(1, 2))  # replace is checked as get_profile is
+
+
+def test_values_in_range_pass_unchanged():
+    p = get_profile("test", pick_max_l0=float("inf"), pick_ratio=0.5, lr=1, autointerp_features=0, seed=2**32 - 1)
+    assert p.pick_max_l0 == float("inf") and p.pick_ratio == 0.5 and p.autointerp_features == 0
+    assert p.replace(layers=[2, 6]).layers == (2, 6)
+    assert PROFILES["cpu"].sae_ratios == (1, 4) and repr(PROFILES["cpu"]) == repr(get_profile("cpu"))

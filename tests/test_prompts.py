@@ -116,6 +116,15 @@ def test_ioi_skips_multi_token_names_and_refuses_impossible_sizes(tokenizer):
         make_ioi(tokenizer, n=4, names=["Mary", "Bartholomew", "May"])
 
 
+@pytest.mark.parametrize("blank", ["", " ", "Mary Ann", " John", "Anna\t"])
+def test_empty_or_spaced_names_are_refused(tokenizer, blank):
+    """A prompt puts one space before each name: an empty name would leave two spaces side by side."""
+    with pytest.raises(ValueError, match="names must be single words without spaces"):
+        make_ioi(tokenizer, n=4, names=["Mary", "John", "Anna", blank])
+    with pytest.raises(ValueError, match="names must be single words without spaces"):
+        make_pronoun(tokenizer, n=4, names={"male": ["John", "Paul", blank], "female": ["Mary", "Anna"]})
+
+
 @pytest.mark.parametrize("template, error", [
     ("{A} and {B} went to the {place}, {S} gave a {object} to", "must follow a space"),
     ("When {A} and {C} went out, {S} gave a drink to", "unknown placeholder"),
