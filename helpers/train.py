@@ -206,10 +206,11 @@ def load_checkpoint(path: Path) -> dict:
     """A training checkpoint, every tensor on the CPU: the trainer moves each part to its device
     (parameters and optimizer state through load_state_dict), and the generators' states, kept as
     bytes, must stay CPU tensors (`Generator.set_state` refuses a CUDA one, which is what
-    map_location="cuda" used to make of them). A file that does not load (truncated, empty, not a
-    checkpoint) raises TrainingError naming it."""
+    map_location="cuda" used to make of them). It is read with `weights_only=True`: tensors and plain
+    containers only, so a checkpoint from a shared cache cannot run code. A file that does not load
+    (truncated, empty, not a checkpoint, holding other objects) raises TrainingError naming it."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         int(state["step"])
     except Exception as e:
         raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}): truncated, "

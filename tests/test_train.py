@@ -485,3 +485,22 @@ def test_a_truncated_checkpoint_is_named(data, tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:500])
     with pytest.raises(TrainingError, match=f"checkpoint {ckpt} cannot be read"):
         load_checkpoint(ckpt)
+
+
+RAN = []
+
+
+class _Payload:
+    def __reduce__(self):
+        return (RAN.append, ("ran",))
+
+
+def test_a_checkpoint_that_would_run_code_is_not_loaded(tmp_path):
+    """Checkpoints are read as tensors and plain containers: a pickled object in one never runs."""
+    from helpers.train import TrainingError, load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"step": 3, "payload": _Payload()}, path)
+    with pytest.raises(TrainingError, match="checkpoint.pt cannot be read"):
+        load_checkpoint(path)
+    assert RAN == []
