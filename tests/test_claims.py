@@ -34,7 +34,7 @@ def test_notebook_01_checks_report_a_model_claim_off_the_default(model, tmp_path
     from helpers import massive
     from helpers.harvest import harvest
 
-    P = get_profile("test").replace(layers=(0, 1), ctx_len=17, harvest_tokens=320)
+    P = get_profile("test").replace(layers=(0, 1), sae_layer=1, ctx_len=17, harvest_tokens=320)
     store = harvest(model, tmp_path / "store", P.hooks, ctx_len=17, n_tokens=320, batch_contexts=4,
                     shard_contexts=8, progress=False)
     ns = dict(torch=torch, np=np, store=store, tokens=store.tokens(), hook=store.hooks[-1], model=model,
