@@ -260,7 +260,7 @@ def stored(path, key, compute, code=()):
     is never loaded: a warning names it and the result is computed again and replaces it. The file is
     written under a temporary name unique to the process, then renamed into place."""
     import json
-    import uuid
+    from .locks import tmp_name
     import warnings
 
     from safetensors.torch import save_file
@@ -280,7 +280,7 @@ def stored(path, key, compute, code=()):
     tensors: dict = {}
     tree = json.dumps(_encode(result, tensors, "result"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = tmp_name(path)
     try:
         save_file(tensors, str(tmp), metadata={"format": STORED_FORMAT, "key": want_key,
                                                "code": json.dumps(want_code), "result": tree})
