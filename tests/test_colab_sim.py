@@ -80,7 +80,8 @@ def colab_run(tmp_path_factory):
     env = build(root / "sim")
     env.update(WORKBOOK_REPO=str(_origin(root)), WORKBOOK_DIR=str(root / "content" / "sae-workbook"),
                WORKBOOK_INSTALL="touch installed-by-setup-cell", WORKBOOK_DRIVE=str(root / "drive"),
-               SAE_OVERRIDES=json.dumps(OVERRIDES))
+               SAE_OVERRIDES=json.dumps(OVERRIDES),
+               SAE_SCRATCH=str(root / "content" / "sae-scratch"))  # the VM's disk, in the test's own folder
     # The embedded model's dequantised copy (notebook 03's local explainer), as a previous session left it
     # on the Drive: dequantising it again takes 20 s and is tested in test_models.py.
     from helpers.models import embedded_model_dir
