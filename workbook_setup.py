@@ -97,7 +97,7 @@ def check_gpu(environ=None, cuda_available=None) -> None:
     try:
         overrides = json.loads(environ.get("SAE_OVERRIDES") or "{}")
     except ValueError:
-        overrides = {}  # helpers.profiles reports a malformed $SAE_OVERRIDES with its own message
+        overrides = {}  # helpers.settings.profiles reports a malformed $SAE_OVERRIDES with its own message
     if isinstance(overrides, dict) and overrides.get("device") == "cpu":
         return
     if cuda_available is None:

@@ -4,16 +4,16 @@
 
 * ``hf_home/hub``: a Hugging Face hub cache in the real layout
   (``models--EleutherAI--pythia-70m-deduped/{blobs,refs,snapshots}``) holding, at the revision
-  that `helpers.models` pins, a tiny *random* ``GPTNeoXForCausalLM`` shaped like Pythia-70M where
+  that `helpers.activations.models` pins, a tiny *random* ``GPTNeoXForCausalLM`` shaped like Pythia-70M where
   it matters (6 layers, parallel attention + MLP, partial rotary embeddings, 2048 positions) but
   with ``d_model`` 64 and 4 heads. Its ``config.json`` carries ``workbook_stand_in: true``
-  (`helpers.models.is_stand_in`). Pythia's tokenizer is not available offline, so the embedded
+  (`helpers.activations.models.is_stand_in`). Pythia's tokenizer is not available offline, so the embedded
   SmolLM2 tokenizer (vocabulary 49,152) stands in, with Pythia's special tokens: BOS = EOS = UNK =
   ``<|endoftext|>`` (id 0) and no pad token. It loads *by name* through the normal hub path,
   ``load_model(PAPER_MODEL)``, with ``HF_HUB_OFFLINE=1``.
 * ``pile/*.jsonl.zst`` (``.jsonl`` without ``zstandard``): about 2 MB of Brown Corpus documents
   in the Pile's format, one ``{"text": ..., "meta": {"pile_set_name": ...}}`` per line, with
-  Pile subset names drawn from `helpers.corpus.PILE_SUBSETS` (plus one name outside that list).
+  Pile subset names drawn from `helpers.activations.corpus.PILE_SUBSETS` (plus one name outside that list).
 * ``colab/``: a stub ``google.colab`` package (``drive.mount(path)`` creates ``path/MyDrive``) and
   a ``sitecustomize.py`` that imports it at interpreter start, so that with ``PYTHONPATH`` set
   every Python process (a notebook kernel included) sees ``"google.colab" in sys.modules``.
@@ -58,7 +58,7 @@ def stand_in_config(vocab_size: int = 49152):
 
 def _tokenizer_source() -> Path:
     """A folder holding the embedded SmolLM2 tokenizer.json (from the workbook's cache if built)."""
-    from helpers.models import embedded_model_dir
+    from helpers.activations.models import embedded_model_dir
 
     return embedded_model_dir()
 
@@ -137,7 +137,7 @@ def write_pile(folder: Path, total_bytes: int = PILE_BYTES, n_files: int = PILE_
     held-out file (`val`, other documents, as the Pile's val.jsonl.zst); returns (training glob, val path)."""
     import random
 
-    from helpers.corpus import PILE_SUBSETS, load_brown
+    from helpers.activations.corpus import PILE_SUBSETS, load_brown
 
     try:
         import zstandard
@@ -223,8 +223,8 @@ def build(root: Path, seed: int = 0) -> dict[str, str]:
     glob of the Pile-format training files), SAE_PILE_TEST (the held-out file) and PYTHONPATH (the stub folder, followed by any PYTHONPATH
     already set). `root` must be empty or absent.
     """
-    from helpers.models import hub_revision
-    from helpers.profiles import PAPER_MODEL
+    from helpers.activations.models import hub_revision
+    from helpers.settings.profiles import PAPER_MODEL
 
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ def array_store(tmp_path):
     """Factory: write an activation store holding the rows of x [n, d] for one hook."""
     import numpy as np
 
-    from helpers.store import META_DTYPE, StoreWriter
+    from helpers.activations.store import META_DTYPE, StoreWriter
 
     def make(x, hook="blocks.0.hook_resid_post", shard_tokens=256, name="store", dtype="float16"):
         w = StoreWriter(tmp_path / name, {"model": "toy", "corpus": "brown", "split": "train", "ctx_len": 9,

@@ -1,12 +1,12 @@
-"""First-letter absorption (helpers.absorption) on a planted dictionary with known absorption."""
+"""First-letter absorption (helpers.evals.absorption) on a planted dictionary with known absorption."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import absorption
-from helpers.dictionary import Dictionary
+from helpers.evals import absorption
+from helpers.dictionaries.dictionary import Dictionary
 
 LET = "abcd"
 N_MARK = 40                  # token identities, shared by all letters (uncorrelated with the letter)

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from helpers import autointerp
-from helpers.autointerp import (AutointerpError, Excerpt, LocalBackend, OpenAIBackend, correlation_score,
+from helpers.evals import autointerp
+from helpers.evals.autointerp import (AutointerpError, Excerpt, LocalBackend, OpenAIBackend, correlation_score,
                                 explain_prompt, load_results, parse_activation_list, score_feature,
                                 score_features, simulate_and_score)
 
@@ -487,12 +487,12 @@ def test_local_backend_falls_back_to_the_embedded_chat_model(monkeypatch):
     such as Pythia has no chat template, so it raised. It now explains with the embedded SmolLM2."""
     from types import SimpleNamespace
 
-    import helpers.models
-    from helpers import autointerp
+    import helpers.activations.models
+    from helpers.evals import autointerp
 
     built, loaded = [], []
     monkeypatch.setattr(autointerp, "LocalBackend", lambda model: built.append(model) or model)
-    monkeypatch.setattr(helpers.models, "load_model", lambda name, device="auto": loaded.append(name) or name)
+    monkeypatch.setattr(helpers.activations.models, "load_model", lambda name, device="auto": loaded.append(name) or name)
     base = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None))
     chat = SimpleNamespace(tokenizer=SimpleNamespace(chat_template="{{ messages }}"))
     assert autointerp.local_backend(base) == "smollm2-135m-instruct" and loaded == ["smollm2-135m-instruct"]

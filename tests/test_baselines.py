@@ -4,8 +4,8 @@ import warnings
 import pytest
 import torch
 
-from helpers.baselines import fit_ica, fit_pca
-from helpers.metrics import mmcs
+from helpers.dictionaries.baselines import fit_ica, fit_pca
+from helpers.evals.reconstruction import mmcs
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -67,15 +67,15 @@ def test_fewer_samples_than_directions(array_store):
 
 
 def test_layer_dictionaries_rejects_a_layer_that_was_not_harvested():
-    from helpers.baselines import layer_dictionaries
-    from helpers.profiles import get_profile
+    from helpers.dictionaries.baselines import layer_dictionaries
+    from helpers.settings.profiles import get_profile
 
     with pytest.raises(ValueError, match="layer 5 was not harvested"):
         layer_dictionaries(get_profile("test"), 5, store=None, sweep=None)
 
 
 def test_matched_topk_is_nearest_in_l0():
-    from helpers.sweep import matched_topk
+    from helpers.runs.sweep import matched_topk
 
     rows = [{"architecture": "standard", "l0": 30}, {"architecture": "topk", "l0": 64},
             {"architecture": "topk", "l0": 32}, {"architecture": "topk", "l0": 16}]
@@ -84,7 +84,7 @@ def test_matched_topk_is_nearest_in_l0():
 
 
 def test_baselines_are_fitted_once_and_cached(array_store, tmp_path):
-    from helpers.baselines import baselines
+    from helpers.dictionaries.baselines import baselines
 
     x, _ = laplace_mixture()
     store = array_store(x, hook=HOOK, shard_tokens=1000)

@@ -1,7 +1,7 @@
-"""helpers.bench: the timed step is the trainer's, on SAEs set to the regime it claims to time."""
+"""benchmarks.bench: the timed step is the trainer's, on SAEs set to the regime it claims to time."""
 import torch
 
-from helpers.bench import ours_step_fn
+from benchmarks.bench import ours_step_fn
 
 
 def test_l0_calibration_for_a_stack_of_l1_and_jumprelu_saes():

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.paths import NOTEBOOKS_DIR
-from helpers.profiles import get_profile
+from helpers.settings.paths import NOTEBOOKS_DIR
+from helpers.settings.profiles import get_profile
 
 ALL_NOTEBOOKS = sorted(p.stem for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
 # By default the notebook with the interactive outputs (circuitsvis views, the widget browser), so that

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.claims import claim, measured_here
-from helpers.profiles import PAPER_MODEL, PROFILES, get_profile
+from helpers.runs.claims import claim, measured_here
+from helpers.settings.profiles import PAPER_MODEL, PROFILES, get_profile
 from test_corpus import notebook_cell
 
 
@@ -31,8 +31,8 @@ def test_claim_asserts_where_measured_and_reports_elsewhere(capsys):
 def test_notebook_01_checks_report_a_model_claim_off_the_default(model, tmp_path, capsys):
     """Notebook 01's checks cell on a store whose model fails the IOI claim: on a non-default profile it
     prints the verdict and ends cleanly; on the default, where the claim was measured, it fails."""
-    from helpers import massive
-    from helpers.harvest import harvest
+    from helpers.activations import massive
+    from helpers.activations.harvest import harvest
 
     P = get_profile("test").replace(layers=(0, 1), sae_layer=1, ctx_len=17, harvest_tokens=320)
     store = harvest(model, tmp_path / "store", P.hooks, ctx_len=17, n_tokens=320, batch_contexts=4,

@@ -15,10 +15,10 @@ What stands in: the model is a tiny *random* GPT-NeoX (it has learnt nothing); t
 command that leaves a marker (the real install.sh is what CI runs); the Drive is a local folder, which
 already holds the embedded model's dequantised copy (as a previous session leaves it). Every cell runs,
 the checks included: their integrity asserts hold on any model, and their claims about the model
-(helpers.claims) print a verdict on it instead of failing, as on a real non-default model.
+(helpers.runs.claims) print a verdict on it instead of failing, as on a real non-default model.
 
 The run also measures each kernel's peak host RAM and the cache's size, which must stay within the
-resource plan's estimates (helpers.plan) for the same profile.
+resource plan's estimates (helpers.runs.plan) for the same profile.
 """
 import json
 import os
@@ -32,7 +32,7 @@ import pytest
 from nbclient import NotebookClient
 
 from colab_sim import build
-from helpers.profiles import PAPER_MODEL
+from helpers.settings.profiles import PAPER_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["01_harvest", "02_train", "03_interpret", "04_baselines", "05_ablation_editing"]
@@ -84,7 +84,7 @@ def colab_run(tmp_path_factory):
                SAE_SCRATCH=str(root / "content" / "sae-scratch"))  # the VM's disk, in the test's own folder
     # The embedded model's dequantised copy (notebook 03's local explainer), as a previous session left it
     # on the Drive: dequantising it again takes 20 s and is tested in test_models.py.
-    from helpers.models import embedded_model_dir
+    from helpers.activations.models import embedded_model_dir
 
     models = root / "drive" / "MyDrive" / "sae-workbook-cache" / "models"
     models.mkdir(parents=True)
@@ -154,7 +154,7 @@ def test_measured_peaks_within_the_plan(colab_run):
     environment, so that it reads the stand-in's dimensions), bounds the measured peaks."""
     import sys
 
-    code = ("import json; from helpers.plan import plan; from helpers.profiles import get_profile; "
+    code = ("import json; from helpers.runs.plan import plan; from helpers.settings.profiles import get_profile; "
             "p = plan(get_profile('colab')); print(json.dumps({'host': p.host_peak, 'disk': p.disk_bytes, "
             "'parts': p.host}))")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **colab_run["env"]}, cwd=REPO,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from helpers import PAPER_MODEL
-from helpers import models
-from helpers.corpus import PILE_SUBSETS
+from helpers.activations import models
+from helpers.activations.corpus import PILE_SUBSETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import colab_sim  # noqa: E402
@@ -52,7 +52,7 @@ def test_build_returns_the_environment(sim):
 LOAD = """
 import json, sys, torch
 from helpers import PAPER_MODEL
-from helpers.models import load_model, is_stand_in
+from helpers.activations.models import load_model, is_stand_in
 m = load_model(PAPER_MODEL, device="cpu")
 names = [f"blocks.{i}.hook_resid_post" for i in range(6)]
 tok = m.tokenizer

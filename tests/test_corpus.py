@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import helpers.corpus as corpus_mod
-from helpers.corpus import (NO_TAG, PILE_GENRES, PILE_OTHER, PILE_SEPARATOR, PILE_SUBSETS, coarse_tag,
+import helpers.activations.corpus as corpus_mod
+from helpers.activations.corpus import (NO_TAG, PILE_GENRES, PILE_OTHER, PILE_SEPARATOR, PILE_SUBSETS, coarse_tag,
                             iter_contexts, load_brown, pile_files, pile_subsets_read, separator_token_id,
                             tokenize_document)
-from helpers.paths import DATA_DIR
+from helpers.settings.paths import DATA_DIR
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_packing_keeps_short_documents_and_tails(tokenizer, pile_dir):
 
 
 def _pile_store(model, path, n_tokens=100_000):
-    from helpers.harvest import harvest
+    from helpers.activations.harvest import harvest
 
     return harvest(model, path, ["blocks.0.hook_resid_post"], corpus="pile", ctx_len=9, n_tokens=n_tokens,
                    batch_contexts=8, shard_contexts=8, progress=False)
@@ -373,7 +373,7 @@ def test_a_non_editable_install_keeps_the_data(tmp_path):
                     "--quiet", "--target", str(tmp_path / "site"), str(repo)], check=True, cwd=tmp_path,
                    env={**__import__("os").environ, "PIP_NO_CACHE_DIR": "1"})
     assert (tmp_path / "site" / "helpers" / "data" / "brown.json.xz").exists()
-    out = subprocess.run([sys.executable, "-c", "import helpers, helpers.paths as p; "
+    out = subprocess.run([sys.executable, "-c", "import helpers, helpers.settings.paths as p; "
                           "print(len(helpers.load_brown().docs), p.DATA_DIR)"], cwd=tmp_path, check=True,
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")})
     n, data_dir = out.stdout.split()
@@ -389,7 +389,7 @@ def notebook_cell(name: str, cell_id: str) -> str:
 def test_notebook_label_check_accepts_a_two_subset_corpus(model, tmp_path, monkeypatch, capsys):
     """Notebook 01's label check on a store harvested from a user's own Pile files holding two subsets:
     it passes, and it still fails on a token whose subset no document read has."""
-    from helpers.profiles import PAPER_MODEL, get_profile
+    from helpers.settings.profiles import PAPER_MODEL, get_profile
 
     rows = pile_rows(30)
     for i, r in enumerate(rows):

@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from helpers.dashboard import FeatureView, contexts_plain_html, contexts_props, contexts_vis
-from helpers.dictionary import neuron_basis
-from helpers.features import feature_stats
+from helpers.show.dashboard import FeatureView, contexts_plain_html, contexts_props, contexts_vis
+from helpers.dictionaries.dictionary import neuron_basis
+from helpers.evals.features import feature_stats
 
 HOOK = "blocks.0.hook_resid_post"
 

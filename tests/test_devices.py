@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from fake_cuda import CudaTensor, DeviceMixError, fake_cuda
-from helpers import absorption, probing
-from helpers.dictionary import SAEDictionary, device_of, neuron_basis, random_directions
-from helpers.features import Concepts, concept_scores, feature_stats, top_tokens
-from helpers.heldout import HeldoutScorer, matched_counts
-from helpers.sae import SAEConfig, SAEStack
-from helpers.store import META_DTYPE
+from helpers.evals import absorption
+from helpers.evals import probing
+from helpers.dictionaries.dictionary import SAEDictionary, device_of, neuron_basis, random_directions
+from helpers.evals.features import Concepts, concept_scores, feature_stats, top_tokens
+from helpers.evals.heldout import HeldoutScorer, matched_counts
+from helpers.saes.stack import SAEConfig, SAEStack
+from helpers.activations.store import META_DTYPE
 
 HOOK = "blocks.0.hook_resid_post"
 D = 16
@@ -57,7 +58,7 @@ def toy(array_store):
         f.write_bytes(meta.tobytes())
     import json
 
-    from helpers.store import ActivationStore, _crc32
+    from helpers.activations.store import ActivationStore, _crc32
     for s in store.shards:
         s["files"]["meta"]["crc32"] = _crc32((store.path / s["files"]["meta"]["name"]).read_bytes())
     (store.path / "manifest.json").write_text(json.dumps(store.manifest))
@@ -134,9 +135,9 @@ def gpu_model():
 def test_patching_on_the_model_device(gpu_model):
     """Notebook 05: plain patching, patch and edit curves and a feature circuit, the model on the GPU and
     the dictionaries on it too, or left on the CPU."""
-    from helpers.patching import (edit_context, edit_curve, patch_context, patch_curve, patch_positions_by_layer,
+    from helpers.causal.patching import (edit_context, edit_curve, patch_context, patch_curve, patch_positions_by_layer,
                                   upstream_features)
-    from helpers.prompts import keep_solved, make_ioi, make_pronoun
+    from helpers.causal.prompts import keep_solved, make_ioi, make_pronoun
 
     model, hook, up = gpu_model, "blocks.3.hook_resid_post", "blocks.1.hook_resid_post"
     with fake_cuda():
@@ -156,7 +157,7 @@ def test_patching_on_the_model_device(gpu_model):
 
 def test_steering_on_the_model_device(gpu_model, array_store):
     """Notebook 05: generation, costs and the steering comparison, the model on the GPU."""
-    from helpers import steering
+    from helpers.causal import steering
 
     model, hook = gpu_model, "blocks.3.hook_resid_post"
     g = torch.Generator().manual_seed(2)

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.dashboard import FeatureView, dashboard_html, top_token_is
-from helpers.dictionary import LinearDictionary, SAEDictionary, neuron_basis, random_directions
-from helpers.features import Concepts, concept_scores, dictionary_score, feature_stats, logit_effects
-from helpers.sae import SAEConfig, SAEStack
-from helpers.store import StoreMismatch
+from helpers.show.dashboard import FeatureView, dashboard_html, top_token_is
+from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, neuron_basis, random_directions
+from helpers.evals.features import Concepts, concept_scores, dictionary_score, feature_stats, logit_effects
+from helpers.saes.stack import SAEConfig, SAEStack
+from helpers.activations.store import StoreMismatch
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -51,7 +51,7 @@ def test_concept_score_finds_the_planted_concept(array_store, model):
     meta_path = store.path / "shard_00000.meta.bin"
     assert meta_path.exists()
     # relabel the stored tokens with our planted ids (the fixture numbers them 0..n-1)
-    from helpers.store import ActivationStore, META_DTYPE, _crc32
+    from helpers.activations.store import ActivationStore, META_DTYPE, _crc32
     import json
     for s in store.shards:
         f = store.path / s["files"]["meta"]["name"]
@@ -131,7 +131,7 @@ def test_dashboard_and_browser_pieces(toy, model):
 
 
 def test_describe_features(toy, model):
-    from helpers.features import describe_features
+    from helpers.evals.features import describe_features
 
     store, x = toy
     d = neuron_basis(6, hook_name=HOOK, model_name="toy")
@@ -145,7 +145,7 @@ def test_describe_features(toy, model):
 def test_ranked_puts_features_with_too_few_scored_tokens_last():
     """A perfect score on a handful of tokens (e.g. a feature that fires almost only on massive
     tokens, scored on ordinary ones) must not rank first."""
-    from helpers.features import ranked
+    from helpers.evals.features import ranked
 
     scores = {"mcc": torch.tensor([0.3, 1.0, 0.8, 0.5]), "active_counts": torch.tensor([40.0, 1.0, 12.0, 5.0])}
     assert ranked(scores).tolist() == [2, 3, 0, 1]
@@ -154,7 +154,7 @@ def test_ranked_puts_features_with_too_few_scored_tokens_last():
 
 def test_best_concepts_do_not_depend_on_the_chunk_of_features():
     """_best_concepts scores a few features at a time; the result equals scoring them all at once."""
-    from helpers.features import _best_concepts
+    from helpers.evals.features import _best_concepts
 
     g = torch.Generator().manual_seed(1)
     F, C, n = 70, 40, 5000

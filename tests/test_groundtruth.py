@@ -1,4 +1,4 @@
-"""The ground-truth lab (helpers.groundtruth): the generator's promises, the scores on known answers,
+"""The ground-truth lab (helpers.saes.groundtruth): the generator's promises, the scores on known answers,
 and a TopK SAE that recovers planted features."""
 import math
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.groundtruth import (SETTINGS, SyntheticConfig, absorption, generate, lab_train_config, match,
+from helpers.saes.groundtruth import (SETTINGS, SyntheticConfig, absorption, generate, lab_train_config, match,
                                  mmcs_to_truth, precision_recall, score_saes, setting_config, train_on_tensor,
                                  true_directions, untrained_reference)
-from helpers.sae import SAEConfig
+from helpers.saes.stack import SAEConfig
 
 SMALL = SyntheticConfig(d=32, n_features=96, mean_l0=4.0, seed=1)
 
@@ -175,7 +175,7 @@ def test_training_any_list_of_configs_groups_stacks_and_keeps_order():
 def test_run_lab_rows():
     """The runner end to end on a tiny budget: one row per config and setting plus the reference,
     one config per family marked nearest the true L0, absorption columns only for the hierarchy."""
-    from helpers.groundtruth import run_lab, table
+    from helpers.saes.groundtruth import run_lab, table
 
     configs = lambda d, l0, m: [SAEConfig(d, m, architecture="topk", k=max(1, round(l0))),  # noqa: E731
                                 SAEConfig(d, m, l1_coefficient=0.03, recipe="improved"),
@@ -196,9 +196,9 @@ def test_run_lab_rows():
 
 def test_default_configs_cover_every_architecture():
     """A new architecture in the registry is trained by the lab too (or this fails until it is)."""
-    from helpers.architectures import ARCHITECTURES
+    from helpers.saes.architectures import ARCHITECTURES
 
-    from helpers.groundtruth import default_configs
+    from helpers.saes.groundtruth import default_configs
 
     configs = default_configs(d=16, true_l0=3.2, d_sae=64)
     assert {c.architecture for c in configs} == set(ARCHITECTURES)

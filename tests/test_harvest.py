@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-import helpers.store as st
-from helpers.harvest import forward_to, harvest, stop_layer, validate_hooks
-from helpers.store import ActivationStore, StoreError
+import helpers.activations.store as st
+from helpers.activations.harvest import forward_to, harvest, stop_layer, validate_hooks
+from helpers.activations.store import ActivationStore, StoreError
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
 SMALL = dict(ctx_len=17, n_tokens=16 * 20, batch_contexts=3, shard_contexts=4, progress=False)
@@ -98,7 +98,7 @@ def test_pile_harvest_resumes_from_its_saved_position(model, tmp_path, monkeypat
 
     from test_corpus import CountingTokenizer, pile_rows, write_jsonl
 
-    import helpers.corpus as corpus_mod
+    import helpers.activations.corpus as corpus_mod
 
     rows = pile_rows(60, seed=2)
     write_jsonl(tmp_path / "a.jsonl", rows[:2])
@@ -120,7 +120,7 @@ def test_pile_harvest_resumes_from_its_saved_position(model, tmp_path, monkeypat
 
     import sys
 
-    harvest_mod = sys.modules["helpers.harvest"]  # (helpers.harvest is also the function's name)
+    harvest_mod = sys.modules["helpers.activations.harvest"]  # (helpers.activations.harvest is also the function's name)
     counting = CountingTokenizer(model.tokenizer)
     monkeypatch.setattr(harvest_mod, "iter_contexts",
                         lambda tokenizer, **kw: corpus_mod.iter_contexts(counting, **kw))

@@ -1,14 +1,14 @@
-"""Held-out, sparsity-matched concept scores (helpers.heldout) on stores with known answers."""
+"""Held-out, sparsity-matched concept scores (helpers.evals.heldout) on stores with known answers."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from helpers.dictionary import LinearDictionary, random_directions
-from helpers.features import activity_thresholds
-from helpers.heldout import HeldoutScorer, concept_labels, difference, matched_counts
-from helpers.store import META_DTYPE, ActivationStore, _crc32
+from helpers.dictionaries.dictionary import LinearDictionary, random_directions
+from helpers.evals.features import activity_thresholds
+from helpers.evals.heldout import HeldoutScorer, concept_labels, difference, matched_counts
+from helpers.activations.store import META_DTYPE, ActivationStore, _crc32
 
 HOOK = "blocks.0.hook_resid_post"
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import locks
-from helpers.locks import FolderLock, LockBusy
-from helpers.store import META_DTYPE, StoreWriter
+from helpers.settings import locks
+from helpers.settings.locks import FolderLock, LockBusy
+from helpers.activations.store import META_DTYPE, StoreWriter
 
 HOOK = "blocks.0.hook_resid_post"
 HEADER = {"model": "toy", "corpus": "brown", "split": "train", "ctx_len": 9, "seed": 0, "hooks": [HOOK],
@@ -33,8 +33,8 @@ if mode == "marker":  # a file system that refuses flock
     def refuse(*a):
         raise OSError(errno.ENOLCK, "No locks available")
     fcntl.flock = refuse
-from helpers.locks import FolderLock
-from helpers.store import StoreWriter
+from helpers.settings.locks import FolderLock
+from helpers.activations.store import StoreWriter
 HEADER = {header}
 if kind == "store":
     w = StoreWriter(folder, HEADER)
@@ -111,8 +111,8 @@ def test_a_second_writer_waits_for_the_first_then_goes_on(tmp_path, capsys):
 
 def test_a_training_run_folder_is_locked(tmp_path, array_store):
     from conftest import sparse_data
-    from helpers.sae import SAEConfig
-    from helpers.train import TrainConfig, train_sweep
+    from helpers.saes.stack import SAEConfig
+    from helpers.saes.train import TrainConfig, train_sweep
 
     x, _ = sparse_data(n=512, d=16)
     store = array_store(x)
@@ -165,7 +165,7 @@ def test_a_process_may_take_its_own_lock_again(tmp_path):
         with FolderLock(folder, "inner"):
             pass
         proc_check = subprocess.run(
-            [sys.executable, "-c", "import sys; from helpers.locks import FolderLock, LockBusy\n"
+            [sys.executable, "-c", "import sys; from helpers.settings.locks import FolderLock, LockBusy\n"
              "try:\n FolderLock(sys.argv[1]).acquire()\nexcept LockBusy:\n sys.exit(3)", str(folder)],
             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
         assert proc_check.returncode == 3, "still held by the outer lock"
@@ -173,8 +173,8 @@ def test_a_process_may_take_its_own_lock_again(tmp_path):
 
 
 def test_a_sweep_being_trained_elsewhere_is_waited_for_naming_its_holder(tmp_path, monkeypatch):
-    from helpers import sweep
-    from helpers.profiles import get_profile
+    from helpers.runs import sweep
+    from helpers.settings.profiles import get_profile
 
     monkeypatch.setenv("SAE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SAE_LOCK_WAIT", "0.5")

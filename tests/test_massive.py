@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import massive
-from helpers.dictionary import neuron_basis
-from helpers.metrics import reconstruction_metrics, split_fvu
-from helpers.sae import SAEConfig, SAEStack
+from helpers.activations import massive
+from helpers.dictionaries.dictionary import neuron_basis
+from helpers.evals.reconstruction import reconstruction_metrics, split_fvu
+from helpers.saes.stack import SAEConfig, SAEStack
 
 HOOK = "blocks.0.hook_resid_post"
 D = 16
@@ -94,8 +94,8 @@ def test_metrics_split_ordinary_and_massive_tokens(array_store):
 
 
 def test_training_applies_the_rule_and_saves_it(array_store, tmp_path):
-    from helpers.sae import load_saelens, save_saelens
-    from helpers.train import TrainConfig, train_sweep
+    from helpers.saes.stack import load_saelens, save_saelens
+    from helpers.saes.train import TrainConfig, train_sweep
 
     x, idx = data()
     store = array_store(x)

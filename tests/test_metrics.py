@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from helpers.metrics import mmcs, pca_fvu, reconstruction_metrics, spliced_loss
-from helpers.sae import SAEConfig, SAEStack
+from helpers.evals.reconstruction import mmcs, pca_fvu, reconstruction_metrics, spliced_loss
+from helpers.saes.stack import SAEConfig, SAEStack
 
 
 def identity_sae(d):

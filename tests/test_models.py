@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import EMBEDDED_MODEL, PAPER_MODEL, ModelUnavailable, load_model
-from helpers import models
+from helpers.activations import models
 
 
 def test_embedded_model_solves_ioi(model):

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from helpers.dictionary import neuron_basis, random_directions
-from helpers.patching import (ablate, candidate_pool, ce_loss, edit_context, edit_curve, gap_closed, patch_context,
+from helpers.dictionaries.dictionary import neuron_basis, random_directions
+from helpers.causal.patching import (ablate, candidate_pool, ce_loss, edit_context, edit_curve, gap_closed, patch_context,
                               patch_curve, patch_positions_by_layer, position_mask, ratio_interval,
                               upstream_features)
-from helpers.prompts import make_ioi, make_pronoun
+from helpers.causal.prompts import make_ioi, make_pronoun
 
 HOOK = "blocks.3.hook_resid_post"
 LAYER = 3
@@ -184,7 +184,7 @@ def test_plain_patching_by_layer(model, plain, ioi):
 
 
 def test_captured_share(model, ioi, ctx):
-    from helpers.patching import captured_share
+    from helpers.causal.patching import captured_share
 
     assert captured_share(neuron_basis(model.cfg.d_model, hook_name=HOOK), model, ioi, HOOK) == pytest.approx(1.0, abs=1e-4)
     few = random_directions(model.cfg.d_model, 16, hook_name=HOOK)  # 8 directions of 576: a small share

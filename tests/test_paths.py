@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.paths import stored
+from helpers.settings.paths import stored
 
 
 def test_stored_computes_once_per_key_and_survives_an_interruption(tmp_path):
@@ -120,8 +120,9 @@ def test_an_edit_to_the_code_that_computes_a_result_recomputes_it(tmp_path, monk
 
 
 def test_digest_depends_on_the_key_and_the_code(tmp_path, monkeypatch):
-    from helpers import paths, profiles
-    from helpers.paths import digest
+    from helpers.settings import paths
+    from helpers.settings import profiles
+    from helpers.settings.paths import digest
 
     assert digest(["a", 1]) == digest(("a", 1)) != digest(["a", 2])
     assert digest("a", code=(paths,)) != digest("a", code=(profiles,)) != digest("a")
@@ -129,7 +130,7 @@ def test_digest_depends_on_the_key_and_the_code(tmp_path, monkeypatch):
 
 
 def test_cache_paths_expand_home_and_resolve_relative_paths_once(tmp_path, monkeypatch):
-    from helpers.paths import cache_root, scratch_root
+    from helpers.settings.paths import cache_root, scratch_root
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("SAE_CACHE", "~/sae-cache")
@@ -145,7 +146,7 @@ def test_cache_paths_expand_home_and_resolve_relative_paths_once(tmp_path, monke
 
 
 def test_scratch_mirrors_the_cache_and_is_off_by_default(tmp_path, monkeypatch):
-    from helpers.paths import scratch_dir
+    from helpers.settings.paths import scratch_dir
 
     monkeypatch.setenv("SAE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SAE_SCRATCH", raising=False)
@@ -159,7 +160,7 @@ def test_scratch_mirrors_the_cache_and_is_off_by_default(tmp_path, monkeypatch):
 def test_sync_drive_syncs_on_colab_only(monkeypatch):
     import types
 
-    from helpers.paths import sync_drive
+    from helpers.settings.paths import sync_drive
 
     calls = []
     monkeypatch.setattr(os, "sync", lambda: calls.append(1))
@@ -172,7 +173,7 @@ def test_sync_drive_syncs_on_colab_only(monkeypatch):
 
 
 def test_held_out_scores_round_trip_through_the_cache(tmp_path):
-    from helpers.heldout import Scored
+    from helpers.evals.heldout import Scored
 
     rng = np.random.default_rng(0)
     sc = Scored("SAE", rng.integers(0, 9, 5), np.array([True, True, False, True, True]), *rng.random((4, 5)),

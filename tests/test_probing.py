@@ -1,13 +1,13 @@
-"""Sparse probing (helpers.probing) on synthetic data: planted latents, leak-free splits, intervals, JSON."""
+"""Sparse probing (helpers.evals.probing) on synthetic data: planted latents, leak-free splits, intervals, JSON."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import probing
-from helpers.dictionary import Dictionary, random_directions
-from helpers.store import META_DTYPE
+from helpers.evals import probing
+from helpers.dictionaries.dictionary import Dictionary, random_directions
+from helpers.activations.store import META_DTYPE
 
 D = 12
 
@@ -95,7 +95,7 @@ def test_bootstrap_interval_is_wider_with_fewer_groups():
 
 
 def test_brown_tasks_group_by_context_and_document():
-    from helpers.corpus import NO_TAG, load_brown
+    from helpers.activations.corpus import NO_TAG, load_brown
 
     c = load_brown()
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from helpers.profiles import PROFILES, get_profile
+from helpers.settings.profiles import PROFILES, get_profile
 
 
 def test_env_var_picks_profile(monkeypatch):
@@ -61,7 +61,7 @@ def test_sae_overrides_apply_to_any_profile_and_are_checked(monkeypatch):
 
 
 def test_colab_profile_fits_a_free_t4_and_paper_does_not_fit_drive():
-    from helpers.plan import Machine, PlanError, check, plan
+    from helpers.runs.plan import Machine, PlanError, check, plan
 
     t4 = Machine("t4", "Tesla T4", host_bytes=12.7e9, disk_free_bytes=78e9, gpu_bytes=15.8e9)
     drive = Machine("t4", "Tesla T4, cache on free Google Drive", 12.7e9, 15e9, 15.8e9)
@@ -94,9 +94,9 @@ def test_plan_bounds_the_gpu_memory_of_training(array_store):
     """On a GPU: the plan's training estimate bounds what a sweep of the profile's shape really allocates."""
     import torch
 
-    from helpers.plan import Machine, plan
-    from helpers.sweep import sweep_configs, train_config
-    from helpers.train import train_sweep
+    from helpers.runs.plan import Machine, plan
+    from helpers.runs.sweep import sweep_configs, train_config
+    from helpers.saes.train import train_sweep
 
     p = get_profile("test", train_tokens=8 * 256, device="cuda")
     x = torch.randn(4096, 576)
@@ -109,8 +109,8 @@ def test_plan_bounds_the_gpu_memory_of_training(array_store):
 
 
 def test_plan_counts_the_checkpoint_copies_in_the_cache_and_on_scratch(monkeypatch):
-    from helpers.plan import Machine, PlanError, check, checkpoint_bytes, model_dims, plan
-    from helpers.sweep import sweep_configs
+    from helpers.runs.plan import Machine, PlanError, check, checkpoint_bytes, model_dims, plan
+    from helpers.runs.sweep import sweep_configs
 
     colab = get_profile("colab")
     d = model_dims(colab.model)[0]
@@ -146,9 +146,9 @@ def test_checkpoint_bytes_is_what_training_writes(array_store, tmp_path):
     """The plan's checkpoint size against a real checkpoint (tied and untied SAEs, TopK)."""
     import torch
 
-    from helpers.plan import checkpoint_bytes
-    from helpers.sae import SAEConfig
-    from helpers.train import TrainConfig, train_sweep
+    from helpers.runs.plan import checkpoint_bytes
+    from helpers.saes.stack import SAEConfig
+    from helpers.saes.train import TrainConfig, train_sweep
 
     d = 64
     configs = [SAEConfig(d, 512, l1_coefficient=1e-3), SAEConfig(d, 256, l1_coefficient=1e-3, tied=True),
@@ -164,8 +164,8 @@ def test_plan_times_the_cpu_steps_on_any_gpu(monkeypatch):
     """Held-out scores with their resamples, PCA/ICA fits and logit effects run on the CPU whatever the
     GPU: on an arbitrarily fast one, notebooks 03 and 04 still take their CPU time, which grows with
     the scored tokens."""
-    import helpers.plan as plan_mod
-    from helpers.plan import Machine, plan
+    import helpers.runs.plan as plan_mod
+    from helpers.runs.plan import Machine, plan
 
     monkeypatch.setitem(plan_mod.THROUGHPUT, "instant", 1e30)
     fast = Machine("instant", "a GPU of unlimited speed", 12.7e9, 78e9, 80e9)
@@ -189,7 +189,7 @@ OUT_OF_RANGE = [  # field, value, what the message says is allowed
 def test_values_out_of_range_are_refused_before_any_work(monkeypatch, field, value, allowed):
     import json
 
-    from helpers.profiles import Profile
+    from helpers.settings.profiles import Profile
 
     shown = re.escape(f"{field}={value!r} is out of range: it must be {allowed}")
     with pytest.raises(ValueError, match="get_profile: " + shown):

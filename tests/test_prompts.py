@@ -4,8 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
-from helpers import prompts
-from helpers.prompts import (IOI_TEMPLATES, PRONOUN_TEMPLATES, PromptSet, evaluate, keep_solved, load_names,
+from helpers.causal import prompts
+from helpers.causal.prompts import (IOI_TEMPLATES, PRONOUN_TEMPLATES, PromptSet, evaluate, keep_solved, load_names,
                              logit_diff, make_ioi, make_pronoun, single_token_names, unambiguous_names)
 
 N_IOI = 2 * 2 * len(IOI_TEMPLATES)       # two prompts per (template, order)

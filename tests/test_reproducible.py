@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import sparse_data
-from helpers.sae import SAEConfig, SAEStack
-from helpers.train import TrainConfig, train_sweep
+from helpers.saes.stack import SAEConfig, SAEStack
+from helpers.saes.train import TrainConfig, train_sweep
 
 HOOK = "blocks.0.hook_resid_post"
 D, M, B = 64, 256, 512

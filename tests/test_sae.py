@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from helpers import architectures
-from helpers.sae import SAEConfig, SAEStack, init_seed, load_saelens, save_saelens
+from helpers.saes import architectures
+from helpers.saes.stack import SAEConfig, SAEStack, init_seed, load_saelens, save_saelens
 
 D, M = 12, 30
 
@@ -293,7 +293,7 @@ def test_jumprelu_codes_and_threshold_gradients():
 def test_batchtopk_batch_budget_and_inference_threshold():
     """In training the batch keeps exactly k·B codes (per SAE of the stack), unevenly over tokens; the
     running threshold, after a few steps, gives about k codes per token on held-out data."""
-    from helpers.train import TrainConfig, make_optimizer, train_step
+    from helpers.saes.train import TrainConfig, make_optimizer, train_step
 
     cfgs = [SAEConfig(D, M, architecture="batchtopk", k=k) for k in (3, 7)]
     sae = randomised(cfgs)
@@ -406,7 +406,7 @@ def saelens_folder(folder, cfg=None, **tensors):
 
 @pytest.mark.parametrize("name, arch", [("b_enc", "standard"), ("b_dec", "standard"), ("threshold", "jumprelu")])
 def test_a_tensor_of_the_wrong_shape_is_refused(tmp_path, name, arch):
-    from helpers.sae import SAELensFileError
+    from helpers.saes.stack import SAELensFileError
 
     extra = {"threshold": torch.full((M,), 0.5)} if arch == "jumprelu" else {}
     saelens_folder(tmp_path / "s", {"architecture": arch}, **{**extra, name: torch.ones(1)})
@@ -426,7 +426,7 @@ def test_a_tensor_of_the_wrong_shape_is_refused(tmp_path, name, arch):
     ("activation_fn_str", "tanh-relu", "activation function 'tanh-relu'"),
 ])
 def test_settings_the_workbook_does_not_apply_are_refused(tmp_path, field, value, says):
-    from helpers.sae import SAELensFileError
+    from helpers.saes.stack import SAELensFileError
 
     saelens_folder(tmp_path / "s", {field: value})
     with pytest.raises(SAELensFileError, match=r"s/cfg.json: " + re.escape(says) + " is not supported"):
@@ -455,7 +455,7 @@ def test_a_finetuning_scaling_factor_is_applied(tmp_path):
 
 
 def test_non_finite_weights_and_missing_fields_are_named(tmp_path):
-    from helpers.sae import SAELensFileError
+    from helpers.saes.stack import SAELensFileError
 
     w = torch.randn(M, D)
     w[3, 4] = float("nan")

@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import sparse
-from helpers.sae import SAEConfig, SAEStack
+from helpers.saes import sparse
+from helpers.saes.stack import SAEConfig, SAEStack
 
 D, M = 12, 40
 
@@ -95,7 +95,7 @@ def test_sparse_equals_dense_on_a_stored_batch(array_store):
 
 
 def test_sparse_equals_dense_with_massive_tokens():
-    from helpers.massive import Massive
+    from helpers.activations.massive import Massive
 
     x = torch.randn(64, D)
     x[::9] += 40 * torch.nn.functional.one_hot(torch.tensor(3), D)  # a few huge tokens along one axis
@@ -161,10 +161,10 @@ def test_each_sae_of_a_stack_takes_its_own_path():
 # ---- after training: weights far from their initialisation, dead and resampled latents ----------
 def trained(configs, x, steps=30):
     """The configs trained with Adam for `steps` steps on batches of x (dense path), the way
-    helpers.train does (unit-norm rows for the paper recipe and TopK); after a third of the steps,
+    helpers.saes.train does (unit-norm rows for the paper recipe and TopK); after a third of the steps,
     latents 0-5 of every SAE are killed (a bias that no input overcomes), and after two thirds
-    latents 3-5 are resampled (helpers.train.resample_dead): 0-2 stay dead."""
-    from helpers.train import resample_dead
+    latents 3-5 are resampled (helpers.saes.train.resample_dead): 0-2 stay dead."""
+    from helpers.saes.train import resample_dead
 
     sae = SAEStack(configs)
     with torch.no_grad():
@@ -276,7 +276,7 @@ def test_generic_branch_from_the_environment():
     import subprocess
     import sys
 
-    code = "import torch, helpers.sparse as s; print(s.FORCE_GENERIC, s.use_cpu_kernels(torch.zeros(1)))"
+    code = "import torch, helpers.saes.sparse as s; print(s.FORCE_GENERIC, s.use_cpu_kernels(torch.zeros(1)))"
     for value, expected in (("1", "True False"), ("0", "False True"), ("", "False True")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "SAE_SPARSE_FORCE_GENERIC": value})
@@ -337,8 +337,8 @@ def test_sparse_and_dense_paths_train_the_same_distinct_saes(array_store):
     """Several Adam steps of a sweep of distinct SAEs (two per family, different α or k, different
     initial dictionaries) on the sparse path and on the dense one end at the same SAEs and losses."""
     from conftest import sparse_data
-    from helpers.sae import initial_dictionary
-    from helpers.train import TrainConfig, train_sweep
+    from helpers.saes.stack import initial_dictionary
+    from helpers.saes.train import TrainConfig, train_sweep
 
     x, _ = sparse_data(n=2048, d=D, m=30)
     store = array_store(x * 3)

@@ -1,11 +1,11 @@
-"""helpers.steering: the intervention, generation, cost, the index and the comparison."""
+"""helpers.causal.steering: the intervention, generation, cost, the index and the comparison."""
 import numpy as np
 import pytest
 import torch
 
-from helpers import steering
-from helpers.dictionary import neuron_basis
-from helpers.steering import SteeringIndex, add_hook, steering_vector
+from helpers.causal import steering
+from helpers.dictionaries.dictionary import neuron_basis
+from helpers.causal.steering import SteeringIndex, add_hook, steering_vector
 
 HOOK = "blocks.6.hook_resid_post"
 
@@ -181,7 +181,7 @@ def test_build_index_and_compare_smoke(model, small_index):
 
 
 def test_comparison_settings_by_profile():
-    from helpers.profiles import get_profile
+    from helpers.settings.profiles import get_profile
 
     assert steering.comparison_settings(get_profile("cpu"))["prompts"] == steering.SETTINGS["cpu"]["prompts"]
     assert steering.comparison_settings(get_profile("gpu")) == steering.SETTINGS["default"]

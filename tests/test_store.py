@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.store import (META_DTYPE, ActivationStore, CorruptShard, StoreError, StoreMismatch,
+from helpers.activations.store import (META_DTYPE, ActivationStore, CorruptShard, StoreError, StoreMismatch,
                            StoreWriter)
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
@@ -130,7 +130,7 @@ def test_no_store_and_bad_arguments(tmp_path):
 
 
 def test_interrupted_write_leaves_last_complete_shard(tmp_path, monkeypatch):
-    import helpers.store as st
+    import helpers.activations.store as st
 
     make_store(tmp_path, n_shards=2)
     w = StoreWriter(tmp_path, header())
@@ -214,7 +214,7 @@ def test_batches_are_bit_identical_to_the_three_copy_implementation(tmp_path, dt
 _RSS_SCRIPT = r"""
 import resource, sys
 import torch
-from helpers.store import ActivationStore
+from helpers.activations.store import ActivationStore
 
 
 def peak():  # high-water RSS of this process (bytes); ru_maxrss also counts what exec inherited
@@ -373,8 +373,8 @@ def test_start_skips_batches_unread_and_serves_the_same_ones_after(tmp_path, mon
 def test_harvest_through_get_store_repairs_a_store_whose_last_shard_did_not_sync(model, tmp_path, monkeypatch):
     """End to end with the embedded model: a profile's store whose manifest says complete but whose last
     shard arrived short is harvested again from that shard by `get_store`, to the uninterrupted store."""
-    from helpers.harvest import get_store, store_path
-    from helpers.profiles import get_profile
+    from helpers.activations.harvest import get_store, store_path
+    from helpers.settings.profiles import get_profile
 
     monkeypatch.setenv("SAE_CACHE", str(tmp_path / "cache"))
     p = get_profile("test", layers=(1, 3), sae_layer=3, ctx_len=17, harvest_tokens=16 * 20, batch_contexts=3, shard_contexts=4)
@@ -445,7 +445,7 @@ def test_dropped_last_shard_is_harvested_again_under_a_new_name(tmp_path):
 def test_a_truncated_manifest_is_named(array_store):
     import torch
 
-    from helpers.store import ActivationStore, StoreError
+    from helpers.activations.store import ActivationStore, StoreError
 
     store = array_store(torch.randn(300, 8))
     m = store.path / "manifest.json"

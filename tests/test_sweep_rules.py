@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import sparse_data
-from helpers.metrics import mmcs
-from helpers.sae import SAEConfig, SAEStack, initial_dictionary, load_saelens, save_saelens
-from helpers.sweep import choose, mmcs_table, random_mmcs
-from helpers.train import TrainConfig, train_sweep
+from helpers.evals.reconstruction import mmcs
+from helpers.saes.stack import SAEConfig, SAEStack, initial_dictionary, load_saelens, save_saelens
+from helpers.runs.sweep import choose, mmcs_table, random_mmcs
+from helpers.saes.train import TrainConfig, train_sweep
 
 D = 16
 HOOK = "blocks.0.hook_resid_post"
@@ -122,9 +122,9 @@ def test_history_logs_pre_clip_gradient_norms(store):
 
 # ---- the sweep's cache key ----------------------------------------------------------------------
 def test_sweep_key_is_a_fingerprint_of_every_result_setting():
-    from helpers.profiles import Profile, get_profile
-    from helpers.sae import config_dict
-    from helpers.sweep import NOT_RESULT_FIELDS, _key, fingerprint, sweep_configs
+    from helpers.settings.profiles import Profile, get_profile
+    from helpers.saes.stack import config_dict
+    from helpers.runs.sweep import NOT_RESULT_FIELDS, _key, fingerprint, sweep_configs
 
     p = get_profile("test")
     fp = fingerprint(p, p.sae_hook, d_in=D)
@@ -150,8 +150,8 @@ def json_ready(obj):
 def test_results_with_a_stale_fingerprint_are_not_reused(tmp_path, monkeypatch):
     import json
 
-    from helpers import sweep
-    from helpers.profiles import get_profile
+    from helpers.runs import sweep
+    from helpers.settings.profiles import get_profile
 
     monkeypatch.setenv("SAE_CACHE", str(tmp_path))
     p = get_profile("test")
@@ -185,15 +185,15 @@ def test_choose_never_picks_a_diverged_or_non_finite_sae():
     assert choose(rows, 4, 50) == 1  # the fallback (lowest FVU among all) skips it too
     with pytest.raises(ValueError, match="diverged or has non-finite figures"):
         choose([_row(0, nan, nan, select_fvu=nan)], 4, 50)
-    from helpers.sweep import best_of_recipe
+    from helpers.runs.sweep import best_of_recipe
 
     rows = [_row(0, 0.9, 0.9, recipe="anthropic2023", diverged=3), _row(1, 0.8, 0.8)]
     assert best_of_recipe(rows, "anthropic2023", 4, 50) is None and best_of_recipe(rows, "improved", 4, 50) == 1
 
 
 def test_save_saes_skips_a_diverged_sae(tmp_path):
-    from helpers.sweep import save_saes
-    from helpers.train import SweepResult
+    from helpers.runs.sweep import save_saes
+    from helpers.saes.train import SweepResult
 
     configs = [SAEConfig(D, 32, l1_coefficient=1e-3), SAEConfig(D, 32, l1_coefficient=1e-2)]
     saes = [SAEStack([c], seed=0) for c in configs]
@@ -208,8 +208,8 @@ def test_save_saes_skips_a_diverged_sae(tmp_path):
 def test_a_stale_sweep_is_moved_aside_not_deleted(tmp_path, monkeypatch):
     import json
 
-    from helpers import sweep
-    from helpers.profiles import get_profile
+    from helpers.runs import sweep
+    from helpers.settings.profiles import get_profile
 
     monkeypatch.setenv("SAE_CACHE", str(tmp_path))
     p = get_profile("test")
@@ -237,8 +237,8 @@ def test_a_stale_sweep_is_moved_aside_not_deleted(tmp_path, monkeypatch):
 
 
 def test_a_diverged_sae_is_not_evaluated_and_its_row_says_so(monkeypatch):
-    from helpers import sweep
-    from helpers.train import SweepResult
+    from helpers.runs import sweep
+    from helpers.saes.train import SweepResult
 
     configs = [SAEConfig(D, 32, l1_coefficient=a) for a in (1e-3, 1e-2, 3e-2)]
     asked = []

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import sparse_data
-from helpers.metrics import mmcs, reconstruction_metrics
-from helpers.sae import SAEConfig, SAEStack
-from helpers.train import TrainConfig, TrainingError, resample_dead, train_sweep
+from helpers.evals.reconstruction import mmcs, reconstruction_metrics
+from helpers.saes.stack import SAEConfig, SAEStack
+from helpers.saes.train import TrainConfig, TrainingError, resample_dead, train_sweep
 
 HOOK = "blocks.0.hook_resid_post"
 D = 16
@@ -149,7 +149,7 @@ def test_several_hooks_in_one_pass_equal_each_hook_alone(tmp_path):
     SAEs of each layer trained alone."""
     import numpy as np
 
-    from helpers.store import META_DTYPE, StoreWriter
+    from helpers.activations.store import META_DTYPE, StoreWriter
 
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     x0, _ = sparse_data(n=2048, seed=0)
@@ -201,7 +201,7 @@ def test_checkpoint_generators_survive_a_device_map(data, tmp_path):
     GPU, and Generator.set_state refuses a non-CPU tensor: resuming failed. "meta" stands in for the GPU
     here (set_state refuses it the same way): a checkpoint whose tensors are all mapped to another device
     must still restore its generators, and the trainer itself loads checkpoints on the CPU."""
-    from helpers.train import load_checkpoint, restore_generators
+    from helpers.saes.train import load_checkpoint, restore_generators
 
     store, _ = data
     train_sweep(store, HOOK, CONFIGS, TC, run_dir=tmp_path, progress=False)
@@ -215,7 +215,7 @@ def test_checkpoint_generators_survive_a_device_map(data, tmp_path):
 
 
 def test_precision_follows_the_hardware(monkeypatch):
-    from helpers.train import amp, resolve_precision
+    from helpers.saes.train import amp, resolve_precision
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
@@ -255,7 +255,7 @@ def test_fp16_with_grad_scaler_trains_and_unscales_before_the_projection(data, m
 def test_only_one_stack_graph_is_alive_at_a_time(data):
     """A sweep's stacks are backpropagated one at a time: the tensors saved for backward peak at about
     one stack's worth, not the sum over stacks (64 SAEs of the paper sweep did not fit a T4 otherwise)."""
-    from helpers.train import build_stacks, make_optimizer, train_step
+    from helpers.saes.train import build_stacks, make_optimizer, train_step
 
     store, _ = data
     x = store.activations(HOOK)[:512]
@@ -372,7 +372,7 @@ def test_checkpoints_with_scratch_live_there_and_the_cache_copies_are_rewritten_
     clean = weights(train_sweep(store, HOOK, CONFIGS, tc, progress=False))
     assert all(torch.equal(x, y) for x, y in zip(clean, weights(result)))
     # discarded (a stale sweep): each copy in the cache is emptied before it is deleted (the trash keeps 0 bytes)
-    from helpers.train import discard_checkpoints
+    from helpers.saes.train import discard_checkpoints
 
     moved.clear()
     sizes = {}
@@ -477,7 +477,7 @@ def test_resume_on_another_thread_count_warns_naming_both(data, tmp_path, monkey
 
 
 def test_a_truncated_checkpoint_is_named(data, tmp_path):
-    from helpers.train import load_checkpoint
+    from helpers.saes.train import load_checkpoint
 
     store, _ = data
     train_sweep(store, HOOK, CONFIGS[:1], TC, run_dir=tmp_path, progress=False)
@@ -497,7 +497,7 @@ class _Payload:
 
 def test_a_checkpoint_that_would_run_code_is_not_loaded(tmp_path):
     """Checkpoints are read as tensors and plain containers: a pickled object in one never runs."""
-    from helpers.train import TrainingError, load_checkpoint
+    from helpers.saes.train import TrainingError, load_checkpoint
 
     path = tmp_path / "checkpoint.pt"
     torch.save({"step": 3, "payload": _Payload()}, path)

@@ -25,7 +25,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..paths import NOTEBOOKS_DIR
+from helpers.settings.paths import NOTEBOOKS_DIR
 
 EXERCISES_DIR = NOTEBOOKS_DIR / "exercises"
 HEADER = re.compile(r"^# Exercise (\d\d\.\d+)\s*$")

@@ -4,16 +4,16 @@
 01.2 massive_rule: the massive-activation rule (norm > 4 × the median norm) and its offset;
 01.3 variance_share: how much of the variance the massive tokens carry.
 
-The references are the workbook's own code (helpers.harvest.forward_to, helpers.massive's rule) wherever
-it has a function of that shape; 01.3's share is measured inside helpers.massive.fit, so its reference
+The references are the workbook's own code (helpers.activations.harvest.forward_to, helpers.activations.massive's rule) wherever
+it has a function of that shape; 01.3's share is measured inside helpers.activations.massive.fit, so its reference
 is the same two lines here.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import massive
-from ..harvest import forward_to
+from helpers.activations import massive
+from helpers.activations.harvest import forward_to
 from .core import Exercise, register
 
 
@@ -45,7 +45,7 @@ register(Exercise(
 
 # ---- 01.2 · the massive-activation rule ----------------------------------------------------------
 class _InMemoryStore:
-    """Just enough of an ActivationStore for helpers.massive's rule: one shard holding x."""
+    """Just enough of an ActivationStore for helpers.activations.massive's rule: one shard holding x."""
 
     def __init__(self, x):
         self.x, self.shards, self.d_model, self.path = x, [None], x.shape[-1], "<in memory>"
@@ -107,7 +107,7 @@ register(Exercise(
 # ---- 01.3 · the massive tokens' share of the variance --------------------------------------------
 def _variance_share(x, flags):
     """The share of tokens flagged and the share of the total variance (around the mean of all tokens)
-    that they carry, as helpers.massive.fit measures them (`share`, `variance_share`)."""
+    that they carry, as helpers.activations.massive.fit measures them (`share`, `variance_share`)."""
     x = x.double()
     dev = (x - x.mean(0)).pow(2).sum(-1)
     return flags.double().mean().item(), (dev[flags].sum() / dev.sum()).item()

@@ -1,13 +1,13 @@
 """The exercises of notebook 02: references, random cases and known mistakes.
 
-02.1 sae_forward: the paper's SAE, codes and reconstruction (helpers.sae.SAEStack.encode / decode);
+02.1 sae_forward: the paper's SAE, codes and reconstruction (helpers.saes.stack.SAEStack.encode / decode);
 02.2 sae_loss: MSE / d + α · Σ_i c_i ‖W_dec,i‖ (SAEStack.losses, the dense path);
-02.3 topk_codes: TopK's activation (helpers.architectures.TopK.codes);
+02.3 topk_codes: TopK's activation (helpers.saes.architectures.TopK.codes);
 02.4 unit_norm_step: the decoder-gradient projection, a step, the renormalisation
      (SAEStack.remove_parallel_grads, normalize_decoder; the workbook steps with Adam, the exercise with SGD);
-02.5 fvu: FVU over all and over ordinary tokens (helpers.metrics.split_fvu);
+02.5 fvu: FVU over all and over ordinary tokens (helpers.evals.reconstruction.split_fvu);
 02.6 ce_recovered: CE loss with the reconstruction spliced in, and the fraction recovered
-     (helpers.metrics.spliced_loss, against zero ablation).
+     (helpers.evals.reconstruction.spliced_loss, against zero ablation).
 
 Weights follow the workbook's layout: W_enc and W_dec are both [d_sae, d_in], one row per latent
 (pre-activations are x·W_encᵀ, reconstructions c·W_dec).
@@ -18,9 +18,9 @@ import weakref
 
 import torch
 
-from ..architectures import TopK
-from ..metrics import split_fvu, spliced_loss
-from ..sae import SAEConfig, SAEStack
+from helpers.saes.architectures import TopK
+from helpers.evals.reconstruction import split_fvu, spliced_loss
+from helpers.saes.stack import SAEConfig, SAEStack
 from .core import Exercise, register
 
 

@@ -3,7 +3,7 @@
 03.1 feature statistics (density, max, mean when active), 03.2 the concept score (MCC of "feature
 active" with "concept present"), 03.3 the held-out concept score (the concept chosen on one half of the
 contexts, scored on the other), 03.4 a feature's top activating contexts. The references are the workbook's
-own code (helpers.features.feature_stats, helpers.heldout) wherever it has one, fed the exercise's
+own code (helpers.evals.features.feature_stats, helpers.evals.heldout) wherever it has one, fed the exercise's
 tensors through a small in-memory store; the top contexts have a short reference here (the workbook
 ranks tokens, not contexts).
 """
@@ -56,7 +56,7 @@ class _Store:
 # ------------------------------------------------------------------ 03.1 feature statistics
 
 def _stats_reference(codes: torch.Tensor):
-    from ..features import feature_stats
+    from helpers.evals.features import feature_stats
 
     st = feature_stats(_Codes(codes.shape[1]), _Store(codes, batch_rows=512), k=1, sample=1,
                        progress=False)
@@ -162,7 +162,7 @@ def _counts(active, labels):
 
 
 def _mcc_reference(active: torch.Tensor, labels: torch.Tensor):
-    from ..heldout import mcc_from_counts
+    from helpers.evals.heldout import mcc_from_counts
 
     return torch.as_tensor(mcc_from_counts(*_counts(active, labels)))
 
@@ -216,7 +216,7 @@ def _scorer(labels: torch.Tensor, half: torch.Tensor, min_count: int):
     """A HeldoutScorer reduced to what its held-out choice reads (every token scored)."""
     import scipy.sparse as sp
 
-    from ..heldout import HeldoutScorer
+    from helpers.evals.heldout import HeldoutScorer
 
     s = object.__new__(HeldoutScorer)
     lab = sp.csr_matrix(labels.double().numpy())

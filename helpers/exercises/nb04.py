@@ -2,8 +2,8 @@
 
 04.1 PCA as a dictionary (fitted with scikit-learn, encoded by the signed-halves rule), 04.2 matched
 sparsity (each feature active on exactly its top-k tokens), 04.3 sparse probing's choice of latents. The
-references are the workbook's own: helpers.baselines.fit_pca with LinearDictionary.encode,
-helpers.heldout.HeldoutScorer.active, helpers.probing.top_k_mean_diff.
+references are the workbook's own: helpers.dictionaries.baselines.fit_pca with LinearDictionary.encode,
+helpers.evals.heldout.HeldoutScorer.active, helpers.evals.probing.top_k_mean_diff.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class _Activations(_Store):
 # ------------------------------------------------------------------ 04.1 PCA as a dictionary
 
 def _pca_reference(x: torch.Tensor, n_components: int):
-    from ..baselines import fit_pca
+    from helpers.dictionaries.baselines import fit_pca
 
     d = fit_pca(_Activations(x), HOOK, n_components=n_components, max_tokens=len(x))
     return d.encode(x)
@@ -78,7 +78,7 @@ register(Exercise(
 # ------------------------------------------------------------------ 04.2 matched sparsity: exact top-k activity
 
 def _active_reference(codes: torch.Tensor, counts: torch.Tensor):
-    from ..heldout import HeldoutScorer
+    from helpers.evals.heldout import HeldoutScorer
 
     n, f = codes.shape
     s = object.__new__(HeldoutScorer)
@@ -124,7 +124,7 @@ register(Exercise(
 # ------------------------------------------------------------------ 04.3 sparse probing: which latents
 
 def _latents_reference(codes: torch.Tensor, y: torch.Tensor, k: int):
-    from ..probing import top_k_mean_diff
+    from helpers.evals.probing import top_k_mean_diff
 
     return torch.as_tensor(top_k_mean_diff(codes.double().numpy(), y.numpy().astype(bool), k))
 

@@ -3,13 +3,13 @@
 05.1 the share of the logit-difference gap closed, 05.2 activation patching by hand (one position of the
 residual stream), 05.3 ablating features while keeping the dictionary's reconstruction error, 05.4
 steering (adding a direction to the residual stream). The references are the workbook's own
-(helpers.patching.gap_closed, patch_positions_by_layer, ablate); steering has a short one here.
+(helpers.causal.patching.gap_closed, patch_positions_by_layer, ablate); steering has a short one here.
 """
 from __future__ import annotations
 
 import torch
 
-from ..harvest import model_device as _device
+from helpers.activations.harvest import model_device as _device
 from .core import Exercise, register
 
 MODEL_ATOL = 1e-3  # logits of two forward passes that compute the same thing in another order
@@ -18,7 +18,7 @@ MODEL_ATOL = 1e-3  # logits of two forward passes that compute the same thing in
 # ------------------------------------------------------------------ 05.1 the share of the gap closed
 
 def _gap_reference(ld_clean: torch.Tensor, ld_cf: torch.Tensor, ld: torch.Tensor) -> float:
-    from ..patching import gap_closed
+    from helpers.causal.patching import gap_closed
 
     return gap_closed(ld_clean, ld_cf, ld)
 
@@ -60,7 +60,7 @@ register(Exercise(
 # ------------------------------------------------------------------ 05.2 activation patching by hand
 
 class _Prompts:
-    """What helpers.patching reads of a PromptSet."""
+    """What helpers.causal.patching reads of a PromptSet."""
 
     def __init__(self, tokens, cf_tokens, correct, wrong):
         self.tokens, self.cf_tokens, self.correct, self.wrong = tokens, cf_tokens, correct, wrong
@@ -70,7 +70,7 @@ class _Prompts:
 
 
 def _patch_reference(model, tokens, cf_tokens, layer: int, position: int, correct, wrong):
-    from ..patching import patch_positions_by_layer
+    from helpers.causal.patching import patch_positions_by_layer
 
     mask = torch.zeros(tokens.shape, dtype=torch.bool)
     mask[:, position] = True
@@ -115,7 +115,7 @@ def _patch_none(model, tokens, cf_tokens, layer, position, correct, wrong):
 
 def _ioi_pair(model):
     """Two IOI prompts of one template (ABBA and BABA), their counterfactuals and the repeated name's position."""
-    from ..prompts import IOI_TEMPLATES, make_ioi
+    from helpers.causal.prompts import IOI_TEMPLATES, make_ioi
 
     ps = make_ioi(model.tokenizer, n=2, seed=0, templates=[IOI_TEMPLATES[0]])
     changed = (ps.tokens != ps.cf_tokens).nonzero()
@@ -141,14 +141,14 @@ register(Exercise(
 # ------------------------------------------------------------------ 05.3 ablation that keeps the error term
 
 class _Linear:
-    """What helpers.patching.ablate reads of a Dictionary: encode and decoder_rows."""
+    """What helpers.causal.patching.ablate reads of a Dictionary: encode and decoder_rows."""
 
     def __init__(self, encode, decoder_rows):
         self.encode, self.decoder_rows = encode, decoder_rows
 
 
 def _ablate_reference(x: torch.Tensor, encode, decoder_rows: torch.Tensor, features):
-    from ..patching import ablate
+    from helpers.causal.patching import ablate
 
     with torch.no_grad():
         return ablate(_Linear(encode, decoder_rows), features)(x)
@@ -233,7 +233,7 @@ def _steer_run(model, tokens, hook_name, direction, scale, positions="text", nor
 
 
 def _steer_reference(model, tokens, hook_name: str, direction, scale: float):
-    from ..steering import add_hook  # the workbook's own steering hook (section 6)
+    from helpers.causal.steering import add_hook  # the workbook's own steering hook (section 6)
 
     unit = direction.float() / direction.float().norm()
     with torch.no_grad():
@@ -254,7 +254,7 @@ def _steer_last_only(model, tokens, hook_name, direction, scale):
 
 
 def _steer_model_cases(model, gen):
-    from ..prompts import PRONOUN_TEMPLATES, make_pronoun
+    from helpers.causal.prompts import PRONOUN_TEMPLATES, make_pronoun
 
     ps = make_pronoun(model.tokenizer, n=2, seed=0, templates=[PRONOUN_TEMPLATES[0]])
     return [dict(model=model, tokens=ps.tokens, hook_name=f"blocks.{model.cfg.n_layers // 2}.hook_resid_post",

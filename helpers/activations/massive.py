@@ -1,0 +1,199 @@
+"""Massive activations: detect them by a stated rule, measure them, and give them their own treatment.
+
+In many transformers a few tokens carry residual-stream vectors far larger than the rest (Sun et al.
+2024, "Massive activations in large language models"). In SmolLM2-135M at layers 3 and 6 about 2% of
+tokens (mostly " the") have norms above 4× the median and carry 55-65% of the variance; they point
+almost exactly along one fixed vector (cosine ≈ 0.999 with their mean, dominated by dimension 507);
+layer 9 has none. Left alone they dominate every metric averaged over tokens.
+
+**The rule.** A token is *massive* at a hook when its activation's norm exceeds `FACTOR` (4) times the
+median norm at that hook, the median taken over the training store.
+
+**The treatment (one transform, used everywhere).** A massive token is, to within a few percent of its
+variance, a constant vector plus an ordinary-sized remainder. So every dictionary in the workbook (the
+SAEs and the baselines alike) sees ``x - flag(x) · offset``, where `offset` is the mean massive
+activation of the training store, and a reconstruction adds ``flag(x) · offset`` back. The offset
+acts like a decoder bias that switches on for flagged tokens: one fixed vector, the same for every
+method, learned from the training data. Training, evaluation, concept scores and splicing all go
+through it, so no method, and no baseline, can win or lose by catching the massive tokens; metrics are
+reported over all tokens and over ordinary tokens (see helpers.evals.reconstruction, helpers.evals.features).
+
+`fit(store, hook)` measures a hook and returns a `Massive` (threshold, offset and the measurements);
+a hook with no massive token gets an inert one (threshold as measured, offset 0) and a note; a rule
+that would flag every token is refused.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+FACTOR = 4.0  # a token is massive when its norm exceeds FACTOR × the hook's median norm
+_VERSION = 4  # of what fit() measures (its cache entries)
+
+
+class MassiveError(ValueError):
+    """The rule cannot be applied as asked."""
+
+
+@dataclass
+class Massive:
+    """The rule's result at one hook: which tokens are massive and the offset they get."""
+
+    hook: str
+    threshold: float                 # flag tokens whose norm exceeds this (model units)
+    offset: torch.Tensor             # [d]: mean massive activation (zeros if there is none)
+    median_norm: float = 0.0
+    factor: float = FACTOR
+    share: float = 0.0               # of tokens flagged (training store)
+    variance_share: float = 0.0      # of the total variance they carry
+    note: str = ""
+    top_dims: list = field(default_factory=list)  # [(dim, share of the massive tokens' variance)]
+    cosine: float = 0.0              # median cosine of a massive token with the offset
+    offset_residual: float = 0.0     # share of the massive tokens' variance the offset leaves unexplained
+
+    @property
+    def any(self) -> bool:
+        return self.share > 0
+
+    def flags(self, x: torch.Tensor) -> torch.Tensor:
+        """[...] bool: which rows of x [..., d] are massive."""
+        return x.float().norm(dim=-1) > self.threshold
+
+    def shift(self, x: torch.Tensor) -> torch.Tensor:
+        """x with the offset removed from its massive rows (what every dictionary encodes)."""
+        if not self.any:
+            return x
+        return x - self.flags(x).unsqueeze(-1).to(x.dtype) * self.offset.to(x.device, x.dtype)
+
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        return {**asdict(self), "offset": [float(v) for v in self.offset],
+                "top_dims": [list(t) for t in self.top_dims]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Massive":
+        return cls(**{**d, "offset": torch.tensor(d["offset"], dtype=torch.float32),
+                      "top_dims": [tuple(t) for t in d.get("top_dims", [])]})
+
+    @classmethod
+    def none(cls, hook: str, d: int) -> "Massive":
+        """An inert rule: flags nothing."""
+        return cls(hook, math.inf, torch.zeros(d), note="no rule applied")
+
+
+def norms(store, hook: str, max_tokens: int | None = None) -> np.ndarray:
+    """Per-token activation norms at `hook`, in store order (one pass over the store)."""
+    out = []
+    n = 0
+    for i in range(len(store.shards)):
+        if max_tokens is not None and n >= max_tokens:
+            break
+        x = store.shard_activations(i, hook).float()
+        out.append(x.norm(dim=-1).numpy())
+        n += len(x)
+    out = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+    return out if max_tokens is None else out[:max_tokens]
+
+
+def fit(store, hook: str, factor: float = FACTOR, max_tokens: int | None = None) -> Massive:
+    """Apply the rule at `hook` of a (training) store: threshold, offset and measurements.
+
+    Raises MassiveError if the rule would flag every token (a factor below 1, say); a hook with no
+    massive token gets an inert rule with a note saying so. The result is cached in the store's
+    folder (``massive.json``), keyed by hook, factor and token count."""
+    if not factor > 0:
+        raise MassiveError(f"the factor must be positive, not {factor}")
+    import json
+    import os
+
+    cache = store.path / "massive.json"
+    key = f"v{_VERSION}|{hook}|{factor}|{store.n_tokens}|{max_tokens}"
+    try:
+        known = json.loads(cache.read_text()) if cache.exists() else {}
+    except ValueError:
+        known = {}
+    if key in known:
+        return Massive.from_json(known[key])
+    rule = _fit(store, hook, factor, max_tokens)
+    known = {k: v for k, v in known.items() if k.startswith(f"v{_VERSION}|")}  # drop entries of older versions
+    known[key] = rule.to_json()
+    tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known))
+    os.replace(tmp, cache)
+    return rule
+
+
+def _fit(store, hook: str, factor: float, max_tokens: int | None) -> Massive:
+    nrm = norms(store, hook, max_tokens)
+    if len(nrm) == 0:
+        raise MassiveError(f"no activations at {hook} in {store.path}")
+    finite = np.isfinite(nrm)
+    if not finite.any():
+        raise MassiveError(f"no finite activation at {hook} in {store.path}")
+    med = float(np.median(nrm[finite]))
+    threshold = factor * med
+    flag = finite & (nrm > threshold)
+    d = store.d_model
+    if flag.all():
+        raise MassiveError(f"every token at {hook} would be flagged massive (norm > {factor:g} × the median "
+                           f"{med:.1f}): with no ordinary token left the rule is meaningless; use a factor above 1")
+    if not flag.any():
+        return Massive(hook, threshold, torch.zeros(d), med, factor, 0.0, 0.0,
+                       note=f"no massive activations at {hook}: no token's norm exceeds {factor:g} × the median "
+                            f"({threshold:.1f}); ordinary tokens are all tokens here")
+    # the massive tokens' mean and their share of the variance, in one more pass
+    total = torch.zeros(d, dtype=torch.float64)
+    total_sq = torch.zeros((), dtype=torch.float64)
+    m_sum = torch.zeros(d, dtype=torch.float64)
+    m_n = int(flag.sum())
+    start = 0
+    rows = []
+    for i in range(len(store.shards)):
+        if start >= len(nrm):
+            break
+        x = store.shard_activations(i, hook).double()[: len(nrm) - start]
+        f = torch.as_tensor(flag[start:start + len(x)])
+        ok = torch.as_tensor(finite[start:start + len(x)])
+        total += x[ok].sum(0)
+        total_sq += x[ok].pow(2).sum()
+        m_sum += x[f].sum(0)
+        rows.append(x[f])
+        start += len(x)
+    n = int(finite.sum())
+    mean = total / n
+    xm = torch.cat(rows)
+    var_total = float(total_sq - n * mean.pow(2).sum())
+    var_massive = float((xm - mean).pow(2).sum())
+    per_dim = (xm - mean).pow(2).sum(0)
+    top = per_dim.argsort(descending=True)[:3]
+    offset = m_sum / m_n
+    cosine = torch.nn.functional.cosine_similarity(xm, offset.unsqueeze(0), dim=-1).median()
+    return Massive(hook, threshold, offset.float(), med, factor, m_n / n, var_massive / var_total,
+                   note=f"{m_n:,} of {n:,} tokens ({m_n / n:.1%}) at {hook} have a norm above {factor:g} × the median "
+                        f"({threshold:.1f}) and carry {var_massive / var_total:.0%} of the variance",
+                   top_dims=[(int(j), float(per_dim[j] / per_dim.sum())) for j in top],
+                   cosine=float(cosine), offset_residual=float((xm - offset).pow(2).sum() / var_massive))
+
+
+def flags(store, hook: str, rule: Massive) -> np.ndarray:
+    """[n_tokens] bool: the massive tokens of a store by `rule` (fitted on the training store)."""
+    return norms(store, hook) > rule.threshold
+
+
+def describe(store, hook: str, rule: Massive, tokenizer, top: int = 8) -> dict:
+    """What the massive tokens are (for notebook 01): the tokens most often massive, with the share
+    of each token's occurrences that are massive, and where in its context a massive token sits."""
+    flag = flags(store, hook, rule)
+    meta = store.tokens()[: len(flag)]
+    per_ctx = store.manifest["ctx_len"] - 1
+    toks, counts = np.unique(meta["token"][flag], return_counts=True)
+    all_counts = np.bincount(meta["token"], minlength=int(meta["token"].max()) + 1)
+    order = np.argsort(-counts)[:top]
+    return {"share": float(flag.mean()), "n": int(flag.sum()),
+            "tokens": [(tokenizer.decode([int(toks[i])]), int(counts[i]), float(counts[i] / all_counts[toks[i]]))
+                       for i in order],
+            "first_position_share": float((np.arange(len(flag))[flag] % per_ctx == 0).mean()) if flag.any() else 0.0}

@@ -1,0 +1,522 @@
+"""Causal experiments in a dictionary basis: patching, ablation-based editing, feature circuits.
+
+All of them change the activation at one hook only along chosen dictionary directions and keep
+everything else, including the dictionary's reconstruction error: changing feature f's code from
+c to c' adds (c' - c) · decoder_rows[f] to the activation. So any Dictionary with a linear
+decoder works: the SAE and the baselines alike.
+
+* `patch_curve`: move the clean IOI prompts' codes of the top-k features, at chosen positions
+  (default: the repeated name), to their values on the counterfactual prompts (names swapped), and
+  record the logit difference and the KL divergence of the next-token distribution from the clean
+  run, for each k. Features are ranked by attribution (a first-order estimate from one backward
+  pass) on one half of the prompts, and every point of the curve is measured by an actual patched
+  forward pass on the *other* half (`PromptSet.split`), with a bootstrap interval over those prompts
+  (`ratio_interval`). Ranking and measuring on the same prompts would select on the scored data: the
+  features that happen to fit those prompts' noise best look better than they are on new prompts.
+  The in-sample number is kept beside it as the contrast.
+* `edit_curve`: zero-ablate the top-k features that carry a behaviour (e.g. the gendered pronoun),
+  ranked and measured on separate halves the same way, and measure the edit (the behaviour's logit
+  difference drop) against the collateral damage (CE loss increase on held-out text), beside k
+  random features of the same dictionary.
+* `candidate_pool`: a seeded subset of a dictionary's features, so that every method picks its top
+  k from the same number of candidates.
+* `upstream_features`: for a feature at one layer, the features at an earlier layer whose ablation
+  changes it most (attribution, then verified by ablation).
+* `patch_positions_by_layer`: the plain (no dictionary) patch of the whole residual stream at chosen
+  positions, layer by layer: where the information that decides the answer sits.
+* `captured_share`: how much of the clean-to-counterfactual change in the activation a dictionary's
+  reconstruction carries, which bounds what patching its features can do.
+
+Everything is batched over prompts, and the points of a curve share forward passes: what does not
+depend on the dictionary (the clean and counterfactual runs, their activations and the gradient that
+attribution needs) is computed once per hook and prompt set (`patch_context`, `edit_context`) and
+reused by every dictionary; all the patched runs of a curve go through the model together, and only
+the last position's logits are computed where only they are read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from helpers.dictionaries.dictionary import encode_batched
+from helpers.activations.harvest import model_device
+from helpers.activations.hooks import layer_of, name as hook_name
+from helpers.causal.prompts import logit_diff
+
+
+def check_hook(model, dictionary, hook: str) -> None:
+    if layer_of(hook) >= model.cfg.n_layers:
+        raise ValueError(f"{hook!r}: layer {layer_of(hook)} is beyond the model's {model.cfg.n_layers} layers")
+    if dictionary.hook_name and dictionary.hook_name != hook:
+        raise ValueError(f"{dictionary.name} was fitted on {dictionary.hook_name!r}, not {hook!r}: patch it at its "
+                         "own hook, or fit one for this layer")
+
+
+_device = model_device
+
+
+@torch.no_grad()
+def hook_acts(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
+    """Activations [n, pos, d] at `hook` (the forward pass stops after its layer)."""
+    _, cache = model.run_with_cache(tokens.to(_device(model)), names_filter=[hook], stop_at_layer=layer_of(hook) + 1)
+    return cache[hook].float()
+
+
+def run_with_activation(model, tokens, hook: str, new_act: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    """Logits with the activation at `hook` replaced by new_act (all positions); last_only: only the
+    last position's logits, [n, vocab] (the unembedding of the other positions is skipped)."""
+    def replace(act, hook):
+        return new_act.to(act.dtype)
+    if last_only:
+        return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)], logits_to_keep=1)[:, -1]
+    return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)])
+
+
+@torch.no_grad()
+def _last_logits_and_acts(model, tokens, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, vocab] last-position logits and [n, pos, d] activations at `hook`, from one forward pass."""
+    logits, cache = model.run_with_cache(tokens.to(_device(model)), names_filter=[hook], logits_to_keep=1)
+    return logits[:, -1].float(), cache[hook].float()
+
+
+@torch.no_grad()
+def _patched_last_logits(model, tokens, hook: str, acts: list[torch.Tensor], max_rows: int = 256) -> list[torch.Tensor]:
+    """For each activation in `acts` ([n, pos, d] each), the last-position logits [n, vocab] of the
+    prompts `tokens` with that activation at `hook`: the patched runs go through the model together,
+    in batches of at most `max_rows` prompts."""
+    n = tokens.shape[0]
+    stacked = torch.cat(acts)
+    toks = tokens.repeat(len(acts), 1)
+    out = []
+    step = max(n, max_rows // n * n)
+    for i in range(0, len(stacked), step):
+        out.append(run_with_activation(model, toks[i:i + step], hook, stacked[i:i + step].to(_device(model)),
+                                       last_only=True).float().cpu())
+    return list(torch.cat(out).split(n))
+
+
+def _encode(dictionary, x):
+    n, p, d = x.shape
+    return encode_batched(dictionary, x.reshape(-1, d)).reshape(n, p, -1)
+
+
+def _grad(model, tokens, hook: str, x: torch.Tensor, metric) -> torch.Tensor:
+    """∂metric(last-position logits)/∂(activation at hook), [n, pos, d], at activation x."""
+    leaf = x.clone().to(_device(model)).requires_grad_(True)
+    with torch.enable_grad():
+        metric(run_with_activation(model, tokens, hook, leaf, last_only=True)).backward()
+    return leaf.grad.float().cpu()
+
+
+def attribution(model, tokens, hook: str, dictionary, delta_codes: torch.Tensor, metric,
+                x: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """First-order estimate, per feature, of the change in metric(last-position logits [n, vocab])
+    when the codes at `hook` change by delta_codes [n, pos, F]: Σ_{n,pos} δc_f · (∂metric/∂x ·
+    decoder_rows[f]). `x`: the clean activations at `hook`; `grad`: ∂metric/∂x, if the caller has it
+    (it does not depend on the dictionary)."""
+    if grad is None:
+        x = hook_acts(model, tokens, hook) if x is None else x
+        grad = _grad(model, tokens, hook, x, metric)
+    proj = grad @ dictionary.decoder_rows.float().cpu().T             # [n, pos, F]
+    return (delta_codes * proj).sum((0, 1))
+
+
+@torch.no_grad()
+def _kl(clean_logits, logits) -> torch.Tensor:
+    """[n] KL(clean || patched) of each prompt's next-token distribution, from [n, vocab] logits."""
+    p = clean_logits.float().log_softmax(-1)
+    q = logits.float().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+# ------------------------------------------------------------------------------- intervals
+
+def ratio_interval(num: torch.Tensor, den: torch.Tensor, n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """(value, low, high): value = Σ num / Σ den over the prompts (a ratio of means, e.g. the share of
+    the logit-difference gap closed), and its percentile bootstrap interval with the prompts (the
+    entries of num and den, paired) resampled `n_boot` times (seeded)."""
+    num, den = torch.as_tensor(num, dtype=torch.float64).flatten(), torch.as_tensor(den, dtype=torch.float64).flatten()
+    if num.shape != den.shape or not len(num):
+        raise ValueError(f"num {tuple(num.shape)} and den {tuple(den.shape)} must be the same non-empty shape")
+    value = float(num.sum() / den.sum())
+    idx = torch.randint(0, len(num), (n_boot, len(num)), generator=torch.Generator().manual_seed(seed))
+    boot = num[idx].sum(1) / den[idx].sum(1)
+    boot = boot[torch.isfinite(boot)]
+    a = (1 - level) / 2
+    low, high = (float(q) for q in torch.quantile(boot, torch.tensor([a, 1 - a], dtype=torch.float64)))
+    return value, low, high
+
+
+def _interval(out: dict, name: str, num, den, n_boot: int, seed: int) -> None:
+    out[name], out[name + "_low"], out[name + "_high"] = ratio_interval(num, den, n_boot, seed)
+
+
+def gap_closed(ld_clean: torch.Tensor, ld_cf: torch.Tensor, ld: torch.Tensor) -> float:
+    """The share of the logit-difference gap closed over a set of prompts, from per-prompt logit
+    differences: mean(ld_clean - ld) / mean(ld_clean - ld_cf). 0: the clean answer; 1: the
+    counterfactual run's."""
+    return float((ld_clean - ld).mean() / (ld_clean - ld_cf).mean())
+
+
+def candidate_pool(n_features: int, n: int | None, seed: int = 0, salt: str = "") -> torch.Tensor:
+    """The features a dictionary may pick from, sorted: all of them when n is None or n >= n_features,
+    else a seeded random subset of n (the seed mixed with `salt`, e.g. the dictionary's name, so that
+    two dictionaries of the same size do not get the same subset). Giving every method the same
+    number of candidates keeps a larger pool from winning by having more to choose from."""
+    import zlib
+
+    if n is None or n >= n_features:
+        return torch.arange(n_features)
+    if n < 1:
+        raise ValueError(f"a candidate pool needs at least one feature, not {n}")
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(salt.encode()))
+    return torch.randperm(n_features, generator=g)[:n].sort().values
+
+
+POSITIONS = ("changed", "between", "last", "all")
+
+
+def position_mask(ps, positions) -> torch.Tensor:
+    """[n, pos] bool: where to patch. "changed": where each prompt differs from its counterfactual (IOI:
+    the repeated name, the one name position whose residual stream differs: the names before it
+    come before the change and are identical in both runs); "between": after the changed position
+    and before the last; "last": the last position, where the answer is read; "all": every
+    position but BOS (identical in both runs anyway); or a bool tensor [n, pos] of one's own."""
+    n, p = ps.tokens.shape
+    if isinstance(positions, torch.Tensor):
+        if positions.shape != (n, p) or positions.dtype != torch.bool:
+            raise ValueError(f"a position mask must be a bool tensor of shape {(n, p)}")
+        return positions
+    changed = changed_positions(ps)
+    if positions == "changed":
+        return changed
+    if positions == "last":
+        mask = torch.zeros(n, p, dtype=torch.bool)
+        mask[:, -1] = True
+        return mask
+    if positions == "between":
+        first = changed.float().argmax(1)
+        col = torch.arange(p)
+        return (col[None] > first[:, None]) & (col[None] < p - 1) & changed.any(1, keepdim=True)
+    if positions == "all":
+        mask = torch.ones(n, p, dtype=torch.bool)
+        mask[:, 0] = False
+        return mask
+    raise ValueError(f"positions must be one of {POSITIONS} or a bool mask, not {positions!r}")
+
+
+def _split(ps, split, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rank, measure = ps.split(seed) if split is None else (torch.as_tensor(s, dtype=torch.long) for s in split)
+    if set(rank.tolist()) & set(measure.tolist()):
+        raise ValueError("the ranking and the measuring prompts overlap: the measurement would not be held out")
+    if not len(rank) or not len(measure):
+        raise ValueError("both halves of the split need prompts")
+    return rank, measure
+
+
+@dataclass
+class PatchContext:
+    """What the patch curves of every dictionary at one hook share, for one prompt set."""
+
+    hook: str
+    x: torch.Tensor        # [n, pos, d] clean activations at hook (CPU)
+    x_cf: torch.Tensor     # [n, pos, d] counterfactual activations
+    clean: torch.Tensor    # [n, vocab] clean last-position logits
+    ld_clean: torch.Tensor  # [n] logit difference of each prompt, clean run
+    ld_cf: torch.Tensor    # [n] ... counterfactual run (scored on the clean answers)
+    grad: torch.Tensor     # [n, pos, d] ∂ Σ logit_diff / ∂x at the clean activations (prompt i's
+    #                        row is the gradient of its own logit difference: prompts do not interact)
+
+
+def patch_context(model, ps, hook: str) -> PatchContext:
+    """The clean and counterfactual runs, their activations at `hook`, and the attribution gradient:
+    three passes (two forward, one forward-backward), shared by every dictionary's `patch_curve`."""
+    clean, x = _last_logits_and_acts(model, ps.tokens, hook)
+    cf, x_cf = _last_logits_and_acts(model, ps.cf_tokens, hook)
+    grad = _grad(model, ps.tokens, hook, x, lambda lg: logit_diff(lg, ps).sum())
+    return PatchContext(hook, x.cpu(), x_cf.cpu(), clean.cpu(), logit_diff(clean, ps).cpu(),
+                        logit_diff(cf, ps).cpu(), grad)
+
+
+@torch.no_grad()
+def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32), context: PatchContext | None = None,
+                split=None, positions="changed", candidates=None, in_sample: bool = True, n_boot: int = 1000,
+                seed: int = 0) -> dict:
+    """Patch the k features that most move the logit difference towards the counterfactual, at
+    `positions` (see `position_mask`; default the repeated name), ranked on one half of the prompts
+    and measured on the other.
+
+    split: (rank, measure) prompt indices (default `ps.split(seed)`). Features are ranked by
+    attribution summed over the rank half; every point of the curve is a real patched forward pass of
+    the measure half, with a bootstrap interval over those prompts (`ratio_interval`). With
+    `in_sample`, the same measure half is also patched with features ranked on itself ("gap_in_sample"):
+    selection on the scored data, the contrast that shows what the held-out split removes.
+    candidates: the features allowed (default all; see `candidate_pool`); the last point of a curve
+    with k = len(candidates) patches them all.
+    The result's "captured" is the dictionary's `captured_share` at these positions (all prompts,
+    all features; "captured_candidates": only the candidates'). Pass the hook's `patch_context` to
+    share its runs between dictionaries."""
+    check_hook(model, dictionary, hook)
+    ctx = context if context is not None else patch_context(model, ps, hook)
+    if ctx.hook != hook:
+        raise ValueError(f"the context was made for {ctx.hook!r}, not {hook!r}")
+    rank, measure = _split(ps, split, seed)
+    mask = position_mask(ps, positions)
+    cand = torch.arange(dictionary.n_features) if candidates is None else torch.as_tensor(candidates).long()
+    x, x_cf = ctx.x, ctx.x_cf
+    delta = (_encode(dictionary, x_cf) - _encode(dictionary, x)) * mask[..., None]
+    rows = dictionary.decoder_rows.float().cpu()
+    per_prompt = (delta * (ctx.grad @ rows.T)).sum(1)              # [n, F] attribution of each prompt
+    # most negative first: pushes the answer towards the counterfactual's
+    order = cand[per_prompt[rank][:, cand].sum(0).argsort()]
+    orders = {"held-out": order}
+    if in_sample:
+        orders["in-sample"] = cand[per_prompt[measure][:, cand].sum(0).argsort()]
+    dx = (x_cf - x)[mask]
+    captured = _captured(dx, (delta @ rows)[mask])
+    captured_cand = _captured(dx, (delta[..., cand] @ rows[cand])[mask])
+    xm, dm, pm = x[measure], delta[measure], ps.subset(measure)
+    acts = [xm + dm[..., o[:k]] @ rows[o[:k]] for o in orders.values() for k in ks]
+    logits = _patched_last_logits(model, pm.tokens, hook, acts)
+    ld_c, ld_cf = ctx.ld_clean[measure], ctx.ld_cf[measure]
+    points = []
+    for i, k in enumerate(ks):
+        ld = logit_diff(logits[i], pm)
+        pt = {"k": int(k), "logit_diff": float(ld.mean())}
+        _interval(pt, "gap_closed", ld_c - ld, ld_c - ld_cf, n_boot, seed)
+        _interval(pt, "kl", _kl(ctx.clean[measure], logits[i]), torch.ones(len(ld)), n_boot, seed)
+        if in_sample:
+            _interval(pt, "gap_in_sample", ld_c - logit_diff(logits[len(ks) + i], pm), ld_c - ld_cf, n_boot, seed)
+        points.append(pt)
+    return {"dictionary": dictionary.name, "hook": hook,
+            "positions": positions if isinstance(positions, str) else "mask",
+            "ld_clean": float(ld_c.mean()), "ld_cf": float(ld_cf.mean()), "captured": captured,
+            "captured_candidates": captured_cand, "n_candidates": len(cand), "n_rank": len(rank),
+            "n_measure": len(measure), "rank": rank.tolist(), "measure": measure.tolist(), "points": points,
+            "order": order[: max(ks)].tolist(),
+            "order_in_sample": orders["in-sample"][: max(ks)].tolist() if in_sample else None,
+            "attribution": per_prompt[rank].sum(0)}
+
+
+@torch.no_grad()
+def ce_losses(model, tokens, hook: str | None = None, new_act_fn=None, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence of `tokens` (BOS first): the summed next-token CE [n] and the number of tokens
+    predicted [n], optionally with the activation at `hook` replaced by new_act_fn(activation)."""
+    sums, counts = [], []
+    dev = _device(model)
+    for i in range(0, len(tokens), batch_size):
+        t = tokens[i:i + batch_size].to(dev)
+        if hook is None:
+            logits = model(t)
+        else:
+            logits = model.run_with_hooks(t, fwd_hooks=[(hook, lambda act, hook: new_act_fn(act).to(act.dtype))])
+        logp = logits.float().log_softmax(-1)[:, :-1]
+        sums.append(-logp.gather(-1, t[:, 1:, None])[..., 0].sum(1).cpu().double())
+        counts.append(torch.full((len(t),), t.shape[1] - 1, dtype=torch.float64))
+    return torch.cat(sums), torch.cat(counts)
+
+
+def ce_loss(model, tokens, hook: str | None = None, new_act_fn=None, batch_size: int = 8) -> float:
+    """Mean next-token CE on `tokens` (BOS first), optionally with the activation at `hook` replaced
+    by new_act_fn(activation)."""
+    sums, counts = ce_losses(model, tokens, hook, new_act_fn, batch_size)
+    return float(sums.sum() / counts.sum())
+
+
+def ablate(dictionary, features) -> callable:
+    """A function act -> act with the codes of `features` set to 0 (BOS position untouched)."""
+    rows = dictionary.decoder_rows.float()
+    sel = torch.as_tensor(features, dtype=torch.int64)
+
+    def fn(act):
+        n, p, d = act.shape
+        x = act[:, 1:].float()
+        c = dictionary.encode(x.reshape(-1, d).to(rows.device))[:, sel].float()
+        out = act.clone()
+        out[:, 1:] = (x.reshape(-1, d) - (c @ rows[sel]).to(x.device)).reshape(n, p - 1, d).to(act.dtype)
+        return out
+    return fn
+
+
+@dataclass
+class EditContext:
+    """What the edit curves of every dictionary at one hook share, for one prompt set and text."""
+
+    hook: str
+    x: torch.Tensor        # [n, pos, d] the prompts' activations at hook
+    grad: torch.Tensor     # [n, pos, d] ∂ Σ logit_diff / ∂x
+    ld_clean: torch.Tensor  # [n] each prompt's logit difference, unedited
+    ce_clean: torch.Tensor  # [n_text] summed CE of each held-out text sequence, unedited
+    ce_count: torch.Tensor  # [n_text] tokens predicted in each
+
+
+def edit_context(model, ps, text_tokens: torch.Tensor, hook: str) -> EditContext:
+    """The prompts' clean run, activations and attribution gradient, and the text's clean CE loss,
+    shared by every dictionary's `edit_curve` at `hook`."""
+    clean, x = _last_logits_and_acts(model, ps.tokens, hook)
+    grad = _grad(model, ps.tokens, hook, x, lambda lg: logit_diff(lg, ps).sum())
+    ce, count = ce_losses(model, text_tokens)
+    return EditContext(hook, x.cpu(), grad, logit_diff(clean, ps).cpu(), ce, count)
+
+
+@torch.no_grad()
+def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(1, 4, 16),
+               context: EditContext | None = None, split=None, candidates=None, in_sample: bool = True,
+               random_control: bool = True, random_ce: bool = False, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Remove a behaviour by zero-ablating its top-k features; measure edit and collateral damage.
+
+    As `patch_curve`: features (from `candidates`, default all) are ranked by attribution on one half
+    of the prompts (`split`, default `ps.split(seed)`) and the edit (the share of the mean logit
+    difference removed) is measured on the other, with a bootstrap interval over those prompts; the
+    collateral damage (CE increase on `text_tokens`) has one over the text's sequences.
+    `in_sample` adds the edit of features ranked on the measured half itself ("edit_in_sample"), and
+    `random_control` that of k candidates drawn at random (seeded; "edit_random"): what k features of
+    this dictionary do without being chosen for the behaviour; `random_ce` adds their collateral
+    damage ("ce_random"; one more pass over the text per k, the costly part of a curve).
+    Pass the hook's `edit_context` to share its runs between dictionaries."""
+    check_hook(model, dictionary, hook)
+    ctx = context if context is not None else edit_context(model, ps, text_tokens, hook)
+    if ctx.hook != hook:
+        raise ValueError(f"the context was made for {ctx.hook!r}, not {hook!r}")
+    rank, measure = _split(ps, split, seed)
+    cand = torch.arange(dictionary.n_features) if candidates is None else torch.as_tensor(candidates).long()
+    x = ctx.x
+    c = _encode(dictionary, x)
+    c[:, 0] = 0  # BOS is never ablated
+    per_prompt = (-c * (ctx.grad @ dictionary.decoder_rows.float().cpu().T)).sum(1)   # [n, F]
+    order = cand[per_prompt[rank][:, cand].sum(0).argsort()]
+    orders = {"edit": order}
+    if in_sample:
+        orders["edit_in_sample"] = cand[per_prompt[measure][:, cand].sum(0).argsort()]
+    if random_control:
+        g = torch.Generator().manual_seed(seed)
+        orders["edit_random"] = cand[torch.randperm(len(cand), generator=g)]
+    xm, pm, ld_c = x[measure], ps.subset(measure), ctx.ld_clean[measure]
+    fns = {(name, k): ablate(dictionary, o[:k]) for name, o in orders.items() for k in ks}
+    logits = dict(zip(fns, _patched_last_logits(model, pm.tokens, hook, [fn(xm) for fn in fns.values()])))
+    points = []
+    for k in ks:
+        ld = logit_diff(logits[("edit", k)], pm)
+        pt = {"k": int(k), "logit_diff": float(ld.mean()), "accuracy": float((ld > 0).float().mean())}
+        for name in orders:
+            _interval(pt, name, ld_c - logit_diff(logits[(name, k)], pm), ld_c, n_boot, seed)
+        for name, key in (("edit", "ce_increase"), ("edit_random", "ce_random")):
+            if name in orders and (name == "edit" or random_ce):
+                ce, _ = ce_losses(model, text_tokens, hook, fns[(name, k)])
+                _interval(pt, key, ce - ctx.ce_clean, ctx.ce_count, n_boot, seed)
+        points.append(pt)
+    return {"dictionary": dictionary.name, "hook": hook, "ld_clean": float(ld_c.mean()),
+            "ce_clean": float(ctx.ce_clean.sum() / ctx.ce_count.sum()), "n_candidates": len(cand),
+            "n_rank": len(rank), "n_measure": len(measure), "rank": rank.tolist(), "measure": measure.tolist(),
+            "points": points, "order": order[: max(ks)].tolist(),
+            "order_in_sample": orders["edit_in_sample"][: max(ks)].tolist() if in_sample else None}
+
+
+def upstream_features(model, tokens, down_hook: str, down_dict, feature: int, up_hook: str, up_dict,
+                      top: int = 5) -> list[dict]:
+    """Features at `up_hook` whose zero-ablation changes `feature` (at `down_hook`) most: ranked by
+    attribution, then each verified by an actual ablation. Returns [{feature, attribution,
+    change}] where change is the measured change in the feature's summed activation."""
+    if layer_of(up_hook) >= layer_of(down_hook):
+        raise ValueError(f"{up_hook!r} must come before {down_hook!r}")
+    check_hook(model, up_dict, up_hook)
+    check_hook(model, down_dict, down_hook)
+    stop = layer_of(down_hook) + 1
+    dev = _device(model)
+    toks = tokens.to(dev)
+
+    def down_activation(replace_fn=None, leaf=None):
+        got = {}
+
+        def cap(act, hook):
+            got["y"] = act
+            return act
+        hooks = [(down_hook, cap)]
+        if leaf is not None:
+            hooks.insert(0, (up_hook, lambda act, hook: leaf))
+        elif replace_fn is not None:
+            hooks.insert(0, (up_hook, lambda act, hook: replace_fn(act)))
+        model.run_with_hooks(toks, fwd_hooks=hooks, stop_at_layer=stop)
+        y = got["y"][:, 1:].float()
+        return down_dict.encode(y.reshape(-1, y.shape[-1]))[:, feature].sum()
+
+    x_up = hook_acts(model, tokens, up_hook)
+    leaf = x_up.clone().requires_grad_(True)
+    with torch.enable_grad():
+        down_activation(leaf=leaf).backward()
+    grad = leaf.grad.float().cpu()
+    c_up = _encode(up_dict, x_up)
+    c_up[:, 0] = 0
+    attr = (-c_up * (grad @ up_dict.decoder_rows.float().cpu().T)).sum((0, 1))
+    with torch.no_grad():
+        base = float(down_activation())
+        out = []
+        for g in attr.abs().argsort(descending=True)[:top].tolist():
+            after = float(down_activation(replace_fn=ablate(up_dict, [g])))
+            out.append({"feature": g, "attribution": float(attr[g]), "change": after - base, "base": base})
+    return out
+
+
+def changed_positions(ps) -> torch.Tensor:
+    """[n, pos] bool: where a prompt and its counterfactual differ (IOI: the second name)."""
+    return ps.tokens != ps.cf_tokens
+
+
+@torch.no_grad()
+def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", progress: bool = True,
+                             positions=("changed", "between", "last")) -> list[dict]:
+    """For each layer: the share of the logit-difference gap closed by replacing the clean residual
+    stream with the counterfactual one at each set of `positions` (see `position_mask`): by default
+    (a) the positions where the prompts differ (IOI: the repeated name), (b) the positions between
+    it and the last, (c) the last position only. One counterfactual pass for all layers, then one
+    batched patched pass per layer for all position sets. Each row also has "per_prompt": the
+    logit differences of every prompt, {"clean", "cf", and one per position set} ([n] tensors), so
+    that the gap closed on any subset of prompts can be computed (`gap_closed`)."""
+    for layer in layers:
+        if not 0 <= layer < model.cfg.n_layers:
+            raise ValueError(f"layer {layer} is outside the model's 0..{model.cfg.n_layers - 1}")
+    dev = _device(model)
+    hooks = {layer: hook_name(layer, hook_kind) for layer in layers}
+    cf, cache = model.run_with_cache(ps.cf_tokens.to(dev), names_filter=list(hooks.values()), logits_to_keep=1)
+    clean = model(ps.tokens.to(dev), logits_to_keep=1)
+    ld_clean, ld_cf = logit_diff(clean[:, -1].float(), ps).cpu(), logit_diff(cf[:, -1].float(), ps).cpu()
+    masks = torch.cat([position_mask(ps, p) for p in positions]).to(dev)       # [len(positions) * n, pos]
+    n, reps = len(ps), len(positions)
+    from tqdm.auto import tqdm
+
+    out = []
+    for layer in tqdm(list(layers), desc="patch by layer", disable=not progress):
+        x_cf = cache[hooks[layer]].repeat(reps, 1, 1)
+
+        def patch(act, hook):  # every position set in one batched pass: [clean prompts × reps]
+            return torch.where(masks[..., None], x_cf.to(act.dtype), act)
+        logits = model.run_with_hooks(ps.tokens.repeat(reps, 1).to(dev), fwd_hooks=[(hooks[layer], patch)],
+                                      logits_to_keep=1)[:, -1].float()
+        row = {"layer": layer, "per_prompt": {"clean": ld_clean, "cf": ld_cf}}
+        for i, p in enumerate(positions):
+            ld = logit_diff(logits[i * n:(i + 1) * n], ps).cpu()
+            row["per_prompt"][p] = ld
+            row[p] = gap_closed(ld_clean, ld_cf, ld)
+        out.append(row)
+    return out
+
+
+def _captured(d: torch.Tensor, d_hat: torch.Tensor) -> float:
+    return float(1 - (d - d_hat).pow(2).sum() / d.pow(2).sum().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def captured_share(dictionary, model, ps, hook: str, positions="all") -> float:
+    """1 - ‖Δx - Δx̂‖² / ‖Δx‖² over `positions` (see `position_mask`), where Δx is the counterfactual
+    minus the clean activation and Δx̂ the same for the dictionary's reconstruction. 1: patching all
+    of the dictionary's features there reproduces the counterfactual activation; 0 (or below: the
+    reconstruction's change can point elsewhere): patching its features reproduces none of it,
+    because the difference sits in the reconstruction error, which patching keeps. `patch_curve`
+    reports it too, from the activations it already has."""
+    check_hook(model, dictionary, hook)
+    x, x_cf = hook_acts(model, ps.tokens, hook), hook_acts(model, ps.cf_tokens, hook)
+    mask = position_mask(ps, positions)
+    delta = _encode(dictionary, x_cf) - _encode(dictionary, x)
+    return _captured((x_cf.cpu() - x.cpu())[mask], (delta @ dictionary.decoder_rows.float().cpu())[mask])

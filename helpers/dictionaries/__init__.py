@@ -1,0 +1,5 @@
+"""Dictionaries: one interface (directions, encode, decode) for SAEs and the baselines they are compared with.
+
+* ``dictionary``: the interface, SAEs behind it, random directions and the neuron basis
+* ``baselines``:  PCA and ICA dictionaries fitted on a store
+"""

@@ -1,0 +1,640 @@
+"""Automated interpretability: explain a feature, simulate it from the explanation, score the simulation.
+
+This is the method the paper (Cunningham et al. 2023) took from Bills et al. 2023 ("Language models
+can explain neurons in language models"). It measures how well a short natural-language explanation
+*predicts* where a feature fires:
+
+1. **explain**: an explainer model reads the feature's top-activating excerpts, each activating token
+   marked with its activation normalised to 0-10, and writes a short explanation;
+2. **simulate**: a simulator model sees only that explanation and, for held-out excerpts (some
+   top-activating, some random), predicts every token's activation on a 0-10 scale;
+3. **score**: the Pearson correlation between simulated and true activations over all tokens of the
+   held-out excerpts at once (top and random excerpts concatenated: the "all at once" score of
+   Bills et al.). 1 is a perfect prediction, 0 no better than a constant (a constant prediction
+   scores exactly 0, never NaN), negative worse than one.
+
+A high score says the feature means what the explanation says, on both the text where it fires
+strongly and ordinary text; it measures the feature *and* the explainer and simulator together.
+
+Two backends:
+
+* `LocalBackend` (the default, offline): the embedded SmolLM2-135M-Instruct. It explains by greedy
+  generation and simulates with the logprob method of Bills et al.: one forward pass per excerpt,
+  reading at each token's slot the model's distribution over the digits and taking its expected
+  value. A 135M model is a weak explainer and simulator, so its scores are low and noisy: it shows
+  the whole pipeline working offline, not the paper's numbers.
+* `OpenAIBackend`: any OpenAI-compatible ``/v1/chat/completions`` endpoint (OpenAI, vLLM, llama.cpp
+  server, Ollama, ...). Paper-grade scores need a strong model here. Transient failures (unreachable
+  server, timeouts, HTTP 429/5xx, malformed replies) are retried with exponential backoff; a rejected
+  key fails at once. An API key goes only to the endpoint it was given for: over https, or plain http
+  to this machine (localhost, 127.0.0.1, ::1), and never along a redirect to another host.
+
+`score_features` scores many features, appending each result to a JSON-lines file as soon as it is
+scored, so an interrupted or failed run keeps its work and resumes where it stopped.
+"""
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+SCALE = 10  # simulated and normalised activations run from 0 to SCALE
+
+
+class AutointerpError(RuntimeError):
+    """An explainer or simulator failed (unreachable, too slow, rejected, or gave unusable output)."""
+
+
+@dataclass
+class Excerpt:
+    """A run of decoded tokens with one feature's activation on each (activations are >= 0)."""
+
+    tokens: list[str]
+    acts: list[float]
+
+    def __post_init__(self):
+        self.tokens = [str(t) for t in self.tokens]
+        self.acts = [float(a) for a in self.acts]
+        if len(self.tokens) != len(self.acts):
+            raise ValueError(f"an Excerpt needs one activation per token: got {len(self.tokens)} tokens "
+                             f"and {len(self.acts)} activations")
+        if not self.tokens:
+            raise ValueError("an Excerpt needs at least one token")
+        bad = [a for a in self.acts if not math.isfinite(a) or a < 0]
+        if bad:
+            raise ValueError(f"activations must be finite and >= 0 (an SAE feature's are), got {bad[:3]}; "
+                             "clip negative values to 0 or pass a ReLU'd direction")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+    @property
+    def max_act(self) -> float:
+        return max(self.acts)
+
+
+class Backend(Protocol):
+    """An explainer and simulator. `explain` completes a prompt; `simulate` predicts 0-10 per token."""
+
+    name: str
+
+    def explain(self, prompt: str) -> str: ...
+
+    def simulate(self, explanation: str, excerpt: Excerpt) -> list[float]: ...
+
+
+# ---------------------------------------------------------------------------------------- prompts
+
+EXPLAIN_SYSTEM = ("You study one feature of a language model: a detector that fires on some tokens of a "
+                  "text. Explain in a few words what it fires on.")
+SIMULATE_SYSTEM = ("You predict how strongly one feature of a language model fires on each token of a text, "
+                   f"from 0 (not at all) to {SCALE} (as strongly as it ever does), given an explanation of "
+                   "what the feature fires on. Most tokens are 0.")
+EXAMPLE_EXPLANATION = 'the word "and"'  # the simulator's worked example (LocalBackend)
+EXAMPLE_TEXT = "Salt and pepper, bread and butter."
+
+
+def _safe_name(kind: str, model: str) -> str:
+    """A backend's name, usable in a file name: 'local-smollm2-135m-instruct', 'openai-gpt-4o-mini'."""
+    return f"{kind}-" + re.sub(r"[^A-Za-z0-9._-]+", "_", str(model))
+
+
+def _show(token: str) -> str:
+    """A token as one printable line: newlines and tabs escaped."""
+    return token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def _normalise(acts, top: float) -> list[int]:
+    if top <= 0:
+        return [0 for _ in acts]
+    return [int(min(SCALE, round(SCALE * a / top))) for a in acts]
+
+
+def explain_prompt(excerpts: list[Excerpt], max_excerpts: int = 10) -> str:
+    """The explainer's prompt: the strongest `max_excerpts` excerpts, each with its activating tokens.
+
+    Activations are normalised to 0-10 by the largest activation shown; a token is listed when its
+    normalised activation rounds to at least 1.
+    """
+    if not excerpts:
+        raise ValueError("explain_prompt needs at least one top-activating excerpt")
+    shown = sorted(excerpts, key=lambda e: -e.max_act)[:max_excerpts]
+    top = max(e.max_act for e in shown)
+    if top <= 0:
+        raise ValueError("none of the excerpts activates the feature (all activations are 0): pass the "
+                         "feature's top-activating excerpts")
+    lines = [f"Here are {len(shown)} text excerpts where the feature fires. After each, the tokens it fires "
+             f"on, with its activation from 0 to {SCALE}.", ""]
+    for i, e in enumerate(shown, 1):
+        norm = _normalise(e.acts, top)
+        marked = ", ".join(f"{_show(t).strip() or repr(t)} ({a})" for t, a in zip(e.tokens, norm) if a > 0)
+        lines += [f"Excerpt {i}: {_show(e.text).strip()}", f"Fires on: {marked}", ""]
+    lines.append("In a few words, what does the feature fire on? Reply with that phrase only.")
+    return "\n".join(lines)
+
+
+def simulate_prompt(explanation: str, tokens: list[str]) -> str:
+    """The simulator's prompt for a chat model that answers in JSON (OpenAIBackend)."""
+    return (f"Explanation of the feature: {explanation}\n\n"
+            f"The text, as a JSON list of its {len(tokens)} tokens:\n"
+            f"Tokens: {json.dumps(tokens, ensure_ascii=False)}\n\n"
+            f"Reply with only a JSON list of {len(tokens)} numbers from 0 to {SCALE}: the feature's "
+            "predicted activation on each token, in order.")
+
+
+def _clean_explanation(text: str) -> str:
+    """The first non-empty line, without a leading 'Explanation:' or quotes."""
+    for line in text.strip().splitlines():
+        line = line.strip()
+        line = re.sub(r"^(explanation\s*:|answer\s*:|(the|this) feature fires on\s*:?)\s*", "", line, flags=re.I)
+        line = line.strip("\"'` ").strip()
+        if line:
+            return line
+    return ""
+
+
+def parse_activation_list(text: str, n: int) -> list[float]:
+    """A JSON list of `n` numbers in `text` (surrounding prose or code fences allowed), clipped to 0-10.
+
+    Raises ValueError saying what is wrong when there is no such list.
+    """
+    text = re.sub(r"```[a-zA-Z]*", "", text)
+    candidates = re.findall(r"\[[^\[\]]*\]", text)
+    if not candidates:
+        raise ValueError(f"no JSON list in the reply {text[:200]!r}")
+    problems = []
+    for cand in candidates:
+        try:
+            values = json.loads(cand)
+        except json.JSONDecodeError:
+            problems.append(f"{cand[:60]!r} is not valid JSON")
+            continue
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            problems.append(f"{cand[:60]!r} holds non-numbers")
+            continue
+        if len(values) != n:
+            problems.append(f"a list of {len(values)} numbers for {n} tokens")
+            continue
+        return [float(min(SCALE, max(0.0, v))) for v in values]
+    raise ValueError("; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------ local model
+
+def local_backend(model, device: str = "auto") -> "LocalBackend":
+    """A LocalBackend on `model` if it is an instruction-tuned chat model, else on the embedded
+    SmolLM2-135M-Instruct: a base model such as the paper's Pythia has no chat template to explain with."""
+    if getattr(model.tokenizer, "chat_template", None):
+        return LocalBackend(model)
+    from helpers.activations.models import load_model
+    from helpers.settings.profiles import EMBEDDED_MODEL
+
+    return LocalBackend(load_model(EMBEDDED_MODEL, device=device))
+
+
+class LocalBackend:
+    """Explain and simulate with a local TransformerBridge (default: the embedded SmolLM2-135M)."""
+
+    def __init__(self, model, max_new_tokens: int = 40):
+        self.bridge = model
+        self.hf = model.original_model
+        self.tokenizer = model.tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.name = _safe_name("local", getattr(model, "workbook_name", None) or self.hf.config._name_or_path)
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"{self.name}: the tokenizer has no chat template; LocalBackend needs an "
+                             "instruction-tuned model such as the embedded smollm2-135m-instruct")
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"{self.name}: LocalBackend needs a fast tokenizer (character offsets)")
+        self.digit_ids = self._digit_ids()
+        self.max_digit = len(self.digit_ids) - 1  # 9, or 10 when "10" is one token
+
+    def _digit_ids(self) -> list[int]:
+        ids = []
+        for d in range(SCALE + 1):
+            enc = self.tokenizer.encode(str(d), add_special_tokens=False)
+            if len(enc) != 1:
+                if d < SCALE:
+                    raise ValueError(f"{self.name}: the digit {d} is not a single token ({enc}); the "
+                                     "logprob simulator reads one token per activation")
+                break  # "10" spans two tokens: the simulator's scale is 0-9, rescaled to 0-10
+            ids.append(enc[0])
+        return ids
+
+    @property
+    def device(self):
+        return next(self.hf.parameters()).device
+
+    def explain(self, prompt: str) -> str:
+        import torch
+
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": prompt}],
+            tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+        # use_cache=False: TransformerBridge's wrapped blocks mishandle the HF key-value cache (greedy
+        # generation with it degenerates into "The-----..."), while full forward passes match the plain
+        # HF model. Without the cache each new token costs a full pass, so generation stops at the end
+        # of the first non-empty line: that line is the explanation.
+        with torch.inference_mode():
+            out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                                   do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=False,
+                                   pad_token_id=self.tokenizer.eos_token_id,
+                                   stopping_criteria=[_FirstLineDone(self.tokenizer, ids.shape[1])])
+        reply = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        explanation = _clean_explanation(reply)
+        if not explanation:
+            raise AutointerpError(f"{self.name} wrote no explanation (reply {reply!r}); raise max_new_tokens "
+                                  "or use a stronger model through OpenAIBackend")
+        return explanation
+
+    def _turn(self, explanation: str, tokens: list[str], values: list[int]) -> tuple[list[dict], list[int]]:
+        """One user/assistant exchange of the simulation prompt, and where each value sits in the answer.
+
+        The user states the explanation and lists the tokens; the answer repeats each token, then a
+        tab and its value.
+        """
+        user = (f"Feature explanation: {explanation}\n"
+                f"For each token below, write the feature's activation from 0 to {self.max_digit}.\n\n"
+                + "\n".join(_show(t) for t in tokens))
+        body, slots = "", []
+        for t, v in zip(tokens, values):
+            body += _show(t) + "\t"
+            slots.append(len(body))
+            body += f"{v}\n"
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": body}], slots
+
+    def _simulation_text(self, explanation: str, tokens: list[str]) -> tuple[str, list[int]]:
+        """The chat-templated simulation prompt and the character offset of every token's value slot.
+
+        One worked example (a different feature, with its true values) shows the format, as in the
+        few-shot prompts of Bills et al. The excerpt's slots hold a placeholder 0 that is never read:
+        the prediction is the model's distribution *at* each slot, computed from the text before it.
+        """
+        system = SIMULATE_SYSTEM.replace(f"to {SCALE} ", f"to {self.max_digit} ")
+        example_tokens = [self.tokenizer.decode([i]) for i in
+                          self.tokenizer.encode(EXAMPLE_TEXT, add_special_tokens=False)]
+        example, _ = self._turn(EXAMPLE_EXPLANATION, example_tokens,
+                                [self.max_digit if t.strip() == "and" else 0 for t in example_tokens])
+        target, slots = self._turn(explanation, tokens, [0] * len(tokens))
+        text = self.tokenizer.apply_chat_template([{"role": "system", "content": system}, *example, *target],
+                                                  tokenize=False)
+        start = text.rindex(target[-1]["content"])
+        return text, [start + s for s in slots]
+
+    def simulate(self, explanation: str, excerpt: Excerpt) -> list[float]:
+        """Expected activation at each token: the digit distribution at its slot, one forward pass."""
+        import torch
+
+        text, slots = self._simulation_text(explanation, excerpt.tokens)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        where = {start: i for i, (start, end) in enumerate(enc["offset_mapping"]) if end == start + 1}
+        index = [where.get(s) for s in slots]
+        if any(i is None or enc["input_ids"][i] != self.digit_ids[0] for i in index):
+            raise AutointerpError(f"{self.name}: the tokenizer merges a value slot of the simulation prompt "
+                                  "with its neighbours, so the logprob simulator cannot read it; use a model "
+                                  "whose tokenizer splits digits, or OpenAIBackend")
+        ids = torch.tensor([enc["input_ids"]], device=self.device)
+        with torch.inference_mode():
+            logits = self.hf(input_ids=ids).logits[0]
+        # the logits at position i - 1 predict the token at slot i
+        probs = logits[torch.tensor(index, device=logits.device) - 1][:, self.digit_ids].float().softmax(-1)
+        values = torch.arange(len(self.digit_ids), dtype=torch.float32, device=probs.device)
+        expected = (probs * values).sum(-1) * (SCALE / self.max_digit)
+        return [float(v) for v in expected.clamp(0, SCALE).cpu()]
+
+
+class _FirstLineDone:
+    """Generation stopping criterion: the reply already holds a complete non-empty line."""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        text = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
+        done = re.search(r"\S[^\n]*\n", text) is not None
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+# ------------------------------------------------------------------------------------ HTTP backend
+
+def _is_this_machine(host: str | None) -> bool:
+    """Whether a URL's host is this machine: localhost or a loopback address (127.0.0.1, ::1)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _origin(url: str) -> tuple:
+    """(scheme, host, port) of a URL: a key given for one origin is sent to that origin only."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects (it copies every header, Authorization included, to the new address),
+    except that a request carrying a key is not redirected to another scheme, host or port."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url) and req.has_header("Authorization"):
+            fp.close()
+            raise AutointerpError(
+                f"{req.full_url} redirected (HTTP {code}) to {newurl}, another address: the API key is only "
+                "sent to the endpoint it was given for, so the request was not followed. If you trust the "
+                "new address, set AUTOINTERP_URL (base_url) to it, with its key")
+        return new
+
+
+class OpenAIBackend:
+    """Explain and simulate with a chat model behind an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    `base_url` includes the API version, e.g. ``https://api.openai.com/v1`` or ``http://localhost:8000/v1``.
+    `api_key` is sent as a bearer token; by default it is $AUTOINTERP_KEY when `base_url` is
+    $AUTOINTERP_URL, and otherwise no key is sent (local servers need none). No other variable is
+    read: a key set for another service ($OPENAI_API_KEY) never goes to this endpoint. A key is
+    refused over plain http unless the server is on this machine (localhost, 127.0.0.1, ::1), and is
+    never sent along a redirect to another scheme, host or port.
+    A call is tried ``1 + retries`` times, sleeping ``backoff * 2**attempt`` seconds between tries.
+    """
+
+    def __init__(self, base_url: str, api_key: str | None = None, model: str = "gpt-4o-mini",
+                 timeout: float = 30.0, retries: int = 3, backoff: float = 1.0):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, not {base_url!r} "
+                             "(e.g. https://api.openai.com/v1)")
+        if timeout <= 0 or retries < 0 or backoff < 0:
+            raise ValueError(f"need timeout > 0, retries >= 0 and backoff >= 0; got timeout={timeout}, "
+                             f"retries={retries}, backoff={backoff}")
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
+        if api_key is None and os.environ.get("AUTOINTERP_URL", "").rstrip("/") == self.base_url:
+            api_key = os.environ.get("AUTOINTERP_KEY")
+        self.api_key = api_key or None
+        host = urllib.parse.urlsplit(self.base_url).hostname
+        if self.api_key and self.base_url.startswith("http://") and not _is_this_machine(host):
+            raise ValueError(
+                f"refusing to send an API key over plain http to {self.base_url}: anyone on the way to {host} "
+                "could read it. Use the endpoint's https:// address, or a server on this machine "
+                "(http://localhost, 127.0.0.1 or [::1]); if this server needs no key, pass api_key='' "
+                "(or leave AUTOINTERP_KEY unset)")
+        self._opener = urllib.request.build_opener(_SameOriginRedirects)
+        self.model = model
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.name = _safe_name("openai", model)
+
+    def _post(self, messages: list[dict]) -> str:
+        """One request; the reply's message content. Raises _Retryable or AutointerpError."""
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read()[:300].decode("utf-8", "replace")
+            if err.code in (401, 403):
+                raise AutointerpError(
+                    f"{self.url} rejected the API key (HTTP {err.code}: {detail}); check api_key "
+                    f"(or $AUTOINTERP_KEY) and that it may use model {self.model!r}") from None
+            if err.code == 429 or err.code >= 500:
+                raise _Retryable(f"HTTP {err.code} ({detail})") from None
+            raise AutointerpError(
+                f"{self.url} answered HTTP {err.code} ({detail}); check base_url (it should end in the API "
+                f"version, e.g. /v1) and the model name {self.model!r}") from None
+        except (TimeoutError, socket.timeout):
+            raise _Retryable(f"no reply within the timeout of {self.timeout:g} s", timeout=True) from None
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, (TimeoutError, socket.timeout)):
+                raise _Retryable(f"no connection within the timeout of {self.timeout:g} s", timeout=True) from None
+            raise _Retryable(f"cannot connect ({err.reason})", unreachable=True) from None
+        except (OSError, http.client.HTTPException) as err:  # reset, dropped or garbled mid-reply
+            raise _Retryable(f"the connection failed ({err})", unreachable=True) from None
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Retryable(f"a reply that is not a chat completion: {raw[:200]!r}", malformed=True) from None
+        if not isinstance(content, str):
+            raise _Retryable(f"a chat completion without text content: {raw[:200]!r}", malformed=True)
+        return content
+
+    def _call(self, messages: list[dict], parse, what: str):
+        """POST and parse, retrying transient failures; AutointerpError once the retries are spent."""
+        attempts = self.retries + 1
+        last = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                content = self._post(messages)
+            except _Retryable as err:
+                last = err
+                continue
+            try:
+                return parse(content)
+            except ValueError as err:
+                last = _Retryable(f"malformed output for {what}: {err}", malformed=True)
+        if last.timeout:
+            advice = f"raise timeout (now {self.timeout:g} s) or check that the server is not overloaded"
+        elif last.unreachable:
+            advice = "check base_url and that the server is running and reachable from here"
+        elif last.malformed:
+            advice = (f"use a stronger model than {self.model!r}, or one that follows instructions; "
+                      "raise retries if the failures are rare")
+        else:
+            advice = "the server is failing or rate-limiting: wait, lower the request rate, or raise retries/backoff"
+        raise AutointerpError(f"{self.url}: {what} failed after {attempts} attempt(s); last error: {last}. "
+                              f"To fix: {advice}.")
+
+    def explain(self, prompt: str) -> str:
+        def parse(content: str) -> str:
+            explanation = _clean_explanation(content)
+            if not explanation:
+                raise ValueError(f"an empty explanation ({content[:200]!r})")
+            return explanation
+
+        return self._call([{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": prompt}],
+                          parse, "explain")
+
+    def simulate(self, explanation: str, excerpt: Excerpt) -> list[float]:
+        n = len(excerpt.tokens)
+        return self._call([{"role": "system", "content": SIMULATE_SYSTEM},
+                           {"role": "user", "content": simulate_prompt(explanation, excerpt.tokens)}],
+                          lambda content: parse_activation_list(content, n), f"simulate ({n} tokens)")
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, timeout: bool = False, unreachable: bool = False, malformed: bool = False):
+        super().__init__(message)
+        self.timeout, self.unreachable, self.malformed = timeout, unreachable, malformed
+
+
+# ---------------------------------------------------------------------------------------- scoring
+
+def correlation_score(simulated, true) -> float:
+    """Pearson correlation of two flat sequences; 0.0 (not NaN) when either is constant."""
+    s = np.asarray(simulated, dtype=np.float64).ravel()
+    t = np.asarray(true, dtype=np.float64).ravel()
+    if s.shape != t.shape:
+        raise ValueError(f"{s.size} simulated activations for {t.size} true ones")
+    if s.size < 2:
+        return 0.0
+    ds, dt = s - s.mean(), t - t.mean()
+    # a constant sequence (up to rounding in its mean) carries no signal: score 0, not 0/0
+    if any(np.sqrt(np.mean(d * d)) <= 1e-9 * max(float(np.abs(x).max()), 1e-300) for d, x in ((ds, s), (dt, t))):
+        return 0.0
+    return float(np.clip((ds @ dt) / math.sqrt(float(ds @ ds) * float(dt @ dt)), -1.0, 1.0))
+
+
+def explain_feature(backend: Backend, top_excerpts: list[Excerpt], max_excerpts: int = 10) -> str:
+    """The backend's explanation of a feature, from its top-activating excerpts."""
+    return backend.explain(explain_prompt(top_excerpts, max_excerpts))
+
+
+def simulate_and_score(backend: Backend, explanation: str, held_out: list[Excerpt]) -> dict:
+    """Simulate every held-out excerpt from the explanation; score all their tokens at once.
+
+    Returns {"score", "simulated", "true"}: the correlation and, per excerpt, the predicted and real
+    activations.
+    """
+    if not held_out:
+        raise ValueError("simulate_and_score needs at least one held-out excerpt")
+    simulated, true = [], []
+    for excerpt in held_out:
+        sim = [float(v) for v in backend.simulate(explanation, excerpt)]
+        if len(sim) != len(excerpt.tokens):
+            raise AutointerpError(f"{backend.name} simulated {len(sim)} activations for an excerpt of "
+                                  f"{len(excerpt.tokens)} tokens")
+        simulated.append(sim)
+        true.append(list(excerpt.acts))
+    score = correlation_score([v for s in simulated for v in s], [v for t in true for v in t])
+    return {"score": score, "simulated": simulated, "true": true}
+
+
+def score_feature(backend: Backend, train_top: list[Excerpt], test_top: list[Excerpt],
+                  test_random: list[Excerpt]) -> dict:
+    """Explain from `train_top`; score on `test_top` + `test_random` together ("all at once").
+
+    Returns {"explanation", "score", "score_top", "score_random", "simulated", "true", "n_top",
+    "n_random"}: `score` is the paper's number; the top-only and random-only correlations say where
+    the explanation succeeds or fails (0 on random text that never activates the feature).
+    """
+    if not test_top and not test_random:
+        raise ValueError("score_feature needs held-out excerpts: test_top and/or test_random")
+    explanation = explain_feature(backend, train_top)
+    result = simulate_and_score(backend, explanation, list(test_top) + list(test_random))
+    k = len(test_top)
+    flat = lambda rows: [v for r in rows for v in r]  # noqa: E731
+    return {
+        "explanation": explanation,
+        "score": result["score"],
+        "score_top": correlation_score(flat(result["simulated"][:k]), flat(result["true"][:k])),
+        "score_random": correlation_score(flat(result["simulated"][k:]), flat(result["true"][k:])),
+        "simulated": result["simulated"], "true": result["true"],
+        "n_top": k, "n_random": len(test_random),
+    }
+
+
+def load_results(results_path) -> dict[int, dict]:
+    """The features already scored in a JSON-lines results file (feature id -> result).
+
+    A torn last line (a run killed while writing it) is dropped and cut from the file, so that the
+    next append starts on a fresh line.
+    """
+    path = Path(results_path)
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    results, good_end, pos = {}, 0, 0
+    for line in data.splitlines(keepends=True):
+        end = pos + len(line)
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("unterminated")
+            if line.strip():
+                record = json.loads(line)
+                results[int(record["feature"])] = record
+        except (ValueError, KeyError, TypeError):
+            if end == len(data):  # the last line: an interrupted write
+                break
+            line_no = data[:pos].count(b"\n") + 1
+            raise ValueError(f"{path} line {line_no} is not a result record; "
+                             "delete the file or pass another results_path") from None
+        good_end, pos = end, end
+    if good_end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return results
+
+
+def score_features(backend: Backend, features: dict, results_path=None, progress: bool = True) -> dict[int, dict]:
+    """Score many features: {feature id: (train_top, test_top, test_random)} -> {feature id: result}.
+
+    With `results_path`, each result is appended to that JSON-lines file as soon as it is scored and
+    features already in it are skipped, so an interrupted run resumes. A feature whose scoring fails
+    with AutointerpError stops the run; everything scored before it is already saved.
+    """
+    done: dict[int, dict] = {}
+    path = Path(results_path) if results_path is not None else None
+    if path is not None:
+        done = load_results(path)
+        others = {r.get("backend") for r in done.values()} - {backend.name}
+        if others:
+            raise ValueError(f"{path} holds scores from {sorted(map(str, others))}, not {backend.name}: "
+                             "scores from different models do not mix; pass another results_path")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    results = {int(f): done[int(f)] for f in features if int(f) in done}
+    todo = [f for f in features if int(f) not in done]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(features), initial=len(results), desc=f"autointerp ({backend.name})",
+               unit="feature", disable=not progress)
+    try:
+        for f in todo:
+            train_top, test_top, test_random = features[f]
+            try:
+                result = score_feature(backend, train_top, test_top, test_random)
+            except AutointerpError as err:
+                if path is not None:
+                    err.add_note(f"feature {f} failed; the {len(results)} feature(s) scored so far are saved "
+                                 f"in {path}: call score_features again to resume")
+                raise
+            record = {"feature": int(f), "backend": backend.name, **result}
+            if path is not None:
+                with open(path, "a", encoding="utf-8") as out:
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+            results[int(f)] = record
+            bar.update(1)
+            bar.set_postfix(score=f"{record['score']:.2f}")
+    finally:
+        bar.close()
+    return {int(f): results[int(f)] for f in features}

@@ -1,0 +1,551 @@
+"""Held-out, sparsity-matched concept scores: the interpretability comparison that sparsity, shared
+seeds and selection on the scored data cannot flatter.
+
+helpers.evals.features scores each feature by the labelled concept that agrees best with it, chosen and
+scored on the same tokens. That is fine for *describing* a feature and biased for *comparing*
+methods: a feature active on 25 tokens will match some rare token identity by chance (a random set
+of 25 active tokens already has a median best-token MCC of about 0.2), so a sparser method looks more
+interpretable whatever its features mean. Here every comparison is made fair in four ways:
+
+1. **Selection held out.** The scored contexts are split in two halves (even and odd context
+   index). A feature's best concept is chosen on one half and its score (MCC, and the Pearson
+   correlation of its code with the concept) read on the other; both directions, averaged
+   ("cross-fitting"). Only concepts seen at least `min_count` times in the choosing half compete.
+2. **One exact activity rule.** Every feature of every method counts as active on its exact top
+   `k` scored tokens, k = min(tokens where its code is > 0, `max_density` of the scored tokens, 5% by
+   default): all of a sparse feature's tokens (an SAE's features nearly all fire on fewer), a dense
+   direction's strongest ones. No sampled quantiles.
+   `counts=` imposes other counts, e.g. a baseline direction made active on exactly as many tokens
+   as an SAE feature (`matched_counts`).
+3. **A null with the same sparsity.** Beside every feature, a chance feature: its own active
+   tokens moved, position by position, into other contexts (one random permutation of the
+   contexts per feature), so it keeps its count, its positions and its clustering within
+   contexts, and loses its meaning. Its held-out score is the chance level at that sparsity; a
+   method's *excess* is the median over features of (score − null score).
+4. **Intervals over contexts.** The contexts of each half are resampled with replacement (the
+   same resamples for every method, so differences are paired) and everything is re-scored on
+   each resample, the choice of concept included (among each feature's best `candidates`
+   concepts of the full sample), so the interval covers the token sample and the selection.
+
+Concepts (`concept_labels`) reach past the current token, so that a contextual feature can be
+recognised as an LLM explainer would recognise it; each family is documented in `FAMILIES`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import string
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from helpers.activations.corpus import COARSE_TAGS, NO_TAG, coarse_tag
+from helpers.evals.features import TOKEN_CLASSES, token_classes, top_tokens
+
+FAMILIES = {
+    "token": "the current token's identity",
+    "previous token": "the identity of the token before it (same context)",
+    "next token": "the identity of the token after it: what the model is about to predict",
+    "POS": "the coarse part of speech of the token's word (Brown tags, universal classes)",
+    "tag": "the fine Brown tag of the token's word (tags with at least 0.2% of tokens)",
+    "previous POS": "the coarse part of speech of the previous token's word",
+    "genre": "the Brown genre of the document",
+    "class": "token classes: " + ", ".join(TOKEN_CLASSES) + "; word continuation (a piece inside a word); "
+             "suffixes -s, -ed, -ing, -ly, -er, -tion at a word's last piece",
+    "context": "inside quotation marks; first word of a sentence; word position in the sentence (1, 2-3, 4-7, "
+               "8-15, 16+); position in the context (1-3, 4-15, 16-63, 64+)",
+}
+SUFFIXES = ("s", "ed", "ing", "ly", "er", "tion")
+SENTENCE_BINS = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 10**9))
+POSITION_BINS = ((0, 2), (3, 14), (15, 62), (63, 10**9))
+MAX_DENSITY = 0.05
+MIN_COUNT = 20
+MIN_ACTIVE = 5
+
+
+@dataclass
+class Labels:
+    """Binary concepts of scored tokens: `matrix` [n_tokens, n_concepts] (scipy CSR, 0/1)."""
+
+    names: list[str]
+    families: list[str]
+    matrix: sp.csr_matrix
+
+    def __len__(self):
+        return len(self.names)
+
+
+_VOCAB: dict = {}
+
+
+def _vocab(tokenizer) -> tuple[list[str], np.ndarray]:
+    """Every token id's text and token classes, decoded once per tokenizer."""
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    if key not in _VOCAB:
+        _VOCAB[key] = (tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), token_classes(tokenizer))
+    return _VOCAB[key]
+
+
+def concept_labels(meta: np.ndarray, tokenizer, tags=(), genres=(), min_count: int = MIN_COUNT,
+                   min_tag_share: float = 0.002) -> Labels:
+    """The concepts of `meta` (store.tokens() records of whole contexts, in store order). Identity
+    concepts (token, previous token, next token) are kept when seen at least `min_count` times."""
+    n = len(meta)
+    tok = meta["token"].astype(np.int64)
+    ctx = meta["ctx"]
+    first = np.r_[True, ctx[1:] != ctx[:-1]]
+    last = np.r_[ctx[1:] != ctx[:-1], True]
+    prev = np.where(first, -1, np.r_[-1, tok[:-1]])
+    nxt = np.where(last, -1, np.r_[tok[1:], -1])
+    texts, classes = _vocab(tokenizer)                       # classes: [vocab, 5]
+    cols: list[np.ndarray] = []                              # one bool column per concept (built sparsely below)
+    rows_of: list[np.ndarray] = []
+    names, fams = [], []
+
+    def add(name, fam, mask):
+        idx = np.flatnonzero(mask)
+        if len(idx):
+            rows_of.append(idx), names.append(name), fams.append(fam)
+
+    def identity(values, fam, prefix):
+        ok = values >= 0
+        counts = np.bincount(values[ok], minlength=len(texts))
+        keep = np.flatnonzero(counts >= min_count)
+        order = np.argsort(values, kind="stable")
+        sv = values[order]
+        for t in keep:
+            lo, hi = np.searchsorted(sv, t), np.searchsorted(sv, t, side="right")
+            rows_of.append(np.sort(order[lo:hi])), names.append(f"{prefix}{texts[t]!r}"), fams.append(fam)
+
+    identity(tok, "token", "token ")
+    identity(prev, "previous token", "after ")
+    identity(nxt, "next token", "before ")
+    pos = meta["pos"]
+    if len(tags):
+        coarse = np.array([COARSE_TAGS.index(coarse_tag(t)) for t in tags] + [-1] * (256 - len(tags)))
+        c_of = np.where(pos == NO_TAG, -1, coarse[np.minimum(pos, 255)])
+        for i, c in enumerate(COARSE_TAGS):
+            add(f"POS {c}", "POS", c_of == i)
+        tag_counts = np.bincount(pos[pos != NO_TAG], minlength=256)
+        for i, t in enumerate(tags):
+            if tag_counts[i] >= min_tag_share * n:
+                add(f"tag {t}", "tag", pos == i)
+        c_prev = np.where(first, -1, np.r_[-1, c_of[:-1]])
+        for i, c in enumerate(COARSE_TAGS):
+            add(f"after POS {c}", "previous POS", c_prev == i)
+    if len(genres):
+        for i, g in enumerate(genres):
+            add(f"genre {g}", "genre", meta["genre"] == i)
+    cls = classes[tok]
+    for j, c in enumerate(TOKEN_CLASSES):
+        add(f"class {c}", "class", cls[:, j])
+    # word structure from the token strings: a piece that continues a word, and a word's last piece
+    word_start = classes[:, TOKEN_CLASSES.index("word start")]
+    punct_tok = classes[:, TOKEN_CLASSES.index("punctuation")]
+    alnum_end = np.array([bool(t) and t[-1].isalnum() for t in texts])
+    alnum_start = np.array([bool(t) and t[0].isalnum() for t in texts])
+    cont = ~first & alnum_start[tok] & ~word_start[tok] & np.r_[False, alnum_end[tok[:-1]]]
+    add("class word continuation", "class", cont)
+    ends_word = alnum_end[tok] & ~np.r_[cont[1:], False]
+    word_tok = np.array([t.strip()[:1].isalnum() for t in texts])
+    words, current = [], ""
+    for i in range(n):                      # the word each token ends (pieces joined), for the suffixes
+        t = texts[tok[i]]
+        current = (current + t) if cont[i] else t
+        words.append(current.strip().lower())
+    words = np.array(words, dtype=object)
+    for s in SUFFIXES:
+        add(f"class suffix -{s}", "class",
+            ends_word & np.fromiter((len(w) > len(s) + 1 and w.endswith(s) for w in words), bool, n))
+    # sentence and quotation structure, within each context
+    sent_end = np.array([t.strip().rstrip("\"”')")[-1:] in (".", "!", "?") for t in texts])
+    opening = np.array([t.startswith((' "', " “", "“")) for t in texts])
+    closing = np.array([("\"" in t or "”" in t) and not o for t, o in zip(texts, opening)])
+    inside = np.zeros(n, bool)
+    word_no = np.zeros(n, np.int64)
+    starts = np.flatnonzero(first)
+    for a, b in zip(starts, np.r_[starts[1:], n]):
+        q = [i for i in range(a, b) if opening[tok[i]] or closing[tok[i]]]
+        state = bool(q) and bool(closing[tok[q[0]]])    # a context that opens inside a quotation
+        # word numbers are known from a sentence end on (or from the document's start)
+        count, after_end, known = 0, bool(meta["tok_pos"][a] == 0), False
+        for i in range(a, b):
+            t = tok[i]
+            if opening[t]:
+                state = True
+            if word_tok[t] and not cont[i]:             # a new word
+                if after_end:
+                    count, known, after_end = 1, True, False
+                else:
+                    count += 1
+                word_no[i] = count if known else 0
+            inside[i] = state and not opening[t] and not closing[t]
+            if closing[t]:
+                state = False
+            if sent_end[t]:
+                after_end = True
+    sent_start = word_no == 1
+    add("inside quotes", "context", inside)
+    add("first word of a sentence", "context", sent_start)
+    for lo, hi in SENTENCE_BINS:
+        add(f"sentence word {lo}" + (f"-{hi}" if hi != lo and hi < 10**9 else "+" if hi >= 10**9 else ""),
+            "context", (word_no >= lo) & (word_no <= hi) & (word_no > 0))
+    position = np.arange(n) - starts[np.cumsum(first) - 1]
+    for lo, hi in POSITION_BINS:
+        add(f"context position {lo + 1}" + (f"-{hi + 1}" if hi < 10**9 else "+"), "context",
+            (position >= lo) & (position <= hi))
+    indptr = np.r_[0, np.cumsum([len(r) for r in rows_of])]
+    csc = sp.csc_matrix((np.ones(indptr[-1], np.float32), np.concatenate(rows_of) if rows_of else np.zeros(0, int),
+                         indptr), shape=(n, len(names)))
+    return Labels(names, fams, csc.tocsr())
+
+
+# ------------------------------------------------------------------ active sets
+
+def matched_counts(counts: torch.Tensor, n_features: int, seed: int = 0, min_active: int = MIN_ACTIVE) -> torch.Tensor:
+    """Active counts for `n_features` baseline features drawn (seeded, with replacement) from the
+    scored features' `counts` of another dictionary: "random directions of the same sparsity"."""
+    pool = counts[counts >= min_active]
+    if len(pool) == 0:
+        raise ValueError("the reference dictionary has no feature active on enough tokens to match")
+    g = torch.Generator().manual_seed(seed)
+    return pool[torch.randint(len(pool), (n_features,), generator=g)]
+
+
+# ------------------------------------------------------------------ scoring
+
+def mcc_from_counts(tp, pos, tot, n):
+    """Matthews correlation from counts (numpy, broadcasting): tp tokens active with the concept, pos active,
+    tot with the concept, n in all; 0 where undefined (nothing active, or the concept everywhere or nowhere)."""
+    fp, fn = pos - tp, tot - tp
+    tn = n - tp - fp - fn
+    den = (pos * (n - pos) * tot * (n - tot))
+    return np.where(den > 0, (tp * tn - fp * fn) / np.sqrt(np.maximum(den, 1e-30)), 0.0)
+
+
+def _corr(mass, vsum, vsq, tot, n):
+    var_a = np.maximum(n * vsq - vsum ** 2, 0)
+    var_c = np.maximum(n * tot - tot ** 2, 0)
+    den = np.sqrt(var_a * var_c)
+    return np.where(den > 0, (n * mass - vsum * tot) / np.maximum(den, 1e-30), 0.0)
+
+
+@dataclass
+class Scored:
+    """Held-out scores of one dictionary's features (see the module docstring)."""
+
+    name: str
+    counts: np.ndarray           # [F] active tokens per feature
+    scored: np.ndarray           # [F] bool: active on at least min_active tokens
+    mcc: np.ndarray              # [F] held-out MCC (cross-fitted)
+    corr: np.ndarray             # [F] held-out correlation
+    null_mcc: np.ndarray         # [F] the same for the feature's context-shuffled null
+    null_corr: np.ndarray
+    concept: list[str]           # [F] concept chosen on the first half (A)
+    in_sample_mcc: np.ndarray    # [F] best MCC chosen and read on all scored tokens (the biased score)
+    null_in_sample_mcc: np.ndarray
+    boot: dict = field(default_factory=dict)   # statistic -> [n_boot] medians over features
+
+    def summary(self) -> dict:
+        """Medians over scored features with 95% intervals over resampled contexts."""
+        s = self.scored
+        out = {"features": int(len(s)), "n_scored": int(s.sum()), "median_count": float(np.median(self.counts[s]))
+               if s.any() else float("nan")}
+        for k in STATS:
+            v = _stat(self, k)
+            out[k] = float(np.median(v[s])) if s.any() else float("nan")
+            out[f"{k}_low"], out[f"{k}_high"] = _interval(out[k], self.boot.get(k))
+        return out
+
+    def to_dict(self) -> dict:
+        """The scores as plain values (arrays as tensors), for `helpers.settings.paths.stored`; `from_dict` rebuilds them."""
+        def plain(v):
+            return torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+        out = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "boot"}
+        return {**out, "concept": list(self.concept), "boot": {k: plain(v) for k, v in self.boot.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scored":
+        def array(v):
+            return v.numpy() if isinstance(v, torch.Tensor) else v if v is None else np.asarray(v)
+        names = [f.name for f in dataclasses.fields(cls)]
+        if set(d) != set(names):
+            raise ValueError(f"Scored.from_dict: fields {sorted(d)}, expected {sorted(names)}")
+        return cls(**{k: d[k] if k == "name" else list(d[k]) if k == "concept" else
+                      {b: array(v) for b, v in d[k].items()} if k == "boot" else array(d[k]) for k in names})
+
+
+def _interval(value: float, boot) -> tuple[float, float]:
+    """95% interval from resampled statistics, re-centred on the full-sample value: re-choosing a
+    concept on a resample with duplicated contexts lowers held-out scores a little, a bias that a
+    plain percentile interval would report as if it were the estimate."""
+    if boot is None or not len(boot):
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(boot, [2.5, 97.5]) - np.median(boot) + value
+    return float(lo), float(hi)
+
+
+STATS = ("mcc", "null_mcc", "excess_mcc", "corr", "null_corr", "excess_corr")
+
+
+def _stat(r: Scored, k: str) -> np.ndarray:
+    if k.startswith("excess_"):
+        base = k[len("excess_"):]
+        return getattr(r, base) - getattr(r, f"null_{base}")
+    return getattr(r, k)
+
+
+class HeldoutScorer:
+    """Scores dictionaries on the first `n_tokens` tokens of a store (whole contexts), held out by
+    context halves, against `labels` (default: `concept_labels` of those tokens). `scored` [n_tokens]
+    bool picks the tokens that count (e.g. the ordinary, non-massive ones). The resamples of the
+    contexts are drawn once (seeded), so every dictionary scored by one scorer shares them."""
+
+    def __init__(self, store, tokenizer, n_tokens: int | None = None, scored: np.ndarray | None = None,
+                 labels: Labels | None = None, max_density: float = MAX_DENSITY, min_count: int = MIN_COUNT,
+                 min_active: int = MIN_ACTIVE, n_boot: int = 200, candidates: int = 8, seed: int = 0):
+        meta = store.tokens()
+        n = len(meta) if n_tokens is None else min(n_tokens, len(meta))
+        ctx = meta["ctx"][:n]
+        # whole contexts only: drop a context cut by n_tokens
+        if n < len(meta) and meta["ctx"][n] == ctx[-1]:
+            n = int(np.flatnonzero(ctx != ctx[-1])[-1]) + 1 if (ctx != ctx[-1]).any() else n
+        self.store, self.n = store, n
+        self.meta = meta[:n]
+        self.scored_tokens = np.ones(n, bool) if scored is None else np.asarray(scored[:n], bool).copy()
+        self.labels = labels if labels is not None else concept_labels(
+            self.meta, tokenizer, store.manifest.get("tags", []), store.manifest.get("genres", []), min_count)
+        first = np.r_[True, self.meta["ctx"][1:] != self.meta["ctx"][:-1]]
+        self.ctx = np.cumsum(first) - 1                                       # contexts numbered 0.. in store order
+        self.n_ctx = int(self.ctx.max()) + 1 if n else 0
+        self.half = (self.ctx % 2).astype(np.int64)                           # 0: half A, 1: half B
+        self.position = np.arange(n) - np.flatnonzero(first)[np.cumsum(first) - 1]
+        self.k_max = max(1, int(np.ceil(max_density * self.scored_tokens.sum())))
+        self.max_density, self.min_count, self.min_active = max_density, min_count, min_active
+        self.candidates, self.seed = candidates, seed
+        L = self.labels.matrix.multiply(self.scored_tokens[:, None]).tocsr().astype(np.float64)
+        self.L = L
+        self.L_half = [L.multiply((self.half == h)[:, None]).tocsr() for h in (0, 1)]
+        self.tot = [np.asarray(Lh.sum(0)).ravel() for Lh in self.L_half]
+        self.n_half = [float((self.scored_tokens & (self.half == h)).sum()) for h in (0, 1)]
+        # per-context concept counts and scored-token counts, for the resampled totals
+        onehot = sp.csr_matrix((np.ones(n), (self.ctx, np.arange(n))), shape=(self.n_ctx, n))
+        self.ctx_tot = np.asarray((onehot @ L).todense(), dtype=np.float64)  # [n_ctx, C]
+        self.ctx_n = np.bincount(self.ctx, weights=self.scored_tokens.astype(float), minlength=self.n_ctx)
+        rng = np.random.default_rng([seed, 1])
+        self.weights = np.zeros((n_boot, self.n_ctx))
+        for h in (0, 1):
+            members = np.flatnonzero(np.arange(self.n_ctx) % 2 == h)
+            for b in range(n_boot):
+                self.weights[b] += np.bincount(rng.choice(members, size=len(members)), minlength=self.n_ctx)
+        self._ctx_len = np.bincount(self.ctx, minlength=self.n_ctx)
+        self._ctx_start = np.r_[0, np.cumsum(self._ctx_len)[:-1]]   # contexts are contiguous in store order
+        self.L_dense = np.asarray(L.todense(), dtype=np.uint8) if L.shape[0] * L.shape[1] <= 2e9 else None
+
+    # -- active sets -------------------------------------------------------------
+    def active(self, dictionary, hook: str | None = None, counts=None, progress: bool = True):
+        """(values [F, k_max], token indices [F, k_max] with -1 padding, counts [F]): each feature's
+        exact top-k scored tokens, k = min(positive tokens, k_max) or the given `counts`."""
+        hook = dictionary.check_store(self.store, hook)
+        v, i, n_pos = top_tokens(dictionary, self.store, hook, self.n, self.scored_tokens, self.k_max,
+                                 progress=progress)
+        k = torch.minimum(n_pos, torch.tensor(self.k_max)) if counts is None else \
+            torch.minimum(torch.as_tensor(counts, dtype=torch.int64), n_pos.clamp_max(self.k_max))
+        keep = torch.arange(self.k_max)[None, :] < k[:, None]
+        return torch.where(keep, v, 0.0).numpy(), torch.where(keep, i, -1).numpy(), k.numpy()
+
+    def null_of(self, idx: np.ndarray) -> np.ndarray:
+        """Each feature's active tokens moved into other contexts at the same positions (one
+        permutation of the contexts per feature, seeded by the feature's index); a target that does
+        not exist (a shorter context) or is not scored is dropped (-1)."""
+        out = np.full_like(idx, -1)
+        for f in range(len(idx)):
+            ok = idx[f] >= 0
+            t = idx[f][ok]
+            perm = np.random.default_rng([self.seed, 2, f]).permutation(self.n_ctx)
+            c, p = perm[self.ctx[t]], self.position[t]
+            good = p < self._ctx_len[c]
+            u = np.where(good, self._ctx_start[c] + np.minimum(p, self._ctx_len[c] - 1), 0)
+            good &= self.scored_tokens[u]
+            out[f, np.flatnonzero(ok)] = np.where(good, u, -1)
+        return out
+
+    # -- scores ------------------------------------------------------------------
+    def _tables(self, vals, idx):
+        """Per half: active counts, value sums and the joint [F, C] tables of an active set."""
+        F = len(idx)
+        rows, cols = np.nonzero(idx >= 0)
+        toks = idx[rows, cols]
+        out = []
+        for h in (0, 1):
+            sel = self.half[toks] == h
+            S = sp.csr_matrix((np.ones(sel.sum()), (rows[sel], toks[sel])), shape=(F, self.n))
+            V = sp.csr_matrix((vals[rows[sel], cols[sel]].astype(np.float64), (rows[sel], toks[sel])), shape=(F, self.n))
+            out.append({"pos": np.asarray(S.sum(1)).ravel(), "vsum": np.asarray(V.sum(1)).ravel(),
+                        "vsq": np.asarray(V.multiply(V).sum(1)).ravel(),
+                        "tp": np.asarray((S @ self.L_half[h]).todense()),
+                        "mass": np.asarray((V @ self.L_half[h]).todense())})
+        return out
+
+    def _held_out(self, vals, idx):
+        t = self._tables(vals, idx)
+        res = {"mcc": [], "corr": [], "best": []}
+        for a, b in ((0, 1), (1, 0)):
+            eligible = self.tot[a] >= self.min_count
+            m_a = np.where(eligible[None, :], mcc_from_counts(t[a]["tp"], t[a]["pos"][:, None], self.tot[a][None, :], self.n_half[a]), -np.inf)
+            c_a = np.where(eligible[None, :], _corr(t[a]["mass"], t[a]["vsum"][:, None], t[a]["vsq"][:, None],
+                                                    self.tot[a][None, :], self.n_half[a]), -np.inf)
+            bm, bc = m_a.argmax(1), c_a.argmax(1)
+            r = np.arange(len(idx))
+            m_b = mcc_from_counts(t[b]["tp"][r, bm], t[b]["pos"], self.tot[b][bm], self.n_half[b])
+            c_b = _corr(t[b]["mass"][r, bc], t[b]["vsum"], t[b]["vsq"], self.tot[b][bc], self.n_half[b])
+            res["mcc"].append(m_b), res["corr"].append(c_b)
+            res["best"].append(np.argsort(-m_a, 1, kind="stable")[:, : self.candidates])
+            res.setdefault("best_corr", []).append(np.argsort(-c_a, 1, kind="stable")[:, : self.candidates])
+        return res
+
+    def _in_sample(self, idx):
+        rows, cols = np.nonzero(idx >= 0)
+        toks = idx[rows, cols]
+        S = sp.csr_matrix((np.ones(len(toks)), (rows, toks)), shape=(len(idx), self.n))
+        tot = self.tot[0] + self.tot[1]
+        n = self.n_half[0] + self.n_half[1]
+        return mcc_from_counts(np.asarray((S @ self.L).todense()), np.asarray(S.sum(1)), tot[None, :], n).max(1)
+
+    def _boot(self, vals, idx, best, best_corr, scored, chunk: int = 250) -> dict:
+        """Per resample, the median over `scored` features of the held-out MCC and correlation, the
+        concept re-chosen on the resampled half among each feature's candidates. Every count is a sum
+        over contexts, so each is first aggregated per context (a sparse [rows, contexts] matrix) and
+        then weighted by all resamples at once with one matrix product."""
+        B = len(self.weights)
+        if B == 0 or not scored.any():
+            return {"mcc": np.zeros(0), "corr": np.zeros(0)}
+        f_idx = np.flatnonzero(scored)
+        idx, vals = idx[f_idx], vals[f_idx].astype(np.float64)
+        F, K = idx.shape
+        valid = idx >= 0
+        safe = np.where(valid, idx, 0)
+        ctx_of, half_of = self.ctx[safe], self.half[safe]
+        parity = np.arange(self.n_ctx) % 2
+        out = {"mcc": np.zeros(B), "corr": np.zeros(B)}
+        for s0 in range(0, B, chunk):
+            W = self.weights[s0:s0 + chunk].T                                   # [n_ctx, b]
+            n_h = [(self.ctx_n * (parity == h)) @ W for h in (0, 1)]             # [b]
+            tot_h = [((self.ctx_tot * (parity == h)[:, None]).T @ W) for h in (0, 1)]  # [C, b]
+
+            def per_ctx(weights, rows):   # sparse [rows, n_ctx]: per-context sums of `weights` [rows, K]
+                r = np.broadcast_to(np.arange(rows)[:, None], weights.shape)
+                c = np.broadcast_to(ctx_of.reshape(F, 1, K) if weights.ndim == 3 else ctx_of, weights.shape)
+                m = weights != 0
+                return sp.csr_matrix((weights[m], (r[m], c[m])), shape=(rows, self.n_ctx))
+
+            for key, cand in (("mcc", best), ("corr", best_corr)):
+                scores = []
+                for a, b in ((0, 1), (1, 0)):
+                    c = cand[a][f_idx]                                          # [F, M]
+                    M = c.shape[1]
+                    lab = self._gather(safe, c)                                 # [F, K, M] 0/1
+                    res = {}
+                    for h in (a, b):
+                        on = valid & (half_of == h)
+                        pos = per_ctx(on.astype(float), F) @ W                  # [F, b]
+                        f_, k_, m_ = np.nonzero(lab & on[:, :, None])           # the (feature, token, concept) hits
+                        rows, cols = f_ * M + m_, ctx_of[f_, k_]
+                        tp = (sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(F * M, self.n_ctx)) @ W
+                              ).reshape(F, M, -1)
+                        tot = tot_h[h][c]                                       # [F, M, b]
+                        if key == "mcc":
+                            res[h] = mcc_from_counts(tp, pos[:, None, :], tot, n_h[h][None, None, :])
+                        else:
+                            v = vals * on
+                            vsum = per_ctx(v, F) @ W
+                            vsq = per_ctx(v * v, F) @ W
+                            mass = (sp.csr_matrix((vals[f_, k_], (rows, cols)), shape=(F * M, self.n_ctx)) @ W
+                                    ).reshape(F, M, -1)
+                            res[h] = _corr(mass, vsum[:, None, :], vsq[:, None, :], tot, n_h[h][None, None, :])
+                    ok = tot_h[a][c] >= self.min_count                          # [F, M, b]
+                    pick = np.where(ok, res[a], -np.inf).argmax(1)              # [F, b]
+                    scores.append(np.take_along_axis(res[b], pick[:, None, :], 1)[:, 0, :])
+                out[key][s0:s0 + chunk] = np.median((scores[0] + scores[1]) / 2, axis=0)
+        return out
+
+    def _gather(self, toks: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """L[toks[f, j], cand[f, m]]: [f, K, M], whether token j of feature f has candidate concept m."""
+        if self.L_dense is not None:
+            return self.L_dense[toks[:, :, None], cand[:, None, :]].astype(bool)
+        out = np.zeros((*toks.shape, cand.shape[1]), bool)
+        for f in range(len(toks)):
+            out[f] = np.asarray(self.L[toks[f]][:, cand[f]].todense()) > 0
+        return out
+
+    def score(self, dictionary, name: str | None = None, hook: str | None = None, counts=None,
+              progress: bool = True) -> Scored:
+        """Held-out scores of every feature of `dictionary`, with its null and the resampled medians."""
+        vals, idx, k = self.active(dictionary, hook, counts, progress=progress)
+        null_idx = self.null_of(idx)
+        null_vals = np.where(null_idx >= 0, vals, 0.0)
+        ho, nho = self._held_out(vals, idx), self._held_out(null_vals, null_idx)
+        scored = k >= self.min_active
+        boot = self._boot(vals, idx, ho["best"], ho["best_corr"], scored)
+        nboot = self._boot(null_vals, null_idx, nho["best"], nho["best_corr"], scored)
+        mean = lambda x: (x[0] + x[1]) / 2  # noqa: E731
+        r = Scored(name or dictionary.name, k, scored, mean(ho["mcc"]), mean(ho["corr"]), mean(nho["mcc"]),
+                   mean(nho["corr"]), [self.labels.names[i] for i in ho["best"][0][:, 0]],
+                   self._in_sample(idx), self._in_sample(null_idx))
+        r.boot = {"mcc": boot["mcc"], "corr": boot["corr"], "null_mcc": nboot["mcc"], "null_corr": nboot["corr"]}
+        # the excess's interval: the median over features of (score - null), per resample
+        r.boot["excess_mcc"] = r.boot["mcc"] - r.boot["null_mcc"]
+        r.boot["excess_corr"] = r.boot["corr"] - r.boot["null_corr"]
+        return r
+
+
+def difference(a: Scored, b: Scored, key: str = "mcc") -> dict:
+    """Median of `a` minus median of `b` (held-out `key`), with the paired 95% interval over the
+    shared resamples of one HeldoutScorer."""
+    d = float(np.median(_stat(a, key)[a.scored]) - np.median(_stat(b, key)[b.scored]))
+    ba, bb = a.boot.get(key), b.boot.get(key)
+    if ba is None or bb is None or len(ba) != len(bb) or not len(ba):
+        return {"value": d, "low": float("nan"), "high": float("nan")}
+    lo, hi = _interval(d, ba - bb)
+    return {"value": d, "low": lo, "high": hi}
+
+
+def interpretability_curve(profile, store, sweep: dict, scorer: HeldoutScorer, index: int | None = None,
+                           points: int = 3, run_dir=None, progress: bool = True) -> list[dict]:
+    """Does the gap open with training? The held-out score of one sweep SAE (default: the chosen
+    one) at `points` budgets halving down from the profile's (1/4, 1/2 and all of it, by default),
+    beside random directions made active on as many tokens as that snapshot's features. The SAE is
+    trained again alone, with the sweep's settings (a sweep trains exactly what training each SAE
+    alone would), and scored on `scorer` at each snapshot. One row per budget: tokens, the SAE's and
+    the random directions' `Scored.summary()`, and their paired `difference`. With `run_dir`, training
+    keeps a checkpoint there (with the rows scored so far) and an interrupted curve resumes from it."""
+    import dataclasses
+
+    from helpers.activations import massive
+    from helpers.dictionaries.dictionary import SAEDictionary, device_of, random_directions
+    from helpers.saes.stack import SAEConfig
+    from helpers.runs.sweep import SAE_KEYS, train_config
+    from helpers.saes.train import train_sweep
+
+    row = sweep["rows"][sweep["chosen"] if index is None else index]
+    hook = profile.sae_hook
+    cfg = SAEConfig(**{**{k: row[k] for k in SAE_KEYS}, "hook_name": hook})
+    tc = train_config(profile)
+    steps = tc.total_tokens // tc.batch_size
+    tc = dataclasses.replace(tc, eval_at=tuple(sorted({max(1, steps >> j) for j in range(points)})))
+    rule = massive.fit(store, hook) if profile.massive else None
+    x = store.activations(hook, max_tokens=20_000)
+    mean = (x if rule is None else rule.shift(x)).mean(0)
+    rand = random_directions(store.d_model, cfg.d_sae, mean, seed=profile.seed, hook_name=hook,
+                             model_name=profile.model, massive=rule)
+
+    def on_eval(step, n_tokens, saes):
+        sae = scorer.score(SAEDictionary(saes[0], name="SAE"), hook=hook, progress=False)
+        rnd = scorer.score(rand.to(device_of(saes[0])), name="random", hook=hook, progress=False,
+                           counts=matched_counts(torch.as_tensor(sae.counts), rand.n_features, seed=profile.seed))
+        return {"tokens": n_tokens, "sae": sae.summary(), "random": rnd.summary(), "difference": difference(sae, rnd)}
+
+    result = train_sweep(store, hook, [cfg], tc, run_dir=run_dir, progress=progress, on_eval=on_eval,
+                         rules={hook: rule} if rule else None)
+    return [h["eval"] for h in result.history if "eval" in h]

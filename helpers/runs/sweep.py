@@ -1,0 +1,512 @@
+"""The profile's SAEs, end to end: the sweep's grid, training, evaluation, and the SAE it picks.
+
+`get_sweep(profile)` trains the grid in one pass (helpers.saes.train):
+
+* the paper-style SAEs: ``sae_ratios`` × ``sae_alphas`` × ``sae_tied``, ReLU + L1 with a unit-norm
+  dictionary and resampling (recipe "anthropic2023", Anthropic's 2023 recipe: see helpers.saes.stack for how
+  it differs from the seed paper's code), and tied ones at ``pick_ratio`` for ``tied_alphas`` (the
+  seed paper's residual-stream SAEs were tied);
+* the improved L1 recipe (Anthropic, April 2024; helpers.saes.stack): ``improved_alphas`` at ``pick_ratio``;
+* TopK SAEs: ``topk_ks`` at ``topk_ratio``, and at the same ratio BatchTopK (``batchtopk_ks``),
+  Matryoshka BatchTopK (``matryoshka_ks``) and JumpReLU SAEs (``jumprelu_coefficients``, λ): the
+  architectures of helpers.saes.architectures, each a list in the profile (empty: none);
+* a control: the middle improved-recipe SAE again, trained without the massive-activation treatment
+  (``massive_control``), so that notebook 02 can show what the treatment does. It is never chosen.
+
+While they train it records a learning curve (held-out FVU over all and ordinary tokens for every
+SAE; CE-loss recovered for those at ``pick_ratio``) at ``curve_points`` log-spaced points. It then
+evaluates every SAE on held-out activations and inside the model (helpers.evals.reconstruction), on two disjoint
+halves of the held-out contexts (`eval_split`): the rule below chooses on the first half ("select",
+columns ``select_*``), and every reported figure comes from the second ("report"). It saves each SAE
+in SAELens layout and the table in ``results.json``; MMCS between sizes is reported beside the MMCS of
+the same pair at initialisation and of random dictionaries (`mmcs_table`). A finished sweep is loaded, not retrained; an
+interrupted one resumes from its checkpoint. `get_sae(profile)` returns the chosen SAE.
+
+The cache: a sweep's folder is named by a hash of its `fingerprint`, every setting that changes its
+results (the profile's fields but those of NOT_RESULT_FIELDS, the train config, VERSION), and its
+``results.json`` keeps the whole fingerprint, configs included; a results.json whose fingerprint is
+not the current one (code that changed the grid without a VERSION bump, a hash collision) is not
+reused: the folder is moved aside to ``<name>.stale-<date>`` (`move_aside`: never deleted, and the
+warning says where) and the sweep is trained again (`load_results`). While a sweep is trained and
+saved its folder is locked (helpers.settings.locks), so two notebooks asking for it train it once. An SAE whose
+loss stops being finite is stopped there (helpers.saes.train), not saved, and never chosen.
+
+The choice, as a rule, on the "select" half of the held-out contexts: among the L1 SAEs of either
+recipe at the profile's ``pick_ratio`` with at most 20% dead latents and an L0 of at most
+``pick_max_l0``, the one with the highest CE-loss recovered (mean-ablation reference); if none qualifies, the one of that ratio with the lowest FVU (among those
+with at most 20% dead latents, if any). So the improved recipe becomes the default for later
+notebooks exactly when it wins; the table keeps the paper's best beside it.
+
+`layer_saes(profile, store, sweep)` trains the chosen L1 SAE's settings and its matched TopK SAE at
+every other harvested layer, all in one more pass over the store (notebooks 04 and 05).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from helpers.activations.harvest import get_store
+from helpers.evals.reconstruction import contexts_from_store, mmcs, reconstruction_metrics, spliced_loss
+from helpers.saes import architectures
+from helpers.saes.stack import SAEConfig, config_dict, initial_dictionary, load_saelens, normalise_recipe, save_saelens
+from helpers.settings.locks import FolderLock, tmp_name
+from helpers.saes.train import CHECKPOINT, NOT_RESULT_TRAIN_FIELDS, TrainConfig, TrainingError, train_sweep
+
+MAX_DEAD = 0.2
+VERSION = 4  # bump when the training or evaluation changes what a cached sweep holds
+# Profile fields that change nothing a sweep computes: its name (a folder), where it runs, settings
+# of later notebooks. Every other field, present or future, is in the fingerprint.
+NOT_RESULT_FIELDS = ("name", "device", "layers", "score_tokens", "autointerp_features", "pca_tokens",
+                     "ica_tokens", "ica_max_iter", "ioi_prompts", "pronoun_prompts", "patch_layer_step", "lab_tokens")
+# The comparison SAEs at topk_ratio: (architecture, profile field listing the values of its setting)
+OTHER_ARCHITECTURES = (("topk", "topk_ks"), ("batchtopk", "batchtopk_ks"),
+                       ("matryoshka_batchtopk", "matryoshka_ks"), ("jumprelu", "jumprelu_coefficients"))
+
+
+PAPER_FAMILY = "Anthropic-2023 L1"  # helpers.saes.stack.RECIPE_NAMES["anthropic2023"] (called "paper L1" before)
+
+
+def family_groups(rows):
+    """{(family, ratio, tied): rows sorted by the architecture's setting (α, k, λ)} (rows of old tables,
+    family "paper L1", read as PAPER_FAMILY)."""
+    groups = {}
+    for r in rows:
+        fam = PAPER_FAMILY if r["family"] == "paper L1" else r["family"]
+        groups.setdefault((fam, r["ratio"], r["tied"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r.get(architectures.get(r["architecture"]).setting, 0))
+            for k, v in sorted(groups.items())}
+
+
+def sweep_configs(profile, d_in: int) -> list[SAEConfig]:
+    common = {"hook_name": profile.sae_hook, "model_name": profile.model}
+    configs = [SAEConfig.from_ratio(d_in, r, l1_coefficient=a, tied=t, **common)
+               for t in profile.sae_tied for r in profile.sae_ratios for a in profile.sae_alphas]
+    configs += [c for c in (SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=a, tied=True, **common)
+                            for a in profile.tied_alphas) if c not in configs]
+    configs += [SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=a, recipe="improved", **common)
+                for a in profile.improved_alphas]
+    for name, listed in OTHER_ARCHITECTURES:
+        setting = architectures.get(name).setting
+        configs += [SAEConfig.from_ratio(d_in, profile.topk_ratio, architecture=name, **{setting: v}, **common)
+                    for v in getattr(profile, listed)]
+    if profile.massive and profile.massive_control and profile.improved_alphas:
+        alpha = profile.improved_alphas[len(profile.improved_alphas) // 2]
+        configs.append(SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=alpha, recipe="improved",
+                                            massive=False, **common))
+    return configs
+
+
+def train_config(profile, tokens: int | None = None) -> TrainConfig:
+    tokens = tokens or profile.train_tokens
+    steps = tokens // profile.train_batch
+    points = max(0, profile.curve_points)
+    eval_at = tuple(sorted({max(1, int(round(steps * 2.0 ** -j))) for j in range(points)})) if points else ()
+    return TrainConfig(total_tokens=tokens, batch_size=profile.train_batch, lr=profile.lr,
+                       warmup_steps=max(1, steps // 20), dead_window=min(tokens // 4, 1_000_000),
+                       resample_every=max(1, steps // 5), resample_until=0.7, log_every=max(1, steps // 100),
+                       checkpoint_every=max(1, steps // 10), seed=profile.seed, device=profile.device,
+                       massive=profile.massive, eval_at=eval_at)
+
+
+def fingerprint(profile, *extra, d_in: int | None = None) -> dict:
+    """Every setting that changes a sweep's results: VERSION, the profile's fields (less
+    NOT_RESULT_FIELDS), the train config (less NOT_RESULT_TRAIN_FIELDS), `extra`, and, given d_in
+    (the model's width, known once the store is), the SAE configs themselves. JSON-ready."""
+    tc = dataclasses.asdict(train_config(profile))
+    out = {"version": VERSION,
+           "profile": {k: v for k, v in dataclasses.asdict(profile).items() if k not in NOT_RESULT_FIELDS},
+           "train": {k: v for k, v in tc.items() if k not in NOT_RESULT_TRAIN_FIELDS},
+           "extra": list(extra)}
+    if d_in is not None:
+        out["configs"] = [config_dict(c) for c in sweep_configs(profile, d_in)]
+    return json.loads(json.dumps(out))  # tuples as lists: what results.json gives back
+
+
+def _key(profile, *extra) -> str:
+    """The short hash naming a sweep's folder: of its fingerprint (without the configs, which follow
+    from the profile and the model's width)."""
+    return hashlib.sha1(json.dumps(fingerprint(profile, *extra), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def sweep_dir(profile) -> Path:
+    return profile.cache_dir / "sae" / f"sweep-{_key(profile, profile.sae_hook)}"
+
+
+def load_results(profile) -> dict | None:
+    """The sweep's saved results, if there are any and their fingerprint is the current one (configs
+    included, for the d_in they were made with); None otherwise (a stale file is reported, not used)."""
+    folder = sweep_dir(profile)
+    results = folder / "results.json"
+    if not results.exists():
+        return None
+    saved = json.loads(results.read_text())
+    old = saved.get("fingerprint") or {}
+    d_in = (old.get("configs") or [{}])[0].get("d_in")
+    now = fingerprint(profile, profile.sae_hook, d_in=d_in)
+    if old != now:
+        diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+        warnings.warn(f"{results} was made with other settings ({', '.join(diff)} differ): training the sweep again",
+                      stacklevel=2)
+        return None
+    return {**saved, "dir": str(folder)}
+
+def _sel(row: dict, key: str):
+    """A row's selection-slice figure (``select_<key>``), or the plain one in rows made without a split."""
+    return row.get(f"select_{key}", row[key])
+
+
+def usable(row: dict) -> bool:
+    """Whether a table row's SAE trained to the end with finite figures (not diverged)."""
+    if row.get("diverged") is not None:
+        return False
+    return all(math.isfinite(_sel(row, k)) for k in ("l0", "fvu", "dead", "ce_recovered_mean")
+               if isinstance(row.get(f"select_{k}", row.get(k)), (int, float)))
+
+
+def choose(rows: list[dict], ratio: float, max_l0: float) -> int:
+    """Index of the chosen SAE in the sweep table (the rule in this module's docstring), read from the
+    rows' selection-slice columns (``select_dead``, ``select_l0``, ``select_ce_recovered_mean``,
+    ``select_fvu``), never from the columns that are reported. A diverged SAE, or one with a non-finite
+    figure, is never chosen (`usable`)."""
+    l1 = [i for i, r in enumerate(rows) if architectures.get(r["architecture"]).l1 and r["ratio"] == ratio
+          and r.get("massive", True)]
+    if not l1:
+        raise ValueError(f"the sweep has no L1 SAE of ratio {ratio}")
+    diverged = [rows[i].get("label", i) for i in l1 if not usable(rows[i])]
+    l1 = [i for i in l1 if usable(rows[i])]
+    if not l1:
+        raise ValueError(f"every L1 SAE of ratio {ratio} diverged or has non-finite figures ({diverged}): "
+                         "none can be chosen; lower the learning rate")
+    ok = [i for i in l1 if _sel(rows[i], "dead") <= MAX_DEAD and _sel(rows[i], "l0") <= max_l0]
+    if ok:
+        return max(ok, key=lambda i: _sel(rows[i], "ce_recovered_mean"))
+    alive = [i for i in l1 if _sel(rows[i], "dead") <= MAX_DEAD] or l1
+    return min(alive, key=lambda i: _sel(rows[i], "fvu"))
+
+
+def best_of_recipe(rows: list[dict], recipe: str, ratio: float, max_l0: float) -> int | None:
+    """The SAE the rule would choose among one recipe's L1 SAEs only (None if it has none that trained to
+    the end); "paper" is read as "anthropic2023", its current name."""
+    recipe = normalise_recipe(recipe)
+    idx = [i for i, r in enumerate(rows)
+           if not architectures.get(r["architecture"]).l1 or normalise_recipe(r["recipe"]) == recipe]
+    if not any(architectures.get(rows[i]["architecture"]).l1 and rows[i]["ratio"] == ratio and usable(rows[i])
+               for i in idx):
+        return None
+    return idx[choose([rows[i] for i in idx], ratio, max_l0)]
+
+
+def eval_split(eval_store) -> dict:
+    """The held-out store's contexts split in two disjoint halves: the first ("select") is what the
+    rule chooses an SAE on, the second ("report") what every reported figure is measured on, so the
+    chosen SAE's figures are not those it was picked for. {name: (first context, end)}."""
+    per = eval_store.manifest["ctx_len"] - 1
+    n = eval_store.n_tokens // per
+    if n < 2:
+        raise ValueError(f"the held-out store {eval_store.path} holds {n} context(s): at least 2 are needed "
+                         "(one to choose on, one to report on); raise eval_tokens")
+    return {"select": (0, n // 2), "report": (n // 2, n)}
+
+
+SELECT_KEYS = ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")
+
+
+@torch.no_grad()
+def _evaluate_slice(saes, x, flags, tokens, hook, model) -> tuple[list[dict], dict]:
+    device = next(model.parameters()).device
+
+    def reconstruct(a):
+        return torch.stack([s(a.to(device))[0] for s in saes])
+
+    spliced = spliced_loss(model, tokens, hook, reconstruct, mean_act=x.mean(0))
+    rows = []
+    for j, sae in enumerate(saes):
+        r = reconstruction_metrics(sae, x, flags=flags)[0]
+        rows.append({**r, "ce_sae": spliced["ce_sae"][j], "kl": spliced["kl_sae"][j],
+                     "ce_recovered": spliced["ce_recovered"][j], "ce_recovered_mean": spliced["ce_recovered_mean"][j]})
+    return rows, {k: spliced[k] for k in ("ce_clean", "ce_zero", "ce_mean", "kl_zero", "kl_mean")}
+
+
+@torch.no_grad()
+def evaluate(saes, configs, eval_store, hook, model, ce_contexts: int, rule=None) -> list[dict]:
+    """One table row per SAE: config, L0/MSE/FVU (all, ordinary, massive: split by the hook's
+    massive-activation `rule`)/dead/dense on held-out activations, CE loss spliced in (on
+    `ce_contexts` contexts) and KL: measured on the "report" half of the held-out contexts
+    (`eval_split`). The same figures on the "select" half, which `choose` reads, are kept under
+    ``select_<name>`` (SELECT_KEYS). The mean-ablation reference is each half's own mean activation."""
+    x_all = eval_store.activations(hook)
+    per = eval_store.manifest["ctx_len"] - 1
+    device = next(model.parameters()).device
+    saes = [s.to(device) for s in saes]
+    out = {}
+    for name, (a, b) in eval_split(eval_store).items():
+        x = x_all[a * per: b * per]
+        flags = None if rule is None else rule.flags(x)
+        tokens = contexts_from_store(eval_store, min(ce_contexts, b - a), model.tokenizer.bos_token_id, start=a)
+        out[name] = _evaluate_slice(saes, x, flags, tokens, hook, model)
+    (report, refs), (select, _) = out["report"], out["select"]
+    rows = []
+    for cfg, r, sr in zip(configs, report, select):
+        rows.append({**dataclasses.asdict(cfg), "ratio": cfg.ratio, "label": cfg.label, "family": cfg.family, **r,
+                     **refs, **{f"select_{k}": sr[k] for k in SELECT_KEYS}})
+    return rows
+
+
+def random_mmcs(d_in: int, m_small: int, m_large: int, seed: int = 0) -> float:
+    """MMCS between two independent dictionaries of random unit directions of these sizes (chance)."""
+    g = torch.Generator().manual_seed(seed * 7_919 + m_small * 31 + m_large)
+    return mmcs(torch.randn(m_small, d_in, generator=g), torch.randn(m_large, d_in, generator=g))
+
+
+def mmcs_table(saes, configs, seed: int = 0) -> list[dict]:
+    """MMCS between each pair of anthropic2023-recipe L1 SAEs with the same α and decoder, of
+    successive sizes: of the trained pair ("mmcs", also "mmcs_trained"), of the same pair at
+    initialisation ("mmcs_init": the initial dictionaries are rebuilt from `seed` and each config, as
+    training built them) and of two independent random unit dictionaries of the same sizes
+    ("mmcs_random", the chance level). Only trained MMCS well above both says the two sizes found
+    the same directions by learning them."""
+    out = []
+    l1 = [(c, s) for c, s in zip(configs, saes) if c.arch.l1 and c.recipe == "anthropic2023"
+          and c.massive]
+    for ca, sa in l1:
+        larger = sorted([(cb, sb) for cb, sb in l1 if cb.l1_coefficient == ca.l1_coefficient
+                         and cb.tied == ca.tied and cb.d_sae > ca.d_sae], key=lambda p: p[0].d_sae)
+        if larger:
+            cb, sb = larger[0]
+            trained = mmcs(sa.directions()[0].cpu(), sb.directions()[0].cpu())
+            out.append({"alpha": ca.l1_coefficient, "tied": ca.tied, "ratio_small": ca.ratio,
+                        "ratio_large": cb.ratio, "mmcs": trained, "mmcs_trained": trained,
+                        "mmcs_init": mmcs(initial_dictionary(ca, seed), initial_dictionary(cb, seed)),
+                        "mmcs_random": random_mmcs(ca.d_in, ca.d_sae, cb.d_sae, seed)})
+    return out
+
+
+def get_eval_store(profile, model=None, progress: bool = True):
+    """Held-out activations: the profile's hooks on the corpus's test split (eval_tokens of them)."""
+    return get_store(profile.replace(harvest_tokens=profile.eval_tokens), model=model, split="test",
+                     progress=progress)
+
+
+def learning_curve_fn(configs, eval_store, hook, model, profile, rule=None):
+    """on_eval for train_sweep: held-out FVU (all, ordinary) and L0 of every SAE, and CE-loss recovered
+    (on `curve_contexts` held-out contexts) of the SAEs at the profile's pick ratio and of the other
+    architectures (TopK, BatchTopK, ...)."""
+    x = eval_store.activations(hook)
+    flags = None if rule is None else rule.flags(x)
+    tokens = contexts_from_store(eval_store, profile.curve_contexts, model.tokenizer.bos_token_id)
+    device = next(model.parameters()).device
+    ce_idx = [i for i, c in enumerate(configs) if c.ratio == profile.pick_ratio or not c.arch.l1]
+
+    def on_eval(step, n_tokens, saes):
+        rows = [{k: v for k, v in reconstruction_metrics(s.to(device), x, flags=flags)[0].items()
+                 if k in ("l0", "fvu", "fvu_ordinary", "dead")} for s in saes]
+        if ce_idx and profile.curve_contexts:
+            sp = spliced_loss(model, tokens, hook, lambda a: torch.stack([saes[i](a.to(device))[0] for i in ce_idx]),
+                              mean_act=x.mean(0))
+            for j, i in enumerate(ce_idx):
+                rows[i].update(ce_recovered=sp["ce_recovered"][j], ce_recovered_mean=sp["ce_recovered_mean"][j])
+        return rows
+
+    return on_eval
+
+
+def move_aside(folder: Path, why: str) -> Path:
+    """Rename a sweep's folder to ``<name>.stale-<date and time>`` beside it (nothing in it is deleted), drop
+    the working checkpoint kept for it in $SAE_SCRATCH (a copy of the one in the folder), and warn
+    saying where it went. Returns the new path."""
+    from helpers.settings.paths import scratch_dir
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = folder.with_name(f"{folder.name}.stale-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = folder.with_name(f"{folder.name}.stale-{stamp}-{n}")
+    folder.rename(dest)
+    scratch = scratch_dir(folder)
+    if scratch is not None and (scratch / CHECKPOINT).exists():
+        (scratch / CHECKPOINT).unlink()
+    warnings.warn(f"{folder} holds a sweep made with other settings ({why}): moved aside to {dest}, kept as it "
+                  "was (delete it once you no longer need its results); the sweep is trained again", stacklevel=3)
+    return dest
+
+
+def _nan_row(cfg, like: dict) -> dict:
+    """A table row for an SAE that diverged: its config, and NaN for every figure of a row like `like`."""
+    out = {k: (float("nan") if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+           for k, v in like.items()}
+    out.update({**dataclasses.asdict(cfg), "ratio": cfg.ratio, "label": cfg.label, "family": cfg.family})
+    return out
+
+
+def evaluate_result(result, eval_store, hook, model, ce_contexts: int, rule=None) -> list[dict]:
+    """`evaluate` the sweep's SAEs that trained to the end; a diverged one (`SweepResult.diverged`) gets a
+    row of NaN figures with ``diverged`` set to the step it diverged at (None for the others)."""
+    ok = [i for i in range(len(result.saes)) if i not in result.diverged]
+    if not ok:
+        raise TrainingError(f"every SAE of the sweep diverged ({result.diverged}): lower the learning rate")
+    done = evaluate([result.saes[i] for i in ok], [result.configs[i] for i in ok], eval_store, hook, model,
+                    ce_contexts, rule)
+    rows = [None] * len(result.saes)
+    for i, r in zip(ok, done):
+        rows[i] = {**r, "diverged": None}
+    for i, step in result.diverged.items():
+        rows[i] = {**_nan_row(result.configs[i], done[0]), "diverged": step}
+    return rows
+
+
+def save_saes(result, rows, folder: Path) -> None:
+    """Save each SAE that trained to the end in SAELens layout (``sae_<i>``); a diverged SAE is not saved."""
+    for i, (sae, row) in enumerate(zip(result.saes, rows)):
+        if row.get("diverged") is not None or not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
+            continue
+        save_saelens(sae.cpu(), folder / f"sae_{i:02d}", extra={"eval": {k: row[k] for k in
+                     ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")}})
+
+
+def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
+    """The profile's sweep results (training and evaluating first if needed).
+
+    Returns {"rows": table, "mmcs": table, "history": training log, "curve": learning curve,
+    "eval_split": the held-out contexts chosen on and reported on, "chosen": index, "best_paper":
+    index of the anthropic2023 recipe's best (the key keeps its old name), "massive": the rule at the SAE
+    hook, "dir": folder, "seconds": training time, "tokens": tokens per SAE}.
+
+    The sweep's folder is locked while it is trained and saved (helpers.settings.locks): another process asking
+    for the same sweep waits for it, then loads what it saved. A folder holding results made with other
+    settings is moved aside (`move_aside`), never deleted. An SAE that diverged is listed in its row
+    (``diverged``: the step), not saved, and never chosen.
+    """
+    folder = sweep_dir(profile)
+    done = load_results(profile)
+    if done is not None:
+        return done
+    with FolderLock(folder, f"training the sweep {folder.name}", wait=None):
+        return _make_sweep(profile, folder, store, model, progress)
+
+
+def _make_sweep(profile, folder: Path, store, model, progress: bool) -> dict:
+    results = folder / "results.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once already, by get_sweep's own look
+        done = load_results(profile)  # saved by another process while this one waited
+    if done is not None:
+        return done
+    if results.exists():  # stale: the folder (its checkpoint too) belongs to other settings
+        move_aside(folder, "its results.json has another fingerprint")
+    if model is None:
+        from helpers.activations.models import load_model
+
+        model = load_model(profile.model, device=profile.device)
+    store = store or get_store(profile, model=model, progress=progress)
+    hook = profile.sae_hook
+    eval_store = get_eval_store(profile, model=model, progress=progress)
+    configs = sweep_configs(profile, store.d_model)
+    from helpers.activations import massive
+
+    rule = massive.fit(store, hook) if profile.massive else None
+    on_eval = learning_curve_fn(configs, eval_store, hook, model, profile, rule)
+    result = train_sweep(store, hook, configs, train_config(profile), run_dir=folder, progress=progress,
+                         on_eval=on_eval, rules={hook: rule} if rule else None)
+    rows = evaluate_result(result, eval_store, hook, model, profile.ce_contexts, rule)
+    save_saes(result, rows, folder)
+    curve = [{"tokens": h["tokens"], "rows": h["eval"]} for h in result.history if "eval" in h]
+    history = [h for h in result.history if "eval" not in h]
+    ok = [i for i in range(len(rows)) if rows[i]["diverged"] is None]
+    out = {"fingerprint": fingerprint(profile, hook, d_in=store.d_model),
+           "rows": rows, "mmcs": mmcs_table([result.saes[i] for i in ok], [result.configs[i] for i in ok],
+                                            profile.seed),
+           "history": history, "curve": curve, "eval_split": eval_split(eval_store),
+           "chosen": choose(rows, profile.pick_ratio, profile.pick_max_l0),
+           "best_paper": best_of_recipe(rows, "anthropic2023", profile.pick_ratio, profile.pick_max_l0),
+           "massive": result.rules[hook].to_json(), "seconds": result.seconds, "tokens": result.tokens,
+           "diverged": {result.configs[i].label: step for i, step in result.diverged.items()}}
+    tmp = tmp_name(results)
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(results)
+    return {**out, "dir": str(folder)}
+
+
+def matched_topk(sweep: dict) -> int | None:
+    """Index of the sweep's TopK SAE whose L0 is closest to the chosen SAE's (None without TopK):
+    the 'go beyond the paper' SAE, compared at about the same sparsity (the control trained without
+    the massive-activation treatment is never matched)."""
+    topk = [i for i, r in enumerate(sweep["rows"])
+            if architectures.get(r["architecture"]).matched_comparison and r.get("massive", True) and usable(r)]
+    if not topk:
+        return None
+    l0 = sweep["rows"][sweep["chosen"]]["l0"]
+    return min(topk, key=lambda i: abs(sweep["rows"][i]["l0"] - l0))
+
+
+def matched_others(sweep: dict) -> dict[str, int]:
+    """{family: row index} for every other architecture the sweep trained (neither an L1 recipe nor the
+    matched TopK: BatchTopK, JumpReLU, Matryoshka BatchTopK): its SAE whose L0 is closest to the chosen
+    SAE's, so that later evaluations judge every architecture at about the same sparsity."""
+    l0 = sweep["rows"][sweep["chosen"]]["l0"]
+    out: dict[str, int] = {}
+    for i, r in enumerate(sweep["rows"]):
+        arch = architectures.get(r["architecture"])
+        if arch.l1 or arch.matched_comparison or not r.get("massive", True) or not usable(r):
+            continue
+        j = out.get(r["family"])
+        if j is None or abs(r["l0"] - l0) < abs(sweep["rows"][j]["l0"] - l0):
+            out[r["family"]] = i
+    return out
+
+
+def load_sweep_sae(sweep: dict, i: int):
+    step = sweep["rows"][i].get("diverged")
+    if step is not None:
+        raise TrainingError(f"SAE {i} of the sweep in {sweep['dir']} ({sweep['rows'][i].get('label')}) diverged at "
+                            f"step {step}: it was not saved")
+    return load_saelens(Path(sweep["dir"]) / f"sae_{i:02d}")
+
+
+def get_sae(profile, progress: bool = True):
+    """The SAE that the sweep's rule chose (running the sweep first if needed), as a one-SAE stack."""
+    sweep = get_sweep(profile, progress=progress)
+    return load_sweep_sae(sweep, sweep["chosen"])
+
+
+SAE_KEYS = tuple(f.name for f in dataclasses.fields(SAEConfig) if f.name != "hook_name")  # a row's config
+
+
+def layer_saes(profile, store, sweep: dict, progress: bool = True) -> dict:
+    """{(layer, name): SAE} for name "SAE" (the chosen L1 SAE's settings) and "TopK SAE" (the matched
+    TopK SAE's, if any) at every harvested layer: the sweep's own at its layer, and at every other
+    layer SAEs with the same settings, all trained together in one pass over the store (each shard
+    read once for every layer), then saved and loaded from then on."""
+    named = {"SAE": sweep["chosen"]}
+    if matched_topk(sweep) is not None:
+        named["TopK SAE"] = matched_topk(sweep)
+    out = {(profile.sae_layer, name): load_sweep_sae(sweep, i) for name, i in named.items()}
+    others = [layer for layer in profile.layers if layer != profile.sae_layer]
+    if not others:
+        return out
+    jobs = [(layer, name, SAEConfig(**{**{k: sweep["rows"][i][k] for k in SAE_KEYS if k in sweep["rows"][i]},
+                                       "hook_name": profile.hook_at(layer)}))
+            for layer in others for name, i in named.items()]
+    folder = profile.cache_dir / "sae" / f"layers-{_key(profile, [repr(c) for _, _, c in jobs])}"
+    paths = [folder / f"L{layer}-{name.replace(' ', '_')}" for layer, name, _ in jobs]
+    if not all((p / "cfg.json").exists() for p in paths):
+        with FolderLock(folder, f"training the layer SAEs {folder.name}", wait=None):
+            if not all((p / "cfg.json").exists() for p in paths):  # saved by another process meanwhile
+                tc = dataclasses.replace(train_config(profile), eval_at=())
+                res = train_sweep(store, None, [c for _, _, c in jobs], tc, run_dir=folder, progress=progress)
+                if res.diverged:
+                    raise TrainingError("layer SAEs diverged: " + ", ".join(
+                        f"L{jobs[i][0]} {jobs[i][1]} at step {step}" for i, step in res.diverged.items())
+                        + f" (in {folder}); none of this run is saved: lower the learning rate")
+                for sae, p in zip(res.saes, paths):
+                    save_saelens(sae.cpu(), p)
+    for (layer, name, _), p in zip(jobs, paths):
+        out[(layer, name)] = load_saelens(p)
+    return out
