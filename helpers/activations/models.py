@@ -171,3 +171,31 @@ def load_model(name: str = EMBEDDED_MODEL, device: str | None = "auto",
     bridge.workbook_name = name  # the name the store manifests record
     bridge.workbook_revision = revision  # None: the embedded model, or a hub name's default branch
     return bridge
+
+
+def hooked(model, tokenizer=None):
+    """`model` with TransformerLens-style hooks (``run_with_hooks``, ``blocks.{L}.hook_resid_post``, ...).
+
+    A model that already has them (a TransformerBridge, a HookedTransformer) is returned as it is; a
+    plain Hugging Face causal LM is wrapped in a TransformerBridge that shares its weights (no copy, no
+    download). `tokenizer` defaults to the one saved beside the model (``config._name_or_path``).
+    """
+    if hasattr(model, "run_with_hooks"):
+        return model
+    if not hasattr(model, "config"):
+        raise TypeError(f"expected a TransformerLens-style model or a Hugging Face model, got {type(model).__name__}")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device,
+                                                     dtype=dtype)
+    bridge.eval()
+    return bridge
