@@ -140,6 +140,81 @@ class SAEDictionary(Dictionary):
         self.sae.to(device)
         return self
 
+    def save(self, path, extra: dict | None = None):
+        """Save the SAE as SAELens files in the folder `path` (see helpers.saes.stack.save_saelens)."""
+        from helpers.saes.stack import save_saelens
+
+        return save_saelens(self.sae, path, extra=extra)
+
+
+class ModuleDictionary(Dictionary):
+    """Any SAE object with `encode` [N, d_in] -> [N, d_sae] and `decode` back, as a Dictionary: a
+    SAELens ``SAE`` (read by its attributes: ``W_dec``, ``b_dec``, ``cfg``; sae_lens is never imported),
+    an SAE of EleutherAI's sparsify, or a reader's own module. Directions are the rows of ``W_dec`` (or
+    ``decoder.weight``ᵀ), normalised."""
+
+    def __init__(self, sae, name: str | None = None, hook_name: str = "", model_name: str = ""):
+        for attr in ("encode", "decode"):
+            if not callable(getattr(sae, attr, None)):
+                raise TypeError(f"{type(sae).__name__} has no {attr}(): an SAE needs encode and decode")
+        self.sae = sae
+        self.name = name or type(sae).__name__
+        cfg = getattr(sae, "cfg", None)
+        meta = getattr(cfg, "metadata", None)
+        self.hook_name = hook_name or getattr(meta, "hook_name", None) or getattr(cfg, "hook_name", "") or ""
+        self.model_name = model_name or getattr(meta, "model_name", None) or getattr(cfg, "model_name", "") or ""
+
+    @property
+    def decoder_rows(self) -> torch.Tensor:
+        w = getattr(self.sae, "W_dec", None)
+        if w is None and hasattr(getattr(self.sae, "decoder", None), "weight"):
+            w = self.sae.decoder.weight.T
+        if w is None:
+            raise NotImplementedError(f"{self.name} has no W_dec: its decoder is not known to be linear")
+        return w.detach().float()
+
+    @property
+    def directions(self) -> torch.Tensor:
+        w = self.decoder_rows
+        return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    @property
+    def device(self) -> torch.device:
+        return device_of(self.sae)
+
+    def encode(self, x):  # differentiable, as the SAE's own encode
+        self.check(x)
+        return self.sae.encode(x.to(self.device).float()).float()
+
+    @torch.no_grad()
+    def decode(self, codes):
+        return self.sae.decode(codes.to(self.device).float()).float()
+
+    def to(self, device):
+        self.sae.to(device)
+        return self
+
+
+def as_dictionary(sae, name: str | None = None) -> Dictionary:
+    """`sae` as a Dictionary: a Dictionary as it is; a one-SAE workbook stack as `SAEDictionary`; any
+    other object with encode/decode (a SAELens ``SAE``, a sparsify SAE, a reader's module) as
+    `ModuleDictionary`. Everything that takes a dictionary takes it through this."""
+    if isinstance(sae, Dictionary):
+        return sae
+    from helpers.saes.stack import SAEStack
+
+    if isinstance(sae, SAEStack):
+        return SAEDictionary(sae, name)
+    return ModuleDictionary(sae, name)
+
+
+def load_sae(path, name: str | None = None) -> SAEDictionary:
+    """The SAE in the SAELens-layout folder `path` (ours, or a SAELens standard, topk or jumprelu SAE)
+    as a Dictionary: ``encode(x [N, d_in]) -> [N, d_sae]``, ``decode``, ``directions``, ``save``."""
+    from helpers.saes.stack import load_saelens
+
+    return SAEDictionary(load_saelens(path), name)
+
 
 class LinearDictionary(Dictionary):
     """Signed linear codes s = (x - mean) @ encoder, split into positive and negative halves.
