@@ -486,3 +486,18 @@ def test_saelens_6_metadata_block_is_read(tmp_path):
                                                  "hook_head_index": None, "sae_lens_version": "6.5.0"}})
     conf = load_saelens(tmp_path / "s").configs[0]
     assert (conf.hook_name, conf.model_name) == ("blocks.2.hook_resid_post", "pythia-70m")
+
+
+def test_recipes_are_objects_named_as_files_store_them():
+    from helpers.saes.stack import LATER_FIELDS, RECIPE_ALIASES, RECIPE_NAMES, RECIPES
+
+    old = SAEConfig(D, M, l1_coefficient=1e-3, recipe="paper")
+    assert old.recipe == "anthropic2023" and old.training_recipe is architectures.ANTHROPIC2023
+    improved = SAEConfig(D, M, l1_coefficient=1e-3, recipe="improved").training_recipe
+    assert (improved.unit_norm, improved.centres_input, improved.init_norm) == (False, False, 0.1)
+    assert RECIPES == ("anthropic2023", "improved") and RECIPE_ALIASES == {"paper": "anthropic2023"}
+    assert RECIPE_NAMES == {"anthropic2023": "Anthropic-2023 L1", "improved": "improved L1"}
+    assert LATER_FIELDS == ("l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold", "matryoshka_widths")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        architectures.recipe("nope")
+    assert list(architectures.ARCHITECTURES) == ["standard", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu"]

@@ -9,7 +9,8 @@
 * the improved L1 recipe (Anthropic, April 2024; helpers.saes.stack): ``improved_alphas`` at ``pick_ratio``;
 * TopK SAEs: ``topk_ks`` at ``topk_ratio``, and at the same ratio BatchTopK (``batchtopk_ks``),
   Matryoshka BatchTopK (``matryoshka_ks``) and JumpReLU SAEs (``jumprelu_coefficients``, λ): the
-  architectures of helpers.saes.architectures, each a list in the profile (empty: none);
+  architectures of helpers.saes.architectures, each a list in the profile (empty: none), the field an
+  architecture's `profile_field` names (`grid`: the whole grid, in one place);
 * a control: the middle improved-recipe SAE again, trained without the massive-activation treatment
   (``massive_control``), so that notebook 02 can show what the treatment does. It is never chosen.
 
@@ -65,12 +66,15 @@ VERSION = 4  # bump when the training or evaluation changes what a cached sweep 
 # of later notebooks. Every other field, present or future, is in the fingerprint.
 NOT_RESULT_FIELDS = ("name", "device", "layers", "score_tokens", "autointerp_features", "pca_tokens",
                      "ica_tokens", "ica_max_iter", "ioi_prompts", "pronoun_prompts", "patch_layer_step", "lab_tokens")
-# The comparison SAEs at topk_ratio: (architecture, profile field listing the values of its setting)
-OTHER_ARCHITECTURES = (("topk", "topk_ks"), ("batchtopk", "batchtopk_ks"),
-                       ("matryoshka_batchtopk", "matryoshka_ks"), ("jumprelu", "jumprelu_coefficients"))
 
 
-PAPER_FAMILY = "Anthropic-2023 L1"  # helpers.saes.stack.RECIPE_NAMES["anthropic2023"] (called "paper L1" before)
+def other_architectures() -> tuple:
+    """The comparison SAEs at topk_ratio: (architecture, profile field listing the values of its
+    setting), for every registered architecture that names a `profile_field`, in the order they were defined."""
+    return tuple((a.name, a.profile_field) for a in architectures.ARCHITECTURES.values() if a.profile_field)
+
+
+PAPER_FAMILY = architectures.ANTHROPIC2023.family_name  # (called "paper L1" before)
 
 
 def family_groups(rows):
@@ -84,22 +88,41 @@ def family_groups(rows):
             for k, v in sorted(groups.items())}
 
 
-def sweep_configs(profile, d_in: int) -> list[SAEConfig]:
-    common = {"hook_name": profile.sae_hook, "model_name": profile.model}
-    configs = [SAEConfig.from_ratio(d_in, r, l1_coefficient=a, tied=t, **common)
-               for t in profile.sae_tied for r in profile.sae_ratios for a in profile.sae_alphas]
-    configs += [c for c in (SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=a, tied=True, **common)
-                            for a in profile.tied_alphas) if c not in configs]
-    configs += [SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=a, recipe="improved", **common)
-                for a in profile.improved_alphas]
-    for name, listed in OTHER_ARCHITECTURES:
+def grid(profile, extra: dict | None = None) -> list[tuple[str, dict]]:
+    """The sweep's SAEs as (architecture, settings) pairs, settings being SAEConfig fields plus
+    ``ratio`` (R = d_sae/d_in), in training order: the L1 SAEs (the anthropic2023 recipe's
+    ``sae_tied`` × ``sae_ratios`` × ``sae_alphas``, its tied ``tied_alphas`` at ``pick_ratio``, the
+    improved recipe's ``improved_alphas`` there), then every architecture with a `profile_field`,
+    each value of that field at ``topk_ratio``, then the values of `extra` ({architecture: values of
+    its `setting`}, at ``topk_ratio``: an architecture the profile has no field for), then the
+    massive-treatment control."""
+    out = [("standard", {"ratio": r, "l1_coefficient": a, "tied": t})
+           for t in profile.sae_tied for r in profile.sae_ratios for a in profile.sae_alphas]
+    out += [s for s in (("standard", {"ratio": profile.pick_ratio, "l1_coefficient": a, "tied": True})
+                        for a in profile.tied_alphas) if s not in out]
+    out += [("standard", {"ratio": profile.pick_ratio, "l1_coefficient": a, "recipe": architectures.IMPROVED.name})
+            for a in profile.improved_alphas]
+    listed = [(name, getattr(profile, field)) for name, field in other_architectures()]
+    for name, values in listed + list((extra or {}).items()):
         setting = architectures.get(name).setting
-        configs += [SAEConfig.from_ratio(d_in, profile.topk_ratio, architecture=name, **{setting: v}, **common)
-                    for v in getattr(profile, listed)]
+        out += [(name, {"ratio": profile.topk_ratio, setting: v}) for v in values]
     if profile.massive and profile.massive_control and profile.improved_alphas:
         alpha = profile.improved_alphas[len(profile.improved_alphas) // 2]
-        configs.append(SAEConfig.from_ratio(d_in, profile.pick_ratio, l1_coefficient=alpha, recipe="improved",
-                                            massive=False, **common))
+        out.append(("standard", {"ratio": profile.pick_ratio, "l1_coefficient": alpha,
+                                 "recipe": architectures.IMPROVED.name, "massive": False}))
+    return out
+
+
+def sweep_configs(profile, d_in: int, extra: dict | None = None) -> list[SAEConfig]:
+    """The sweep's SAE configs for activations of width d_in (`grid`; `extra`: {architecture: values
+    of its setting} trained besides the profile's)."""
+    common = {"hook_name": profile.sae_hook, "model_name": profile.model}
+    configs = []
+    for name, settings in grid(profile, extra):
+        settings = dict(settings)
+        ratio = settings.pop("ratio")
+        arch = {} if name == "standard" else {"architecture": name}
+        configs.append(SAEConfig.from_ratio(d_in, ratio, **arch, **settings, **common))
     return configs
 
 
@@ -273,7 +296,7 @@ def mmcs_table(saes, configs, seed: int = 0) -> list[dict]:
     ("mmcs_random", the chance level). Only trained MMCS well above both says the two sizes found
     the same directions by learning them."""
     out = []
-    l1 = [(c, s) for c, s in zip(configs, saes) if c.arch.l1 and c.recipe == "anthropic2023"
+    l1 = [(c, s) for c, s in zip(configs, saes) if c.arch.l1 and c.training_recipe is architectures.ANTHROPIC2023
           and c.massive]
     for ca, sa in l1:
         larger = sorted([(cb, sb) for cb, sb in l1 if cb.l1_coefficient == ca.l1_coefficient

@@ -5,16 +5,20 @@ input scale, the massive-activation rule) and asks the stack's architecture, `ge
 everything that differs:
 
 * `validate(cfg)`: what a config of this architecture must satisfy (TopK: 0 < k <= d_sae);
-* `init_state(stack)` / `state(stack, idx)`: its own per-SAE parameters and buffers (JumpReLU's
-  log-thresholds, BatchTopK's inference threshold) and the per-SAE tensors its formulas read;
+* `own_state(configs, d_in, d_sae)`: its own per-SAE tensors, which the stack holds (an
+  `nn.Parameter` is trained, any other tensor is a buffer: JumpReLU's log-thresholds, BatchTopK's
+  inference threshold); `state(stack, idx)`: the per-SAE tensors its formulas read (those, W_dec,
+  l1, k, and anything derived from them);
 * `codes(pre, p)`: the codes of pre-activations [n, B, m] at inference, and `train_codes(pre, p)`,
   the codes training reconstructs from (different for BatchTopK: the batch's top k·B);
-* `dense_terms(...)` / `sparse_terms(...)`: its loss terms besides the MSE (L1, AuxK, JumpReLU's L0,
-  Matryoshka's nested MSEs), on the dense path (plain autograd) and on the sparse one (helpers.saes.sparse);
-  `loss_terms` names those that are added to the loss, any other key is a metric;
+* `dense_terms(ctx)` / `sparse_terms(ctx)`: its loss terms besides the MSE (L1, AuxK, JumpReLU's L0,
+  Matryoshka's nested MSEs), on the dense path (plain autograd, ctx a `DenseContext`) and on the
+  sparse one (helpers.saes.sparse, ctx a `SparseContext`); `loss_terms` names those that are added
+  to the loss, any other key is a metric;
 * `selector(stack, B, max_nnz)`: the active set of the sparse path, a block of pre-activations at a
   time (SAEStack._select_active), and `sparse_codes(...)`: gradients the sparse kernels do not give
-  (a threshold's);
+  (a threshold's); `sparse_path`: whether the sparse path applies at all (an architecture that
+  changes `codes` without giving its `selector` trains on the dense path only);
 * `after_step(stack, out)`: state updated after an optimiser step (BatchTopK's running threshold);
 * `uses_auxk`: whether training passes the dead latents (the AuxK loss); `resamples`: whether
   Anthropic-style resampling applies (helpers.saes.train); `fixed_sparsity`: whether "auto" always takes
@@ -22,8 +26,16 @@ everything that differs:
 * `saelens_fields(cfg)` / `saelens_tensors(stack)` and `load_state(stack, tensors)`: the SAELens file
   (architecture name, activation function and its kwargs, extra tensors such as `threshold`);
 * `family(cfg)` and `setting` (the SAEConfig field a sweep varies, shown as `symbol` in labels):
-  names for tables and plots; `l1` marks the ReLU + L1 SAEs the sweep's rule chooses among, and
-  `matched_comparison` the architecture later notebooks compare at matched sparsity (TopK).
+  names for tables and plots; `default_setting(target_l0, i)`: a setting aimed at an L0 (the
+  ground-truth lab, the benchmarks); `profile_field`: the helpers.settings.profiles.Profile field
+  listing the settings the sweep trains (helpers.runs.sweep.grid); `l1` marks the ReLU + L1 SAEs the
+  sweep's rule chooses among, and `matched_comparison` the architecture later notebooks compare at
+  matched sparsity (TopK).
+
+A `Recipe` says how an SAE is trained besides its architecture: whether the decoder rows are kept
+at unit norm, whether the encoder sees x − b_dec, the decoder's initial row norm, α's warm-up, the
+per-SAE gradient clip, resampling, folding the norms at the end. `RECIPES` holds them by name (the
+name is what configs, profiles and SAELens files store), `recipe(name)` finds one (old names too).
 
 Architectures (all with unit-norm decoder rows, the anthropic2023 recipe; only "standard" has the
 improved recipe):
@@ -56,8 +68,9 @@ improved recipe):
   latents must reconstruct on their own. Widths default to doubling groups: d_sae/16, /8, /4, /2, 1.
   Saved like BatchTopK.
 
-Adding an architecture: subclass `Architecture` (or one of these), set its names, implement the
-methods above that differ, and add it to `ARCHITECTURES`; nothing else checks architecture names.
+Adding an architecture: subclass `Architecture` (or one of these) with a `name`, and implement the
+methods above that differ: defining the class registers it in `ARCHITECTURES` (`get(name)`), and
+the SAE stack, the trainer, the sweep and the SAELens files take it from there.
 """
 from __future__ import annotations
 
@@ -82,6 +95,101 @@ class Selection:
     pre: torch.Tensor
     dense_rows: list = field(default_factory=list)
     aux: tuple | None = None
+
+
+@dataclass
+class DenseContext:
+    """What an architecture's `dense_terms` receives, for the n SAEs of a batch of B rows (all of the
+    stack's, or those that took the dense path): `stack`, `p` (its `state`), `c` the train codes
+    [n, B, m], `pre` the pre-activations [n, B, m], `err` x̂ − x [n, B, d] (scaled units), `xs` the
+    scaled input [n, B, d], `b_dec` [n, d], `dead` [n, m] bool or None (AuxK), `aux_coefficient`,
+    `l1_scale` (the L1 warm-up factor)."""
+
+    stack: object
+    p: dict
+    n: int
+    B: int
+    c: torch.Tensor
+    pre: torch.Tensor
+    err: torch.Tensor
+    xs: torch.Tensor
+    b_dec: torch.Tensor
+    dead: torch.Tensor | None = None
+    aux_coefficient: float = 1 / 32
+    l1_scale: float = 1.0
+
+
+@dataclass
+class SparseContext:
+    """What an architecture's `sparse_terms` receives: `stack`, `p`, n SAEs, B rows, m latents;
+    `codes` [nnz] the active codes (with gradients), `pattern` their helpers.saes.sparse.Pattern,
+    `sel` the Selection, `err` [n, B, d], `xs` [n, B, d], `xc` the flat centred input [n·B, d],
+    `flat_enc` / `flat_dec` [n·m, d], `flat_b_enc` [n·m], `b_dec` [n, d], `dead`, `aux_coefficient`,
+    `l1_scale` as in DenseContext."""
+
+    stack: object
+    p: dict
+    n: int
+    B: int
+    m: int
+    codes: torch.Tensor
+    pattern: object
+    sel: Selection
+    err: torch.Tensor
+    xs: torch.Tensor
+    xc: torch.Tensor
+    flat_enc: torch.Tensor
+    flat_dec: torch.Tensor
+    flat_b_enc: torch.Tensor
+    b_dec: torch.Tensor
+    dead: torch.Tensor | None = None
+    aux_coefficient: float = 1 / 32
+    l1_scale: float = 1.0
+
+
+# ---- the training recipes ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """How an SAE is trained besides its architecture (helpers.saes.stack's docstring has both):
+    `name` (what configs, profiles and files store; `aliases`: names it had before), `family_name`
+    (tables and plots), `unit_norm` (decoder rows kept at unit norm: gradients projected, rows
+    renormalised after every step), `centres_input` (the encoder sees x − b_dec, b_dec started at
+    the data mean), `init_norm` (the decoder rows' norm at initialisation), `tied_ok` (a tied decoder
+    is allowed), `l1_warmup` (α rises from 0 over the first steps), `grad_clip` (gradients clipped per
+    SAE), `resamples` (dead latents resampled, for architectures that resample), `folds_norms`
+    (decoder norms folded into the codes when training ends)."""
+
+    name: str
+    family_name: str
+    unit_norm: bool = True
+    centres_input: bool = True
+    init_norm: float = 1.0
+    tied_ok: bool = True
+    l1_warmup: bool = False
+    grad_clip: bool = False
+    resamples: bool = True
+    folds_norms: bool = False
+    aliases: tuple = ()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ANTHROPIC2023 = Recipe("anthropic2023", "Anthropic-2023 L1", aliases=("paper",))
+IMPROVED = Recipe("improved", "improved L1", unit_norm=False, centres_input=False, init_norm=0.1, tied_ok=False,
+                  l1_warmup=True, grad_clip=True, resamples=False, folds_norms=True)
+RECIPES: dict[str, Recipe] = {r.name: r for r in (ANTHROPIC2023, IMPROVED)}
+
+
+def recipe(name) -> Recipe:
+    """The recipe called `name` (or one of its old names; a Recipe is returned as it is); a ValueError
+    naming the known ones."""
+    if isinstance(name, Recipe):
+        return name
+    for r in RECIPES.values():
+        if name == r.name or name in r.aliases:
+            return r
+    raise ValueError(f"unknown recipe {name!r}: one of {tuple(RECIPES)}")
 
 
 class _Elementwise:
@@ -218,27 +326,62 @@ class _Step(torch.autograd.Function):
 
 
 # ---- the architectures -------------------------------------------------------------------------
+ARCHITECTURES: dict[str, "Architecture"] = {}  # by name, in the order they were defined
+
+
+def register(arch: "Architecture") -> "Architecture":
+    """Put `arch` in ARCHITECTURES under its name (Architecture subclasses that set a name are
+    registered as they are defined). A name held by another class is refused; the same class defined
+    again (a re-imported module) replaces its entry."""
+    held = ARCHITECTURES.get(arch.name)
+    if held is not None and (type(held).__module__, type(held).__qualname__) != (type(arch).__module__,
+                                                                                  type(arch).__qualname__):
+        raise ValueError(f"architecture name {arch.name!r} is taken by {type(held).__qualname__}: choose another")
+    ARCHITECTURES[arch.name] = arch
+    return arch
+
+
+def unregister(name: str) -> None:
+    """Take an architecture out of ARCHITECTURES (a test's toy architecture, when the test is done)."""
+    ARCHITECTURES.pop(name, None)
+
+
 class Architecture:
-    """The base: a ReLU SAE with no penalty. Subclasses override what differs (module docstring)."""
+    """The base: a ReLU SAE with no penalty. Subclasses override what differs (module docstring);
+    a subclass that sets `name` is registered in ARCHITECTURES as it is defined (one instance each)."""
 
     name = ""
     family_name = ""
     setting = ""                  # the SAEConfig field a sweep varies
     symbol = ""                   # ... as written in labels
+    profile_field = ""            # the Profile field listing the sweep's settings (helpers.runs.sweep.grid)
     loss_terms: tuple = ()        # keys of dense_terms/sparse_terms added to the loss
     uses_auxk = False
     resamples = False
     fixed_sparsity = False
+    sparse_path = True            # whether helpers.saes.sparse's path applies (else dense only)
     l1 = False
     matched_comparison = False
-    saelens_architecture = ""
-    recipes = ("anthropic2023",)  # the recipes (helpers.saes.stack) this architecture trains with
+    saelens_architecture = "standard"
+    recipes = ("anthropic2023",)  # the recipes (Recipe, RECIPES) this architecture trains with
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        own = vars(cls)
+        # codes changed but no selector for them: the sparse path's ReLU pairs would be wrong
+        if ("codes" in own or "train_codes" in own) and "selector" not in own and "sparse_path" not in own:
+            cls.sparse_path = False
+        if own.get("name"):
+            register(cls())
 
     # ---- configs, names ----
     def validate(self, cfg) -> None:
         if cfg.recipe not in self.recipes:
             raise ValueError(f"the {cfg.recipe} recipe is for untied ReLU + L1 SAEs (architecture='standard', "
                              f"tied=False); {self.family_name} SAEs train with recipe='anthropic2023'")
+        if cfg.tied and not recipe(cfg.recipe).tied_ok:
+            raise ValueError(f"the {cfg.recipe} recipe is for untied ReLU + L1 SAEs (architecture='standard', "
+                             "tied=False)")
 
     def family(self, cfg) -> str:
         return self.family_name
@@ -251,19 +394,24 @@ class Architecture:
         return ()
 
     def default_setting(self, target_l0: float, i: int = 0) -> dict:
-        """A setting of `self.setting` aimed at about target_l0 active latents (benchmarks.bench; the i-th
-        of a few distinct SAEs)."""
+        """A setting of `self.setting` aimed at about target_l0 active latents (the ground-truth lab,
+        benchmarks.bench; the i-th of a few distinct SAEs)."""
         return {}
 
     # ---- state ----
-    def init_state(self, stack) -> None:
-        pass
+    def own_state(self, configs: list, d_in: int, d_sae: int) -> dict:
+        """This architecture's own tensors for a stack of these configs, [n, ...] each, by name: the
+        stack holds each as an attribute, an `nn.Parameter` trained with the rest, any other tensor
+        a buffer (saved in its state_dict)."""
+        return {}
 
     def state(self, stack, idx: torch.Tensor | None = None) -> dict:
-        """The per-SAE tensors the formulas read, for all SAEs of the stack or those in idx."""
+        """The per-SAE tensors the formulas read, for all SAEs of the stack or those in idx: W_dec,
+        l1, k and the architecture's own (`own_state`)."""
         def pick(t):
             return t if idx is None else t.index_select(0, idx)
-        return {"W_dec": pick(stack.W_dec), "l1": pick(stack.l1), "k": pick(stack.k)}
+        return {"W_dec": pick(stack.W_dec), "l1": pick(stack.l1), "k": pick(stack.k),
+                **{key: pick(getattr(stack, key)) for key in stack.own_state_names}}
 
     # ---- codes and losses ----
     def codes(self, pre: torch.Tensor, p: dict) -> torch.Tensor:
@@ -275,9 +423,8 @@ class Architecture:
         """The codes the training losses reconstruct from (dense path)."""
         return self.codes(pre, p)
 
-    def dense_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale) -> dict:
-        """Loss terms and metrics, [n] each, on the dense path. ctx: n, B, c (train codes), pre, err
-        (x̂ − x, scaled), xs (scaled input), b_dec; dead: [n, m] bool or None (AuxK)."""
+    def dense_terms(self, ctx: DenseContext) -> dict:
+        """Loss terms and metrics, [n] each, on the dense path."""
         return {}
 
     def selector(self, stack, B: int, max_nnz):
@@ -291,9 +438,8 @@ class Architecture:
         not carry (JumpReLU: its thresholds')."""
         return codes
 
-    def sparse_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale) -> dict:
-        """As dense_terms, on the sparse path. ctx: n, B, m, codes [nnz], pattern, sel (Selection),
-        err, xs, xc (flat centred input), flat_enc, flat_dec, flat_b_enc, b_dec."""
+    def sparse_terms(self, ctx: SparseContext) -> dict:
+        """As dense_terms, on the sparse path."""
         return {}
 
     @torch.no_grad()
@@ -317,34 +463,26 @@ class Standard(Architecture):
     loss_terms = ("l1",)
     resamples = l1 = True
     saelens_architecture = "standard"
-    recipes = ("anthropic2023", "improved")
-
-    def validate(self, cfg) -> None:
-        super().validate(cfg)
-        if cfg.recipe == "improved" and cfg.tied:
-            raise ValueError("the improved recipe is for untied ReLU + L1 SAEs (architecture='standard', "
-                             "tied=False)")
+    recipes = tuple(RECIPES)
 
     def family(self, cfg) -> str:
-        from helpers.saes.stack import RECIPE_NAMES
-
-        return RECIPE_NAMES[cfg.recipe]
+        return recipe(cfg.recipe).family_name
 
     def default_setting(self, target_l0, i=0):
         return {"l1_coefficient": 1e-3 * (1 + i)}
 
-    def dense_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale):
-        return {"l1": l1_scale * p["l1"] * stack._l1_penalty(ctx.c, p["W_dec"])}
+    def dense_terms(self, ctx):
+        return {"l1": ctx.l1_scale * ctx.p["l1"] * ctx.stack._l1_penalty(ctx.c, ctx.p["W_dec"])}
 
-    def sparse_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale):
+    def sparse_terms(self, ctx):
         from helpers.saes import sparse
 
         # Σ_i ‖W_dec,i‖ · (Σ_tokens c_i): each latent's codes are summed first (in a fixed order),
         # so no gradient is scattered back into the norms (a gather norms[cols] would, with float
         # atomics on a multi-threaded CPU: run-to-run differences). Codes are ReLUs, so |c| = c.
         per_latent = sparse.column_sums(ctx.codes, ctx.pattern).view(ctx.n, ctx.m)
-        per_sae = (per_latent * p["W_dec"].norm(dim=-1).float()).sum(-1)
-        return {"l1": l1_scale * p["l1"] * per_sae / ctx.B}
+        per_sae = (per_latent * ctx.p["W_dec"].norm(dim=-1).float()).sum(-1)
+        return {"l1": ctx.l1_scale * ctx.p["l1"] * per_sae / ctx.B}
 
 
 class _AuxK(Architecture):
@@ -362,8 +500,8 @@ class _AuxK(Architecture):
     def default_setting(self, target_l0, i=0):
         return {"k": max(1, int(round(target_l0)))}
 
-    def dense_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale):
-        pre = ctx.pre
+    def dense_terms(self, ctx):
+        stack, p, dead, pre = ctx.stack, ctx.p, ctx.dead, ctx.pre
         aux = torch.zeros(ctx.n, device=pre.device)
         if dead is not None and dead.any():
             k_aux = min(stack.d_in // 2, stack.d_sae)  # fixed, so SAEs in a stack stay independent
@@ -374,11 +512,12 @@ class _AuxK(Architecture):
             resid = -ctx.err.detach()  # what the live latents failed to reconstruct
             aux = (e_hat - resid).pow(2).sum(-1).mean(-1) / stack.d_in
             aux = torch.where(dead.any(-1), aux, torch.zeros_like(aux))
-        return {"aux": aux_coefficient * aux}
+        return {"aux": ctx.aux_coefficient * aux}
 
-    def sparse_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale):
+    def sparse_terms(self, ctx):
         from helpers.saes import sparse
 
+        stack, dead = ctx.stack, ctx.dead
         aux = torch.zeros(ctx.n, device=ctx.err.device)
         if ctx.sel.aux is not None:
             a_pattern, a_vals = ctx.sel.aux
@@ -386,11 +525,12 @@ class _AuxK(Architecture):
             e_hat = sparse.decode(a_codes, ctx.flat_dec, a_pattern).view(ctx.n, ctx.B, -1).float()
             aux = (e_hat + ctx.err.detach()).pow(2).sum(-1).mean(-1) / stack.d_in  # e_hat should equal -err
             aux = torch.where(dead.any(-1), aux, torch.zeros_like(aux))
-        return {"aux": aux_coefficient * aux}
+        return {"aux": ctx.aux_coefficient * aux}
 
 
 class TopK(_AuxK):
     name, family_name, setting, symbol = "topk", "TopK", "k", "k"
+    profile_field = "topk_ks"
     matched_comparison = True
     saelens_architecture = "topk"
 
@@ -410,16 +550,12 @@ class TopK(_AuxK):
 
 class BatchTopK(_AuxK):
     name, family_name, setting, symbol = "batchtopk", "BatchTopK", "k", "k"
+    profile_field = "batchtopk_ks"
     saelens_architecture = "jumprelu"
 
-    def init_state(self, stack):
+    def own_state(self, configs, d_in, d_sae):
         # -inf until the first training batch: an untrained SAE's codes are plain ReLUs
-        stack.register_buffer("threshold", torch.full((stack.n,), -math.inf))
-
-    def state(self, stack, idx=None):
-        p = super().state(stack, idx)
-        p["threshold"] = stack.threshold if idx is None else stack.threshold.index_select(0, idx)
-        return p
+        return {"threshold": torch.full((len(configs),), -math.inf)}
 
     def codes(self, pre, p):
         return torch.relu(pre) * (pre > p["threshold"].view(-1, 1, 1).to(pre.dtype))
@@ -432,20 +568,20 @@ class BatchTopK(_AuxK):
         keep = torch.arange(kb, device=pre.device).view(1, -1) < (p["k"] * B).view(-1, 1)
         return torch.zeros_like(acts).scatter(-1, idx, vals * keep).view(n, B, m)
 
-    def dense_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale):
+    def dense_terms(self, ctx):
         c = ctx.c.detach().float()
         kept = torch.where(c > 0, c, torch.full_like(c, math.inf))
-        return {**super().dense_terms(stack, ctx, p, dead, aux_coefficient, l1_scale),
+        return {**super().dense_terms(ctx),
                 "batch_threshold": kept.amin((1, 2))}
 
     def selector(self, stack, B, max_nnz):
         return _BatchTopK(stack, B, max_nnz)
 
-    def sparse_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale):
+    def sparse_terms(self, ctx):
         on = ctx.sel.vals > 0
         low = torch.full((ctx.n,), math.inf, device=ctx.sel.vals.device).scatter_reduce(
             0, ctx.pattern.rows[on] // ctx.B, ctx.sel.vals[on], "amin")
-        return {**super().sparse_terms(stack, ctx, p, dead, aux_coefficient, l1_scale), "batch_threshold": low}
+        return {**super().sparse_terms(ctx), "batch_threshold": low}
 
     @torch.no_grad()
     def after_step(self, stack, out):
@@ -467,6 +603,7 @@ class BatchTopK(_AuxK):
 
 class MatryoshkaBatchTopK(BatchTopK):
     name, family_name = "matryoshka_batchtopk", "Matryoshka BatchTopK"
+    profile_field = "matryoshka_ks"
     loss_terms = ("aux", "matryoshka")
 
     @staticmethod
@@ -488,19 +625,20 @@ class MatryoshkaBatchTopK(BatchTopK):
     def _inner(self, stack):
         return self.widths(stack.configs[0])[:-1]
 
-    def dense_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale):
-        out = super().dense_terms(stack, ctx, p, dead, aux_coefficient, l1_scale)
-        c = ctx.c
+    def dense_terms(self, ctx):
+        out = super().dense_terms(ctx)
+        stack, p, c = ctx.stack, ctx.p, ctx.c
         total = torch.zeros(ctx.n, device=c.device)
         for w in self._inner(stack):
             xhat = torch.baddbmm(ctx.b_dec.unsqueeze(1), c[..., :w], p["W_dec"][:, :w].to(c.dtype))
             total = total + (xhat.float() - ctx.xs.float()).pow(2).sum(-1).mean(-1) / stack.d_in
         return {**out, "matryoshka": total}
 
-    def sparse_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale):
+    def sparse_terms(self, ctx):
         from helpers.saes import sparse
 
-        out = super().sparse_terms(stack, ctx, p, dead, aux_coefficient, l1_scale)
+        stack = ctx.stack
+        out = super().sparse_terms(ctx)
         total = torch.zeros(ctx.n, device=ctx.err.device)
         local = ctx.pattern.cols % ctx.m
         for w in self._inner(stack):
@@ -512,6 +650,7 @@ class MatryoshkaBatchTopK(BatchTopK):
 
 class JumpReLU(Architecture):
     name, family_name, setting, symbol = "jumprelu", "JumpReLU", "l0_coefficient", "λ"
+    profile_field = "jumprelu_coefficients"
     loss_terms = ("l0_penalty",)
     saelens_architecture = "jumprelu"
 
@@ -525,26 +664,23 @@ class JumpReLU(Architecture):
     def default_setting(self, target_l0, i=0):
         return {"l0_coefficient": 1e-3 * (1 + i)}
 
-    def init_state(self, stack):
-        cs = stack.configs
-        root = math.sqrt(stack.d_in)  # the paper's units (E‖x‖² = 1) to ours (E‖x‖ = √d_in)
-        theta0 = torch.tensor([c.jumprelu_init_threshold * root for c in cs])
-        stack.log_threshold = torch.nn.Parameter(theta0.log().view(-1, 1).repeat(1, stack.d_sae))
-        stack.register_buffer("bandwidth", torch.tensor([c.jumprelu_bandwidth * root for c in cs]))
-        stack.register_buffer("l0_coefficient", torch.tensor([c.l0_coefficient for c in cs]))
+    def own_state(self, configs, d_in, d_sae):
+        root = math.sqrt(d_in)  # the paper's units (E‖x‖² = 1) to ours (E‖x‖ = √d_in)
+        theta0 = torch.tensor([c.jumprelu_init_threshold * root for c in configs])
+        return {"log_threshold": torch.nn.Parameter(theta0.log().view(-1, 1).repeat(1, d_sae)),
+                "bandwidth": torch.tensor([c.jumprelu_bandwidth * root for c in configs]),
+                "l0_coefficient": torch.tensor([c.l0_coefficient for c in configs])}
 
     def state(self, stack, idx=None):
         p = super().state(stack, idx)
-        for key in ("log_threshold", "bandwidth", "l0_coefficient"):
-            t = getattr(stack, key)
-            p[key] = t if idx is None else t.index_select(0, idx)
         p["threshold"] = p["log_threshold"].exp()
         return p
 
     def codes(self, pre, p):
         return _JumpReLU.apply(pre, p["threshold"].unsqueeze(1), p["bandwidth"].view(-1, 1, 1))
 
-    def dense_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale):
+    def dense_terms(self, ctx):
+        p = ctx.p
         l0 = _Step.apply(ctx.pre, p["threshold"].unsqueeze(1), p["bandwidth"].view(-1, 1, 1)).sum(-1).mean(-1)
         return {"l0_penalty": p["l0_coefficient"] * l0}
 
@@ -572,9 +708,10 @@ class JumpReLU(Architecture):
         t = sparse.gather(p["threshold"].reshape(-1), sel.pattern)
         return codes + (t - t.detach()) * (-(theta / eps) * k)
 
-    def sparse_terms(self, stack, ctx, p, dead, aux_coefficient, l1_scale):
+    def sparse_terms(self, ctx):
         from helpers.saes import sparse
 
+        p = ctx.p
         _, eps, k = self._window(ctx.sel, p)
         on = (ctx.sel.vals > 0).float()
         l0 = sparse.column_sums(on, ctx.pattern).view(ctx.n, ctx.m).sum(-1) / ctx.B
@@ -589,10 +726,6 @@ class JumpReLU(Architecture):
     def load_state(self, stack, tensors):
         with torch.no_grad():
             stack.log_threshold.copy_(tensors["threshold"].float().clamp_min(1e-30).log().unsqueeze(0))
-
-
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in
-                                          (Standard(), TopK(), BatchTopK(), JumpReLU(), MatryoshkaBatchTopK())}
 
 
 def get(name: str) -> Architecture:

@@ -67,17 +67,20 @@ from torch import nn
 from helpers.saes import architectures
 from helpers.activations import hooks
 
-RECIPES = ("anthropic2023", "improved")  # how a standard SAE is trained (module docstring)
-RECIPE_ALIASES = {"paper": "anthropic2023"}  # the name "anthropic2023" had before (old files, old code)
-RECIPE_NAMES = {"anthropic2023": "Anthropic-2023 L1", "improved": "improved L1"}  # families in tables and plots
-IMPROVED_INIT_NORM = 0.1              # decoder row norm at initialisation, improved recipe
+# How a standard SAE is trained (module docstring): helpers.saes.architectures.Recipe, by name.
+RECIPES = tuple(architectures.RECIPES)
+RECIPE_ALIASES = {alias: r.name for r in architectures.RECIPES.values() for alias in r.aliases}  # older names
+RECIPE_NAMES = {r.name: r.family_name for r in architectures.RECIPES.values()}  # families in tables and plots
+IMPROVED_INIT_NORM = architectures.IMPROVED.init_norm  # decoder row norm at initialisation, improved recipe
 SPARSE_MAX_DENSITY = 0.15             # "auto": L1 batches with more active codes than this share go dense
                                       # (measured on 2 CPU cores: the sparse path wins below about 20%)
 
 
 # Fields added after the first SAEs were trained: left out of `config_dict` (and so of `init_seed`,
 # training fingerprints and repr) while they hold their defaults, so older SAEs keep their seeds and keys.
-LATER_FIELDS = ("l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold", "matryoshka_widths")
+# Every field declared after `massive` is one: a field added at the end of SAEConfig joins them.
+FIRST_FIELDS = ("d_in", "d_sae", "architecture", "tied", "l1_coefficient", "k", "hook_name", "model_name", "recipe",
+                "massive")
 
 
 @dataclass(frozen=True, repr=False)
@@ -114,6 +117,11 @@ class SAEConfig:
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}: one of {RECIPES}")
         arch.validate(self)
+
+    @property
+    def training_recipe(self) -> "architectures.Recipe":
+        """The Recipe object of `recipe` (its choices: unit_norm, centres_input, ...)."""
+        return architectures.recipe(self.recipe)
 
     def __repr__(self) -> str:
         return f"SAEConfig({', '.join(f'{k}={v!r}' for k, v in config_dict(self).items())})"
@@ -153,6 +161,9 @@ class SAEConfig:
                 f"{'' if self.massive else ' (no massive treatment)'}")
 
 
+LATER_FIELDS = tuple(f.name for f in fields(SAEConfig) if f.name not in FIRST_FIELDS)
+
+
 def normalise_recipe(name: str) -> str:
     """A recipe's current name ("paper", its old name, is read as "anthropic2023")."""
     return RECIPE_ALIASES.get(name, name)
@@ -180,7 +191,8 @@ def initial_dictionary(cfg: SAEConfig, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(init_seed(cfg, seed))
     w = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
     w = w / w.norm(dim=-1, keepdim=True)
-    return w * IMPROVED_INIT_NORM if cfg.recipe == "improved" else w
+    norm = cfg.training_recipe.init_norm
+    return w if norm == 1 else w * norm
 
 
 class SAEStack(nn.Module):
@@ -209,7 +221,14 @@ class SAEStack(nn.Module):
         self.register_buffer("l1", torch.tensor([c.l1_coefficient for c in configs]))
         self.register_buffer("k", torch.tensor([c.k for c in configs]))
         self.arch = c0.arch
-        self.arch.init_state(self)  # the architecture's own parameters and buffers (thresholds)
+        # the architecture's own parameters and buffers (thresholds)
+        own = self.arch.own_state(self.configs, d, m)
+        self.own_state_names = tuple(own)
+        for key, t in own.items():
+            if isinstance(t, nn.Parameter):
+                setattr(self, key, t)
+            else:
+                self.register_buffer(key, t)
         # Massive activations (helpers.activations.massive): tokens whose norm exceeds the threshold have the
         # offset removed before encoding and added back after decoding. Inert by default.
         self.register_buffer("massive_threshold", torch.full((n,), math.inf))
@@ -247,16 +266,21 @@ class SAEStack(nn.Module):
         return self.configs[0].recipe
 
     @property
+    def training_recipe(self) -> "architectures.Recipe":
+        """The Recipe object of the stack's recipe (its choices: unit_norm, centres_input, ...)."""
+        return self.configs[0].training_recipe
+
+    @property
     def unit_norm(self) -> bool:
         """Whether training keeps the dictionary rows at unit norm (all but the improved recipe)."""
-        return self.recipe != "improved"
+        return self.training_recipe.unit_norm
 
     @property
     def centres_input(self) -> bool:
         """Whether the encoder sees x - b_dec (Anthropic 2023, TopK) or x itself (the improved recipe,
         as in Anthropic's April 2024 update: f = ReLU(W_enc x + b_enc)). Files hold SAELens's form
         (b_dec subtracted): save_saelens and load_saelens convert b_enc."""
-        return self.recipe != "improved"
+        return self.training_recipe.centres_input
 
     def __getitem__(self, i: int) -> "SAEStack":
         one = SAEStack([self.configs[i]])
@@ -358,11 +382,12 @@ class SAEStack(nn.Module):
         if path not in ("auto", "dense", "sparse"):
             raise ValueError(f"path must be 'auto', 'dense' or 'sparse', not {path!r}")
         arch = self.arch
+        if path == "sparse" and not arch.sparse_path:
+            raise ValueError(f"the {arch.name} architecture has no sparse path (it gives no `selector` for its "
+                             "codes): use path='dense' or 'auto'")
         dead = dead if arch.uses_auxk and dead is not None and dead.any() else None
-        if path == "dense":
+        if path == "dense" or not arch.sparse_path:
             return self._dense_losses(x, dead, aux_coefficient, l1_scale)
-        from types import SimpleNamespace
-
         from helpers.saes import sparse
 
         xs = self._scaled(x)
@@ -386,9 +411,11 @@ class SAEStack(nn.Module):
         out = {"mse": mse, "path": "sparse",
                "l0": torch.bincount(sel.pattern.rows[on] // B, minlength=n).float() / B,
                "fired": (torch.bincount(sel.pattern.cols[on], minlength=n * m) > 0).view(n, m)}
-        ctx = SimpleNamespace(n=n, B=B, m=m, codes=codes, pattern=sel.pattern, sel=sel, err=err, xs=xs, xc=xc_flat,
-                              flat_enc=flat_enc, flat_dec=flat_dec, flat_b_enc=flat_b_enc, b_dec=self.b_dec)
-        out.update(arch.sparse_terms(self, ctx, p, dead, aux_coefficient, l1_scale))
+        ctx = architectures.SparseContext(
+            stack=self, p=p, n=n, B=B, m=m, codes=codes, pattern=sel.pattern, sel=sel, err=err, xs=xs, xc=xc_flat,
+            flat_enc=flat_enc, flat_dec=flat_dec, flat_b_enc=flat_b_enc, b_dec=self.b_dec, dead=dead,
+            aux_coefficient=aux_coefficient, l1_scale=l1_scale)
+        out.update(arch.sparse_terms(ctx))
         out["loss"] = mse + sum((out[t] for t in arch.loss_terms), torch.zeros_like(mse))
         if sel.dense_rows:  # the SAEs whose codes are still dense take the dense path, each as if alone
             dense = self._dense_losses(x, None, aux_coefficient, l1_scale, rows=sel.dense_rows)
@@ -443,8 +470,6 @@ class SAEStack(nn.Module):
     def _dense_losses(self, x, dead, aux_coefficient, l1_scale, rows: list[int] | None = None) -> dict:
         """The losses by plain autograd, for every SAE of the stack or (`rows`) for some of them (the
         same computation each would do alone)."""
-        from types import SimpleNamespace
-
         idx = None if rows is None else torch.tensor(rows, device=x.device)
 
         def pick(t):  # index_select, not t[idx]: its backward is an index_add_, not an index_put_ with float atomics
@@ -458,8 +483,9 @@ class SAEStack(nn.Module):
         c = self.arch.train_codes(pre, p)
         out, err = self._decode_losses(c, xs, b_dec, p["W_dec"])
         out["path"] = "dense"
-        ctx = SimpleNamespace(n=len(xs), B=xs.shape[1], c=c, pre=pre, err=err, xs=xs, b_dec=b_dec)
-        out.update(self.arch.dense_terms(self, ctx, p, dead, aux_coefficient, l1_scale))
+        ctx = architectures.DenseContext(stack=self, p=p, n=len(xs), B=xs.shape[1], c=c, pre=pre, err=err, xs=xs,
+                                         b_dec=b_dec, dead=dead, aux_coefficient=aux_coefficient, l1_scale=l1_scale)
+        out.update(self.arch.dense_terms(ctx))
         out["loss"] = out["mse"] + sum((out[t] for t in self.arch.loss_terms), torch.zeros_like(out["mse"]))
         return out
 
@@ -679,9 +705,10 @@ def _read_saelens_cfg(cfg_path: Path) -> dict:
 
 
 def _read_saelens_tensors(weights_path: Path, d_in: int, d_sae: int, arch: "architectures.Architecture",
-                          cfg: dict) -> dict:
-    """The file's tensors as float32, each checked for its shape and finite values; a finetuning
-    scaling factor (SAELens multiplies the codes by it before decoding) folded into W_dec."""
+                          cfg: dict, own_tensors: dict) -> dict:
+    """The file's tensors as float32, each checked for its shape (the architecture's own tensors:
+    `own_tensors`, {name: shape}) and finite values; a finetuning scaling factor (SAELens multiplies
+    the codes by it before decoding) folded into W_dec."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -693,9 +720,8 @@ def _read_saelens_tensors(weights_path: Path, d_in: int, d_sae: int, arch: "arch
     except (SafetensorError, OSError) as err:
         raise SAELensFileError(f"{weights_path} is not a readable safetensors file ({err})") from None
     scaled = bool(cfg.get("finetuning_scaling_factor", False))
-    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
-    if arch.saelens_architecture == "jumprelu":
-        shapes["threshold"] = (d_sae,)
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
+              **own_tensors}
     if scaled:
         name = next((k for k in _SCALING_TENSORS if k in tensors), None)
         if name is None:
@@ -774,7 +800,9 @@ def load_saelens(path, recipe: str | None = None) -> SAEStack:
                             **{k2: v for k2, v in ours.items() if k2 in known}, "tied": False, "recipe": theirs})
     except (TypeError, ValueError) as err:
         raise SAELensFileError(f"{cfg_path}: {err}") from None
-    tensors = _read_saelens_tensors(weights_path, d_in, d_sae, conf.arch, cfg)
+    sae = SAEStack([conf])
+    own = {k: tuple(v.shape) for k, v in conf.arch.saelens_tensors(sae).items()}
+    tensors = _read_saelens_tensors(weights_path, d_in, d_sae, conf.arch, cfg, own)
     massive = ours.get("massive_rule")
     if massive is not None:
         try:
@@ -786,12 +814,11 @@ def load_saelens(path, recipe: str | None = None) -> SAEStack:
         if offset.shape != (d_in,) or not torch.isfinite(offset).all() or math.isnan(threshold):
             raise SAELensFileError(f"{cfg_path}: workbook.massive_rule's offset must be {d_in} finite numbers "
                                    f"(d_in) and its threshold a number")
-    sae = SAEStack([conf])
     b_dec = tensors["b_dec"]
     if not cfg.get("apply_b_dec_to_input", True):
         # SAELens without b_dec on the input: fold it into b_enc so that our formula matches.
         tensors["b_enc"] = tensors["b_enc"] + b_dec @ tensors["W_enc"]
-    if theirs == "improved":  # our improved encoder does not subtract b_dec: take it out of b_enc
+    if not conf.training_recipe.centres_input:  # the encoder does not subtract b_dec: take it out of b_enc
         tensors["b_enc"] = tensors["b_enc"] - b_dec @ tensors["W_enc"]
     with torch.no_grad():
         sae.W_enc = nn.Parameter(tensors["W_enc"].T.unsqueeze(0).contiguous())
@@ -802,10 +829,10 @@ def load_saelens(path, recipe: str | None = None) -> SAEStack:
             sae.massive_threshold.fill_(threshold)
             sae.massive_offset.copy_(offset.unsqueeze(0))
     sae.arch.load_state(sae, tensors)
-    if "threshold" in tensors:  # the architecture must hold the file's threshold, latent by latent
+    if "threshold" in own:  # the architecture must hold the file's threshold, latent by latent
         held = sae.arch.saelens_tensors(sae)["threshold"]
         # a threshold <= 0 gates nothing that the ReLU keeps: the same codes as a threshold of 0
         if not torch.allclose(held, tensors["threshold"].clamp_min(0), rtol=1e-5, atol=1e-6):
-            raise SAELensFileError(f"{weights_path}: the threshold differs between latents, but the workbook's "
-                                   f"{arch!r} SAE has one threshold for all of them")
+            raise SAELensFileError(f"{weights_path}: the file's threshold cannot be held by the workbook's "
+                                   f"{arch!r} SAE (its threshold is one for all latents, or fixed)")
     return sae
