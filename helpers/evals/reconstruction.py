@@ -384,7 +384,7 @@ class CELossRecovered(Result):
                f"ablation loses and {self.recovered_mean:.3f} of what mean ablation loses "
                f"({self.n_contexts} contexts, {self.n_tokens:,} scored tokens)."]
         gap = self.ce_sae.value - self.ce_clean.value
-        out.append(f"It raises the CE loss by {gap:.4f} nats per token over the clean run (KL {self.kl_sae:.4f}).")
+        out.append(f"It changes the CE loss by {gap:+.4f} nats per token from the clean run (KL {self.kl_sae:.4f}).")
         if self.recovered_mean.has_interval and self.recovered_mean.below(0):
             out.append("It does worse than replacing the activations by their mean.")
         return out
