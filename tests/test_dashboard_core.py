@@ -38,7 +38,7 @@ def test_top_contexts_finds_planted_maxima(tmp_path):
     assert first.tokens == [f" t{int(t)}" for t in tokens[7, 1:5]] and first.acts[2] == 9.0
     assert top.contexts[2].start == 0 and len(top.contexts[2].acts) == 2  # clipped at the context's start
     # the same from [n_ctx, T] activations of the feature, and from [N, F] codes
-    assert top_contexts(tokens, codes[..., 2], k=3) .contexts[0].context == 7
+    assert top_contexts(tokens, codes[..., 2], k=3).contexts[0].context == 7
     assert top_contexts(tokens, codes.reshape(-1, 5), feature=2, k=3).contexts[1].position == 12
     rows = top.rows()
     assert rows[0]["activation"] == 9.0 and f"[[ t{int(tokens[7, 3])}]]" in rows[0]["text"]
