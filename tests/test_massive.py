@@ -109,3 +109,24 @@ def test_training_applies_the_rule_and_saves_it(array_store, tmp_path):
     off = train_sweep(store, HOOK, [SAEConfig(D, 32, l1_coefficient=1e-3)],
                       TrainConfig(**{**tc.__dict__, "massive": False}), progress=False)
     assert not math.isfinite(float(off.saes[0].massive_threshold[0]))
+
+
+def test_the_tensor_rule_is_the_store_rule(array_store):
+    """fit_tensor on activations gives the store's rule on the same activations: exactly with one shard
+    (the same single pass), to rounding with several."""
+    x, idx = data()
+    x = x.half().float()  # what the store holds
+    one = massive.fit(array_store(x, shard_tokens=len(x), name="one"), HOOK)
+    rule = massive.fit_tensor(x, hook=HOOK)
+    assert massive.Massive.to_json(rule) == massive.Massive.to_json(one)
+    assert set(torch.nonzero(rule.flags(x))[:, 0].tolist()) == set(idx.tolist())
+    many = massive.fit(array_store(x, shard_tokens=300, name="many"), HOOK)
+    assert many.threshold == rule.threshold and many.share == rule.share
+    assert torch.allclose(many.offset, rule.offset) and many.variance_share == pytest.approx(rule.variance_share)
+    assert massive.fit(x, HOOK).to_json() == rule.to_json()  # fit on a tensor is fit_tensor
+    wide = massive.fit_tensor(x, factor=1e6)
+    assert not wide.any and "no massive activations" in wide.note
+    with pytest.raises(massive.MassiveError, match="every token"):
+        massive.fit_tensor(x, factor=0.01)
+    with pytest.raises(massive.MassiveError, match="must be positive"):
+        massive.fit_tensor(x, factor=-1)

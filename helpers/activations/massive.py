@@ -18,7 +18,8 @@ method, learned from the training data. Training, evaluation, concept scores and
 through it, so no method, and no baseline, can win or lose by catching the massive tokens; metrics are
 reported over all tokens and over ordinary tokens (see helpers.evals.reconstruction, helpers.evals.features).
 
-`fit(store, hook)` measures a hook and returns a `Massive` (threshold, offset and the measurements);
+`fit_tensor(x)` measures activations x [N, d] of one hook and returns a `Massive` (threshold, offset and
+the measurements); `fit(store, hook)` does the same on a store's hook (streamed, cached in the store);
 a hook with no massive token gets an inert one (threshold as measured, offset 0) and a note; a rule
 that would flag every token is refused.
 """
@@ -99,12 +100,15 @@ def norms(store, hook: str, max_tokens: int | None = None) -> np.ndarray:
     return out if max_tokens is None else out[:max_tokens]
 
 
-def fit(store, hook: str, factor: float = FACTOR, max_tokens: int | None = None) -> Massive:
-    """Apply the rule at `hook` of a (training) store: threshold, offset and measurements.
+def fit(store, hook: str = "", factor: float = FACTOR, max_tokens: int | None = None) -> Massive:
+    """Apply the rule at `hook` of a (training) store: threshold, offset and measurements. Given a
+    tensor (or array) of activations [N, d] instead of a store, this is `fit_tensor` (nothing cached).
 
     Raises MassiveError if the rule would flag every token (a factor below 1, say); a hook with no
     massive token gets an inert rule with a note saying so. The result is cached in the store's
     folder (``massive.json``), keyed by hook, factor and token count."""
+    if torch.is_tensor(store) or isinstance(store, np.ndarray):
+        return fit_tensor(store if max_tokens is None else store[:max_tokens], factor, hook)
     if not factor > 0:
         raise MassiveError(f"the factor must be positive, not {factor}")
     import json
@@ -127,17 +131,45 @@ def fit(store, hook: str, factor: float = FACTOR, max_tokens: int | None = None)
     return rule
 
 
+def fit_tensor(x: torch.Tensor, factor: float = FACTOR, hook: str = "") -> Massive:
+    """Apply the rule to activations x [N, d] (one hook's tokens): threshold (factor × the median
+    norm), offset (the mean massive row) and measurements. Raises MassiveError if the rule would
+    flag every token; with no massive token the rule is inert (offset 0) and says so in its note."""
+    if not factor > 0:
+        raise MassiveError(f"the factor must be positive, not {factor}")
+    x = torch.as_tensor(x).cpu()
+    return _rule(x.float().norm(dim=-1).numpy(), lambda: [x], x.shape[-1], hook, factor, "the tensor")
+
+
 def _fit(store, hook: str, factor: float, max_tokens: int | None) -> Massive:
+    """The rule on a store's activations at `hook`, streamed shard by shard (`fit_tensor`'s numbers
+    when the store holds one shard)."""
     nrm = norms(store, hook, max_tokens)
+
+    def shards():
+        seen = 0
+        for i in range(len(store.shards)):
+            if seen >= len(nrm):
+                return
+            x = store.shard_activations(i, hook)
+            seen += len(x)
+            yield x
+
+    return _rule(nrm, shards, store.d_model, hook, factor, str(store.path))
+
+
+def _rule(nrm: np.ndarray, chunks, d: int, hook: str, factor: float, where: str) -> Massive:
+    """The rule from per-token norms `nrm` [N] and `chunks()`, an iterable of the activations in the
+    same order (the first N rows count), d wide: one pass for the massive tokens' mean and their share
+    of the variance."""
     if len(nrm) == 0:
-        raise MassiveError(f"no activations at {hook} in {store.path}")
+        raise MassiveError(f"no activations at {hook} in {where}")
     finite = np.isfinite(nrm)
     if not finite.any():
-        raise MassiveError(f"no finite activation at {hook} in {store.path}")
+        raise MassiveError(f"no finite activation at {hook} in {where}")
     med = float(np.median(nrm[finite]))
     threshold = factor * med
     flag = finite & (nrm > threshold)
-    d = store.d_model
     if flag.all():
         raise MassiveError(f"every token at {hook} would be flagged massive (norm > {factor:g} × the median "
                            f"{med:.1f}): with no ordinary token left the rule is meaningless; use a factor above 1")
@@ -145,17 +177,16 @@ def _fit(store, hook: str, factor: float, max_tokens: int | None) -> Massive:
         return Massive(hook, threshold, torch.zeros(d), med, factor, 0.0, 0.0,
                        note=f"no massive activations at {hook}: no token's norm exceeds {factor:g} × the median "
                             f"({threshold:.1f}); ordinary tokens are all tokens here")
-    # the massive tokens' mean and their share of the variance, in one more pass
     total = torch.zeros(d, dtype=torch.float64)
     total_sq = torch.zeros((), dtype=torch.float64)
     m_sum = torch.zeros(d, dtype=torch.float64)
     m_n = int(flag.sum())
     start = 0
     rows = []
-    for i in range(len(store.shards)):
+    for chunk in chunks():
         if start >= len(nrm):
             break
-        x = store.shard_activations(i, hook).double()[: len(nrm) - start]
+        x = chunk.double()[: len(nrm) - start]
         f = torch.as_tensor(flag[start:start + len(x)])
         ok = torch.as_tensor(finite[start:start + len(x)])
         total += x[ok].sum(0)

@@ -1,74 +1,228 @@
 """How good is a dictionary? Reconstruction, sparsity, downstream loss, and dictionary overlap.
 
-* `reconstruction_metrics`: L0, MSE, fraction of variance unexplained (FVU) over all tokens, over
-  ordinary tokens and over massive ones (helpers.activations.massive), dead and dense latent fractions, on a set
-  of activations.
-* `spliced_loss`: CE loss and KL divergence when the reconstruction replaces the activations at
-  their hook inside the model, against zero- and mean-ablation; "CE-loss recovered" is
-  (CE_ablated - CE_spliced) / (CE_ablated - CE_clean): 100% is as good as the real activations,
-  0% as bad as ablating them.
-* `mmcs`: the paper's mean max cosine similarity between two dictionaries.
-* `pca_fvu`: the FVU of keeping the top-k principal components, the reference an SAE must beat.
+Tensor-level entry points (plain tensors, any SAE that `as_dictionary` takes, a TransformerLens-style
+or plain Hugging Face model), each returning a typed result (helpers.results) that saves, loads,
+shows as a table and says its verdicts:
+
+* `fvu(x, x_hat, flags=None) -> FVU`: fraction of variance unexplained over all tokens, over ordinary
+  tokens and over massive ones (flags: helpers.activations.massive).
+* `reconstruction(sae, x, flags=None) -> Reconstruction`: L0, MSE, the FVUs, dead and dense latent
+  shares of one SAE on activations x [N, d].
+* `ce_loss_recovered(model, tokens, hook, sae) -> CELossRecovered`: CE loss and KL divergence when the
+  SAE's reconstruction replaces the activations at `hook`, against zero- and mean-ablation, with
+  bootstrap intervals over the contexts. "CE-loss recovered" is
+  (CE_ablated - CE_spliced) / (CE_ablated - CE_clean): 1 is as good as the real activations, 0 as bad
+  as ablating them.
+
+Conveniences on top of them, for a workbook stack of several SAEs at once: `reconstruction_metrics`
+(a dict per SAE, the numbers of `reconstruction`), `split_fvu` (the dict of `fvu`) and `spliced_loss`
+(one reconstruction per SAE, the totals over all contexts of the same per-batch log-probabilities).
+Also `mmcs`, the paper's mean max cosine similarity between two dictionaries, and `pca_fvu`, the FVU of
+keeping the top-k principal components, the reference an SAE must beat.
 
 FVU over a set S of tokens is Σ_S‖x - x̂‖² / Σ_S‖x - mean_S(x)‖²: over all tokens, over the ordinary
-ones, over the massive ones (each against its own mean), by `split_fvu`.
+ones, over the massive ones (each against its own mean).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, as_dictionary, device_of
+from helpers.results import Estimate, Result
+
 DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as dense
 
 
-def split_fvu(sq_err: torch.Tensor, x: torch.Tensor, flags: torch.Tensor | None) -> dict:
-    """FVU over all tokens, ordinary tokens and massive tokens (None where a set is empty), with the
-    share of massive tokens; sq_err [N] is each token's squared error, flags [N] marks massive ones."""
+# ---- FVU -------------------------------------------------------------------------------------------
+@dataclass
+class FVU(Result):
+    """Fraction of variance unexplained over all tokens, ordinary tokens and massive tokens (None where
+    a set is empty), and the share of massive tokens."""
+    fvu: float
+    fvu_ordinary: float | None = None
+    fvu_massive: float | None = None
+    massive_share: float = 0.0
+
+    def verdicts(self) -> list[str]:
+        out = [f"The reconstruction leaves {self.fvu:.1%} of the variance unexplained over all tokens."]
+        if self.massive_share > 0 and self.fvu_ordinary is not None:
+            out.append(f"Over the ordinary tokens ({1 - self.massive_share:.1%} of them, massive ones left out) "
+                       f"it leaves {self.fvu_ordinary:.1%}.")
+        return out
+
+
+def _fvu_of_errors(sq_err: torch.Tensor, x: torch.Tensor, flags: torch.Tensor | None) -> FVU:
+    """FVU from each token's squared error sq_err [N] and the activations x [N, d]; flags [N] marks
+    the massive tokens (none if None)."""
     x64 = x.double()
     sq_err = sq_err.double().cpu()
-    flags = torch.zeros(len(x), dtype=torch.bool) if flags is None else flags.cpu()
+    flags = torch.zeros(len(x), dtype=torch.bool) if flags is None else torch.as_tensor(flags, dtype=torch.bool).cpu()
 
-    def fvu(sel):
+    def over(sel):
         if not sel.any():
             return None
         xs = x64[sel]
         return float(sq_err[sel].sum() / (xs - xs.mean(0)).pow(2).sum().clamp_min(1e-30))
 
-    return {"fvu": fvu(torch.ones_like(flags)), "fvu_ordinary": fvu(~flags), "fvu_massive": fvu(flags),
-            "massive_share": float(flags.double().mean())}
+    return FVU(over(torch.ones_like(flags)), over(~flags), over(flags), float(flags.double().mean()))
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor, flags=None) -> FVU:
+    """FVU of the reconstruction x_hat [N, d] of activations x [N, d], over all tokens and, where
+    `flags` [N] (bool: the massive tokens) is given, over the ordinary and the massive ones."""
+    x, x_hat = torch.as_tensor(x), torch.as_tensor(x_hat)
+    if x.shape != x_hat.shape:
+        raise ValueError(f"x is {tuple(x.shape)} but x_hat is {tuple(x_hat.shape)}")
+    dtype = torch.promote_types(torch.promote_types(x.dtype, x_hat.dtype), torch.float32)
+    sq_err = (x_hat.to(dtype) - x.to(x_hat.device, dtype)).pow(2).sum(-1)
+    return _fvu_of_errors(sq_err, x.cpu(), flags)
+
+
+def split_fvu(sq_err: torch.Tensor, x: torch.Tensor, flags: torch.Tensor | None) -> dict:
+    """`fvu` as a dict (fvu, fvu_ordinary, fvu_massive, massive_share), from each token's squared
+    error sq_err [N]; flags [N] marks massive tokens."""
+    r = _fvu_of_errors(sq_err, x, flags)
+    return {"fvu": r.fvu, "fvu_ordinary": r.fvu_ordinary, "fvu_massive": r.fvu_massive, "massive_share": r.massive_share}
+
+
+# ---- reconstruction --------------------------------------------------------------------------------
+@dataclass
+class Reconstruction(Result):
+    """One SAE on a set of activations: mean L0, MSE per token (model units), FVU over all, ordinary and
+    massive tokens, share of massive tokens, and the shares of dead (never active) and dense (active on
+    more than DENSE_THRESHOLD of tokens) latents."""
+    l0: float
+    mse: float
+    fvu: float
+    fvu_ordinary: float | None
+    fvu_massive: float | None
+    massive_share: float
+    dead: float
+    dense: float
+    n_tokens: int = 0
+
+    def to_metrics(self) -> dict:
+        """The dict of `reconstruction_metrics`."""
+        return {"l0": self.l0, "mse": self.mse, "fvu": self.fvu, "fvu_ordinary": self.fvu_ordinary,
+                "fvu_massive": self.fvu_massive, "massive_share": self.massive_share, "dead": self.dead,
+                "dense": self.dense}
+
+    def verdicts(self) -> list[str]:
+        out = [f"On average {self.l0:.1f} latents fire per token; the reconstruction leaves {self.fvu:.1%} of the "
+               f"variance unexplained"
+               + (f" ({self.fvu_ordinary:.1%} over ordinary tokens)." if self.massive_share > 0
+                  and self.fvu_ordinary is not None else ".")]
+        if self.dead > 0:
+            out.append(f"{self.dead:.1%} of the latents never fire on these {self.n_tokens:,} tokens (dead).")
+        if self.dense > 0:
+            out.append(f"{self.dense:.1%} of the latents fire on more than {DENSE_THRESHOLD:.0%} of tokens (dense).")
+        return out
+
+
+class _Tally:
+    """Running sums of one SAE over batches: squared errors per token, L0, how often each latent fires."""
+
+    def __init__(self, n_tokens: int, n_latents: int | None = None):
+        self.sq_err = torch.zeros(n_tokens, dtype=torch.float64)
+        self.l0 = torch.zeros((), dtype=torch.float64)
+        self.fired = None if n_latents is None else torch.zeros(n_latents, dtype=torch.int64)
+
+    def add(self, i: int, xb: torch.Tensor, codes: torch.Tensor, xhat: torch.Tensor) -> None:
+        """Batch starting at token i: activations xb [B, d], codes [B, F], reconstruction xhat [B, d]."""
+        self.sq_err[i:i + len(xb)] = (xhat - xb).pow(2).sum(-1).double().cpu()
+        active = codes > 0
+        self.l0 += active.sum(-1).sum(-1).double().cpu()
+        if self.fired is None:
+            self.fired = torch.zeros(codes.shape[-1], dtype=torch.int64)
+        self.fired += active.sum(0).cpu()
+
+    def result(self, x: torch.Tensor, flags: torch.Tensor) -> Reconstruction:
+        n = len(x)
+        if self.fired is None:
+            raise ValueError("no activations to measure")
+        density = self.fired.double() / n
+        f = _fvu_of_errors(self.sq_err, x, flags)
+        return Reconstruction(float(self.l0 / n), float(self.sq_err.sum() / n), f.fvu, f.fvu_ordinary, f.fvu_massive,
+                              f.massive_share, float((self.fired == 0).double().mean()),
+                              float((density > DENSE_THRESHOLD).double().mean()), n)
+
+
+def _stack_pass(stack, xb: torch.Tensor):
+    """A workbook stack's codes [n, B, F], reconstructions [n, B, d] (massive offset added back) and
+    its own massive flags [n, B] on a batch xb [B, d] already on its device."""
+    c = stack.encode(xb)
+    flag = stack.massive_flags(xb)
+    xhat = stack.decode(c) + flag.unsqueeze(-1) * stack.massive_offset.unsqueeze(1)
+    return c, xhat, flag
+
+
+def _massive_rule_of(d):
+    """The massive-activation rule a dictionary applies (None where it applies none)."""
+    return getattr(d, "massive", None) if isinstance(d, LinearDictionary) else None
+
+
+def encode_decode(sae, xb: torch.Tensor):
+    """Codes [B, F], reconstruction [B, d] (any massive offset added back) and the SAE's own massive
+    flags [B] of activations xb [B, d], for anything `as_dictionary` takes."""
+    d = as_dictionary(sae)
+    xb = xb.to(d.device).float()
+    if isinstance(d, SAEDictionary):
+        c, xhat, flag = _stack_pass(d.sae, xb)
+        return c[0], xhat[0], flag[0]
+    c = d.encode(xb)
+    xhat = d.decode(c).float()
+    rule = _massive_rule_of(d)
+    flag = torch.zeros(len(xb), dtype=torch.bool, device=xb.device)
+    if rule is not None and rule.any:
+        flag = rule.flags(xb)
+        xhat = xhat + flag.unsqueeze(-1) * rule.offset.to(xhat)
+    return c, xhat, flag
+
+
+def reconstructor(sae):
+    """A function x [N, d] -> x_hat [N, d] for anything `as_dictionary` takes, or `sae` itself when it
+    is a plain callable (no encode/decode)."""
+    if callable(sae) and not (callable(getattr(sae, "encode", None)) and callable(getattr(sae, "decode", None))):
+        return sae
+    return lambda x: encode_decode(sae, x)[1]
+
+
+@torch.no_grad()
+def reconstruction(sae, x: torch.Tensor, flags=None, batch_size: int = 4096) -> Reconstruction:
+    """L0, MSE, FVU (all / ordinary / massive tokens), dead and dense shares of `sae` (anything
+    `as_dictionary` takes) on activations x [N, d]. Tokens are split into ordinary and massive by
+    `flags` [N] if given, else by the SAE's own rule (none for an SAE without one)."""
+    x = torch.as_tensor(x)
+    d = as_dictionary(sae)
+    tally = _Tally(len(x))
+    flags_own = torch.zeros(len(x), dtype=torch.bool)
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(d.device).float()
+        c, xhat, flag = encode_decode(d, xb)
+        tally.add(i, xb, c, xhat)
+        flags_own[i:i + batch_size] = flag.cpu()
+    flags = flags_own if flags is None else torch.as_tensor(flags, dtype=torch.bool).cpu()
+    return tally.result(x, flags)
 
 
 @torch.no_grad()
 def reconstruction_metrics(sae, x: torch.Tensor, batch_size: int = 4096, flags: torch.Tensor | None = None) -> list[dict]:
-    """Per SAE of the stack: l0, mse (per token, model units), fvu / fvu_ordinary / fvu_massive,
-    massive_share, dead and dense fractions. Tokens are split into ordinary and massive by `flags`
-    [N] if given (the hook's rule: helpers.activations.massive), else by the SAE's own rule."""
-    device = sae.b_dec.device
-    n = sae.n
-    sq_err = torch.zeros(n, len(x), dtype=torch.float64)
-    l0 = torch.zeros(n, dtype=torch.float64)
-    fired = torch.zeros(n, sae.d_sae, dtype=torch.int64)
+    """`reconstruction` of every SAE of a workbook stack in one pass, as dicts (l0, mse, fvu /
+    fvu_ordinary / fvu_massive, massive_share, dead, dense). Tokens are split into ordinary and massive
+    by `flags` [N] if given (the hook's rule: helpers.activations.massive), else by the SAE's own rule."""
+    tallies = [_Tally(len(x), sae.d_sae) for _ in range(sae.n)]
     flags_own = torch.zeros(len(x), dtype=torch.bool)
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(device).float()
-        c = sae.encode(xb)
-        xhat = sae.decode(c)
-        flag = sae.massive_flags(xb)
-        xhat = xhat + flag.unsqueeze(-1) * sae.massive_offset.unsqueeze(1)
-        sq_err[:, i:i + batch_size] = (xhat - xb).pow(2).sum(-1).double().cpu()
+        xb = x[i:i + batch_size].to(sae.b_dec.device).float()
+        c, xhat, flag = _stack_pass(sae, xb)
+        for j, t in enumerate(tallies):
+            t.add(i, xb, c[j], xhat[j])
         flags_own[i:i + batch_size] = flag[0].cpu()
-        active = c > 0
-        l0 += active.sum(-1).sum(-1).double().cpu()
-        fired += active.sum(1).cpu()
     flags = flags_own if flags is None else torch.as_tensor(flags, dtype=torch.bool).cpu()
-    out = []
-    for j in range(n):
-        density = fired[j].double() / len(x)
-        out.append({
-            "l0": float(l0[j] / len(x)), "mse": float(sq_err[j].sum() / len(x)), **split_fvu(sq_err[j], x, flags),
-            "dead": float((fired[j] == 0).double().mean()), "dense": float((density > DENSE_THRESHOLD).double().mean()),
-        })
-    return out
+    return [t.result(x, flags).to_metrics() for t in tallies]
 
 
 def pca_fvu(train_x: torch.Tensor, eval_x: torch.Tensor, ks, rule=None, treat: bool = True) -> dict:
@@ -114,21 +268,15 @@ def contexts_from_store(store, n_contexts: int, bos_token_id: int, start: int = 
     return torch.cat([torch.full((n, 1), bos_token_id), torch.as_tensor(ids)], dim=1)
 
 
+# ---- splicing: CE loss and KL with the activations replaced ---------------------------------------
 @torch.no_grad()
-def spliced_loss(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: torch.Tensor | None = None,
-                 batch_size: int = 8) -> dict:
-    """CE loss and KL divergence from the clean run when the activations at `hook` (all positions
-    but BOS) are replaced by each SAE's reconstruction, by zeros, or by `mean_act`.
-
-    `reconstruct(x [N, d]) -> [n, N, d]` gives one reconstruction per SAE. CE is the next-token
-    loss at the patched positions; KL is KL(clean || patched) of the next-token distribution.
-    Returns clean/zero/mean CE and KL, per-SAE lists, and CE-loss recovered against the zero and
-    the mean ablation.
-    """
+def _spliced_logprobs(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: torch.Tensor | None = None,
+                      batch_size: int = 8):
+    """The per-batch core of splicing. For each batch of contexts, yields (start, toks, clean_logp,
+    patch, logp): `patch` is "clean", "zero", "mean" or the index j of a reconstruction, `logp` the
+    next-token log-probabilities [b, T-1, V] at positions 1.. when the activations at `hook` (all
+    positions but BOS) are replaced by it. `reconstruct(x [N, d]) -> [n, N, d]` gives the reconstructions."""
     device = next(model.parameters()).device
-    ce = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
-    kl = {"zero": 0.0, "mean": 0.0}
-    sae_ce, sae_kl, n_ce, n_kl = None, None, 0, 0
     for i in range(0, len(tokens), batch_size):
         toks = tokens[i:i + batch_size].to(device)
         captured = {}
@@ -139,32 +287,63 @@ def spliced_loss(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: 
 
         clean_logp = model.run_with_hooks(toks, fwd_hooks=[(hook, capture)]).float().log_softmax(-1)[:, 1:]
 
-        def score(patch):
+        def patched(patch):
             def hook_fn(act, hook):
                 new = act.clone()
                 new[:, 1:] = patch.to(act.dtype)  # BOS keeps its activation
                 return new
-            logp = model.run_with_hooks(toks, fwd_hooks=[(hook, hook_fn)]).float().log_softmax(-1)[:, 1:]
-            c = -logp[:, :-1].gather(-1, toks[:, 2:, None]).sum()
-            k = (clean_logp.exp() * (clean_logp - logp)).sum()
-            return float(c), float(k)
+            return model.run_with_hooks(toks, fwd_hooks=[(hook, hook_fn)]).float().log_softmax(-1)[:, 1:]
 
-        ce["clean"] += float(-clean_logp[:, :-1].gather(-1, toks[:, 2:, None]).sum())
+        yield i, toks, clean_logp, "clean", clean_logp
         x = captured["x"]
         mean = (mean_act if mean_act is not None else x.mean((0, 1))).to(x)
         for name, patch in [("zero", torch.zeros_like(x)), ("mean", mean.expand_as(x))]:
-            c, k = score(patch)
-            ce[name] += c
-            kl[name] += k
+            yield i, toks, clean_logp, name, patched(patch)
         recon = reconstruct(x.reshape(-1, x.shape[-1]).float())
-        if sae_ce is None:
-            sae_ce, sae_kl = [0.0] * len(recon), [0.0] * len(recon)
         for j in range(len(recon)):
-            c, k = score(recon[j].reshape(x.shape))
-            sae_ce[j] += c
-            sae_kl[j] += k
-        n_ce += toks[:, 2:].numel()
-        n_kl += toks[:, 1:].numel()
+            yield i, toks, clean_logp, j, patched(recon[j].reshape(x.shape))
+
+
+def _ce(logp: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
+    """[b, T-2] next-token CE at positions 1..T-2 (predicting tokens 2..T-1)."""
+    return -logp[:, :-1].gather(-1, toks[:, 2:, None])[..., 0]
+
+
+def _kl(clean_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """[b, T-1, V] terms of KL(clean || patched) at positions 1..T-1."""
+    return clean_logp.exp() * (clean_logp - logp)
+
+
+@torch.no_grad()
+def spliced_loss(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: torch.Tensor | None = None,
+                 batch_size: int = 8) -> dict:
+    """CE loss and KL divergence from the clean run when the activations at `hook` (all positions
+    but BOS) are replaced by each SAE's reconstruction, by zeros, or by `mean_act`.
+
+    `reconstruct(x [N, d]) -> [n, N, d]` gives one reconstruction per SAE. CE is the next-token
+    loss at the patched positions; KL is KL(clean || patched) of the next-token distribution.
+    Returns clean/zero/mean CE and KL, per-SAE lists, and CE-loss recovered against the zero and
+    the mean ablation (totals over all contexts; `ce_loss_recovered` gives one SAE with intervals).
+    """
+    ce = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
+    kl = {"zero": 0.0, "mean": 0.0}
+    sae_ce, sae_kl, n_ce, n_kl = [], [], 0, 0
+    for _, toks, clean_logp, patch, logp in _spliced_logprobs(model, tokens, hook, reconstruct, mean_act, batch_size):
+        c = float(_ce(logp, toks).sum())
+        if patch == "clean":
+            ce["clean"] += c
+            n_ce += toks[:, 2:].numel()
+            n_kl += toks[:, 1:].numel()
+            continue
+        k = float(_kl(clean_logp, logp).sum())
+        if isinstance(patch, str):
+            ce[patch] += c
+            kl[patch] += k
+        else:
+            if patch == len(sae_ce):
+                sae_ce.append(0.0), sae_kl.append(0.0)
+            sae_ce[patch] += c
+            sae_kl[patch] += k
     ce = {k: v / n_ce for k, v in ce.items()}
     out = {"ce_clean": ce["clean"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
            "kl_zero": kl["zero"] / n_kl, "kl_mean": kl["mean"] / n_kl,
@@ -172,3 +351,104 @@ def spliced_loss(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: 
     out["ce_recovered"] = [(ce["zero"] - c) / (ce["zero"] - ce["clean"]) for c in out["ce_sae"]]
     out["ce_recovered_mean"] = [(ce["mean"] - c) / (ce["mean"] - ce["clean"]) for c in out["ce_sae"]]
     return out
+
+
+@dataclass
+class CELossRecovered(Result):
+    """CE loss (nats per token) of the clean run, of zero- and mean-ablating the activations at `hook`
+    and of splicing in the SAE's reconstruction; KL(clean || patched) per token; and CE-loss recovered
+    against zero and against mean ablation. Intervals: bootstrap over the contexts."""
+    hook: str
+    n_contexts: int
+    n_tokens: int
+    ce_clean: Estimate
+    ce_zero: Estimate
+    ce_mean: Estimate
+    ce_sae: Estimate
+    kl_zero: Estimate
+    kl_mean: Estimate
+    kl_sae: Estimate
+    recovered_zero: Estimate
+    recovered_mean: Estimate
+
+    def rows(self) -> list[dict]:
+        return [{"patch": name, "CE": format(getattr(self, f"ce_{key}"), ".4f"),
+                 "KL": "" if key == "clean" else format(getattr(self, f"kl_{key}"), ".4f"),
+                 "CE-loss recovered": format(self.recovered_zero, ".3f") + " (vs zero), "
+                 + format(self.recovered_mean, ".3f") + " (vs mean)" if key == "sae" else ""}
+                for name, key in (("clean", "clean"), ("zero ablation", "zero"), ("mean ablation", "mean"),
+                                  ("SAE reconstruction", "sae"))]
+
+    def verdicts(self) -> list[str]:
+        out = [f"Splicing the SAE in at {self.hook} recovers {self.recovered_zero:.3f} of the CE loss that zero "
+               f"ablation loses and {self.recovered_mean:.3f} of what mean ablation loses "
+               f"({self.n_contexts} contexts, {self.n_tokens:,} scored tokens)."]
+        gap = self.ce_sae.value - self.ce_clean.value
+        out.append(f"It changes the CE loss by {gap:+.4f} nats per token from the clean run (KL {self.kl_sae:.4f}).")
+        if self.recovered_mean.has_interval and self.recovered_mean.below(0):
+            out.append("It does worse than replacing the activations by their mean.")
+        return out
+
+
+def _as_token_ids(tokens, tokenizer, model):
+    """Token ids [n, T]: a tensor (or array) as it is; a list of strings tokenized (by `tokenizer`, else
+    the model's), BOS first, cut to the shortest."""
+    if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str):
+        tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if tok is None:
+            raise ValueError("token strings need a tokenizer")
+        rows = []
+        for text in tokens:
+            ids = list(tok(text)["input_ids"])
+            if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+                ids = [tok.bos_token_id] + ids
+            rows.append(ids)
+        length = min(map(len, rows))
+        if length < 3:
+            raise ValueError("every context needs at least 3 tokens (BOS and two to score)")
+        return torch.tensor([r[:length] for r in rows], dtype=torch.long)
+    return torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens, dtype=torch.long)
+
+
+@torch.no_grad()
+def ce_loss_recovered(model, tokens, hook: str, sae, mean_act: torch.Tensor | None = None, batch_size: int = 8,
+                      tokenizer=None, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> CELossRecovered:
+    """CE-loss recovered of splicing `sae`'s reconstruction in at `hook` (every position but BOS).
+
+    model: a TransformerLens-style model or a plain Hugging Face causal LM (wrapped by
+    helpers.activations.models.hooked). tokens: token ids [n, T] with BOS first, or a list of strings
+    (tokenized by `tokenizer` or the model's, cut to the shortest). sae: anything `as_dictionary`
+    takes, or a callable x [N, d] -> x_hat [N, d]. mean_act [d]: the mean-ablation vector (default:
+    the mean activation of each batch). Values are totals over all scored tokens; intervals resample
+    the n contexts (`n_boot` bootstrap samples)."""
+    from helpers.activations.models import hooked
+
+    model = hooked(model, tokenizer)
+    tokens = _as_token_ids(tokens, tokenizer, model)
+    rec = reconstructor(sae)
+    n = len(tokens)
+    ce = {k: np.zeros(n) for k in ("clean", "zero", "mean", "sae")}
+    kl = {k: np.zeros(n) for k in ("zero", "mean", "sae")}
+    for i, toks, clean_logp, patch, logp in _spliced_logprobs(model, tokens, hook, lambda x: rec(x).unsqueeze(0),
+                                                               mean_act, batch_size):
+        key = "sae" if patch == 0 else patch
+        rows = slice(i, i + len(toks))
+        ce[key][rows] = _ce(logp, toks).double().sum(1).cpu().numpy()
+        if key != "clean":
+            kl[key][rows] = _kl(clean_logp, logp).double().sum((1, 2)).cpu().numpy()
+    n_ce, n_kl = tokens.shape[1] - 2, tokens.shape[1] - 1
+
+    def stats(idx):
+        c = {k: v[idx].sum() / (len(idx) * n_ce) for k, v in ce.items()}
+        k = {key: v[idx].sum() / (len(idx) * n_kl) for key, v in kl.items()}
+        rz = (c["zero"] - c["sae"]) / (c["zero"] - c["clean"])
+        rm = (c["mean"] - c["sae"]) / (c["mean"] - c["clean"])
+        return {**{f"ce_{key}": v for key, v in c.items()}, **{f"kl_{key}": v for key, v in k.items()},
+                "recovered_zero": rz, "recovered_mean": rm}
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = stats(np.arange(n))
+        rng = np.random.default_rng(seed)
+        boots = [stats(rng.integers(0, n, n)) for _ in range(n_boot if n > 1 else 0)]
+    est = {k: Estimate.from_samples(v, [b[k] for b in boots], level) for k, v in point.items()}
+    return CELossRecovered(hook=hook, n_contexts=n, n_tokens=n * n_ce, **est)

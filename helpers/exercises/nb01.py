@@ -4,7 +4,7 @@
 01.2 massive_rule: the massive-activation rule (norm > 4 × the median norm) and its offset;
 01.3 variance_share: how much of the variance the massive tokens carry.
 
-The references are the workbook's own code (helpers.activations.harvest.forward_to, helpers.activations.massive's rule) wherever
+The references are the workbook's own code (helpers.activations.harvest.forward_to, helpers.activations.massive.fit_tensor) wherever
 it has a function of that shape; 01.3's share is measured inside helpers.activations.massive.fit, so its reference
 is the same two lines here.
 """
@@ -44,18 +44,8 @@ register(Exercise(
 
 
 # ---- 01.2 · the massive-activation rule ----------------------------------------------------------
-class _InMemoryStore:
-    """Just enough of an ActivationStore for helpers.activations.massive's rule: one shard holding x."""
-
-    def __init__(self, x):
-        self.x, self.shards, self.d_model, self.path = x, [None], x.shape[-1], "<in memory>"
-
-    def shard_activations(self, i, hook):
-        return self.x
-
-
 def _massive_rule(x, factor=massive.FACTOR):
-    rule = massive._fit(_InMemoryStore(x), "x", factor, None)
+    rule = massive.fit_tensor(x, factor, hook="x")
     return rule.flags(x), rule.offset
 
 
