@@ -286,10 +286,10 @@ def active_sets(values: torch.Tensor, index: torch.Tensor, n_pos: torch.Tensor, 
     """The one activity rule, applied to each feature's top-`k_max` tokens (`top_tokens`): a feature is
     active on its top k = min(positive tokens, k_max) tokens, or min(`counts`, positive tokens, k_max).
     Returns numpy (values [F, k_max] with 0 padding, token indices [F, k_max] with -1 padding, k [F])."""
-    k = torch.minimum(n_pos, torch.tensor(k_max)) if counts is None else \
-        torch.minimum(torch.as_tensor(counts, dtype=torch.int64), n_pos.clamp_max(k_max))
     if counts is not None and torch.as_tensor(counts).ndim == 1 and len(counts) != len(n_pos):
         raise ValueError(f"counts for {len(counts)} features, the codes have {len(n_pos)}")
+    k = torch.minimum(n_pos, torch.tensor(k_max)) if counts is None else \
+        torch.minimum(torch.as_tensor(counts, dtype=torch.int64), n_pos.clamp_max(k_max))
     keep = torch.arange(k_max)[None, :] < k[:, None]
     return torch.where(keep, values, 0.0).numpy(), torch.where(keep, index, -1).numpy(), k.numpy()
 
