@@ -151,3 +151,16 @@ def test_clear_errors(data):
         compare(a, b)
     with pytest.raises(ValueError, match="contiguous"):
         token_labels(ids[:4], np.array([0, 1, 0, 1]))
+
+
+def test_codes_on_an_accelerator_are_scored_where_they_are(data):
+    """Codes (and the scored mask) on "cuda" are read there batch by batch, and give the CPU's numbers."""
+    from fake_cuda import fake_cuda
+
+    ids, contexts, planted, random = data
+    labels = token_labels(ids, contexts, min_count=10)
+    on_cpu = heldout_score(planted, labels, contexts, n_boot=5, min_count=10, scored=torch.ones(len(ids), dtype=torch.bool))
+    with fake_cuda():
+        on_gpu = heldout_score(planted.to("cuda"), labels, contexts, n_boot=5, min_count=10,
+                               scored=torch.ones(len(ids), dtype=torch.bool).to("cuda"))
+    assert on_gpu.to_dict() == on_cpu.to_dict()

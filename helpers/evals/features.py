@@ -259,7 +259,7 @@ def top_tokens_of(codes, k_max: int, scored=None, batch_size: int = 4096):
     if codes.ndim != 2:
         raise ValueError(f"codes must be [tokens, features], got shape {tuple(codes.shape)}")
     n = len(codes)
-    ok_all = torch.ones(n, dtype=torch.bool) if scored is None else torch.as_tensor(np.asarray(scored, bool))
+    ok_all = torch.ones(n, dtype=torch.bool) if scored is None else torch.as_tensor(scored).cpu().bool()
     if len(ok_all) != n:
         raise ValueError(f"scored has {len(ok_all)} entries for {n} tokens")
     top = TopTokens(codes.shape[1], k_max, codes.device)

@@ -29,6 +29,13 @@ interpretable whatever its features mean. Here every comparison is made fair in 
 
 Concepts (`concept_labels`) reach past the current token, so that a contextual feature can be
 recognised as an LLM explainer would recognise it; each family is documented in `FAMILIES`.
+
+From plain tensors: `heldout_score(codes [N, F], labels [N, C], contexts [N])` scores one set of
+features (a typed `HeldoutScore`: medians with intervals, per-feature arrays, verdicts, JSON save/load);
+`heldout_scores({"SAE": codes, "random": other}, labels, contexts, match={"random": "SAE"})` scores
+several on the same resamples, one at another's sparsity, with their paired differences (`compare`);
+`token_labels(token_ids, ...)` builds concepts from token ids alone. `HeldoutSplit` is the core they
+share; `HeldoutScorer` is the same core reading codes from an activation store.
 """
 from __future__ import annotations
 
