@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import string
 from dataclasses import dataclass, field
 
 import numpy as np
