@@ -199,6 +199,31 @@ def feature_stats(dictionary, store, hook: str | None = None,
                         cpu(torch.where(smp_i >= 0, smp_a, torch.zeros_like(smp_a))), cpu(smp_i), cpu(count))
 
 
+class TopTokens:
+    """Running exact per-feature top-`k_max` tokens by code, fed batch by batch (`add`): one home for
+    the rule of `top_tokens` (a store) and `top_tokens_of` (a tensor of codes)."""
+
+    def __init__(self, n_features: int, k_max: int, device="cpu"):
+        self.k_max = k_max
+        self.v = torch.zeros(n_features, k_max, device=device)
+        self.i = torch.full((n_features, k_max), -1, dtype=torch.int64, device=device)
+        self.n_pos = torch.zeros(n_features, dtype=torch.int64, device=device)
+
+    def add(self, c: torch.Tensor, idx: torch.Tensor):
+        """Codes `c` [B, F] (unscored tokens already zeroed) of the tokens `idx` [B]."""
+        self.n_pos += (c > 0).sum(0)
+        bv, bi = c.T.topk(min(self.k_max, len(c)), dim=1)          # the batch's own top k first: a small merge
+        cand_v = torch.cat([self.v, bv], 1)
+        cand_i = torch.cat([self.i, idx.to(c.device)[bi]], 1)
+        self.v, pos = cand_v.topk(self.k_max, dim=1)
+        self.i = cand_i.gather(1, pos)
+
+    def result(self):
+        """(values [F, k_max], token indices [F, k_max] with -1 where not positive, positive counts [F]), on the CPU."""
+        top_i = torch.where(self.v > 0, self.i, torch.full_like(self.i, -1))
+        return self.v.cpu(), top_i.cpu(), self.n_pos.cpu()
+
+
 @torch.no_grad()
 def top_tokens(dictionary, store, hook: str, n_tokens: int, scored: np.ndarray, k_max: int,
                batch_size: int = 4096, progress: bool = True):
@@ -209,9 +234,7 @@ def top_tokens(dictionary, store, hook: str, n_tokens: int, scored: np.ndarray, 
 
     device = device_of(dictionary)
     F = dictionary.n_features
-    top_v = torch.zeros(F, k_max, device=device)
-    top_i = torch.full((F, k_max), -1, dtype=torch.int64, device=device)
-    n_pos = torch.zeros(F, dtype=torch.int64, device=device)
+    top = TopTokens(F, k_max, device)
     ok_all = torch.as_tensor(np.asarray(scored[:n_tokens], bool))
     done = 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"top tokens of {F} features", disable=not progress)
@@ -220,18 +243,30 @@ def top_tokens(dictionary, store, hook: str, n_tokens: int, scored: np.ndarray, 
             break
         x, idx = x[: n_tokens - done], idx[: n_tokens - done]
         ok = ok_all[idx].to(device)
-        c = dictionary.encode(x.to(device)).float() * ok[:, None]
-        n_pos += (c > 0).sum(0)
-        bv, bi = c.T.topk(min(k_max, len(c)), dim=1)          # the batch's own top k first: a small merge
-        cand_v = torch.cat([top_v, bv], 1)
-        cand_i = torch.cat([top_i, idx.to(device)[bi]], 1)
-        top_v, pos = cand_v.topk(k_max, dim=1)
-        top_i = cand_i.gather(1, pos)
+        top.add(dictionary.encode(x.to(device)).float() * ok[:, None], idx)
         done += len(x)
         bar.update(len(x))
     bar.close()
-    top_i = torch.where(top_v > 0, top_i, torch.full_like(top_i, -1))
-    return top_v.cpu(), top_i.cpu(), n_pos.cpu()
+    return top.result()
+
+
+@torch.no_grad()
+def top_tokens_of(codes, k_max: int, scored=None, batch_size: int = 4096):
+    """`top_tokens` of a tensor or array of codes [N, F] (booleans count as codes 1/0), kept on its
+    device and read in batches of `batch_size` rows: values [F, k_max], token indices [F, k_max] (-1:
+    none), positive scored tokens per feature [F]."""
+    codes = torch.as_tensor(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be [tokens, features], got shape {tuple(codes.shape)}")
+    n = len(codes)
+    ok_all = torch.ones(n, dtype=torch.bool) if scored is None else torch.as_tensor(scored).cpu().bool()
+    if len(ok_all) != n:
+        raise ValueError(f"scored has {len(ok_all)} entries for {n} tokens")
+    top = TopTokens(codes.shape[1], k_max, codes.device)
+    for a in range(0, n, batch_size):
+        idx = torch.arange(a, min(n, a + batch_size))
+        top.add(codes[a:a + batch_size].float() * ok_all[idx].to(codes.device)[:, None], idx)
+    return top.result()
 
 
 def activity_thresholds(dictionary, store, hook: str, n_tokens: int, max_density: float = 0.005,

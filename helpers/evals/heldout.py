@@ -29,11 +29,18 @@ interpretable whatever its features mean. Here every comparison is made fair in 
 
 Concepts (`concept_labels`) reach past the current token, so that a contextual feature can be
 recognised as an LLM explainer would recognise it; each family is documented in `FAMILIES`.
+
+From plain tensors: `heldout_score(codes [N, F], labels [N, C], contexts [N])` scores one set of
+features (a typed `HeldoutScore`: medians with intervals, per-feature arrays, verdicts, JSON save/load);
+`heldout_scores({"SAE": codes, "random": other}, labels, contexts, match={"random": "SAE"})` scores
+several on the same resamples, one at another's sparsity, with their paired differences (`compare`);
+`token_labels(token_ids, ...)` builds concepts from token ids alone. `HeldoutSplit` is the core they
+share; `HeldoutScorer` is the same core reading codes from an activation store.
 """
 from __future__ import annotations
 
 import dataclasses
-import string
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +48,9 @@ import scipy.sparse as sp
 import torch
 
 from helpers.activations.corpus import COARSE_TAGS, NO_TAG, coarse_tag
-from helpers.evals.features import TOKEN_CLASSES, token_classes, top_tokens
+from helpers.activations.store import META_DTYPE
+from helpers.evals.features import TOKEN_CLASSES, token_classes, top_tokens, top_tokens_of
+from helpers.results import Estimate, Result
 
 FAMILIES = {
     "token": "the current token's identity",
@@ -201,6 +210,72 @@ def concept_labels(meta: np.ndarray, tokenizer, tags=(), genres=(), min_count: i
     return Labels(names, fams, csc.tocsr())
 
 
+def as_labels(labels, names=None) -> Labels:
+    """`labels` as `Labels`: a `Labels` as it is, or a [N, C] boolean tensor, array or scipy sparse
+    matrix, its concepts named by `names` (default "concept 0", "concept 1", ...)."""
+    if isinstance(labels, Labels):
+        return labels
+    if sp.issparse(labels):
+        matrix = sp.csr_matrix(labels, dtype=np.float32)
+    else:
+        arr = _numpy(labels)
+        if arr.ndim != 2:
+            raise ValueError(f"labels must be [tokens, concepts], got shape {arr.shape}")
+        matrix = sp.csr_matrix(arr.astype(bool).astype(np.float32))
+    names = [f"concept {j}" for j in range(matrix.shape[1])] if names is None else [str(x) for x in names]
+    if len(names) != matrix.shape[1]:
+        raise ValueError(f"{len(names)} label names for {matrix.shape[1]} label columns")
+    return Labels(names, ["label"] * len(names), matrix)
+
+
+def token_labels(token_ids, contexts=None, tokenizer=None, min_count: int = MIN_COUNT) -> Labels:
+    """Concepts of plain token ids, no tagged corpus needed. `token_ids`: [N] ids with `contexts` [N]
+    context ids (a context's tokens contiguous and in order), or [n_contexts, T] (one row a context).
+
+    With a `tokenizer`: every family of `concept_labels` but the tagged ones (POS, tag, genre): each
+    token, previous token and next token identity seen at least `min_count` times, token classes
+    (capitalised, digit, punctuation, word start, ...), word continuations and suffixes, quotes,
+    sentence and context positions. Without one: the three identity families (named by token id) and
+    the context positions."""
+    ids = _numpy(token_ids).astype(np.int64)
+    if ids.ndim == 2:
+        if contexts is not None:
+            raise ValueError("token_ids [n_contexts, T] number their contexts by row: give no contexts")
+        contexts = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
+        ids = ids.ravel()
+    if ids.ndim != 1:
+        raise ValueError(f"token_ids must be [tokens] or [contexts, tokens], got shape {ids.shape}")
+    ctx = np.zeros(len(ids), np.int64) if contexts is None else _numpy(contexts).astype(np.int64).ravel()
+    if len(ctx) != len(ids):
+        raise ValueError(f"contexts has {len(ctx)} entries for {len(ids)} token ids")
+    first = np.r_[True, ctx[1:] != ctx[:-1]] if len(ids) else np.zeros(0, bool)
+    if len(ids) and len(np.unique(ctx)) != int(first.sum()):
+        raise ValueError("each context's tokens must be contiguous (in order)")
+    meta = np.zeros(len(ids), dtype=META_DTYPE)
+    meta["token"], meta["ctx"], meta["pos"] = ids, ctx, NO_TAG
+    meta["tok_pos"] = np.arange(len(ids)) - np.flatnonzero(first)[np.cumsum(first) - 1] if len(ids) else 0
+    if tokenizer is not None:
+        return concept_labels(meta, tokenizer, min_count=min_count)
+    vocab = int(ids.max()) + 1 if len(ids) else 0
+    prev = np.where(first, -1, np.r_[-1, ids[:-1]])
+    last = np.r_[first[1:], True]
+    nxt = np.where(last, -1, np.r_[ids[1:], -1])
+    cols, names, fams = [], [], []
+    for values, fam, prefix in ((ids, "token", "token id "), (prev, "previous token", "after id "),
+                                (nxt, "next token", "before id ")):
+        ok = values >= 0
+        for t in np.flatnonzero(np.bincount(values[ok], minlength=vocab) >= min_count):
+            cols.append(values == t), names.append(f"{prefix}{t}"), fams.append(fam)
+    position = meta["tok_pos"]
+    for lo, hi in POSITION_BINS:
+        mask = (position >= lo) & (position <= hi)
+        if mask.any():
+            cols.append(mask), fams.append("context")
+            names.append(f"context position {lo + 1}" + (f"-{hi + 1}" if hi < 10**9 else "+"))
+    matrix = sp.csr_matrix(np.stack(cols, 1).astype(np.float32)) if cols else sp.csr_matrix((len(ids), 0), dtype=np.float32)
+    return Labels(names, fams, matrix)
+
+
 # ------------------------------------------------------------------ active sets
 
 def matched_counts(counts: torch.Tensor, n_features: int, seed: int = 0, min_active: int = MIN_ACTIVE) -> torch.Tensor:
@@ -211,6 +286,18 @@ def matched_counts(counts: torch.Tensor, n_features: int, seed: int = 0, min_act
         raise ValueError("the reference dictionary has no feature active on enough tokens to match")
     g = torch.Generator().manual_seed(seed)
     return pool[torch.randint(len(pool), (n_features,), generator=g)]
+
+
+def active_sets(values: torch.Tensor, index: torch.Tensor, n_pos: torch.Tensor, k_max: int, counts=None):
+    """The one activity rule, applied to each feature's top-`k_max` tokens (`top_tokens`): a feature is
+    active on its top k = min(positive tokens, k_max) tokens, or min(`counts`, positive tokens, k_max).
+    Returns numpy (values [F, k_max] with 0 padding, token indices [F, k_max] with -1 padding, k [F])."""
+    if counts is not None and torch.as_tensor(counts).ndim == 1 and len(counts) != len(n_pos):
+        raise ValueError(f"counts for {len(counts)} features, the codes have {len(n_pos)}")
+    k = torch.minimum(n_pos, torch.tensor(k_max)) if counts is None else \
+        torch.minimum(torch.as_tensor(counts, dtype=torch.int64), n_pos.clamp_max(k_max))
+    keep = torch.arange(k_max)[None, :] < k[:, None]
+    return torch.where(keep, values, 0.0).numpy(), torch.where(keep, index, -1).numpy(), k.numpy()
 
 
 # ------------------------------------------------------------------ scoring
@@ -265,6 +352,10 @@ class Scored:
         out = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "boot"}
         return {**out, "concept": list(self.concept), "boot": {k: plain(v) for k, v in self.boot.items()}}
 
+    def result(self, resamples: str = "") -> "HeldoutScore":
+        """These scores as a typed `HeldoutScore` (medians with their intervals, per-feature arrays kept)."""
+        return HeldoutScore.from_scored(self, resamples)
+
     @classmethod
     def from_dict(cls, d: dict) -> "Scored":
         def array(v):
@@ -296,31 +387,58 @@ def _stat(r: Scored, k: str) -> np.ndarray:
     return getattr(r, k)
 
 
-class HeldoutScorer:
-    """Scores dictionaries on the first `n_tokens` tokens of a store (whole contexts), held out by
-    context halves, against `labels` (default: `concept_labels` of those tokens). `scored` [n_tokens]
-    bool picks the tokens that count (e.g. the ordinary, non-massive ones). The resamples of the
-    contexts are drawn once (seeded), so every dictionary scored by one scorer shares them."""
+def _numpy(x) -> np.ndarray:
+    """A tensor, array or list as a numpy array (tensors moved to the CPU)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
 
-    def __init__(self, store, tokenizer, n_tokens: int | None = None, scored: np.ndarray | None = None,
-                 labels: Labels | None = None, max_density: float = MAX_DENSITY, min_count: int = MIN_COUNT,
-                 min_active: int = MIN_ACTIVE, n_boot: int = 200, candidates: int = 8, seed: int = 0):
-        meta = store.tokens()
-        n = len(meta) if n_tokens is None else min(n_tokens, len(meta))
-        ctx = meta["ctx"][:n]
-        # whole contexts only: drop a context cut by n_tokens
-        if n < len(meta) and meta["ctx"][n] == ctx[-1]:
-            n = int(np.flatnonzero(ctx != ctx[-1])[-1]) + 1 if (ctx != ctx[-1]).any() else n
-        self.store, self.n = store, n
-        self.meta = meta[:n]
-        self.scored_tokens = np.ones(n, bool) if scored is None else np.asarray(scored[:n], bool).copy()
-        self.labels = labels if labels is not None else concept_labels(
-            self.meta, tokenizer, store.manifest.get("tags", []), store.manifest.get("genres", []), min_count)
-        first = np.r_[True, self.meta["ctx"][1:] != self.meta["ctx"][:-1]]
-        self.ctx = np.cumsum(first) - 1                                       # contexts numbered 0.. in store order
-        self.n_ctx = int(self.ctx.max()) + 1 if n else 0
-        self.half = (self.ctx % 2).astype(np.int64)                           # 0: half A, 1: half B
-        self.position = np.arange(n) - np.flatnonzero(first)[np.cumsum(first) - 1]
+
+class HeldoutSplit:
+    """The held-out scoring of features against binary concepts, from plain arrays: `labels` ([N, C]
+    booleans, or `Labels`) of N tokens grouped by `contexts` ([N] integer context ids; a context's
+    tokens in their order). Contexts alternate between the two halves in order of first appearance
+    (or as `halves` [N] 0/1 says, constant within a context); `scored` [N] bool picks the tokens that
+    count. The context resamples are drawn once (seeded by `seed`), so every feature set scored on one
+    split, or on two splits built from the same contexts and seed, shares them (paired differences).
+    `score(activity)` scores a tensor of codes; `HeldoutScorer` reads them from a store."""
+
+    def __init__(self, labels, contexts, scored=None, *, halves=None, label_names=None,
+                 max_density: float = MAX_DENSITY, min_count: int = MIN_COUNT, min_active: int = MIN_ACTIVE,
+                 n_boot: int = 200, candidates: int = 8, seed: int = 0):
+        self.labels = as_labels(labels, label_names)
+        contexts = _numpy(contexts)
+        if contexts.ndim != 1:
+            raise ValueError(f"contexts must be [tokens] context ids, got shape {contexts.shape}")
+        n = len(contexts)
+        if self.labels.matrix.shape[0] != n:
+            raise ValueError(f"labels have {self.labels.matrix.shape[0]} rows (tokens) and contexts {n}: one row per token")
+        scored = np.ones(n, bool) if scored is None else _numpy(scored).astype(bool).ravel()
+        if len(scored) != n:
+            raise ValueError(f"scored has {len(scored)} entries for {n} tokens")
+        self.n = n
+        self.scored_tokens = scored.copy()
+        _, first_at, inverse = np.unique(contexts, return_index=True, return_inverse=True)
+        number = np.empty(len(first_at), np.int64)
+        number[np.argsort(first_at, kind="stable")] = np.arange(len(first_at))
+        self.ctx = number[inverse.ravel()]                                   # contexts numbered 0.. by first appearance
+        self.n_ctx = len(first_at)
+        if halves is None:
+            self.ctx_half = np.arange(self.n_ctx) % 2                         # 0: half A, 1: half B
+        else:
+            halves = _numpy(halves).astype(np.int64).ravel()
+            if len(halves) != n:
+                raise ValueError(f"halves has {len(halves)} entries for {n} tokens")
+            self.ctx_half = np.zeros(self.n_ctx, np.int64)
+            self.ctx_half[self.ctx] = halves
+            if not (self.ctx_half[self.ctx] == halves).all() or not np.isin(halves, (0, 1)).all():
+                raise ValueError("halves must be 0 or 1 and the same for every token of a context")
+        self.half = self.ctx_half[self.ctx].astype(np.int64)
+        self._order = np.argsort(self.ctx, kind="stable")                   # tokens grouped by context, in order
+        self._ctx_len = np.bincount(self.ctx, minlength=self.n_ctx)
+        self._ctx_start = np.r_[0, np.cumsum(self._ctx_len)[:-1]].astype(np.int64)  # in `_order`
+        self.position = np.empty(n, np.int64)                               # position within the context
+        self.position[self._order] = np.arange(n) - self._ctx_start[self.ctx[self._order]]
         self.k_max = max(1, int(np.ceil(max_density * self.scored_tokens.sum())))
         self.max_density, self.min_count, self.min_active = max_density, min_count, min_active
         self.candidates, self.seed = candidates, seed
@@ -336,24 +454,26 @@ class HeldoutScorer:
         rng = np.random.default_rng([seed, 1])
         self.weights = np.zeros((n_boot, self.n_ctx))
         for h in (0, 1):
-            members = np.flatnonzero(np.arange(self.n_ctx) % 2 == h)
+            members = np.flatnonzero(self.ctx_half == h)
             for b in range(n_boot):
                 self.weights[b] += np.bincount(rng.choice(members, size=len(members)), minlength=self.n_ctx)
-        self._ctx_len = np.bincount(self.ctx, minlength=self.n_ctx)
-        self._ctx_start = np.r_[0, np.cumsum(self._ctx_len)[:-1]]   # contexts are contiguous in store order
         self.L_dense = np.asarray(L.todense(), dtype=np.uint8) if L.shape[0] * L.shape[1] <= 2e9 else None
 
+    @property
+    def resamples(self) -> str:
+        """A fingerprint of the halves, scored tokens and context resamples: equal fingerprints, paired scores."""
+        h = hashlib.sha1(self.half.tobytes() + self.scored_tokens.tobytes() + self.weights.tobytes())
+        return f"{self.n} tokens, {self.n_ctx} contexts, {len(self.weights)} resamples, {h.hexdigest()[:12]}"
+
     # -- active sets -------------------------------------------------------------
-    def active(self, dictionary, hook: str | None = None, counts=None, progress: bool = True):
-        """(values [F, k_max], token indices [F, k_max] with -1 padding, counts [F]): each feature's
-        exact top-k scored tokens, k = min(positive tokens, k_max) or the given `counts`."""
-        hook = dictionary.check_store(self.store, hook)
-        v, i, n_pos = top_tokens(dictionary, self.store, hook, self.n, self.scored_tokens, self.k_max,
-                                 progress=progress)
-        k = torch.minimum(n_pos, torch.tensor(self.k_max)) if counts is None else \
-            torch.minimum(torch.as_tensor(counts, dtype=torch.int64), n_pos.clamp_max(self.k_max))
-        keep = torch.arange(self.k_max)[None, :] < k[:, None]
-        return torch.where(keep, v, 0.0).numpy(), torch.where(keep, i, -1).numpy(), k.numpy()
+    def active_of(self, activity, counts=None):
+        """(values [F, k_max], token indices [F, k_max] with -1 padding, counts [F]) of a tensor of codes
+        [N, F] (or booleans): each feature's exact top-k scored tokens, k = min(positive tokens, k_max) or
+        the given `counts`."""
+        shape = tuple(getattr(activity, "shape", ()))
+        if len(shape) != 2 or shape[0] != self.n:
+            raise ValueError(f"activity must be [{self.n} tokens, features] like the labels, got shape {shape}")
+        return active_sets(*top_tokens_of(activity, self.k_max, self.scored_tokens), self.k_max, counts)
 
     def null_of(self, idx: np.ndarray) -> np.ndarray:
         """Each feature's active tokens moved into other contexts at the same positions (one
@@ -366,7 +486,7 @@ class HeldoutScorer:
             perm = np.random.default_rng([self.seed, 2, f]).permutation(self.n_ctx)
             c, p = perm[self.ctx[t]], self.position[t]
             good = p < self._ctx_len[c]
-            u = np.where(good, self._ctx_start[c] + np.minimum(p, self._ctx_len[c] - 1), 0)
+            u = np.where(good, self._order[self._ctx_start[c] + np.minimum(p, self._ctx_len[c] - 1)], 0)
             good &= self.scored_tokens[u]
             out[f, np.flatnonzero(ok)] = np.where(good, u, -1)
         return out
@@ -427,7 +547,7 @@ class HeldoutScorer:
         valid = idx >= 0
         safe = np.where(valid, idx, 0)
         ctx_of, half_of = self.ctx[safe], self.half[safe]
-        parity = np.arange(self.n_ctx) % 2
+        parity = self.ctx_half
         out = {"mcc": np.zeros(B), "corr": np.zeros(B)}
         for s0 in range(0, B, chunk):
             W = self.weights[s0:s0 + chunk].T                                   # [n_ctx, b]
@@ -479,10 +599,9 @@ class HeldoutScorer:
             out[f] = np.asarray(self.L[toks[f]][:, cand[f]].todense()) > 0
         return out
 
-    def score(self, dictionary, name: str | None = None, hook: str | None = None, counts=None,
-              progress: bool = True) -> Scored:
-        """Held-out scores of every feature of `dictionary`, with its null and the resampled medians."""
-        vals, idx, k = self.active(dictionary, hook, counts, progress=progress)
+    def score_active(self, vals: np.ndarray, idx: np.ndarray, k: np.ndarray, name: str) -> Scored:
+        """Held-out scores of features given their active sets (`active_of`), with their nulls and the
+        resampled medians."""
         null_idx = self.null_of(idx)
         null_vals = np.where(null_idx >= 0, vals, 0.0)
         ho, nho = self._held_out(vals, idx), self._held_out(null_vals, null_idx)
@@ -490,7 +609,7 @@ class HeldoutScorer:
         boot = self._boot(vals, idx, ho["best"], ho["best_corr"], scored)
         nboot = self._boot(null_vals, null_idx, nho["best"], nho["best_corr"], scored)
         mean = lambda x: (x[0] + x[1]) / 2  # noqa: E731
-        r = Scored(name or dictionary.name, k, scored, mean(ho["mcc"]), mean(ho["corr"]), mean(nho["mcc"]),
+        r = Scored(name, k, scored, mean(ho["mcc"]), mean(ho["corr"]), mean(nho["mcc"]),
                    mean(nho["corr"]), [self.labels.names[i] for i in ho["best"][0][:, 0]],
                    self._in_sample(idx), self._in_sample(null_idx))
         r.boot = {"mcc": boot["mcc"], "corr": boot["corr"], "null_mcc": nboot["mcc"], "null_corr": nboot["corr"]}
@@ -499,16 +618,251 @@ class HeldoutScorer:
         r.boot["excess_corr"] = r.boot["corr"] - r.boot["null_corr"]
         return r
 
+    def score_codes(self, activity, name: str = "features", counts=None) -> Scored:
+        """Held-out scores of the features of `activity` [N, F] (codes, active where > 0, or booleans);
+        `counts` [F] caps each feature's active tokens (e.g. `matched_counts`)."""
+        return self.score_active(*self.active_of(activity, counts), name)
 
-def difference(a: Scored, b: Scored, key: str = "mcc") -> dict:
+
+class HeldoutScorer(HeldoutSplit):
+    """Scores dictionaries on the first `n_tokens` tokens of a store (whole contexts), held out by
+    context halves, against `labels` (default: `concept_labels` of those tokens). `scored` [n_tokens]
+    bool picks the tokens that count (e.g. the ordinary, non-massive ones). The resamples of the
+    contexts are drawn once (seeded), so every dictionary scored by one scorer shares them."""
+
+    def __init__(self, store, tokenizer, n_tokens: int | None = None, scored: np.ndarray | None = None,
+                 labels: Labels | None = None, max_density: float = MAX_DENSITY, min_count: int = MIN_COUNT,
+                 min_active: int = MIN_ACTIVE, n_boot: int = 200, candidates: int = 8, seed: int = 0):
+        meta = store.tokens()
+        n = len(meta) if n_tokens is None else min(n_tokens, len(meta))
+        ctx = meta["ctx"][:n]
+        # whole contexts only: drop a context cut by n_tokens
+        if n < len(meta) and meta["ctx"][n] == ctx[-1]:
+            n = int(np.flatnonzero(ctx != ctx[-1])[-1]) + 1 if (ctx != ctx[-1]).any() else n
+        self.store = store
+        self.meta = meta[:n]
+        scored = np.ones(n, bool) if scored is None else np.asarray(scored[:n], bool)
+        labels = labels if labels is not None else concept_labels(
+            self.meta, tokenizer, store.manifest.get("tags", []), store.manifest.get("genres", []), min_count)
+        first = np.r_[True, self.meta["ctx"][1:] != self.meta["ctx"][:-1]]
+        super().__init__(labels, np.cumsum(first) - 1, scored, max_density=max_density, min_count=min_count,
+                         min_active=min_active, n_boot=n_boot, candidates=candidates, seed=seed)
+
+    def active(self, dictionary, hook: str | None = None, counts=None, progress: bool = True):
+        """(values [F, k_max], token indices [F, k_max] with -1 padding, counts [F]): each feature's
+        exact top-k scored tokens, k = min(positive tokens, k_max) or the given `counts`."""
+        hook = dictionary.check_store(self.store, hook)
+        v, i, n_pos = top_tokens(dictionary, self.store, hook, self.n, self.scored_tokens, self.k_max,
+                                 progress=progress)
+        return active_sets(v, i, n_pos, self.k_max, counts)
+
+    def score(self, dictionary, name: str | None = None, hook: str | None = None, counts=None,
+              progress: bool = True) -> Scored:
+        """Held-out scores of every feature of `dictionary`, with its null and the resampled medians."""
+        return self.score_active(*self.active(dictionary, hook, counts, progress=progress), name or dictionary.name)
+
+
+@dataclass
+class HeldoutScore(Result):
+    """The held-out, sparsity-matched concept score of one set of features (see the module docstring):
+    medians over scored features (active on at least `min_active` tokens) with 95% intervals over
+    resampled contexts. `mcc`: held-out MCC; `null_mcc`: the same for each feature's context-shuffled
+    null (chance at its sparsity); `excess_mcc`: the median of (score - null); `corr`: the same for the
+    correlation of code and concept; `in_sample_mcc`: the biased score chosen and read on the same tokens.
+    `features` holds per-feature arrays (counts, scored, mcc, corr, null_mcc, null_corr, concept,
+    in_sample_mcc, null_in_sample_mcc), `boot` the resampled medians, `resamples` which resamples
+    they were (scores with equal `resamples` compare as paired)."""
+
+    name: str
+    mcc: Estimate
+    null_mcc: Estimate
+    excess_mcc: Estimate
+    corr: Estimate
+    null_corr: Estimate
+    excess_corr: Estimate
+    in_sample_mcc: float
+    n_features: int
+    n_scored: int
+    median_count: float
+    features: dict = field(default_factory=dict)
+    boot: dict = field(default_factory=dict)
+    resamples: str = ""
+
+    def __post_init__(self):
+        self.features = {k: list(v) if k == "concept" else np.asarray(v, dtype=bool if k == "scored" else None)
+                         for k, v in self.features.items()}
+        self.boot = {k: np.asarray(v, dtype=np.float64) for k, v in self.boot.items()}
+
+    @classmethod
+    def from_scored(cls, r: Scored, resamples: str = "") -> "HeldoutScore":
+        s = r.summary()
+        est = {k: Estimate(s[k], s[f"{k}_low"], s[f"{k}_high"]) for k in STATS}
+        arrays = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in ("name", "boot")}
+        return cls(r.name, **est, in_sample_mcc=float(np.median(r.in_sample_mcc[r.scored])) if r.scored.any()
+                   else float("nan"), n_features=s["features"], n_scored=s["n_scored"], median_count=s["median_count"],
+                   features=arrays, boot=dict(r.boot), resamples=resamples)
+
+    def scored_features(self) -> Scored:
+        """The per-feature scores as a `Scored` (what the workbook's plots read)."""
+        names = [f.name for f in dataclasses.fields(Scored) if f.name not in ("name", "boot")]
+        return Scored(self.name, **{k: self.features[k] for k in names}, boot=dict(self.boot))
+
+    @property
+    def counts(self) -> np.ndarray:
+        """[F] active tokens per feature: the counts to match another method's sparsity to (`matched_counts`)."""
+        return self.features["counts"]
+
+    def rows(self) -> list[dict]:
+        return [{"method": self.name, "features": self.n_features, "scored": self.n_scored,
+                 "median active": self.median_count, "held-out MCC": format(self.mcc, ".3f"),
+                 "null MCC": format(self.null_mcc, ".3f"), "excess MCC": format(self.excess_mcc, ".3f"),
+                 "held-out corr": format(self.corr, ".3f"), "in-sample MCC": self.in_sample_mcc}]
+
+    def beats_null(self, key: str = "mcc") -> bool:
+        """Whether the excess over the same-sparsity null (`excess_mcc` or `excess_corr`) lies above 0."""
+        return getattr(self, f"excess_{key}").above(0)
+
+    def verdicts(self) -> list[str]:
+        if not self.n_scored:
+            return [f"{self.name}: no feature is active on enough tokens to be scored."]
+        e = self.excess_mcc
+        if not e.has_interval:
+            word = "no interval (no resamples)"
+        elif e.above(0):
+            word = "beats its same-sparsity null"
+        elif e.below(0):
+            word = "scores below its same-sparsity null"
+        else:
+            word = "does not beat its same-sparsity null (the interval includes 0)"
+        return [f"{self.name}: held-out MCC {self.mcc} against {self.null_mcc} for its null, excess {e}: {word}.",
+                f"{self.name}: chosen and read on the same tokens the median MCC would be {self.in_sample_mcc:.3f}, "
+                f"{self.in_sample_mcc - self.mcc.value:+.3f} of selection bias."]
+
+
+@dataclass
+class HeldoutDifference(Result):
+    """`a`'s median held-out `key` minus `b`'s, with the paired 95% interval over their shared resamples."""
+
+    a: str
+    b: str
+    key: str
+    value: Estimate
+
+    def rows(self) -> list[dict]:
+        return [{"a": self.a, "b": self.b, "statistic": self.key, "a - b": format(self.value, ".3f")}]
+
+    @property
+    def better(self) -> str | None:
+        """The name of the method that scores higher (the interval excludes 0), else None."""
+        return self.a if self.value.above(0) else self.b if self.value.below(0) else None
+
+    def verdicts(self) -> list[str]:
+        if not self.value.has_interval:
+            return [f"{self.a} - {self.b} ({self.key}): {self.value} (no interval: no shared resamples)."]
+        if self.better is None:
+            return [f"{self.a} and {self.b} are not told apart on {self.key}: {self.a} - {self.b} = {self.value}."]
+        worse = self.b if self.better == self.a else self.a
+        return [f"{self.better} scores higher than {worse} on {self.key}: {self.a} - {self.b} = {self.value}."]
+
+
+@dataclass
+class HeldoutComparison(Result):
+    """Held-out scores of several feature sets on the same resamples, and their paired differences."""
+
+    scores: dict[str, HeldoutScore] = field(default_factory=dict)
+    differences: list[HeldoutDifference] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> HeldoutScore:
+        return self.scores[name]
+
+    def rows(self) -> list[dict]:
+        return [row for r in self.scores.values() for row in r.rows()]
+
+    def verdicts(self) -> list[str]:
+        return [r.verdicts()[0] for r in self.scores.values()] + [v for d in self.differences for v in d.verdicts()]
+
+
+def _as_scored(r) -> Scored:
+    return r.scored_features() if isinstance(r, HeldoutScore) else r
+
+
+def difference(a: Scored | HeldoutScore, b: Scored | HeldoutScore, key: str = "mcc") -> dict:
     """Median of `a` minus median of `b` (held-out `key`), with the paired 95% interval over the
     shared resamples of one HeldoutScorer."""
+    a, b = _as_scored(a), _as_scored(b)
     d = float(np.median(_stat(a, key)[a.scored]) - np.median(_stat(b, key)[b.scored]))
     ba, bb = a.boot.get(key), b.boot.get(key)
     if ba is None or bb is None or len(ba) != len(bb) or not len(ba):
         return {"value": d, "low": float("nan"), "high": float("nan")}
     lo, hi = _interval(d, ba - bb)
     return {"value": d, "low": lo, "high": hi}
+
+
+def compare(a: Scored | HeldoutScore, b: Scored | HeldoutScore, key: str = "mcc") -> HeldoutDifference:
+    """`difference` as a typed result that says which scores higher: `key` is one of mcc, null_mcc,
+    excess_mcc, corr, null_corr, excess_corr. Scores on different resamples are refused (their
+    difference would not be paired)."""
+    if key not in STATS:
+        raise ValueError(f"key must be one of {STATS}, got {key!r}")
+    ra, rb = (getattr(r, "resamples", "") for r in (a, b))
+    if ra and rb and ra != rb:
+        raise ValueError(f"{a.name} and {b.name} were scored on different resamples ({ra} / {rb}): "
+                         "score both on one HeldoutSplit (or the same contexts, halves, scored tokens and seed)")
+    d = difference(a, b, key)
+    return HeldoutDifference(a.name, b.name, key, Estimate(d["value"], d["low"], d["high"]))
+
+
+def heldout_score(activity, labels, contexts, *, label_names=None, name: str = "features", scored=None,
+                  halves=None, counts=None, match_active=None, max_density: float = MAX_DENSITY,
+                  min_count: int = MIN_COUNT, min_active: int = MIN_ACTIVE, n_boot: int = 200,
+                  candidates: int = 8, seed: int = 0) -> HeldoutScore:
+    """The held-out, sparsity-matched concept score of the features of `activity` [N, F] (codes, active
+    where > 0, or booleans) against `labels` [N, C] (booleans or `Labels`; `token_labels` builds them
+    from token ids) over N tokens grouped by `contexts` [N] (integer ids): the held-out split and the
+    resamples take whole contexts. Each feature is active on its top min(positive, `max_density` of the
+    tokens) tokens; `counts` [F] caps them, or `match_active` (another result, or its counts) draws the
+    caps from another method's counts (`matched_counts`, seeded by `seed`): the same sparsity.
+    Scores made with the same contexts, halves, `scored` tokens, `n_boot` and `seed` share their
+    resamples, so `compare` pairs them."""
+    split = HeldoutSplit(labels, contexts, scored, halves=halves, label_names=label_names, max_density=max_density,
+                         min_count=min_count, min_active=min_active, n_boot=n_boot, candidates=candidates, seed=seed)
+    if match_active is not None:
+        if counts is not None:
+            raise ValueError("give counts or match_active, not both")
+        ref = match_active.counts if isinstance(match_active, (HeldoutScore, Scored)) else match_active
+        counts = matched_counts(torch.as_tensor(np.asarray(_numpy(ref))), int(activity.shape[1]), seed=seed,
+                                min_active=min_active)
+    return split.score_codes(activity, name, counts).result(split.resamples)
+
+
+def heldout_scores(codes: dict, labels, contexts, *, match: dict | None = None, label_names=None, scored=None,
+                   halves=None, max_density: float = MAX_DENSITY, min_count: int = MIN_COUNT,
+                   min_active: int = MIN_ACTIVE, n_boot: int = 200, candidates: int = 8, seed: int = 0,
+                   key: str = "mcc") -> HeldoutComparison:
+    """`heldout_score` of several feature sets ({name: activity [N, F]}) on one split, so that their
+    differences are paired, with `match` {name: reference name}: that set made active on as many
+    tokens as the reference's features (`matched_counts`), e.g. ``match={"random": "SAE"}`` for random
+    directions at the SAE's sparsity. The comparison holds every score and the difference (`key`) of
+    every pair, in the order given."""
+    match = dict(match or {})
+    for m, ref in match.items():
+        if m not in codes or ref not in codes:
+            raise ValueError(f"match {m!r}: {ref!r}: both must be names of codes ({list(codes)})")
+        if ref in match:
+            raise ValueError(f"{ref!r} is matched to {match[ref]!r} itself: match to a set scored at its own sparsity")
+    split = HeldoutSplit(labels, contexts, scored, halves=halves, label_names=label_names, max_density=max_density,
+                         min_count=min_count, min_active=min_active, n_boot=n_boot, candidates=candidates, seed=seed)
+    done: dict[str, Scored] = {}
+    for name in sorted(codes, key=lambda m: m in match):            # references before the sets matched to them
+        counts = None
+        if name in match:
+            counts = matched_counts(torch.as_tensor(done[match[name]].counts), int(codes[name].shape[1]), seed=seed,
+                                    min_active=min_active)
+        done[name] = split.score_codes(codes[name], name, counts)
+    scores = {name: done[name].result(split.resamples) for name in codes}
+    names = list(codes)
+    diffs = [compare(scores[a], scores[b], key) for i, a in enumerate(names) for b in names[i + 1:]]
+    return HeldoutComparison(scores, diffs)
 
 
 def interpretability_curve(profile, store, sweep: dict, scorer: HeldoutScorer, index: int | None = None,

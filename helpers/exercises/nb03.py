@@ -212,38 +212,14 @@ register(Exercise(
 
 # ------------------------------------------------------------------ 03.3 the held-out concept score
 
-def _scorer(labels: torch.Tensor, half: torch.Tensor, min_count: int):
-    """A HeldoutScorer reduced to what its held-out choice reads (every token scored)."""
-    import scipy.sparse as sp
-
-    from helpers.evals.heldout import HeldoutScorer
-
-    s = object.__new__(HeldoutScorer)
-    lab = sp.csr_matrix(labels.double().numpy())
-    s.half = half.long().numpy()
-    s.n = len(s.half)
-    s.L_half = [lab.multiply((s.half == h)[:, None]).tocsr() for h in (0, 1)]
-    s.tot = [np.asarray(Lh.sum(0)).ravel() for Lh in s.L_half]
-    s.n_half = [float((s.half == h).sum()) for h in (0, 1)]
-    s.min_count, s.candidates = min_count, 1
-    return s
-
-
-def _active_sets(active: torch.Tensor):
-    """(values, token indices) [F, K] of each feature's active tokens, -1 padded: the scorer's format."""
-    a = active.T.numpy()
-    k = max(1, int(a.sum(1).max()))
-    idx = np.full((len(a), k), -1, dtype=np.int64)
-    for f, row in enumerate(a):
-        on = np.flatnonzero(row)
-        idx[f, :len(on)] = on
-    return (idx >= 0).astype(np.float64), idx
-
-
 def _heldout_reference(active: torch.Tensor, labels: torch.Tensor, half: torch.Tensor, min_count: int):
-    vals, idx = _active_sets(active)
-    res = _scorer(labels, half, min_count)._held_out(vals, idx)
-    return torch.as_tensor((res["mcc"][0] + res["mcc"][1]) / 2)
+    """`heldout_score` with every active token counted (max_density 1) and every token its own context in
+    the given half: its per-feature held-out MCC."""
+    from helpers.evals.heldout import heldout_score
+
+    r = heldout_score(active, labels, torch.arange(len(half)), halves=half, max_density=1.0,
+                      min_count=min_count, min_active=1, n_boot=0)
+    return torch.as_tensor(r.features["mcc"])
 
 
 def _table(active, labels):
@@ -271,8 +247,11 @@ def _heldout_no_min_count(active, labels, half, min_count):
 
 
 def _heldout_one_way(active, labels, half, min_count):
-    vals, idx = _active_sets(active)
-    return torch.as_tensor(_scorer(labels, half, min_count)._held_out(vals, idx)["mcc"][0])
+    first, second = half == 0, half == 1
+    m = _table(active[first], labels[first])
+    ok = labels[first].sum(0) >= min_count
+    best = m.masked_fill(~ok[None, :], -torch.inf).argmax(1)
+    return _table(active[second], labels[second])[torch.arange(active.shape[1]), best]
 
 
 def _heldout_cases(gen):

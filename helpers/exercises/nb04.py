@@ -3,7 +3,7 @@
 04.1 PCA as a dictionary (fitted with scikit-learn, encoded by the signed-halves rule), 04.2 matched
 sparsity (each feature active on exactly its top-k tokens), 04.3 sparse probing's choice of latents. The
 references are the workbook's own: helpers.dictionaries.baselines.fit_pca with LinearDictionary.encode,
-helpers.evals.heldout.HeldoutScorer.active, helpers.evals.probing.top_k_mean_diff.
+helpers.evals.heldout.active_sets (on helpers.evals.features.top_tokens_of), helpers.evals.probing.top_k_mean_diff.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .core import Exercise, register
-from .nb03 import HOOK, _Codes, _Store
+from .nb03 import HOOK, _Store
 
 
 class _Activations(_Store):
@@ -78,14 +78,12 @@ register(Exercise(
 # ------------------------------------------------------------------ 04.2 matched sparsity: exact top-k activity
 
 def _active_reference(codes: torch.Tensor, counts: torch.Tensor):
-    from helpers.evals.heldout import HeldoutScorer
+    from helpers.evals.features import top_tokens_of
+    from helpers.evals.heldout import active_sets
 
     n, f = codes.shape
-    s = object.__new__(HeldoutScorer)
-    s.store, s.n = _Store(codes, batch_rows=64), n
-    s.scored_tokens = np.ones(n, bool)
-    s.k_max = max(1, min(n, int(torch.as_tensor(counts).max())))
-    _, idx, _ = s.active(_Codes(f), HOOK, counts=counts, progress=False)
+    k_max = max(1, min(n, int(torch.as_tensor(counts).max())))
+    _, idx, _ = active_sets(*top_tokens_of(codes, k_max, batch_size=64), k_max, counts)
     out = torch.zeros(n, f, dtype=torch.bool)
     rows, cols = np.nonzero(idx >= 0)
     out[torch.as_tensor(idx[rows, cols]), torch.as_tensor(rows)] = True
