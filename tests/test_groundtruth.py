@@ -203,3 +203,36 @@ def test_default_configs_cover_every_architecture():
     configs = default_configs(d=16, true_l0=3.2, d_sae=64)
     assert {c.architecture for c in configs} == set(ARCHITECTURES)
     assert {c.k for c in configs if c.architecture in ("topk", "batchtopk", "matryoshka_batchtopk")} == {3}
+
+
+def test_default_configs_keep_the_lab_grids_and_order():
+    """The registry-derived defaults are the lab's measured grids, in the lab's order."""
+    from helpers.saes.groundtruth import (ANTHROPIC_ALPHAS, IMPROVED_ALPHAS, JUMPRELU_COEFFICIENTS,
+                                          default_configs)
+
+    common = dict(d_in=16, d_sae=64)
+    assert default_configs(d=16, true_l0=3.2, d_sae=64) == (
+        [SAEConfig(**common, architecture=a, k=3) for a in ("topk", "batchtopk", "matryoshka_batchtopk")]
+        + [SAEConfig(**common, architecture="jumprelu", l0_coefficient=c) for c in JUMPRELU_COEFFICIENTS]
+        + [SAEConfig(**common, l1_coefficient=a, recipe="improved") for a in IMPROVED_ALPHAS]
+        + [SAEConfig(**common, l1_coefficient=a) for a in ANTHROPIC_ALPHAS])
+
+
+def test_a_newly_registered_architecture_joins_the_lab(monkeypatch):
+    """An architecture added to the registry is in the lab's defaults at its own default settings (after
+    the known ones), and trains there, without any change to groundtruth."""
+    from helpers.saes import architectures
+    from helpers.saes.groundtruth import default_configs
+
+    class Halved(architectures.JumpReLU):
+        name, family_name = "halved_jumprelu", "Halved JumpReLU"
+
+        def default_setting(self, target_l0, i=0):
+            return {"l0_coefficient": 0.02 * (1 + i)}
+
+    monkeypatch.setitem(architectures.ARCHITECTURES, Halved.name, Halved())
+    configs = default_configs(d=SMALL.d, true_l0=4.0, d_sae=64)
+    mine = [c for c in configs if c.architecture == "halved_jumprelu"]
+    assert [c.l0_coefficient for c in mine] == [0.02, 0.04] and configs[-2:] == mine
+    saes = train_on_tensor(generate(SMALL, 2048).x, mine, tc=lab_train_config(1024, batch_size=256), progress=False)
+    assert [s.configs[0].family for s in saes] == ["Halved JumpReLU"] * 2

@@ -27,12 +27,12 @@ Firing probabilities are set so that the features that fire on their own (all of
 the children) have ``mean_l0`` active on average; children add theirs (the data's measured true L0
 is reported). Everything is drawn from ``seed``.
 
-**Training** (`train_on_tensor`): any list of `helpers.saes.stack.SAEConfig` on an in-memory tensor, with
-the workbook's training API (`helpers.saes.train.make_optimizer` and `train_step`, the improved recipe's
-α warm-up, dead-latent counters, AuxK through train_step, resampling for the recipes that resample,
-and the decoder norms folded at the end where the recipe leaves them free); configs of one shape
-key share a stack. The input scale is set from the data so that E‖x‖ = √d, as `train_sweep` does;
-no massive-activation rule is applied (synthetic data has none).
+**Training** (`train_on_tensor`): any list of `helpers.saes.stack.SAEConfig` on an in-memory tensor,
+through the workbook's one training loop (`helpers.saes.train.train_on_batches` on the tensor's
+shuffled batches, `TensorBatches`: the improved recipe's α warm-up, dead-latent counters, AuxK,
+resampling for the recipes that resample, and the decoder norms folded at the end where the recipe
+leaves them free); configs of one shape key share a stack. The input scale is set from the data so
+that E‖x‖ = √d, as `train_sweep` does; no massive-activation rule is applied (synthetic data has none).
 
 **Scores** (`score_saes`), for each SAE against the truth, on a fresh evaluation sample:
 
@@ -61,30 +61,31 @@ no massive-activation rule is applied (synthetic data has none).
   the child's latent fires, minus its miss rate on p's firings without a child (≈ 0 for a latent
   whose misses have nothing to do with the children; > 0 when the children's latents take p's place).
 
-**Runner** (`run_lab`): for each setting, data, training of every config (by default TopK at k = the
-true L0 rounded, and small α grids for the two L1 recipes, of which the α whose L0 is nearest the
-true L0 is marked ``nearest_l0``, so that families compare at matched L0), an untrained SAE as the
-chance reference, and one table (a list of dicts) a notebook can show or plot (`table` prints it).
+**Runner** (`run_lab`): for each setting, data, training of every config (by default every architecture
+of the registry, helpers.saes.architectures.ARCHITECTURES, under every recipe it trains with: the
+k-sparse ones at k = the true L0 rounded, small measured grids for JumpReLU and the two L1 recipes,
+an architecture registered later at its own default settings; in each family the setting whose L0
+is nearest the true L0 is marked ``nearest_l0``, so that families compare at matched L0), an
+untrained SAE as the chance reference, and one table (a list of dicts) a notebook can show or plot (`table` prints it).
 At the defaults (d=64, 256 features, true L0 ≈ 5, 200k training tokens per setting, 8k evaluation
 samples, 5 SAEs per setting) the four settings take about 70 s on a shared 2-core CPU.
 
-Architecture-specific code is kept to two small functions, `_resamples` (which recipes resample dead
-latents) and `_finish` (fold decoder norms where training leaves them free); everything else goes
-through SAEConfig, SAEStack and helpers.saes.train.
+No code here names an architecture but the measured grids (`LAB_GRIDS`) and the rows' order
+(`LAB_ORDER`); everything else goes through the registry, SAEConfig, SAEStack and helpers.saes.train.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from helpers.saes.stack import SAEConfig, SAEStack
-from helpers.saes.train import TrainConfig, make_optimizer, train_step
+from helpers.saes import architectures
+from helpers.saes.train import TensorBatches, TrainConfig, budget_config, train_on_batches
 
 # ---------------------------------------------------------------------------------------------------
 # Synthetic data
@@ -284,104 +285,33 @@ def generate(cfg: SyntheticConfig, n: int, stream: int = 0, chunk: int = 65_536)
 
 def lab_train_config(total_tokens: int, batch_size: int = 512, lr: float = 1e-2, seed: int = 0,
                      device: str = "cpu", **kw) -> TrainConfig:
-    """A TrainConfig for a short run, with the schedule helpers.runs.sweep derives from a token budget (LR
-    warm-up over 5% of steps, dead window a quarter of the tokens, resampling five times), a higher LR
+    """A TrainConfig for a short run: helpers.saes.train.budget_config's schedule (LR warm-up over 5% of
+    steps, dead window a quarter of the tokens, here without its 1M cap, resampling five times), a higher LR
     than the workbook's (1e-2: measured to recover more features in this budget for all three
     families) and the dense path (faster than the sparse kernels at these sizes, same results)."""
-    steps = max(1, total_tokens // batch_size)
-    base = dict(total_tokens=total_tokens, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20),
-                dead_window=max(batch_size, total_tokens // 4), resample_every=max(1, steps // 5),
-                resample_until=0.7, massive=False, seed=seed, device=device, log_every=max(1, steps // 100),
-                path="dense")
-    return TrainConfig(**{**base, **kw})
-
-
-def _resamples(stack: SAEStack) -> bool:
-    """Whether a stack resamples dead latents: helpers.saes.train's rule (an architecture that resamples,
-    trained with unit-norm rows, i.e. the anthropic2023 L1 recipe)."""
-    return stack.arch.resamples and stack.unit_norm
-
-
-def _finish(one: SAEStack) -> SAEStack:
-    """An SAE as training leaves it for use: decoder norms folded where the recipe leaves them free
-    (as train_sweep's snapshot does)."""
-    if not one.unit_norm:
-        one.fold_decoder_norms()
-    return one
+    base = dict(dead_window=max(batch_size, total_tokens // 4), seed=seed, device=device, path="dense")
+    return budget_config(total_tokens, batch_size, lr, **{**base, **kw})
 
 
 def train_on_tensor(x: torch.Tensor, configs: list[SAEConfig], total_tokens: int | None = None,
                     tc: TrainConfig | None = None, progress: bool = True, desc: str = "train") -> list[SAEStack]:
     """Train every config on the rows of x [N, d] (drawn in shuffled epochs) for `total_tokens` tokens
-    (or tc.total_tokens), with helpers.saes.train's optimizer and step; configs of equal shape_key share a
-    stack. Returns one-SAE stacks in the order of `configs`, on the CPU.
+    (or tc.total_tokens): helpers.saes.train's training loop (`train_on_batches`) on the tensor's
+    batches (`TensorBatches`); configs of equal shape_key share a stack. Returns one-SAE stacks in the
+    order of `configs`, on the CPU (decoder norms folded where the recipe leaves them free).
 
     tc: a TrainConfig (default: lab_train_config(total_tokens)); its batch size, LR schedule, dead
     window, AuxK coefficient, resampling, seed and device are used; its massive setting is not (no
     rule is fitted on synthetic data).
     """
-    from tqdm.auto import tqdm
-
-    from helpers.activations.models import resolve_device
-    from helpers.saes.train import amp, resample_dead
-
     if not configs:
         raise ValueError("no SAE configs given")
     if tc is None:
         tc = lab_train_config(total_tokens or TRAIN_TOKENS)
     elif total_tokens is not None:
         tc = dataclasses.replace(tc, total_tokens=total_tokens)
-    d = x.shape[1]
-    for c in configs:
-        if c.d_in != d:
-            raise ValueError(f"config {c.label} has d_in={c.d_in}, the data d={d}")
-    steps = tc.total_tokens // tc.batch_size
-    if steps < 1 or tc.batch_size > len(x):
-        raise ValueError(f"need len(x)={len(x)} >= batch_size={tc.batch_size} and total_tokens={tc.total_tokens} "
-                         ">= batch_size")
-    device = resolve_device(tc.device)
-    x = x.float()
-    groups: dict = {}
-    for i, c in enumerate(configs):
-        groups.setdefault(c.shape_key, []).append(i)
-    stacks = [SAEStack([configs[i] for i in idx], seed=tc.seed) for idx in groups.values()]
-    where = {i: (s, row) for s, idx in enumerate(groups.values()) for row, i in enumerate(idx)}
-    scale = math.sqrt(d) / float(x.norm(dim=-1).mean())
-    mean = x.mean(0)
-    with torch.no_grad():
-        for st in stacks:
-            st.scale.fill_(scale)
-            if st.centres_input:
-                st.b_dec.copy_((mean * scale).expand_as(st.b_dec))
-            st.to(device)
-    opt, sched = make_optimizer(stacks, tc, steps)
-    autocast, scaler = amp(device, tc.precision)
-    since_fired = [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device) for st in stacks]
-    g = torch.Generator().manual_seed(tc.seed)
-    gens = [torch.Generator().manual_seed(tc.seed * 1_000_003 + zlib.crc32(repr(c).encode())) for c in configs]
-    warm_l1 = max(1, int(tc.l1_warmup_fraction * steps))
-    x_dev = x.to(device)
-    order, pos = torch.randperm(len(x), generator=g), 0
-    bar = tqdm(range(steps), desc=f"{desc}: {len(configs)} SAEs", unit="step", disable=not progress)
-    for step in bar:
-        if pos + tc.batch_size > len(x):
-            order, pos = torch.randperm(len(x), generator=g), 0
-        batch = x_dev[order[pos:pos + tc.batch_size].to(device)]
-        pos += tc.batch_size
-        outs = train_step(stacks, [batch] * len(stacks), opt, sched, since_fired, tc,
-                          l1_scale=min(1.0, (step + 1) / warm_l1), autocast=autocast, scaler=scaler)
-        done = step + 1
-        if tc.resample_every and done % tc.resample_every == 0 and done < tc.resample_until * steps:
-            pool = x_dev[torch.randperm(len(x), generator=g)[:tc.resample_pool].to(device)]
-            for i, (s, row) in where.items():
-                if _resamples(stacks[s]):
-                    dead = since_fired[s][row] >= tc.dead_window
-                    if resample_dead(stacks[s], row, dead, pool, opt, gens[i]):
-                        since_fired[s][row][dead] = 0
-        if progress and (done % tc.log_every == 0 or done == steps):
-            l0 = torch.cat([o["l0"].detach().float().cpu() for o in outs])
-            bar.set_postfix_str(f"L0 {float(l0.min()):.1f}-{float(l0.max()):.1f}")
-    return [_finish(stacks[s][row]).cpu() for s, row in (where[i] for i in range(len(configs)))]
+    result = train_on_batches(TensorBatches(x, tc, name="x"), configs, tc, progress=progress, desc=f"{desc}:")
+    return [sae.cpu() for sae in result.saes]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -526,16 +456,44 @@ ANTHROPIC_ALPHAS = (0.07, 0.075)
 JUMPRELU_COEFFICIENTS = (0.05, 0.1)
 
 
+# The measured grids above, per (architecture, recipe); any other architecture in the registry trains at
+# its own default settings (Architecture.default_setting at the true L0). The lab's rows follow LAB_ORDER,
+# then the registry's order.
+LAB_GRIDS = {
+    ("jumprelu", "anthropic2023"): [{"l0_coefficient": c} for c in JUMPRELU_COEFFICIENTS],
+    ("standard", "improved"): [{"l1_coefficient": a} for a in IMPROVED_ALPHAS],
+    ("standard", "anthropic2023"): [{"l1_coefficient": a} for a in ANTHROPIC_ALPHAS],
+}
+LAB_ORDER = (("topk", "anthropic2023"), ("batchtopk", "anthropic2023"), ("matryoshka_batchtopk", "anthropic2023"),
+             ("jumprelu", "anthropic2023"), ("standard", "improved"), ("standard", "anthropic2023"))
+DEFAULT_SETTINGS = 2  # distinct settings asked of an architecture without a grid (duplicates dropped)
+
+
+def lab_settings(arch: "architectures.Architecture", recipe: str, true_l0: float) -> list[dict]:
+    """The settings the lab trains `arch` with under `recipe`: its measured grid (LAB_GRIDS), else its
+    distinct default settings at the true L0 (the k-sparse architectures: k = round(true L0))."""
+    if (arch.name, recipe) in LAB_GRIDS:
+        return LAB_GRIDS[(arch.name, recipe)]
+    out: list[dict] = []
+    for i in range(DEFAULT_SETTINGS):
+        one = arch.default_setting(true_l0, i)
+        if one not in out:
+            out.append(one)
+    return out
+
+
 def default_configs(d: int, true_l0: float, d_sae: int) -> list[SAEConfig]:
-    """TopK, BatchTopK and Matryoshka BatchTopK at k = round(true L0), JumpReLU over a small λ grid
-    and the improved and Anthropic-2023 L1 recipes over small α grids (run_lab marks, per family,
-    the setting whose L0 is nearest the true L0)."""
-    common = dict(d_in=d, d_sae=d_sae)
-    k = max(1, round(true_l0))
-    return ([SAEConfig(**common, architecture=a, k=k) for a in ("topk", "batchtopk", "matryoshka_batchtopk")]
-            + [SAEConfig(**common, architecture="jumprelu", l0_coefficient=c) for c in JUMPRELU_COEFFICIENTS]
-            + [SAEConfig(**common, l1_coefficient=a, recipe="improved") for a in IMPROVED_ALPHAS]
-            + [SAEConfig(**common, l1_coefficient=a) for a in ANTHROPIC_ALPHAS])
+    """One config per setting of every architecture in the registry (helpers.saes.architectures.ARCHITECTURES)
+    and every recipe it trains with (`lab_settings`): TopK, BatchTopK and Matryoshka BatchTopK at
+    k = round(true L0), JumpReLU over a small λ grid, the improved and Anthropic-2023 L1 recipes over
+    small α grids, and any architecture registered later at its default settings (run_lab marks, per
+    family, the setting whose L0 is nearest the true L0)."""
+    registry = list(architectures.ARCHITECTURES.values())
+    pairs = [(a, r) for a in registry for r in a.recipes]
+    rank = {pair: i for i, pair in enumerate(LAB_ORDER)}
+    pairs.sort(key=lambda p: rank.get((p[0].name, p[1]), len(rank)))  # stable: the registry's order after
+    return [SAEConfig(d_in=d, d_sae=d_sae, architecture=a.name, recipe=r, **setting)
+            for a, r in pairs for setting in lab_settings(a, r, true_l0)]
 
 
 def untrained_reference(cfg: SAEConfig, x: torch.Tensor, seed: int = 0) -> SAEStack:

@@ -1,8 +1,13 @@
-"""Train a sweep of SAEs, at one or several hooks, in one pass over an activation store.
+"""Train SAEs: one training loop over a source of batches, for a sweep on an activation store and for
+one SAE on plain tensors.
 
-`train_sweep` groups the configs into stacks (one per hook, dictionary size, architecture and recipe;
-the α's or k's of a group share a stack), reads each shuffled batch once, at every hook the configs
-need, and trains every stack on it:
+`train_on_batches(source, configs, tc)` is the loop. A source (`batch_source`) is an activation store's
+shuffled batches at one or several hooks (`StoreBatches`: `train_sweep`), the rows of an in-memory tensor
+in shuffled epochs (`TensorBatches`: `train_sae`, helpers.saes.groundtruth.train_on_tensor), or any
+iterable of activation tensors cut into batches in the order given (`IteratorBatches`: `train_sae` on a
+generator reading a model's hooks live). The loop groups the configs into stacks (one per hook,
+dictionary size, architecture and recipe; the α's or k's of a group share a stack), reads each batch
+once, at every hook the configs need, and trains every stack on it:
 
 * Adam (fused where torch has it) with LR warm-up and a final linear decay;
 * the anthropic2023 recipe and every architecture but the improved L1 SAEs (helpers.saes.architectures):
@@ -16,9 +21,9 @@ need, and trains every stack on it:
   into the codes at the end. The history logs each SAE's largest pre-clip gradient norm since the
   previous log (``grad_norm``, in the clip's units; None for SAEs that are not clipped), so a reader
   sees whether clipping ever acts;
-* massive activations (helpers.activations.massive): by default the rule is fitted on the store at each hook and
-  every SAE removes the massive offset from flagged tokens; input scaling and b_dec's initial value
-  come from the activations with the offset removed;
+* massive activations (helpers.activations.massive), on a store: by default the rule is fitted on the store at
+  each hook and every SAE removes the massive offset from flagged tokens; input scaling and b_dec's
+  initial value come from the activations with the offset removed (tensors and iterables: no rule);
 * the sparse kernels (helpers.saes.sparse) wherever a batch's codes are sparse (`path="auto"`);
 * precision by hardware (`precision`, "auto" by default): bf16 autocast on a GPU that does bf16
   natively (compute capability 8.0 and up: A100, L4, H100), fp16 autocast with a gradient scaler on
@@ -29,7 +34,10 @@ need, and trains every stack on it:
 * one backward pass per stack, so that only one stack's graph is alive at a time (a sweep's peak
   memory is its largest stack's, not the sum of all of them).
 
-Dead latents are tracked per SAE. A run folder keeps its checkpoint (every `checkpoint_every` steps
+`train_sae(data, "topk", k=32)` trains one SAE on a tensor or an iterable and returns it as a
+helpers.dictionaries.dictionary.SAEDictionary (encode, decode, save in SAELens layout).
+
+Dead latents are tracked per SAE. On a store, a run folder keeps its checkpoint (every `checkpoint_every` steps
 and at the end; with $SAE_SCRATCH, a working copy on local disk and two alternating copies in the run
 folder, rewritten in place: `Checkpoints`); a run started again with the same settings resumes from
 the newest checkpoint that loads (a truncated one is named in a warning and passed over) and ends
@@ -41,7 +49,7 @@ the resolved precision (`run_setting`), and a resume on another one warns naming
 checkpoint that cannot be read is named in every message about it. The run folder is locked while it
 trains (helpers.settings.locks): a second process training the same folder waits, or is refused naming the
 holder; temporary files have names unique to their process.
-A batch holding NaN or inf stops training with an error naming the step and the shard, and the last
+A batch holding NaN or inf stops training with an error naming the step and the shard (a tensor's row), and the last
 good checkpoint is kept. An SAE whose loss stops being finite (a learning rate that diverges) is
 stopped at that step with a warning naming it: its gradients and Adam state are zeroed from then on,
 the others train on unchanged, and `SweepResult.diverged` lists it (helpers.runs.sweep neither saves nor
@@ -65,9 +73,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers.settings.locks import FolderLock, tmp_name
 from helpers.activations.models import resolve_device
+from helpers.dictionaries.dictionary import SAEDictionary
 from helpers.saes.stack import SAEConfig, SAEStack
+from helpers.settings.locks import FolderLock, tmp_name
 
 
 @dataclass(frozen=True)
@@ -193,13 +202,13 @@ def build_stacks(configs: list[SAEConfig], seed: int) -> tuple[list[SAEStack], l
 NOT_RESULT_TRAIN_FIELDS = ("log_every", "checkpoint_every", "device", "path")  # change no result
 
 
-def _fingerprint(configs, tc: TrainConfig, store) -> dict:
+def _fingerprint(configs, tc: TrainConfig, source) -> dict:
     from helpers.saes.stack import config_dict
 
     return {"configs": [config_dict(c) for c in configs],
             "train": {k: v for k, v in dataclasses.asdict(tc).items()
                       if k not in NOT_RESULT_TRAIN_FIELDS},
-            "store": str(store.path), "store_tokens": store.n_tokens}
+            **source.fingerprint()}
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -462,6 +471,22 @@ def make_optimizer(stacks: list[SAEStack], tc: TrainConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, tc))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Batch sources: what the one training loop (`train_on_batches`) reads
+# ---------------------------------------------------------------------------------------------------
+#
+# A source gives the loop its batches and everything else that depends on where they come from:
+#   hooks, d_in              the hooks it serves and the activations' width
+#   check_configs(configs)   raise if a config does not fit the data
+#   massive_rules(tc, given) {hook: helpers.activations.massive.Massive} to apply ({} for none)
+#   stats(hook, rule)        (input scale to mean norm √d_in, mean activation), after the rule's shift
+#   batches(total_steps, start, device)  an iterator of (batch, index): batch [n_hooks, B, d_in]
+#   pick(batch, hook)        one hook's [B, d_in] of a batch
+#   check(batch, index, step, ckpt)  raise TrainingError naming the bad rows of a non-finite batch
+#   pools(step, device)      hook -> the inputs dead latents are resampled from at `step`
+#   fingerprint()            what identifies the data in a checkpoint (resumable sources only)
+
+
 def _validate(store, configs: list[SAEConfig], tc: TrainConfig) -> list[str]:
     """The hooks to read; raise if a config does not fit the store or the budget is empty."""
     hooks = list(dict.fromkeys(c.hook_name for c in configs))
@@ -471,32 +496,295 @@ def _validate(store, configs: list[SAEConfig], tc: TrainConfig) -> list[str]:
         if c.d_in != store.d_model:
             raise ValueError(f"SAE config d_in={c.d_in} does not match the activations' d_model="
                              f"{store.d_model} at {c.hook_name} in {store.path}")
+    _check_budget(tc)
+    return hooks
+
+
+def _check_budget(tc: TrainConfig) -> None:
     if tc.batch_size <= 0 or tc.total_tokens < tc.batch_size:
         raise ValueError(f"need total_tokens >= batch_size > 0, got {tc.total_tokens} and {tc.batch_size}")
-    return hooks
+
+
+class StoreBatches:
+    """An activation store's batches (helpers.activations.store), the same tokens at every hook, shuffled
+    from tc.seed (`ActivationStore.iter_batches`); the massive rule fitted on the store (tc.massive),
+    input statistics from its first rows (`data_stats`), resampling pools drawn from all of it (from
+    the step and seed), and a resume that skips the batches already trained on, unread."""
+
+    resumable = True
+
+    def __init__(self, store, hooks: list[str], tc: TrainConfig):
+        self.store, self.hooks, self.tc = store, list(hooks), tc
+        self.d_in = store.d_model
+        self._index = {h: i for i, h in enumerate(self.hooks)}
+
+    def check_configs(self, configs: list[SAEConfig]) -> None:
+        _validate(self.store, configs, self.tc)
+
+    def massive_rules(self, tc: TrainConfig, given: dict | None) -> dict:
+        from helpers.activations import massive
+
+        if tc.massive:
+            return {h: (given or {}).get(h) or massive.fit(self.store, h) for h in self.hooks}
+        return {h: massive.Massive.none(h, self.d_in) for h in self.hooks}
+
+    def stats(self, hook: str, rule=None) -> tuple[float, torch.Tensor]:
+        return data_stats(self.store, hook, rule=rule)
+
+    def batches(self, total_steps: int, start: int, device):
+        tc = self.tc
+        epochs = math.ceil(total_steps * tc.batch_size / self.store.n_tokens) + 1
+        return self.store.iter_batches(self.hooks, tc.batch_size, seed=tc.seed, epochs=epochs, drop_last=True,
+                                       buffer_shards=tc.buffer_shards, device=device, return_index=True,
+                                       start=start)  # resume: the batches already trained on are skipped unread
+
+    def pick(self, batch: torch.Tensor, hook: str) -> torch.Tensor:
+        return batch[self._index[hook]]
+
+    def check(self, batch, index, step: int, ckpt) -> None:
+        _check_finite(batch, index, self.store, self.hooks, step, ckpt)
+
+    def pools(self, step: int, device):
+        """hook -> a pool of stored inputs (the same, drawn from the step and seed, whether an SAE trains
+        alone or in a sweep); drawn when first asked for."""
+        drawn = {}
+
+        def pool(hook):
+            if hook not in drawn:
+                g = torch.Generator().manual_seed(self.tc.seed * 7919 + step)
+                n = min(self.tc.resample_pool, self.store.n_tokens)
+                drawn[hook] = self.store.rows(hook, torch.randperm(self.store.n_tokens, generator=g)[:n]).to(device)
+            return drawn[hook]
+        return pool
+
+    def fingerprint(self) -> dict:
+        return {"store": str(self.store.path), "store_tokens": self.store.n_tokens}
+
+
+def _tensor_stats(x: torch.Tensor, what: str) -> tuple[float, torch.Tensor]:
+    """(√d / mean row norm, mean row) of the finite rows of x [N, d]."""
+    finite = torch.isfinite(x).all(-1)
+    if not bool(finite.all()):
+        x = x[finite]
+        if len(x) == 0:
+            raise TrainingError(f"no finite rows in {what}")
+    return math.sqrt(x.shape[1]) / float(x.norm(dim=-1).mean()), x.mean(0)
+
+
+def _check_rows(x, name: str) -> torch.Tensor:
+    """x as a float32 tensor [N, d] (leading dimensions flattened); a clear error for anything else."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of activations [N, d_in], not {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must hold floating-point activations, not {x.dtype}")
+    if x.dim() < 2 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must be activations [N, d_in] (or [..., d_in]), got shape {tuple(x.shape)}")
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+class TensorBatches:
+    """The rows of an in-memory tensor x [N, d], in shuffled epochs (a permutation from a generator seeded
+    by tc.seed, a new one when an epoch's rows run out; an epoch's last partial batch is left out). The
+    same tokens serve every hook a config names; no massive rule; input statistics from every finite
+    row. Dead latents are resampled from tc.resample_pool rows drawn from the same generator at each
+    resampling step."""
+
+    resumable = False
+
+    def __init__(self, x: torch.Tensor, tc: TrainConfig, name: str = "the data"):
+        self.x, self.tc, self.name = _check_rows(x, name), tc, name
+        if len(self.x) == 0:
+            raise ValueError(f"{name} is empty: no rows to train on")
+        self.d_in = self.x.shape[1]
+        self.hooks = [""]
+        self.g = torch.Generator().manual_seed(tc.seed)
+        self._dev = self._stats = None
+
+    def check_configs(self, configs: list[SAEConfig]) -> None:
+        for c in configs:
+            if c.d_in != self.d_in:
+                raise ValueError(f"config {c.label} has d_in={c.d_in}, the data d={self.d_in}")
+        tc = self.tc
+        if tc.batch_size <= 0 or tc.total_tokens < tc.batch_size or tc.batch_size > len(self.x):
+            raise ValueError(f"need len(x)={len(self.x)} >= batch_size={tc.batch_size} and "
+                             f"total_tokens={tc.total_tokens} >= batch_size")
+
+    def massive_rules(self, tc, given) -> dict:
+        return {}
+
+    def stats(self, hook: str, rule=None) -> tuple[float, torch.Tensor]:
+        if self._stats is None:
+            self._stats = _tensor_stats(self.x, self.name)
+        return self._stats
+
+    def _on(self, device) -> torch.Tensor:
+        if self._dev is None:
+            self._dev = self.x.to(device)
+        return self._dev
+
+    def batches(self, total_steps: int, start: int, device):
+        if start:
+            raise ValueError("a tensor's batches cannot resume mid-run")
+        x_dev, B, n = self._on(device), self.tc.batch_size, len(self.x)
+        order, pos = torch.randperm(n, generator=self.g), 0
+        while True:
+            if pos + B > n:
+                order, pos = torch.randperm(n, generator=self.g), 0
+            idx = order[pos:pos + B]
+            pos += B
+            yield x_dev[idx.to(device)].unsqueeze(0), idx
+
+    def pick(self, batch: torch.Tensor, hook: str) -> torch.Tensor:
+        return batch[0]
+
+    def check(self, batch, index, step: int, ckpt) -> None:
+        if not torch.isfinite(batch).all():
+            bad = int(index[(~torch.isfinite(batch[0])).any(-1).cpu()][0])
+            raise TrainingError(f"non-finite activations at step {step}: row {bad} of {self.name}")
+
+    def pools(self, step: int, device):
+        pool = self._on(device)[torch.randperm(len(self.x), generator=self.g)[:self.tc.resample_pool].to(device)]
+        return lambda hook: pool
+
+
+class IteratorBatches:
+    """Batches read from an iterable of activation tensors [b, d] (or [..., d]; any b, e.g. a generator
+    reading a model's hooks live), in the order given, cut into batches of tc.batch_size rows. An
+    iterable that can be iterated again (a list, a DataLoader) is read again when it runs out; a one-pass
+    iterator (a generator) that runs out ends training early, with a warning. Input statistics come
+    from its first `stats_rows` rows (of its first pass, then trained on first); dead latents are resampled from
+    the last tc.resample_pool rows read. No massive rule."""
+
+    resumable = False
+
+    def __init__(self, data, tc: TrainConfig, stats_rows: int = 20_000, name: str = "the batches"):
+        self.data, self.tc, self.name = data, tc, name
+        self.again = iter(data) is not data
+        self._it = iter(data)
+        self._read, self.d_in = 0, None
+        self.head, n = [], 0
+        while n < stats_rows:
+            chunk = self._next(again=False)
+            if chunk is None:
+                break
+            self.head.append(chunk)
+            n += len(chunk)
+        if n == 0:
+            raise ValueError(f"{name} hold no activations: nothing to train on")
+        self.hooks = [""]
+        self.recent: list[torch.Tensor] = []  # the last rows read (resampling pools), with tc.resample_every
+        self._stats = _tensor_stats(torch.cat(self.head)[:stats_rows], name)
+
+    def _next(self, again: bool = True) -> torch.Tensor | None:
+        """The next chunk [b, d] (float, detached), reading the iterable again (with `again`) if it can be;
+        None when it is used up. Torch's grad mode is kept as it was: a generator that yields from inside
+        `with torch.no_grad():` would otherwise leave gradients off for the training step."""
+        for attempt in range(2):
+            while True:
+                grad = torch.is_grad_enabled()
+                try:
+                    chunk = next(self._it)
+                except StopIteration:
+                    break
+                finally:
+                    torch.set_grad_enabled(grad)
+                self._read += 1
+                x = _check_rows(chunk, f"batch {self._read} of {self.name}").detach()
+                self.d_in = self.d_in or x.shape[1]
+                if x.shape[1] != self.d_in:
+                    raise ValueError(f"batch {self._read} of {self.name} has d={x.shape[1]}, the first had "
+                                     f"d={self.d_in}")
+                if len(x):
+                    return x
+            if not (again and self.again) or self._read == 0:
+                return None
+            self._it, self._read = iter(self.data), 0
+        return None
+
+    def check_configs(self, configs: list[SAEConfig]) -> None:
+        for c in configs:
+            if c.d_in != self.d_in:
+                raise ValueError(f"config {c.label} has d_in={c.d_in}, the data d={self.d_in}")
+        _check_budget(self.tc)
+
+    def massive_rules(self, tc, given) -> dict:
+        return {}
+
+    def stats(self, hook: str, rule=None) -> tuple[float, torch.Tensor]:
+        return self._stats
+
+    def batches(self, total_steps: int, start: int, device):
+        if start:
+            raise ValueError("an iterator's batches cannot resume mid-run")
+        B, pending, n = self.tc.batch_size, [], 0
+        head, self.head = self.head, []
+        while True:
+            chunk = head.pop(0) if head else self._next()
+            if chunk is None:
+                return
+            pending.append(chunk)
+            n += len(chunk)
+            while n >= B:
+                rows = torch.cat(pending) if len(pending) > 1 else pending[0]
+                batch, rest = rows[:B], rows[B:]
+                pending, n = ([rest] if len(rest) else []), len(rest)
+                if self.tc.resample_every:
+                    self.recent.append(batch)
+                    while sum(map(len, self.recent)) - len(self.recent[0]) >= self.tc.resample_pool:
+                        self.recent.pop(0)
+                yield batch.to(device).unsqueeze(0), None
+
+    def pick(self, batch: torch.Tensor, hook: str) -> torch.Tensor:
+        return batch[0]
+
+    def check(self, batch, index, step: int, ckpt) -> None:
+        if not torch.isfinite(batch).all():
+            raise TrainingError(f"non-finite activations at step {step} of {self.name} (a batch of {batch.shape[1]} "
+                                "rows)")
+
+    def pools(self, step: int, device):
+        pool = torch.cat(self.recent)[-self.tc.resample_pool:].to(device)
+        return lambda hook: pool
+
+
+def batch_source(data, tc: TrainConfig):
+    """The source `train_on_batches` reads: a tensor's (or a numpy array's) rows (`TensorBatches`) or an
+    iterable's batches (`IteratorBatches`); a source is returned as it is."""
+    if hasattr(data, "batches") and hasattr(data, "pools"):
+        return data
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if isinstance(data, torch.Tensor):
+        return TensorBatches(data, tc)
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"data must be a tensor of activations [N, d_in] or an iterable of such tensors, not "
+                        f"{type(data).__name__}")
+    return IteratorBatches(data, tc)
 
 
 def prepare_stacks(store, configs: list[SAEConfig], hooks: list[str], tc: TrainConfig, rules: dict | None,
                    device: torch.device) -> tuple[list[SAEStack], list[tuple[int, int]], dict]:
-    """The stacks to train, on `device`: massive rule (fitted unless given), input scale, and decoder bias
-    at the data mean where the recipe centres its input. Returns (stacks, where, rules)."""
-    from helpers.activations import massive
+    """The stacks to train on a store's activations (see `prepare`). Returns (stacks, where, rules)."""
+    return prepare(StoreBatches(store, hooks, tc), configs, tc, rules, device)
 
+
+def prepare(source, configs: list[SAEConfig], tc: TrainConfig, rules: dict | None,
+            device: torch.device) -> tuple[list[SAEStack], list[tuple[int, int]], dict]:
+    """The stacks to train, on `device`: configs grouped into stacks, the source's massive rule (fitted
+    unless given), input scale, and decoder bias at the data mean where the recipe centres its input.
+    Returns (stacks, where, rules)."""
     stacks, where = build_stacks(configs, tc.seed)
-    if tc.massive:
-        rules = {h: (rules or {}).get(h) or massive.fit(store, h) for h in hooks}
-    else:
-        rules = {h: massive.Massive.none(h, store.d_model) for h in hooks}
-    stats = {(h, m): data_stats(store, h, rule=rules[h] if m else None)
+    rules = source.massive_rules(tc, rules)
+    stats = {(h, m): source.stats(h, rules.get(h) if m else None)
              for h, m in {(c.hook_name, c.massive) for c in configs}}
     for st in stacks:
         h = st.configs[0].hook_name
         scale, mean = stats[(h, st.configs[0].massive)]
-        if st.configs[0].massive:
+        if st.configs[0].massive and h in rules:
             st.set_massive(rules[h])
-        st.scale.fill_(scale)
-        if st.centres_input:  # start the decoder bias at the data mean (the improved recipe: at zero)
-            with torch.no_grad():
+        with torch.no_grad():
+            st.scale.fill_(scale)
+            if st.centres_input:  # start the decoder bias at the data mean (the improved recipe: at zero)
                 st.b_dec.copy_((mean * scale).expand_as(st.b_dec))
         st.to(device)
     return stacks, where, rules
@@ -641,7 +929,8 @@ def _note_divergence(run: "_Run", outs: list[dict], configs, opt, step: int, tc:
 def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConfig = TrainConfig(),
                 run_dir=None, progress: bool = True, on_eval=None, rules: dict | None = None,
                 wait: float | None = None) -> SweepResult:
-    """Train every config on the store's activations, reading the data once.
+    """Train every config on the store's activations, reading the data once (`train_on_batches` on the
+    store's batches, `StoreBatches`).
 
     hook: the hook for configs that name none (None: every config trains at its own hook_name).
     rules: {hook: helpers.activations.massive.Massive} to use instead of fitting the massive rule on the store.
@@ -655,57 +944,80 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
         raise ValueError("no SAE configs given")
     configs = resolve_hooks(configs, hook)
     hooks = _validate(store, configs, tc)
+    return train_on_batches(StoreBatches(store, hooks, tc), configs, tc, run_dir=run_dir, progress=progress,
+                            on_eval=on_eval, rules=rules, wait=wait)
+
+
+def train_on_batches(source, configs: list[SAEConfig], tc: TrainConfig, *, run_dir=None, progress: bool = True,
+                     on_eval=None, rules: dict | None = None, wait: float | None = None,
+                     desc: str = "train") -> SweepResult:
+    """The training loop: every config trained on the batches of `source` (`StoreBatches`,
+    `TensorBatches`, `IteratorBatches`; see `batch_source`) for tc.total_tokens tokens (the module
+    docstring has what a step does). Configs of one shape key share a stack; every SAE's initial
+    weights and resampling generator come from tc.seed and its own config, so that it ends the same
+    whether it trains alone or among others. run_dir (a resumable source only) keeps a checkpoint and
+    resumes from it; `rules`, `wait`: as in `train_sweep`. A one-pass source that runs out before the
+    budget ends training there, with a warning."""
+    if not configs:
+        raise ValueError("no SAE configs given")
+    _check_budget(tc)
+    source.check_configs(configs)
+    if run_dir is not None and not getattr(source, "resumable", False):
+        raise ValueError(f"{type(source).__name__} cannot resume from a checkpoint: train without run_dir")
     device = resolve_device(tc.device)
     total_steps = tc.total_tokens // tc.batch_size
     lock = (FolderLock(run_dir, f"training {len(configs)} SAEs in {run_dir}", wait=wait)
             if run_dir is not None else nullcontext())
     with lock:
-        stacks, where, rules = prepare_stacks(store, configs, hooks, tc, rules, device)
+        stacks, where, rules = prepare(source, configs, tc, rules, device)
         opt, sched = make_optimizer(stacks, tc, total_steps)
         autocast, scaler = amp(device, tc.precision)
         # One generator per SAE, seeded by the seed and the SAE's own config, so that resampling draws
         # the same inputs whether the SAE trains alone or in a sweep.
         gens = [torch.Generator().manual_seed(tc.seed * 1_000_003 + zlib.crc32(repr(c).encode())) for c in configs]
         gen_of = {pos: gens[i] for i, pos in enumerate(where)}
+        fingerprint = _fingerprint(configs, tc, source) if run_dir is not None else {}
         run = _Run(stacks, where, opt, sched, scaler,
                    [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device) for st in stacks], gens,
-                   _fingerprint(configs, tc, store), Checkpoints(run_dir) if run_dir is not None else None,
+                   fingerprint, Checkpoints(run_dir) if run_dir is not None else None,
                    setting=run_setting(device, tc.precision))
         run.restore(device)
         if run.step < total_steps:
-            _train_loop(run, store, configs, hooks, tc, total_steps, device, gen_of, autocast, scaler, progress,
-                        on_eval)
+            _train_loop(run, source, configs, tc, total_steps, device, gen_of, autocast, scaler, progress,
+                        on_eval, desc)
         for i, sae in enumerate(snap := run.snapshot()):  # an SAE gone non-finite without a non-finite loss
             if i not in run.diverged and not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
                 run.diverged[i] = run.step
                 warnings.warn(f"SAE {i} ({configs[i].label}) ended with non-finite weights: it will not be saved "
                               "or chosen", stacklevel=2)
-        return SweepResult(snap, list(configs), run.history, run.seconds, total_steps * tc.batch_size, rules,
+        return SweepResult(snap, list(configs), run.history, run.seconds, run.step * tc.batch_size, rules,
                            dict(run.diverged))
 
 
-def _train_loop(run, store, configs, hooks, tc, total_steps, device, gen_of, autocast, scaler, progress,
-                on_eval) -> None:
+def _train_loop(run, source, configs, tc, total_steps, device, gen_of, autocast, scaler, progress, on_eval,
+                desc) -> None:
     stacks, where, opt, sched = run.stacks, run.where, run.opt, run.sched
     grad_max = [None] * len(configs)  # largest pre-clip gradient norm since the last log, per SAE
     frozen = run.frozen()
 
-    epochs = math.ceil(total_steps * tc.batch_size / store.n_tokens) + 1
-    batches = store.iter_batches(hooks, tc.batch_size, seed=tc.seed, epochs=epochs, drop_last=True,
-                                 buffer_shards=tc.buffer_shards, device=device, return_index=True,
-                                 start=run.step)  # resume: the batches already trained on are skipped unread
-    hook_index = {h: i for i, h in enumerate(hooks)}
+    batches = source.batches(total_steps, run.step, device)
     warm_l1 = max(1, int(tc.l1_warmup_fraction * total_steps))
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=run.step, desc=f"train {len(configs)} SAEs", unit="step",
+    bar = tqdm(total=total_steps, initial=run.step, desc=f"{desc} {len(configs)} SAEs", unit="step",
                disable=not progress)
     t0 = time.perf_counter()
     try:
         while run.step < total_steps:
-            x_all, index = next(batches)
-            _check_finite(x_all, index, store, hooks, run.step, run.ckpt)
-            outs = train_step(stacks, [x_all[hook_index[st.configs[0].hook_name]] for st in stacks], opt, sched,
+            try:
+                x_all, index = next(batches)
+            except StopIteration:
+                warnings.warn(f"the batches ran out after {run.step} of {total_steps} steps "
+                              f"({run.step * tc.batch_size:,} of {tc.total_tokens:,} tokens): training stops there, "
+                              "before the learning rate has decayed", stacklevel=3)
+                break
+            source.check(x_all, index, run.step, run.ckpt)
+            outs = train_step(stacks, [source.pick(x_all, st.configs[0].hook_name) for st in stacks], opt, sched,
                               run.since_fired, tc, l1_scale=min(1.0, (run.step + 1) / warm_l1), autocast=autocast,
                               scaler=scaler, frozen=frozen)
             run.step += 1
@@ -719,7 +1031,7 @@ def _train_loop(run, store, configs, hooks, tc, total_steps, device, gen_of, aut
                     grad_max[i] = g if grad_max[i] is None else max(grad_max[i], g)
             if (tc.resample_every and step % tc.resample_every == 0
                     and step < tc.resample_until * total_steps):
-                _resample(stacks, run.since_fired, store, tc, step, opt, gen_of, device, frozen)
+                _resample(stacks, run.since_fired, source.pools(step, device), tc, opt, gen_of, frozen)
             if step % tc.log_every == 0 or step == total_steps:
                 rec = run.log(outs, grad_max, tc)
                 grad_max = [None] * len(configs)
@@ -743,22 +1055,77 @@ def _train_loop(run, store, configs, hooks, tc, total_steps, device, gen_of, aut
         run.save()
 
 
-def _resample(stacks, since_fired, store, tc: TrainConfig, step: int, opt, gen_of, device, frozen=None) -> None:
-    """Resample the dead latents of every paper-recipe L1 SAE from one pool of stored inputs per hook
-    (the same pool, drawn from the step and seed, whether an SAE trains alone or in a sweep); diverged
-    (`frozen`) SAEs are left alone."""
-    pools = {}
+def _resample(stacks, since_fired, pool, tc: TrainConfig, opt, gen_of, frozen=None) -> None:
+    """Resample the dead latents of every paper-recipe L1 SAE from the inputs `pool(hook)` gives (one
+    pool per hook); diverged (`frozen`) SAEs are left alone."""
     for s, st in enumerate(stacks):
         if not st.arch.resamples or not st.unit_norm:
             continue
         hook = st.configs[0].hook_name
-        if hook not in pools:
-            g = torch.Generator().manual_seed(tc.seed * 7919 + step)
-            n = min(tc.resample_pool, store.n_tokens)
-            pools[hook] = store.rows(hook, torch.randperm(store.n_tokens, generator=g)[:n]).to(device)
         for row in range(st.n):
             if frozen is not None and bool(frozen[s][row]):
                 continue
             dead = since_fired[s][row] >= tc.dead_window
-            if resample_dead(st, row, dead, pools[hook], opt, gen_of[(s, row)]):
+            if resample_dead(st, row, dead, pool(hook), opt, gen_of[(s, row)]):
                 since_fired[s][row][dead] = 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# One SAE from plain tensors
+# ---------------------------------------------------------------------------------------------------
+
+
+def budget_config(tokens: int, batch_size: int = 4096, lr: float = 1e-3, **kw) -> TrainConfig:
+    """A TrainConfig with the schedule helpers.runs.sweep derives from a token budget: LR warm-up over
+    the first 5% of steps, a latent dead after a quarter of the tokens (at most 1M) without firing,
+    resampling five times in the first 70% of training, about 100 log records; no massive rule.
+    `kw` sets any other TrainConfig field."""
+    steps = max(1, tokens // batch_size)
+    base = dict(total_tokens=tokens, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20),
+                dead_window=max(batch_size, min(tokens // 4, 1_000_000)), resample_every=max(1, steps // 5),
+                resample_until=0.7, massive=False, log_every=max(1, steps // 100))
+    return TrainConfig(**{**base, **kw})
+
+
+_SETTING_ARGS = ("k", "l1_coefficient", "l0_coefficient")
+
+
+def train_sae(data, architecture: str = "topk", *, d_sae: int | None = None, expansion: int = 8, k: int = 32,
+              l1_coefficient: float | None = None, l0_coefficient: float | None = None, tokens: int | None = None,
+              batch_size: int = 4096, lr: float = 1e-3, seed: int = 0, device: str | None = None,
+              progress: bool = True, hook_name: str = "", model_name: str = "", **config) -> SAEDictionary:
+    """Train one SAE on plain activations and return it as a Dictionary (`.encode(x)` [N, d_sae],
+    `.decode`, `.sae` the one-SAE stack, `.save(folder)` in SAELens layout).
+
+    data: a float tensor [N, d_in] (shuffled batches are drawn from it, in epochs), or an iterable of
+      float tensors [b, d_in] (or [..., d_in]) used in the order given, cut into batches of batch_size
+      (a list is read again when it runs out; a generator that runs out ends training early).
+    architecture: a name in helpers.saes.architectures.ARCHITECTURES ("topk", "batchtopk",
+      "matryoshka_batchtopk", "jumprelu", "standard"); its sparsity setting is `k` (the k-sparse
+      architectures), `l1_coefficient` (standard) or `l0_coefficient` (jumprelu), the architecture's
+      `default_setting(k)` where not given.
+    d_sae: the dictionary size (default: expansion × d_in).
+    tokens: the training budget (default: 1M); the schedule follows from it (`budget_config`).
+    device: None for the GPU where there is one. hook_name, model_name: recorded in the SAE's files.
+    config: any other SAEConfig field (recipe="improved", tied, matryoshka_widths, ...).
+
+    The training loop is the sweep's (`train_on_batches`): Adam with warm-up and decay, inputs
+    scaled to mean norm √d_in from the data, b_dec at the data mean, AuxK or resampling for dead
+    latents as the architecture asks; no massive-activation rule.
+    """
+    from helpers.saes import architectures
+
+    arch = architectures.get(architecture)
+    given = {"k": k if arch.setting == "k" else None, "l1_coefficient": l1_coefficient,
+             "l0_coefficient": l0_coefficient}
+    setting = {key: v for key, v in given.items() if v is not None}
+    if arch.setting and arch.setting not in setting and arch.setting not in config:
+        setting.update({key: v for key, v in arch.default_setting(k).items() if key == arch.setting})
+    tc = budget_config(tokens or TrainConfig.total_tokens, batch_size, lr, seed=seed, device=device or "auto")
+    source = batch_source(data, tc)
+    cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae or expansion * source.d_in, architecture=architecture,
+                    hook_name=hook_name, model_name=model_name, **{**setting, **config})
+    result = train_on_batches(source, [cfg], tc, progress=progress, desc="train_sae:")
+    if result.diverged:
+        raise TrainingError(f"the SAE diverged at step {result.diverged[0]} (lr {lr:g}): lower the learning rate")
+    return SAEDictionary(result.saes[0])
