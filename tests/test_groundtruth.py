@@ -218,11 +218,10 @@ def test_default_configs_keep_the_lab_grids_and_order():
         + [SAEConfig(**common, l1_coefficient=a) for a in ANTHROPIC_ALPHAS])
 
 
-def test_a_newly_registered_architecture_joins_the_lab(monkeypatch):
-    """An architecture added to the registry is in the lab's defaults at its own default settings (after
-    the known ones), and trains there, without any change to groundtruth."""
+@pytest.fixture
+def halved():
+    """An architecture registered by being defined, taken out of the registry when the test is done."""
     from helpers.saes import architectures
-    from helpers.saes.groundtruth import default_configs
 
     class Halved(architectures.JumpReLU):
         name, family_name = "halved_jumprelu", "Halved JumpReLU"
@@ -230,7 +229,15 @@ def test_a_newly_registered_architecture_joins_the_lab(monkeypatch):
         def default_setting(self, target_l0, i=0):
             return {"l0_coefficient": 0.02 * (1 + i)}
 
-    monkeypatch.setitem(architectures.ARCHITECTURES, Halved.name, Halved())
+    yield Halved
+    architectures.unregister(Halved.name)
+
+
+def test_a_newly_registered_architecture_joins_the_lab(halved):
+    """An architecture added to the registry is in the lab's defaults at its own default settings (after
+    the known ones), and trains there, without any change to groundtruth."""
+    from helpers.saes.groundtruth import default_configs
+
     configs = default_configs(d=SMALL.d, true_l0=4.0, d_sae=64)
     mine = [c for c in configs if c.architecture == "halved_jumprelu"]
     assert [c.l0_coefficient for c in mine] == [0.02, 0.04] and configs[-2:] == mine
