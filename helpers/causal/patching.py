@@ -5,6 +5,13 @@ everything else, including the dictionary's reconstruction error: changing featu
 c to c' adds (c' - c) · decoder_rows[f] to the activation. So any Dictionary with a linear
 decoder works: the SAE and the baselines alike.
 
+* `patch_features`: the entry point that takes plain objects (a plain Hugging Face model or a
+  TransformerLens-style one, prompt strings, any SAE): patch the corrupted prompt's codes of chosen
+  features (or the top k by attribution) into the clean run at one hook and measure the answer's
+  logit difference and the share of the gap closed, as a `Patched` result. `prompt_pairs` turns the
+  strings and answers into a `PromptSet`; `code_change`, `prompt_attribution`, `patched_activation`
+  and `ablate_activation` are the tensor-level steps that it, `patch_curve`, `edit_curve` and
+  `ablate` share.
 * `patch_curve`: move the clean IOI prompts' codes of the top-k features, at chosen positions
   (default: the repeated name), to their values on the counterfactual prompts (names swapped), and
   record the logit difference and the KL divergence of the next-token distribution from the clean
@@ -120,8 +127,7 @@ def attribution(model, tokens, hook: str, dictionary, delta_codes: torch.Tensor,
     if grad is None:
         x = hook_acts(model, tokens, hook) if x is None else x
         grad = _grad(model, tokens, hook, x, metric)
-    proj = grad @ dictionary.decoder_rows.float().cpu().T             # [n, pos, F]
-    return (delta_codes * proj).sum((0, 1))
+    return prompt_attribution(delta_codes, grad, dictionary.decoder_rows.float().cpu()).sum(0)
 
 
 @torch.no_grad()
@@ -416,7 +422,7 @@ def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(
     x = ctx.x
     c = _encode(dictionary, x)
     c[:, 0] = 0  # BOS is never ablated
-    per_prompt = (-c * (ctx.grad @ dictionary.decoder_rows.float().cpu().T)).sum(1)   # [n, F]
+    per_prompt = prompt_attribution(-c, ctx.grad, dictionary.decoder_rows.float().cpu())   # [n, F]
     order = cand[per_prompt[rank][:, cand].sum(0).argsort()]
     orders = {"edit": order}
     if in_sample:

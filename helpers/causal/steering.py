@@ -4,6 +4,9 @@ One job: steer the model along a direction at one hook (an SAE feature's decoder
 concept's difference of means) and measure what that does and what it costs, so that SAE steering
 can be compared with the simple baseline it is measured against.
 
+* **One steering run from plain objects** (`steer`): a plain Hugging Face model or a TransformerLens-style
+  one, a prompt, a direction or an SAE feature, a scale: the greedy continuation with and without the
+  direction and (given held-out text) its cost, as a `Steered` result; the steps below do the work.
 * **The intervention.** ``scale × norm × u`` is added to the residual stream at `hook`, at every
   position but the first (BOS, whose residual stream is unlike any other: the workbook never edits
   it), where u is the unit direction and `norm` the median norm of the hook's *ordinary* tokens
