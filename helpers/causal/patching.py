@@ -5,6 +5,13 @@ everything else, including the dictionary's reconstruction error: changing featu
 c to c' adds (c' - c) · decoder_rows[f] to the activation. So any Dictionary with a linear
 decoder works: the SAE and the baselines alike.
 
+* `patch_features`: the entry point that takes plain objects (a plain Hugging Face model or a
+  TransformerLens-style one, prompt strings, any SAE): patch the corrupted prompt's codes of chosen
+  features (or the top k by attribution) into the clean run at one hook and measure the answer's
+  logit difference and the share of the gap closed, as a `Patched` result. `prompt_pairs` turns the
+  strings and answers into a `PromptSet`; `code_change`, `prompt_attribution`, `patched_activation`
+  and `ablate_activation` are the tensor-level steps that it, `patch_curve`, `edit_curve` and
+  `ablate` share.
 * `patch_curve`: move the clean IOI prompts' codes of the top-k features, at chosen positions
   (default: the repeated name), to their values on the counterfactual prompts (names swapped), and
   record the logit difference and the KL divergence of the next-token distribution from the clean
@@ -35,14 +42,16 @@ the last position's logits are computed where only they are read.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from helpers.dictionaries.dictionary import encode_batched
 from helpers.activations.harvest import model_device
 from helpers.activations.hooks import layer_of, name as hook_name
-from helpers.causal.prompts import logit_diff
+from helpers.activations.models import hooked
+from helpers.causal.prompts import PromptSet, logit_diff
+from helpers.dictionaries.dictionary import as_dictionary, encode_batched
+from helpers.results import Estimate, Result
 
 
 def check_hook(model, dictionary, hook: str) -> None:
@@ -118,8 +127,7 @@ def attribution(model, tokens, hook: str, dictionary, delta_codes: torch.Tensor,
     if grad is None:
         x = hook_acts(model, tokens, hook) if x is None else x
         grad = _grad(model, tokens, hook, x, metric)
-    proj = grad @ dictionary.decoder_rows.float().cpu().T             # [n, pos, F]
-    return (delta_codes * proj).sum((0, 1))
+    return prompt_attribution(delta_codes, grad, dictionary.decoder_rows.float().cpu()).sum(0)
 
 
 @torch.no_grad()
@@ -216,6 +224,26 @@ def _split(ps, split, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rank, measure
 
 
+def code_change(dictionary, x: torch.Tensor, x_cf: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[n, pos, F]: the dictionary's codes of the counterfactual activations x_cf minus those of the
+    clean activations x ([n, pos, d] each), where `mask` [n, pos] is True, zero elsewhere: what
+    patching every feature at those positions changes the codes by."""
+    return (_encode(dictionary, x_cf) - _encode(dictionary, x)) * mask[..., None]
+
+
+def prompt_attribution(delta: torch.Tensor, grad: torch.Tensor, decoder_rows: torch.Tensor) -> torch.Tensor:
+    """[n, F]: each prompt's first-order estimate of the change in its metric when each feature's codes
+    change by delta [n, pos, F]: Σ_pos δc_f · (∂metric/∂x · decoder_rows[f]), from grad [n, pos, d]."""
+    return (delta * (grad @ decoder_rows.T)).sum(1)
+
+
+def patched_activation(x: torch.Tensor, delta: torch.Tensor, decoder_rows: torch.Tensor, features) -> torch.Tensor:
+    """x [n, pos, d] with the codes of `features` changed by delta [n, pos, F]: x + Σ_f δc_f ·
+    decoder_rows[f]. Everything else, the dictionary's reconstruction error included, is kept."""
+    f = torch.as_tensor(features, dtype=torch.long)
+    return x + delta[..., f] @ decoder_rows[f]
+
+
 @dataclass
 class PatchContext:
     """What the patch curves of every dictionary at one hook share, for one prompt set."""
@@ -266,9 +294,9 @@ def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32), conte
     mask = position_mask(ps, positions)
     cand = torch.arange(dictionary.n_features) if candidates is None else torch.as_tensor(candidates).long()
     x, x_cf = ctx.x, ctx.x_cf
-    delta = (_encode(dictionary, x_cf) - _encode(dictionary, x)) * mask[..., None]
+    delta = code_change(dictionary, x, x_cf, mask)
     rows = dictionary.decoder_rows.float().cpu()
-    per_prompt = (delta * (ctx.grad @ rows.T)).sum(1)              # [n, F] attribution of each prompt
+    per_prompt = prompt_attribution(delta, ctx.grad, rows)          # [n, F] attribution of each prompt
     # most negative first: pushes the answer towards the counterfactual's
     order = cand[per_prompt[rank][:, cand].sum(0).argsort()]
     orders = {"held-out": order}
@@ -278,7 +306,7 @@ def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32), conte
     captured = _captured(dx, (delta @ rows)[mask])
     captured_cand = _captured(dx, (delta[..., cand] @ rows[cand])[mask])
     xm, dm, pm = x[measure], delta[measure], ps.subset(measure)
-    acts = [xm + dm[..., o[:k]] @ rows[o[:k]] for o in orders.values() for k in ks]
+    acts = [patched_activation(xm, dm, rows, o[:k]) for o in orders.values() for k in ks]
     logits = _patched_last_logits(model, pm.tokens, hook, acts)
     ld_c, ld_cf = ctx.ld_clean[measure], ctx.ld_cf[measure]
     points = []
@@ -325,18 +353,27 @@ def ce_loss(model, tokens, hook: str | None = None, new_act_fn=None, batch_size:
     return float(sums.sum() / counts.sum())
 
 
-def ablate(dictionary, features) -> callable:
-    """A function act -> act with the codes of `features` set to 0 (BOS position untouched)."""
-    rows = dictionary.decoder_rows.float()
+def ablate_activation(act: torch.Tensor, encode, decoder_rows: torch.Tensor, features) -> torch.Tensor:
+    """act [n, pos, d] with the codes of `features` set to 0 at every position but the first (BOS):
+    their contribution codes @ decoder_rows[features] subtracted, everything else (the other features,
+    the reconstruction error, the bias) kept. `encode`: activations [N, d] -> codes [N, F]."""
+    rows = decoder_rows.float()
     sel = torch.as_tensor(features, dtype=torch.int64)
+    n, p, d = act.shape
+    x = act[:, 1:].float()
+    c = encode(x.reshape(-1, d).to(rows.device))[:, sel].float()
+    out = act.clone()
+    out[:, 1:] = (x.reshape(-1, d) - (c @ rows[sel]).to(x.device)).reshape(n, p - 1, d).to(act.dtype)
+    return out
+
+
+def ablate(dictionary, features) -> callable:
+    """A function act -> act with the codes of `features` set to 0 (BOS position untouched): see
+    `ablate_activation`."""
+    rows = dictionary.decoder_rows.float()
 
     def fn(act):
-        n, p, d = act.shape
-        x = act[:, 1:].float()
-        c = dictionary.encode(x.reshape(-1, d).to(rows.device))[:, sel].float()
-        out = act.clone()
-        out[:, 1:] = (x.reshape(-1, d) - (c @ rows[sel]).to(x.device)).reshape(n, p - 1, d).to(act.dtype)
-        return out
+        return ablate_activation(act, dictionary.encode, rows, features)
     return fn
 
 
@@ -385,7 +422,7 @@ def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(
     x = ctx.x
     c = _encode(dictionary, x)
     c[:, 0] = 0  # BOS is never ablated
-    per_prompt = (-c * (ctx.grad @ dictionary.decoder_rows.float().cpu().T)).sum(1)   # [n, F]
+    per_prompt = prompt_attribution(-c, ctx.grad, dictionary.decoder_rows.float().cpu())   # [n, F]
     order = cand[per_prompt[rank][:, cand].sum(0).argsort()]
     orders = {"edit": order}
     if in_sample:
@@ -520,3 +557,174 @@ def captured_share(dictionary, model, ps, hook: str, positions="all") -> float:
     mask = position_mask(ps, positions)
     delta = _encode(dictionary, x_cf) - _encode(dictionary, x)
     return _captured((x_cf.cpu() - x.cpu())[mask], (delta @ dictionary.decoder_rows.float().cpu())[mask])
+
+
+# ------------------------------------------------------------------ patching features of a prompt pair
+
+def _single_token(tokenizer, answer) -> int:
+    if isinstance(answer, str):
+        ids = tokenizer.encode(answer, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"answer {answer!r} is {len(ids)} tokens {ids} for this tokenizer: answers are single "
+                             "tokens (mind the leading space, e.g. ' Mary')")
+        return ids[0]
+    return int(answer)
+
+
+def _answer_ids(tokenizer, answer, n: int) -> torch.Tensor:
+    """[n] token ids: one answer (a string or an id) for every prompt, or one per prompt."""
+    if isinstance(answer, (str, int)) or (isinstance(answer, torch.Tensor) and answer.ndim == 0):
+        return torch.full((n,), _single_token(tokenizer, answer), dtype=torch.long)
+    ids = torch.tensor([_single_token(tokenizer, a) for a in answer], dtype=torch.long)
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} answers for {n} prompts")
+    return ids
+
+
+def _prompt_tokens(model, prompts) -> tuple[torch.Tensor, list[str]]:
+    """[n, pos] token ids (BOS first, as `model.to_tokens`) and the texts, from a string, a list of
+    strings, or token ids ([pos] or [n, pos])."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, torch.Tensor) or (len(prompts) and not isinstance(prompts[0], str)):
+        toks = torch.as_tensor(prompts, dtype=torch.long).cpu()
+        toks = toks[None] if toks.ndim == 1 else toks
+        return toks, [model.tokenizer.decode(t) for t in toks]
+    rows = [model.to_tokens(p)[0].cpu() for p in prompts]
+    lengths = {len(r) for r in rows}
+    if len(lengths) != 1:
+        raise ValueError(f"the prompts are of different token lengths {sorted(lengths)}: a batch of prompts, and a "
+                         "prompt and its counterfactual, must have the same length")
+    return torch.stack(rows), list(prompts)
+
+
+def prompt_pairs(model, clean, corrupt=None, answer=None) -> PromptSet:
+    """Clean prompts, their corrupted (counterfactual) versions and the answers, as a `PromptSet`.
+
+    clean, corrupt: a string each, lists of strings (paired in order) or token ids [n, pos] (BOS
+    first); or `clean` a list of (clean, corrupt) pairs and `corrupt` None. Every prompt must have the
+    same token length as its corrupted version (and, in a list, as the others).
+    answer: (right, wrong) for the clean prompts, each a single-token string (" Mary") or a token id,
+    or a list of them with one per prompt. The logit difference is logit(right) - logit(wrong) on
+    both runs, so it is typically positive on the clean run and negative on the corrupted one."""
+    if corrupt is None:
+        pairs = [clean] if isinstance(clean, tuple) else list(clean)
+        clean, corrupt = [p[0] for p in pairs], [p[1] for p in pairs]
+    if answer is None or len(answer) != 2:
+        raise ValueError("answer must be (right, wrong): e.g. (' Mary', ' John'), or two lists of token ids")
+    tokens, texts = _prompt_tokens(model, clean)
+    cf_tokens, cf_texts = _prompt_tokens(model, corrupt)
+    if tokens.shape != cf_tokens.shape:
+        raise ValueError(f"clean prompts {tuple(tokens.shape)} and corrupted ones {tuple(cf_tokens.shape)} must have "
+                         "the same number and token length: patching swaps activations position by position")
+    n = len(tokens)
+    return PromptSet(tokens, _answer_ids(model.tokenizer, answer[0], n), _answer_ids(model.tokenizer, answer[1], n),
+                     cf_tokens, [0] * n, texts, cf_texts, ["pair"] * n, {"task": "prompt pairs"})
+
+
+@dataclass
+class Patched(Result):
+    """What patching the corrupted run's codes of some features into the clean run did at one hook.
+
+    Logit differences are logit(right) - logit(wrong) of the clean prompts' answers, averaged over the
+    prompts; `gap_closed` is the share of the clean-to-corrupted gap that the patch closes (0: the
+    clean answer, 1: the corrupted run's), with a bootstrap interval over the prompts when there are
+    several; `kl` the KL divergence of the patched next-token distribution from the clean one."""
+
+    hook: str
+    dictionary: str
+    features: list
+    attribution: list           # each patched feature's attribution (first-order estimate of its effect on the logit difference)
+    ranked_by: str              # "attribution" (top k, ranked on the prompts patched) or "given"
+    positions: str
+    n_prompts: int
+    ld_clean: float
+    ld_corrupt: float
+    ld_patched: float
+    gap_closed: Estimate
+    kl: Estimate
+    captured: float             # the share of the clean-to-corrupted change at these positions that the reconstruction carries
+    per_prompt: dict = field(default_factory=dict)  # {"clean", "corrupt", "patched"}: each prompt's logit difference
+
+    def rows(self) -> list[dict]:
+        shown = ", ".join(map(str, self.features[:12])) + (" …" if len(self.features) > 12 else "")
+        return [{"hook": self.hook, "dictionary": self.dictionary, "k": len(self.features), "features": shown,
+                 "positions": self.positions, "prompts": self.n_prompts, "ld clean": self.ld_clean,
+                 "ld corrupt": self.ld_corrupt, "ld patched": self.ld_patched,
+                 "gap closed": format(self.gap_closed, ".3f"), "KL": format(self.kl, ".4f"), "captured": self.captured}]
+
+    def verdicts(self) -> list[str]:
+        gap = self.ld_clean - self.ld_corrupt
+        if abs(gap) < 1e-6:
+            return ["the clean and corrupted runs give the same logit difference: there is no gap to close"]
+        out = []
+        if gap < 0:
+            out.append("the corrupted run prefers the right answer more than the clean run does: is `answer` the "
+                       "clean prompt's (right, wrong)?")
+        g = self.gap_closed
+        line = (f"patching {len(self.features)} feature(s) of {self.dictionary} at {self.positions} positions "
+                f"closes {g:.3f} of the gap (0: the clean answer, 1: the corrupted run's)")
+        if g.has_interval:
+            line += ("; clearly more than nothing" if g.above(0) else
+                     "; not clearly different from nothing (the interval covers 0)" if not g.below(0) else
+                     "; it moves the answer away from the corrupted run's")
+        out.append(line)
+        if self.captured < 0.5:
+            out.append(f"the dictionary's reconstruction carries only {self.captured:.2f} of the change in the activation "
+                       "at these positions; the rest sits in its reconstruction error, which patching keeps")
+        if self.ranked_by == "attribution":
+            out.append("the features were ranked on the prompts they were measured on: rank them on other prompts "
+                       "and pass `features=` for a held-out measurement")
+        return out
+
+
+def _gap_estimate(ld_clean, ld_cf, ld, n_boot: int, seed: int) -> Estimate:
+    value = gap_closed(ld_clean, ld_cf, ld)
+    if len(ld) < 2:
+        return Estimate(value)
+    _, low, high = ratio_interval(ld_clean - ld, ld_clean - ld_cf, n_boot, seed)
+    return Estimate(value, low, high)
+
+
+@torch.no_grad()
+def patch_features(model, clean, corrupt=None, hook: str = "", sae=None, answer=None, features=None, k: int = 10,
+                   positions="changed", n_boot: int = 1000, seed: int = 0, tokenizer=None) -> Patched:
+    """Patch the corrupted run's codes of some SAE features into the clean run at `hook`, and measure
+    the logit difference of the answer.
+
+    model: a TransformerLens-style model or a plain Hugging Face causal LM (`hooked`); clean, corrupt,
+    answer: as `prompt_pairs` (e.g. "When Mary and John ..., John gave a drink to", the same with
+    Mary and John swapped in the opening, answer (" Mary", " John")); sae: anything `as_dictionary`
+    takes, with a linear decoder (`hook` defaults to the SAE's own). At `positions` (`position_mask`: by default where the two prompts
+    differ; "all" for every position but BOS) each chosen feature's code moves from its clean value
+    to its corrupted one, i.e. (c' - c) · decoder_rows[f] is added, and the dictionary's
+    reconstruction error is kept. `features`: the features to patch (ids); None: the k with the most
+    negative attribution (a first-order estimate, one backward pass) on these same prompts, as
+    `patch_curve` ranks them. With several prompt pairs, `gap_closed` and `kl` get bootstrap intervals
+    over them (`ratio_interval`)."""
+    model = hooked(model, tokenizer)
+    dictionary = as_dictionary(sae)
+    hook = hook or dictionary.hook_name
+    check_hook(model, dictionary, hook)
+    ps = prompt_pairs(model, clean, corrupt, answer)
+    ctx = patch_context(model, ps, hook)
+    mask = position_mask(ps, positions)
+    delta = code_change(dictionary, ctx.x, ctx.x_cf, mask)
+    rows = dictionary.decoder_rows.float().cpu()
+    attr = prompt_attribution(delta, ctx.grad, rows).sum(0)
+    if features is None:
+        chosen, ranked_by = attr.argsort()[:k], "attribution"
+    else:
+        chosen, ranked_by = torch.as_tensor(list(features), dtype=torch.long).flatten(), "given"
+        if len(chosen) and not 0 <= int(chosen.min()) <= int(chosen.max()) < dictionary.n_features:
+            raise ValueError(f"features must be ids in 0..{dictionary.n_features - 1}")
+    logits = _patched_last_logits(model, ps.tokens, hook, [patched_activation(ctx.x, delta, rows, chosen)])[0]
+    ld = logit_diff(logits, ps)
+    kl = _kl(ctx.clean, logits)
+    kl_est = Estimate(float(kl.mean())) if len(ps) < 2 else Estimate(*ratio_interval(kl, torch.ones(len(kl)), n_boot, seed))
+    return Patched(hook=hook, dictionary=dictionary.name, features=chosen.tolist(), attribution=attr[chosen].tolist(),
+                   ranked_by=ranked_by, positions=positions if isinstance(positions, str) else "mask",
+                   n_prompts=len(ps), ld_clean=float(ctx.ld_clean.mean()), ld_corrupt=float(ctx.ld_cf.mean()),
+                   ld_patched=float(ld.mean()), gap_closed=_gap_estimate(ctx.ld_clean, ctx.ld_cf, ld, n_boot, seed),
+                   kl=kl_est, captured=_captured((ctx.x_cf - ctx.x)[mask], (delta @ rows)[mask]),
+                   per_prompt={"clean": ctx.ld_clean.tolist(), "corrupt": ctx.ld_cf.tolist(), "patched": ld.tolist()})

@@ -4,6 +4,9 @@ One job: steer the model along a direction at one hook (an SAE feature's decoder
 concept's difference of means) and measure what that does and what it costs, so that SAE steering
 can be compared with the simple baseline it is measured against.
 
+* **One steering run from plain objects** (`steer`): a plain Hugging Face model or a TransformerLens-style
+  one, a prompt, a direction or an SAE feature, a scale: the greedy continuation with and without the
+  direction and (given held-out text) its cost, as a `Steered` result; the steps below do the work.
 * **The intervention.** ``scale × norm × u`` is added to the residual stream at `hook`, at every
   position but the first (BOS, whose residual stream is unlike any other: the workbook never edits
   it), where u is the unit direction and `norm` the median norm of the hook's *ordinary* tokens
@@ -48,9 +51,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from helpers.dictionaries.dictionary import encode_batched
 from helpers.activations.harvest import model_device as _device
+from helpers.activations.models import hooked
+from helpers.causal.patching import hook_acts
+from helpers.dictionaries.dictionary import as_dictionary, encode_batched
 from helpers.evals.heldout import mcc_from_counts
+from helpers.results import Result
 
 # Neutral prompts for the comparison: none mentions a concept we steer towards.
 PROMPTS = ("I think that", "The next morning", "When I was young,", "He looked at the", "The report says that",
@@ -216,6 +222,81 @@ def steering_cost(model, text_tokens: torch.Tensor, hook: str, vectors: torch.Te
             "kl_mean_ablation": res["kl_mean"]}
 
 
+def _text_batches(model, text) -> list[torch.Tensor]:
+    """Held-out text as token batches [n, ctx] (BOS first): token ids as they are ([ctx] or [n, ctx]);
+    a string or a list of strings tokenised by `model.to_tokens`, one batch per token length."""
+    if isinstance(text, str):
+        text = [text]
+    if isinstance(text, torch.Tensor) or (len(text) and not isinstance(text[0], str)):
+        toks = torch.as_tensor(text, dtype=torch.long)
+        return [toks[None] if toks.ndim == 1 else toks]
+    by_len: dict[int, list] = {}
+    for t in text:
+        row = model.to_tokens(t)[0].cpu()
+        by_len.setdefault(len(row), []).append(row)
+    return [torch.stack(rows) for _, rows in sorted(by_len.items())]
+
+
+def text_cost(model, text, hook: str, vectors: torch.Tensor) -> dict:
+    """`steering_cost` of `vectors` [S, d] on held-out `text`: token ids [n, ctx] (then exactly
+    `steering_cost`), or strings of any lengths (each length's batch costed apart, the per-token
+    averages weighted by the tokens each batch scores). Adds "n_tokens", the tokens the KL is over."""
+    batches = [b for b in _text_batches(model, text) if b.shape[1] >= 3]
+    if not batches:
+        raise ValueError("the cost text needs at least one sequence of 3 tokens or more (BOS included)")
+    costs = [steering_cost(model, b, hook, vectors) for b in batches]
+    if len(costs) == 1:
+        return {**costs[0], "n_tokens": batches[0][:, 1:].numel()}
+    n_kl = torch.tensor([b[:, 1:].numel() for b in batches], dtype=torch.float64)
+    n_ce = torch.tensor([b[:, 2:].numel() for b in batches], dtype=torch.float64)
+
+    def mean(values, w):
+        return sum(v * wi for v, wi in zip(values, w.tolist())) / float(w.sum())
+    ce_clean = mean([c["ce_clean"] for c in costs], n_ce)
+    ce = mean([c["dce"].double() + c["ce_clean"] for c in costs], n_ce)
+    return {"kl": mean([c["kl"].double() for c in costs], n_kl).float(), "dce": (ce - ce_clean).float(),
+            "ce_clean": ce_clean, "kl_mean_ablation": mean([c["kl_mean_ablation"] for c in costs], n_kl),
+            "n_tokens": int(n_kl.sum())}
+
+
+@dataclass
+class Steered(Result):
+    """A greedy continuation of one prompt with and without a direction added at `hook` (scale × norm ×
+    the unit direction, every position but BOS), and what the steering costs on held-out text: the
+    KL divergence of the next-token distribution from the unsteered model and the increase of the
+    next-token loss (ΔCE), in nats per token (NaN when no cost text was given)."""
+
+    prompt: str
+    hook: str
+    scale: float
+    norm: float                 # the unit of scale: the median norm of the activations at hook
+    feature: int | None         # the SAE feature steered along (None: a direction of one's own)
+    unsteered: str
+    steered: str
+    kl: float = float("nan")
+    dce: float = float("nan")
+    ce_clean: float = float("nan")
+    kl_mean_ablation: float = float("nan")   # what replacing the layer's activations by their mean costs: a yardstick
+    n_cost_tokens: int = 0
+
+    def verdicts(self) -> list[str]:
+        out = []
+        if self.steered == self.unsteered:
+            out.append("the steered continuation is the unsteered one: at this scale the direction does not change "
+                       "the greedy text")
+        else:
+            a, b = self.unsteered, self.steered
+            i = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            out.append(f"steering changes the continuation from character {i} on")
+        if self.n_cost_tokens:
+            line = (f"it costs KL {self.kl:.4f} and ΔCE {self.dce:+.4f} nats/token on {self.n_cost_tokens} tokens of "
+                    f"the cost text (mean-ablating the layer: KL {self.kl_mean_ablation:.4f})")
+            if self.kl > self.kl_mean_ablation:
+                line += ": more than mean-ablating the layer, so expect degraded text"
+            out.append(line)
+        return out
+
+
 class _Direction:
     """A one-direction 'dictionary' for helpers.evals.features.logit_effects."""
 
@@ -251,6 +332,48 @@ def next_token_change(model, prompt, hook: str, vector: torch.Tensor, k: int = 5
     def rows(ids):
         return [(tok.decode([int(i)]), float(p[0, i]), float(p[1, i])) for i in ids]
     return {"rose": rows(diff.topk(k).indices), "fell": rows((-diff).topk(k).indices), "watch": rows(list(watch))}
+
+
+@torch.no_grad()
+def steer(model, prompt, hook: str = "", direction: torch.Tensor | None = None, sae=None, feature: int | None = None,
+          scale: float = 0.5, n_new: int = 24, cost_text=None, norm: float | None = None, tokenizer=None) -> Steered:
+    """Continue `prompt` greedily with and without a direction added at `hook`, and measure the cost.
+
+    model: a TransformerLens-style model or a plain Hugging Face causal LM (`hooked`). The direction is
+    `direction` [d], or the unit decoder direction of `feature` of `sae` (anything `as_dictionary`
+    takes; `hook` then defaults to the SAE's). What is added, at every position but BOS, is
+    ``scale × norm × unit direction`` (`steering_vector`), where `norm` defaults to the median norm of
+    the activations at `hook` (BOS left out) on the cost text, or on the prompt when there is none:
+    scale 1 adds a vector as long as a typical token's whole activation. `cost_text`: held-out text
+    (strings, or token ids [n, ctx] with BOS first) on which the steering's KL from the unsteered
+    model and its ΔCE are measured (`steering_cost`, through `text_cost`)."""
+    model = hooked(model, tokenizer)
+    if direction is None:
+        if sae is None or feature is None:
+            raise ValueError("steer along a `direction`, or along `feature` of `sae`")
+        d = as_dictionary(sae)
+        hook = hook or d.hook_name
+        direction = d.directions[int(feature)].float().cpu()
+    if not hook:
+        raise ValueError("name the hook to steer at, e.g. 'blocks.3.hook_resid_post'")
+    direction = torch.as_tensor(direction).float().flatten().cpu()
+    if direction.shape[0] != model.cfg.d_model:
+        raise ValueError(f"the direction has {direction.shape[0]} dimensions, the model's d_model is {model.cfg.d_model}")
+    batches = _text_batches(model, cost_text) if cost_text is not None else [_tokens(model, prompt)[None]]
+    if norm is None:
+        norm = ordinary_norm(torch.cat([hook_acts(model, b, hook)[:, 1:].reshape(-1, model.cfg.d_model).cpu()
+                                        for b in batches]))
+    vecs = torch.stack([torch.zeros(model.cfg.d_model), steering_vector(direction, scale, norm)])
+    unsteered, steered = generate(model, prompt, hook, vecs, n_new)
+    text = prompt if isinstance(prompt, str) else model.tokenizer.decode(_tokens(model, prompt))
+    out = Steered(prompt=text, hook=hook, scale=float(scale), norm=float(norm),
+                  feature=None if feature is None or sae is None else int(feature), unsteered=unsteered, steered=steered)
+    if cost_text is not None:
+        cost = text_cost(model, cost_text, hook, vecs[1:])
+        out.kl, out.dce = float(cost["kl"][0]), float(cost["dce"][0])
+        out.ce_clean, out.kl_mean_ablation = float(cost["ce_clean"]), float(cost["kl_mean_ablation"])
+        out.n_cost_tokens = int(cost["n_tokens"])
+    return out
 
 
 @dataclass

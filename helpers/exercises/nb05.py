@@ -3,13 +3,15 @@
 05.1 the share of the logit-difference gap closed, 05.2 activation patching by hand (one position of the
 residual stream), 05.3 ablating features while keeping the dictionary's reconstruction error, 05.4
 steering (adding a direction to the residual stream). The references are the workbook's own
-(helpers.causal.patching.gap_closed, patch_positions_by_layer, ablate); steering has a short one here.
+(helpers.causal.patching.gap_closed, patch_positions_by_layer, ablate_activation; helpers.causal.steering.add_hook).
 """
 from __future__ import annotations
 
 import torch
 
-from helpers.activations.harvest import model_device as _device
+from helpers.activations.harvest import model_device
+from helpers.causal.patching import ablate_activation, gap_closed, patch_positions_by_layer, prompt_pairs
+from helpers.causal.steering import add_hook
 from .core import Exercise, register
 
 MODEL_ATOL = 1e-3  # logits of two forward passes that compute the same thing in another order
@@ -18,8 +20,6 @@ MODEL_ATOL = 1e-3  # logits of two forward passes that compute the same thing in
 # ------------------------------------------------------------------ 05.1 the share of the gap closed
 
 def _gap_reference(ld_clean: torch.Tensor, ld_cf: torch.Tensor, ld: torch.Tensor) -> float:
-    from helpers.causal.patching import gap_closed
-
     return gap_closed(ld_clean, ld_cf, ld)
 
 
@@ -59,23 +59,11 @@ register(Exercise(
 
 # ------------------------------------------------------------------ 05.2 activation patching by hand
 
-class _Prompts:
-    """What helpers.causal.patching reads of a PromptSet."""
-
-    def __init__(self, tokens, cf_tokens, correct, wrong):
-        self.tokens, self.cf_tokens, self.correct, self.wrong = tokens, cf_tokens, correct, wrong
-
-    def __len__(self):
-        return self.tokens.shape[0]
-
-
 def _patch_reference(model, tokens, cf_tokens, layer: int, position: int, correct, wrong):
-    from helpers.causal.patching import patch_positions_by_layer
-
     mask = torch.zeros(tokens.shape, dtype=torch.bool)
     mask[:, position] = True
-    row = patch_positions_by_layer(model, _Prompts(tokens, cf_tokens, correct, wrong), [layer], progress=False,
-                                   positions=(mask,))[0]
+    ps = prompt_pairs(model, tokens, cf_tokens, answer=(correct, wrong))
+    row = patch_positions_by_layer(model, ps, [layer], progress=False, positions=(mask,))[0]
     return row["per_prompt"][mask]
 
 
@@ -83,7 +71,7 @@ def _run_patched(model, tokens, cf_tokens, layer, correct, wrong, where):
     """The clean run's logit differences with the counterfactual residual at `where` (a function
     [n, pos, d] -> bool mask) of blocks.{layer}.hook_resid_post; where None: no patch."""
     name = f"blocks.{layer}.hook_resid_post"
-    dev = _device(model)
+    dev = model_device(model)
     with torch.no_grad():
         _, cache = model.run_with_cache(cf_tokens.to(dev), names_filter=[name])
         x_cf = cache[name]
@@ -140,18 +128,9 @@ register(Exercise(
 
 # ------------------------------------------------------------------ 05.3 ablation that keeps the error term
 
-class _Linear:
-    """What helpers.causal.patching.ablate reads of a Dictionary: encode and decoder_rows."""
-
-    def __init__(self, encode, decoder_rows):
-        self.encode, self.decoder_rows = encode, decoder_rows
-
-
 def _ablate_reference(x: torch.Tensor, encode, decoder_rows: torch.Tensor, features):
-    from helpers.causal.patching import ablate
-
     with torch.no_grad():
-        return ablate(_Linear(encode, decoder_rows), features)(x)
+        return ablate_activation(x, encode, decoder_rows, features)
 
 
 def _contribution(x, encode, decoder_rows, features, start=1):
@@ -229,15 +208,13 @@ def _steer_run(model, tokens, hook_name, direction, scale, positions="text", nor
             out[:, -1] += v
         return out
     with torch.no_grad():
-        return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook_name, add)])[:, -1].float().cpu()
+        return model.run_with_hooks(tokens.to(model_device(model)), fwd_hooks=[(hook_name, add)])[:, -1].float().cpu()
 
 
 def _steer_reference(model, tokens, hook_name: str, direction, scale: float):
-    from helpers.causal.steering import add_hook  # the workbook's own steering hook (section 6)
-
     unit = direction.float() / direction.float().norm()
-    with torch.no_grad():
-        return model.run_with_hooks(tokens.to(_device(model)),
+    with torch.no_grad():  # the workbook's own steering hook (section 6)
+        return model.run_with_hooks(tokens.to(model_device(model)),
                                     fwd_hooks=[(hook_name, add_hook(scale * unit))])[:, -1].float().cpu()
 
 
