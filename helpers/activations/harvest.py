@@ -21,6 +21,7 @@ import torch
 
 from helpers.activations.corpus import corpus_labels, iter_contexts
 from helpers.activations.hooks import BLOCK_HOOK
+from helpers.activations.models import hooked, load_model
 from helpers.activations.store import META_DTYPE, ActivationStore, CorruptShard, StoreError, StoreWriter
 
 # Hooks that stop_at_layer cannot cut short (they come after the last block).
@@ -79,6 +80,28 @@ def forward_to(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch
     """Activations of `hooks` for a batch of token ids, computing no deeper than needed."""
     _, cache = model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=stop_layer(hooks))
     return {h: cache[h] for h in hooks}
+
+
+@torch.no_grad()
+def collect(model, tokens: torch.Tensor, hook: str, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+    """The activations of `hook` for token ids [n, T], as a float32 CPU tensor [n, T, d_model].
+
+    `model` is a TransformerLens-style model or a plain Hugging Face causal LM (see `hooked`); each
+    batch of `batch_size` contexts runs no deeper than the hook's layer.
+    """
+    from tqdm.auto import tqdm
+
+    model = hooked(model)
+    hook = validate_hooks(model, [hook])[0]
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be integer ids [n_contexts, ctx_len], got {tuple(tokens.shape)} {tokens.dtype}")
+    device = next(model.parameters()).device
+    out = []
+    for i in tqdm(range(0, len(tokens), batch_size), desc=f"collect {hook}", disable=not progress,
+                  leave=False):
+        out.append(forward_to(model, tokens[i:i + batch_size].to(device), [hook])[hook].float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, tokens.shape[1], model.cfg.d_model)
 
 
 def harvest(model, path, hooks, *, corpus: str = "brown", split: str = "train", ctx_len: int = 128,
@@ -216,8 +239,6 @@ def get_store(profile, model=None, split: str = "train", progress: bool = True) 
     except StoreError:
         pass
     if model is None:
-        from helpers.activations.models import load_model
-
         model = load_model(profile.model, device=profile.device)
     return harvest(model, path, profile.hooks, corpus=profile.corpus, split=split,
                    ctx_len=profile.ctx_len, n_tokens=max(profile.harvest_tokens, per_ctx),
