@@ -182,6 +182,21 @@ class ModuleDictionary(Dictionary):
     def device(self) -> torch.device:
         return device_of(self.sae)
 
+    @property
+    def d_in(self) -> int | None:
+        """The input width: ``cfg.d_in``, else the decoder's; None when neither is known."""
+        d = getattr(getattr(self.sae, "cfg", None), "d_in", None)
+        if d is None:
+            try:
+                d = self.decoder_rows.shape[1]
+            except NotImplementedError:
+                return None
+        return int(d)
+
+    def check(self, x: torch.Tensor) -> None:
+        if self.d_in is not None:
+            super().check(x)
+
     def encode(self, x):  # differentiable, as the SAE's own encode
         self.check(x)
         return self.sae.encode(x.to(self.device).float()).float()
