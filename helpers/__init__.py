@@ -9,14 +9,32 @@
 * ``runs``:         the profile's sweep and layer comparisons, the resource plan, claims, run_all
 * ``show``:         plots and dashboards
 * ``exercises``:    the notebooks' exercises and ``python -m helpers.exercises.build``
+* ``results``:      typed results (``Estimate``, ``Result``): they save, load, show as tables and say their verdicts
+
+The research API, importable from here: each method on plain objects (a Hugging Face or TransformerLens
+model, tensors, an SAE as anything with encode/decode); the notebooks' profile, store and cache are
+conveniences on top of it.
 """
 from helpers.activations.corpus import iter_contexts, load_brown, tokenize_document
-from helpers.activations.harvest import get_store, harvest, store_path, valid_hooks
-from helpers.activations.models import ModelUnavailable, load_model
-from helpers.settings.profiles import EMBEDDED_MODEL, PAPER_MODEL, PROFILES, Profile, get_profile
+from helpers.activations.harvest import collect, get_store, harvest, store_path, valid_hooks
+from helpers.activations.models import ModelUnavailable, hooked, load_model
 from helpers.activations.store import ActivationStore, CorruptShard, StoreError, StoreMismatch
+from helpers.causal.patching import patch_features
+from helpers.causal.steering import steer
+from helpers.dictionaries.dictionary import as_dictionary, load_sae, neuron_basis, random_directions
+from helpers.evals.heldout import compare, heldout_score, heldout_scores, token_labels
+from helpers.evals.reconstruction import ce_loss_recovered, fvu, reconstruction
+from helpers.results import Estimate, Result
+from helpers.saes.train import train_sae
+from helpers.settings.profiles import EMBEDDED_MODEL, PAPER_MODEL, PROFILES, Profile, get_profile
+from helpers.show.dashboard import FeatureView, dashboard, top_contexts
 
 __all__ = [
+    # the research API
+    "Estimate", "FeatureView", "Result", "as_dictionary", "ce_loss_recovered", "collect", "compare", "dashboard",
+    "fvu", "heldout_score", "heldout_scores", "hooked", "load_sae", "neuron_basis", "patch_features",
+    "random_directions", "reconstruction", "steer", "token_labels", "top_contexts", "train_sae",
+    # the notebooks' conveniences
     "ActivationStore", "CorruptShard", "EMBEDDED_MODEL", "ModelUnavailable", "PAPER_MODEL", "PROFILES",
     "Profile", "StoreError", "StoreMismatch", "get_profile", "get_store", "harvest", "iter_contexts",
     "load_brown", "load_model", "store_path", "tokenize_document", "valid_hooks",

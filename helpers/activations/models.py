@@ -178,12 +178,16 @@ def hooked(model, tokenizer=None):
 
     A model that already has them (a TransformerBridge, a HookedTransformer) is returned as it is; a
     plain Hugging Face causal LM is wrapped in a TransformerBridge that shares its weights (no copy, no
-    download). `tokenizer` defaults to the one saved beside the model (``config._name_or_path``).
+    download), made once per model and kept with it. `tokenizer` defaults to the one saved beside the
+    model (``config._name_or_path``).
     """
     if hasattr(model, "run_with_hooks"):
         return model
     if not hasattr(model, "config"):
         raise TypeError(f"expected a TransformerLens-style model or a Hugging Face model, got {type(model).__name__}")
+    made = model.__dict__.get("_workbook_bridge")  # one bridge per model, kept as a plain attribute
+    if made is not None and (tokenizer is None or made.tokenizer is tokenizer):
+        return made
     from transformer_lens.model_bridge import TransformerBridge
 
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -198,4 +202,5 @@ def hooked(model, tokenizer=None):
         bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device,
                                                      dtype=dtype)
     bridge.eval()
+    model.__dict__["_workbook_bridge"] = bridge  # not a submodule: the model's parameters stay its own
     return bridge
