@@ -14,6 +14,7 @@ import json
 import math
 import os
 import typing
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -175,8 +176,6 @@ class Result:
         return "\n".join([f"{type(self).__name__}", text, *self.verdicts()])
 
     def _repr_html_(self) -> str:
-        from html import escape
-
         table = self.to_frame().to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
         notes = "".join(f"<li>{escape(v)}</li>" for v in self.verdicts())
         return f"<b>{type(self).__name__}</b>{table}" + (f"<ul>{notes}</ul>" if notes else "")

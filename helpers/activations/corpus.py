@@ -48,6 +48,7 @@ from typing import Iterator
 
 import numpy as np
 
+from helpers.activations.models import ModelUnavailable, hub_reachable
 from helpers.settings.paths import DATA_DIR
 
 NO_TAG = 255  # pos value of tokens that are not part of a word (whitespace) or carry no tag
@@ -377,7 +378,6 @@ def _file_rows(files: list[Path], resume: dict | None) -> Iterator[tuple[dict, d
 
 def _pile_stream(split: str):
     """The Pile as a `datasets.IterableDataset` streamed from the hub (a seam tests replace)."""
-    from helpers.activations.models import ModelUnavailable, hub_reachable
 
     if not hub_reachable():
         raise ModelUnavailable(f"the Pile is streamed from the Hugging Face hub, which is not reachable "

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from helpers.activations.corpus import corpus_labels, iter_contexts
 from helpers.activations.hooks import BLOCK_HOOK
@@ -89,7 +90,6 @@ def collect(model, tokens: torch.Tensor, hook: str, batch_size: int = 16, progre
     `model` is a TransformerLens-style model or a plain Hugging Face causal LM (see `hooked`); each
     batch of `batch_size` contexts runs no deeper than the hook's layer.
     """
-    from tqdm.auto import tqdm
 
     model = hooked(model)
     hook = validate_hooks(model, [hook])[0]
@@ -147,7 +147,6 @@ def _harvest_into(writer, model, path, hooks, corpus, split, ctx_len, target, ba
     contexts = iter_contexts(tokenizer, corpus=corpus, ctx_len=ctx_len, split=split, seed=seed,
                              start_context=start, max_contexts=max(target - start, 0),
                              resume=writer.next_resume)
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=target * per_ctx, initial=start * per_ctx, unit="tok", unit_scale=True,
                desc=f"harvest {len(hooks)} hook(s)", disable=not progress, smoothing=0.1)

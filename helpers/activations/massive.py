@@ -25,8 +25,10 @@ that would flag every token is refused.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -70,8 +72,6 @@ class Massive:
         return x - self.flags(x).unsqueeze(-1).to(x.dtype) * self.offset.to(x.device, x.dtype)
 
     def to_json(self) -> dict:
-        from dataclasses import asdict
-
         return {**asdict(self), "offset": [float(v) for v in self.offset],
                 "top_dims": [list(t) for t in self.top_dims]}
 
@@ -111,8 +111,6 @@ def fit(store, hook: str = "", factor: float = FACTOR, max_tokens: int | None = 
         return fit_tensor(store if max_tokens is None else store[:max_tokens], factor, hook)
     if not factor > 0:
         raise MassiveError(f"the factor must be positive, not {factor}")
-    import json
-    import os
 
     cache = store.path / "massive.json"
     key = f"v{_VERSION}|{hook}|{factor}|{store.n_tokens}|{max_tokens}"

@@ -1,7 +1,6 @@
 """An on-disk activation store: fixed-size shards, a manifest, checksums, shuffled reading.
 
 Layout of a store folder::
-
     manifest.json                     what was harvested, and every completed shard
     shard_00000.meta.bin              token labels of shard 0 (a numpy record array, META_DTYPE)
     shard_00000.blocks.6.hook_resid_post.bin   activations [n_tokens, d_model], float16/bfloat16
@@ -34,10 +33,11 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from helpers.settings.locks import FolderLock, tmp_name
-
 import numpy as np
 import torch
+
+from helpers.settings.locks import FolderLock, tmp_name
+from helpers.settings.paths import sync_drive
 
 FORMAT = "sae-workbook-activations/1"
 META_DTYPE = np.dtype([
@@ -578,7 +578,6 @@ class StoreWriter:
 
     def finish(self, **fields) -> ActivationStore:
         """Mark the store complete (recording `fields`, e.g. why it stopped) and open it."""
-        from helpers.settings.paths import sync_drive
 
         self.manifest.update(fields, complete=True, n_tokens=self.n_tokens)
         self._save_manifest()

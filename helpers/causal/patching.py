@@ -42,12 +42,15 @@ the last position's logits are computed where only they are read.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from helpers.activations.harvest import model_device
-from helpers.activations.hooks import layer_of, name as hook_name
+from helpers.activations.hooks import layer_of
+from helpers.activations.hooks import name as hook_name
 from helpers.activations.models import hooked
 from helpers.causal.prompts import PromptSet, logit_diff
 from helpers.dictionaries.dictionary import as_dictionary, encode_batched
@@ -173,7 +176,6 @@ def candidate_pool(n_features: int, n: int | None, seed: int = 0, salt: str = ""
     else a seeded random subset of n (the seed mixed with `salt`, e.g. the dictionary's name, so that
     two dictionaries of the same size do not get the same subset). Giving every method the same
     number of candidates keeps a larger pool from winning by having more to choose from."""
-    import zlib
 
     if n is None or n >= n_features:
         return torch.arange(n_features)
@@ -521,7 +523,6 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
     ld_clean, ld_cf = logit_diff(clean[:, -1].float(), ps).cpu(), logit_diff(cf[:, -1].float(), ps).cpu()
     masks = torch.cat([position_mask(ps, p) for p in positions]).to(dev)       # [len(positions) * n, pos]
     n, reps = len(ps), len(positions)
-    from tqdm.auto import tqdm
 
     out = []
     for layer in tqdm(list(layers), desc="patch by layer", disable=not progress):

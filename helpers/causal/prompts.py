@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from helpers.activations.corpus import load_brown
 from helpers.settings.paths import DATA_DIR
 
 NAMES_FILE = DATA_DIR / "first_names.json.gz"
@@ -111,7 +112,6 @@ def single_token_names(tokenizer, names) -> tuple[list[str], int]:
 @functools.lru_cache(maxsize=1)
 def _brown_usage() -> tuple[Counter, Counter]:
     """(times each capitalised word is tagged a proper noun, times each lowercase word occurs) in Brown."""
-    from helpers.activations.corpus import load_brown
 
     corpus = load_brown()
     is_proper = [t.startswith("np") for t in corpus.tags]

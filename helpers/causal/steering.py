@@ -46,17 +46,23 @@ from __future__ import annotations
 import ast
 import html
 import re
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from helpers.activations.harvest import model_device as _device
 from helpers.activations.models import hooked
 from helpers.causal.patching import hook_acts
 from helpers.dictionaries.dictionary import as_dictionary, encode_batched
+from helpers.evals.features import Concepts, logit_effects
 from helpers.evals.heldout import mcc_from_counts
+from helpers.evals.reconstruction import contexts_from_store, spliced_loss
 from helpers.results import Result
+from helpers.settings.profiles import PROFILES
 
 # Neutral prompts for the comparison: none mentions a concept we steer towards.
 PROMPTS = ("I think that", "The next morning", "When I was young,", "He looked at the", "The report says that",
@@ -86,7 +92,6 @@ SETTINGS = {
 def comparison_settings(profile, **overrides) -> dict:
     """The comparison's sizes for a profile (`SETTINGS`; a profile shrunk to the `test` profile's harvest
     or below gets the test sizes), with any of them overridden by keyword (an unknown one is refused)."""
-    from helpers.settings.profiles import PROFILES
 
     small = profile.harvest_tokens <= PROFILES["test"].harvest_tokens
     out = dict(SETTINGS["test"] if small else SETTINGS.get(profile.name, SETTINGS["default"]))
@@ -100,7 +105,6 @@ def comparison_settings(profile, **overrides) -> dict:
 def held_out_text(eval_store, bos_token_id: int, skip: int, n_calib: int, n_report: int):
     """Two disjoint sets of held-out contexts after the first `skip` (used elsewhere): (calibration,
     report), at most n_calib and n_report of them, halving what is left when the store holds fewer."""
-    from helpers.evals.reconstruction import contexts_from_store
 
     left = max(0, len(eval_store.tokens()) // (eval_store.manifest["ctx_len"] - 1) - skip)
     if left < 2:
@@ -205,9 +209,6 @@ def steering_cost(model, text_tokens: torch.Tensor, hook: str, vectors: torch.Te
     scale, "kl_mean_ablation": what replacing the layer's activations by their mean costs. Through
     helpers.evals.reconstruction.spliced_loss (same positions and averages as CE-loss recovered), `max_vectors` at a
     time; `progress` (True or a description) shows a bar over those groups."""
-    from tqdm.auto import tqdm
-
-    from helpers.evals.reconstruction import spliced_loss
 
     vectors = torch.as_tensor(vectors).float().reshape(-1, model.cfg.d_model)
     kl, ce, res = [], [], None
@@ -308,7 +309,6 @@ def output_tokens(model, direction: torch.Tensor, k: int = 8) -> dict:
     """The direction's direct effect on the logits (through the final norm's gain and the unembedding,
     as `helpers.evals.features.logit_effects`): its k most promoted and suppressed tokens, as
     {"up": [(token, logit)], "down": [...]} per unit of direction."""
-    from helpers.evals.features import logit_effects
 
     e = logit_effects(_Direction(direction), model, k=k)
     tok = model.tokenizer
@@ -514,7 +514,6 @@ class SteeringIndex:
 
     def describe(self, f: int, n_tokens: int = 3) -> str:
         """The tokens feature f's strongest ordinary activations fall on, e.g. "' she' ×7, ' her' ×2"."""
-        from collections import Counter
 
         rows = [int(r) for r in self.top_rows[f] if r >= 0]
         common = Counter(self.vocab[int(self.meta["token"][r])] for r in rows).most_common(n_tokens)
@@ -549,9 +548,6 @@ def build_index(model, store, dictionary, hook: str | None = None, rule=None, ma
     """A `SteeringIndex` over the first `max_tokens` stored tokens at `hook` (default the dictionary's),
     leaving out the tokens `rule` (helpers.activations.massive) flags: one pass encoding them with the dictionary,
     the store's concepts, and every feature's logit effects."""
-    from tqdm.auto import tqdm
-
-    from helpers.evals.features import Concepts, logit_effects
 
     hook = dictionary.check_store(store, hook)
     x = store.activations(hook, max_tokens)
@@ -647,7 +643,6 @@ def compare_steering(model, index: SteeringIndex, calib_tokens: torch.Tensor, re
     "calibration": the KL grid, "differences": each SAE method minus the difference of means at each
     target (paired over the same prompts and seeds, with an interval), "examples", "skipped",
     "settings"}."""
-    from tqdm.auto import tqdm
 
     concepts = dict(WORD_CONCEPTS if concepts is None else concepts)
     index.word_concepts.update(concepts)
@@ -791,7 +786,6 @@ def playground(model, index: SteeringIndex, text_tokens: torch.Tensor, prompt: s
     sampling with a seed), side by side; below each, its cost on `text_tokens` (KL from the unsteered
     model, ΔCE) and what it does to the next-token distribution. Returns the widget: a cell ending in the
     call shows it."""
-    import time
 
     import ipywidgets as w
 

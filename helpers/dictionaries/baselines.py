@@ -20,12 +20,20 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, neuron_basis, random_directions
+from helpers.activations import massive
 from helpers.activations.models import resolve_device
+from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, neuron_basis, random_directions
+from helpers.evals import heldout
+from helpers.evals.heldout import HeldoutScorer, difference, matched_counts
+from helpers.runs.sweep import layer_saes
+from helpers.settings.paths import stored
 
 IN_MEMORY_TOKENS = 200_000
 
@@ -101,9 +109,6 @@ def _cached_fit(cache_dir, name: str, key: list, fit, massive=None) -> LinearDic
     warns again on load."""
     if cache_dir is None:
         return fit()
-    from pathlib import Path
-
-    from safetensors.torch import load_file, save_file
 
     path = Path(cache_dir) / f"{name}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]}.safetensors"
     if path.exists():
@@ -157,7 +162,6 @@ def baselines(store, hook: str, n_features: int, seed: int = 0, model_name: str 
 def massive_rule(profile, store, layer: int):
     """The massive-activation rule of a layer, fitted on the training store (inert if the profile
     turns the treatment off)."""
-    from helpers.activations import massive
 
     hook = profile.hook_at(layer)
     return massive.fit(store, hook) if profile.massive else massive.Massive.none(hook, store.d_model)
@@ -168,7 +172,6 @@ def layer_dictionaries(profile, layer: int, store, sweep, progress: bool = True,
     (the sweep's TopK SAE nearest to it in L0, if any), "PCA", "ICA", "neurons" and "random" (as many
     features as the L1 SAE). The SAEs come from helpers.runs.sweep.layer_saes (pass its result as `saes`
     to reuse it): the sweep's own at its layer, SAEs with the same settings elsewhere."""
-    from helpers.runs.sweep import layer_saes
 
     if layer not in profile.layers:
         raise ValueError(f"layer {layer} was not harvested: the profile's layers are {profile.layers}")
@@ -199,7 +202,6 @@ def layer_eval_inputs(profile, store, sweep, layer: int | None = None, dictionar
 
 def write_saebench(results: dict, path, eval_name: str) -> None:
     """Write {method: SAEBench-shaped result} as one JSON file per method, `<method>_<eval_name>.json`."""
-    from pathlib import Path
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -223,12 +225,6 @@ def compare_layers(profile, store, model, sweep, progress: bool = True, score_st
     over all tokens, without intervals) and `scored` (per-feature results).
     Dictionaries are fitted on `store`; features are scored on `score_store` (default: `store`; for a
     model trained on the Pile, the Brown store of `profile.scoring`, whose tokens carry POS tags)."""
-    from tqdm.auto import tqdm
-
-    from helpers.evals import heldout
-    from helpers.activations import massive
-    from helpers.settings.paths import stored
-    from helpers.runs.sweep import layer_saes
 
     score_store = store if score_store is None else score_store
     saes = layer_saes(profile, store, sweep, progress=progress)
@@ -263,8 +259,6 @@ def compare_layers(profile, store, model, sweep, progress: bool = True, score_st
 def _score_layer(profile, store, score_store, model, layer, hook, dicts, shared, n_boot, bar):
     """compare_layers' rows at one layer, without their dictionaries; `shared` keeps the scored tokens'
     concept labels for the next layer."""
-    from helpers.activations import massive
-    from helpers.evals.heldout import HeldoutScorer, difference, matched_counts
 
     flags = massive.flags(score_store, hook, massive_rule(profile, store, layer))
     ordinary = HeldoutScorer(score_store, model.tokenizer, n_tokens=profile.score_tokens, scored=~flags,

@@ -20,7 +20,11 @@ given a `massive` rule does the same, so no method's codes are dominated by the 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from helpers.activations.store import StoreMismatch
+from helpers.saes.stack import SAEStack, load_saelens, save_saelens
 
 
 def device_of(obj) -> torch.device:
@@ -89,7 +93,6 @@ class Dictionary:
 
     def check_store(self, store, hook: str | None = None) -> str:
         """The hook to read from `store` for this dictionary; raise if the store does not fit it."""
-        from helpers.activations.store import StoreMismatch
 
         hook = hook or self.hook_name
         if self.model_name and store.manifest["model"] != self.model_name:
@@ -142,7 +145,6 @@ class SAEDictionary(Dictionary):
 
     def save(self, path, extra: dict | None = None):
         """Save the SAE as SAELens files in the folder `path` (see helpers.saes.stack.save_saelens)."""
-        from helpers.saes.stack import save_saelens
 
         return save_saelens(self.sae, path, extra=extra)
 
@@ -216,7 +218,6 @@ def as_dictionary(sae, name: str | None = None) -> Dictionary:
     `ModuleDictionary`. Everything that takes a dictionary takes it through this."""
     if isinstance(sae, Dictionary):
         return sae
-    from helpers.saes.stack import SAEStack
 
     if isinstance(sae, SAEStack):
         return SAEDictionary(sae, name)
@@ -226,7 +227,6 @@ def as_dictionary(sae, name: str | None = None) -> Dictionary:
 def load_sae(path, name: str | None = None) -> SAEDictionary:
     """The SAE in the SAELens-layout folder `path` (ours, or a SAELens standard, topk or jumprelu SAE)
     as a Dictionary: ``encode(x [N, d_in]) -> [N, d_sae]``, ``decode``, ``directions``, ``save``."""
-    from helpers.saes.stack import load_saelens
 
     return SAEDictionary(load_saelens(path), name)
 
@@ -294,7 +294,6 @@ def random_directions(d_in: int, n_features: int, mean: torch.Tensor | None = No
     reconstructs: an orthonormal set when there are at most d_in of them (decoder = encoderᵀ), else
     the pseudo-inverse of the encoder (d_in directions or more span the space, and
     decode(encode(x)) = x; the transpose would move an activation by about n/d_in times too much)."""
-    import numpy as np
 
     own = int(np.random.SeedSequence([seed, RANDOM_STREAM]).generate_state(1)[0])
     g = torch.Generator().manual_seed(own)

@@ -44,8 +44,11 @@ from datetime import datetime
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from helpers.dictionaries.baselines import layer_eval_inputs, write_saebench
 from helpers.dictionaries.dictionary import device_of, encode_batched
+from helpers.evals.features import summarise
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 EPS = 1e-8
@@ -134,7 +137,6 @@ def fit_probes(data: LetterData, min_count: int = 20, C: float = 1.0, progress: 
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
     from sklearn.preprocessing import StandardScaler
-    from tqdm.auto import tqdm
 
     sc = StandardScaler().fit(data.x_train.double().numpy())
     xtr, xte = sc.transform(data.x_train.double().numpy()), sc.transform(data.x_test.double().numpy())
@@ -195,7 +197,6 @@ def evaluate(dictionary, data: LetterData, probes: LetterProbes, max_k: int = 10
     """Absorption rows, one per probed letter, for one dictionary (see the module docstring). A row's
     ``included`` is False when its probe's test F1 is at most `min_probe_f1` or it has no probe true
     positive; summaries use included rows only."""
-    from tqdm.auto import tqdm
 
     ctr_t, cte_t = encode_batched(dictionary, data.x_train), encode_batched(dictionary, data.x_test)
     ctr, cte = ctr_t.numpy(), cte_t.numpy()
@@ -258,7 +259,6 @@ INTERVAL_KEYS = ("mean_absorption_fraction_score", "mean_full_absorption_score")
 def summary(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
     """{method: means over the included letters}: SAEBench's mean metrics plus main_recall, and for the
     two absorption scores a 95% interval over letters (bootstrap: `<score>_low`, `<score>_high`)."""
-    from helpers.evals.features import summarise
 
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows):
@@ -335,8 +335,6 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
                                                "mean_main_recall": s.get("mean_main_recall"),
                                                "rows": [r for r in rows if r["method"] == m]}}
     if path is not None:
-        from helpers.dictionaries.baselines import write_saebench
-
         write_saebench(out, path, "absorption")
     return out
 
@@ -347,7 +345,6 @@ def evaluate_layer(profile, store, sweep, tokenizer, layer: int | None = None, s
     of helpers.dictionaries.baselines.layer_dictionaries (or `dictionaries`), fitted on `store`, evaluated on the
     word tokens of `score_store` (default `store`), ordinary tokens only when the profile treats
     massive activations. Keyword arguments go to `run` (max_tokens, min_count, max_k)."""
-    from helpers.dictionaries.baselines import layer_eval_inputs
 
     layer, hook, dicts, rule = layer_eval_inputs(profile, store, sweep, layer, dictionaries, progress)
     kw.setdefault("max_tokens", profile.score_tokens)

@@ -50,6 +50,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from helpers.activations.models import load_model
+from helpers.settings.profiles import EMBEDDED_MODEL
 
 SCALE = 10  # simulated and normalised activations run from 0 to SCALE
 
@@ -200,8 +205,6 @@ def local_backend(model, device: str = "auto") -> "LocalBackend":
     SmolLM2-135M-Instruct: a base model such as the paper's Pythia has no chat template to explain with."""
     if getattr(model.tokenizer, "chat_template", None):
         return LocalBackend(model)
-    from helpers.activations.models import load_model
-    from helpers.settings.profiles import EMBEDDED_MODEL
 
     return LocalBackend(load_model(EMBEDDED_MODEL, device=device))
 
@@ -240,8 +243,6 @@ class LocalBackend:
         return next(self.hf.parameters()).device
 
     def explain(self, prompt: str) -> str:
-        import torch
-
         text = self.tokenizer.apply_chat_template(
             [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": prompt}],
             tokenize=False, add_generation_prompt=True)
@@ -298,7 +299,6 @@ class LocalBackend:
 
     def simulate(self, explanation: str, excerpt: Excerpt) -> list[float]:
         """Expected activation at each token: the digit distribution at its slot, one forward pass."""
-        import torch
 
         text, slots = self._simulation_text(explanation, excerpt.tokens)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -325,8 +325,6 @@ class _FirstLineDone:
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
 
     def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
         text = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
         done = re.search(r"\S[^\n]*\n", text) is not None
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
@@ -611,8 +609,6 @@ def score_features(backend: Backend, features: dict, results_path=None, progress
         path.parent.mkdir(parents=True, exist_ok=True)
     results = {int(f): done[int(f)] for f in features if int(f) in done}
     todo = [f for f in features if int(f) not in done]
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=len(features), initial=len(results), desc=f"autointerp ({backend.name})",
                unit="feature", disable=not progress)

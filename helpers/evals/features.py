@@ -17,10 +17,12 @@ on interpretability, and the same bound for every method.
 from __future__ import annotations
 
 import string
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from helpers.activations.corpus import COARSE_TAGS, NO_TAG, coarse_tag
 from helpers.dictionaries.dictionary import device_of
@@ -164,7 +166,6 @@ def feature_stats(dictionary, store, hook: str | None = None,
     smp_a = torch.zeros(F, sample, device=device)
     smp_i = torch.full((F, sample), -1, dtype=torch.int64, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=n, unit="tok", unit_scale=True, desc=f"feature stats ({F} features)", disable=not progress)
     done = 0
@@ -230,7 +231,6 @@ def top_tokens(dictionary, store, hook: str, n_tokens: int, scored: np.ndarray, 
     """Exact per-feature top-`k_max` scored tokens by code (the first `n_tokens` of the store): values [F, k_max] (descending, 0 where
     fewer tokens are positive), token indices [F, k_max] (-1: none) and the number of scored tokens
     with a positive code [F]. Unscored tokens (`scored` False) never count."""
-    from tqdm.auto import tqdm
 
     device = device_of(dictionary)
     F = dictionary.n_features
@@ -285,7 +285,6 @@ def activity_thresholds(dictionary, store, hook: str, n_tokens: int, max_density
 def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, max_density: float = 0.005,
                    batch_size: int = 4096, progress: bool = True, massive=None) -> dict:
     """Each feature's best concept by two scores, over the tokens of `stats`:
-
     * ``mcc``: the Matthews correlation of "feature active" with "concept present" (activity by
       `activity_thresholds`: exact top 0.5%), with precision, recall and F1 at that concept. Chance-corrected: a
       feature that fires everywhere, or at random, scores about 0 with every concept.
@@ -330,8 +329,6 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
         a["active_n"] += active.sum(0)
         a["totals"][T:] += m.sum(0)
         a["n"] += len(codes)
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=stats.n_tokens, unit="tok", unit_scale=True, desc="concept scores", disable=not progress)
     done = 0
@@ -487,7 +484,6 @@ def describe_features(dictionary, store, features, tokenizer, hook: str | None =
     first `max_tokens` stored tokens) fall on most often, e.g. "' she' ×9, ' her' ×4"; "(1st)" marks a
     context's first token, where residual streams are unusually large. One pass over (about)
     `max_tokens` tokens, keeping only those features' codes; for labelling graphs, not for scoring."""
-    from collections import Counter
 
     hook = dictionary.check_store(store, hook)
     feats = torch.as_tensor(list(features), dtype=torch.int64)

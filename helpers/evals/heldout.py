@@ -47,10 +47,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from helpers.activations import massive
 from helpers.activations.corpus import COARSE_TAGS, NO_TAG, coarse_tag
 from helpers.activations.store import META_DTYPE
+from helpers.dictionaries.dictionary import SAEDictionary, device_of, random_directions
 from helpers.evals.features import TOKEN_CLASSES, token_classes, top_tokens, top_tokens_of
 from helpers.results import Estimate, Result
+from helpers.runs.sweep import SAE_KEYS, train_config
+from helpers.saes.stack import SAEConfig
+from helpers.saes.train import train_sweep
 
 FAMILIES = {
     "token": "the current token's identity",
@@ -874,13 +879,6 @@ def interpretability_curve(profile, store, sweep: dict, scorer: HeldoutScorer, i
     alone would), and scored on `scorer` at each snapshot. One row per budget: tokens, the SAE's and
     the random directions' `Scored.summary()`, and their paired `difference`. With `run_dir`, training
     keeps a checkpoint there (with the rows scored so far) and an interrupted curve resumes from it."""
-    import dataclasses
-
-    from helpers.activations import massive
-    from helpers.dictionaries.dictionary import SAEDictionary, device_of, random_directions
-    from helpers.saes.stack import SAEConfig
-    from helpers.runs.sweep import SAE_KEYS, train_config
-    from helpers.saes.train import train_sweep
 
     row = sweep["rows"][sweep["chosen"] if index is None else index]
     hook = profile.sae_hook

@@ -43,7 +43,10 @@ from datetime import datetime
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from helpers.activations.corpus import COARSE_TAGS, NO_TAG, load_brown
+from helpers.dictionaries.baselines import layer_eval_inputs, write_saebench
 from helpers.dictionaries.dictionary import encode_batched
 
 KS = (1, 2, 5, 20)
@@ -109,7 +112,6 @@ def brown_tasks(meta: np.ndarray, eligible: np.ndarray | None = None, classes: d
     """POS-class and genre tasks from a Brown store's token labels (`store.tokens()`), over the rows
     where `eligible` is true (all by default). Classes or genres too rare to fill both splits are
     skipped; why is listed in every returned task's ``info["skipped"]``."""
-    from helpers.activations.corpus import COARSE_TAGS, NO_TAG, load_brown
 
     corpus = load_brown()
     classes = POS_CLASSES if classes is None else classes
@@ -230,7 +232,6 @@ def probe_tasks(dictionaries: dict, x: torch.Tensor, tasks: list[ProbeTask], ks=
     """Sparse-probing rows for every task: for each dictionary {name: Dictionary} the top-k latent
     probes (k in `ks`), and (with `residual`) the raw-residual references. `x` [N, d] holds the
     activations that the tasks' row indices point into."""
-    from tqdm.auto import tqdm
 
     if not tasks:
         raise ProbingError("no tasks given")
@@ -337,8 +338,6 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
                   "sae_lens_version": None, "sae_cfg_dict": {"hook_name": hook, "model_name": model_name},
                   "eval_result_unstructured": unstructured}
     if path is not None:
-        from helpers.dictionaries.baselines import write_saebench
-
         write_saebench(out, path, "sparse_probing")
     return out
 
@@ -349,7 +348,6 @@ def evaluate_layer(profile, store, sweep, layer: int | None = None, score_store=
     baselines of helpers.dictionaries.baselines.layer_dictionaries (or `dictionaries`), fitted on `store`, probed on
     `score_store` (default `store`; it must be the POS-tagged Brown store), ordinary tokens only when
     the profile treats massive activations. Keyword arguments go to `run` (max_tokens, ks, genres, ...)."""
-    from helpers.dictionaries.baselines import layer_eval_inputs
 
     layer, hook, dicts, rule = layer_eval_inputs(profile, store, sweep, layer, dictionaries, progress)
     kw.setdefault("max_tokens", profile.score_tokens)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from helpers.activations.models import hooked
 from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, as_dictionary, device_of
 from helpers.results import Estimate, Result
 
@@ -421,7 +422,6 @@ def ce_loss_recovered(model, tokens, hook: str, sae, mean_act: torch.Tensor | No
     takes, or a callable x [N, d] -> x_hat [N, d]. mean_act [d]: the mean-ablation vector (default:
     the mean activation of each batch). Values are totals over all scored tokens; intervals resample
     the n contexts (`n_boot` bootstrap samples)."""
-    from helpers.activations.models import hooked
 
     model = hooked(model, tokenizer)
     tokens = _as_token_ids(tokens, tokenizer, model)

@@ -12,6 +12,7 @@ input is cloned before each call, so an in-place edit cannot leak into the refer
 from __future__ import annotations
 
 import copy
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,7 +28,6 @@ class ExerciseFailed(AssertionError):
         checker, not into the reader's code (an error the reader's function raises is chained below it)."""
         lines = [f"\x1b[1;31mExerciseFailed\x1b[0m: {self}"]
         if self.__cause__ is not None:
-            import traceback
             lines += ["", "raised by your function:"] + "".join(
                 traceback.format_exception(self.__cause__)).rstrip().splitlines()
         return lines

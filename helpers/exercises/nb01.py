@@ -14,6 +14,7 @@ import torch
 
 from helpers.activations import massive
 from helpers.activations.harvest import forward_to
+
 from .core import Exercise, register
 
 
@@ -49,7 +50,7 @@ def _massive_rule(x, factor=massive.FACTOR):
     return rule.flags(x), rule.offset
 
 
-def _with_massive_rows(gen, n, d, n_massive, size=25.0):
+def with_massive_rows(gen, n, d, n_massive, size=25.0):
     """n (odd, so the median is one row's norm) Gaussian rows; n_massive of them get one large fixed
     vector added, as massive activations do."""
     x = torch.randn(n, d, generator=gen)
@@ -61,10 +62,10 @@ def _with_massive_rows(gen, n, d, n_massive, size=25.0):
 
 
 def _massive_cases(gen):
-    return [dict(x=_with_massive_rows(gen, 301, 16, 7), factor=4.0),
-            dict(x=_with_massive_rows(gen, 101, 8, 0), factor=4.0),       # none: inert rule, zero offset
-            dict(x=_with_massive_rows(gen, 201, 12, 5, size=12.0), factor=2.5),
-            dict(x=_with_massive_rows(gen, 201, 12, 40), factor=4.0)]  # many: they pull the mean norm up
+    return [dict(x=with_massive_rows(gen, 301, 16, 7), factor=4.0),
+            dict(x=with_massive_rows(gen, 101, 8, 0), factor=4.0),       # none: inert rule, zero offset
+            dict(x=with_massive_rows(gen, 201, 12, 5, size=12.0), factor=2.5),
+            dict(x=with_massive_rows(gen, 201, 12, 40), factor=4.0)]  # many: they pull the mean norm up
 
 
 def _mean_rule(x, factor=massive.FACTOR):
@@ -106,7 +107,7 @@ def _variance_share(x, flags):
 def _share_cases(gen):
     out = []
     for n, d, k in ((301, 16, 7), (201, 10, 3)):
-        x = _with_massive_rows(gen, n, d, k)
+        x = with_massive_rows(gen, n, d, k)
         norms = x.norm(dim=-1)
         out.append(dict(x=x, flags=norms > 4 * norms.median()))
     return out

@@ -18,10 +18,12 @@ import weakref
 
 import torch
 
+from helpers.evals.reconstruction import spliced_loss, split_fvu
 from helpers.saes.architectures import TopK
-from helpers.evals.reconstruction import split_fvu, spliced_loss
 from helpers.saes.stack import SAEConfig, SAEStack
+
 from .core import Exercise, register
+from .nb01 import with_massive_rows
 
 
 def _stack(W_enc, b_enc, W_dec, b_dec, l1_coefficient=0.0) -> SAEStack:
@@ -240,11 +242,9 @@ def _fvu(x, x_hat, flags):
 
 
 def _fvu_cases(gen):
-    from .nb01 import _with_massive_rows
-
     out = []
     for n, d, k, noise in ((301, 16, 7, 0.3), (201, 10, 4, 0.6)):
-        x = _with_massive_rows(gen, n, d, k)
+        x = with_massive_rows(gen, n, d, k)
         norms = x.norm(dim=-1)
         out.append(dict(x=x, x_hat=x + noise * torch.randn(n, d, generator=gen), flags=norms > 4 * norms.median()))
     return out

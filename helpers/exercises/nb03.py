@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from helpers.evals.features import feature_stats
+from helpers.evals.heldout import heldout_score, mcc_from_counts
+
 from .core import Exercise, register
 
 HOOK = "exercise"
@@ -56,8 +59,6 @@ class _Store:
 # ------------------------------------------------------------------ 03.1 feature statistics
 
 def _stats_reference(codes: torch.Tensor):
-    from helpers.evals.features import feature_stats
-
     st = feature_stats(_Codes(codes.shape[1]), _Store(codes, batch_rows=512), k=1, sample=1,
                        progress=False)
     return st.density, st.max_act, st.mean_act
@@ -162,8 +163,6 @@ def _counts(active, labels):
 
 
 def _mcc_reference(active: torch.Tensor, labels: torch.Tensor):
-    from helpers.evals.heldout import mcc_from_counts
-
     return torch.as_tensor(mcc_from_counts(*_counts(active, labels)))
 
 
@@ -215,7 +214,6 @@ register(Exercise(
 def _heldout_reference(active: torch.Tensor, labels: torch.Tensor, half: torch.Tensor, min_count: int):
     """`heldout_score` with every active token counted (max_density 1) and every token its own context in
     the given half: its per-feature held-out MCC."""
-    from helpers.evals.heldout import heldout_score
 
     r = heldout_score(active, labels, torch.arange(len(half)), halves=half, max_density=1.0,
                       min_count=min_count, min_active=1, n_boot=0)

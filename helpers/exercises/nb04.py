@@ -10,6 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from helpers.dictionaries.baselines import fit_pca
+from helpers.evals.features import top_tokens_of
+from helpers.evals.heldout import active_sets
+from helpers.evals.probing import top_k_mean_diff
+
 from .core import Exercise, register
 from .nb03 import HOOK, _Store
 
@@ -24,8 +29,6 @@ class _Activations(_Store):
 # ------------------------------------------------------------------ 04.1 PCA as a dictionary
 
 def _pca_reference(x: torch.Tensor, n_components: int):
-    from helpers.dictionaries.baselines import fit_pca
-
     d = fit_pca(_Activations(x), HOOK, n_components=n_components, max_tokens=len(x))
     return d.encode(x)
 
@@ -78,9 +81,6 @@ register(Exercise(
 # ------------------------------------------------------------------ 04.2 matched sparsity: exact top-k activity
 
 def _active_reference(codes: torch.Tensor, counts: torch.Tensor):
-    from helpers.evals.features import top_tokens_of
-    from helpers.evals.heldout import active_sets
-
     n, f = codes.shape
     k_max = max(1, min(n, int(torch.as_tensor(counts).max())))
     _, idx, _ = active_sets(*top_tokens_of(codes, k_max, batch_size=64), k_max, counts)
@@ -122,8 +122,6 @@ register(Exercise(
 # ------------------------------------------------------------------ 04.3 sparse probing: which latents
 
 def _latents_reference(codes: torch.Tensor, y: torch.Tensor, k: int):
-    from helpers.evals.probing import top_k_mean_diff
-
     return torch.as_tensor(top_k_mean_diff(codes.double().numpy(), y.numpy().astype(bool), k))
 
 

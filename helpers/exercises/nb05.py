@@ -11,7 +11,9 @@ import torch
 
 from helpers.activations.harvest import model_device
 from helpers.causal.patching import ablate_activation, gap_closed, patch_positions_by_layer, prompt_pairs
+from helpers.causal.prompts import IOI_TEMPLATES, PRONOUN_TEMPLATES, make_ioi, make_pronoun
 from helpers.causal.steering import add_hook
+
 from .core import Exercise, register
 
 MODEL_ATOL = 1e-3  # logits of two forward passes that compute the same thing in another order
@@ -103,7 +105,6 @@ def _patch_none(model, tokens, cf_tokens, layer, position, correct, wrong):
 
 def _ioi_pair(model):
     """Two IOI prompts of one template (ABBA and BABA), their counterfactuals and the repeated name's position."""
-    from helpers.causal.prompts import IOI_TEMPLATES, make_ioi
 
     ps = make_ioi(model.tokenizer, n=2, seed=0, templates=[IOI_TEMPLATES[0]])
     changed = (ps.tokens != ps.cf_tokens).nonzero()
@@ -231,8 +232,6 @@ def _steer_last_only(model, tokens, hook_name, direction, scale):
 
 
 def _steer_model_cases(model, gen):
-    from helpers.causal.prompts import PRONOUN_TEMPLATES, make_pronoun
-
     ps = make_pronoun(model.tokenizer, n=2, seed=0, templates=[PRONOUN_TEMPLATES[0]])
     return [dict(model=model, tokens=ps.tokens, hook_name=f"blocks.{model.cfg.n_layers // 2}.hook_resid_post",
                  direction=3 * torch.randn(model.cfg.d_model, generator=gen), scale=8.0)]

@@ -30,6 +30,15 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
+import torch
+
+from helpers.activations.models import hub_revision
+from helpers.activations.store import iter_batches_peak_bytes
+from helpers.causal.steering import METHODS, comparison_settings
+from helpers.runs.sweep import sweep_configs, train_config
+from helpers.saes.train import TrainConfig
+from helpers.settings.paths import cache_on_drive, cache_root, scratch_root
+
 GB = 1e9
 KERNEL_BYTES = 1.2 * GB        # a Jupyter kernel with torch, transformers, transformer_lens, sklearn imported
 # Dense-equivalent FLOP/s our code reaches, by device kind (CPU: measured on 2 cores, fp32; GPUs:
@@ -69,12 +78,6 @@ class Machine:
 
     @classmethod
     def detect(cls) -> "Machine":
-        import torch
-
-        from helpers.settings.paths import cache_root
-
-        from helpers.settings.paths import scratch_root
-
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         disk = shutil.disk_usage(cache_root()).free
         scratch = scratch_root()
@@ -147,8 +150,6 @@ def model_dims(name: str) -> tuple[int, int, float]:
         try:
             from transformers import AutoConfig
 
-            from helpers.activations.models import hub_revision
-
             cfg = AutoConfig.from_pretrained(name, revision=hub_revision(name), local_files_only=True)
             d, n, v = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
             inter = getattr(cfg, "intermediate_size", 4 * d)
@@ -174,10 +175,6 @@ def checkpoint_bytes(configs, d: int) -> int:
 def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -> Plan:
     """The resources `profile` needs (see the module docstring), with times for `machine`; checkpoints
     as helpers.saes.train keeps them with a scratch folder or without (default: as $SAE_SCRATCH says)."""
-    from helpers.activations.store import iter_batches_peak_bytes
-    from helpers.settings.paths import cache_on_drive
-    from helpers.runs.sweep import sweep_configs, train_config
-    from helpers.saes.train import TrainConfig
 
     machine = machine or Machine.detect()
     d, n_layers, params = model_dims(profile.model)
@@ -265,7 +262,6 @@ def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -
     # steering (section 6): calibration and cost runs over held-out contexts, then sampled continuations,
     # one full forward pass per new token (helpers.causal.steering.generate_ids), for every concept, direction
     # and KL target, and the unsteered ones
-    from helpers.causal.steering import METHODS, comparison_settings
 
     st = comparison_settings(profile)
     settings = st["max_concepts"] * (len(METHODS) * len(st["targets"]) + 1)

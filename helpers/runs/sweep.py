@@ -53,12 +53,15 @@ from pathlib import Path
 
 import torch
 
+from helpers.activations import massive
 from helpers.activations.harvest import get_store
+from helpers.activations.models import load_model
 from helpers.evals.reconstruction import contexts_from_store, mmcs, reconstruction_metrics, spliced_loss
 from helpers.saes import architectures
 from helpers.saes.stack import SAEConfig, config_dict, initial_dictionary, load_saelens, normalise_recipe, save_saelens
-from helpers.settings.locks import FolderLock, tmp_name
 from helpers.saes.train import CHECKPOINT, NOT_RESULT_TRAIN_FIELDS, TrainConfig, TrainingError, train_sweep
+from helpers.settings.locks import FolderLock, tmp_name
+from helpers.settings.paths import scratch_dir
 
 MAX_DEAD = 0.2
 VERSION = 4  # bump when the training or evaluation changes what a cached sweep holds
@@ -344,7 +347,6 @@ def move_aside(folder: Path, why: str) -> Path:
     """Rename a sweep's folder to ``<name>.stale-<date and time>`` beside it (nothing in it is deleted), drop
     the working checkpoint kept for it in $SAE_SCRATCH (a copy of the one in the folder), and warn
     saying where it went. Returns the new path."""
-    from helpers.settings.paths import scratch_dir
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     dest = folder.with_name(f"{folder.name}.stale-{stamp}")
@@ -425,14 +427,11 @@ def _make_sweep(profile, folder: Path, store, model, progress: bool) -> dict:
     if results.exists():  # stale: the folder (its checkpoint too) belongs to other settings
         move_aside(folder, "its results.json has another fingerprint")
     if model is None:
-        from helpers.activations.models import load_model
-
         model = load_model(profile.model, device=profile.device)
     store = store or get_store(profile, model=model, progress=progress)
     hook = profile.sae_hook
     eval_store = get_eval_store(profile, model=model, progress=progress)
     configs = sweep_configs(profile, store.d_model)
-    from helpers.activations import massive
 
     rule = massive.fit(store, hook) if profile.massive else None
     on_eval = learning_curve_fn(configs, eval_store, hook, model, profile, rule)

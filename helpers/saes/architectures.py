@@ -79,6 +79,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from helpers.saes import sparse
+
 THRESHOLD_RATE = 0.01  # BatchTopK: the running threshold's update rate (SAELens's topk_threshold_lr)
 
 
@@ -217,8 +219,6 @@ class _Elementwise:
             self.parts += self.mine
 
     def result(self, n, device) -> Selection | None:
-        from helpers.saes import sparse
-
         if not self.parts:
             return Selection(None, None, None, self.dense_rows)
         r, c, v = (torch.cat(t) for t in zip(*self.parts))
@@ -247,8 +247,6 @@ class _RowTopK:
         pass
 
     def result(self, n, device) -> Selection:
-        from helpers.saes import sparse
-
         B = self.vals.shape[1]
         offsets = (torch.arange(n, device=device) * self.m).view(n, 1, 1)
         keep = torch.arange(self.kmax, device=device).view(1, 1, -1) < self.k.view(-1, 1, 1)
@@ -282,8 +280,6 @@ class _BatchTopK:
         self.parts.append((s * self.B + i // self.m, s * self.m + i % self.m, v))
 
     def result(self, n, device) -> Selection:
-        from helpers.saes import sparse
-
         r, c, v = (torch.cat(t) for t in zip(*self.parts))
         return Selection(sparse.Pattern.from_pairs(r, c, n * self.B, n * self.m), torch.relu(v), v)
 
@@ -475,8 +471,6 @@ class Standard(Architecture):
         return {"l1": ctx.l1_scale * ctx.p["l1"] * ctx.stack._l1_penalty(ctx.c, ctx.p["W_dec"])}
 
     def sparse_terms(self, ctx):
-        from helpers.saes import sparse
-
         # Σ_i ‖W_dec,i‖ · (Σ_tokens c_i): each latent's codes are summed first (in a fixed order),
         # so no gradient is scattered back into the norms (a gather norms[cols] would, with float
         # atomics on a multi-threaded CPU: run-to-run differences). Codes are ReLUs, so |c| = c.
@@ -515,8 +509,6 @@ class _AuxK(Architecture):
         return {"aux": ctx.aux_coefficient * aux}
 
     def sparse_terms(self, ctx):
-        from helpers.saes import sparse
-
         stack, dead = ctx.stack, ctx.dead
         aux = torch.zeros(ctx.n, device=ctx.err.device)
         if ctx.sel.aux is not None:
@@ -635,8 +627,6 @@ class MatryoshkaBatchTopK(BatchTopK):
         return {**out, "matryoshka": total}
 
     def sparse_terms(self, ctx):
-        from helpers.saes import sparse
-
         stack = ctx.stack
         out = super().sparse_terms(ctx)
         total = torch.zeros(ctx.n, device=ctx.err.device)
@@ -702,15 +692,12 @@ class JumpReLU(Architecture):
     def sparse_codes(self, codes, sel, p, stack):
         """The codes plus a zero whose gradient is the estimator's −(θ/ε)K((pre−θ)/ε) per pair, carried
         to each latent's θ by a column sum (helpers.saes.sparse.gather: deterministic)."""
-        from helpers.saes import sparse
 
         theta, eps, k = self._window(sel, p)
         t = sparse.gather(p["threshold"].reshape(-1), sel.pattern)
         return codes + (t - t.detach()) * (-(theta / eps) * k)
 
     def sparse_terms(self, ctx):
-        from helpers.saes import sparse
-
         p = ctx.p
         _, eps, k = self._window(ctx.sel, p)
         on = (ctx.sel.vals > 0).float()

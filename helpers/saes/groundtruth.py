@@ -83,8 +83,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from helpers.saes.stack import SAEConfig, SAEStack
+from helpers.evals.features import summarise
+from helpers.evals.reconstruction import mmcs, reconstruction_metrics
 from helpers.saes import architectures
+from helpers.saes.stack import SAEConfig, SAEStack
 from helpers.saes.train import TensorBatches, TrainConfig, budget_config, train_on_batches
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,7 +323,6 @@ def train_on_tensor(x: torch.Tensor, configs: list[SAEConfig], total_tokens: int
 
 def mmcs_to_truth(true_dirs: torch.Tensor, learned: torch.Tensor) -> float:
     """Mean over the true directions [n, d] of their max cosine with the learned ones [m, d]."""
-    from helpers.evals.reconstruction import mmcs
 
     return mmcs(true_dirs, learned)
 
@@ -405,8 +406,6 @@ def score_saes(saes: list[SAEStack], data: SyntheticData, names: list[str] | Non
     """One row per SAE (one-SAE stacks) scored against the truth of `data` (module docstring):
     name, family, d_sae, alpha, k, true_l0, l0, fvu, dead, mmcs, mcc, precision, recall and, with a
     hierarchy, absorption, absorption_child and absorption_excess."""
-    from helpers.evals.features import summarise
-    from helpers.evals.reconstruction import reconstruction_metrics
 
     true = data.dense_codes()
     true_on = true > 0
@@ -504,7 +503,7 @@ def untrained_reference(cfg: SAEConfig, x: torch.Tensor, seed: int = 0) -> SAESt
         ref.scale.fill_(math.sqrt(x.shape[1]) / float(x.norm(dim=-1).mean()))
         if ref.centres_input:
             ref.b_dec.copy_(x.mean(0) * ref.scale[0])
-    if not ref.unit_norm:
+    if ref.training_recipe.folds_norms:
         ref.fold_decoder_norms()
     return ref
 

@@ -42,6 +42,7 @@ per column).
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -129,8 +130,6 @@ def _sampled_dot(a: torch.Tensor, b: torch.Tensor, p: "Pattern") -> torch.Tensor
     elsewhere gathers in chunks of _CHUNK pairs."""
     a, b = a.float(), b.float()
     if use_cpu_kernels(a):
-        import warnings
-
         crow = torch.cat([p.row_offsets, torch.tensor([p.nnz], device=a.device)])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"

@@ -1,7 +1,6 @@
 """Sparse autoencoders: the stacked SAE model, its configs, its losses on both paths, SAELens files.
 
 An L1 SAE, for an activation x (d_in numbers) and a dictionary of d_sae directions::
-
     c  = ReLU(W_enc (x - b_dec) + b_enc)          codes, one per dictionary direction
     x̂  = W_dec c + b_dec                          reconstruction
     loss = ||x - x̂||² / d_in  +  α · Σ_i |c_i|    (rows of W_dec kept at unit norm)
@@ -62,10 +61,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from helpers.saes import architectures
 from helpers.activations import hooks
+from helpers.saes import architectures, sparse
 
 # How a standard SAE is trained (module docstring): helpers.saes.architectures.Recipe, by name.
 RECIPES = tuple(architectures.RECIPES)
@@ -388,7 +389,6 @@ class SAEStack(nn.Module):
         dead = dead if arch.uses_auxk and dead is not None and dead.any() else None
         if path == "dense" or not arch.sparse_path:
             return self._dense_losses(x, dead, aux_coefficient, l1_scale)
-        from helpers.saes import sparse
 
         xs = self._scaled(x)
         xc = xs - self.b_dec.unsqueeze(1) if self.centres_input else xs
@@ -438,7 +438,6 @@ class SAEStack(nn.Module):
         Returns a helpers.saes.architectures.Selection, with the AuxK pairs (pattern, codes) of the `dead`
         latents as `aux` (else None) and, as `dense_rows`, the SAEs with more than max_nnz active
         codes in the batch (their pairs are left out: they take the dense path)."""
-        from helpers.saes import sparse
 
         n, B, _ = xc.shape
         m = self.d_sae
@@ -507,7 +506,6 @@ class SAEStack(nn.Module):
         the codes in their dtype and accumulates in fp32; a CPU reduction would first copy
         low-precision codes to fp32, so there they are summed in their dtype, with an fp32
         accumulator, and each latent's total is rounded once)."""
-        from helpers.saes import sparse
 
         if c.dtype == torch.float32 or not sparse.use_cpu_kernels(c):
             per_latent = c.sum(1, dtype=torch.float32)
@@ -564,7 +562,6 @@ def save_saelens(sae: SAEStack, path, extra: dict | None = None) -> Path:
     sibling folder of a name unique to this call and then moved to `path`, replacing an SAE already
     there: an interrupted save never leaves part of an SAE at `path`.
     """
-    from safetensors.torch import save_file
 
     if sae.n != 1:
         raise ValueError(f"save one SAE at a time (stack[i]); this stack has {sae.n}")
@@ -709,8 +706,6 @@ def _read_saelens_tensors(weights_path: Path, d_in: int, d_sae: int, arch: "arch
     """The file's tensors as float32, each checked for its shape (the architecture's own tensors:
     `own_tensors`, {name: shape}) and finite values; a finetuning scaling factor (SAELens multiplies
     the codes by it before decoding) folded into W_dec."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     if not weights_path.exists():
         raise SAELensFileError(f"{weights_path} is missing: an SAE's folder holds {SAELENS_CFG} and "

@@ -72,11 +72,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from helpers.activations import massive
 from helpers.activations.models import resolve_device
 from helpers.dictionaries.dictionary import SAEDictionary
-from helpers.saes.stack import SAEConfig, SAEStack
+from helpers.saes import architectures
+from helpers.saes.stack import SAEConfig, SAEStack, config_dict
 from helpers.settings.locks import FolderLock, tmp_name
+from helpers.settings.paths import scratch_dir, sync_drive
 
 
 @dataclass(frozen=True)
@@ -203,8 +207,6 @@ NOT_RESULT_TRAIN_FIELDS = ("log_every", "checkpoint_every", "device", "path")  #
 
 
 def _fingerprint(configs, tc: TrainConfig, source) -> dict:
-    from helpers.saes.stack import config_dict
-
     return {"configs": [config_dict(c) for c in configs],
             "train": {k: v for k, v in dataclasses.asdict(tc).items()
                       if k not in NOT_RESULT_TRAIN_FIELDS},
@@ -274,8 +276,6 @@ class Checkpoints:
     a warning, and with none left training starts afresh."""
 
     def __init__(self, run_dir):
-        from helpers.settings.paths import scratch_dir
-
         self.run_dir = Path(run_dir)
         scratch = scratch_dir(self.run_dir)
         self.work = (scratch or self.run_dir) / CHECKPOINT
@@ -326,7 +326,6 @@ class Checkpoints:
 
     def save(self, state: dict) -> None:
         """Save the working checkpoint, then copy it into the cache (with $SAE_SCRATCH)."""
-        from helpers.settings.paths import sync_drive
 
         _save_checkpoint(self.work, state)
         if self.copies:
@@ -429,7 +428,7 @@ def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since
         dead = since_fired[s] >= tc.dead_window
         with autocast or nullcontext():
             out = st.losses(xs[s], dead=dead if st.arch.uses_auxk else None,
-                            aux_coefficient=tc.aux_coefficient, l1_scale=1.0 if st.unit_norm else l1_scale,
+                            aux_coefficient=tc.aux_coefficient, l1_scale=l1_scale if st.training_recipe.l1_warmup else 1.0,
                             path=tc.path)
         loss = out["loss"].sum()
         (loss if scaler is None else scaler.scale(loss)).backward()
@@ -445,9 +444,9 @@ def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since
     if scaler is not None:
         scaler.unscale_(opt)  # true gradients before the projection and the clip
     for st, out in zip(stacks, outs):
-        if st.unit_norm:
+        if st.training_recipe.unit_norm:
             st.remove_parallel_grads()
-        elif tc.grad_clip:
+        elif st.training_recipe.grad_clip and tc.grad_clip:
             # the clip is stated for a loss summed over dimensions; ours is divided by d_in
             out["grad_norm"] = clip_grad_norm_per_sae(st, tc.grad_clip / st.d_in) * st.d_in
     if scaler is None:
@@ -457,7 +456,7 @@ def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since
         scaler.update()
     sched.step()
     for s, (st, out) in enumerate(zip(stacks, outs)):
-        if st.unit_norm:
+        if st.training_recipe.unit_norm:
             st.normalize_decoder()
         st.arch.after_step(st, out)  # the architecture's own state (BatchTopK's running threshold)
         since_fired[s] = torch.where(out["fired"], torch.zeros_like(since_fired[s]), since_fired[s] + len(xs[s]))
@@ -522,8 +521,6 @@ class StoreBatches:
         _validate(self.store, configs, self.tc)
 
     def massive_rules(self, tc: TrainConfig, given: dict | None) -> dict:
-        from helpers.activations import massive
-
         if tc.massive:
             return {h: (given or {}).get(h) or massive.fit(self.store, h) for h in self.hooks}
         return {h: massive.Massive.none(h, self.d_in) for h in self.hooks}
@@ -862,7 +859,7 @@ class _Run:
         out = []
         for s, row in self.where:
             one = self.stacks[s][row]
-            if not one.unit_norm:
+            if one.training_recipe.folds_norms:
                 one.fold_decoder_norms()
             out.append(one)
         return out
@@ -1002,7 +999,6 @@ def _train_loop(run, source, configs, tc, total_steps, device, gen_of, autocast,
 
     batches = source.batches(total_steps, run.step, device)
     warm_l1 = max(1, int(tc.l1_warmup_fraction * total_steps))
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=run.step, desc=f"{desc} {len(configs)} SAEs", unit="step",
                disable=not progress)
@@ -1059,7 +1055,7 @@ def _resample(stacks, since_fired, pool, tc: TrainConfig, opt, gen_of, frozen=No
     """Resample the dead latents of every paper-recipe L1 SAE from the inputs `pool(hook)` gives (one
     pool per hook); diverged (`frozen`) SAEs are left alone."""
     for s, st in enumerate(stacks):
-        if not st.arch.resamples or not st.unit_norm:
+        if not (st.arch.resamples and st.training_recipe.resamples):
             continue
         hook = st.configs[0].hook_name
         for row in range(st.n):
@@ -1113,7 +1109,6 @@ def train_sae(data, architecture: str = "topk", *, d_sae: int | None = None, exp
     scaled to mean norm √d_in from the data, b_dec at the data mean, AuxK or resampling for dead
     latents as the architecture asks; no massive-activation rule.
     """
-    from helpers.saes import architectures
 
     arch = architectures.get(architecture)
     given = {"k": k if arch.setting == "k" else None, "l1_coefficient": l1_coefficient,

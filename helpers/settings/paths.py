@@ -3,9 +3,21 @@ the local scratch folder for working copies ($SAE_SCRATCH), and results kept in 
 interrupted notebook resumes (`stored`); `sync_drive` pushes what was saved towards Google Drive on Colab."""
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
+import json
 import os
 import sys
+import warnings
 from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from helpers.settings.locks import tmp_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The repository's data/ (a clone, or an editable install); in a non-editable `pip install .` the same
@@ -61,8 +73,6 @@ def scratch_dir(folder) -> Path | None:
     try:
         rel = folder.relative_to(cache_root().resolve())
     except ValueError:
-        import hashlib
-
         rel = Path("elsewhere") / f"{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:10]}"
     return root / rel
 
@@ -100,9 +110,6 @@ _PICKLE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, a bare pi
 def code_digest(*code) -> dict[str, str]:
     """{module name: SHA-256 of its source file (16 hex digits)} for each module in `code`: a module,
     its name ("helpers.causal.patching"), or a function or class, which stands for the module it is defined in."""
-    import hashlib
-    import importlib
-    import inspect
 
     out = {}
     for obj in code:
@@ -118,10 +125,6 @@ def code_digest(*code) -> dict[str, str]:
 def _key_tree(key, where="key"):
     """`key` as plain JSON values: tuples become lists, other dicts' keys sorted item lists, paths
     strings, tensors and arrays a hash of their dtype, shape and bytes."""
-    import hashlib
-
-    import numpy as np
-    import torch
 
     if key is None or isinstance(key, (bool, int, float, str)):
         return key
@@ -147,8 +150,6 @@ def _key_tree(key, where="key"):
 def digest(key, code=()) -> str:
     """A short hash (12 hex digits) of `key` and the source of the modules in `code` (`code_digest`),
     for naming files whose contents depend on them."""
-    import hashlib
-    import json
 
     text = json.dumps([_key_tree(key), code_digest(*code)], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -156,8 +157,6 @@ def digest(key, code=()) -> str:
 
 def _encode(obj, tensors: dict, where: str):
     """`obj` as JSON values, its tensors and numpy arrays moved into `tensors` (name -> tensor)."""
-    import numpy as np
-    import torch
 
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -210,9 +209,6 @@ class _Refused(Exception):
 def _read_stored(path: Path, want_key: str, want_code: dict):
     """The result kept in the stored() file `path` if its key and code are `want_key` and `want_code`,
     else None (after saying which code changed); _Refused for a file that is not a stored result."""
-    import json
-
-    from safetensors import safe_open
 
     with open(path, "rb") as f:
         head = f.read(8)
@@ -259,11 +255,6 @@ def stored(path, key, compute, code=()):
     A file at `path` that is not one (a pickle of an older version, a truncated write, something else)
     is never loaded: a warning names it and the result is computed again and replaces it. The file is
     written under a temporary name unique to the process, then renamed into place."""
-    import json
-    from helpers.settings.locks import tmp_name
-    import warnings
-
-    from safetensors.torch import save_file
 
     path = Path(path)
     want_key = json.dumps(_key_tree(key), sort_keys=True, separators=(",", ":"))

@@ -2,7 +2,6 @@
 
 Pick a preset with the environment variable ``SAE_PROFILE`` (``test``, ``cpu``, ``gpu``, ``paper``)
 or in a notebook's first cell, where any field can also be overridden::
-
     P = get_profile()                           # $SAE_PROFILE, else "gpu" with CUDA, else "cpu"
     P = get_profile("cpu", harvest_tokens=50_000)
 
@@ -34,6 +33,8 @@ import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from helpers.activations.hooks import name as hook_name
 from helpers.settings.paths import cache_root
@@ -253,8 +254,6 @@ def _check_profile(p: "Profile") -> None:
     if not p.hook or not p.hook.replace("_", "").isalnum():
         raise ValueError(f"hook {p.hook!r}: a hook kind such as 'resid_post' (letters, digits and '_')")
     if p.device != "auto":
-        import torch
-
         try:
             torch.device(p.device)
         except (RuntimeError, ValueError) as e:
@@ -321,8 +320,6 @@ def default_profile_name() -> str:
     if name:
         return name
     try:
-        import torch
-
         return "gpu" if torch.cuda.is_available() else "cpu"
     except ImportError:  # pragma: no cover
         return "cpu"

@@ -14,7 +14,9 @@ ipywidgets (sort by density, score or max activation, search by token) without r
 """
 from __future__ import annotations
 
+import base64
 import html
+import io
 from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
@@ -25,7 +27,6 @@ from helpers.activations.corpus import COARSE_TAGS, NO_TAG, coarse_tag
 from helpers.dictionaries.dictionary import Dictionary
 from helpers.evals.features import context_codes, feature_stats, ranked
 from helpers.results import Result
-
 
 # Contexts "across the activation range" start at this fraction of the feature's largest activation:
 # circuitsvis shades a token in proportion to it, and a fainter one is indistinguishable from white.
@@ -432,9 +433,6 @@ def dashboard(view, f: int | None = None, n: int = 8) -> None:
 
 
 def figure_html(fig) -> str:
-    import base64
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
