@@ -1,0 +1,56 @@
+"""The notebooks' session: pieces made on first use, and results cached under what they depend on."""
+from types import SimpleNamespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.dictionaries.dictionary import random_directions
+from helpers.runs.session import Session, key_of
+
+
+@pytest.fixture
+def session(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAE_CACHE", str(tmp_path / "cache"))
+    S = Session("test")
+    model = torch.nn.Linear(2, 2)
+    model.workbook_name, model.workbook_revision = "a-model", None
+    S.__dict__["model"] = model                                   # made already: nothing is loaded
+    S.__dict__["store"] = SimpleNamespace(path=Path("stores/abc123"))
+    return S
+
+
+def test_nothing_is_made_until_asked():
+    S = Session("test", train_tokens=10_000)
+    assert S.P.train_tokens == 10_000 and "nothing" in repr(S)
+    assert not {"model", "store", "sweep", "sae"} & set(S.__dict__)
+
+
+def test_cached_computes_once_per_inputs(session):
+    calls = []
+
+    def compute(v):
+        calls.append(v)
+        return {"value": torch.tensor([v])}
+
+    d = random_directions(4, 8, seed=0)
+    first = session.cached("curves/a", lambda: compute(1), inputs={"k": 3, "dict": d})
+    again = session.cached("curves/a", lambda: compute(2), inputs={"k": 3, "dict": random_directions(4, 8, seed=0)})
+    assert calls == [1] and torch.equal(first["value"], again["value"])
+    session.cached("curves/a", lambda: compute(3), inputs={"k": 4, "dict": d})                  # another setting
+    session.cached("curves/a", lambda: compute(4), inputs={"k": 4, "dict": random_directions(4, 8, seed=1)})
+    assert calls == [1, 3, 4]
+    assert (Path(session.P.cache_dir) / "results" / "curves" / "a.pt").exists()
+
+
+def test_keys_name_what_a_result_depends_on():
+    d = random_directions(4, 8, seed=0)
+    assert torch.equal(key_of(d)["directions"], d.directions)
+    assert key_of(SimpleNamespace(texts=("a", "b"))) == {"texts": ["a", "b"]}
+    assert key_of({"x": [1, (2, 3)]}) == {"x": [1, [2, 3]]}
+
+
+@pytest.mark.parametrize("name", ["../up", "/abs", "a b", ""])
+def test_cached_refuses_names_that_are_not_plain_paths(session, name):
+    with pytest.raises(ValueError, match="name"):
+        session.cached(name, lambda: 1)
