@@ -487,12 +487,11 @@ def test_local_backend_falls_back_to_the_embedded_chat_model(monkeypatch):
     such as Pythia has no chat template, so it raised. It now explains with the embedded SmolLM2."""
     from types import SimpleNamespace
 
-    import helpers.activations.models
     from helpers.evals import autointerp
 
     built, loaded = [], []
     monkeypatch.setattr(autointerp, "LocalBackend", lambda model: built.append(model) or model)
-    monkeypatch.setattr(helpers.activations.models, "load_model", lambda name, device="auto": loaded.append(name) or name)
+    monkeypatch.setattr(autointerp, "load_model", lambda name, device="auto": loaded.append(name) or name)
     base = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None))
     chat = SimpleNamespace(tokenizer=SimpleNamespace(chat_template="{{ messages }}"))
     assert autointerp.local_backend(base) == "smollm2-135m-instruct" and loaded == ["smollm2-135m-instruct"]

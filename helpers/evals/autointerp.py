@@ -205,7 +205,6 @@ def local_backend(model, device: str = "auto") -> "LocalBackend":
     SmolLM2-135M-Instruct: a base model such as the paper's Pythia has no chat template to explain with."""
     if getattr(model.tokenizer, "chat_template", None):
         return LocalBackend(model)
-
     return LocalBackend(load_model(EMBEDDED_MODEL, device=device))
 
 
