@@ -121,8 +121,41 @@ class Estimate:
         return format(self, ".3f")
 
 
+RESULT_TYPES: dict[str, type] = {}
+
+
+def rebuild(value):
+    """`value` with every dict that a `Result.to_dict` wrote (its "type" a known Result class) made that
+    Result again; other values as they are."""
+    if isinstance(value, dict):
+        cls = RESULT_TYPES.get(value.get("type")) if isinstance(value.get("type"), str) else None
+        if cls is not None:
+            return cls.from_dict(value)
+        return {k: rebuild(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rebuild(v) for v in value]
+    return value
+
+
+def unbuild(value):
+    """`value` with every Result in it (alone, or in dicts, lists and tuples) made its `to_dict()`; tensors,
+    arrays and other values as they are. `rebuild` undoes it."""
+    if isinstance(value, Result):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: unbuild(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(unbuild(v) for v in value)
+    return value
+
+
 class Result:
-    """Mixin for result dataclasses: JSON save/load, a table (`rows`, `to_frame`), verdicts, display."""
+    """Mixin for result dataclasses: JSON save/load, a table (`rows`, `to_frame`), verdicts, display.
+    Every subclass is known by its name to `rebuild` (what reads results back from the cache)."""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        RESULT_TYPES[cls.__name__] = cls
 
     def to_dict(self) -> dict:
         d = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -54,3 +54,13 @@ def test_keys_name_what_a_result_depends_on():
 def test_cached_refuses_names_that_are_not_plain_paths(session, name):
     with pytest.raises(ValueError, match="name"):
         session.cached(name, lambda: 1)
+
+
+def test_cached_typed_results_come_back_as_their_types(session):
+    from helpers.results import Estimate
+    from helpers.evals.reconstruction import FVU
+
+    made = {"fit": FVU(fvu=0.25, fvu_ordinary=0.2, fvu_massive=None, massive_share=0.0), "list": [Estimate(1.0, 0.5, 1.5)]}
+    first = session.cached("typed", lambda: made)
+    again = session.cached("typed", lambda: pytest.fail("computed twice"))
+    assert isinstance(again["fit"], FVU) and again["fit"] == made["fit"] and first["fit"] == made["fit"]

@@ -22,6 +22,7 @@ from helpers.activations.harvest import get_store
 from helpers.activations.models import load_model
 from helpers.dictionaries.baselines import layer_dictionaries, massive_rule
 from helpers.dictionaries.dictionary import Dictionary, SAEDictionary, device_of
+from helpers.results import rebuild, unbuild
 from helpers.runs.sweep import get_eval_store, get_sweep, layer_saes, load_sweep_sae, matched_topk
 from helpers.settings.paths import stored
 from helpers.settings.profiles import Profile, get_profile
@@ -138,8 +139,10 @@ class Session:
         computed the first time, loaded afterwards while `inputs` and `code` are unchanged (see
         helpers.settings.paths.stored). `inputs` names what the result depends on beyond the model and
         the store (settings, prompt sets, dictionaries: `key_of` reads each); `code` the modules that
-        compute it."""
+        compute it. Typed results (helpers.results.Result, alone or in lists and dicts) are kept as their
+        `to_dict()` and come back as the same types."""
         if not NAME.match(name):
             raise ValueError(f"name {name!r}: letters, digits, '.', '_', '-', in '/'-separated parts")
         key = {"model": key_of(self.model), "store": self.store.path.name, "inputs": key_of(inputs)}
-        return stored(Path(self.profile.cache_dir) / "results" / f"{name}.pt", key, compute, code=code)
+        path = Path(self.profile.cache_dir) / "results" / f"{name}.pt"
+        return rebuild(stored(path, key, lambda: unbuild(compute()), code=code))
