@@ -104,7 +104,7 @@ class Estimate:
         return self.has_interval and self.high < x
 
     def to_dict(self) -> dict:
-        return {"value": self.value, "low": self.low, "high": self.high, "level": self.level}
+        return {"type": "Estimate", "value": self.value, "low": self.low, "high": self.high, "level": self.level}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Estimate":
@@ -140,13 +140,16 @@ def rebuild(value):
 def unbuild(value):
     """`value` with every Result in it (alone, or in dicts, lists and tuples) made its `to_dict()`; tensors,
     arrays and other values as they are. `rebuild` undoes it."""
-    if isinstance(value, Result):
+    if isinstance(value, (Result, Estimate)):
         return value.to_dict()
     if isinstance(value, dict):
         return {k: unbuild(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(unbuild(v) for v in value)
     return value
+
+
+RESULT_TYPES["Estimate"] = Estimate
 
 
 class Result:
