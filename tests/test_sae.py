@@ -369,7 +369,7 @@ def test_save_replaces_an_sae_and_writes_only_its_own_files(tmp_path):
 
 
 def test_an_interrupted_save_keeps_the_old_sae_whole(tmp_path, monkeypatch):
-    import safetensors.torch
+    from helpers.saes import stack
 
     old, new = randomised([SAEConfig(D, M)], seed=1), randomised([SAEConfig(D, M)], seed=2)
     save_saelens(old, tmp_path / "sae")
@@ -379,7 +379,7 @@ def test_an_interrupted_save_keeps_the_old_sae_whole(tmp_path, monkeypatch):
             f.write(b"\0" * 10)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    monkeypatch.setattr(stack, "save_file", half_written)
     with pytest.raises(KeyboardInterrupt):
         save_saelens(new, tmp_path / "sae")
     x = torch.randn(20, D)

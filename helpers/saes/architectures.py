@@ -99,20 +99,16 @@ class Selection:
     aux: tuple | None = None
 
 
-@dataclass
-class DenseContext:
-    """What an architecture's `dense_terms` receives, for the n SAEs of a batch of B rows (all of the
-    stack's, or those that took the dense path): `stack`, `p` (its `state`), `c` the train codes
-    [n, B, m], `pre` the pre-activations [n, B, m], `err` x̂ − x [n, B, d] (scaled units), `xs` the
-    scaled input [n, B, d], `b_dec` [n, d], `dead` [n, m] bool or None (AuxK), `aux_coefficient`,
-    `l1_scale` (the L1 warm-up factor)."""
+@dataclass(kw_only=True)
+class LossContext:
+    """What an architecture's loss terms receive, for n SAEs of a batch of B rows: `stack`, `p` (its
+    `state`), `err` x̂ − x [n, B, d] (scaled units), `xs` the scaled input [n, B, d], `b_dec` [n, d],
+    `dead` [n, m] bool or None (AuxK), `aux_coefficient`, `l1_scale` (the L1 warm-up factor)."""
 
     stack: object
     p: dict
     n: int
     B: int
-    c: torch.Tensor
-    pre: torch.Tensor
     err: torch.Tensor
     xs: torch.Tensor
     b_dec: torch.Tensor
@@ -121,32 +117,29 @@ class DenseContext:
     l1_scale: float = 1.0
 
 
-@dataclass
-class SparseContext:
-    """What an architecture's `sparse_terms` receives: `stack`, `p`, n SAEs, B rows, m latents;
-    `codes` [nnz] the active codes (with gradients), `pattern` their helpers.saes.sparse.Pattern,
-    `sel` the Selection, `err` [n, B, d], `xs` [n, B, d], `xc` the flat centred input [n·B, d],
-    `flat_enc` / `flat_dec` [n·m, d], `flat_b_enc` [n·m], `b_dec` [n, d], `dead`, `aux_coefficient`,
-    `l1_scale` as in DenseContext."""
+@dataclass(kw_only=True)
+class DenseContext(LossContext):
+    """`dense_terms`' context (all of the stack's SAEs, or those that took the dense path): also `c` the
+    train codes [n, B, m] and `pre` the pre-activations [n, B, m]."""
 
-    stack: object
-    p: dict
-    n: int
-    B: int
+    c: torch.Tensor
+    pre: torch.Tensor
+
+
+@dataclass(kw_only=True)
+class SparseContext(LossContext):
+    """`sparse_terms`' context, m latents: also `codes` [nnz] the active codes (with gradients),
+    `pattern` their helpers.saes.sparse.Pattern, `sel` the Selection, `xc` the flat centred input
+    [n·B, d], `flat_enc` / `flat_dec` [n·m, d], `flat_b_enc` [n·m]."""
+
     m: int
     codes: torch.Tensor
     pattern: object
     sel: Selection
-    err: torch.Tensor
-    xs: torch.Tensor
     xc: torch.Tensor
     flat_enc: torch.Tensor
     flat_dec: torch.Tensor
     flat_b_enc: torch.Tensor
-    b_dec: torch.Tensor
-    dead: torch.Tensor | None = None
-    aux_coefficient: float = 1 / 32
-    l1_scale: float = 1.0
 
 
 # ---- the training recipes ------------------------------------------------------------------------
