@@ -51,7 +51,7 @@ class Massive(Result):
 
     hook: str
     threshold: float                 # flag tokens whose norm exceeds this (model units)
-    offset: torch.Tensor             # [d]: mean massive activation (zeros if there is none)
+    offset: torch.Tensor = field(repr=False)  # [d]: mean massive activation (zeros if there is none)
     median_norm: float = 0.0
     factor: float = FACTOR
     share: float = 0.0               # of tokens flagged (training store)
