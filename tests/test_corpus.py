@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import helpers.activations.corpus as corpus_mod
-from helpers.activations.corpus import (NO_TAG, PILE_GENRES, PILE_OTHER, PILE_SEPARATOR, PILE_SUBSETS, coarse_tag,
-                            iter_contexts, load_brown, pile_files, pile_subsets_read, separator_token_id,
-                            tokenize_document)
+from helpers.activations.corpus import (NO_TAG, PILE_GENRES, PILE_OTHER, PILE_SEPARATOR, PILE_SUBSETS, CorpusSummary,
+                            LabelCoverage, TokenLabels, coarse_tag, iter_contexts, label_coverage, load_brown,
+                            pile_files, pile_subsets_read, separator_token_id, token_labels, tokenize_document)
 from helpers.settings.paths import DATA_DIR
 
 
@@ -54,6 +54,43 @@ def test_every_token_gets_its_words_tag(tokenizer):
 def test_coarse_tags():
     assert [coarse_tag(t) for t in ["nns", "vbd", "jj", "ppss+md", "at", "in", ",", "cd", "uh"]] == \
         ["NOUN", "VERB", "ADJ", "PRON", "DET", "ADP", ".", "NUM", "X"]
+
+
+def test_corpus_summary_and_token_labels_are_typed_results(tokenizer):
+    """Brown's summary counts its documents, words and genres; a document's token table carries each
+    token's tag as tokenize_document gives it; both round-trip through JSON and show as tables."""
+    brown = load_brown()
+    summary = brown.summary()
+    assert summary.documents == 500 == sum(summary.genres.values()) and len(summary.genres) == 15
+    assert summary.train_documents + summary.test_documents == 500 and summary.words > 1_000_000
+    assert CorpusSummary.from_dict(summary.to_dict()) == summary
+    assert "500 documents" in str(summary) and len(summary.to_frame()) == 15
+    doc = brown.docs[0]
+    table = token_labels(doc, tokenizer, brown.tags, n=20)
+    tok = tokenize_document(doc, tokenizer)
+    assert [r[1] for r in table.tokens] == tok.token_ids[:20].tolist()
+    for (text, _, tag, coarse), p, (a, b) in zip(table.tokens, tok.pos, tok.offsets):
+        assert text == doc.text[a:b]
+        assert tag == ("-" if p == NO_TAG else brown.tags[p]) and coarse == ("-" if p == NO_TAG else coarse_tag(tag))
+    assert any(tag != "-" for _, _, tag, _ in table.tokens)
+    assert TokenLabels.from_dict(table.to_dict()).rows() == table.rows()
+    assert len(token_labels(doc, tokenizer).tokens) == len(tok.token_ids)
+
+
+def test_label_coverage_on_brown_labels():
+    """Brown labels: mostly tagged, every genre named; too few tags or an unknown genre is a problem."""
+    from helpers.activations.store import META_DTYPE
+
+    brown = load_brown()
+    t = np.zeros(100, dtype=META_DTYPE)
+    t["pos"] = 1
+    t["genre"] = np.arange(100) % 6
+    c = label_coverage(t, "brown")
+    assert c.consistent and c.tagged == 1.0 and c.genres == sorted(brown.genres[:6])
+    t["pos"][:10] = NO_TAG
+    assert "only 90.0% of tokens carry a POS tag" in label_coverage(t, "brown").problems
+    t["genre"][0] = len(brown.genres)
+    assert "outside" in label_coverage(t, "brown").problems[0]
 
 
 def test_contexts_are_fixed_length_seeded_and_resumable(tokenizer):
@@ -400,17 +437,27 @@ def test_notebook_label_check_accepts_a_two_subset_corpus(model, tmp_path, monke
     assert not store.manifest.get("exhausted")
     P = get_profile("test").replace(model=PAPER_MODEL, corpus="pile")
     cell = notebook_cell("01_harvest", "4fa70bfe")
-    ns = dict(np=np, NO_TAG=NO_TAG, store=store, m=store.manifest, tokens=store.tokens(), P=P)
-    exec(cell, ns)
+    exec(cell, dict(store=store, P=P))
     assert "0.0% of tokens carry a POS tag; 2 genres: ArXiv, Github" in capsys.readouterr().out
+    coverage = store.label_coverage()
+    assert coverage.consistent and coverage.genres == ["ArXiv", "Github"] and coverage.tagged == 0
+    assert LabelCoverage.from_dict(coverage.to_dict()) == coverage
+    read = {"ArXiv", "Github"}
     bad = store.tokens()
     bad["genre"][np.flatnonzero(bad["tok_pos"] >= 0)[5]] = PILE_GENRES.index("PubMed Central")
-    with pytest.raises(AssertionError, match="harvested subsets"):
-        exec(cell, dict(ns, tokens=bad))
+    found = label_coverage(bad, "pile", store.manifest["genres"], read)
+    assert not found.consistent and "harvested subsets" in found.problems[0], found.problems
+    assert "harvested subsets" in str(found)
     bad = store.tokens()
     bad["genre"][np.flatnonzero(bad["tok_pos"] < 0)[0]] = PILE_GENRES.index("Github")
-    with pytest.raises(AssertionError, match="separator"):
-        exec(cell, dict(ns, tokens=bad))
+    assert any("separator" in p for p in label_coverage(bad, "pile", store.manifest["genres"], read).problems)
+    bad = store.tokens()
+    bad["pos"][0] = 3
+    assert any("no POS tags" in p for p in label_coverage(bad, "pile", store.manifest["genres"]).problems)
+    with pytest.raises(AssertionError, match="harvested subsets"):  # the notebook's cell stops on a problem
+        broken = type(store).open(store.path)
+        broken.label_coverage = lambda: found
+        exec(cell, dict(store=broken, P=P))
 
 
 def test_bad_rows_in_pile_files_are_skipped_and_named(tokenizer, tmp_path, monkeypatch):

@@ -131,3 +131,36 @@ def test_pile_harvest_resumes_from_its_saved_position(model, tmp_path, monkeypat
         assert torch.equal(resumed.activations(h), clean.activations(h))
     manifest = json.loads((tmp_path / "crashed" / "manifest.json").read_text())
     assert [s["next_resume"] for s in manifest["shards"]] == [s["next_resume"] for s in clean.shards]
+
+
+def test_store_summary_trace_and_collect(model, tmp_path):
+    """A store says what it holds and where each row came from (typed results that round-trip through
+    JSON); `collect` on the traced context's token ids gives the stored rows; `model_summary` the model."""
+    from helpers.activations.corpus import NO_TAG, load_brown
+    from helpers.activations.harvest import collect, model_summary
+    from helpers.activations.store import StoreSummary, TokenTrace
+
+    store = harvest(model, tmp_path, HOOKS, **SMALL)
+    s = store.summary()
+    assert (s.tokens, s.shards, s.hooks, s.ctx_len, s.corpus, s.complete) == (320, 5, HOOKS, 17, "brown", True)
+    assert set(s.shard_files_mb) == {"meta", *HOOKS} and s.last_run_tokens == 320
+    assert StoreSummary.from_dict(s.to_dict()) == s and "tokens/s for 2 hooks" in str(s)
+    tokens = store.tokens()
+    i = 40
+    t = store.trace(i, model.tokenizer)
+    rec = tokens[i]
+    assert t.source == f"document {load_brown().docs[rec['doc']].id} ({store.manifest['genres'][rec['genre']]})"
+    assert t.token == model.tokenizer.decode([rec["token"]]) and t.position == rec["tok_pos"]
+    assert t.tag == ("-" if rec["pos"] == NO_TAG else store.manifest["tags"][rec["pos"]])
+    assert t.norm == pytest.approx(store.activations(HOOKS[-1])[i].norm().item())
+    same_ctx = np.flatnonzero(tokens["ctx"][:i] == rec["ctx"])
+    assert t.before == model.tokenizer.decode(tokens["token"][same_ctx[-12:]]) and len(same_ctx) == i % 16
+    assert TokenTrace.from_dict(t.to_dict()) == t and f"[[{t.token}]]" in str(t)
+    rows = np.flatnonzero(tokens["ctx"] == rec["ctx"])
+    ids = torch.tensor([[model.tokenizer.bos_token_id, *tokens["token"][rows]]])
+    acts = collect(model, ids, HOOKS[0], progress=False)
+    assert acts.shape == (1, 17, model.cfg.d_model)
+    assert torch.allclose(acts[0, 1:].half().float(), store.activations(HOOKS[0])[rows], rtol=1e-2, atol=1e-2)
+    m = model_summary(model)
+    assert (m.n_layers, m.d_model, m.d_vocab) == (model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab)
+    assert m.parameters == sum(p.numel() for p in model.parameters()) and "layers" in m.verdicts()[0]

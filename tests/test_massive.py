@@ -130,3 +130,34 @@ def test_the_tensor_rule_is_the_store_rule(array_store):
         massive.fit_tensor(x, factor=0.01)
     with pytest.raises(massive.MassiveError, match="must be positive"):
         massive.fit_tensor(x, factor=-1)
+
+
+def test_the_rule_is_a_typed_result_and_names_its_tokens(array_store):
+    """A rule round-trips through JSON and says its verdicts; massive_tokens on tensors names the
+    massive tokens, as describe does on a store; report gathers both for every hook."""
+    x, idx = data()
+    rule = massive.fit_tensor(x, hook=HOOK)
+    again = massive.Massive.from_dict(rule.to_dict())
+    assert torch.equal(again.offset, rule.offset) and again.top_dims == rule.top_dims
+    assert again.to_json() == rule.to_json()
+    assert "dimension 3" in rule.verdicts()[1] and rule.note in str(rule)
+    assert rule.to_frame()["tokens massive"].item() == pytest.approx(len(idx) / len(x))
+    inert = massive.fit_tensor(data(share=0.0)[0], hook=HOOK)
+    assert inert.verdicts() == [inert.note]
+    ids = torch.arange(len(x)) % 7          # token ids; the massive rows get token 99 where idx is even
+    ids[idx[::2]] = 99
+    positions = torch.arange(len(x)) % 8
+    found = massive.massive_tokens(rule.flags(x), ids, positions, hook=HOOK)
+    assert found.n == len(idx) and found.tokens[0] == ("99", len(idx[::2]), 1.0)
+    assert found.first_position_share == pytest.approx((positions[idx] == 0).float().mean().item())
+    assert massive.MassiveTokens.from_dict(found.to_dict()).rows() == found.rows()
+    store = array_store(x)  # its token ids are the row numbers; contexts of 8 tokens
+    described = massive.describe(store, HOOK, massive.fit(store, HOOK))
+    assert described.n == len(idx) and all(n == 1 and s == 1.0 for _, n, s in described.tokens)
+    assert described.first_position_share == pytest.approx(found.first_position_share)
+    report = massive.report(store)
+    assert list(report.rules) == [HOOK] and report.tokens[HOOK] == described
+    assert report.rules[HOOK].to_json() == massive.fit(store, HOOK).to_json()
+    back = massive.MassiveReport.from_dict(report.to_dict())
+    assert back.tokens[HOOK] == described and torch.equal(back.rules[HOOK].offset, report.rules[HOOK].offset)
+    assert "most often massive" in str(report) and len(report.to_frame()) == 1

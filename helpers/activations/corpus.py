@@ -30,6 +30,11 @@ labelled as no document's text: tok_pos -1 and the genre `PILE_SEPARATOR` (the l
 ``iter_contexts(..., resume=that)`` continues from there without reading or tokenising the
 documents before that row: an interrupted harvest resumes in constant time and gets the same
 contexts as an uninterrupted one.
+
+What a reader looks at comes as typed results (tables with verdicts): `Corpus.summary()` (documents,
+words, tags, genres), `token_labels(doc, tokenizer, tags)` (a document's first tokens with their
+tags) and `label_coverage(tokens, corpus, genres)` (how a harvest's token labels cover the corpus,
+and whether they are consistent).
 """
 from __future__ import annotations
 
@@ -42,13 +47,14 @@ import lzma
 import os
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from helpers.activations.models import ModelUnavailable, hub_reachable
+from helpers.results import Result
 from helpers.settings.paths import DATA_DIR
 
 NO_TAG = 255  # pos value of tokens that are not part of a word (whitespace) or carry no tag
@@ -89,11 +95,38 @@ class Document:
 
 
 @dataclass
+class CorpusSummary(Result):
+    """A corpus in numbers: documents, words, tags, the train/test split and documents per genre."""
+
+    name: str = ""
+    documents: int = 0
+    words: int = 0
+    tags: int = 0                    # distinct fine POS tags
+    train_documents: int = 0
+    test_documents: int = 0
+    genres: dict = field(default_factory=dict)  # genre: documents
+
+    def rows(self) -> list[dict]:
+        return [{"genre": g, "documents": n} for g, n in self.genres.items()]
+
+    def verdicts(self) -> list[str]:
+        return [f"{self.documents} documents, {self.words:,} words, {self.tags} distinct POS tags; "
+                f"train/test documents: {self.train_documents}/{self.test_documents}"]
+
+
+@dataclass
 class Corpus:
     name: str
     docs: list[Document]
     tags: list[str]    # fine POS tags (Brown's, normalised); token pos values index this list
     genres: list[str]
+
+    def summary(self) -> CorpusSummary:
+        """Documents, words, tags, split sizes and documents per genre."""
+        genres, counts = np.unique([d.genre for d in self.docs], return_counts=True)
+        return CorpusSummary(self.name, len(self.docs), int(sum(len(d.word_tags) for d in self.docs)),
+                             len(self.tags), len(self.split("train")), len(self.split("test")),
+                             dict(zip(genres.tolist(), counts.tolist())))
 
     def split(self, split: str, test_fraction: float = 0.1) -> list[int]:
         """Indices of the documents in `split` ("train", "test" or "all"); fixed by document id."""
@@ -166,6 +199,32 @@ def tokenize_document(doc: Document, tokenizer) -> TokenizedDoc:
     pos = np.full(len(ids), NO_TAG, dtype=np.uint8)
     pos[inside] = doc.word_tags[word[inside]]
     return TokenizedDoc(ids, pos, offsets)
+
+
+@dataclass
+class TokenLabels(Result):
+    """A document's tokens with the labels they carry: text, id, Brown tag and its coarse category."""
+
+    tokens: list = field(default_factory=list)  # [(text, token id, tag or "-", coarse tag or "-")]
+
+    def __post_init__(self):
+        self.tokens = [tuple(t) for t in self.tokens]
+
+    def rows(self) -> list[dict]:
+        return [{"token": repr(t), "id": i, "tag": tag, "coarse": c} for t, i, tag, c in self.tokens]
+
+
+def token_labels(doc: Document, tokenizer, tags: list[str] | None = None, n: int | None = None) -> TokenLabels:
+    """The first `n` tokens of `doc` (all by default) as `tokenize_document` labels them; `tags` names
+    the tag indices (default: the Brown Corpus's)."""
+    tags = load_brown().tags if tags is None else tags
+    tok = tokenize_document(doc, tokenizer)
+    out = []
+    for i in range(len(tok.token_ids) if n is None else min(n, len(tok.token_ids))):
+        a, b = tok.offsets[i]
+        tag = tags[tok.pos[i]] if tok.pos[i] != NO_TAG else "-"
+        out.append((doc.text[a:b], int(tok.token_ids[i]), tag, coarse_tag(tag) if tag != "-" else "-"))
+    return TokenLabels(out)
 
 
 @dataclass
@@ -539,3 +598,54 @@ def corpus_labels(corpus: str) -> dict:
     if corpus == "pile":
         return {"tags": [], "genres": list(PILE_GENRES)}
     raise ValueError(f"unknown corpus {corpus!r}")
+
+
+@dataclass
+class LabelCoverage(Result):
+    """How a harvest's token labels cover its corpus: the share of tokens with a POS tag, the genres
+    present, and any inconsistency between labels and corpus (`problems`; none when `consistent`)."""
+
+    corpus: str = ""
+    tokens: int = 0
+    tagged: float = 0.0               # share of tokens with a POS tag
+    genres: list = field(default_factory=list)  # genres present (separators left out)
+    problems: list = field(default_factory=list)
+
+    @property
+    def consistent(self) -> bool:
+        return not self.problems
+
+    def rows(self) -> list[dict]:
+        return [{"corpus": self.corpus, "tokens": self.tokens, "POS-tagged": self.tagged,
+                 "genres": len(self.genres), "consistent": self.consistent}]
+
+    def verdicts(self) -> list[str]:
+        return [f"{self.tagged:.1%} of tokens carry a POS tag; {len(self.genres)} genres: {', '.join(self.genres)}",
+                *self.problems]
+
+
+def label_coverage(tokens: np.ndarray, corpus: str, genres: list[str] | None = None,
+                   subsets_read: set[str] | None = None) -> LabelCoverage:
+    """Check token labels (records with ``pos``, ``genre`` and ``tok_pos`` fields, as a store keeps
+    them) against their corpus: on Brown nearly every token carries a POS tag; the Pile has none, its
+    separators are labelled as such, and, given `subsets_read` (`pile_subsets_read`), its genres are
+    exactly the subsets of the documents read. `genres` names the genre indices (default: the corpus's)."""
+    names = corpus_labels(corpus)["genres"] if genres is None else list(genres)
+    tagged = float((tokens["pos"] != NO_TAG).mean()) if len(tokens) else 0.0
+    problems = []
+    if len(tokens) and int(tokens["genre"].max()) >= len(names):
+        problems.append("a token's genre is outside the store's list of genres")
+        return LabelCoverage(corpus, len(tokens), tagged, [], problems)
+    found = sorted({names[g] for g in np.unique(tokens["genre"])} - {PILE_SEPARATOR})
+    if corpus == "brown":
+        if not tagged > 0.95:
+            problems.append(f"only {tagged:.1%} of tokens carry a POS tag")
+    else:
+        if tagged != 0:
+            problems.append(f"{corpus} has no POS tags, yet {tagged:.1%} of tokens carry one")
+        separators = tokens["tok_pos"] < 0
+        if PILE_SEPARATOR in names and not (tokens["genre"][separators] == names.index(PILE_SEPARATOR)).all():
+            problems.append("a separator labelled as text")
+        if subsets_read is not None and set(found) != set(subsets_read):
+            problems.append(f"harvested subsets {found}, but the documents read are of {sorted(subsets_read)}")
+    return LabelCoverage(corpus, len(tokens), tagged, found, problems)

@@ -7,6 +7,8 @@ stopped: contexts are produced in a fixed order, so the next one is known from t
 the Pile each shard also records where the stream stands after it (`next_resume`), so resuming
 seeks there instead of re-reading and re-tokenising every earlier document.
 `get_store(profile)` is what notebooks call: open the profile's store, harvesting what is missing.
+`collect(model, tokens, hook)` gives the activations of plain token ids, and `model_summary(model)` what
+a model is (layers, width, vocabulary, parameters, device).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import json
 import math
 import re
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ from helpers.activations.corpus import corpus_labels, iter_contexts
 from helpers.activations.hooks import BLOCK_HOOK
 from helpers.activations.models import hooked, load_model
 from helpers.activations.store import META_DTYPE, ActivationStore, CorruptShard, StoreError, StoreWriter
+from helpers.results import Result
 
 # Hooks that stop_at_layer cannot cut short (they come after the last block).
 _FINAL_HOOKS = ("ln_final.", "unembed.", "hook_unembed")
@@ -31,6 +35,30 @@ _FINAL_HOOKS = ("ln_final.", "unembed.", "hook_unembed")
 
 def model_name(model) -> str:
     return getattr(model, "workbook_name", None) or model.cfg.model_name
+
+
+@dataclass
+class ModelSummary(Result):
+    """What a model is: its name, layers, residual width, vocabulary, parameters and device."""
+
+    name: str = ""
+    n_layers: int = 0
+    d_model: int = 0
+    d_vocab: int = 0
+    parameters: int = 0
+    device: str = ""
+
+    def verdicts(self) -> list[str]:
+        return [f"{self.name}: {self.n_layers} layers, d_model={self.d_model}, vocabulary {self.d_vocab:,}, "
+                f"{self.parameters / 1e6:.0f}M parameters, on {self.device}"]
+
+
+def model_summary(model) -> ModelSummary:
+    """`model` (TransformerLens-style, or a plain Hugging Face causal LM) in numbers."""
+    model = hooked(model)
+    cfg = model.cfg
+    return ModelSummary(model_name(model), cfg.n_layers, cfg.d_model, cfg.d_vocab,
+                        sum(p.numel() for p in model.parameters()), str(model_device(model)))
 
 
 def valid_hooks(model) -> list[str]:

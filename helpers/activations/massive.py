@@ -19,9 +19,11 @@ through it, so no method, and no baseline, can win or lose by catching the massi
 reported over all tokens and over ordinary tokens (see helpers.evals.reconstruction, helpers.evals.features).
 
 `fit_tensor(x)` measures activations x [N, d] of one hook and returns a `Massive` (threshold, offset and
-the measurements); `fit(store, hook)` does the same on a store's hook (streamed, cached in the store);
-a hook with no massive token gets an inert one (threshold as measured, offset 0) and a note; a rule
-that would flag every token is refused.
+the measurements; a typed result that shows its numbers as a table and says what they mean);
+`fit(store, hook)` does the same on a store's hook (streamed, cached in the store); a hook with no
+massive token gets an inert one (threshold as measured, offset 0) and a note; a rule that would flag
+every token is refused. `massive_tokens(flags, token_ids, positions)` says which tokens are massive
+(`describe(store, hook, rule)` on a store), and `report(store)` gathers both for every hook.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from helpers.results import Result
+
 FACTOR = 4.0  # a token is massive when its norm exceeds FACTOR × the hook's median norm
 _VERSION = 4  # of what fit() measures (its cache entries)
 
@@ -42,12 +46,12 @@ class MassiveError(ValueError):
 
 
 @dataclass
-class Massive:
+class Massive(Result):
     """The rule's result at one hook: which tokens are massive and the offset they get."""
 
     hook: str
     threshold: float                 # flag tokens whose norm exceeds this (model units)
-    offset: torch.Tensor             # [d]: mean massive activation (zeros if there is none)
+    offset: torch.Tensor = field(repr=False)  # [d]: mean massive activation (zeros if there is none)
     median_norm: float = 0.0
     factor: float = FACTOR
     share: float = 0.0               # of tokens flagged (training store)
@@ -79,6 +83,24 @@ class Massive:
     def from_json(cls, d: dict) -> "Massive":
         return cls(**{**d, "offset": torch.tensor(d["offset"], dtype=torch.float32),
                       "top_dims": [tuple(t) for t in d.get("top_dims", [])]})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Massive":
+        return cls.from_json({k: v for k, v in d.items() if k != "type"})
+
+    def rows(self) -> list[dict]:
+        return [{"hook": self.hook, "median norm": self.median_norm, "threshold": self.threshold,
+                 "tokens massive": self.share, "variance they carry": self.variance_share,
+                 "cosine with offset": self.cosine if self.any else None,
+                 "variance offset leaves": self.offset_residual if self.any else None}]
+
+    def verdicts(self) -> list[str]:
+        out = [self.note] if self.note else []
+        if self.any:
+            out.append("their variance lies along " + ", ".join(f"dimension {d} ({s:.0%})" for d, s in self.top_dims)
+                       + f"; median cosine with their mean vector {self.cosine:.4f}; that one vector leaves "
+                       f"{self.offset_residual:.1%} of their variance unexplained")
+        return out
 
     @classmethod
     def none(cls, hook: str, d: int) -> "Massive":
@@ -213,16 +235,89 @@ def flags(store, hook: str, rule: Massive) -> np.ndarray:
     return norms(store, hook) > rule.threshold
 
 
-def describe(store, hook: str, rule: Massive, tokenizer, top: int = 8) -> dict:
-    """What the massive tokens are (for notebook 01): the tokens most often massive, with the share
-    of each token's occurrences that are massive, and where in its context a massive token sits."""
+@dataclass
+class MassiveTokens(Result):
+    """Which tokens are massive at one hook: the most frequent ones, with the share of each token's
+    occurrences that are massive, and how many of them sit first in their context."""
+
+    hook: str = ""
+    n: int = 0                         # massive tokens
+    share: float = 0.0                 # of all tokens
+    tokens: list = field(default_factory=list)  # [(token text, times massive, share of its occurrences)]
+    first_position_share: float = 0.0  # of the massive tokens, those first in their context
+
+    def __post_init__(self):
+        self.tokens = [tuple(t) for t in self.tokens]
+
+    def rows(self) -> list[dict]:
+        return [{"token": t, "times massive": n, "share of its occurrences": s} for t, n, s in self.tokens]
+
+    def verdicts(self) -> list[str]:
+        if not self.n:
+            return [f"{self.hook}: no massive token"]
+        return [f"{self.hook}: most often massive: " + ", ".join(f"{t!r} ×{n} ({s:.0%} of its occurrences)"
+                                                               for t, n, s in self.tokens[:6])
+                + f"; {self.first_position_share:.0%} of them are a context's first token"]
+
+
+def _numpy(v) -> np.ndarray:
+    return v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+
+
+def massive_tokens(flags, token_ids, positions, tokenizer=None, top: int = 8, hook: str = "") -> MassiveTokens:
+    """What the massive tokens are: `flags` [N] bool (a rule's `flags(x)`), `token_ids` [N] the token of
+    each row, `positions` [N] its position in its context (0: first). Tokens are decoded with
+    `tokenizer` when one is given, else named by id."""
+    flag = _numpy(flags).astype(bool)
+    ids = _numpy(token_ids).astype(np.int64)[: len(flag)]
+    pos = _numpy(positions)[: len(flag)]
+    toks, counts = np.unique(ids[flag], return_counts=True)
+    all_counts = np.bincount(ids, minlength=int(ids.max()) + 1 if len(ids) else 1)
+    order = np.argsort(-counts)[:top]
+    name = (lambda t: tokenizer.decode([t])) if tokenizer is not None else str
+    return MassiveTokens(hook, int(flag.sum()), float(flag.mean()) if len(flag) else 0.0,
+                         [(name(int(toks[i])), int(counts[i]), float(counts[i] / all_counts[toks[i]])) for i in order],
+                         float((pos[flag] == 0).mean()) if flag.any() else 0.0)
+
+
+def describe(store, hook: str, rule: Massive, tokenizer=None, top: int = 8) -> MassiveTokens:
+    """What the massive tokens of a store are at `hook` by `rule` (`massive_tokens` on the store's labels)."""
     flag = flags(store, hook, rule)
     meta = store.tokens()[: len(flag)]
     per_ctx = store.manifest["ctx_len"] - 1
-    toks, counts = np.unique(meta["token"][flag], return_counts=True)
-    all_counts = np.bincount(meta["token"], minlength=int(meta["token"].max()) + 1)
-    order = np.argsort(-counts)[:top]
-    return {"share": float(flag.mean()), "n": int(flag.sum()),
-            "tokens": [(tokenizer.decode([int(toks[i])]), int(counts[i]), float(counts[i] / all_counts[toks[i]]))
-                       for i in order],
-            "first_position_share": float((np.arange(len(flag))[flag] % per_ctx == 0).mean()) if flag.any() else 0.0}
+    return massive_tokens(flag, meta["token"], np.arange(len(flag)) % per_ctx, tokenizer, top, hook)
+
+
+@dataclass
+class MassiveReport(Result):
+    """The rule at every hook of a store, and what its massive tokens are."""
+
+    rules: dict[str, Massive] = field(default_factory=dict)
+    tokens: dict[str, MassiveTokens] = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        out = []
+        for h, r in self.rules.items():
+            row = r.rows()[0]
+            t = self.tokens.get(h)
+            if t is not None and t.tokens:
+                row["most often massive"] = ", ".join(repr(tok) for tok, _, _ in t.tokens[:3])
+                row["first in context"] = t.first_position_share
+            out.append(row)
+        return out
+
+    def verdicts(self) -> list[str]:
+        out = []
+        for h, r in self.rules.items():
+            out += r.verdicts()
+            if r.any and h in self.tokens:
+                out += self.tokens[h].verdicts()
+        return out
+
+
+def report(store, tokenizer=None, hooks=None, factor: float = FACTOR, top: int = 8) -> MassiveReport:
+    """The rule fitted at every hook of a (training) store (`fit`), with what the massive tokens are
+    where there are any (`describe`)."""
+    hooks = list(store.hooks) if hooks is None else list(hooks)
+    rules = {h: fit(store, h, factor) for h in hooks}
+    return MassiveReport(rules, {h: describe(store, h, r, tokenizer, top) for h, r in rules.items() if r.any})

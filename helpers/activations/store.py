@@ -23,6 +23,8 @@ time a file is read (or all at once with `verify()`), and a mismatch names the f
 Reading memory-maps shard files, except `iter_batches`, which serves shuffled batches (each
 token exactly once per epoch) from one RAM buffer of at most `buffer_shards` shards, read straight
 from the files; `iter_batches_peak_bytes` / `ActivationStore.buffer_bytes` estimate its peak.
+`ActivationStore.summary()` says what a store holds and `trace(i, tokenizer)` where its row i came
+from (typed results that show as tables).
 """
 from __future__ import annotations
 
@@ -30,12 +32,15 @@ import json
 import os
 import warnings
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from helpers.activations.corpus import NO_TAG, LabelCoverage, label_coverage, load_brown, pile_subsets_read
+from helpers.results import Result
 from helpers.settings.locks import FolderLock, tmp_name
 from helpers.settings.paths import sync_drive
 
@@ -51,6 +56,61 @@ META_DTYPE = np.dtype([
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Header fields that must agree for a writer to resume into an existing store.
 IDENTITY = ("model", "corpus", "split", "ctx_len", "seed", "hooks", "d_model", "dtype")
+
+
+@dataclass
+class StoreSummary(Result):
+    """What a store holds: model, corpus, contexts, dtype, size, and its last harvest's speed."""
+
+    model: str = ""
+    corpus: str = ""
+    split: str = ""
+    ctx_len: int = 0
+    dtype: str = ""
+    hooks: list = field(default_factory=list)
+    shards: int = 0
+    tokens: int = 0                 # per hook
+    shard_files_mb: dict = field(default_factory=dict)  # file of shard 0: MB
+    last_run_tokens: int = 0
+    last_run_seconds: float = 0.0
+    complete: bool = False
+
+    def rows(self) -> list[dict]:
+        return [{"model": self.model, "corpus": f"{self.corpus} ({self.split})", "ctx_len": self.ctx_len,
+                 "dtype": self.dtype, "hooks": len(self.hooks), "shards": self.shards,
+                 "tokens per hook": self.tokens, "complete": self.complete}]
+
+    def verdicts(self) -> list[str]:
+        out = [f"hooks: {', '.join(self.hooks)}"]
+        if self.shard_files_mb:
+            out.append("files of shard 0: " + ", ".join(f"{k} {v:.1f} MB" for k, v in self.shard_files_mb.items()))
+        if self.last_run_seconds:
+            out.append(f"last harvest run: {self.last_run_tokens:,} tokens in {self.last_run_seconds:.1f} s "
+                       f"({self.last_run_tokens / self.last_run_seconds:,.0f} tokens/s for {len(self.hooks)} hooks)")
+        return out
+
+
+@dataclass
+class TokenTrace(Result):
+    """One stored row traced back to its text: where it came from, the tokens before it, its labels."""
+
+    index: int = 0                  # row of the store
+    source: str = ""                # its document, or "a streamed document (subset)"
+    position: int = 0               # in its document (-1: a separator between streamed documents)
+    before: str = ""                # the text of the tokens before it in its context
+    token: str = ""
+    tag: str = "-"
+    genre: str = ""
+    hook: str = ""
+    norm: float = 0.0               # of its activation at `hook`
+
+    def rows(self) -> list[dict]:
+        return [{"row": self.index, "token": self.token, "tag": self.tag, "genre": self.genre,
+                 "position": self.position, f"norm at {self.hook}": self.norm}]
+
+    def verdicts(self) -> list[str]:
+        return [f"{self.source}, token {self.position}: ...{self.before}[[{self.token}]]",
+                f"tag {self.tag}; norm at {self.hook}: {self.norm:.1f}"]
 
 
 class StoreError(RuntimeError):
@@ -203,6 +263,43 @@ class ActivationStore:
         return (f"ActivationStore({str(self.path)!r}, model={self.manifest['model']!r}, "
                 f"hooks={self.hooks}, tokens={self.n_tokens:,}, shards={len(self.shards)}, "
                 f"dtype={self.manifest['dtype']}, complete={self.complete})")
+
+    def summary(self) -> StoreSummary:
+        """What the store holds (a typed result: shows as a table)."""
+        m = self.manifest
+        files = {k: v["bytes"] / 1e6 for k, v in self.shards[0]["files"].items()} if self.shards else {}
+        return StoreSummary(m["model"], m["corpus"], m["split"], m["ctx_len"], m["dtype"], list(self.hooks),
+                            len(self.shards), self.n_tokens, files, int(m.get("last_run_tokens") or 0),
+                            float(m.get("last_run_seconds") or 0.0), self.complete)
+
+    def label_coverage(self) -> LabelCoverage:
+        """How the stored token labels cover the corpus, and whether they are consistent with it
+        (`helpers.activations.corpus.label_coverage`; on the Pile read from $SAE_PILE's files, the
+        genres are checked against the subsets of the documents read)."""
+        m = self.manifest
+        read = (pile_subsets_read(self.shards[-1].get("next_resume"), m["split"])
+                if m["corpus"] == "pile" and self.shards else None)
+        return label_coverage(self.tokens(), m["corpus"], m["genres"], read)
+
+    def trace(self, i: int, tokenizer, hook: str | None = None, before: int = 12) -> TokenTrace:
+        """Row `i` traced back to its text: its document (by id on Brown), the `before` tokens that
+        precede it in its context (from the store's own labels), its tag and genre, and its norm at
+        `hook` (default: the last)."""
+        tokens = self.tokens()
+        rec = tokens[i]
+        hook = self.hooks[-1] if hook is None else hook
+        prev = np.flatnonzero(tokens["ctx"][:i] == rec["ctx"])[-before:] if before else np.zeros(0, dtype=np.int64)
+        genre = self.manifest["genres"][rec["genre"]]
+        if self.manifest["corpus"] == "brown":
+            source = f"document {load_brown().docs[rec['doc']].id} ({genre})"
+        elif rec["tok_pos"] >= 0:
+            source = f"a streamed document ({genre})"
+        else:
+            source = "the separator after a streamed document"
+        x = self.activations(hook, max_tokens=i + 1)[i]
+        tag = self.manifest["tags"][rec["pos"]] if rec["pos"] != NO_TAG else "-"
+        return TokenTrace(int(i), source, int(rec["tok_pos"]), tokenizer.decode(tokens["token"][prev]),
+                          tokenizer.decode([rec["token"]]), tag, genre, hook, float(x.norm()))
 
     # ---- integrity -----------------------------------------------------------------------
     def _file(self, entry: dict, checksum: bool = True) -> Path:

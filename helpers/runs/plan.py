@@ -21,7 +21,8 @@
 
 `Machine.detect()` reads the machine (GPU and its memory, host RAM, free disk at the cache), and
 `check(plan, machine)` refuses a plan that does not fit with a `PlanError` that names the profile
-field to change. Notebook 01 prints the plan and checks it first. The estimates are meant as upper
+field to change. A `Plan` is a typed result: it shows as a table (one row per resource) and saves as
+JSON; `Plan.table()` gives the same as text. Notebook 01 shows the plan and checks it first. The estimates are meant as upper
 bounds: the simulated Colab run in the tests compares them with the measured peaks.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from helpers.activations.models import hub_revision
+from helpers.results import Result
 from helpers.activations.store import iter_batches_peak_bytes
 from helpers.causal.steering import METHODS, comparison_settings
 from helpers.runs.sweep import sweep_configs, train_config
@@ -94,7 +96,10 @@ class Machine:
 
 
 @dataclass
-class Plan:
+class Plan(Result):
+    """What a profile needs on one machine: bytes of disk (cache and scratch), host RAM and GPU memory
+    by what uses them, and estimated seconds per notebook."""
+
     profile: str
     disk: dict = field(default_factory=dict)      # what: bytes
     host: dict = field(default_factory=dict)      # phase: bytes (the peak is the kernel + model + the largest)
@@ -119,6 +124,29 @@ class Plan:
     @property
     def gpu_peak(self) -> float:
         return max(self.gpu.values()) if self.gpu else 0.0
+
+    def rows(self) -> list[dict]:
+        def gb(b):
+            return f"{b / GB:.2f} GB"
+
+        def parts(d, skip=()):
+            return ", ".join(f"{k} {gb(v)}" for k, v in d.items() if k not in skip)
+        out = [{"resource": "disk (cache)", "needs": gb(self.disk_bytes), "of which": parts(self.disk)}]
+        if self.scratch:
+            out.append({"resource": "local scratch ($SAE_SCRATCH)", "needs": gb(self.scratch_bytes),
+                        "of which": parts(self.scratch)})
+        out.append({"resource": "peak host RAM", "needs": gb(self.host_peak),
+                    "of which": f"kernel {gb(self.host['kernel'])} + model {gb(self.host['model'])} + the largest "
+                                f"phase: " + parts(self.host, ("kernel", "model"))})
+        if self.gpu:
+            out.append({"resource": "peak GPU memory", "needs": gb(self.gpu_peak), "of which": parts(self.gpu)})
+        out.append({"resource": "time, estimated", "needs": _dur(sum(self.seconds.values())),
+                    "of which": ", ".join(f"{k} {_dur(v)}" for k, v in self.seconds.items())})
+        return out
+
+    def verdicts(self) -> list[str]:
+        return [f"resource plan for profile {self.profile!r} on {self.machine}: estimates meant as upper bounds "
+                "(the times are rough)"]
 
     def table(self) -> str:
         """The plan as a few lines of text (what notebook 01 prints)."""

@@ -53,8 +53,13 @@ def dimension_distributions(x: torch.Tensor, dims, title: str = "Single dimensio
     return fig
 
 
-def label_counts(tokens: np.ndarray, tags: list[str], genres: list[str]):
-    """Bar charts of the harvested tokens' coarse POS tags and genres."""
+def label_counts(tokens, tags: list[str] | None = None, genres: list[str] | None = None):
+    """Bar charts of the harvested tokens' coarse POS tags and genres: `tokens` is a store (its labels,
+    tags and genres) or its label records with the tag and genre names."""
+    if hasattr(tokens, "manifest"):
+        tags = tokens.manifest["tags"] if tags is None else tags
+        genres = tokens.manifest["genres"] if genres is None else genres
+        tokens = tokens.tokens()
     coarse = np.array([COARSE_TAGS.index(coarse_tag(t)) for t in tags] + [len(COARSE_TAGS)] * (256 - len(tags)))
     pos = np.where(tokens["pos"] == NO_TAG, len(COARSE_TAGS), coarse[tokens["pos"]])
     pos_counts = np.bincount(pos, minlength=len(COARSE_TAGS) + 1)
@@ -70,9 +75,10 @@ def label_counts(tokens: np.ndarray, tags: list[str], genres: list[str]):
     return fig
 
 
-def massive_norms(store, rules: dict, max_tokens: int = 100_000):
+def massive_norms(store, rules, max_tokens: int = 100_000):
     """Per hook, a histogram of token norms (log scale) with the massive-activation threshold, and
-    the share of tokens and of variance beyond it."""
+    the share of tokens and of variance beyond it; `rules` is {hook: Massive} or a MassiveReport."""
+    rules = getattr(rules, "rules", rules)
     hooks = list(rules)
     fig, axes = plt.subplots(1, len(hooks), figsize=(4.2 * len(hooks), 3.2), squeeze=False)
     for ax, h in zip(axes[0], hooks):
