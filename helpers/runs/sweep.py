@@ -380,6 +380,17 @@ class Sweep(Result):
         """Some rows (by index), some fields, as a Table."""
         return Table([{c: getattr(self.rows_[i], c) for c in columns} for i in indices], title, list(notes))
 
+    def massive_control(self) -> Table | None:
+        """The SAE trained without the massive-activation treatment beside its twin (the same family,
+        size and α, treated), or None when the sweep has no such control."""
+        control = self.index(massive=False)
+        if control is None:
+            return None
+        c = self.rows_[control]
+        twin = next(i for i, r in enumerate(self.rows_) if r.massive and f"{r.family} (no massive treatment)" == c.family
+                    and r.ratio == c.ratio and r.l1_coefficient == c.l1_coefficient)
+        return self.table([twin, control], title="the massive-activation treatment: an SAE and its untreated control")
+
     def choice(self) -> Table:
         """The chosen SAE and the anthropic2023 recipe's best: the figures the rule read (select half) and
         those reported (the other half), with the reason for the choice."""
