@@ -180,18 +180,25 @@ def test_run_lab_rows():
     configs = lambda d, l0, m: [SAEConfig(d, m, architecture="topk", k=max(1, round(l0))),  # noqa: E731
                                 SAEConfig(d, m, l1_coefficient=0.03, recipe="improved"),
                                 SAEConfig(d, m, l1_coefficient=0.06, recipe="improved")]
-    rows = run_lab(("baseline", "hierarchy"), configs, base=SMALL, train_tokens=4096, eval_samples=1000,
-                   progress=False)
-    assert len(rows) == 2 * 4
-    assert [r["setting"] for r in rows] == ["baseline"] * 4 + ["hierarchy"] * 4
+    lab = run_lab(("baseline", "hierarchy"), configs, base=SMALL, train_tokens=4096, eval_samples=1000,
+                  progress=False)
+    rows = lab.rows_
+    assert len(lab) == 2 * 4 and lab.settings == ["baseline", "hierarchy"]
+    assert [r.setting for r in rows] == ["baseline"] * 4 + ["hierarchy"] * 4
     for setting in ("baseline", "hierarchy"):
-        mine = [r for r in rows if r["setting"] == setting]
-        assert [r["nearest_l0"] for r in mine].count(True) == 2          # TopK, and one of the two α's
-        assert mine[-1]["family"] == "untrained (reference)" and mine[-1]["nearest_l0"] is None
-        assert all(("absorption_excess" in r) == (setting == "hierarchy") for r in mine)
-    assert abs(rows[-1]["absorption_excess"]) < 0.15                     # chance: no excess
-    text = table(rows)  # a header and 3 rows per setting
+        mine = [r for r in rows if r.setting == setting]
+        assert [r.nearest_l0 for r in mine].count(True) == 2          # TopK, and one of the two α's
+        assert mine[-1].family == "untrained (reference)" and mine[-1].nearest_l0 is None
+        assert all(("absorption_excess" in r.to_dict()) == (setting == "hierarchy") for r in mine)
+        assert lab.row(setting, "untrained") is mine[-1] and lab.row(setting, "TopK").architecture == "topk"
+    assert abs(rows[-1].absorption_excess) < 0.15                     # chance: no excess
+    text = table(lab)  # a header and 3 rows per setting
     assert text.count("\n") == 2 * 3 and "absorption_excess" in text
+    shown = lab.to_frame()  # the same rows and columns as the text table
+    assert len(shown) == 2 * 3 and "absorption_excess" in shown.columns and "true_l0" not in shown.columns
+    assert any(v.startswith("baseline: ") for v in lab.verdicts())
+    back = type(lab).from_dict(lab.to_dict())
+    assert back.rows_[0].mcc == rows[0].mcc and back.rows_[-1].absorption_excess == rows[-1].absorption_excess
 
 
 def test_default_configs_cover_every_architecture():

@@ -50,7 +50,7 @@ def test_mmcs():
 
 def test_pca_fvu():
     x = torch.randn(2000, 10) * torch.arange(1, 11)
-    f = pca_fvu(x[:1500], x[1500:], [1, 5, 10])["all"]
+    f = pca_fvu(x[:1500], x[1500:], [1, 5, 10]).all
     assert f[1] > f[5] > f[10] and f[10] < 1e-8
     assert 0.6 < f[1] < 0.95
 

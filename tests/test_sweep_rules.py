@@ -38,14 +38,14 @@ def test_mmcs_table_reports_init_and_chance():
     configs.append(SAEConfig(D, 64, architecture="topk", k=3))
     stacks = [SAEStack([c], seed=0) for c in configs]
     table = mmcs_table(stacks, configs, seed=0)
-    assert [(t["alpha"], t["ratio_small"], t["ratio_large"]) for t in table] == [(1e-3, 1, 4), (3e-3, 1, 4)]
+    assert [(t.alpha, t.ratio_small, t.ratio_large) for t in table] == [(1e-3, 1, 4), (3e-3, 1, 4)]
     for t in table:  # untrained SAEs: trained MMCS is the init MMCS, and both sit at chance
-        assert t["mmcs"] == t["mmcs_trained"] == pytest.approx(t["mmcs_init"], abs=1e-6)
-        assert abs(t["mmcs_init"] - t["mmcs_random"]) < 0.1 and t["mmcs_random"] < 0.9
+        assert t.mmcs == t.mmcs_trained == pytest.approx(t.mmcs_init, abs=1e-6)
+        assert abs(t.mmcs_init - t.mmcs_random) < 0.1 and t.mmcs_random < 0.9 and not t.learned
     with torch.no_grad():  # a larger dictionary that contains the smaller one: trained MMCS 1, init unchanged
         stacks[2].W_dec[0, :16] = stacks[0].W_dec[0]
     t = mmcs_table(stacks, configs, seed=0)[0]
-    assert t["mmcs_trained"] == pytest.approx(1.0, abs=1e-6) and t["mmcs_init"] < 0.95
+    assert t.mmcs_trained == pytest.approx(1.0, abs=1e-6) and t.mmcs_init < 0.95 and t.learned
 
 
 def _row(i, select_ce, report_ce, **kw):
@@ -160,7 +160,7 @@ def test_results_with_a_stale_fingerprint_are_not_reused(tmp_path, monkeypatch):
     assert sweep.load_results(p) is None  # nothing yet
     good = {"fingerprint": sweep.fingerprint(p, p.sae_hook, d_in=D), "rows": [], "chosen": 0}
     (folder / "results.json").write_text(json.dumps(good))
-    assert sweep.load_results(p)["fingerprint"] == good["fingerprint"]
+    assert sweep.load_results(p).fingerprint == good["fingerprint"]
     # the same folder (same key), but results made by code whose grid differed: not reused
     stale = json_ready(good)
     stale["fingerprint"]["configs"][0]["l1_coefficient"] *= 2
@@ -251,6 +251,64 @@ def test_a_diverged_sae_is_not_evaluated_and_its_row_says_so(monkeypatch):
     result = SweepResult([None] * 3, configs, [], 0.0, 0, diverged={1: 9})
     rows = sweep.evaluate_result(result, None, HOOK, None, 1)
     assert asked == [configs[0], configs[2]]
-    assert [r["diverged"] for r in rows] == [None, 9, None]
-    assert rows[1]["label"] == configs[1].label and rows[1]["l1_coefficient"] == 1e-2
-    assert all(v != v for k, v in rows[1].items() if k in ("l0", "fvu", "n_eval"))  # NaN figures
+    assert [r.diverged for r in rows] == [None, 9, None]
+    assert rows[1].label == configs[1].label and rows[1].l1_coefficient == 1e-2
+    assert all(v != v for k, v in rows[1].to_dict().items() if k in ("l0", "fvu", "n_eval"))  # NaN figures
+    assert rows[0].extra == {"n_eval": 100} and rows[1].usable is False and rows[0].usable
+
+
+# ---- the sweep as a typed result ----------------------------------------------------------------
+def _results_json():
+    """A results.json as get_sweep writes it: three rows (the second a TopK SAE), every key."""
+    cfgs = [SAEConfig(D, 64, l1_coefficient=a, recipe="improved") for a in (1e-3, 3e-3)]
+    cfgs.insert(1, SAEConfig(D, 64, architecture="topk", k=4))
+    figures = {"l0": 5.0, "mse": 0.1, "fvu": 0.2, "fvu_ordinary": 0.3, "fvu_massive": None, "massive_share": 0.0,
+               "dead": 0.01, "dense": 0.0, "ce_sae": 3.1, "kl": 0.2, "ce_recovered": 0.9, "ce_recovered_mean": 0.8,
+               "ce_clean": 3.0, "ce_zero": 9.0, "ce_mean": 5.0, "kl_zero": 6.0, "kl_mean": 2.0}
+    rows = [{**dataclasses.asdict(c), "ratio": c.ratio, "label": c.label, "family": c.family,
+             **{**figures, "l0": l0, "ce_recovered_mean": ce}, **{f"select_{k}": figures[k] for k in
+             ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")}, "diverged": None}
+            for c, l0, ce in zip(cfgs, (9.0, 6.0, 3.0), (0.8, 0.9, 0.7))]
+    import json
+    return json.loads(json.dumps({
+        "fingerprint": {"version": 4, "profile": {"pick_ratio": 4, "pick_max_l0": 50}}, "rows": rows,
+        "mmcs": [{"alpha": 1e-3, "tied": False, "ratio_small": 1, "ratio_large": 4, "mmcs": 0.5,
+                  "mmcs_trained": 0.5, "mmcs_init": 0.2, "mmcs_random": 0.21}],
+        "history": [{"step": 1, "mse": [1, 1, 1], "l0": [3, 3, 3], "sparse_steps": [1, 0]}],
+        "curve": [{"tokens": 10, "rows": [{"fvu_ordinary": 0.5}] * 3}, {"tokens": 20, "rows": [{"fvu_ordinary": 0.4}] * 3}],
+        "eval_split": {"select": (0, 2), "report": (2, 4)}, "chosen": 0, "best_paper": None,
+        "massive": {"hook": HOOK, "threshold": float("inf"), "offset": [0.0] * D}, "seconds": 1.5, "tokens": 20,
+        "diverged": {}}))
+
+
+def test_sweep_loads_results_json_and_writes_the_same(tmp_path):
+    import json
+
+    from helpers.runs.sweep import Sweep, SweepRow, matched_topk
+
+    saved = _results_json()
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    sw = Sweep.load(tmp_path)
+    assert sw.dir == str(tmp_path) and isinstance(sw.chosen_row, SweepRow) and sw.chosen_row.l0 == 9.0
+    assert sw.to_dict() == saved  # the file's keys and values, exactly
+    assert sw.eval_split.report == [2, 4] and sw.mmcs[0].learned and sw.curve_of(1, "fvu_ordinary") == [0.5, 0.4]
+    assert matched_topk(sw) == 1 and sw.pick_max_l0 == 50 and sw.sparse_share == 0.5
+    assert sw.chosen_row.config().ratio == 4 and sw.chosen_row.config(hook_name="x").hook_name == "x"
+    table = sw.to_frame()
+    assert list(table["chosen"]) == ["<-", "", ""] and len(sw.to_frame(full=True).columns) > 30
+    text = str(sw)
+    assert "Chosen: " + sw.chosen_row.label in text and "highest CE-loss recovered" in text
+    assert "Held-out contexts: chosen on 0-1, reported on 2-3." in text
+    sw.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == saved
+    # matched_topk still takes results.json's dict, with "dir"
+    assert matched_topk({**saved, "dir": str(tmp_path)}) == 1
+
+
+def test_sweep_row_has_every_config_field():
+    from helpers.runs.sweep import SweepRow
+
+    names = {f.name for f in dataclasses.fields(SweepRow)}
+    assert {f.name for f in dataclasses.fields(SAEConfig)} <= names
+    row = SweepRow.from_dict({"label": "x", "l0": 3.0, "something_new": 1})
+    assert row.extra == {"something_new": 1} and row.to_dict()["something_new"] == 1 and row.selected("l0") == 3.0

@@ -870,7 +870,7 @@ def heldout_scores(codes: dict, labels, contexts, *, match: dict | None = None, 
     return HeldoutComparison(scores, diffs)
 
 
-def interpretability_curve(profile, store, sweep: dict, scorer: HeldoutScorer, index: int | None = None,
+def interpretability_curve(profile, store, sweep, scorer: HeldoutScorer, index: int | None = None,
                            points: int = 3, run_dir=None, progress: bool = True) -> list[dict]:
     """Does the gap open with training? The held-out score of one sweep SAE (default: the chosen
     one) at `points` budgets halving down from the profile's (1/4, 1/2 and all of it, by default),
@@ -880,9 +880,9 @@ def interpretability_curve(profile, store, sweep: dict, scorer: HeldoutScorer, i
     the random directions' `Scored.summary()`, and their paired `difference`. With `run_dir`, training
     keeps a checkpoint there (with the rows scored so far) and an interrupted curve resumes from it."""
 
-    row = sweep["rows"][sweep["chosen"] if index is None else index]
+    row = sweep.rows_[sweep.chosen if index is None else index]
     hook = profile.sae_hook
-    cfg = SAEConfig(**{**{k: row[k] for k in SAE_KEYS}, "hook_name": hook})
+    cfg = SAEConfig(**{**{k: getattr(row, k) for k in SAE_KEYS}, "hook_name": hook})
     tc = train_config(profile)
     steps = tc.total_tokens // tc.batch_size
     tc = dataclasses.replace(tc, eval_at=tuple(sorted({max(1, steps >> j) for j in range(points)})))

@@ -32,7 +32,7 @@ import torch
 
 from helpers.activations.models import hooked
 from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, as_dictionary, device_of
-from helpers.results import Estimate, Result
+from helpers.results import Estimate, Result, Table
 
 DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as dense
 
@@ -226,9 +226,38 @@ def reconstruction_metrics(sae, x: torch.Tensor, batch_size: int = 4096, flags: 
     return [t.result(x, flags).to_metrics() for t in tallies]
 
 
-def pca_fvu(train_x: torch.Tensor, eval_x: torch.Tensor, ks, rule=None, treat: bool = True) -> dict:
-    """FVU on eval_x of projecting onto the top-k principal components of train_x, for each k:
-    {"all": {k: fvu}, "ordinary": {k: fvu}}, ordinary tokens being those a massive-activation `rule`
+@dataclass
+class PCAFVU(Result):
+    """Held-out FVU of keeping the top-k principal components, for each k: over all tokens (`all`) and
+    over ordinary ones (`ordinary`), {k: FVU}; `treated`: whether PCA saw the activations with the
+    massive offset removed (the reconstruction adding it back, as for an SAE)."""
+    all: dict
+    ordinary: dict
+    treated: bool = True
+
+    @property
+    def ks(self) -> list[int]:
+        return sorted(self.all)
+
+    def rows(self) -> list[dict]:
+        kind = "treated" if self.treated else "raw"
+        return [{"k": k, f"FVU all tokens ({kind})": self.all[k], f"FVU ordinary ({kind})": self.ordinary[k]}
+                for k in self.ks]
+
+    def beside(self, other: "PCAFVU") -> Table:
+        """This result and `other` (the same ks, e.g. the other treatment) in one table."""
+        rows = [{**ra, **{k: v for k, v in rb.items() if k != "k"}} for ra, rb in zip(self.rows(), other.rows())]
+        return Table(rows, "PCA with k components, held-out FVU", self.verdicts() + other.verdicts())
+
+    def verdicts(self) -> list[str]:
+        k = self.ks[0]
+        return [f"{'Treated' if self.treated else 'Raw'} PCA: {k} component(s) leave {self.all[k]:.1%} of the "
+                f"variance unexplained over all tokens, {self.ordinary[k]:.1%} over ordinary tokens."]
+
+
+def pca_fvu(train_x: torch.Tensor, eval_x: torch.Tensor, ks, rule=None, treat: bool = True) -> PCAFVU:
+    """FVU on eval_x of projecting onto the top-k principal components of train_x, for each k
+    (a PCAFVU: `.all[k]`, `.ordinary[k]`), ordinary tokens being those a massive-activation `rule`
     does not flag. With treat=True (and a rule), PCA sees the activations with the massive offset
     removed and the reconstruction adds it back, exactly as for an SAE; treat=False fits raw PCA."""
     from sklearn.decomposition import PCA
@@ -239,12 +268,12 @@ def pca_fvu(train_x: torch.Tensor, eval_x: torch.Tensor, ks, rule=None, treat: b
     flags = None if rule is None else rule.flags(eval_x)
     e = shift(eval_x).double().numpy()
     centred = e - pca.mean_
-    out = {"all": {}, "ordinary": {}}
+    out = PCAFVU({}, {}, treated=bool(treat and rule is not None))
     for k in ks:
         comp = pca.components_[:k]
         err = ((centred - centred @ comp.T @ comp) ** 2).sum(-1)
-        f = split_fvu(torch.as_tensor(err), eval_x, flags)
-        out["all"][k], out["ordinary"][k] = f["fvu"], f["fvu_ordinary"]
+        f = _fvu_of_errors(torch.as_tensor(err), eval_x, flags)
+        out.all[k], out.ordinary[k] = f.fvu, f.fvu_ordinary
     return out
 
 

@@ -23,7 +23,7 @@ from helpers.activations.models import load_model
 from helpers.dictionaries.baselines import layer_dictionaries, massive_rule
 from helpers.dictionaries.dictionary import Dictionary, SAEDictionary, device_of
 from helpers.results import rebuild, unbuild
-from helpers.runs.sweep import get_eval_store, get_sweep, layer_saes, load_sweep_sae, matched_topk
+from helpers.runs.sweep import Sweep, SweepRow, get_eval_store, get_sweep, layer_saes, load_sweep_sae, matched_topk
 from helpers.settings.paths import stored
 from helpers.settings.profiles import Profile, get_profile
 
@@ -97,19 +97,19 @@ class Session:
         return self.store if P.scoring is P else get_store(P.scoring, model=self.model)
 
     @cached_property
-    def sweep(self) -> dict:
+    def sweep(self) -> Sweep:
         """The profile's sweep (trained and evaluated on first use)."""
         return get_sweep(self.profile, store=self.store, model=self.model)
 
     @property
-    def chosen(self) -> dict:
+    def chosen(self) -> SweepRow:
         """The sweep's row of the SAE it chose."""
-        return self.sweep["rows"][self.sweep["chosen"]]
+        return self.sweep.chosen_row
 
     @cached_property
     def sae(self) -> SAEDictionary:
         """The SAE the sweep chose, as a Dictionary on the model's device."""
-        return SAEDictionary(load_sweep_sae(self.sweep, self.sweep["chosen"]), name="SAE").to(self.device)
+        return SAEDictionary(load_sweep_sae(self.sweep, self.sweep.chosen), name="SAE").to(self.device)
 
     @cached_property
     def topk(self) -> SAEDictionary | None:

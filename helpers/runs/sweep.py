@@ -51,9 +51,11 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from helpers.activations import massive
+from helpers.results import Result, Table
 from helpers.activations.harvest import get_store
 from helpers.activations.models import load_model
 from helpers.evals.reconstruction import contexts_from_store, mmcs, reconstruction_metrics, spliced_loss
@@ -80,14 +82,404 @@ def other_architectures() -> tuple:
 PAPER_FAMILY = architectures.ANTHROPIC2023.family_name  # (called "paper L1" before)
 
 
+# ---- the sweep as a typed result -----------------------------------------------------------------
+SELECT_KEYS = ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")
+
+
+@dataclasses.dataclass
+class SweepRow(Result):
+    """One SAE of the sweep: its config (SAEConfig's fields, `ratio`, `label`, `family`), its figures
+    on the "report" half of the held-out contexts (helpers.evals.reconstruction: L0, MSE, FVU over
+    all / ordinary / massive tokens, dead and dense shares; CE loss with it spliced in, KL, CE-loss
+    recovered against zero and mean ablation), the reference losses of that half, the figures the
+    rule chose on (``select_*``, the "select" half) and `diverged` (the step its loss stopped being
+    finite, None if it trained to the end). Figures a table was made without are None; fields of
+    tables made by other code are kept in `extra`. Saved as the flat dict results.json holds."""
+    # the config
+    d_in: int = 0
+    d_sae: int = 0
+    architecture: str = "standard"
+    tied: bool = False
+    l1_coefficient: float = 0.0
+    k: int = 0
+    hook_name: str = ""
+    model_name: str = ""
+    recipe: str = "anthropic2023"
+    massive: bool = True
+    l0_coefficient: float = 0.0
+    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.04
+    matryoshka_widths: list = dataclasses.field(default_factory=list)
+    ratio: float = 0.0
+    label: str = ""
+    family: str = ""
+    # reported figures ("report" half)
+    l0: float | None = None
+    mse: float | None = None
+    fvu: float | None = None
+    fvu_ordinary: float | None = None
+    fvu_massive: float | None = None
+    massive_share: float | None = None
+    dead: float | None = None
+    dense: float | None = None
+    ce_sae: float | None = None
+    kl: float | None = None
+    ce_recovered: float | None = None
+    ce_recovered_mean: float | None = None
+    # that half's references: CE clean, zero- and mean-ablated, their KL
+    ce_clean: float | None = None
+    ce_zero: float | None = None
+    ce_mean: float | None = None
+    kl_zero: float | None = None
+    kl_mean: float | None = None
+    # the figures the rule chose on ("select" half)
+    select_l0: float | None = None
+    select_fvu: float | None = None
+    select_fvu_ordinary: float | None = None
+    select_dead: float | None = None
+    select_ce_recovered: float | None = None
+    select_ce_recovered_mean: float | None = None
+    diverged: int | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d["matryoshka_widths"] = list(self.matryoshka_widths)
+        return {**d, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepRow":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names and k != "type"})
+
+    def selected(self, key: str):
+        """The figure `key` on the "select" half (what the rule reads), or the reported one in rows
+        made without a split."""
+        v = getattr(self, f"select_{key}", None)
+        return getattr(self, key) if v is None else v
+
+    @property
+    def usable(self) -> bool:
+        """Whether the SAE trained to the end with finite figures (not diverged)."""
+        return usable(self)
+
+    def config(self, **changes) -> SAEConfig:
+        """The row's SAEConfig (with `changes`, e.g. another hook_name)."""
+        return SAEConfig(**{**{k: getattr(self, k) for k in SAE_KEYS}, "hook_name": self.hook_name, **changes})
+
+    def rows(self) -> list[dict]:
+        return [_table_row(self)]
+
+
+def _table_row(r: SweepRow) -> dict:
+    return {"SAE": r.label, "L0": r.l0, "FVU": r.fvu, "FVU ordinary": r.fvu_ordinary, "dead": r.dead,
+            "dense": r.dense, "CE recovered (zero)": r.ce_recovered, "CE recovered (mean)": r.ce_recovered_mean,
+            "KL": r.kl}
+
+
+def as_row(row) -> SweepRow:
+    """A SweepRow as it is, a dict of its fields (a row of results.json) as a SweepRow."""
+    return row if isinstance(row, SweepRow) else SweepRow.from_dict(row)
+
+
+@dataclasses.dataclass
+class MMCSPair(Result):
+    """MMCS between two anthropic2023-recipe L1 SAEs of successive sizes with the same α and decoder:
+    trained (`mmcs`, also `mmcs_trained`), at initialisation and for random dictionaries (chance)."""
+    alpha: float
+    tied: bool
+    ratio_small: float
+    ratio_large: float
+    mmcs: float
+    mmcs_trained: float | None = None
+    mmcs_init: float | None = None
+    mmcs_random: float | None = None
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def pair(self) -> str:
+        return f"α={self.alpha:g} R={self.ratio_small:g} -> {self.ratio_large:g}{' tied' if self.tied else ''}"
+
+    @property
+    def learned(self) -> bool:
+        """Whether training put the pair's MMCS clearly (0.03) above both initialisation and chance."""
+        ref = max(v for v in (self.mmcs_init, self.mmcs_random, -1.0) if v is not None)
+        return self.trained > ref + 0.03
+
+    @property
+    def trained(self) -> float:
+        return self.mmcs if self.mmcs_trained is None else self.mmcs_trained
+
+    def rows(self) -> list[dict]:
+        return [{"pair": self.pair, "trained": self.trained, "at init": self.mmcs_init, "random": self.mmcs_random}]
+
+
+@dataclasses.dataclass
+class CurvePoint(Result):
+    """One point of the learning curve: tokens seen per SAE, and every SAE's held-out figures there
+    (l0, fvu, fvu_ordinary, dead; ce_recovered and ce_recovered_mean for those the curve splices in)."""
+    tokens: int
+    rows: list
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "rows": self.rows}
+
+
+@dataclasses.dataclass
+class EvalSplit(Result):
+    """The held-out contexts [first, end) the rule chooses on ("select") and the table reports on ("report")."""
+    select: list
+    report: list
+
+    def to_dict(self) -> dict:
+        return {"select": list(self.select), "report": list(self.report)}
+
+    def rows(self) -> list[dict]:
+        return [{"half": name, "first context": a, "last context": b - 1}
+                for name, (a, b) in (("select", self.select), ("report", self.report))]
+
+
+@dataclasses.dataclass
+class Sweep(Result):
+    """The sweep's results (`get_sweep`): one `SweepRow` per SAE, the index of the one the rule chose
+    (`chosen`; `chosen_row`) and of the anthropic2023 recipe's best (`best_paper`), MMCS between sizes,
+    the training log (`history`: dicts of per-step figures), the learning curve, the held-out split,
+    the massive-activation rule at the SAE hook (`massive`, as Massive.to_json writes it; `massive_rule`),
+    training time and tokens per SAE, the SAEs that diverged, the folder (`dir`, not saved: where the
+    results were found) and the settings' `fingerprint`. Shows as the sweep's table, says which SAE was
+    chosen and why; `to_dict` is results.json's content."""
+    rows_: list[SweepRow] = dataclasses.field(default_factory=list)
+    chosen: int = 0
+    best_paper: int | None = None
+    mmcs: list[MMCSPair] = dataclasses.field(default_factory=list)
+    history: list = dataclasses.field(default_factory=list)
+    curve: list[CurvePoint] = dataclasses.field(default_factory=list)
+    eval_split: EvalSplit | None = None
+    massive: dict | None = None
+    seconds: float = 0.0
+    tokens: int = 0
+    diverged: dict = dataclasses.field(default_factory=dict)
+    fingerprint: dict = dataclasses.field(default_factory=dict)
+    dir: str = ""
+
+    # -- results.json ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """results.json's content: the fields (rows as "rows"), less `dir`."""
+        d = {"fingerprint": self.fingerprint, "rows": [r.to_dict() for r in self.rows_]}
+        for f in dataclasses.fields(self):
+            if f.name not in ("rows_", "dir", "fingerprint"):
+                v = getattr(self, f.name)
+                d[f.name] = [x.to_dict() for x in v] if f.name in ("mmcs", "curve") else (
+                    v.to_dict() if isinstance(v, Result) else v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sweep":
+        d = {("rows_" if k == "rows" else k): v for k, v in d.items() if k != "type"}
+        return cls(**{**d, "rows_": [as_row(r) for r in d.get("rows_", [])],
+                      "mmcs": [m if isinstance(m, MMCSPair) else MMCSPair(**m) for m in d.get("mmcs", [])],
+                      "curve": [c if isinstance(c, CurvePoint) else CurvePoint(**c) for c in d.get("curve", [])],
+                      "eval_split": (None if d.get("eval_split") is None else d["eval_split"]
+                                     if isinstance(d["eval_split"], EvalSplit) else EvalSplit(**d["eval_split"]))})
+
+    @classmethod
+    def load(cls, path) -> "Sweep":
+        """A results.json (`path`, or the folder holding it), `dir` set to its folder."""
+        path = Path(path)
+        path = path / "results.json" if path.is_dir() else path
+        return dataclasses.replace(cls.from_dict(json.loads(path.read_text())), dir=str(path.parent))
+
+    def save(self, path=None) -> Path:
+        """Write results.json (into `dir` by default), atomically."""
+        path = Path(path) if path is not None else Path(self.dir) / "results.json"
+        tmp = tmp_name(path)
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+        return path
+
+    # -- reading it -----------------------------------------------------------------------------------
+    @property
+    def chosen_row(self) -> SweepRow:
+        """The row of the SAE the rule chose."""
+        return self.rows_[self.chosen]
+
+    @property
+    def best_paper_row(self) -> SweepRow | None:
+        return None if self.best_paper is None else self.rows_[self.best_paper]
+
+    def __len__(self) -> int:
+        return len(self.rows_)
+
+    def __iter__(self):
+        return iter(self.rows_)
+
+    def __getitem__(self, i: int) -> SweepRow:
+        return self.rows_[i]
+
+    def index(self, **match) -> int | None:
+        """Index of the first row whose fields equal `match` (e.g. massive=False), None if none."""
+        return next((i for i, r in enumerate(self.rows_) if all(getattr(r, k) == v for k, v in match.items())), None)
+
+    @property
+    def massive_rule(self) -> massive.Massive | None:
+        """The massive-activation rule the sweep trained with (None if the results hold none)."""
+        return None if self.massive is None else massive.Massive.from_json(self.massive)
+
+    @property
+    def pick_ratio(self) -> float | None:
+        return (self.fingerprint.get("profile") or {}).get("pick_ratio")
+
+    @property
+    def pick_max_l0(self) -> float | None:
+        return (self.fingerprint.get("profile") or {}).get("pick_max_l0")
+
+    @property
+    def sparse_share(self) -> float:
+        """Share of the logged training steps taken on the sparse path, over all stacks."""
+        return float(np.mean([np.mean(h["sparse_steps"]) for h in self.history if "sparse_steps" in h]))
+
+    def curve_of(self, i: int, key: str) -> list:
+        """SAE i's figure `key` at each point of the learning curve (None where it was not measured)."""
+        return [c.rows[i].get(key) for c in self.curve]
+
+    @property
+    def curve_tokens(self) -> list[int]:
+        return [c.tokens for c in self.curve]
+
+    def topk_indices(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows_) if r.architecture == "topk"]
+
+    def why_chosen(self, i: int | None = None) -> str:
+        """Why SAE i (default: the chosen one) is the one the rule picks among its candidates."""
+        i = self.chosen if i is None else i
+        r, max_l0 = self.rows_[i], self.pick_max_l0
+        ok = r.selected("dead") <= MAX_DEAD and (max_l0 is None or r.selected("l0") <= max_l0)
+        if ok:
+            return (f"the highest CE-loss recovered (mean ablation) on the select half, "
+                    f"{r.selected('ce_recovered_mean'):.1%}, among the L1 SAEs at R={r.ratio:g} with at most "
+                    f"{MAX_DEAD:.0%} dead latents and L0 ≤ {max_l0:g} (its L0 there: {r.selected('l0'):.1f})")
+        return (f"no L1 SAE at R={r.ratio:g} met the dead-latent and L0 limits on the select half, so the rule "
+                f"fell back to the lowest FVU there ({r.selected('fvu'):.3f})")
+
+    # -- tables -------------------------------------------------------------------------------------
+    def rows(self) -> list[dict]:
+        """The sweep's table (reported figures), the chosen SAE marked."""
+        return [{**_table_row(r), "chosen": "<-" if i == self.chosen else ""} for i, r in enumerate(self.rows_)]
+
+    def to_frame(self, full: bool = False):
+        """The table as a DataFrame; full=True: every field of every row."""
+        import pandas as pd
+
+        return pd.DataFrame([r.to_dict() for r in self.rows_] if full else self.rows())
+
+    def table(self, indices, columns=("label", "l0", "fvu", "fvu_ordinary", "fvu_massive", "ce_recovered",
+                                      "ce_recovered_mean", "dead"), title: str = "", notes=()) -> Table:
+        """Some rows (by index), some fields, as a Table."""
+        return Table([{c: getattr(self.rows_[i], c) for c in columns} for i in indices], title, list(notes))
+
+    def massive_control(self) -> Table | None:
+        """The SAE trained without the massive-activation treatment beside its twin (the same family,
+        size and α, treated), or None when the sweep has no such control."""
+        control = self.index(massive=False)
+        if control is None:
+            return None
+        c = self.rows_[control]
+        twin = next(i for i, r in enumerate(self.rows_) if r.massive and f"{r.family} (no massive treatment)" == c.family
+                    and r.ratio == c.ratio and r.l1_coefficient == c.l1_coefficient)
+        return self.table([twin, control], title="the massive-activation treatment: an SAE and its untreated control")
+
+    def choice(self) -> Table:
+        """The chosen SAE and the anthropic2023 recipe's best: the figures the rule read (select half) and
+        those reported (the other half), with the reason for the choice."""
+        picks = [("chosen", self.chosen), ("Anthropic-2023 best", self.best_paper)]
+        rows = [{"": name, "SAE": self.rows_[i].label, "select L0": self.rows_[i].selected("l0"),
+                 "select CE recovered (mean)": self.rows_[i].selected("ce_recovered_mean"),
+                 **{k: v for k, v in _table_row(self.rows_[i]).items() if k != "SAE"}}
+                for name, i in picks if i is not None]
+        return Table(rows, "the SAE carried forward", [f"{self.chosen_row.label} was chosen: {self.why_chosen()}."])
+
+    def mmcs_table(self) -> Table:
+        """MMCS between sizes: trained, at initialisation, random dictionaries."""
+        notes = [f"{sum(m.learned for m in self.mmcs)} of {len(self.mmcs)} pairs: training put MMCS clearly above "
+                 "its level at initialisation and for random dictionaries."] if self.mmcs else []
+        return Table([m.rows()[0] for m in self.mmcs], "MMCS between sizes (smaller -> larger)", notes)
+
+    def learning(self, indices=None) -> Table:
+        """Held-out ordinary-token FVU of some SAEs (default: the chosen one and the TopK SAEs) at the
+        learning curve's first, next-to-last and last points."""
+        indices = [self.chosen] + self.topk_indices() if indices is None else indices
+        pts = sorted({0, max(0, len(self.curve) - 2), len(self.curve) - 1})
+        rows = [{"SAE": self.rows_[i].label, **{f"FVU ordinary at {self.curve[p].tokens:,}": self.curve[p].rows[i].get(
+            "fvu_ordinary") for p in pts}} for i in indices]
+        return Table(rows, "learning curve (held-out)")
+
+    def grad_clipping(self) -> Table:
+        """The improved-recipe SAEs' largest logged pre-clip gradient norm, the clip, and the share of logged
+        windows above it."""
+        logs = [h for h in self.history if h.get("grad_norm")]
+        clip = logs[-1]["grad_clip"] if logs else None
+        rows = []
+        for i, r in enumerate(self.rows_):
+            g = [h["grad_norm"][i] for h in logs if h["grad_norm"][i] is not None]
+            if r.recipe == "improved" and g:
+                rows.append({"SAE": r.label, "largest pre-clip gradient norm": max(g), "clip": clip,
+                             "windows above the clip": float(np.mean([v > clip for v in g]))})
+        return Table(rows, "gradient clipping (improved recipe)")
+
+    def versus_pca(self, pca) -> Table:
+        """Each SAE's FVU against PCA keeping as many components as its L0 (`pca`: a PCAFVU, or
+        helpers.evals.reconstruction.pca_fvu's dict), over all and over ordinary tokens."""
+        all_, ordinary = (pca.all, pca.ordinary) if hasattr(pca, "ordinary") else (pca["all"], pca["ordinary"])
+        d = max(all_)
+        rows = []
+        for r in self.rows_:
+            k = max(1, min(d, round(r.l0)))
+            rows.append({"SAE": r.label, "PCA k": k, "FVU": r.fvu, "PCA FVU": all_[k],
+                         "better": r.fvu < all_[k], "FVU ordinary": r.fvu_ordinary,
+                         "PCA FVU ordinary": ordinary[k], "better (ordinary)": r.fvu_ordinary < ordinary[k]})
+        n = sum(x["better (ordinary)"] for x in rows)
+        return Table(rows, "SAE against PCA with as many components as its L0",
+                     [f"{n} of {len(rows)} SAEs reconstruct ordinary tokens better than PCA at their L0."])
+
+    def verdicts(self) -> list[str]:
+        out = [f"{len(self.rows_)} SAEs, {self.tokens:,} tokens each, trained together in {self.seconds:.1f} s."]
+        if self.rows_:
+            r = self.chosen_row
+            out.append(f"Chosen: {r.label}, {self.why_chosen()}. On the other (report) half: L0 {r.l0:.1f}, "
+                       f"FVU {r.fvu:.3f} (ordinary {r.fvu_ordinary:.3f}), CE recovered {r.ce_recovered:.1%} / "
+                       f"{r.ce_recovered_mean:.1%} (zero / mean ablation), dead {r.dead:.1%}.")
+            p = self.best_paper_row
+            if p is not None and self.best_paper != self.chosen:
+                out.append(f"The Anthropic-2023 recipe's best: {p.label} (CE recovered {p.ce_recovered_mean:.1%} "
+                           f"with mean ablation, L0 {p.l0:.1f}).")
+            if r.ce_clean is not None:
+                out.append(f"Reference CE (nats/token): clean {r.ce_clean:.3f}, mean-ablated {r.ce_mean:.3f}, "
+                           f"zero-ablated {r.ce_zero:.3f}.")
+        if self.eval_split is not None:
+            (a, b), (c, d) = self.eval_split.select, self.eval_split.report
+            out.append(f"Held-out contexts: chosen on {a}-{b - 1}, reported on {c}-{d - 1}.")
+        if self.diverged:
+            out.append("Diverged (not saved, never chosen): "
+                       + ", ".join(f"{k} at step {v}" for k, v in self.diverged.items()) + ".")
+        return out
+
+
+def as_sweep(sweep) -> Sweep:
+    """A Sweep as it is, results.json's dict (with "dir") as a Sweep."""
+    return sweep if isinstance(sweep, Sweep) else Sweep.from_dict(sweep)
+
+
 def family_groups(rows):
     """{(family, ratio, tied): rows sorted by the architecture's setting (α, k, λ)} (rows of old tables,
-    family "paper L1", read as PAPER_FAMILY)."""
+    family "paper L1", read as PAPER_FAMILY). Rows are SweepRows (or dicts of their fields)."""
     groups = {}
-    for r in rows:
-        fam = PAPER_FAMILY if r["family"] == "paper L1" else r["family"]
-        groups.setdefault((fam, r["ratio"], r["tied"]), []).append(r)
-    return {k: sorted(v, key=lambda r: r.get(architectures.get(r["architecture"]).setting, 0))
+    for r in map(as_row, rows):
+        fam = PAPER_FAMILY if r.family == "paper L1" else r.family
+        groups.setdefault((fam, r.ratio, r.tied), []).append(r)
+    return {k: sorted(v, key=lambda r: getattr(r, architectures.get(r.architecture).setting, 0) or 0)
             for k, v in sorted(groups.items())}
 
 
@@ -165,7 +557,7 @@ def sweep_dir(profile) -> Path:
     return profile.cache_dir / "sae" / f"sweep-{_key(profile, profile.sae_hook)}"
 
 
-def load_results(profile) -> dict | None:
+def load_results(profile) -> Sweep | None:
     """The sweep's saved results, if there are any and their fingerprint is the current one (configs
     included, for the d_in they were made with); None otherwise (a stale file is reported, not used)."""
     folder = sweep_dir(profile)
@@ -181,49 +573,47 @@ def load_results(profile) -> dict | None:
         warnings.warn(f"{results} was made with other settings ({', '.join(diff)} differ): training the sweep again",
                       stacklevel=2)
         return None
-    return {**saved, "dir": str(folder)}
-
-def _sel(row: dict, key: str):
-    """A row's selection-slice figure (``select_<key>``), or the plain one in rows made without a split."""
-    return row.get(f"select_{key}", row[key])
+    return dataclasses.replace(Sweep.from_dict(saved), dir=str(folder))
 
 
-def usable(row: dict) -> bool:
+def usable(row) -> bool:
     """Whether a table row's SAE trained to the end with finite figures (not diverged)."""
-    if row.get("diverged") is not None:
+    row = as_row(row)
+    if row.diverged is not None:
         return False
-    return all(math.isfinite(_sel(row, k)) for k in ("l0", "fvu", "dead", "ce_recovered_mean")
-               if isinstance(row.get(f"select_{k}", row.get(k)), (int, float)))
+    return all(math.isfinite(row.selected(k)) for k in ("l0", "fvu", "dead", "ce_recovered_mean")
+               if isinstance(row.selected(k), (int, float)))
 
 
-def choose(rows: list[dict], ratio: float, max_l0: float) -> int:
+def choose(rows: list[SweepRow], ratio: float, max_l0: float) -> int:
     """Index of the chosen SAE in the sweep table (the rule in this module's docstring), read from the
     rows' selection-slice columns (``select_dead``, ``select_l0``, ``select_ce_recovered_mean``,
     ``select_fvu``), never from the columns that are reported. A diverged SAE, or one with a non-finite
     figure, is never chosen (`usable`)."""
-    l1 = [i for i, r in enumerate(rows) if architectures.get(r["architecture"]).l1 and r["ratio"] == ratio
-          and r.get("massive", True)]
+    rows = [as_row(r) for r in rows]
+    l1 = [i for i, r in enumerate(rows) if architectures.get(r.architecture).l1 and r.ratio == ratio and r.massive]
     if not l1:
         raise ValueError(f"the sweep has no L1 SAE of ratio {ratio}")
-    diverged = [rows[i].get("label", i) for i in l1 if not usable(rows[i])]
+    diverged = [rows[i].label or i for i in l1 if not usable(rows[i])]
     l1 = [i for i in l1 if usable(rows[i])]
     if not l1:
         raise ValueError(f"every L1 SAE of ratio {ratio} diverged or has non-finite figures ({diverged}): "
                          "none can be chosen; lower the learning rate")
-    ok = [i for i in l1 if _sel(rows[i], "dead") <= MAX_DEAD and _sel(rows[i], "l0") <= max_l0]
+    ok = [i for i in l1 if rows[i].selected("dead") <= MAX_DEAD and rows[i].selected("l0") <= max_l0]
     if ok:
-        return max(ok, key=lambda i: _sel(rows[i], "ce_recovered_mean"))
-    alive = [i for i in l1 if _sel(rows[i], "dead") <= MAX_DEAD] or l1
-    return min(alive, key=lambda i: _sel(rows[i], "fvu"))
+        return max(ok, key=lambda i: rows[i].selected("ce_recovered_mean"))
+    alive = [i for i in l1 if rows[i].selected("dead") <= MAX_DEAD] or l1
+    return min(alive, key=lambda i: rows[i].selected("fvu"))
 
 
-def best_of_recipe(rows: list[dict], recipe: str, ratio: float, max_l0: float) -> int | None:
+def best_of_recipe(rows: list[SweepRow], recipe: str, ratio: float, max_l0: float) -> int | None:
     """The SAE the rule would choose among one recipe's L1 SAEs only (None if it has none that trained to
     the end); "paper" is read as "anthropic2023", its current name."""
     recipe = normalise_recipe(recipe)
+    rows = [as_row(r) for r in rows]
     idx = [i for i, r in enumerate(rows)
-           if not architectures.get(r["architecture"]).l1 or normalise_recipe(r["recipe"]) == recipe]
-    if not any(architectures.get(rows[i]["architecture"]).l1 and rows[i]["ratio"] == ratio and usable(rows[i])
+           if not architectures.get(r.architecture).l1 or normalise_recipe(r.recipe) == recipe]
+    if not any(architectures.get(rows[i].architecture).l1 and rows[i].ratio == ratio and usable(rows[i])
                for i in idx):
         return None
     return idx[choose([rows[i] for i in idx], ratio, max_l0)]
@@ -240,8 +630,6 @@ def eval_split(eval_store) -> dict:
                          "(one to choose on, one to report on); raise eval_tokens")
     return {"select": (0, n // 2), "report": (n // 2, n)}
 
-
-SELECT_KEYS = ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")
 
 
 @torch.no_grad()
@@ -291,7 +679,7 @@ def random_mmcs(d_in: int, m_small: int, m_large: int, seed: int = 0) -> float:
     return mmcs(torch.randn(m_small, d_in, generator=g), torch.randn(m_large, d_in, generator=g))
 
 
-def mmcs_table(saes, configs, seed: int = 0) -> list[dict]:
+def mmcs_table(saes, configs, seed: int = 0) -> list[MMCSPair]:
     """MMCS between each pair of anthropic2023-recipe L1 SAEs with the same α and decoder, of
     successive sizes: of the trained pair ("mmcs", also "mmcs_trained"), of the same pair at
     initialisation ("mmcs_init": the initial dictionaries are rebuilt from `seed` and each config, as
@@ -307,10 +695,10 @@ def mmcs_table(saes, configs, seed: int = 0) -> list[dict]:
         if larger:
             cb, sb = larger[0]
             trained = mmcs(sa.directions()[0].cpu(), sb.directions()[0].cpu())
-            out.append({"alpha": ca.l1_coefficient, "tied": ca.tied, "ratio_small": ca.ratio,
-                        "ratio_large": cb.ratio, "mmcs": trained, "mmcs_trained": trained,
-                        "mmcs_init": mmcs(initial_dictionary(ca, seed), initial_dictionary(cb, seed)),
-                        "mmcs_random": random_mmcs(ca.d_in, ca.d_sae, cb.d_sae, seed)})
+            out.append(MMCSPair(alpha=ca.l1_coefficient, tied=ca.tied, ratio_small=ca.ratio,
+                                ratio_large=cb.ratio, mmcs=trained, mmcs_trained=trained,
+                                mmcs_init=mmcs(initial_dictionary(ca, seed), initial_dictionary(cb, seed)),
+                                mmcs_random=random_mmcs(ca.d_in, ca.d_sae, cb.d_sae, seed)))
     return out
 
 
@@ -371,7 +759,7 @@ def _nan_row(cfg, like: dict) -> dict:
     return out
 
 
-def evaluate_result(result, eval_store, hook, model, ce_contexts: int, rule=None) -> list[dict]:
+def evaluate_result(result, eval_store, hook, model, ce_contexts: int, rule=None) -> list[SweepRow]:
     """`evaluate` the sweep's SAEs that trained to the end; a diverged one (`SweepResult.diverged`) gets a
     row of NaN figures with ``diverged`` set to the step it diverged at (None for the others)."""
     ok = [i for i in range(len(result.saes)) if i not in result.diverged]
@@ -381,28 +769,25 @@ def evaluate_result(result, eval_store, hook, model, ce_contexts: int, rule=None
                     ce_contexts, rule)
     rows = [None] * len(result.saes)
     for i, r in zip(ok, done):
-        rows[i] = {**r, "diverged": None}
+        rows[i] = SweepRow.from_dict({**r, "diverged": None})
     for i, step in result.diverged.items():
-        rows[i] = {**_nan_row(result.configs[i], done[0]), "diverged": step}
+        rows[i] = SweepRow.from_dict({**_nan_row(result.configs[i], done[0]), "diverged": step})
     return rows
 
 
 def save_saes(result, rows, folder: Path) -> None:
     """Save each SAE that trained to the end in SAELens layout (``sae_<i>``); a diverged SAE is not saved."""
-    for i, (sae, row) in enumerate(zip(result.saes, rows)):
-        if row.get("diverged") is not None or not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
+    for i, (sae, row) in enumerate(zip(result.saes, map(as_row, rows))):
+        if row.diverged is not None or not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
             continue
-        save_saelens(sae.cpu(), folder / f"sae_{i:02d}", extra={"eval": {k: row[k] for k in
-                     ("l0", "fvu", "fvu_ordinary", "dead", "ce_recovered", "ce_recovered_mean")}})
+        save_saelens(sae.cpu(), folder / f"sae_{i:02d}", extra={"eval": {k: getattr(row, k) for k in SELECT_KEYS}})
 
 
-def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
-    """The profile's sweep results (training and evaluating first if needed).
-
-    Returns {"rows": table, "mmcs": table, "history": training log, "curve": learning curve,
-    "eval_split": the held-out contexts chosen on and reported on, "chosen": index, "best_paper":
-    index of the anthropic2023 recipe's best (the key keeps its old name), "massive": the rule at the SAE
-    hook, "dir": folder, "seconds": training time, "tokens": tokens per SAE}.
+def get_sweep(profile, store=None, model=None, progress: bool = True) -> Sweep:
+    """The profile's sweep results (training and evaluating first if needed), a `Sweep`: its rows,
+    the chosen SAE and the anthropic2023 recipe's best, MMCS between sizes, the training log, the
+    learning curve, the held-out split, the massive-activation rule at the SAE hook, the folder, the
+    training time and tokens per SAE.
 
     The sweep's folder is locked while it is trained and saved (helpers.settings.locks): another process asking
     for the same sweep waits for it, then loads what it saved. A folder holding results made with other
@@ -417,7 +802,7 @@ def get_sweep(profile, store=None, model=None, progress: bool = True) -> dict:
         return _make_sweep(profile, folder, store, model, progress)
 
 
-def _make_sweep(profile, folder: Path, store, model, progress: bool) -> dict:
+def _make_sweep(profile, folder: Path, store, model, progress: bool) -> Sweep:
     results = folder / "results.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said once already, by get_sweep's own look
@@ -439,82 +824,84 @@ def _make_sweep(profile, folder: Path, store, model, progress: bool) -> dict:
                          on_eval=on_eval, rules={hook: rule} if rule else None)
     rows = evaluate_result(result, eval_store, hook, model, profile.ce_contexts, rule)
     save_saes(result, rows, folder)
-    curve = [{"tokens": h["tokens"], "rows": h["eval"]} for h in result.history if "eval" in h]
+    curve = [CurvePoint(h["tokens"], h["eval"]) for h in result.history if "eval" in h]
     history = [h for h in result.history if "eval" not in h]
-    ok = [i for i in range(len(rows)) if rows[i]["diverged"] is None]
-    out = {"fingerprint": fingerprint(profile, hook, d_in=store.d_model),
-           "rows": rows, "mmcs": mmcs_table([result.saes[i] for i in ok], [result.configs[i] for i in ok],
-                                            profile.seed),
-           "history": history, "curve": curve, "eval_split": eval_split(eval_store),
-           "chosen": choose(rows, profile.pick_ratio, profile.pick_max_l0),
-           "best_paper": best_of_recipe(rows, "anthropic2023", profile.pick_ratio, profile.pick_max_l0),
-           "massive": result.rules[hook].to_json(), "seconds": result.seconds, "tokens": result.tokens,
-           "diverged": {result.configs[i].label: step for i, step in result.diverged.items()}}
-    tmp = tmp_name(results)
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(results)
-    return {**out, "dir": str(folder)}
-
-
-def matched_topk(sweep: dict) -> int | None:
-    """Index of the sweep's TopK SAE whose L0 is closest to the chosen SAE's (None without TopK):
-    the 'go beyond the paper' SAE, compared at about the same sparsity (the control trained without
-    the massive-activation treatment is never matched)."""
-    topk = [i for i, r in enumerate(sweep["rows"])
-            if architectures.get(r["architecture"]).matched_comparison and r.get("massive", True) and usable(r)]
-    if not topk:
-        return None
-    l0 = sweep["rows"][sweep["chosen"]]["l0"]
-    return min(topk, key=lambda i: abs(sweep["rows"][i]["l0"] - l0))
-
-
-def matched_others(sweep: dict) -> dict[str, int]:
-    """{family: row index} for every other architecture the sweep trained (neither an L1 recipe nor the
-    matched TopK: BatchTopK, JumpReLU, Matryoshka BatchTopK): its SAE whose L0 is closest to the chosen
-    SAE's, so that later evaluations judge every architecture at about the same sparsity."""
-    l0 = sweep["rows"][sweep["chosen"]]["l0"]
-    out: dict[str, int] = {}
-    for i, r in enumerate(sweep["rows"]):
-        arch = architectures.get(r["architecture"])
-        if arch.l1 or arch.matched_comparison or not r.get("massive", True) or not usable(r):
-            continue
-        j = out.get(r["family"])
-        if j is None or abs(r["l0"] - l0) < abs(sweep["rows"][j]["l0"] - l0):
-            out[r["family"]] = i
+    ok = [i for i in range(len(rows)) if rows[i].diverged is None]
+    split = eval_split(eval_store)
+    out = Sweep(fingerprint=fingerprint(profile, hook, d_in=store.d_model), rows_=rows,
+                mmcs=mmcs_table([result.saes[i] for i in ok], [result.configs[i] for i in ok], profile.seed),
+                history=history, curve=curve, eval_split=EvalSplit(list(split["select"]), list(split["report"])),
+                chosen=choose(rows, profile.pick_ratio, profile.pick_max_l0),
+                best_paper=best_of_recipe(rows, "anthropic2023", profile.pick_ratio, profile.pick_max_l0),
+                massive=result.rules[hook].to_json(), seconds=result.seconds, tokens=result.tokens,
+                diverged={result.configs[i].label: step for i, step in result.diverged.items()}, dir=str(folder))
+    out.save(results)
     return out
 
 
-def load_sweep_sae(sweep: dict, i: int):
-    step = sweep["rows"][i].get("diverged")
-    if step is not None:
-        raise TrainingError(f"SAE {i} of the sweep in {sweep['dir']} ({sweep['rows'][i].get('label')}) diverged at "
-                            f"step {step}: it was not saved")
-    return load_saelens(Path(sweep["dir"]) / f"sae_{i:02d}")
+def matched_topk(sweep: Sweep) -> int | None:
+    """Index of the sweep's TopK SAE whose L0 is closest to the chosen SAE's (None without TopK):
+    the 'go beyond the paper' SAE, compared at about the same sparsity (the control trained without
+    the massive-activation treatment is never matched)."""
+    sweep = as_sweep(sweep)
+    topk = [i for i, r in enumerate(sweep.rows_)
+            if architectures.get(r.architecture).matched_comparison and r.massive and usable(r)]
+    if not topk:
+        return None
+    l0 = sweep.chosen_row.l0
+    return min(topk, key=lambda i: abs(sweep.rows_[i].l0 - l0))
+
+
+def matched_others(sweep: Sweep) -> dict[str, int]:
+    """{family: row index} for every other architecture the sweep trained (neither an L1 recipe nor the
+    matched TopK: BatchTopK, JumpReLU, Matryoshka BatchTopK): its SAE whose L0 is closest to the chosen
+    SAE's, so that later evaluations judge every architecture at about the same sparsity."""
+    sweep = as_sweep(sweep)
+    l0 = sweep.chosen_row.l0
+    out: dict[str, int] = {}
+    for i, r in enumerate(sweep.rows_):
+        arch = architectures.get(r.architecture)
+        if arch.l1 or arch.matched_comparison or not r.massive or not usable(r):
+            continue
+        j = out.get(r.family)
+        if j is None or abs(r.l0 - l0) < abs(sweep.rows_[j].l0 - l0):
+            out[r.family] = i
+    return out
+
+
+def load_sweep_sae(sweep: Sweep, i: int):
+    """SAE i of the sweep, from its folder, as a one-SAE stack (a diverged one was not saved: an error)."""
+    sweep = as_sweep(sweep)
+    row = sweep.rows_[i]
+    if row.diverged is not None:
+        raise TrainingError(f"SAE {i} of the sweep in {sweep.dir} ({row.label}) diverged at "
+                            f"step {row.diverged}: it was not saved")
+    return load_saelens(Path(sweep.dir) / f"sae_{i:02d}")
 
 
 def get_sae(profile, progress: bool = True):
     """The SAE that the sweep's rule chose (running the sweep first if needed), as a one-SAE stack."""
     sweep = get_sweep(profile, progress=progress)
-    return load_sweep_sae(sweep, sweep["chosen"])
+    return load_sweep_sae(sweep, sweep.chosen)
 
 
 SAE_KEYS = tuple(f.name for f in dataclasses.fields(SAEConfig) if f.name != "hook_name")  # a row's config
 
 
-def layer_saes(profile, store, sweep: dict, progress: bool = True) -> dict:
+def layer_saes(profile, store, sweep: Sweep, progress: bool = True) -> dict:
     """{(layer, name): SAE} for name "SAE" (the chosen L1 SAE's settings) and "TopK SAE" (the matched
     TopK SAE's, if any) at every harvested layer: the sweep's own at its layer, and at every other
     layer SAEs with the same settings, all trained together in one pass over the store (each shard
     read once for every layer), then saved and loaded from then on."""
-    named = {"SAE": sweep["chosen"]}
+    sweep = as_sweep(sweep)
+    named = {"SAE": sweep.chosen}
     if matched_topk(sweep) is not None:
         named["TopK SAE"] = matched_topk(sweep)
     out = {(profile.sae_layer, name): load_sweep_sae(sweep, i) for name, i in named.items()}
     others = [layer for layer in profile.layers if layer != profile.sae_layer]
     if not others:
         return out
-    jobs = [(layer, name, SAEConfig(**{**{k: sweep["rows"][i][k] for k in SAE_KEYS if k in sweep["rows"][i]},
-                                       "hook_name": profile.hook_at(layer)}))
+    jobs = [(layer, name, sweep.rows_[i].config(hook_name=profile.hook_at(layer)))
             for layer in others for name, i in named.items()]
     folder = profile.cache_dir / "sae" / f"layers-{_key(profile, [repr(c) for _, _, c in jobs])}"
     paths = [folder / f"L{layer}-{name.replace(' ', '_')}" for layer, name, _ in jobs]

@@ -78,13 +78,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from helpers.evals.features import summarise
 from helpers.evals.reconstruction import mmcs, reconstruction_metrics
+from helpers.results import Result
 from helpers.saes import architectures
 from helpers.saes.stack import SAEConfig, SAEStack
 from helpers.saes.train import TensorBatches, TrainConfig, budget_config, train_on_batches
@@ -527,7 +528,7 @@ class _threads:
 def run_lab(settings=("baseline", "correlated", "hierarchy", "zipf"), configs=None,
             base: SyntheticConfig | None = None, train_tokens: int = TRAIN_TOKENS,
             eval_samples: int = EVAL_SAMPLES, d_sae: int | None = None, tc: TrainConfig | None = None,
-            reference: bool = True, threads: int | None = 1, progress: bool = True) -> list[dict]:
+            reference: bool = True, threads: int | None = 1, progress: bool = True) -> "Lab":
     """Build each setting's data, train every config on it and score them against the truth.
 
     settings: names from SETTINGS (applied to `base`) or SyntheticConfigs.
@@ -538,9 +539,9 @@ def run_lab(settings=("baseline", "correlated", "hierarchy", "zipf"), configs=No
     reference: add, per setting, an untrained SAE (TopK's config, or the first config) as a chance row.
     threads: torch threads while the lab runs (1 by default: its matrices are small, and on a shared
       2-core machine two threads made a 512×64×256 product 40 times slower; None leaves torch's setting).
-    Rows: score_saes's, with "setting", "seconds" (the setting's training time, all its configs) and
-    "nearest_l0" (True for the config of its family whose L0 is nearest the true L0; None for the
-    reference row, whose family is "untrained (reference)").
+    Returns a `Lab`: one LabRow per SAE (score_saes's figures, with `setting`, `seconds` (the setting's
+    training time, all its configs) and `nearest_l0` (True for the config of its family whose L0 is
+    nearest the true L0; None for the reference row, whose family is "untrained (reference)")).
     """
     configs = default_configs if configs is None else configs
     tc = tc or lab_train_config(train_tokens)
@@ -570,7 +571,7 @@ def run_lab(settings=("baseline", "correlated", "hierarchy", "zipf"), configs=No
                                names=[f"untrained {ref_cfg.label}"])[0]
                 r.update(family="untrained (reference)", setting=name, seconds=0.0, nearest_l0=None)
                 rows.append(r)
-    return rows
+    return Lab([LabRow(**r) for r in rows], train_tokens=train_tokens)
 
 
 ALL_COLUMNS = ("setting", "name", "true_l0", "l0", "fvu", "mmcs", "mcc", "precision", "recall",
@@ -579,11 +580,13 @@ ALL_COLUMNS = ("setting", "name", "true_l0", "l0", "fvu", "mmcs", "mcc", "precis
 COLUMNS = ("setting", "name", "l0", "fvu", "mmcs", "mcc", "precision", "recall", "absorption_excess", "dead")
 
 
-def table(rows: list[dict], nearest_only: bool = True, columns=COLUMNS) -> str:
-    """The rows as a plain-text table (the configs nearest the true L0 and the references, by default;
-    the columns that fit a notebook, by default: `columns=ALL_COLUMNS` for every score)."""
+def table(rows, nearest_only: bool = True, columns=COLUMNS) -> str:
+    """The rows (a Lab, LabRows or score dicts) as a plain-text table (the configs nearest the true L0
+    and the references, by default; the columns that fit a notebook, by default: `columns=ALL_COLUMNS`
+    for every score)."""
+    rows = [r.to_dict() if isinstance(r, LabRow) else r for r in rows]
     keep = [r for r in rows if not nearest_only or r.get("nearest_l0") in (True, None)]
-    cols = [c for c in columns if any(c in r for r in keep)]
+    cols = [c for c in columns if any(r.get(c) is not None for r in keep)]
 
     def fmt(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -593,3 +596,91 @@ def table(rows: list[dict], nearest_only: bool = True, columns=COLUMNS) -> str:
     cells = [cols] + [[fmt(r.get(c)) for c in cols] for r in keep]
     widths = [max(len(row[j]) for row in cells) for j in range(len(cols))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells)
+
+
+@dataclass
+class LabRow(Result):
+    """One SAE of the lab scored against the planted truth (`score_saes`), in one setting."""
+    name: str
+    family: str
+    architecture: str
+    recipe: str
+    d_sae: int
+    alpha: float | None
+    k: int | None
+    true_l0: float
+    l0: float
+    fvu: float
+    dead: float
+    mmcs: float
+    mcc: float
+    precision: float
+    recall: float
+    mcc_low: float | None = None
+    mcc_high: float | None = None
+    absorption: float | None = None
+    absorption_child: float | None = None
+    absorption_excess: float | None = None
+    setting: str = ""
+    seconds: float = 0.0
+    nearest_l0: bool | None = None
+
+    def to_dict(self) -> dict:
+        """The score dict (no absorption keys outside a hierarchy)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in d.items() if not (k.startswith("absorption") and v is None)}
+
+    @property
+    def untrained(self) -> bool:
+        return self.family.startswith("untrained")
+
+
+@dataclass
+class Lab(Result):
+    """The ground-truth lab (`run_lab`): every SAE of every setting scored against the planted features.
+    Shows the configs nearest the true L0 and the untrained references (`columns`: COLUMNS; ALL_COLUMNS
+    for every score); says, per setting, how far each family's SAE is above the untrained one."""
+    rows_: list[LabRow]
+    train_tokens: int = 0
+    columns: tuple = COLUMNS
+
+    def __iter__(self):
+        return iter(self.rows_)
+
+    def __len__(self) -> int:
+        return len(self.rows_)
+
+    @property
+    def settings(self) -> list[str]:
+        return list(dict.fromkeys(r.setting for r in self.rows_))
+
+    @property
+    def families(self) -> list[str]:
+        return list(dict.fromkeys(r.family for r in self.rows_ if not r.untrained))
+
+    def row(self, setting: str, family: str) -> LabRow | None:
+        """The setting's row of `family` (its config nearest the true L0); family "untrained": the reference."""
+        return next((r for r in self.rows_ if r.setting == setting and r.nearest_l0 in (True, None)
+                     and (r.untrained if family == "untrained" else r.family == family)), None)
+
+    def seconds(self, family: str | None = None) -> float:
+        """Training time over the settings (each setting's time counted once)."""
+        return sum({r.setting: r.seconds for r in self.rows_ if family is None or r.family == family}.values())
+
+    def rows(self) -> list[dict]:
+        keep = [r.to_dict() for r in self.rows_ if r.nearest_l0 in (True, None)]
+        cols = [c for c in self.columns if any(r.get(c) is not None for r in keep)]
+        return [{c: r.get(c) for c in cols} for r in keep]
+
+    def verdicts(self) -> list[str]:
+        out = [f"{self.train_tokens:,} training samples per setting, {self.seconds():.0f} s of training in all."]
+        for s in self.settings:
+            ref = self.row(s, "untrained")
+            if ref is None:
+                continue
+            best = max((r for r in (self.row(s, f) for f in self.families) if r is not None),
+                       key=lambda r: r.mcc, default=None)
+            if best is not None:
+                out.append(f"{s}: {best.family} recovers the planted features best (matched MCC {best.mcc:.2f}, "
+                           f"MMCS {best.mmcs:.2f}; untrained {ref.mcc:.2f}, {ref.mmcs:.2f}).")
+        return out

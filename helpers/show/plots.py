@@ -7,7 +7,7 @@ import torch
 
 from helpers.saes import architectures
 from helpers.activations.corpus import COARSE_TAGS, NO_TAG, coarse_tag
-from helpers.runs.sweep import PAPER_FAMILY, family_groups
+from helpers.runs.sweep import PAPER_FAMILY, as_row, family_groups
 
 
 def norms_by_hook(store, max_tokens: int = 20_000):
@@ -107,21 +107,23 @@ def _paper_groups(rows):
     return {(tied, ratio): rs for (fam, ratio, tied), rs in family_groups(rows).items() if fam == PAPER_FAMILY}
 
 
-def sweep_frontier(rows, pca: dict | None = None):
+def sweep_frontier(rows, pca=None):
     """Sparsity against reconstruction, over all tokens (left) and over ordinary tokens (right): L0
     vs held-out FVU, a line per family and size (over α or k), and PCA keeping as many components
-    as the L0 (dashed; `pca` as returned by helpers.evals.reconstruction.pca_fvu)."""
+    as the L0 (dashed; `pca`: helpers.evals.reconstruction.pca_fvu's PCAFVU). `rows`: a Sweep, or
+    its rows."""
+    rows = [as_row(r) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     for ax, key, title in ((axes[0], "fvu", "all tokens"), (axes[1], "fvu_ordinary", "ordinary tokens")):
         for (fam, ratio, tied), rs in family_groups(rows).items():
             style = dict(FAMILY_STYLE.get(fam, {}))
-            if fam == PAPER_FAMILY and len({r["ratio"] for r in rows if r["family"] == fam}) > 1:
+            if fam == PAPER_FAMILY and len({r.ratio for r in rows if r.family == fam}) > 1:
                 style.pop("color", None)
-            ax.plot([r["l0"] for r in rs], [r[key] for r in rs], "-", lw=1, alpha=0.8,
+            ax.plot([r.l0 for r in rs], [getattr(r, key) for r in rs], "-", lw=1, alpha=0.8,
                     label=f"{fam} R={ratio:g}{' tied' if tied else ''}", **style)
         if pca:
-            ks = sorted(pca["all" if key == "fvu" else "ordinary"])
-            vals = pca["all" if key == "fvu" else "ordinary"]
+            vals = pca.all if key == "fvu" else pca.ordinary
+            ks = sorted(vals)
             ax.plot(ks, [vals[k] for k in ks], "k--", lw=1, label="PCA, L0 = #components")
         ax.set_xscale("log")
         ax.set_xlabel("L0 (active latents per token)")
@@ -132,32 +134,33 @@ def sweep_frontier(rows, pca: dict | None = None):
     return fig
 
 
-def sweep_panels(rows, mmcs_rows):
-    """Three panels: dead latents vs α, MMCS vs R (anthropic2023 SAEs: trained, solid; the same pairs at
-    initialisation, dotted; random dictionaries of the same sizes, grey dashed), CE-loss recovered vs
-    L0 (all families)."""
+def sweep_panels(sweep):
+    """Three panels of a Sweep: dead latents vs α, MMCS vs R (anthropic2023 SAEs: trained, solid; the
+    same pairs at initialisation, dotted; random dictionaries of the same sizes, grey dashed), CE-loss
+    recovered vs L0 (all families)."""
+    rows, mmcs_rows = list(sweep.rows_), sweep.mmcs
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8))
     for (fam, ratio, tied), rs in family_groups(rows).items():
         lab = f"{fam} R={ratio:g}{' tied' if tied else ''}"
         style = dict(FAMILY_STYLE.get(fam, {}))
-        if fam == PAPER_FAMILY and len({r["ratio"] for r in rows if r["family"] == fam}) > 1:
+        if fam == PAPER_FAMILY and len({r.ratio for r in rows if r.family == fam}) > 1:
             style.pop("color", None)
-        if architectures.get(rs[0]["architecture"]).l1:
-            a.plot([r["l1_coefficient"] for r in rs], [100 * r["dead"] for r in rs], "-", label=lab, **style)
-        c.plot([r["l0"] for r in rs], [100 * r["ce_recovered_mean"] for r in rs], "-", label=lab, **style)
+        if architectures.get(rs[0].architecture).l1:
+            a.plot([r.l1_coefficient for r in rs], [100 * r.dead for r in rs], "-", label=lab, **style)
+        c.plot([r.l0 for r in rs], [100 * r.ce_recovered_mean for r in rs], "-", label=lab, **style)
     a.set_xscale("log"), a.set_xlabel("α (L1 coefficient)"), a.set_ylabel("dead latents (%)")
     a.set_title("Dead latents vs α"), a.legend(fontsize=7)
     by_alpha = {}
     for m in mmcs_rows:
-        by_alpha.setdefault((m["alpha"], m["tied"]), []).append(m)
+        by_alpha.setdefault((m.alpha, m.tied), []).append(m)
     for (alpha, tied), ms in sorted(by_alpha.items()):
-        ms = sorted(ms, key=lambda m: m["ratio_small"])
-        line, = b.plot([m["ratio_small"] for m in ms], [m["mmcs"] for m in ms], "o-",
+        ms = sorted(ms, key=lambda m: m.ratio_small)
+        line, = b.plot([m.ratio_small for m in ms], [m.mmcs for m in ms], "o-",
                        label=f"α={alpha:g}{' tied' if tied else ''}, trained")
-        if all("mmcs_init" in m for m in ms):
-            b.plot([m["ratio_small"] for m in ms], [m["mmcs_init"] for m in ms], ":", marker=".",
+        if all(m.mmcs_init is not None for m in ms):
+            b.plot([m.ratio_small for m in ms], [m.mmcs_init for m in ms], ":", marker=".",
                    color=line.get_color(), label=f"α={alpha:g}{' tied' if tied else ''}, at initialisation")
-    chance = sorted({(m["ratio_small"], m["mmcs_random"]) for m in mmcs_rows if "mmcs_random" in m})
+    chance = sorted({(m.ratio_small, m.mmcs_random) for m in mmcs_rows if m.mmcs_random is not None})
     if chance:
         b.plot([r for r, _ in chance], [v for _, v in chance], "--", color="grey", label="random dictionaries")
     b.set_xscale("log", base=2), b.set_ylim(0, 1.02)
@@ -169,8 +172,9 @@ def sweep_panels(rows, mmcs_rows):
     return fig
 
 
-def training_curves(history, labels):
-    """MSE (scaled units) and L0 of every SAE over training."""
+def training_curves(sweep):
+    """MSE (scaled units) and L0 of every SAE of a Sweep over training (its `history`)."""
+    history, labels = sweep.history, [r.label for r in sweep.rows_]
     steps = [h["step"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.6))
     for i, lab in enumerate(labels):
@@ -183,21 +187,21 @@ def training_curves(history, labels):
     return fig
 
 
-def learning_curves(curve, rows, highlight=None):
+def learning_curves(sweep, highlight=None):
     """Held-out FVU (all and ordinary tokens) and CE-loss recovered (mean-ablation reference) against
-    tokens seen, one line per SAE (`curve` from helpers.runs.sweep.get_sweep; `highlight`: SAE indices to
-    draw bold)."""
-    highlight = set(highlight or [])
-    tokens = [c["tokens"] for c in curve]
+    tokens seen, one line per SAE of a Sweep (its learning curve; `highlight`: SAE indices to draw
+    bold, by default the chosen SAE and the TopK SAEs)."""
+    highlight = set([sweep.chosen] + sweep.topk_indices() if highlight is None else highlight)
+    tokens = sweep.curve_tokens
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for i, r in enumerate(rows):
-        style = dict(FAMILY_STYLE.get(r["family"], {}))
+    for i, r in enumerate(sweep.rows_):
+        style = dict(FAMILY_STYLE.get(r.family, {}))
         style.update(lw=2.5 if i in highlight else 0.8, alpha=1 if i in highlight else 0.6, ms=5)
         for ax, key in zip(axes, ("fvu", "fvu_ordinary", "ce_recovered_mean")):
-            ys = [c["rows"][i].get(key) for c in curve]
+            ys = sweep.curve_of(i, key)
             if all(y is not None for y in ys):
                 ax.plot(tokens, [100 * y if key.startswith("ce") else y for y in ys], "-",
-                        label=r["label"] if ax is axes[2] else None, **style)
+                        label=r.label if ax is axes[2] else None, **style)
     for ax, lab in zip(axes, ("FVU, all tokens", "FVU, ordinary tokens", "CE-loss recovered (%), mean-ablation ref.")):
         ax.set_xscale("log"), ax.set_xlabel("tokens seen"), ax.set_ylabel(lab + " (held-out)")
     axes[0].set_yscale("log"), axes[1].set_yscale("log")
@@ -461,7 +465,8 @@ def groundtruth_scores(rows, keys=(("mmcs", "MMCS (directions)"), ("mcc", "match
                                    ("recall", "recall of the matched latent"))):
     """The ground-truth lab (helpers.saes.groundtruth.run_lab): per setting, one bar per family (its config
     nearest the true L0) and the untrained reference, for each score (with its 95% interval over the true
-    features where the rows carry one: the matched MCC)."""
+    features where the rows carry one: the matched MCC). `rows`: a groundtruth.Lab, or its rows."""
+    rows = [r.to_dict() if hasattr(r, "to_dict") else r for r in rows]
     keep = [r for r in rows if r.get("nearest_l0") in (True, None)]
     settings = list(dict.fromkeys(r["setting"] for r in keep))
     families = list(dict.fromkeys(r["family"] for r in keep))
@@ -472,7 +477,7 @@ def groundtruth_scores(rows, keys=(("mmcs", "MMCS (directions)"), ("mcc", "match
             rs = [next((r for r in keep if r["setting"] == s and r["family"] == fam), {}) for s in settings]
             ys = np.array([r.get(key, np.nan) for r in rs])
             err = None
-            if all(f"{key}_low" in r for r in rs):  # a 95% interval over the true features, where the rows have one
+            if all(r.get(f"{key}_low") is not None for r in rs):  # a 95% interval over the true features, where the rows have one
                 err = np.clip([[y - r[f"{key}_low"] for y, r in zip(ys, rs)],
                                [r[f"{key}_high"] - y for y, r in zip(ys, rs)]], 0, None)
             ax.bar(np.arange(len(settings)) + (j - (len(families) - 1) / 2) * width, ys, width, label=fam,
