@@ -136,3 +136,26 @@ def test_saebench_json(setup, tmp_path):
                          "std_dev_num_split_features"}
     assert [d["first_letter"] for d in out["eval_result_details"]] == list(LET)
     assert json.loads((tmp_path / "planted_absorption.json").read_text())["eval_result_metrics"]["mean"] == mean
+
+
+def test_absorption_result_summarises_round_trips_and_exports(setup, tmp_path):
+    data, probes = setup
+    rows = [{**r, "method": name} for name, d in (("planted", Planted()), ("clean", Planted(absorb=False)))
+            for r in absorption.evaluate(d, data, probes, progress=False)]
+    res = absorption.Absorption.from_rows(rows, layer=2, hook="h")
+    assert res.as_rows() == rows
+    s = absorption.summary(rows)
+    planted = res.method("planted")
+    assert planted.letters == 4 and res.letters == {"planted": 4, "clean": 4}
+    assert planted.full_absorption.value == pytest.approx(s["planted"]["mean_full_absorption_score"])
+    assert planted.full_absorption.high == pytest.approx(s["planted"]["mean_full_absorption_score_high"])
+    assert planted.absorption_fraction.value == pytest.approx(s["planted"]["mean_absorption_fraction_score"])
+    assert res.method("clean").full_absorption.value == 0
+    assert res.to_frame()["method"].tolist() == ["planted", "clean"]
+    assert any("highest for planted" in v and "lowest for clean" in v for v in res.verdicts())
+    again = absorption.Absorption.load(res.save(tmp_path / "absorption.json"))
+    assert again.as_rows() == res.as_rows() and again.method("planted") == planted and again.layer == 2
+    out = res.saebench_json(tmp_path / "bench", model_name="toy")
+    assert out["planted"]["eval_config"]["hook"] == "h"
+    assert out["planted"]["eval_result_metrics"] == absorption.saebench_json(rows)["planted"]["eval_result_metrics"]
+    assert (tmp_path / "bench" / "clean_absorption.json").exists()

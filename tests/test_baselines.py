@@ -100,3 +100,64 @@ def test_baselines_are_fitted_once_and_cached(array_store, tmp_path):
     # other settings: fitted afresh
     baselines(store, HOOK, 16, ica_tokens=6000, ica_max_iter=3, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("ica-*.safetensors"))) == 2
+
+
+def _scored(method, level, n=40, seed=0):
+    """Per-feature held-out scores whose MCC sit around `level`, with resampled medians around it."""
+    import numpy as np
+
+    from helpers.evals.heldout import Scored
+
+    rng = np.random.default_rng(seed)
+    mcc = (level + 0.01 * rng.normal(size=n)).astype(np.float32)
+    null = (0.001 * rng.normal(size=n)).astype(np.float32)
+    boot = {k: np.median(v) + 0.005 * rng.normal(size=50) for k, v in (("mcc", mcc), ("null_mcc", null),
+            ("excess_mcc", mcc - null), ("corr", mcc), ("null_corr", null), ("excess_corr", mcc - null))}
+    return Scored(method, rng.integers(5, 50, n), np.ones(n, bool), mcc, mcc.copy(), null, null.copy(),
+                  [f"concept{i}" for i in range(n)], mcc + 0.05, null, boot)
+
+
+def _score(layer, sc, random, sparsity="own"):
+    """compare_layers' MethodScore of `sc` at `layer`, against the random directions' scores `random`."""
+    from helpers.dictionaries.baselines import MethodScore
+    from helpers.evals.heldout import difference
+
+    return MethodScore.from_row({"layer": layer, "method": sc.name, "features": len(sc.mcc), "sparsity": sparsity,
+                                 "massive_share": 0.01, "converged": None, "scored": sc, **sc.summary(),
+                                 "all": sc.summary(), "vs_random": difference(sc, random)})
+
+
+def test_layer_comparison_round_trips_through_the_cache_and_says_its_verdicts(tmp_path):
+    import numpy as np
+
+    from helpers.dictionaries.baselines import LayerComparison, MethodScore
+    from helpers.settings.paths import stored
+
+    scores = []
+    for layer in (1, 2):
+        rnd = _scored("random", 0.12, seed=layer)
+        scores += [_score(layer, rnd, rnd), _score(layer, _scored("SAE", 0.10, seed=10 + layer), rnd),
+                   _score(layer, _scored("PCA", 0.05, seed=20 + layer), rnd, sparsity="L1 SAE's")]
+    comp = LayerComparison(scores)
+    assert comp.layers == [1, 2] and comp.methods == ["random", "SAE", "PCA"]
+    # the random directions reach the SAE at both layers; the SAE's interval lies above PCA's
+    assert comp.at_least("SAE") == [(1, "random"), (2, "random")]
+    assert comp.intervals_above(1, "SAE") == ["PCA"]
+    assert comp.get(2, "SAE").vs_random.below(0)
+    verdicts = comp.verdicts()
+    assert "Baselines scoring at least the SAE by held-out MCC: random (layer 1), random (layer 2)." in verdicts
+    assert any(v.startswith("Layer 1: the SAE is below random directions") and v.endswith("above: PCA.") for v in verdicts)
+    assert comp.to_frame().shape[0] == 6 and comp.best_features(1, n=2).to_frame().shape[0] == 6
+    with pytest.raises(KeyError, match="no 'TopK SAE' at layer 1"):
+        comp.get(1, "TopK SAE")
+    # through `stored` (what compare_layers keeps per layer) and through JSON
+    path = tmp_path / "layer.pt"
+    stored(path, ["k"], lambda: [s.to_dict() for s in scores])
+    again = [MethodScore.from_dict(d) for d in stored(path, ["k"], lambda: pytest.fail("recomputed"))]
+    json_again = LayerComparison.load(comp.save(tmp_path / "comparison.json")).scores
+    for got in (again, json_again):
+        for a, b in zip(got, scores):
+            assert a.rows() == b.rows() and a.vs_random == b.vs_random and a.all_tokens == b.all_tokens
+            assert np.array_equal(a.scored.mcc, b.scored.mcc) and a.scored.concept == b.scored.concept
+            assert np.array_equal(a.scored.boot["mcc"], b.scored.boot["mcc"])
+    assert again[0].scored.mcc.dtype == np.float32  # the cache keeps per-feature arrays as they were

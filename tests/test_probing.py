@@ -138,3 +138,27 @@ def test_saebench_json_shape(tmp_path):
     assert res["eval_result_details"][0]["dataset_name"] == "t"
     saved = json.loads((tmp_path / "planted_sparse_probing.json").read_text())
     assert saved["eval_result_metrics"] == m
+
+
+def test_sparse_probing_result_summarises_round_trips_and_exports(tmp_path):
+    x, y, groups = synthetic(n_groups=40)
+    tasks = [probing.balanced_task("t", y, np.ones(len(y), bool), groups),
+             probing.balanced_task("u", ~y, np.ones(len(y), bool), groups, seed=1)]
+    dicts = {"planted": Planted(), "random": random_directions(D, 32, torch.zeros(D), seed=0)}
+    rows = probing.probe_tasks(dicts, x, tasks, ks=(1, 2), n_boot=20, progress=False)
+    res = probing.SparseProbing.from_rows(rows, layer=3, hook="h")
+    assert res.as_rows() == rows
+    summ = probing.summary(rows)
+    assert res.mean("planted", "top_k", 1) == pytest.approx(summ[("planted", "top_k", 1)])
+    assert res.residual_full == pytest.approx(summ[(probing.RESIDUAL, "full", None)]) and res.residual_full > 0.9
+    assert res.tasks == ["t", "u"] and res.ks == [1, 2] and res.methods == [probing.RESIDUAL, "planted", "random"]
+    table = res.to_frame()
+    assert list(table.columns) == ["method", "top-1", "top-2"] and len(table) == 3
+    # the planted latent carries the class: it is the best top-1 probe, and the verdicts say so
+    assert any(v.startswith("Top-1 probe: planted is best") for v in res.verdicts())
+    assert res.by_task(1, ("planted", "random")).rows()[0]["task"] == "t"
+    again = probing.SparseProbing.load(res.save(tmp_path / "probing.json"))
+    assert again.as_rows() == res.as_rows() and again.layer == 3 and again.scores[0].accuracy == res.scores[0].accuracy
+    out = res.saebench_json(tmp_path)
+    assert out["planted"]["eval_config"]["hook"] == "h"
+    assert out["planted"]["eval_result_metrics"] == probing.saebench_json(rows, hook="h")["planted"]["eval_result_metrics"]

@@ -13,13 +13,17 @@ helpers.dictionaries.dictionary, and all are centred on the data mean. PCA, ICA 
 (helpers.activations.massive), every baseline is fitted on, and encodes, the activations with the massive offset
 removed, exactly as the SAEs do. `compare_layers` scores the SAEs and every baseline at each of the
 profile's layers with the held-out, sparsity-matched concept scores of helpers.evals.heldout (intervals over
-resampled contexts), over ordinary (non-massive) tokens and over all tokens.
+resampled contexts), over ordinary (non-massive) tokens and over all tokens, and returns them as a
+`LayerComparison` (one `MethodScore` per layer and method) that shows its table and says its verdicts.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,8 @@ from helpers.activations import massive
 from helpers.activations.models import resolve_device
 from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, neuron_basis, random_directions
 from helpers.evals import heldout
-from helpers.evals.heldout import HeldoutScorer, difference, matched_counts
+from helpers.evals.heldout import STATS, HeldoutScorer, Scored, difference, matched_counts
+from helpers.results import Estimate, Result, Table, plain
 from helpers.runs.sweep import layer_saes
 from helpers.settings.paths import stored
 
@@ -209,56 +214,205 @@ def write_saebench(results: dict, path, eval_name: str) -> None:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in m)
         (folder / f"{safe}_{eval_name}.json").write_text(json.dumps(res, indent=2))
 
-def compare_layers(profile, store, model, sweep, progress: bool = True, score_store=None, n_boot: int = 200) -> list[dict]:
-    """Held-out, sparsity-matched concept scores (helpers.evals.heldout) of the SAEs and each baseline at
-    every harvested layer: one row per (layer, method).
 
+def is_session(obj) -> bool:
+    """Whether `obj` is a helpers.runs.session.Session (it names the profile, stores, model and SAEs)."""
+    return hasattr(obj, "profile") and hasattr(obj, "layer_saes") and hasattr(obj, "score_store")
+
+
+class _SavesTensors:
+    """Results whose `to_dict` keeps per-feature arrays as tensors (compact in `stored`'s cache files):
+    `save` writes them as JSON lists."""
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(plain(self.to_dict()), indent=1, allow_nan=True))
+        os.replace(tmp, path)
+        return path
+
+
+@dataclass
+class MethodScore(_SavesTensors, Result):
+    """One method's held-out, sparsity-matched concept scores at one layer (helpers.evals.heldout):
+    medians over its scored features on ordinary tokens with 95% intervals over resampled contexts,
+    the paired difference from random directions at the same sparsity, the medians over all tokens,
+    and the per-feature scores (`scored`)."""
+
+    layer: int
+    method: str
+    features: int
+    sparsity: str              # whose active-token counts the features were held to: "own", "L1 SAE's", "TopK SAE's"
+    n_scored: int
+    median_count: float        # median active tokens per scored feature
+    massive_share: float       # share of the scored tokens that are massive (left out here)
+    converged: bool | None     # ICA: whether FastICA converged; None for other methods
+    mcc: Estimate
+    null_mcc: Estimate         # chance: the same features' context-shuffled nulls
+    excess_mcc: Estimate
+    corr: Estimate
+    null_corr: Estimate
+    excess_corr: Estimate
+    vs_random: Estimate        # median held-out MCC minus random directions' at the same sparsity (paired)
+    all_tokens: dict           # heldout.Scored.summary over all tokens, massive ones included (no intervals)
+    scored: Scored | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_row(cls, r: dict) -> "MethodScore":
+        """A score from `_score_layer`'s row (heldout.Scored.summary keys, `vs_random`, `all`, `scored`)."""
+        v = r["vs_random"]
+        return cls(layer=int(r["layer"]), method=r["method"], features=int(r["features"]), sparsity=r["sparsity"],
+                   n_scored=int(r["n_scored"]), median_count=float(r["median_count"]),
+                   massive_share=float(r["massive_share"]), converged=r["converged"],
+                   **{k: Estimate(r[k], r[f"{k}_low"], r[f"{k}_high"]) for k in STATS},
+                   vs_random=Estimate(v["value"], v["low"], v["high"]), all_tokens=dict(r["all"]), scored=r["scored"])
+
+    def to_dict(self) -> dict:
+        d = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "scored"}
+        return {"type": type(self).__name__, **d, "scored": None if self.scored is None else self.scored.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodScore":
+        d = dict(d)
+        scored = d.pop("scored", None)
+        out = super().from_dict(d)
+        out.scored = None if scored is None else Scored.from_dict(scored)
+        return out
+
+    def rows(self) -> list[dict]:
+        return [{"layer": self.layer, "method": self.method, "features": self.features, "active": self.median_count,
+                 "held-out MCC": format(self.mcc, ".3f"), "chance": self.null_mcc.value,
+                 "excess": self.excess_mcc.value, "held-out corr": format(self.corr, ".3f"),
+                 "minus random (MCC)": format(self.vs_random, "+.3f"), "all tokens (MCC)": self.all_tokens["mcc"]}]
+
+    def best_features(self, n: int = 3) -> list[tuple[int, str, float]]:
+        """The n scored features with the highest held-out MCC: (feature, its concept, its held-out MCC)."""
+        s = self.scored
+        top = np.argsort(-np.where(s.scored, s.mcc, -1))[:n].tolist()
+        return [(f, s.concept[f], float(s.mcc[f])) for f in top]
+
+
+SAES = ("SAE", "TopK SAE")
+BASELINES = ("PCA", "ICA", "neurons")
+
+
+@dataclass
+class LayerComparison(_SavesTensors, Result):
+    """`compare_layers`' result: one `MethodScore` per (layer, method). Shows the table of medians and
+    intervals, and says which baselines reach the SAEs and how each SAE stands against random directions."""
+
+    scores: list[MethodScore] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(dict.fromkeys(s.layer for s in self.scores))
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(s.method for s in self.scores))
+
+    def at(self, layer: int) -> dict[str, MethodScore]:
+        """{method: score} at `layer`."""
+        return {s.method: s for s in self.scores if s.layer == layer}
+
+    def get(self, layer: int, method: str) -> MethodScore:
+        try:
+            return next(s for s in self.scores if s.layer == layer and s.method == method)
+        except StopIteration:
+            raise KeyError(f"no {method!r} at layer {layer}: methods {self.methods}, layers {self.layers}") from None
+
+    def rows(self) -> list[dict]:
+        return [row for s in self.scores for row in s.rows()]
+
+    def at_least(self, sae: str = "SAE", key: str = "mcc") -> list[tuple[int, str]]:
+        """(layer, method) of every baseline whose median held-out `key` (mcc or corr) reaches `sae`'s."""
+        return [(s.layer, s.method) for s in self.scores if "SAE" not in s.method
+                and getattr(s, key).value >= getattr(self.get(s.layer, sae), key).value]
+
+    def intervals_above(self, layer: int, sae: str = "SAE") -> list[str]:
+        """The classical baselines (PCA, ICA, neurons) whose held-out MCC interval lies wholly below `sae`'s."""
+        at, mine = self.at(layer), self.get(layer, sae).mcc
+        return [b for b in BASELINES if b in at and mine.low > at[b].mcc.high]
+
+    def best_features(self, layer: int, n: int = 3) -> Table:
+        """Each method's n best features at `layer` by held-out MCC, with the concept each was matched to."""
+        return Table([{"method": s.method, "feature": f, "concept": c, "held-out MCC": round(m, 2)}
+                      for s in self.at(layer).values() for f, c, m in s.best_features(n)],
+                     title=f"best features at layer {layer}")
+
+    def verdicts(self) -> list[str]:
+        out = []
+        saes = [m for m in SAES if m in self.methods]
+        for sae in saes:
+            for key, word in (("mcc", "MCC"), ("corr", "correlation")):
+                beaten = ", ".join(f"{m} (layer {lay})" for lay, m in self.at_least(sae, key))
+                out.append(f"Baselines scoring at least the {sae} by held-out {word}: {beaten or 'none'}.")
+        for layer in self.layers:
+            for sae in saes:
+                v = self.get(layer, sae).vs_random
+                side = "above" if v.above(0) else "below" if v.below(0) else "tied with"
+                out.append(f"Layer {layer}: the {sae} is {side} random directions at its sparsity (held-out MCC "
+                           f"{v:+.3f}); its interval lies above: {', '.join(self.intervals_above(layer, sae)) or 'none'}.")
+        return out
+
+
+def compare_layers(profile, store=None, model=None, sweep=None, progress: bool = True, score_store=None,
+                   n_boot: int = 200, saes: dict | None = None) -> LayerComparison:
+    """Held-out, sparsity-matched concept scores (helpers.evals.heldout) of the SAEs and each baseline at
+    every harvested layer: a `LayerComparison` with one `MethodScore` per (layer, method).
+
+    `profile` is a profile (then `store`, `model` and `sweep` are needed) or a
+    helpers.runs.session.Session, which supplies them, the scoring store and the layers' SAEs.
     "SAE" is the L1 SAE the sweep chose, "TopK SAE" the sweep's TopK SAE nearest to it in L0 (if the
     sweep has one); at the sweep's layer they are the sweep's own, elsewhere SAEs trained with the
-    same settings on that layer (all layers in one pass). The SAEs' features are active on their own
-    tokens (the module's one rule); every baseline feature (PCA, ICA, neurons, random) is made active
-    on as many tokens as a feature of the L1 SAE (`heldout.matched_counts`), so each method is judged
-    at the SAE's sparsity; "random (TopK)" is the same random directions at the TopK SAE's sparsity.
-    Each row holds the medians over features on ordinary tokens with 95% intervals over resampled
-    contexts (`heldout.Scored.summary` keys: mcc, null_mcc, excess_mcc, corr, ...), `vs_random` (the
-    paired difference from the random directions at the same sparsity), `all` (the same medians
-    over all tokens, without intervals) and `scored` (per-feature results).
+    same settings on that layer (all layers in one pass; `saes` reuses helpers.runs.sweep.layer_saes'
+    result). The SAEs' features are active on their own tokens (the module's one rule); every baseline
+    feature (PCA, ICA, neurons, random) is made active on as many tokens as a feature of the L1 SAE
+    (`heldout.matched_counts`), so each method is judged at the SAE's sparsity; "random (TopK)" is the
+    same random directions at the TopK SAE's sparsity. Each score holds the medians over features on
+    ordinary tokens with 95% intervals over resampled contexts, `vs_random` (the paired difference
+    from the random directions at the same sparsity), `all_tokens` (the same medians over all tokens,
+    without intervals) and `scored` (per-feature results).
     Dictionaries are fitted on `store`; features are scored on `score_store` (default: `store`; for a
     model trained on the Pile, the Brown store of `profile.scoring`, whose tokens carry POS tags)."""
 
+    if is_session(profile):
+        S = profile
+        profile, store, model, sweep = S.profile, S.store, S.model, S.sweep
+        score_store = S.score_store if score_store is None else score_store
+        saes = S.layer_saes if saes is None else saes
     score_store = store if score_store is None else score_store
-    saes = layer_saes(profile, store, sweep, progress=progress)
+    saes = saes if saes is not None else layer_saes(profile, store, sweep, progress=progress)
     n_saes = len({name for _, name in saes})
-    rows = []
+    scores = []
     bar = tqdm(total=len(profile.layers) * (n_saes + 4 + (n_saes > 1)), desc="compare layers", unit="dictionary",
                disable=not progress)
     shared = {}  # the scored tokens' concept labels, the same at every layer: built once
     for layer in profile.layers:
         hook = profile.hook_at(layer)
         dicts = layer_dictionaries(profile, layer, store, sweep, progress=progress, saes=saes)
-        # each layer's rows are kept in the cache as soon as they are scored: a rerun resumes at the next layer
+        # each layer's scores are kept in the cache as soon as they are made: a rerun resumes at the next layer
         key = [repr(profile), sweep["dir"], layer, n_boot, str(score_store.path), score_store.n_tokens, list(dicts)]
         path = profile.cache_dir / "compare_layers" / f"layer{layer:02d}-{str(sweep['dir']).rstrip('/').split('-')[-1]}.pt"
         n_done = bar.n
-        layer_rows = stored(path, key, lambda: [{**r, "scored": r["scored"].to_dict()} for r in _score_layer(
+        layer_scores = stored(path, key, lambda: [s.to_dict() for s in _score_layer(
             profile, store, score_store, model, layer, hook, dicts, shared, n_boot, bar)],
-                            code=(_score_layer, heldout, massive))
-        bar.update(n_done + len(layer_rows) - bar.n)
-        layer_rows = [{**r, "scored": heldout.Scored.from_dict(r["scored"]),
-                       "dictionary": dicts["random" if r["method"] == RANDOM_TOPK else r["method"]]}
-                      for r in layer_rows]
-        rows += layer_rows
+                              code=(_score_layer, heldout, massive))
+        bar.update(n_done + len(layer_scores) - bar.n)
+        layer_scores = [MethodScore.from_dict(d) for d in layer_scores]
+        scores += layer_scores
         if progress:
             bar.write(f"layer {layer}: " + ", ".join(
-                f"{r['method']} {r['mcc']:.3f} (chance {r['null_mcc']:.3f})" for r in layer_rows)
+                f"{s.method} {s.mcc.value:.3f} (chance {s.null_mcc.value:.3f})" for s in layer_scores)
                 + "  (held-out MCC, ordinary tokens)")
     bar.close()
-    return rows
+    return LayerComparison(scores)
 
 
 def _score_layer(profile, store, score_store, model, layer, hook, dicts, shared, n_boot, bar):
-    """compare_layers' rows at one layer, without their dictionaries; `shared` keeps the scored tokens'
-    concept labels for the next layer."""
+    """compare_layers' scores at one layer; `shared` keeps the scored tokens' concept labels for the
+    next layer."""
 
     flags = massive.flags(score_store, hook, massive_rule(profile, store, layer))
     ordinary = HeldoutScorer(score_store, model.tokenizer, n_tokens=profile.score_tokens, scored=~flags,
@@ -296,4 +450,4 @@ def _score_layer(profile, store, score_store, model, layer, hook, dicts, shared,
     for r in layer_rows:
         ref = RANDOM_TOPK if r["method"] in ("TopK SAE", RANDOM_TOPK) and topk is not None else "random"
         r["vs_random"] = difference(r["scored"], next(x["scored"] for x in layer_rows if x["method"] == ref))
-    return [{k: v for k, v in r.items() if k != "dictionary"} for r in layer_rows]
+    return [MethodScore.from_row(r) for r in layer_rows]

@@ -29,6 +29,10 @@ code times (its decoder row · p), the token's is (x - bias)·p (bias: the dicti
   ``mean_absorption_fraction`` is its mean over probe true positives;
 * ``main_recall``: the share of probe true positives on which some main latent fires.
 
+`run` and `evaluate_layer` return an `Absorption` result: one `LetterAbsorption` per (dictionary,
+letter) and one `MethodAbsorption` per dictionary (means over the included letters, with intervals over
+letters); it shows the per-dictionary table, says its verdicts and writes SAEBench's JSON.
+
 Deviations from SAEBench: tokens in running Brown text instead of single vocabulary words in an ICL
 prompt (``"{word} has the first letter:"``); one-vs-rest scikit-learn probes instead of one 26-way
 probe; latents ranked by mean difference instead of an L1-regularised probe's weights; projections use
@@ -39,16 +43,17 @@ from __future__ import annotations
 
 import statistics
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from helpers.dictionaries.baselines import layer_eval_inputs, write_saebench
+from helpers.dictionaries.baselines import is_session, layer_eval_inputs, write_saebench
 from helpers.dictionaries.dictionary import device_of, encode_batched
 from helpers.evals.features import summarise
+from helpers.results import Estimate, Result
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 EPS = 1e-8
@@ -256,9 +261,10 @@ def evaluate(dictionary, data: LetterData, probes: LetterProbes, max_k: int = 10
 INTERVAL_KEYS = ("mean_absorption_fraction_score", "mean_full_absorption_score")
 
 
-def summary(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+def summary(rows: list[dict] | "Absorption", n_boot: int = 1000, seed: int = 0) -> dict:
     """{method: means over the included letters}: SAEBench's mean metrics plus main_recall, and for the
     two absorption scores a 95% interval over letters (bootstrap: `<score>_low`, `<score>_high`)."""
+    rows = rows.as_rows() if isinstance(rows, Absorption) else rows
 
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows):
@@ -288,8 +294,124 @@ def summary(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
     return out
 
 
+@dataclass
+class LetterAbsorption(Result):
+    """One dictionary's absorption on one letter (`evaluate`'s row; see the module docstring)."""
+
+    method: str
+    letter: str
+    probe_f1: float
+    included: bool
+    num_probe_true_positives: int
+    main_latents: list
+    num_split_features: int
+    k_sparse_f1: list
+    main_cos: list
+    main_recall: float
+    mean_absorption_fraction: float
+    num_full_absorption: int
+    full_absorption_rate: float
+    top_absorbing_latents: list
+    layer: int | None = None
+
+    @classmethod
+    def from_row(cls, r: dict) -> "LetterAbsorption":
+        return cls(**r)
+
+    def as_row(self) -> dict:
+        """The row as `evaluate` gives it (what `summary` and `saebench_json` read)."""
+        row = asdict(self)
+        if self.layer is None:
+            del row["layer"]
+        return row
+
+
+@dataclass
+class MethodAbsorption(Result):
+    """One dictionary's absorption, averaged over the letters whose probe passed (`summary`): the two
+    absorption scores with 95% intervals over letters (bootstrap), split features and main-latent recall."""
+
+    method: str
+    letters: int
+    full_absorption: Estimate
+    absorption_fraction: Estimate
+    split_features: float
+    main_recall: float
+    std_full_absorption: float
+    std_absorption_fraction: float
+    std_split_features: float
+
+    @classmethod
+    def from_summary(cls, method: str, s: dict) -> "MethodAbsorption":
+        full, frac = INTERVAL_KEYS[1], INTERVAL_KEYS[0]
+        return cls(method, s["letters"], Estimate(s[full], s[f"{full}_low"], s[f"{full}_high"]),
+                   Estimate(s[frac], s[f"{frac}_low"], s[f"{frac}_high"]), s["mean_num_split_features"],
+                   s["mean_main_recall"], s["std_dev_full_absorption_score"], s["std_dev_absorption_fraction_score"],
+                   s["std_dev_num_split_features"])
+
+    def rows(self) -> list[dict]:
+        return [{"method": self.method, "letters": self.letters,
+                 "full absorption": format(self.full_absorption, ".3f"),
+                 "absorption fraction": format(self.absorption_fraction, ".3f"),
+                 "split features": self.split_features, "main recall": self.main_recall}]
+
+
+@dataclass
+class Absorption(Result):
+    """The first-letter absorption eval of some dictionaries: `per_letter` (one `LetterAbsorption` per
+    dictionary and letter) and `methods` (one `MethodAbsorption` per dictionary). Shows the
+    per-dictionary means (intervals: bootstrap over letters) and says which dictionaries absorb most."""
+
+    per_letter: list[LetterAbsorption] = field(default_factory=list)
+    methods: list[MethodAbsorption] = field(default_factory=list)
+    layer: int | None = None
+    hook: str = ""
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], layer: int | None = None, hook: str = "", n_boot: int = 1000,
+                  seed: int = 0) -> "Absorption":
+        """`evaluate`'s rows with their `summary`."""
+        return cls([LetterAbsorption.from_row(r) for r in rows],
+                   [MethodAbsorption.from_summary(m, s) for m, s in summary(rows, n_boot, seed).items()], layer, hook)
+
+    def as_rows(self) -> list[dict]:
+        return [r.as_row() for r in self.per_letter]
+
+    def method(self, name: str) -> MethodAbsorption:
+        try:
+            return next(m for m in self.methods if m.method == name)
+        except StopIteration:
+            raise KeyError(f"no {name!r}: methods {[m.method for m in self.methods]}") from None
+
+    @property
+    def letters(self) -> dict[str, int]:
+        """{method: the number of letters its means are over}."""
+        return {m.method: m.letters for m in self.methods}
+
+    def rows(self) -> list[dict]:
+        return [row for m in self.methods for row in m.rows()]
+
+    def verdicts(self) -> list[str]:
+        where = "" if self.layer is None else f", layer {self.layer}"
+        out = [f"First-letter absorption{where}: means over the letters whose probe has test F1 > 0.6; "
+               "intervals from resampling the letters."]
+        ms = [m for m in self.methods if m.letters]
+        if ms:
+            hi = max(ms, key=lambda m: m.full_absorption.value)
+            lo = min(ms, key=lambda m: m.full_absorption.value)
+            out.append(f"Full absorption is highest for {hi.method} ({hi.full_absorption}) and lowest for "
+                       f"{lo.method} ({lo.full_absorption}).")
+        out += [f"{m.method}: no letter has a usable probe." for m in self.methods if not m.letters]
+        return out
+
+    def saebench_json(self, path=None, model_name: str = "", hook: str | None = None, config: dict | None = None) -> dict:
+        """SAEBench absorption_first_letter result objects, one per dictionary (the module's `saebench_json`)."""
+        return saebench_json(self.as_rows(), path, model_name=model_name, hook=self.hook if hook is None else hook,
+                             config=config)
+
+
 def run(store, hook: str, dictionaries: dict, tokenizer, massive=None, max_tokens: int = 100_000,
-        min_count: int = 20, max_k: int = 10, seed: int = 0, progress: bool = True) -> list[dict]:
+        min_count: int = 20, max_k: int = 10, seed: int = 0, progress: bool = True) -> Absorption:
     """The first-letter absorption eval of every dictionary {name: Dictionary} at `hook` of `store`:
     word tokens (ordinary only, given a massive rule), one set of probes shared by all dictionaries."""
     for d in dictionaries.values():
@@ -299,10 +421,11 @@ def run(store, hook: str, dictionaries: dict, tokenizer, massive=None, max_token
     rows = []
     for name, d in dictionaries.items():
         rows += [{**r, "method": name} for r in evaluate(d, data, probes, max_k=max_k, progress=progress)]
-    return rows
+    return Absorption.from_rows(rows, hook=hook)
 
 
-def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str = "", config: dict | None = None) -> dict:
+def saebench_json(rows: list[dict] | Absorption, path=None, model_name: str = "", hook: str = "",
+                  config: dict | None = None) -> dict:
     """SAEBench ``absorption_first_letter`` result objects, one per dictionary {name: result}: the same
     keys (eval_result_metrics.mean.{mean_absorption_fraction_score, mean_full_absorption_score,
     mean_num_split_features, std_dev_*}, eval_result_details per letter with first_letter,
@@ -310,6 +433,8 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
     num_split_features); main-latent recall and the rows go in ``eval_result_unstructured``. With
     `path` (a folder), each is written there as ``<name>_absorption.json``."""
 
+    if isinstance(rows, Absorption):
+        hook, rows = hook or rows.hook, rows.as_rows()
     summ = summary(rows)
     eval_id, now = str(uuid.uuid4()), int(datetime.now().timestamp() * 1000)
     out = {}
@@ -339,18 +464,26 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
     return out
 
 
-def evaluate_layer(profile, store, sweep, tokenizer, layer: int | None = None, score_store=None,
-                   dictionaries: dict | None = None, progress: bool = True, **kw) -> list[dict]:
+def evaluate_layer(profile, store=None, sweep=None, tokenizer=None, layer: int | None = None, score_store=None,
+                   dictionaries: dict | None = None, progress: bool = True, **kw) -> Absorption:
     """The absorption eval of notebook 04's dictionaries at `layer` (default: the SAE's layer): those
     of helpers.dictionaries.baselines.layer_dictionaries (or `dictionaries`), fitted on `store`, evaluated on the
     word tokens of `score_store` (default `store`), ordinary tokens only when the profile treats
-    massive activations. Keyword arguments go to `run` (max_tokens, min_count, max_k)."""
+    massive activations. `profile` may be a helpers.runs.session.Session, which supplies the stores,
+    the sweep, the tokenizer and the dictionaries. Keyword arguments go to `run` (max_tokens,
+    min_count, max_k)."""
 
+    if is_session(profile):
+        S = profile
+        profile, store, tokenizer = S.profile, S.store, S.model.tokenizer if tokenizer is None else tokenizer
+        score_store = S.score_store if score_store is None else score_store
+        dictionaries = S.dictionaries(layer) if dictionaries is None else dictionaries
     layer, hook, dicts, rule = layer_eval_inputs(profile, store, sweep, layer, dictionaries, progress)
     kw.setdefault("max_tokens", profile.score_tokens)
     kw.setdefault("seed", profile.seed)
-    rows = run(score_store if score_store is not None else store, hook, dicts, tokenizer, massive=rule,
-               progress=progress, **kw)
-    for r in rows:
-        r["layer"] = layer
-    return rows
+    result = run(score_store if score_store is not None else store, hook, dicts, tokenizer, massive=rule,
+                 progress=progress, **kw)
+    result.layer = layer
+    for r in result.per_letter:
+        r.layer = layer
+    return result

@@ -26,8 +26,10 @@ a one-dimensional logistic regression fitted on train. The residual's own top-k 
 mean-difference rule; SAEBench's ``llm_top_k``) are reported as method "residual".
 
 **Results.** One row per (task, method, probe, k): test accuracy and F1 with 95% percentile intervals
-from resampling test groups (contexts) with replacement. `saebench_json` reshapes them into SAEBench's
-sparse_probing result files.
+from resampling test groups (contexts) with replacement. `run` and `evaluate_layer` return them as a
+`SparseProbing` result (one `ProbeScore` per row) that shows the mean accuracy of every method at every
+k and says how the dictionaries compare; `saebench_json` reshapes them into SAEBench's sparse_probing
+result files.
 
 Differences from SAEBench: its tasks are sequence-level (activations mean-pooled over a text,
 datasets such as Amazon reviews, Europarl languages, bias-in-bios professions), ours are token-level
@@ -46,8 +48,9 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers.activations.corpus import COARSE_TAGS, NO_TAG, load_brown
-from helpers.dictionaries.baselines import layer_eval_inputs, write_saebench
+from helpers.dictionaries.baselines import is_session, layer_eval_inputs, write_saebench
 from helpers.dictionaries.dictionary import encode_batched
+from helpers.results import Estimate, Result, Table
 
 KS = (1, 2, 5, 20)
 # name -> helpers.activations.corpus.COARSE_TAGS entry
@@ -254,12 +257,125 @@ def probe_tasks(dictionaries: dict, x: torch.Tensor, tasks: list[ProbeTask], ks=
     return rows
 
 
+@dataclass
+class ProbeScore(Result):
+    """One probe's test accuracy and F1 on one task, with 95% intervals over resampled test contexts.
+    `probe`: "top_k" (a logistic regression on the method's k best latents, `latents`), or for the
+    residual stream "full" (all dimensions) and "diff_means" (the difference-of-means direction)."""
+
+    task: str
+    kind: str
+    method: str
+    probe: str
+    k: int | None
+    accuracy: Estimate
+    f1: Estimate
+    n_train: int
+    n_test: int
+    test_groups: int
+    latents: list | None = None
+    layer: int | None = None
+
+    @classmethod
+    def from_row(cls, r: dict) -> "ProbeScore":
+        """A score from a row of `probe_tasks`."""
+        return cls(r["task"], r["kind"], r["method"], r["probe"], r["k"],
+                   Estimate(r["accuracy"], r["accuracy_low"], r["accuracy_high"]),
+                   Estimate(r["f1"], r["f1_low"], r["f1_high"]), r["n_train"], r["n_test"], r["test_groups"],
+                   r["latents"], r.get("layer"))
+
+    def as_row(self) -> dict:
+        """The score as `probe_tasks`' row (what `summary` and `saebench_json` read)."""
+        a, f = self.accuracy, self.f1
+        row = {"task": self.task, "kind": self.kind, "method": self.method, "probe": self.probe, "k": self.k,
+               "accuracy": a.value, "f1": f.value, "accuracy_low": a.low, "accuracy_high": a.high,
+               "f1_low": f.low, "f1_high": f.high, "n_train": self.n_train, "n_test": self.n_test,
+               "test_groups": self.test_groups, "latents": self.latents}
+        return row if self.layer is None else {**row, "layer": self.layer}
+
+
+@dataclass
+class SparseProbing(Result):
+    """Sparse probing of some dictionaries beside the residual stream's references: one `ProbeScore` per
+    (task, method, probe, k). Shows each method's test accuracy at every k, averaged over the tasks as
+    SAEBench averages; `by_task` gives one k task by task, `saebench_json` SAEBench's result files."""
+
+    scores: list[ProbeScore] = field(default_factory=list)
+    layer: int | None = None
+    hook: str = ""
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], layer: int | None = None, hook: str = "") -> "SparseProbing":
+        return cls([ProbeScore.from_row(r) for r in rows], layer, hook)
+
+    def as_rows(self) -> list[dict]:
+        return [s.as_row() for s in self.scores]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys(s.task for s in self.scores))
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods probed, the residual stream first when it is."""
+        return list(dict.fromkeys(s.method for s in self.scores))
+
+    @property
+    def ks(self) -> list[int]:
+        return sorted({s.k for s in self.scores if s.probe == "top_k"})
+
+    def mean(self, method: str, probe: str = "top_k", k: int | None = None, metric: str = "accuracy") -> float:
+        """The test `metric` (accuracy or f1) of one probe, averaged over the tasks (NaN if it was not run)."""
+        v = [getattr(s, metric).value for s in self.scores if (s.method, s.probe, s.k) == (method, probe, k)]
+        return float(np.mean(v)) if v else float("nan")
+
+    @property
+    def residual_full(self) -> float:
+        """Mean test accuracy of the full logistic probe on the residual stream."""
+        return self.mean(RESIDUAL, "full")
+
+    @property
+    def residual_diff_means(self) -> float:
+        """Mean test accuracy of the residual stream's difference-of-means probe."""
+        return self.mean(RESIDUAL, "diff_means")
+
+    def rows(self) -> list[dict]:
+        return [{"method": m, **{f"top-{k}": self.mean(m, "top_k", k) for k in self.ks}} for m in self.methods]
+
+    def by_task(self, k: int = 1, methods=None) -> Table:
+        """Each task's test accuracy (95% interval over test contexts) with the top-`k` probe of `methods`
+        (default: every method)."""
+        methods = self.methods if methods is None else list(methods)
+        by = {(s.task, s.method): s for s in self.scores if s.probe == "top_k" and s.k == k}
+        return Table([{"task": t, **{m: format(by[(t, m)].accuracy, ".2f") for m in methods if (t, m) in by}}
+                      for t in self.tasks], title=f"test accuracy of the top-{k} probe, task by task")
+
+    def verdicts(self) -> list[str]:
+        where = "" if self.layer is None else f", layer {self.layer}"
+        out = [f"Mean test accuracy over {len(self.tasks)} balanced tasks{where} ({', '.join(self.tasks)})."]
+        if any(s.method == RESIDUAL and s.probe == "full" for s in self.scores):
+            out.append(f"Residual-stream references: full logistic probe {self.residual_full:.3f}, "
+                       f"difference of means {self.residual_diff_means:.3f}.")
+        dicts = [m for m in self.methods if m != RESIDUAL]
+        for k in dict.fromkeys([self.ks[0], self.ks[-1]] if self.ks and dicts else []):
+            acc = {m: self.mean(m, "top_k", k) for m in dicts}
+            best = max(acc, key=acc.get)
+            out.append(f"Top-{k} probe: {best} is best ({acc[best]:.3f})"
+                       + (f"; random directions {acc['random']:.3f}." if "random" in acc and best != "random" else "."))
+        return out
+
+    def saebench_json(self, path=None, model_name: str = "", hook: str | None = None, config: dict | None = None) -> dict:
+        """SAEBench sparse_probing result objects, one per dictionary (see the module's `saebench_json`)."""
+        return saebench_json(self.as_rows(), path, model_name=model_name, hook=self.hook if hook is None else hook,
+                             config=config)
+
+
 def run(store, hook: str, dictionaries: dict, massive=None, max_tokens: int = 100_000, ks=KS, genres=GENRES,
         classes: dict | None = None, max_per_class: int = 1000, n_boot: int = 200, seed: int = 0,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True) -> SparseProbing:
     """Sparse probing on a Brown store at `hook` (its first `max_tokens` tokens): Brown tasks
     (`brown_tasks`, ordinary tokens only when a massive rule is given), every dictionary, and the
-    raw-residual references. Returns `probe_tasks`'s rows."""
+    raw-residual references: `probe_tasks`'s rows as a `SparseProbing`."""
     if hook not in store.hooks:
         raise ProbingError(f"{hook!r} is not in the store at {store.path}: it holds {store.hooks}")
     for name, d in dictionaries.items():
@@ -268,11 +384,12 @@ def run(store, hook: str, dictionaries: dict, massive=None, max_tokens: int = 10
     meta = store.tokens()[: len(x)]
     eligible = None if massive is None else ~massive.flags(x).numpy()
     tasks = brown_tasks(meta, eligible, classes, genres, max_per_class=max_per_class, seed=seed)
-    return probe_tasks(dictionaries, x, tasks, ks, n_boot, seed, progress=progress)
+    return SparseProbing.from_rows(probe_tasks(dictionaries, x, tasks, ks, n_boot, seed, progress=progress), hook=hook)
 
 
-def summary(rows: list[dict], metric: str = "accuracy") -> dict:
+def summary(rows: list[dict] | SparseProbing, metric: str = "accuracy") -> dict:
     """{(method, probe, k): mean of `metric` over tasks}: one number per probe, as SAEBench averages."""
+    rows = rows.as_rows() if isinstance(rows, SparseProbing) else rows
     out: dict = {}
     for r in rows:
         out.setdefault((r["method"], r["probe"], r["k"]), []).append(r[metric])
@@ -282,7 +399,8 @@ def summary(rows: list[dict], metric: str = "accuracy") -> dict:
 SAEBENCH_KS = (1, 2, 5, 10, 20, 50, 100)  # the k SAEBench's result schema has keys for
 
 
-def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str = "", config: dict | None = None) -> dict:
+def saebench_json(rows: list[dict] | SparseProbing, path=None, model_name: str = "", hook: str = "",
+                  config: dict | None = None) -> dict:
     """SAEBench sparse_probing result objects, one per dictionary: {name: result}. Each has SAEBench's
     keys (eval_type_id "sparse_probing", eval_config, eval_id, datetime_epoch_millis,
     eval_result_metrics {"llm": {llm_test_accuracy, llm_top_k_test_accuracy}, "sae":
@@ -292,6 +410,8 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
     difference-of-means reference, F1s and intervals go in ``eval_result_unstructured``. With `path`
     (a folder), each is written there as ``<name>_sparse_probing.json``."""
 
+    if isinstance(rows, SparseProbing):
+        hook, rows = hook or rows.hook, rows.as_rows()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != RESIDUAL]
     if not methods:
@@ -342,17 +462,25 @@ def saebench_json(rows: list[dict], path=None, model_name: str = "", hook: str =
     return out
 
 
-def evaluate_layer(profile, store, sweep, layer: int | None = None, score_store=None, dictionaries: dict | None = None,
-                   progress: bool = True, **kw) -> list[dict]:
+def evaluate_layer(profile, store=None, sweep=None, layer: int | None = None, score_store=None,
+                   dictionaries: dict | None = None, progress: bool = True, **kw) -> SparseProbing:
     """Sparse probing of notebook 04's dictionaries at `layer` (default: the SAE's layer): the SAEs and
     baselines of helpers.dictionaries.baselines.layer_dictionaries (or `dictionaries`), fitted on `store`, probed on
     `score_store` (default `store`; it must be the POS-tagged Brown store), ordinary tokens only when
-    the profile treats massive activations. Keyword arguments go to `run` (max_tokens, ks, genres, ...)."""
+    the profile treats massive activations. `profile` may be a helpers.runs.session.Session, which
+    supplies the stores, the sweep and the dictionaries. Keyword arguments go to `run` (max_tokens, ks,
+    genres, ...)."""
 
+    if is_session(profile):
+        S = profile
+        profile, store = S.profile, S.store
+        score_store = S.score_store if score_store is None else score_store
+        dictionaries = S.dictionaries(layer) if dictionaries is None else dictionaries
     layer, hook, dicts, rule = layer_eval_inputs(profile, store, sweep, layer, dictionaries, progress)
     kw.setdefault("max_tokens", profile.score_tokens)
     kw.setdefault("seed", profile.seed)
-    rows = run(score_store if score_store is not None else store, hook, dicts, massive=rule, progress=progress, **kw)
-    for r in rows:
-        r["layer"] = layer
-    return rows
+    result = run(score_store if score_store is not None else store, hook, dicts, massive=rule, progress=progress, **kw)
+    result.layer = layer
+    for s in result.scores:
+        s.layer = layer
+    return result

@@ -353,18 +353,20 @@ def heldout_by_density(results, key: str = "mcc", edges=(5, 10, 20, 40, 80, 160,
     return fig
 
 
-def heldout_by_layer(rows):
+def heldout_by_layer(comparison):
     """The paper's Figure 2 layout, made fair: held-out concept score by layer, one line per method,
-    95% intervals over resampled contexts; the excess over chance at the same sparsity beside it."""
+    95% intervals over resampled contexts; the excess over chance at the same sparsity beside it.
+    `comparison`: helpers.dictionaries.baselines.compare_layers' LayerComparison (or its MethodScores)."""
+    scores = list(getattr(comparison, "scores", comparison))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(s.method for s in scores))
     for ax, (key, label) in zip(axes, [("mcc", "median held-out MCC"), ("excess_mcc", "median excess MCC over chance"),
                                        ("corr", "median held-out correlation")]):
         for i, m in enumerate(methods):
-            rs = sorted([r for r in rows if r["method"] == m], key=lambda r: r["layer"])
-            x = np.array([r["layer"] for r in rs]) + (i - len(methods) / 2) * 0.06
-            y = np.array([r[key] for r in rs])
-            err = np.array([[r[key] - r[f"{key}_low"] for r in rs], [r[f"{key}_high"] - r[key] for r in rs]])
+            est = [getattr(s, key) for s in sorted([s for s in scores if s.method == m], key=lambda s: s.layer)]
+            x = np.array(sorted(s.layer for s in scores if s.method == m)) + (i - len(methods) / 2) * 0.06
+            y = np.array([e.value for e in est])
+            err = np.array([[e.value - e.low for e in est], [e.high - e.value for e in est]])
             ax.errorbar(x, y, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=m, lw=2 if "SAE" in m else 1)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("layer (residual stream after the block)")
