@@ -1,4 +1,6 @@
 """Patching, ablation and circuits in a dictionary basis, on the embedded model."""
+import json
+
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ def ctx(model, ioi):
 @pytest.fixture(scope="module")
 def plain(model, ioi):
     """Plain patching of the whole residual stream at layers 0 and 3, every position set."""
-    return {r["layer"]: r for r in patch_positions_by_layer(model, ioi, [0, LAYER], progress=False)}
+    return {r.layer: r for r in patch_positions_by_layer(model, ioi, [0, LAYER], progress=False)}
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +38,18 @@ def neurons():
 def test_patching_every_feature_of_a_complete_basis_is_the_plain_patch(model, ioi, ctx, plain, neurons):
     everything = 2 * model.cfg.d_model
     rank, measure = ioi.split()
-    on_measure = {p: gap_closed(plain[LAYER]["per_prompt"]["clean"][measure], plain[LAYER]["per_prompt"]["cf"][measure],
-                                plain[LAYER]["per_prompt"][p][measure]) for p in ("changed", "last")}
+    on_measure = {p: gap_closed(plain[LAYER].ld("clean")[measure], plain[LAYER].ld("cf")[measure],
+                                plain[LAYER].ld(p)[measure]) for p in ("changed", "last")}
     for positions in ("changed", "last", "all"):
         r = patch_curve(model, ioi, HOOK, neurons, ks=(0, everything), context=ctx, positions=positions)
-        none, full = r["points"]
-        assert none["gap_closed"] == pytest.approx(0.0, abs=1e-4) and none["kl"] == pytest.approx(0.0, abs=1e-4)
-        assert r["measure"] == measure.tolist() and r["n_measure"] == len(measure)
+        none, full = r.points
+        assert none.gap_closed.value == pytest.approx(0.0, abs=1e-4) and none.kl.value == pytest.approx(0.0, abs=1e-4)
+        assert r.measure == measure.tolist() and r.n_measure == len(measure)
         if positions == "all":  # the whole residual is now the counterfactual's: the counterfactual run
-            assert full["gap_closed"] == pytest.approx(1.0, abs=1e-3)
+            assert full.gap_closed.value == pytest.approx(1.0, abs=1e-3)
         else:  # at chosen positions: exactly the plain patch of those positions, on the same prompts
-            assert full["gap_closed"] == pytest.approx(on_measure[positions], abs=2e-3)
-    assert r["ld_clean"] > 0 > r["ld_cf"]
+            assert full.gap_closed.value == pytest.approx(on_measure[positions], abs=2e-3)
+    assert r.ld_clean > 0 > r.ld_cf
     # at layer 3 the name information is still at the repeated name, not at the last position: patching
     # the wrong position leaves the answer (nearly) where it was
     assert on_measure["changed"] > 0.5 and abs(on_measure["last"]) < 0.2
@@ -59,15 +61,17 @@ def test_patch_curve_ranks_on_one_half_and_measures_on_the_other(model, ioi, ctx
     b = patch_curve(model, ioi, HOOK, neurons, ks=(1, 16, 128), context=ctx, split=(rank, measure[:2]))
     c = patch_curve(model, ioi, HOOK, neurons, ks=(1, 16, 128), context=ctx, split=(measure, rank))
     # the ranking depends on the rank half only: measuring other prompts does not change it
-    assert a["order"] == b["order"] and a["order"] != a["order_in_sample"]
+    assert a.order == b.order and a.order != a.order_in_sample
     # "in-sample" ranks on the measured half itself: the other split's held-out ranking
-    assert a["order_in_sample"] == c["order"] and c["order_in_sample"] == a["order"]
-    assert a["attribution"][a["order"][0]] <= a["attribution"].min() + 1e-6
-    gaps = [p["gap_closed"] for p in a["points"]]
+    assert a.order_in_sample == c.order and c.order_in_sample == a.order
+    assert a.attribution[a.order[0]] <= min(a.attribution) + 1e-6
+    gaps = [p.gap_closed.value for p in a.points]
     assert gaps[-1] > 0.05 and gaps[-1] >= gaps[0] - 0.02
-    for p in a["points"] + c["points"]:  # every point has an interval over the measured prompts around it
-        for key in ("gap_closed", "gap_in_sample", "kl"):
-            assert p[key + "_low"] - 1e-9 <= p[key] <= p[key + "_high"] + 1e-9
+    for p in a.points + c.points:  # every point has an interval over the measured prompts around it
+        for e in (p.gap_closed, p.gap_in_sample, p.kl):
+            assert e.low - 1e-9 <= e.value <= e.high + 1e-9
+    # the curve saves and loads as JSON, every point and interval kept
+    assert type(a).from_dict(json.loads(json.dumps(a.to_dict()))) == a
     with pytest.raises(ValueError, match="overlap"):
         patch_curve(model, ioi, HOOK, neurons, ks=(1,), context=ctx, split=(rank, torch.arange(3, 8)))
 
@@ -79,8 +83,8 @@ def test_candidates_limit_the_choice(model, ioi, ctx, neurons):
     assert not torch.equal(pool, candidate_pool(1152, 100, seed=0, salt="PCA"))
     assert torch.equal(candidate_pool(50, 100), torch.arange(50)) and torch.equal(candidate_pool(50, None), torch.arange(50))
     r = patch_curve(model, ioi, HOOK, neurons, ks=(4, 100), context=ctx, candidates=pool)
-    assert set(r["order"]) <= set(pool.tolist()) and r["n_candidates"] == 100
-    assert r["captured_candidates"] < r["captured"] == pytest.approx(1.0, abs=1e-4)  # 100 of 1152 halves
+    assert set(r.order) <= set(pool.tolist()) and r.n_candidates == 100
+    assert r.captured_candidates < r.captured == pytest.approx(1.0, abs=1e-4)  # 100 of 1152 halves
 
 
 def test_ratio_interval():
@@ -124,18 +128,19 @@ def test_edit_curve_beats_random_features_held_out_and_counts_its_damage(model, 
     assert ce_loss(model, text, HOOK, lambda a: a) == pytest.approx(ce_loss(model, text), abs=1e-5)
     ectx = edit_context(model, ps, text, HOOK)
     r = edit_curve(model, ps, text, HOOK, neurons, ks=(0, 16), context=ectx, random_ce=True)
-    zero, sixteen = r["points"]
-    assert all(zero[key] == pytest.approx(0, abs=1e-5) for key in ("edit", "edit_random", "ce_increase"))
+    zero, sixteen = r.points
+    assert all(e.value == pytest.approx(0, abs=1e-5) for e in (zero.edit, zero.edit_random, zero.ce_increase))
     # the features attribution picked on the other half remove much more of the behaviour than as many
     # features drawn at random
-    assert sixteen["edit"] > 0.2 and sixteen["edit"] > sixteen["edit_random"] + 0.1
-    for p in r["points"]:
-        for key in ("edit", "edit_in_sample", "edit_random", "ce_increase", "ce_random"):
-            assert p[key + "_low"] - 1e-6 <= p[key] <= p[key + "_high"] + 1e-6
+    assert sixteen.edit.value > 0.2 and sixteen.edit.value > sixteen.edit_random.value + 0.1
+    for p in r.points:
+        for e in (p.edit, p.edit_in_sample, p.edit_random, p.ce_increase, p.ce_random):
+            assert e.low - 1e-6 <= e.value <= e.high + 1e-6
+    assert type(r).from_dict(json.loads(json.dumps(r.to_dict()))) == r
     # the collateral damage is that of ablating the very features of the edit
-    direct = ce_loss(model, text, HOOK, ablate(neurons, r["order"][:16])) - ce_loss(model, text)
-    assert sixteen["ce_increase"] == pytest.approx(direct, abs=1e-4)
-    assert set(r["rank"]).isdisjoint(r["measure"])
+    direct = ce_loss(model, text, HOOK, ablate(neurons, r.order[:16])) - ce_loss(model, text)
+    assert sixteen.ce_increase.value == pytest.approx(direct, abs=1e-4)
+    assert set(r.rank).isdisjoint(r.measure)
 
 
 def test_bad_hooks(model, ioi):
@@ -172,13 +177,15 @@ def test_plain_patching_by_layer(model, plain, ioi):
     first, third = plain[0], plain[LAYER]
     # layer 0: only the changed position differs, so patching it there is the whole counterfactual run,
     # and the later positions carry (nearly) none of it yet
-    assert first["changed"] == pytest.approx(1.0, abs=0.05) and abs(first["last"]) < 0.05
-    assert abs(first["between"]) < 0.2
+    assert first.gap_closed["changed"] == pytest.approx(1.0, abs=0.05) and abs(first.gap_closed["last"]) < 0.05
+    assert abs(first.gap_closed["between"]) < 0.2
     for row in (first, third):  # the rows' gaps are those of their per-prompt logit differences
-        pp = row["per_prompt"]
         for p in ("changed", "between", "last"):
-            assert row[p] == pytest.approx(gap_closed(pp["clean"], pp["cf"], pp[p]), abs=1e-6)
-        assert pp["clean"].shape == (len(ioi),) and (pp["clean"] > 0).float().mean() > 0.5
+            assert row.gap_closed[p] == pytest.approx(gap_closed(row.ld("clean"), row.ld("cf"), row.ld(p)), abs=1e-6)
+            assert row.interval(p).value == pytest.approx(row.gap_closed[p], abs=1e-6)
+        assert row.ld("clean").shape == (len(ioi),) and (row.ld("clean") > 0).float().mean() > 0.5
+        back = type(row).from_dict(json.loads(json.dumps(row.to_dict())))  # saves and loads, tensors as tensors
+        assert back.gap_closed == row.gap_closed and torch.equal(back.ld("changed"), row.ld("changed"))
     with pytest.raises(ValueError, match="outside the model"):
         patch_positions_by_layer(model, ioi, [model.cfg.n_layers], progress=False)
 
@@ -190,6 +197,6 @@ def test_captured_share(model, ioi, ctx):
     few = random_directions(model.cfg.d_model, 16, hook_name=HOOK)  # 8 directions of 576: a small share
     share = captured_share(few, model, ioi, HOOK, positions="changed")
     assert -0.5 < share < 0.5
-    assert patch_curve(model, ioi, HOOK, few, ks=(1,), context=ctx)["captured"] == pytest.approx(share, abs=1e-5)
+    assert patch_curve(model, ioi, HOOK, few, ks=(1,), context=ctx).captured == pytest.approx(share, abs=1e-5)
     with pytest.raises(ValueError, match="fitted on"):
         captured_share(neuron_basis(model.cfg.d_model, hook_name="blocks.2.hook_resid_post"), model, ioi, HOOK)

@@ -273,7 +273,8 @@ def test_keep_solved_keeps_exactly_the_solved_prompts_in_batches(model, ioi, sco
     kept, report = keep_solved(counting, small, batch_size=8)
     assert counting.rows == [8, 8, 4]  # batched: no per-prompt forward passes
     solved = scores["ioi"][0]["logit_diff"][:20] > 0
-    assert report["kept"] == int(solved.sum()) and report["dropped"] == 20 - report["kept"]
+    assert report.kept == int(solved.sum()) and report.dropped == 20 - report.kept and report.n == 20
     assert kept.texts == [t for t, ok in zip(small.texts, solved) if ok]
-    assert kept.meta["keep_solved"] == report and sum(report["kept_per_template"].values()) == report["kept"]
+    assert kept.meta["keep_solved"] == report.to_dict() and sum(report.kept_per_template.values()) == report.kept
+    assert type(report).from_dict(report.to_dict()) == report and f"kept {report.kept}" in str(report)
     assert torch.equal(kept.tokens, small.tokens[solved]) and torch.equal(kept.correct, small.correct[solved])

@@ -1,4 +1,7 @@
 """helpers.causal.steering: the intervention, generation, cost, the index and the comparison."""
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +9,7 @@ import torch
 from helpers.causal import steering
 from helpers.dictionaries.dictionary import neuron_basis
 from helpers.causal.steering import SteeringIndex, add_hook, steering_vector
+from helpers.results import Estimate
 
 HOOK = "blocks.6.hook_resid_post"
 
@@ -161,17 +165,18 @@ def test_build_index_and_compare_smoke(model, small_index):
     res = steering.compare_steering(model, index, text, text, concepts={"toy": (word,)}, prompts=("I think",),
                                     samples=1, n_new=2, targets=(0.1,), grid=(1.0,), min_present=1,
                                     progress=False, n_boot=20)
-    methods = [r["method"] for r in res["rows"]]
+    methods = [r.method for r in res.measured]
     assert methods[0] == "unsteered" and "difference of means" in methods and "SAE: fires on" in methods
-    for r in res["rows"]:
-        assert 0 <= r["share_low"] <= r["share"] <= r["share_high"] <= 1 and r["n"] == 1
-    assert "toy" in steering.table(res) and steering.verdicts(res)
+    for r in res.measured:
+        assert 0 <= r.share.low <= r.share.value <= r.share.high <= 1 and r.n == 1
+    assert "toy" in steering.table(res) and steering.verdicts(res) == res.verdicts() and "toy" in str(res)
+    assert str(type(res).from_dict(json.loads(json.dumps(res.to_dict())))) == str(res)  # saves and loads
     # a difference not at equal cost (a direction missed its target KL) gets no verdict, whatever its interval
-    res["settings"]["prompts"] = ["p"] * steering.MIN_PROMPTS
-    res["differences"] = [dict(d, low=0.2, high=0.4, equal_cost=False) for d in res["differences"]]
-    assert res["differences"] and all("not at equal cost" in v for v in steering.verdicts(res))
-    res["differences"] = [dict(d, equal_cost=True) for d in res["differences"]]
-    assert all("ahead" in v for v in steering.verdicts(res))
+    res.settings["prompts"] = ["p"] * steering.MIN_PROMPTS
+    res.differences = [replace(d, difference=Estimate(0.3, 0.2, 0.4), equal_cost=False) for d in res.differences]
+    assert res.differences and all("not at equal cost" in v for v in res.verdicts()[1:])
+    res.differences = [replace(d, equal_cost=True) for d in res.differences]
+    assert all("ahead" in v for v in res.verdicts()[1:])
     # a word group redefined under the same name is not served from the cache
     before = index.diff_of_means("toy").clone()
     other = next(t.strip() for t in index.vocab[400:] if t.strip().isalpha() and t.strip() != word)

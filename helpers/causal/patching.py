@@ -45,6 +45,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -54,7 +55,7 @@ from helpers.activations.hooks import name as hook_name
 from helpers.activations.models import hooked
 from helpers.causal.prompts import PromptSet, logit_diff
 from helpers.dictionaries.dictionary import as_dictionary, encode_batched
-from helpers.results import Estimate, Result
+from helpers.results import Estimate, Result, Table
 
 
 def check_hook(model, dictionary, hook: str) -> None:
@@ -160,8 +161,259 @@ def ratio_interval(num: torch.Tensor, den: torch.Tensor, n_boot: int = 1000, see
     return value, low, high
 
 
-def _interval(out: dict, name: str, num, den, n_boot: int, seed: int) -> None:
-    out[name], out[name + "_low"], out[name + "_high"] = ratio_interval(num, den, n_boot, seed)
+
+# ------------------------------------------------------------------------------- typed results
+
+def _est(num, den, n_boot: int, seed: int) -> Estimate:
+    return Estimate(*ratio_interval(num, den, n_boot, seed))
+
+
+def _fmt(e: Estimate | None, spec: str = ".3f") -> str:
+    return "" if e is None else format(e, spec)
+
+
+def _versus(a: Estimate, b: Estimate, a_name: str, b_name: str) -> str:
+    """Who is ahead where the two intervals are disjoint; "overlap" otherwise."""
+    if a.low > b.high:
+        return a_name
+    if b.low > a.high:
+        return b_name
+    return "overlap"
+
+
+@dataclass
+class PatchPoint(Result):
+    """One point of a patch curve: the top k features patched, measured on the held-out prompts (95%
+    bootstrap intervals over them)."""
+
+    k: int
+    logit_diff: float
+    gap_closed: Estimate                    # the share of the gap closed, held out
+    kl: Estimate                            # KL(clean ‖ patched) of the next-token distribution
+    gap_in_sample: Estimate | None = None   # the same prompts patched with features ranked on themselves
+
+
+@dataclass
+class PatchCurve(Result):
+    """`patch_curve`: one dictionary's share of the gap closed against k, ranked on `rank` and measured
+    on `measure` (prompt indices), with what its reconstruction can carry (`captured`)."""
+
+    dictionary: str
+    hook: str
+    positions: str
+    ld_clean: float
+    ld_cf: float
+    captured: float
+    captured_candidates: float
+    n_candidates: int
+    n_rank: int
+    n_measure: int
+    rank: list
+    measure: list
+    points: list[PatchPoint]
+    order: list
+    order_in_sample: list | None = None
+    attribution: list = field(default_factory=list)   # each feature's attribution summed over the rank half
+
+    @property
+    def ks(self) -> list[int]:
+        return [p.k for p in self.points]
+
+    def rows(self) -> list[dict]:
+        return [{"dictionary": self.dictionary, "positions": self.positions, "k": p.k,
+                 "gap closed (held-out)": _fmt(p.gap_closed), "in-sample": _fmt(p.gap_in_sample),
+                 "KL": _fmt(p.kl, ".4f")} for p in self.points]
+
+    def verdicts(self) -> list[str]:
+        last = self.points[-1]
+        return [f"{self.dictionary}: its reconstruction carries {self.captured:.2f} of the clean-to-counterfactual change "
+                f"at the {self.positions} positions ({self.captured_candidates:.2f} for its {self.n_candidates} candidates)",
+                f"{self.dictionary}: patching the top {last.k} closes {last.gap_closed:.2f} of the gap on "
+                f"{self.n_measure} held-out prompts"]
+
+
+@dataclass
+class PatchComparison(Result):
+    """Every dictionary's `PatchCurve` at one hook (all on the same split and number of candidates),
+    and optionally the same patched at other positions (`contrast`). Its verdicts: what each dictionary
+    captures, `reference` against `baseline` at each k (ahead only with disjoint intervals), and what
+    ranking on the measured prompts themselves adds."""
+
+    hook: str
+    curves: dict[str, PatchCurve]
+    contrast: dict[str, PatchCurve] = field(default_factory=dict)
+    reference: str = "SAE"
+    baseline: str = "random"
+
+    def rows(self) -> list[dict]:
+        out = []
+        for kind, curves in (("held-out", self.curves), ("in-sample", self.curves), ("contrast, held-out", self.contrast)):
+            for name, c in curves.items():
+                row = {"dictionary": name, "positions": c.positions, "measured": kind,
+                       "captured": c.captured, "candidates captured": c.captured_candidates}
+                for p in c.points:
+                    row[f"k={p.k}"] = _fmt(p.gap_in_sample if kind == "in-sample" else p.gap_closed, ".2f")
+                out.append(row)
+        return out
+
+    def flattery(self) -> list[float]:
+        """In-sample minus held-out gap closed, over every dictionary and every k below the last (all
+        candidates)."""
+        return [p.gap_in_sample.value - p.gap_closed.value for c in self.curves.values() for p in c.points[:-1]
+                if p.gap_in_sample is not None]
+
+    def verdicts(self) -> list[str]:
+        if not self.curves:
+            return []
+        first = next(iter(self.curves.values()))
+        out = [f"{self.hook}: gap closed by patching the top k of {first.n_candidates} candidates at the "
+               f"{first.positions} positions, measured on {first.n_measure} held-out prompts [95% interval]",
+               "captured (the share of the change each dictionary represents): "
+               + ", ".join(f"{n} {c.captured:.2f}" for n, c in self.curves.items()),
+               f"the same for its {first.n_candidates} candidates only: "
+               + ", ".join(f"{n} {c.captured_candidates:.2f}" for n, c in self.curves.items())]
+        ref, base = self.curves.get(self.reference), self.curves.get(self.baseline)
+        if ref is not None and base is not None:
+            out.append(f"held-out, {self.reference} vs {self.baseline} (who is ahead with disjoint intervals): "
+                       + ", ".join(f"k={a.k}: {_versus(a.gap_closed, b.gap_closed, self.reference, self.baseline)}"
+                                   for a, b in zip(ref.points, base.points)))
+        flattery = self.flattery()
+        if flattery:
+            out.append(f"in-sample minus held-out gap closed, over every method and k below all: mean "
+                       f"{float(np.mean(flattery)):+.3f}, largest {max(flattery):+.3f}")
+        return out
+
+
+@dataclass
+class EditPoint(Result):
+    """One point of an edit curve: the top k features zero-ablated, measured on the held-out prompts."""
+
+    k: int
+    logit_diff: float
+    accuracy: float
+    edit: Estimate                           # the share of the logit difference removed, held out
+    edit_in_sample: Estimate | None = None   # features ranked on the measured prompts themselves
+    edit_random: Estimate | None = None      # k candidates drawn at random
+    ce_increase: Estimate | None = None      # the CE increase on the held-out text (nats/token)
+    ce_random: Estimate | None = None        # ... of the k random features
+
+
+@dataclass
+class EditCurve(Result):
+    """`edit_curve`: one dictionary's edit and collateral damage against k."""
+
+    dictionary: str
+    hook: str
+    ld_clean: float
+    ce_clean: float
+    n_candidates: int
+    n_rank: int
+    n_measure: int
+    rank: list
+    measure: list
+    points: list[EditPoint]
+    order: list
+    order_in_sample: list | None = None
+
+    def rows(self) -> list[dict]:
+        return [{"dictionary": self.dictionary, "k": p.k, "edit (held-out)": _fmt(p.edit),
+                 "in-sample": _fmt(p.edit_in_sample), "k random features": _fmt(p.edit_random),
+                 "ΔCE (nats/token)": _fmt(p.ce_increase, "+.3f")} for p in self.points]
+
+    def verdicts(self) -> list[str]:
+        out = []
+        for p in self.points:
+            if p.edit_random is not None:
+                who = _versus(p.edit, p.edit_random, "the attributed features", "random features")
+                out.append(f"{self.dictionary}, k={p.k}: edit {p.edit:.2f} against {p.edit_random:.2f} for k random "
+                           f"features: " + ("overlap" if who == "overlap" else f"{who} ahead"))
+        return out
+
+
+@dataclass
+class EditComparison(Result):
+    """Every dictionary's `EditCurve` at one hook, on the same split, text and number of candidates."""
+
+    hook: str
+    curves: dict[str, EditCurve]
+
+    def rows(self) -> list[dict]:
+        return [r for c in self.curves.values() for r in c.rows()]
+
+    def verdicts(self) -> list[str]:
+        if not self.curves:
+            return []
+        c = next(iter(self.curves.values()))
+        out = [f"{self.hook}: clean logit difference {c.ld_clean:.2f} ({c.n_measure} held-out prompts), clean CE "
+               f"{c.ce_clean:.3f} nats/token; {c.n_candidates} candidates per method; [95% intervals]"]
+        for curve in self.curves.values():
+            out.extend(curve.verdicts()[:1])
+        return out
+
+
+@dataclass
+class LayerPatch(Result):
+    """Plain patching at one layer: the share of the gap closed at each position set, and each prompt's
+    logit difference ("clean", "cf" and one per position set)."""
+
+    layer: int
+    gap_closed: dict
+    per_prompt: dict
+
+    def __post_init__(self):
+        self.per_prompt = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in self.per_prompt.items()}
+
+    def ld(self, which: str) -> torch.Tensor:
+        """[n]: each prompt's logit difference: "clean", "cf" or patched at a position set."""
+        return self.per_prompt[which]
+
+    def interval(self, positions: str, prompts=None, n_boot: int = 1000, seed: int = 0) -> Estimate:
+        """The share of the gap closed at `positions` over `prompts` (default all), with its bootstrap
+        interval (`ratio_interval`)."""
+        idx = slice(None) if prompts is None else torch.as_tensor(prompts, dtype=torch.long)
+        clean, cf, ld = self.ld("clean")[idx], self.ld("cf")[idx], self.ld(positions)[idx]
+        return _est(clean - ld, clean - cf, n_boot, seed)
+
+
+@dataclass
+class PatchByLayer(Result):
+    """`patch_positions_by_layer`: plain patching of the whole residual stream, layer by layer."""
+
+    layers: list[LayerPatch]
+    positions: list
+
+    def at(self, layer: int) -> LayerPatch:
+        return next(r for r in self.layers if r.layer == layer)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> LayerPatch:
+        return self.layers[i]
+
+    def rows(self) -> list[dict]:
+        return [{"layer": r.layer, **{p: r.gap_closed[p] for p in self.positions}} for r in self.layers]
+
+    def moved(self, early: str = "changed", late: str = "last") -> int | None:
+        """The first layer where `late` carries more of the answer than `early` (None: none)."""
+        return next((r.layer for r in self.layers if r.gap_closed[late] > r.gap_closed[early]), None)
+
+    def intervals(self, layers=None, n_boot: int = 1000, seed: int = 0) -> Table:
+        """The share of the gap closed at each position set, with its 95% interval over all prompts, at
+        `layers` (default all)."""
+        want = [r.layer for r in self.layers] if layers is None else list(layers)
+        rows = [{"layer": layer, **{p: format(self.at(layer).interval(p, n_boot=n_boot, seed=seed), ".2f")
+                                    for p in self.positions}} for layer in want]
+        return Table(rows, title="share of the gap closed [95% interval over the prompts]")
+
+    def verdicts(self) -> list[str]:
+        if not {"changed", "last"} <= set(self.positions):
+            return []
+        return [f"first layer where the last position carries more of the answer than the changed position: "
+                f"{self.moved()}"]
 
 
 def gap_closed(ld_clean: torch.Tensor, ld_cf: torch.Tensor, ld: torch.Tensor) -> float:
@@ -273,7 +525,7 @@ def patch_context(model, ps, hook: str) -> PatchContext:
 @torch.no_grad()
 def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32), context: PatchContext | None = None,
                 split=None, positions="changed", candidates=None, in_sample: bool = True, n_boot: int = 1000,
-                seed: int = 0) -> dict:
+                seed: int = 0) -> PatchCurve:
     """Patch the k features that most move the logit difference towards the counterfactual, at
     `positions` (see `position_mask`; default the repeated name), ranked on one half of the prompts
     and measured on the other.
@@ -314,20 +566,17 @@ def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32), conte
     points = []
     for i, k in enumerate(ks):
         ld = logit_diff(logits[i], pm)
-        pt = {"k": int(k), "logit_diff": float(ld.mean())}
-        _interval(pt, "gap_closed", ld_c - ld, ld_c - ld_cf, n_boot, seed)
-        _interval(pt, "kl", _kl(ctx.clean[measure], logits[i]), torch.ones(len(ld)), n_boot, seed)
-        if in_sample:
-            _interval(pt, "gap_in_sample", ld_c - logit_diff(logits[len(ks) + i], pm), ld_c - ld_cf, n_boot, seed)
-        points.append(pt)
-    return {"dictionary": dictionary.name, "hook": hook,
-            "positions": positions if isinstance(positions, str) else "mask",
-            "ld_clean": float(ld_c.mean()), "ld_cf": float(ld_cf.mean()), "captured": captured,
-            "captured_candidates": captured_cand, "n_candidates": len(cand), "n_rank": len(rank),
-            "n_measure": len(measure), "rank": rank.tolist(), "measure": measure.tolist(), "points": points,
-            "order": order[: max(ks)].tolist(),
-            "order_in_sample": orders["in-sample"][: max(ks)].tolist() if in_sample else None,
-            "attribution": per_prompt[rank].sum(0)}
+        in_s = _est(ld_c - logit_diff(logits[len(ks) + i], pm), ld_c - ld_cf, n_boot, seed) if in_sample else None
+        points.append(PatchPoint(k=int(k), logit_diff=float(ld.mean()), gap_closed=_est(ld_c - ld, ld_c - ld_cf, n_boot, seed),
+                                 kl=_est(_kl(ctx.clean[measure], logits[i]), torch.ones(len(ld)), n_boot, seed),
+                                 gap_in_sample=in_s))
+    return PatchCurve(dictionary=dictionary.name, hook=hook, positions=positions if isinstance(positions, str) else "mask",
+                      ld_clean=float(ld_c.mean()), ld_cf=float(ld_cf.mean()), captured=captured,
+                      captured_candidates=captured_cand, n_candidates=len(cand), n_rank=len(rank),
+                      n_measure=len(measure), rank=rank.tolist(), measure=measure.tolist(), points=points,
+                      order=order[: max(ks)].tolist(),
+                      order_in_sample=orders["in-sample"][: max(ks)].tolist() if in_sample else None,
+                      attribution=per_prompt[rank].sum(0).tolist())
 
 
 @torch.no_grad()
@@ -403,7 +652,7 @@ def edit_context(model, ps, text_tokens: torch.Tensor, hook: str) -> EditContext
 @torch.no_grad()
 def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(1, 4, 16),
                context: EditContext | None = None, split=None, candidates=None, in_sample: bool = True,
-               random_control: bool = True, random_ce: bool = False, n_boot: int = 1000, seed: int = 0) -> dict:
+               random_control: bool = True, random_ce: bool = False, n_boot: int = 1000, seed: int = 0) -> EditCurve:
     """Remove a behaviour by zero-ablating its top-k features; measure edit and collateral damage.
 
     As `patch_curve`: features (from `candidates`, default all) are ranked by attribution on one half
@@ -438,19 +687,17 @@ def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(
     points = []
     for k in ks:
         ld = logit_diff(logits[("edit", k)], pm)
-        pt = {"k": int(k), "logit_diff": float(ld.mean()), "accuracy": float((ld > 0).float().mean())}
-        for name in orders:
-            _interval(pt, name, ld_c - logit_diff(logits[(name, k)], pm), ld_c, n_boot, seed)
+        est = {name: _est(ld_c - logit_diff(logits[(name, k)], pm), ld_c, n_boot, seed) for name in orders}
         for name, key in (("edit", "ce_increase"), ("edit_random", "ce_random")):
             if name in orders and (name == "edit" or random_ce):
                 ce, _ = ce_losses(model, text_tokens, hook, fns[(name, k)])
-                _interval(pt, key, ce - ctx.ce_clean, ctx.ce_count, n_boot, seed)
-        points.append(pt)
-    return {"dictionary": dictionary.name, "hook": hook, "ld_clean": float(ld_c.mean()),
-            "ce_clean": float(ctx.ce_clean.sum() / ctx.ce_count.sum()), "n_candidates": len(cand),
-            "n_rank": len(rank), "n_measure": len(measure), "rank": rank.tolist(), "measure": measure.tolist(),
-            "points": points, "order": order[: max(ks)].tolist(),
-            "order_in_sample": orders["edit_in_sample"][: max(ks)].tolist() if in_sample else None}
+                est[key] = _est(ce - ctx.ce_clean, ctx.ce_count, n_boot, seed)
+        points.append(EditPoint(k=int(k), logit_diff=float(ld.mean()), accuracy=float((ld > 0).float().mean()), **est))
+    return EditCurve(dictionary=dictionary.name, hook=hook, ld_clean=float(ld_c.mean()),
+                     ce_clean=float(ctx.ce_clean.sum() / ctx.ce_count.sum()), n_candidates=len(cand),
+                     n_rank=len(rank), n_measure=len(measure), rank=rank.tolist(), measure=measure.tolist(),
+                     points=points, order=order[: max(ks)].tolist(),
+                     order_in_sample=orders["edit_in_sample"][: max(ks)].tolist() if in_sample else None)
 
 
 def upstream_features(model, tokens, down_hook: str, down_dict, feature: int, up_hook: str, up_dict,
@@ -505,14 +752,15 @@ def changed_positions(ps) -> torch.Tensor:
 
 @torch.no_grad()
 def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", progress: bool = True,
-                             positions=("changed", "between", "last")) -> list[dict]:
+                             positions=("changed", "between", "last")) -> PatchByLayer:
     """For each layer: the share of the logit-difference gap closed by replacing the clean residual
     stream with the counterfactual one at each set of `positions` (see `position_mask`): by default
     (a) the positions where the prompts differ (IOI: the repeated name), (b) the positions between
     it and the last, (c) the last position only. One counterfactual pass for all layers, then one
-    batched patched pass per layer for all position sets. Each row also has "per_prompt": the
-    logit differences of every prompt, {"clean", "cf", and one per position set} ([n] tensors), so
-    that the gap closed on any subset of prompts can be computed (`gap_closed`)."""
+    batched patched pass per layer for all position sets. Each layer's `LayerPatch` also keeps the
+    logit differences of every prompt ("clean", "cf", and one per position set, named as given or
+    "mask0", "mask1", ... for a bool mask), so that the gap closed on any subset of prompts can be
+    computed (`LayerPatch.interval`, `gap_closed`)."""
     for layer in layers:
         if not 0 <= layer < model.cfg.n_layers:
             raise ValueError(f"layer {layer} is outside the model's 0..{model.cfg.n_layers - 1}")
@@ -523,6 +771,7 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
     ld_clean, ld_cf = logit_diff(clean[:, -1].float(), ps).cpu(), logit_diff(cf[:, -1].float(), ps).cpu()
     masks = torch.cat([position_mask(ps, p) for p in positions]).to(dev)       # [len(positions) * n, pos]
     n, reps = len(ps), len(positions)
+    names = [p if isinstance(p, str) else f"mask{i}" for i, p in enumerate(positions)]
 
     out = []
     for layer in tqdm(list(layers), desc="patch by layer", disable=not progress):
@@ -532,13 +781,13 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
             return torch.where(masks[..., None], x_cf.to(act.dtype), act)
         logits = model.run_with_hooks(ps.tokens.repeat(reps, 1).to(dev), fwd_hooks=[(hooks[layer], patch)],
                                       logits_to_keep=1)[:, -1].float()
-        row = {"layer": layer, "per_prompt": {"clean": ld_clean, "cf": ld_cf}}
-        for i, p in enumerate(positions):
+        per_prompt, shares = {"clean": ld_clean, "cf": ld_cf}, {}
+        for i, p in enumerate(names):
             ld = logit_diff(logits[i * n:(i + 1) * n], ps).cpu()
-            row["per_prompt"][p] = ld
-            row[p] = gap_closed(ld_clean, ld_cf, ld)
-        out.append(row)
-    return out
+            per_prompt[p] = ld
+            shares[p] = gap_closed(ld_clean, ld_cf, ld)
+        out.append(LayerPatch(layer=layer, gap_closed=shares, per_prompt=per_prompt))
+    return PatchByLayer(layers=out, positions=names)
 
 
 def _captured(d: torch.Tensor, d_hat: torch.Tensor) -> float:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from helpers.activations.corpus import load_brown
+from helpers.results import Result
 from helpers.settings.paths import DATA_DIR
 
 NAMES_FILE = DATA_DIR / "first_names.json.gz"
@@ -544,13 +545,52 @@ def evaluate(model, ps: PromptSet, batch_size: int = 32) -> dict:
             "accuracy_per_variant": by(ps.variant)}
 
 
-def keep_solved(model, ps: PromptSet, batch_size: int = 32) -> tuple[PromptSet, dict]:
-    """The prompts `model` gets right (logit diff > 0), and {"kept": k, "dropped": n - k, ...}."""
+@dataclass
+class Solved(Result):
+    """`keep_solved`: how well the model solves a prompt set, how many prompts it kept (those it gets
+    right) per template and variant, and how the set was built (`built`: the names and templates it
+    skipped)."""
+
+    task: str
+    n: int
+    accuracy: float
+    kept: int
+    dropped: int
+    kept_per_template: dict
+    kept_per_variant: dict
+    built: dict = field(default_factory=dict)
+
+    def __post_init__(self):  # template indices come back from JSON as strings
+        self.kept_per_template = {int(k): v for k, v in self.kept_per_template.items()}
+
+    def rows(self) -> list[dict]:
+        return [{"task": self.task, "prompts": self.n, "accuracy": self.accuracy, "kept": self.kept,
+                 "dropped": self.dropped, **{f"kept {v}": k for v, k in self.kept_per_variant.items()}}]
+
+    def verdicts(self) -> list[str]:
+        out = [f"{self.task}: the model solves {self.accuracy:.1%} of {self.n} prompts (chance: 50%); kept "
+               f"{self.kept}, dropped {self.dropped}"]
+        b = self.built
+        if "names_usable" in b:
+            out.append(f"names usable: {b['names_usable']}; skipped: {b.get('names_skipped_multi_token')} not one token, "
+                       f"{b.get('names_skipped_common_word')} mostly ordinary words; templates dropped for length: "
+                       f"{b.get('templates_dropped_for_length')}")
+        return out
+
+
+BUILT = ("names_usable", "names_skipped_multi_token", "names_skipped_common_word", "names_skipped_both_genders",
+         "templates_dropped_for_length", "dropped_for_length")
+
+
+def keep_solved(model, ps: PromptSet, batch_size: int = 32) -> tuple[PromptSet, Solved]:
+    """The prompts `model` gets right (logit diff > 0), and a `Solved` report (also kept in the kept
+    set's meta["keep_solved"], as a dict)."""
     result = evaluate(model, ps, batch_size)
     ok = result["logit_diff"] > 0
     kept = ps.subset(ok)
-    report = {"kept": int(ok.sum()), "dropped": int((~ok).sum()), "accuracy": result["accuracy"],
-              "kept_per_template": dict(sorted(Counter(kept.template).items())),
-              "kept_per_variant": dict(sorted(Counter(kept.variant).items()))}
-    kept.meta["keep_solved"] = report
+    report = Solved(task=str(ps.meta.get("task", "")), n=len(ps), accuracy=result["accuracy"], kept=int(ok.sum()),
+                    dropped=int((~ok).sum()), kept_per_template=dict(sorted(Counter(kept.template).items())),
+                    kept_per_variant=dict(sorted(Counter(kept.variant).items())),
+                    built={k: ps.meta[k] for k in BUILT if k in ps.meta})
+    kept.meta["keep_solved"] = report.to_dict()
     return kept, report

@@ -51,6 +51,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -61,7 +62,7 @@ from helpers.dictionaries.dictionary import as_dictionary, encode_batched
 from helpers.evals.features import Concepts, logit_effects
 from helpers.evals.heldout import mcc_from_counts
 from helpers.evals.reconstruction import contexts_from_store, spliced_loss
-from helpers.results import Result
+from helpers.results import Estimate, Result
 from helpers.settings.profiles import PROFILES
 
 # Neutral prompts for the comparison: none mentions a concept we steer towards.
@@ -628,7 +629,7 @@ def compare_steering(model, index: SteeringIndex, calib_tokens: torch.Tensor, re
                      concepts: dict | None = None, prompts=PROMPTS, samples: int = 4, n_new: int = 20,
                      targets=(0.25, 1.0), grid=(0.125, 0.25, 0.5, 1.0, 2.0), temperature: float = 0.8,
                      min_present: int = 20, max_concepts: int = 3, seed: int = 0, n_boot: int = 1000,
-                     progress: bool = True) -> dict:
+                     progress: bool = True) -> SteeringComparison:
     """SAE features against the difference of means, at equal cost, for a few word-group concepts.
 
     For each concept of `concepts` (default `WORD_CONCEPTS`; the first `max_concepts` of them present on
@@ -639,10 +640,10 @@ def compare_steering(model, index: SteeringIndex, calib_tokens: torch.Tensor, re
     (temperature `temperature`, `n_new` tokens) after each of `prompts`, and as many unsteered ones
     with the same seeds: the share of continuations showing the concept (containing one of its
     words), with a 95% interval over prompts, and their mean loss under the unsteered model.
-    Returns {"rows": one per concept × method × target (and an "unsteered" row per concept),
-    "calibration": the KL grid, "differences": each SAE method minus the difference of means at each
-    target (paired over the same prompts and seeds, with an interval), "examples", "skipped",
-    "settings"}."""
+    Returns a `SteeringComparison`: its rows (one per concept × method × target, and an "unsteered"
+    row per concept), the calibration (the KL grid), the differences (each SAE method minus the
+    difference of means at each target, paired over the same prompts and seeds, with an interval),
+    the continuations, the concepts skipped and the settings."""
 
     concepts = dict(WORD_CONCEPTS if concepts is None else concepts)
     index.word_concepts.update(concepts)
@@ -704,11 +705,11 @@ def compare_steering(model, index: SteeringIndex, calib_tokens: torch.Tensor, re
             row = dict(r) if r is not None else {"concept": name, "method": "unsteered", "target_kl": 0.0, "scale": 0.0,
                                                  "reached": True, "feature": None, "why": "", "n_present": n,
                                                  "kl": 0.0, "dce": 0.0}
-            row.update(share=float(h.mean()), share_low=lo, share_high=hi, n=int(h.size),
+            row.update(share=Estimate(float(h.mean()), lo, hi), n=int(h.size),
                        nll=float(nll[j].mean()), example=texts[j][0][0])
             hits[(name, row["method"], row["target_kl"])] = h
             reached[(name, row["method"], row["target_kl"])] = bool(row["reached"])
-            rows.append(row)
+            rows.append(SteeringRow(**row))
     diffs = []
     g = np.random.default_rng(seed)
     # equal cost only where both directions reached the target KL (else one ran at the grid's largest scale)
@@ -717,53 +718,118 @@ def compare_steering(model, index: SteeringIndex, calib_tokens: torch.Tensor, re
         if method.startswith("SAE") and base is not None:
             d = (h - base).mean(1)
             b = d[g.integers(0, len(d), (n_boot, len(d)))].mean(1)
-            diffs.append({"concept": name, "method": method, "target_kl": t, "difference": float(d.mean()),
-                          "low": float(np.quantile(b, 0.025)), "high": float(np.quantile(b, 0.975)),
-                          "equal_cost": reached[(name, method, t)] and reached[(name, "difference of means", t)]})
-    return {"rows": rows, "differences": diffs, "skipped": skipped, "settings": settings,
-            "calibration": {"keys": keys, "grid": list(grid), "kl": calib, "features": [units[k]["feature"] for k in keys]},
-            "ce_clean": ce_clean, "kl_mean_ablation": kl_mean,
-            "texts": {f"{r['concept']} | {r['method']} | {r['target_kl']}": texts[j] for j, r in
-                      enumerate([{"concept": "-", "method": "unsteered", "target_kl": 0.0}] + settings_rows)}}
+            diffs.append(SteeringDifference(
+                concept=name, method=method, target_kl=t,
+                difference=Estimate(float(d.mean()), float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))),
+                equal_cost=reached[(name, method, t)] and reached[(name, "difference of means", t)]))
+    return SteeringComparison(
+        measured=rows, differences=diffs, skipped=[list(x) for x in skipped], settings=settings,
+        calibration={"keys": [list(k) for k in keys], "grid": list(grid),
+                     "kl": calib.tolist() if calib is not None else None, "features": [units[k]["feature"] for k in keys]},
+        ce_clean=float(ce_clean), kl_mean_ablation=float(kl_mean),
+        texts={f"{r['concept']} | {r['method']} | {r['target_kl']}": texts[j] for j, r in
+               enumerate([{"concept": "-", "method": "unsteered", "target_kl": 0.0}] + settings_rows)})
+
+
+@dataclass
+class SteeringRow(Result):
+    """One setting of `compare_steering`: a concept, a method's direction at the scale calibrated to a
+    KL target (the "unsteered" row: none), its cost measured on other held-out text, and the share of
+    continuations showing the concept (95% interval over prompts) with their loss under the unsteered
+    model (`nll`, nats/token)."""
+
+    concept: str
+    method: str
+    target_kl: float
+    scale: float
+    reached: bool          # False: the target KL was not reached at the grid's largest scale (used instead)
+    feature: int | None
+    why: str
+    n_present: int
+    kl: float
+    dce: float
+    share: Estimate
+    n: int
+    nll: float
+    example: str
+
+
+@dataclass
+class SteeringDifference(Result):
+    """An SAE method's share minus the difference of means' at one KL target, paired over the same
+    prompts and seeds (95% interval); `equal_cost`: both directions reached the target KL."""
+
+    concept: str
+    method: str
+    target_kl: float
+    difference: Estimate
+    equal_cost: bool = True
+
+
+@dataclass
+class SteeringComparison(Result):
+    """`compare_steering`: SAE features against the difference of means at equal KL cost."""
+
+    measured: list[SteeringRow]   # one per concept × method × target, and an "unsteered" row per concept
+    differences: list[SteeringDifference]
+    skipped: list            # [concept, stored tokens present]: too few to compare
+    settings: dict
+    calibration: dict        # keys ([concept, method]), grid, kl [key, scale], features
+    ce_clean: float
+    kl_mean_ablation: float
+    texts: dict              # "concept | method | target": the continuations, per prompt
+
+    def calibrated(self) -> set[tuple[str, str]]:
+        """The (concept, method) pairs that had a direction to calibrate."""
+        return {tuple(k) for k in self.calibration["keys"]}
+
+    def rows(self) -> list[dict]:
+        return [{"concept": r.concept, "method": r.method, "target KL": r.target_kl, "scale": r.scale, "KL": r.kl,
+                 "ΔCE": r.dce, "shows the concept [95%]": format(r.share, ".2f"), "loss/token": r.nll,
+                 "feature": "" if r.feature is None else f"#{r.feature}",
+                 "note": "" if r.reached else "target not reached: largest scale"} for r in self.measured]
+
+    def verdicts(self) -> list[str]:
+        """One line per concept, SAE method and KL target: the SAE method's share minus the difference of
+        means' share, with its paired interval over prompts, and who is ahead (only where the interval
+        excludes zero, only with at least MIN_PROMPTS prompts, and only where both directions reached
+        the target KL: otherwise they are not at equal cost)."""
+        n_prompts = len(self.settings["prompts"])
+        out = [f"{n_prompts} prompts × {self.settings['samples']} samples of {self.settings['n_new']} tokens per "
+               f"setting; skipped (too few stored tokens): {self.skipped}"]
+        for d in self.differences:
+            e = d.difference
+            if n_prompts < MIN_PROMPTS:
+                who = f"too few prompts ({n_prompts}) to call"
+            elif not d.equal_cost:
+                who = "no verdict: not at equal cost (a direction did not reach the target KL at the grid's largest scale)"
+            elif e.low > 0:
+                who = f"{d.method} ahead"
+            elif e.high < 0:
+                who = "difference of means ahead"
+            else:
+                who = "no clear winner (interval covers 0)"
+            out.append(f"{d.concept}, KL {d.target_kl:g}: {d.method} minus difference of means "
+                       f"{e.value:+.2f} [{e.low:+.2f}, {e.high:+.2f}]: {who}")
+        return out
+
+    def table(self) -> str:
+        """The comparison as a text table."""
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+            return self.to_frame().to_string(index=False)
 
 
 MIN_PROMPTS = 5  # fewer prompts than this: no verdict (a bootstrap over 2-4 prompts is no interval)
 
 
-def verdicts(result: dict) -> list[str]:
-    """One line per concept, SAE method and KL target: the SAE method's share minus the difference of
-    means' share, with its paired interval over prompts, and who is ahead (only where the interval
-    excludes zero, only with at least MIN_PROMPTS prompts, and only where both directions reached the
-    target KL: otherwise they are not at equal cost)."""
-    out = []
-    n_prompts = len(result["settings"]["prompts"])
-    for d in result["differences"]:
-        if n_prompts < MIN_PROMPTS:
-            who = f"too few prompts ({n_prompts}) to call"
-        elif not d.get("equal_cost", True):
-            who = "no verdict: not at equal cost (a direction did not reach the target KL at the grid's largest scale)"
-        elif d["low"] > 0:
-            who = f"{d['method']} ahead"
-        elif d["high"] < 0:
-            who = "difference of means ahead"
-        else:
-            who = "no clear winner (interval covers 0)"
-        out.append(f"{d['concept']}, KL {d['target_kl']:g}: {d['method']} minus difference of means "
-                   f"{d['difference']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]: {who}")
-    return out
+def verdicts(result: SteeringComparison) -> list[str]:
+    """`result.verdicts()` (see `SteeringComparison.verdicts`)."""
+    return result.verdicts()
 
 
-def table(result: dict) -> str:
-    """The comparison as a text table."""
-    lines = [f"{'concept':<9} {'method':<20} {'target':>6} {'scale':>6} {'KL':>6} {'ΔCE':>6}  "
-             f"{'shows the concept [95%]':<24} {'loss/token':>10}  feature"]
-    for r in result["rows"]:
-        feat = "" if r["feature"] is None else f"#{r['feature']}"
-        flag = "" if r["reached"] else " (target not reached: largest scale)"
-        lines.append(f"{r['concept']:<9} {r['method']:<20} {r['target_kl']:>6.2f} {r['scale']:>6.2f} {r['kl']:>6.3f} "
-                     f"{r['dce']:>+6.3f}  {r['share']:>5.2f} [{r['share_low']:.2f}, {r['share_high']:.2f}]"
-                     f"{'':<8} {r['nll']:>10.2f}  {feat}{flag}")
-    return "\n".join(lines)
+def table(result: SteeringComparison) -> str:
+    """`result.table()`: the comparison as a text table."""
+    return result.table()
 
 
 # --- the playground -------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def _patch_reference(model, tokens, cf_tokens, layer: int, position: int, correc
     mask[:, position] = True
     ps = prompt_pairs(model, tokens, cf_tokens, answer=(correct, wrong))
     row = patch_positions_by_layer(model, ps, [layer], progress=False, positions=(mask,))[0]
-    return row["per_prompt"][mask]
+    return row.ld("mask0")
 
 
 def _run_patched(model, tokens, cf_tokens, layer, correct, wrong, where):

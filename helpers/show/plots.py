@@ -257,13 +257,13 @@ def concept_families(scores: dict, min_mcc: float = 0.3):
 
 # ---- notebook 04: baselines --------------------------------------------------------------------
 # ---- notebook 05: patching, editing, circuits ------------------------------------------------------
-def patch_by_layer(rows):
+def patch_by_layer(by_layer):
     """Share of the IOI gap closed by patching the whole residual stream, by layer, at the changed
-    positions and at the last position."""
+    positions and at the last position (helpers.causal.patching.PatchByLayer)."""
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    layers = [r["layer"] for r in rows]
-    ax.plot(layers, [r["changed"] for r in rows], "o-", label="at the changed position (the second name)")
-    ax.plot(layers, [r["last"] for r in rows], "s-", label="at the last position (where the answer is read)")
+    layers = [r.layer for r in by_layer]
+    ax.plot(layers, [r.gap_closed["changed"] for r in by_layer], "o-", label="at the changed position (the second name)")
+    ax.plot(layers, [r.gap_closed["last"] for r in by_layer], "s-", label="at the last position (where the answer is read)")
     ax.axhline(0, color="grey", lw=0.5)
     ax.axhline(1, color="grey", lw=0.5, ls="--")
     ax.set_xlabel("layer (residual stream after the block)")
@@ -377,31 +377,34 @@ def heldout_by_layer(comparison):
     return fig
 
 
-def patch_curves_heldout(curves: dict, contrast: dict | None = None):
-    """curves: {layer: {dictionary name: patch_curve result}} (ranked on one half of the prompts,
-    measured on the other, with intervals). Per layer: the held-out share of the gap closed against
-    k with its 95% interval (band) and the in-sample curve (features ranked on the measured prompts
-    themselves, dotted); the KL divergence from the clean run; and, if `contrast` (same layout, e.g.
-    patched at the last position) is given, its held-out curve."""
-    layers = list(curves)
+def patch_curves_heldout(comparisons: dict):
+    """comparisons: {layer: PatchComparison} (helpers.causal.patching: every dictionary's patch curve,
+    ranked on one half of the prompts, measured on the other, with intervals). Per layer: the held-out
+    share of the gap closed against k with its 95% interval (band) and the in-sample curve (features
+    ranked on the measured prompts themselves, dotted); the KL divergence from the clean run; and, if
+    the comparison has a contrast (e.g. patched at the last position), its held-out curve."""
+    layers = list(comparisons)
+    contrast = any(c.contrast for c in comparisons.values())
     cols = 3 if contrast else 2
     fig, axes = plt.subplots(len(layers), cols, figsize=(5 * cols, 3.4 * len(layers)), squeeze=False)
     for row, layer in enumerate(layers):
-        panels = [(axes[row, 0], curves[layer], "gap_closed", True), (axes[row, 1], curves[layer], "kl", False)]
+        comp = comparisons[layer]
+        panels = [(axes[row, 0], comp.curves, "gap_closed", True), (axes[row, 1], comp.curves, "kl", False)]
         if contrast:
-            panels.append((axes[row, 2], contrast[layer], "gap_closed", False))
+            panels.append((axes[row, 2], comp.contrast, "gap_closed", False))
         for ax, res_by_name, key, with_in_sample in panels:
             for i, (name, res) in enumerate(res_by_name.items()):
                 colour = f"C{i}"
-                pts = res["points"]
-                ks = [p["k"] for p in pts]
+                pts = res.points
+                ks = [p.k for p in pts]
                 floor = 1e-6 if key == "kl" else -np.inf
-                ax.plot(ks, [max(p[key], floor) for p in pts], marker="o", color=colour,
+                ests = [getattr(p, key) for p in pts]
+                ax.plot(ks, [max(e.value, floor) for e in ests], marker="o", color=colour,
                         lw=2 if "SAE" in name else 1, label=name)
-                ax.fill_between(ks, [max(p[key + "_low"], floor) for p in pts],
-                                [max(p[key + "_high"], floor) for p in pts], color=colour, alpha=0.15)
-                if with_in_sample and "gap_in_sample" in pts[0]:
-                    ax.plot(ks, [p["gap_in_sample"] for p in pts], ls=":", color=colour, lw=1)
+                ax.fill_between(ks, [max(e.low, floor) for e in ests],
+                                [max(e.high, floor) for e in ests], color=colour, alpha=0.15)
+                if with_in_sample and pts[0].gap_in_sample is not None:
+                    ax.plot(ks, [p.gap_in_sample.value for p in pts], ls=":", color=colour, lw=1)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("features patched (k)")
             if key == "kl":
@@ -419,22 +422,23 @@ def patch_curves_heldout(curves: dict, contrast: dict | None = None):
     return fig
 
 
-def edit_tradeoff_heldout(edits: dict):
-    """edits: {dictionary name: edit_curve result}. Held-out edit against collateral damage, with
-    95% intervals on both (prompts; text sequences), k marked; hollow markers: k random features of
-    the same dictionary."""
+def edit_tradeoff_heldout(edits):
+    """edits: an EditComparison (helpers.causal.patching; or {dictionary name: EditCurve}). Held-out
+    edit against collateral damage, with 95% intervals on both (prompts; text sequences), k marked;
+    hollow markers: k random features of the same dictionary."""
+    curves = getattr(edits, "curves", edits)
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for i, (name, res) in enumerate(edits.items()):
-        pts, colour = res["points"], f"C{i}"
-        x, y = [p["ce_increase"] for p in pts], [p["edit"] for p in pts]
-        ax.errorbar(x, y, xerr=[[p["ce_increase"] - p["ce_increase_low"] for p in pts],
-                                [p["ce_increase_high"] - p["ce_increase"] for p in pts]],
-                    yerr=[[p["edit"] - p["edit_low"] for p in pts], [p["edit_high"] - p["edit"] for p in pts]],
+    for i, (name, res) in enumerate(curves.items()):
+        pts, colour = res.points, f"C{i}"
+        ce, ed = [p.ce_increase for p in pts], [p.edit for p in pts]
+        x, y = [e.value for e in ce], [e.value for e in ed]
+        ax.errorbar(x, y, xerr=[[e.value - e.low for e in ce], [e.high - e.value for e in ce]],
+                    yerr=[[e.value - e.low for e in ed], [e.high - e.value for e in ed]],
                     marker="o", color=colour, lw=2 if "SAE" in name else 1, capsize=2, label=name)
         for p, xi, yi in zip(pts, x, y):
-            ax.annotate(str(p["k"]), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if "edit_random" in pts[0] and "ce_random" in pts[0]:
-            ax.plot([p["ce_random"] for p in pts], [p["edit_random"] for p in pts], ls=":", marker="o",
+            ax.annotate(str(p.k), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if pts[0].edit_random is not None and pts[0].ce_random is not None:
+            ax.plot([p.ce_random.value for p in pts], [p.edit_random.value for p in pts], ls=":", marker="o",
                     mfc="none", color=colour, lw=1)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
@@ -493,28 +497,28 @@ def groundtruth_scores(rows, keys=(("mmcs", "MMCS (directions)"), ("mcc", "match
     return fig
 
 
-def steering_comparison(result: dict):
-    """helpers.causal.steering.compare_steering: per concept, the share of continuations showing the concept
-    (95% interval over prompts) against the measured KL cost on held-out text, one line per method
-    from the unsteered point through its KL targets."""
-    rows = result["rows"]
-    concepts = list(dict.fromkeys(r["concept"] for r in rows))
+def steering_comparison(result):
+    """helpers.causal.steering.SteeringComparison: per concept, the share of continuations showing the
+    concept (95% interval over prompts) against the measured KL cost on held-out text, one line per
+    method from the unsteered point through its KL targets."""
+    rows = result.measured
+    concepts = list(dict.fromkeys(r.concept for r in rows))
     fig, axes = plt.subplots(1, max(len(concepts), 1), figsize=(4.2 * max(len(concepts), 1), 3.6), sharey=True,
                              squeeze=False)
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "unsteered"]
+    methods = [m for m in dict.fromkeys(r.method for r in rows) if m != "unsteered"]
     for ax, name in zip(axes[0], concepts):
-        base = next(r for r in rows if r["concept"] == name and r["method"] == "unsteered")
-        ax.errorbar([0], [base["share"]], yerr=[[base["share"] - base["share_low"]], [base["share_high"] - base["share"]]],
+        base = next(r.share for r in rows if r.concept == name and r.method == "unsteered")
+        ax.errorbar([0], [base.value], yerr=[[base.value - base.low], [base.high - base.value]],
                     fmt="s", color="grey", capsize=2, label="unsteered")
         for i, m in enumerate(methods):
-            pts = sorted((r for r in rows if r["concept"] == name and r["method"] == m), key=lambda r: r["target_kl"])
+            pts = sorted((r for r in rows if r.concept == name and r.method == m), key=lambda r: r.target_kl)
             if not pts:
                 continue
-            x = [0.0] + [r["kl"] for r in pts]
-            y = [base["share"]] + [r["share"] for r in pts]
+            x = [0.0] + [r.kl for r in pts]
+            y = [base.value] + [r.share.value for r in pts]
             ax.plot(x, y, color=f"C{i}", lw=1, alpha=0.6)
-            ax.errorbar([r["kl"] for r in pts], [r["share"] for r in pts],
-                        yerr=[[r["share"] - r["share_low"] for r in pts], [r["share_high"] - r["share"] for r in pts]],
+            ax.errorbar([r.kl for r in pts], [r.share.value for r in pts],
+                        yerr=[[r.share.value - r.share.low for r in pts], [r.share.high - r.share.value for r in pts]],
                         fmt="o" if m.startswith("SAE") else "D", color=f"C{i}", capsize=2, label=m)
         ax.set_title(f"{name}", fontsize=10)
         ax.set_xlabel("KL from unsteered (nats/token)", fontsize=8)
