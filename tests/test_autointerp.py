@@ -496,3 +496,22 @@ def test_local_backend_falls_back_to_the_embedded_chat_model(monkeypatch):
     chat = SimpleNamespace(tokenizer=SimpleNamespace(chat_template="{{ messages }}"))
     assert autointerp.local_backend(base) == "smollm2-135m-instruct" and loaded == ["smollm2-135m-instruct"]
     assert autointerp.local_backend(chat) is chat and loaded == ["smollm2-135m-instruct"]
+
+
+def test_autointerp_scores_is_typed_and_resumes_from_a_file_named_by_its_excerpts(tmp_path):
+    from helpers.evals.autointerp import AutointerpScores, autointerp_scores
+
+    backend = Scripted()
+    features = {1: features_with_a_bomb()[1], 3: features_with_a_bomb()[3]}
+    res = autointerp_scores(backend, features, name="SAE features", cache_dir=tmp_path, progress=False)
+    assert isinstance(res, AutointerpScores) and [f.feature for f in res.features] == [1, 3]
+    assert res.mean == pytest.approx(1.0) and "+1.000 over 2 features" in res.verdicts()[0]
+    assert AutointerpScores.from_dict(res.to_dict()) == res
+    files = list(tmp_path.glob("*.jsonl"))
+    assert len(files) == 1 and files[0].name.startswith("scripted-SAE_features-")
+    backend.explains = 0
+    assert autointerp_scores(backend, features, name="SAE features", cache_dir=tmp_path, progress=False) == res
+    assert backend.explains == 0                                    # loaded, not scored again
+    autointerp_scores(backend, {2: features_with_a_bomb()[2]}, name="SAE features", cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2                  # other excerpts: a file of their own
+    assert autointerp_scores(backend, {}, name="none", progress=False).verdicts() == ["none: no feature scored."]

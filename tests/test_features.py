@@ -187,3 +187,26 @@ def test_random_directions_reconstruct_and_are_not_an_sae_initialisation():
     w = sae.W_dec[0] / sae.W_dec[0].norm(dim=-1, keepdim=True)
     r = random_directions(16, 64, seed=0).encoder.T
     assert (w @ r.T).abs().max() < 0.99
+
+
+def test_concept_scores_are_a_typed_result():
+    from helpers.evals.features import ConceptScores, ConceptSummary, DictionaryScore, dictionary_score
+
+    mcc = torch.tensor([0.9, 0.2, 0.95, 0.5])
+    sc = ConceptScores("toy", ["token 'a'", "POS NOUN", "token 'b'", "class apostrophe"], torch.arange(4), mcc,
+                       torch.tensor([1.0, 0.5, 0.9, 0.6]), torch.tensor([0.8, 0.1, 0.7, 0.4]), mcc, mcc / 2,
+                       ["x"] * 4, torch.tensor([50.0, 40.0, 3.0, 20.0]), torch.zeros(4), 1000)
+    assert sc["mcc"] is sc.mcc and "concept" in sc and sc.get("ordinary") is None and sc.judged is sc
+    assert sc.ranked().tolist() == [0, 3, 1, 2]                       # feature 2 fires on too few tokens: last
+    assert sc.best_for("token") == 0 and sc.best_for("class") == 3 and sc.best_for("genre") is None
+    assert "90% carry that label" in sc.reading(2) and "MCC 0.95" in sc.reading(2)
+    assert [r["feature"] for r in sc.top(2).rows()] == [0, 3]
+    assert sc.sample(2, seed=0, min_active=10) == sc.sample(2, seed=0, min_active=10)
+    assert set(sc.sample(5, seed=1, min_active=10)) == {0, 1, 3}
+    d = dictionary_score(sc, n_boot=20)
+    assert isinstance(d, DictionaryScore) and d.n == 3 and d.excluded == 1 and d["value"] == d.value == pytest.approx(0.5)
+    summary = ConceptSummary.of({"A": sc, "B": sc}, n_boot=20)
+    assert [r["dictionary"] for r in summary.rows()] == ["A", "B"] and summary["B"].name == "B"
+    assert "favours sparse features" in summary.verdicts()[0]
+    again = ConceptScores.from_dict(sc.to_dict())
+    assert torch.equal(again.mcc, sc.mcc) and again.concept == sc.concept and torch.is_tensor(again.active_counts)

@@ -164,3 +164,47 @@ def test_codes_on_an_accelerator_are_scored_where_they_are(data):
         on_gpu = heldout_score(planted.to("cuda"), labels, contexts, n_boot=5, min_count=10,
                                scored=torch.ones(len(ids), dtype=torch.bool).to("cuda"))
     assert on_gpu.to_dict() == on_cpu.to_dict()
+
+
+def test_scorer_compare_matches_sparsity_and_pairs_differences(array_store, model):
+    """HeldoutScorer.compare scores dictionaries on one set of resamples, one at another's sparsity
+    (the counts `matched_counts` draws with the scorer's seed), with the paired differences asked for."""
+    from helpers.dictionaries.dictionary import LinearDictionary
+    from helpers.evals.heldout import HeldoutDifference, matched_counts
+
+    rng = np.random.default_rng(2)
+    x = torch.as_tensor(np.where(rng.random((1200, 12)) < 0.04, rng.random((1200, 12)) + 0.2, 0.0), dtype=torch.float32)
+    store = array_store(x, shard_tokens=100)
+    hook = "blocks.0.hook_resid_post"
+    sparse = LinearDictionary(torch.eye(12), torch.eye(12), name="eye", hook_name=hook, model_name="toy")
+    dense = LinearDictionary(torch.randn(12, 12), torch.eye(12), name="mix", hook_name=hook, model_name="toy")
+    labels = Labels(["a", "b"], ["label"] * 2, sp.csr_matrix((rng.random((1200, 2)) < 0.1).astype(np.float32)))
+    sc = HeldoutScorer(store, model.tokenizer, labels=labels, n_boot=8, min_count=3, seed=3)
+    res = sc.compare({"eye": sparse, "mix": dense, "mix at eye's": dense}, match={"mix at eye's": "eye"},
+                     keys=("mcc", "corr"), progress=False)
+    assert isinstance(res, HeldoutComparison) and list(res.scores) == ["eye", "mix", "mix at eye's"]
+    want = sc.score(dense, counts=matched_counts(torch.as_tensor(res["eye"].counts), 24, seed=3), progress=False)
+    assert np.array_equal(res["mix at eye's"].counts, want.counts)
+    assert not np.array_equal(res["mix"].counts, res["mix at eye's"].counts)
+    assert [(d.a, d.b, d.key) for d in res.differences] == [("mix at eye's", "eye", "mcc"), ("mix at eye's", "eye", "corr")]
+    assert isinstance(res.difference("eye", "mix"), HeldoutDifference)          # computed on demand
+    assert len(res.difference_table().rows()) == 2 and res.difference_table().verdicts()
+    with pytest.raises(ValueError, match="names of dictionaries"):
+        sc.compare({"eye": sparse}, match={"eye": "nope"}, progress=False)
+
+
+def test_interpretability_curve_result_round_trips_and_says_the_gap():
+    from helpers.evals.heldout import CurvePoint, InterpretabilityCurve
+
+    def summary(m):
+        return {"mcc": m, "mcc_low": m - 0.01, "mcc_high": m + 0.01, "median_count": 12.0}
+    rows = [{"tokens": t, "sae": summary(s), "random": summary(r), "difference": {"value": s - r, "low": s - r - 0.005,
+                                                                                   "high": s - r + 0.005}}
+            for t, s, r in ((1000, 0.10, 0.12), (2000, 0.13, 0.12))]
+    curve = InterpretabilityCurve.from_rows(rows)
+    assert isinstance(curve.points[0], CurvePoint) and curve.points[1].sae.low == pytest.approx(0.12)
+    again = InterpretabilityCurve.from_dict(curve.to_dict())
+    assert again == curve and isinstance(again.points[0].difference, type(curve.points[0].difference))
+    said = " ".join(curve.verdicts())
+    assert "SAE scores lower" in said and "SAE scores higher" in said and "+0.030" in said
+    assert len(curve.rows()) == 2 and curve.plot() is not None

@@ -45,7 +45,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -54,6 +54,9 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers.activations.models import load_model
+from helpers.evals.features import feature_excerpts
+from helpers.results import Result
+from helpers.settings.paths import digest
 from helpers.settings.profiles import EMBEDDED_MODEL
 
 SCALE = 10  # simulated and normalised activations run from 0 to SCALE
@@ -633,3 +636,79 @@ def score_features(backend: Backend, features: dict, results_path=None, progress
     finally:
         bar.close()
     return {int(f): results[int(f)] for f in features}
+
+
+@dataclass
+class FeatureExplanation(Result):
+    """One feature's explain-simulate-score result: its explanation and the correlation of simulated
+    with true activations on the held-out excerpts (all of them, the top ones, the random ones)."""
+
+    feature: int
+    explanation: str
+    score: float
+    score_top: float = float("nan")
+    score_random: float = float("nan")
+
+
+@dataclass
+class AutointerpScores(Result):
+    """Explain-simulate-score results of some features of one dictionary (`autointerp_scores`)."""
+
+    name: str
+    backend: str
+    features: list[FeatureExplanation] = field(default_factory=list)
+
+    @classmethod
+    def from_records(cls, name: str, backend: str, records: dict) -> "AutointerpScores":
+        """From `score_features`' {feature: record}."""
+        return cls(name, backend, [FeatureExplanation(int(f), r["explanation"], float(r["score"]),
+                                                      float(r.get("score_top", float("nan"))),
+                                                      float(r.get("score_random", float("nan"))))
+                                   for f, r in records.items()])
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.array([f.score for f in self.features], dtype=float)
+
+    @property
+    def mean(self) -> float:
+        """The mean score over the features (NaN when none was scored)."""
+        return float(self.scores.mean()) if self.features else float("nan")
+
+    def rows(self) -> list[dict]:
+        return [{"dictionary": self.name, "feature": f.feature, "score": f.score,
+                 "explanation": f.explanation[:90]} for f in self.features]
+
+    def verdicts(self) -> list[str]:
+        if not self.features:
+            return [f"{self.name}: no feature scored."]
+        return [f"{self.name}: mean explain-simulate score {self.mean:+.3f} over {len(self.features)} features "
+                f"({self.backend})."]
+
+
+def autointerp_inputs(dictionary, store, stats, features, tokenizer, meta=None, n_top: int = 8,
+                      n_random: int = 4, seed: int = 0) -> dict:
+    """{feature: (train_top, test_top, test_random)} Excerpts of `features` for `score_features`: each
+    feature's top-activating contexts split into an explanation half and a held-out half, plus random
+    held-out contexts (helpers.evals.features.feature_excerpts)."""
+    out = {}
+    for f in features:
+        parts = feature_excerpts(dictionary, store, stats, f, tokenizer, meta=meta, n_top=n_top, n_random=n_random,
+                                 seed=seed)
+        out[f] = tuple([Excerpt(t, a) for t, a in part] for part in parts)
+    return out
+
+
+def autointerp_scores(backend: Backend, inputs: dict, name: str = "features", cache_dir=None,
+                      progress: bool = True) -> AutointerpScores:
+    """`score_features` of `inputs` ({feature: (train_top, test_top, test_random)}) as a typed result.
+    With `cache_dir`, results go to a JSON-lines file there named by the backend, `name` and the
+    excerpts themselves, so that a rerun on the same excerpts resumes (or loads) and other excerpts
+    start a file of their own."""
+    path = None
+    if cache_dir is not None:
+        key = {str(f): [[[e.tokens, e.acts] for e in part] for part in parts] for f, parts in inputs.items()}
+        slug = re.sub(r"[^\w.-]+", "_", f"{backend.name}-{name}")
+        path = Path(cache_dir) / f"{slug}-{digest(key)}.jsonl"
+    records = score_features(backend, inputs, results_path=path, progress=progress)
+    return AutointerpScores.from_records(name, backend.name, records)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import string
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from helpers.activations.corpus import COARSE_TAGS, NO_TAG, coarse_tag
 from helpers.dictionaries.dictionary import device_of
+from helpers.results import Estimate, Result, Table
 
 TOKEN_CLASSES = ["capitalised", "digit", "punctuation", "word start", "apostrophe"]
 
@@ -283,8 +284,8 @@ def activity_thresholds(dictionary, store, hook: str, n_tokens: int, max_density
 
 @torch.no_grad()
 def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, max_density: float = 0.005,
-                   batch_size: int = 4096, progress: bool = True, massive=None) -> dict:
-    """Each feature's best concept by two scores, over the tokens of `stats`:
+                   batch_size: int = 4096, progress: bool = True, massive=None) -> "ConceptScores":
+    """Each feature's best concept by two scores, over the tokens of `stats` (a `ConceptScores`):
     * ``mcc``: the Matthews correlation of "feature active" with "concept present" (activity by
       `activity_thresholds`: exact top 0.5%), with precision, recall and F1 at that concept. Chance-corrected: a
       feature that fires everywhere, or at random, scores about 0 with every concept.
@@ -295,7 +296,7 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
       activations more than weak ones and needs no activity threshold.
 
     massive: optional [n_tokens] bool flags of the massive tokens (helpers.activations.massive.flags); if any is
-    set, the result also holds "ordinary": the same scores over the other tokens (one pass for both).
+    set, the result's `ordinary` holds the same scores over the other tokens (one pass for both).
 
     The best concept is chosen and scored on the same tokens: right for describing a feature, biased
     for comparing methods (sparser features match rare concepts by chance). Compare methods with
@@ -350,14 +351,14 @@ def concept_scores(dictionary, store, stats: FeatureStats, concepts: Concepts, m
         done += len(x)
         bar.update(len(x))
     bar.close()
-    out = _best_concepts(acc["all"], concepts, tau)
+    out = _best_concepts(acc["all"], concepts, tau, dictionary.name)
     if split:
         ordinary = {k: (v - acc["massive"][k]) for k, v in acc["all"].items()}
-        out["ordinary"] = _best_concepts(ordinary, concepts, tau)
+        out.ordinary = _best_concepts(ordinary, concepts, tau, dictionary.name)
     return out
 
 
-def _best_concepts(a: dict, concepts: Concepts, tau: torch.Tensor, chunk: int = 32) -> dict:
+def _best_concepts(a: dict, concepts: Concepts, tau: torch.Tensor, name: str = "", chunk: int = 32) -> "ConceptScores":
     """Scores from the accumulated counts of `concept_scores` (one token set). The [features x
     concepts] tables are scored a few feature rows at a time, so that the temporaries stay in cache."""
     n = float(a["n"])
@@ -387,10 +388,9 @@ def _best_concepts(a: dict, concepts: Concepts, tau: torch.Tensor, chunk: int = 
     recall = tp_b / t_b.clamp_min(1)
     f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
     cpu = lambda t: t.float().cpu()  # noqa: E731
-    return {"concept": [concepts.names[i] for i in best.tolist()], "concept_index": best.cpu(),
-            "mcc": cpu(mcc_b), "precision": cpu(precision), "recall": cpu(recall), "f1": cpu(f1),
-            "corr": cpu(corr_b), "corr_concept": [concepts.names[i] for i in corr_best.tolist()],
-            "active_counts": cpu(active_n), "threshold": tau.cpu(), "n_tokens": int(n)}
+    return ConceptScores(name, [concepts.names[i] for i in best.tolist()], best.cpu(), cpu(mcc_b), cpu(precision),
+                         cpu(recall), cpu(f1), cpu(corr_b), [concepts.names[i] for i in corr_best.tolist()],
+                         cpu(active_n), tau.cpu(), int(n))
 
 
 def summarise(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, stat=torch.median) -> dict:
@@ -407,7 +407,114 @@ def summarise(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, stat=torc
 MIN_ACTIVE = 5  # a feature active on fewer tokens than this (in the scored token set) is not scored
 
 
-def ranked(scores: dict, key: str = "mcc", min_active: int = MIN_ACTIVE) -> torch.Tensor:
+@dataclass(eq=False)
+class ConceptScores(Result):
+    """Each feature's best concept, chosen and scored on the same tokens (`concept_scores`): per feature
+    [F], the concept with the highest MCC and its `mcc`, `precision`, `recall`, `f1`; the concept with
+    the highest correlation of code and indicator (`corr_concept`) and that `corr`; the tokens it counts
+    as active on (`active_counts`) and the code above which it does (`threshold`). `ordinary`: the
+    same over the tokens that are not massive, where the scoring was given massive-token flags.
+    Shows as its `dictionary_score` summary; `top(n)` lists the best-explained features. Reads like
+    the dict it stands for too (``scores["mcc"]``), for code written against that."""
+
+    name: str
+    concept: list
+    concept_index: torch.Tensor
+    mcc: torch.Tensor
+    precision: torch.Tensor
+    recall: torch.Tensor
+    f1: torch.Tensor
+    corr: torch.Tensor
+    corr_concept: list
+    active_counts: torch.Tensor
+    threshold: torch.Tensor
+    n_tokens: int
+    ordinary: "ConceptScores | None" = None
+
+    FIELDS = ("concept", "concept_index", "mcc", "precision", "recall", "f1", "corr", "corr_concept",
+              "active_counts", "threshold", "n_tokens")
+
+    def __getitem__(self, key: str):
+        if key == "ordinary" and self.ordinary is not None:
+            return self.ordinary
+        if key not in self.FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key) -> bool:
+        return key in self.FIELDS or (key == "ordinary" and self.ordinary is not None)
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConceptScores":
+        d = {k: v for k, v in d.items() if k != "type"}
+        for k in ("concept_index", "active_counts"):
+            d[k] = torch.as_tensor(d[k], dtype=torch.int64 if k == "concept_index" else torch.float32)
+        for k in ("mcc", "precision", "recall", "f1", "corr", "threshold"):
+            d[k] = torch.as_tensor(d[k], dtype=torch.float32)
+        if d.get("ordinary") is not None:
+            d["ordinary"] = cls.from_dict(d["ordinary"])
+        return cls(**d)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.mcc)
+
+    @property
+    def judged(self) -> "ConceptScores":
+        """The scores over ordinary tokens where there are such, else these."""
+        return self.ordinary if self.ordinary is not None else self
+
+    def ranked(self, key: str = "mcc", min_active: int = MIN_ACTIVE) -> torch.Tensor:
+        """Feature indices by descending score (`ranked`)."""
+        return ranked(self, key, min_active)
+
+    def best_for(self, prefix: str, min_active: int = MIN_ACTIVE) -> int | None:
+        """The feature (active on at least `min_active` tokens) with the highest MCC among those whose best
+        concept starts with `prefix` (e.g. "POS", "token", "class apostrophe"), or None."""
+        idx = [i for i, c in enumerate(self.concept) if c.startswith(prefix) and self.active_counts[i] >= min_active]
+        return max(idx, key=lambda i: float(self.mcc[i])) if idx else None
+
+    def sample(self, n: int, seed: int = 0, min_active: int = 10) -> list[int]:
+        """`n` features active on at least `min_active` tokens, drawn at random (seeded): a fair sample,
+        not the best-explained ones."""
+        alive = (self.active_counts >= min_active).nonzero().flatten()
+        g = torch.Generator().manual_seed(seed)
+        return alive[torch.randperm(len(alive), generator=g)[:n]].tolist()
+
+    def reading(self, f: int) -> str:
+        """Feature `f`'s best concept in a sentence, from the measured numbers."""
+        return (f"feature {f} best matches {self.concept[f]!r}: of the tokens where it is active, "
+                f"{float(self.precision[f]):.0%} carry that label, and it is active on {float(self.recall[f]):.0%} "
+                f"of the tokens that carry it (MCC {float(self.mcc[f]):.2f}).")
+
+    def top(self, n: int = 10, stats: "FeatureStats | None" = None, min_active: int = MIN_ACTIVE) -> Table:
+        """The `n` best-explained features (those active on fewer than `min_active` tokens last) as a
+        table: concept, MCC, precision, recall, active tokens (and density, given the `stats`)."""
+        rows = []
+        for f in self.ranked(min_active=min_active)[:n].tolist():
+            row = {"feature": f, "concept": self.concept[f], "MCC": float(self.mcc[f]),
+                   "precision": float(self.precision[f]), "recall": float(self.recall[f]),
+                   "active tokens": int(self.active_counts[f])}
+            if stats is not None:
+                row["density (%)"] = 100 * float(stats.density[f])
+            rows.append(row)
+        return Table(rows, title=f"{self.name}: best-explained features (in-sample)")
+
+    def summary(self, min_active: int = MIN_ACTIVE, **kw) -> "ConceptSummary":
+        """The median MCC and correlation over live features, with bootstrap intervals (`dictionary_score`)."""
+        return ConceptSummary.of({self.name: self}, min_active=min_active, **kw)
+
+    def rows(self) -> list[dict]:
+        return self.summary().rows()
+
+    def verdicts(self) -> list[str]:
+        return self.summary().verdicts()
+
+
+def ranked(scores, key: str = "mcc", min_active: int = MIN_ACTIVE) -> torch.Tensor:
     """Feature indices by descending best-concept score, the features active on fewer than
     `min_active` scored tokens last: a feature that fires almost only on massive tokens has a handful
     of ordinary ones, and a perfect but meaningless score on them."""
@@ -416,15 +523,83 @@ def ranked(scores: dict, key: str = "mcc", min_active: int = MIN_ACTIVE) -> torc
                          descending=True, stable=True)
 
 
-def dictionary_score(scores: dict, min_active: int = MIN_ACTIVE, key: str = "mcc", **kw) -> dict:
+@dataclass
+class DictionaryScore(Result):
+    """A dictionary's median best-concept score (`key`: mcc or corr) over its live features, with a
+    bootstrap 95% interval over features, and how many features were left out as (nearly) dead."""
+
+    name: str
+    key: str
+    median: Estimate
+    n: int
+    excluded: int
+
+    @property
+    def value(self) -> float:
+        return self.median.value
+
+    @property
+    def low(self) -> float:
+        return self.median.low
+
+    @property
+    def high(self) -> float:
+        return self.median.high
+
+    def __getitem__(self, key: str):
+        """The numbers as the dict `summarise` gives ("value", "low", "high", "n", "excluded")."""
+        if key not in ("value", "low", "high", "n", "excluded"):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def rows(self) -> list[dict]:
+        return [{"dictionary": self.name, f"median {self.key}": format(self.median, ".3f"), "features": self.n,
+                 "left out as dead": self.excluded}]
+
+
+def dictionary_score(scores, min_active: int = MIN_ACTIVE, key: str = "mcc", **kw) -> DictionaryScore:
     """Median best-concept score (`key`: "mcc" or "corr") over the features active on at least
     `min_active` tokens, with a bootstrap 95% CI; also how many features were left out as (nearly) dead."""
     if key not in ("mcc", "corr"):
         raise ValueError(f"key must be 'mcc' or 'corr', not {key!r}")
     alive = scores["active_counts"] >= min_active
     out = summarise(scores[key][alive], **kw)
-    out["excluded"] = int((~alive).sum())
-    return out
+    return DictionaryScore(getattr(scores, "name", ""), key, Estimate(out["value"], out["low"], out["high"]),
+                           out["n"], int((~alive).sum()))
+
+
+@dataclass
+class ConceptSummary(Result):
+    """In-sample concept scores of several dictionaries side by side: per dictionary the median
+    best-concept MCC and correlation over its live features (`dictionary_score`)."""
+
+    mcc: dict[str, DictionaryScore] = field(default_factory=dict)
+    corr: dict[str, DictionaryScore] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, scores: dict, min_active: int = MIN_ACTIVE, **kw) -> "ConceptSummary":
+        """The summary of {name: ConceptScores (or the dict of `concept_scores`)}."""
+        mcc = {n: dictionary_score(s, min_active, "mcc", **kw) for n, s in scores.items()}
+        corr = {n: dictionary_score(s, min_active, "corr", **kw) for n, s in scores.items()}
+        for n in scores:
+            mcc[n].name = corr[n].name = n
+        return cls(mcc, corr)
+
+    def __getitem__(self, name: str) -> DictionaryScore:
+        return self.mcc[name]
+
+    def rows(self) -> list[dict]:
+        return [{"dictionary": n, "median best-concept MCC": format(m.median, ".3f"),
+                 "median correlation": format(self.corr[n].median, ".3f"), "features scored": m.n,
+                 "left out as dead": m.excluded} for n, m in self.mcc.items()]
+
+    def verdicts(self) -> list[str]:
+        if not self.mcc:
+            return []
+        best = max(self.mcc, key=lambda n: self.mcc[n].value)
+        return [f"In-sample, {best} has the highest median best-concept MCC ({self.mcc[best].median}); "
+                "the concept is chosen and scored on the same tokens, which favours sparse features: "
+                "compare methods held out (helpers.evals.heldout)."]
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -52,10 +53,12 @@ from helpers.activations.corpus import COARSE_TAGS, NO_TAG, coarse_tag
 from helpers.activations.store import META_DTYPE
 from helpers.dictionaries.dictionary import SAEDictionary, device_of, random_directions
 from helpers.evals.features import TOKEN_CLASSES, token_classes, top_tokens, top_tokens_of
-from helpers.results import Estimate, Result
+from helpers.results import Estimate, Result, Table
 from helpers.runs.sweep import SAE_KEYS, train_config
 from helpers.saes.stack import SAEConfig
+from helpers.settings.paths import digest
 from helpers.saes.train import train_sweep
+from helpers.show import plots
 
 FAMILIES = {
     "token": "the current token's identity",
@@ -666,6 +669,30 @@ class HeldoutScorer(HeldoutSplit):
         """Held-out scores of every feature of `dictionary`, with its null and the resampled medians."""
         return self.score_active(*self.active(dictionary, hook, counts, progress=progress), name or dictionary.name)
 
+    def compare(self, dictionaries: dict, match: dict | None = None, pairs=None, keys=("mcc",),
+                hook: str | None = None, progress: bool = True) -> "HeldoutComparison":
+        """Held-out scores of several dictionaries ({name: dictionary}) on this scorer's resamples, with
+        `match` {name: reference name}: that dictionary made active on as many tokens as the reference's
+        features (`matched_counts`, seeded by the scorer's seed), e.g. random directions at the SAE's
+        sparsity; and the paired differences (`compare`) of `pairs` [(a, b), ...] (default: each matched
+        dictionary against its reference) for each statistic in `keys`. A name may be given twice, with
+        and without a match, as two entries of `dictionaries` holding the same dictionary."""
+        match = dict(match or {})
+        for m, ref in match.items():
+            if m not in dictionaries or ref not in dictionaries:
+                raise ValueError(f"match {m!r}: {ref!r}: both must be names of dictionaries ({list(dictionaries)})")
+            if ref in match:
+                raise ValueError(f"{ref!r} is matched to {match[ref]!r} itself: match to one scored at its own sparsity")
+        done: dict[str, Scored] = {}
+        for name in sorted(dictionaries, key=lambda m: m in match):      # references first
+            d = dictionaries[name]
+            counts = None if name not in match else matched_counts(
+                torch.as_tensor(done[match[name]].counts), d.n_features, seed=self.seed, min_active=self.min_active)
+            done[name] = self.score(d, name=name, hook=hook, counts=counts, progress=progress)
+        scores = {name: done[name].result(self.resamples) for name in dictionaries}
+        pairs = list(match.items()) if pairs is None else list(pairs)
+        return HeldoutComparison(scores, [compare(scores[a], scores[b], key) for a, b in pairs for key in keys])
+
 
 @dataclass
 class HeldoutScore(Result):
@@ -780,6 +807,16 @@ class HeldoutComparison(Result):
     def __getitem__(self, name: str) -> HeldoutScore:
         return self.scores[name]
 
+    def difference(self, a: str, b: str, key: str = "mcc") -> HeldoutDifference:
+        """The paired difference `a` - `b` (held-out `key`): the one computed, or computed now."""
+        found = [d for d in self.differences if (d.a, d.b, d.key) == (a, b, key)]
+        return found[0] if found else compare(self.scores[a], self.scores[b], key)
+
+    def difference_table(self):
+        """The paired differences as a table (one row each), with their verdicts."""
+        return Table([row for d in self.differences for row in d.rows()], title="paired differences",
+                     notes=[v for d in self.differences for v in d.verdicts()])
+
     def rows(self) -> list[dict]:
         return [row for r in self.scores.values() for row in r.rows()]
 
@@ -870,15 +907,73 @@ def heldout_scores(codes: dict, labels, contexts, *, match: dict | None = None, 
     return HeldoutComparison(scores, diffs)
 
 
+CURVE_CODE = ("helpers.evals.heldout", "helpers.saes.train", "helpers.saes.stack", "helpers.activations.massive")
+
+
+@dataclass
+class CurvePoint(Result):
+    """One budget of `interpretability_curve`: the SAE's and the matched random directions' median
+    held-out MCC (95% intervals over resampled contexts), their paired difference, and the SAE's
+    median active tokens per feature."""
+
+    tokens: int
+    sae: Estimate
+    random: Estimate
+    difference: Estimate
+    median_count: float
+
+
+@dataclass
+class InterpretabilityCurve(Result):
+    """The held-out MCC of an SAE and of random directions at its sparsity, at several training budgets
+    (`interpretability_curve`). `plot()` draws it."""
+
+    points: list[CurvePoint] = field(default_factory=list)
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> "InterpretabilityCurve":
+        """From the per-budget rows training reports: tokens, the two `Scored.summary()`s and their `difference`."""
+        def est(s, k="mcc"):
+            return Estimate(s[k], s[f"{k}_low"], s[f"{k}_high"])
+        return cls([CurvePoint(int(r["tokens"]), est(r["sae"]), est(r["random"]),
+                               Estimate(r["difference"]["value"], r["difference"]["low"], r["difference"]["high"]),
+                               float(r["sae"]["median_count"])) for r in rows])
+
+    def rows(self) -> list[dict]:
+        return [{"training tokens": p.tokens, "SAE held-out MCC": format(p.sae, ".3f"),
+                 "random (SAE's sparsity)": format(p.random, ".3f"), "SAE - random": format(p.difference, "+.3f"),
+                 "median active tokens": p.median_count} for p in self.points]
+
+    def verdicts(self) -> list[str]:
+        out = []
+        for p in self.points:
+            d = p.difference
+            word = ("the SAE scores higher" if d.above(0) else "the SAE scores lower" if d.below(0)
+                    else "no interval" if not d.has_interval else "the two are not told apart")
+            out.append(f"At {p.tokens:,} training tokens, SAE - random = {d:+.3f}: {word}.")
+        if len(self.points) > 1:
+            first, last = self.points[0].difference.value, self.points[-1].difference.value
+            out.append(f"From {self.points[0].tokens:,} to {self.points[-1].tokens:,} tokens the difference moves "
+                       f"by {last - first:+.3f}.")
+        return out
+
+    def plot(self):
+        """The figure: held-out MCC against training tokens (helpers.show.plots.interpretability_curve)."""
+        return plots.interpretability_curve(self)
+
+
 def interpretability_curve(profile, store, sweep, scorer: HeldoutScorer, index: int | None = None,
-                           points: int = 3, run_dir=None, progress: bool = True) -> list[dict]:
+                           points: int = 3, run_dir=None, checkpoint_dir=None,
+                           progress: bool = True) -> InterpretabilityCurve:
     """Does the gap open with training? The held-out score of one sweep SAE (default: the chosen
     one) at `points` budgets halving down from the profile's (1/4, 1/2 and all of it, by default),
     beside random directions made active on as many tokens as that snapshot's features. The SAE is
     trained again alone, with the sweep's settings (a sweep trains exactly what training each SAE
-    alone would), and scored on `scorer` at each snapshot. One row per budget: tokens, the SAE's and
-    the random directions' `Scored.summary()`, and their paired `difference`. With `run_dir`, training
-    keeps a checkpoint there (with the rows scored so far) and an interrupted curve resumes from it."""
+    alone would), and scored on `scorer` at each snapshot. One `CurvePoint` per budget: tokens, the
+    SAE's and the random directions' median held-out MCC and their paired difference. With `run_dir`,
+    training keeps a checkpoint there (with the points scored so far) and an interrupted curve resumes
+    from it; with `checkpoint_dir`, in a folder under it named by what the curve depends on (the SAE's
+    settings, the training settings, the scorer's resamples and activity rule, the code)."""
 
     row = sweep.rows_[sweep.chosen if index is None else index]
     hook = profile.sae_hook
@@ -886,6 +981,9 @@ def interpretability_curve(profile, store, sweep, scorer: HeldoutScorer, index: 
     tc = train_config(profile)
     steps = tc.total_tokens // tc.batch_size
     tc = dataclasses.replace(tc, eval_at=tuple(sorted({max(1, steps >> j) for j in range(points)})))
+    if run_dir is None and checkpoint_dir is not None:
+        key = [repr(cfg), repr(tc), profile.seed, scorer.resamples, scorer.k_max, scorer.min_active]
+        run_dir = Path(checkpoint_dir) / f"curve-run-{digest(key, CURVE_CODE)}"
     rule = massive.fit(store, hook) if profile.massive else None
     x = store.activations(hook, max_tokens=20_000)
     mean = (x if rule is None else rule.shift(x)).mean(0)
@@ -900,4 +998,4 @@ def interpretability_curve(profile, store, sweep, scorer: HeldoutScorer, index: 
 
     result = train_sweep(store, hook, [cfg], tc, run_dir=run_dir, progress=progress, on_eval=on_eval,
                          rules={hook: rule} if rule else None)
-    return [h["eval"] for h in result.history if "eval" in h]
+    return InterpretabilityCurve.from_rows([h["eval"] for h in result.history if "eval" in h])

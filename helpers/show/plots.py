@@ -226,15 +226,19 @@ def density_histogram(stats_by_name: dict):
     return fig
 
 
-def concept_score_comparison(scores_by_name: dict, summaries: dict, min_active: int = 5):
-    """Per-feature best-concept MCC for each dictionary (box plots), medians with 95% CIs."""
+def concept_score_comparison(scores_by_name: dict, summaries=None, min_active: int = 5):
+    """Per-feature best-concept MCC for each dictionary (box plots), medians with 95% CIs (`summaries`:
+    {name: DictionaryScore} or a ConceptSummary; computed from the scores when not given)."""
+    from helpers.evals.features import ConceptSummary
+
+    summaries = ConceptSummary.of(scores_by_name, min_active=min_active) if summaries is None else summaries
     names = list(scores_by_name)
-    data = [s["mcc"][s["active_counts"] >= min_active].numpy() for s in scores_by_name.values()]
+    data = [s.mcc[s.active_counts >= min_active].numpy() for s in scores_by_name.values()]
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 3.8))
     ax.boxplot(data, showfliers=False)
     for i, n in enumerate(names, 1):
         s = summaries[n]
-        ax.errorbar(i, s["value"], yerr=[[s["value"] - s["low"]], [s["high"] - s["value"]]], fmt="o",
+        ax.errorbar(i, s.value, yerr=[[s.value - s.low], [s.high - s.value]], fmt="o",
                     color="tab:red", capsize=4)
     ax.set_xticks(range(1, len(names) + 1), [n.replace(" (", "\n(") for n in names], fontsize=7)
     ax.set_ylabel("best-concept MCC per feature")
@@ -243,10 +247,10 @@ def concept_score_comparison(scores_by_name: dict, summaries: dict, min_active: 
     return fig
 
 
-def concept_families(scores: dict, min_mcc: float = 0.3):
-    """Which kind of concept the well-explained features (MCC >= min_mcc) line up with."""
-    good = scores["mcc"] >= min_mcc
-    fams = [c.split(" ")[0] for c, g in zip(scores["concept"], good.tolist()) if g]
+def concept_families(scores, min_mcc: float = 0.3):
+    """Which kind of concept the well-explained features (MCC >= min_mcc) line up with (`scores`: a ConceptScores)."""
+    good = scores.mcc >= min_mcc
+    fams = [c.split(" ")[0] for c, g in zip(scores.concept, good.tolist()) if g]
     kinds = ["token", "POS", "tag", "genre", "class"]
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar(kinds, [fams.count(k) for k in kinds], color="tab:cyan")
@@ -301,6 +305,12 @@ def circuit_graph(down: dict, ups: list[dict]):
 
 
 # ---- notebooks 03 and 04: held-out, sparsity-matched concept scores (helpers.evals.heldout) ---------------
+def _per_feature(results) -> list:
+    """Held-out results as per-feature `Scored`s: a HeldoutComparison's scores, HeldoutScores, or Scoreds."""
+    results = list(results.scores.values()) if hasattr(results, "scores") else list(results)
+    return [r.scored_features() if hasattr(r, "scored_features") else r for r in results]
+
+
 def _count_bins(counts, edges):
     return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if ((counts >= lo) & (counts < hi)).any()]
 
@@ -309,6 +319,7 @@ def chance_by_sparsity(results, edges=(5, 10, 20, 40, 80, 160, 320, 640, 1280, 1
     """The pitfall and its fix: median best-concept MCC by active count, chosen and read on the same
     tokens (in-sample) and held out, for each scored dictionary and for its null (its own active
     counts on shuffled contexts: chance at that sparsity)."""
+    results = _per_feature(results)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (title, real, null) in zip(axes, [("in-sample (chosen and scored on the same tokens)", "in_sample_mcc",
                                                "null_in_sample_mcc"), ("held out (chosen on one half, scored on the other)",
@@ -334,6 +345,7 @@ def chance_by_sparsity(results, edges=(5, 10, 20, 40, 80, 160, 320, 640, 1280, 1
 def heldout_by_density(results, key: str = "mcc", edges=(5, 10, 20, 40, 80, 160, 320, 640, 1280, 10**9)):
     """Held-out score (solid) and its sparsity-matched null (dotted) by active count, one colour per
     method: interpretability and sparsity seen apart."""
+    results = _per_feature(results)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, r in enumerate(results):
         c = np.asarray(r.counts)
@@ -450,13 +462,15 @@ def edit_tradeoff_heldout(edits):
     return fig
 
 
-def interpretability_curve(rows):
-    """Held-out MCC of the SAE and of random directions at its sparsity, against training tokens."""
+def interpretability_curve(curve):
+    """Held-out MCC of the SAE and of random directions at its sparsity, against training tokens
+    (`curve`: an InterpretabilityCurve)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    t = [r["tokens"] for r in rows]
+    t = [p.tokens for p in curve.points]
     for key, label in (("sae", "SAE"), ("random", "random directions at the SAE's sparsity")):
-        y = np.array([r[key]["mcc"] for r in rows])
-        err = np.array([[r[key]["mcc"] - r[key]["mcc_low"] for r in rows], [r[key]["mcc_high"] - r[key]["mcc"] for r in rows]])
+        est = [getattr(p, key) for p in curve.points]
+        y = np.array([e.value for e in est])
+        err = np.array([[e.value - e.low for e in est], [e.high - e.value for e in est]])
         ax.errorbar(t, y, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
