@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from helpers.activations import massive
 from helpers.activations.harvest import get_store
+from helpers.activations.massive import Massive
 from helpers.activations.models import load_model
 from helpers.dictionaries.baselines import layer_dictionaries, massive_rule
 from helpers.dictionaries.dictionary import Dictionary, SAEDictionary, device_of
@@ -117,7 +117,7 @@ class Session:
         i = matched_topk(self.sweep)
         return None if i is None else SAEDictionary(load_sweep_sae(self.sweep, i), name="TopK SAE").to(self.device)
 
-    def massive(self, layer: int | None = None) -> massive.Massive:
+    def massive(self, layer: int | None = None) -> Massive:
         """The massive-activation rule at `layer` (default: the SAE's), fitted on the training store
         (inert when the profile turns the treatment off)."""
         layer = self.profile.sae_layer if layer is None else layer

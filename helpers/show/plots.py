@@ -5,9 +5,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from helpers.saes import architectures
 from helpers.activations.corpus import COARSE_TAGS, NO_TAG, coarse_tag
+from helpers.evals.features import ConceptSummary
 from helpers.runs.sweep import PAPER_FAMILY, as_row, family_groups
+from helpers.saes import architectures
 
 
 def norms_by_hook(store, max_tokens: int = 20_000):
@@ -229,8 +230,6 @@ def density_histogram(stats_by_name: dict):
 def concept_score_comparison(scores_by_name: dict, summaries=None, min_active: int = 5):
     """Per-feature best-concept MCC for each dictionary (box plots), medians with 95% CIs (`summaries`:
     {name: DictionaryScore} or a ConceptSummary; computed from the scores when not given)."""
-    from helpers.evals.features import ConceptSummary
-
     summaries = ConceptSummary.of(scores_by_name, min_active=min_active) if summaries is None else summaries
     names = list(scores_by_name)
     data = [s.mcc[s.active_counts >= min_active].numpy() for s in scores_by_name.values()]
