@@ -241,6 +241,11 @@ class ActivationStore:
         return int(self.manifest["d_model"])
 
     @property
+    def corpus(self) -> str:
+        """The corpus the activations were harvested from ("brown", "pile")."""
+        return self.manifest["corpus"]
+
+    @property
     def dtype(self) -> torch.dtype:
         return STORE_DTYPES[self.manifest["dtype"]]
 
