@@ -39,8 +39,9 @@ NOTEBOOKS = ["01_harvest", "02_train", "03_interpret", "04_baselines", "05_ablat
 # The `colab` profile at test size: every stage runs, on a few thousand tokens.
 OVERRIDES = {
     "ctx_len": 64, "harvest_tokens": 4_032, "eval_tokens": 504, "score_tokens": 1_008, "batch_contexts": 16,
-    "shard_contexts": 16, "sae_ratios": [1, 2], "sae_alphas": [3e-3], "pick_ratio": 2, "improved_alphas": [3e-3],
-    "topk_ks": [8], "topk_ratio": 2, "train_tokens": 4_096, "train_batch": 256, "ce_contexts": 2,
+    "shard_contexts": 16, "pick_ratio": 2, "train_tokens": 4_096, "train_batch": 256, "ce_contexts": 2,
+    "grid": {"standard": [{"tied": [True, False], "ratio": [1, 2], "l1_coefficient": 3e-3},
+                          {"ratio": 2, "l1_coefficient": 3e-3, "recipe": "improved"}], "topk": {"ratio": 2, "k": 8}},
     "curve_points": 2, "curve_contexts": 1, "autointerp_features": 0, "pca_tokens": 1_008, "ica_tokens": 504,
     "ica_max_iter": 5, "ioi_prompts": 8, "pronoun_prompts": 8, "patch_layer_step": 5,
     "lab_tokens": 8_192,  # the ground-truth lab: the colab profile's 200k samples per setting took ~90 s of this test

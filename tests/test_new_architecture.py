@@ -84,11 +84,11 @@ def test_a_new_architecture_joins_a_sweep_by_its_settings(toy):
 
     profile = get_profile("test")
     plain = sweep.sweep_configs(profile, 64)
-    more = sweep.sweep_configs(profile, 64, extra={"toy_fixed_threshold": (1e-3, 2e-3)})
-    toys = [c for c in more if c.architecture == "toy_fixed_threshold"]
-    assert [c.l1_coefficient for c in toys] == [1e-3, 2e-3]
-    assert all(c.ratio == profile.topk_ratio for c in toys)
-    assert [c for c in more if c.architecture != "toy_fixed_threshold"] == plain
+    more = profile.replace(grid={**profile.grid, "toy_fixed_threshold": {"ratio": 4, "l1_coefficient": (1e-3, 2e-3)}})
+    toys = [c for c in sweep.sweep_configs(more, 64) if c.architecture == "toy_fixed_threshold"]
+    assert [c.l1_coefficient for c in toys] == [1e-3, 2e-3] and all(c.ratio == 4 for c in toys)
+    assert [c for c in sweep.sweep_configs(more, 64) if c.architecture != "toy_fixed_threshold"] == plain
+    assert sweep._key(more, more.sae_hook) != sweep._key(profile, profile.sae_hook)
 
 
 def test_a_name_is_registered_once(toy):

@@ -47,7 +47,8 @@ def test_sae_overrides_apply_to_any_profile_and_are_checked(monkeypatch):
     for bad, message in [('{"harvest": 1}', "unknown profile field 'harvest'"),
                          ('{"harvest_tokens": "many"}', "harvest_tokens must be int"),
                          ('{"harvest_tokens": 1.5}', "harvest_tokens must be int"),
-                         ('{"sae_tied": [1]}', "sae_tied must be a list of bool"),
+                         ('{"layers": [1.5]}', "layers must be a list of int"),
+                         ('{"grid": [1]}', "grid must be a non-empty dict"),
                          ('{"layers": 3}', "layers must be a non-empty list"),
                          ('{"massive": "yes"}', "massive must be bool"),
                          ('{"name": "cpu"}', "cannot set 'name'"),
@@ -207,9 +208,7 @@ def test_values_out_of_range_are_refused_before_any_work(monkeypatch, field, val
 def test_list_fields_are_checked_element_by_element():
     for changes, message in [({"layers": [-1, 6]}, "layers=[-1, 6] holds -1; each must be an int ≥ 0"),
                              ({"layers": [2, 6, 2]}, "layers=[2, 6, 2] repeats 2; each value may appear once"),
-                             ({"sae_alphas": [1e-3, 0]}, "sae_alphas=[0.001, 0] holds 0.0; each must be a finite number > 0"),
-                             ({"topk_ks": [0]}, "topk_ks=[0] holds 0; each must be an int ≥ 1"),
-                             ({"sae_ratios": [2, float("inf")]}, "holds inf; each must be a finite number > 0")]:
+                             ({"layers": [2, float("inf")]}, "layers must be a list of int")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             get_profile("test", **changes)
 
@@ -229,4 +228,50 @@ def test_values_in_range_pass_unchanged():
     p = get_profile("test", pick_max_l0=float("inf"), pick_ratio=0.5, lr=1, autointerp_features=0, seed=2**32 - 1)
     assert p.pick_max_l0 == float("inf") and p.pick_ratio == 0.5 and p.autointerp_features == 0
     assert p.replace(layers=[2, 6]).layers == (2, 6)
-    assert PROFILES["cpu"].sae_ratios == (1, 4) and repr(PROFILES["cpu"]) == repr(get_profile("cpu"))
+    assert PROFILES["cpu"].grid["standard"][0]["ratio"] == (1, 4) and repr(PROFILES["cpu"]) == repr(get_profile("cpu"))
+
+
+def test_every_field_is_in_one_section_and_results_are_keyed_by_sections():
+    import dataclasses
+
+    from helpers.settings.profiles import SECTIONS, Profile, setting
+
+    p = PROFILES["cpu"]
+    everything = p.settings()
+    assert set(everything) == set(SECTIONS) - {"run"}
+    named = [name for section in everything.values() for name in section]
+    assert sorted(named) == sorted(f.name for f in dataclasses.fields(Profile) if Profile.section_of(f.name) != "run")
+    assert everything["data"]["harvest_tokens"] == 300_000 and "harvest_tokens" not in everything["sweep"]
+    assert p.settings("run") == {"run": {"name": "cpu", "device": "auto"}}
+    assert p.replace(ioi_prompts=2).settings("data", "sweep") == p.settings("data", "sweep")
+    assert p.replace(lr=1.0).settings("data", "sweep") != p.settings("data", "sweep")
+    with pytest.raises(ValueError, match="unknown section 'sweeps'"):
+        p.settings("sweeps")
+    with pytest.raises(ValueError, match="unknown section"):
+        setting("nowhere", 1)
+
+
+def test_the_grid_is_checked_and_written_as_architectures_and_settings():
+    p = get_profile("test", grid={"standard": {"ratio": [2, 4], "l1_coefficient": 1e-3}, "topk": {"ratio": 2, "k": 8}})
+    assert p.grid == {"standard": ({"ratio": (2, 4), "l1_coefficient": (1e-3,)},), "topk": ({"ratio": (2,), "k": (8,)},)}
+    assert p == get_profile("test", grid={"standard": [{"ratio": (2, 4), "l1_coefficient": [1e-3]}],
+                                          "topk": [{"ratio": [2], "k": [8]}]})  # one normal form
+    for grid, message in [({}, "must be a non-empty dict"),
+                          ({"standard": {"ratio": 2, "l1_coefficient": 1e-3}, "sparse_magic": {"ratio": 2}},
+                           "'sparse_magic', which is not a registered architecture"),
+                          ({"standard": {"l1_coefficient": 1e-3}}, "has no ratio"),
+                          ({"standard": {"ratio": 2, "alpha": 1e-3}}, "'alpha' is not an SAE setting"),
+                          ({"standard": {"ratio": [2, 2], "l1_coefficient": 1e-3}}, "must list each value once"),
+                          ({"standard": {"ratio": 0, "l1_coefficient": 1e-3}}, "ratio [0] must be numbers > 0"),
+                          ({"standard": {"ratio": 2, "l1_coefficient": float("nan")}}, "is not a finite number"),
+                          ({"standard": "l1"}, "must be a dict or a non-empty list of dicts"),
+                          ({"topk": {"ratio": 2, "k": 8}}, "pick_ratio 2 is not among the ratios")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            get_profile("test", grid=grid)
+
+
+def test_a_grid_from_sae_overrides(monkeypatch):
+    monkeypatch.setenv("SAE_OVERRIDES", '{"grid": {"standard": {"ratio": [1, 2], "l1_coefficient": 3e-3}, '
+                                        '"jumprelu": {"ratio": 2, "l0_coefficient": [1e-3, 2e-3]}}}')
+    p = get_profile("cpu", pick_ratio=2)
+    assert p.grid["jumprelu"] == ({"ratio": (2,), "l0_coefficient": (1e-3, 2e-3)},)

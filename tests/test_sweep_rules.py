@@ -121,24 +121,43 @@ def test_history_logs_pre_clip_gradient_norms(store):
 
 
 # ---- the sweep's cache key ----------------------------------------------------------------------
-def test_sweep_key_is_a_fingerprint_of_every_result_setting():
-    from helpers.settings.profiles import Profile, get_profile
+def test_sweep_key_is_a_fingerprint_of_what_its_results_depend_on():
+    from helpers.runs.sweep import SECTIONS, _key, fingerprint, sweep_configs
     from helpers.saes.stack import config_dict
-    from helpers.runs.sweep import NOT_RESULT_FIELDS, _key, fingerprint, sweep_configs
+    from helpers.settings.profiles import get_profile
 
     p = get_profile("test")
     fp = fingerprint(p, p.sae_hook, d_in=D)
-    # every profile field is in it but the listed ones: a field added later is in it by default
-    assert set(fp["profile"]) == {f.name for f in dataclasses.fields(Profile)} - set(NOT_RESULT_FIELDS)
+    # the data and sweep sections, whole: a field added to either is in it
+    assert fp["settings"] == json_ready(p.settings(*SECTIONS)) and SECTIONS == ("data", "sweep")
     assert fp["configs"] == json_ready([config_dict(c) for c in sweep_configs(p, D)])
     assert fp["train"]["lr"] == p.lr and fp["version"] > 0
     base = _key(p, p.sae_hook)
-    for change in ({"lr": p.lr * 2}, {"batchtopk_ks": (8,)}, {"jumprelu_coefficients": (1e-3,)},
-                   {"curve_contexts": 3}, {"store_dtype": "bfloat16"}, {"shard_contexts": 32}, {"topk_ratio": 4}):
+    grid = {**p.grid, "batchtopk": {"ratio": 2, "k": 8}}
+    for change in ({"lr": p.lr * 2}, {"grid": grid}, {"curve_contexts": 3}, {"store_dtype": "bfloat16"},
+                   {"shard_contexts": 32}, {"harvest_tokens": 1000}, {"seed": 1}):
         assert _key(p.replace(**change), p.sae_hook) != base, change
-    for change in ({"ioi_prompts": 3}, {"device": "cpu"}, {"autointerp_features": 5}):
+    for change in ({"ioi_prompts": 3}, {"device": "cpu"}, {"autointerp_features": 5}, {"layers": (1, 2, 6)},
+                   {"lab_tokens": 1000}, {"ica_tokens": 100}):
         assert _key(p.replace(**change), p.sae_hook) == base, change
     assert _key(p, "blocks.2.hook_resid_post") != base
+
+
+def test_the_grid_expands_in_the_order_written_and_each_sae_once():
+    from helpers.runs.sweep import grid
+    from helpers.settings.profiles import get_profile
+
+    p = get_profile("test", massive_control=False, grid={
+        "standard": [{"tied": (True, False), "ratio": (1, 2), "l1_coefficient": 1e-3},
+                     {"ratio": 2, "l1_coefficient": 1e-3, "tied": True}],  # listed again: trained once
+        "topk": {"ratio": 2, "k": (8, 4)}})
+    assert grid(p) == [("standard", {"tied": True, "ratio": 1, "l1_coefficient": 1e-3}),
+                       ("standard", {"tied": True, "ratio": 2, "l1_coefficient": 1e-3}),
+                       ("standard", {"tied": False, "ratio": 1, "l1_coefficient": 1e-3}),
+                       ("standard", {"tied": False, "ratio": 2, "l1_coefficient": 1e-3}),
+                       ("topk", {"ratio": 2, "k": 8}), ("topk", {"ratio": 2, "k": 4})]
+    control = grid(get_profile("test"))[-1]
+    assert control == ("standard", {"ratio": 2, "l1_coefficient": 5e-3, "recipe": "improved", "massive": False})
 
 
 def json_ready(obj):
@@ -169,7 +188,7 @@ def test_results_with_a_stale_fingerprint_are_not_reused(tmp_path, monkeypatch):
         assert sweep.load_results(p) is None
     # results from before fingerprints were stored: not reused either
     (folder / "results.json").write_text(json.dumps({"rows": [], "chosen": 0}))
-    with pytest.warns(UserWarning, match="extra, profile, train, version differ"):
+    with pytest.warns(UserWarning, match="extra, settings, train, version differ"):
         assert sweep.load_results(p) is None
     monkeypatch.setattr(sweep, "VERSION", sweep.VERSION + 1)  # a new VERSION: a new folder
     assert sweep.sweep_dir(p) != folder
@@ -271,7 +290,7 @@ def _results_json():
             for c, l0, ce in zip(cfgs, (9.0, 6.0, 3.0), (0.8, 0.9, 0.7))]
     import json
     return json.loads(json.dumps({
-        "fingerprint": {"version": 4, "profile": {"pick_ratio": 4, "pick_max_l0": 50}}, "rows": rows,
+        "fingerprint": {"version": 5, "settings": {"sweep": {"pick_ratio": 4, "pick_max_l0": 50}}}, "rows": rows,
         "mmcs": [{"alpha": 1e-3, "tied": False, "ratio_small": 1, "ratio_large": 4, "mmcs": 0.5,
                   "mmcs_trained": 0.5, "mmcs_init": 0.2, "mmcs_random": 0.21}],
         "history": [{"step": 1, "mse": [1, 1, 1], "l0": [3, 3, 3], "sparse_steps": [1, 0]}],

@@ -393,7 +393,8 @@ def compare_layers(profile, store=None, model=None, sweep=None, progress: bool =
         hook = profile.hook_at(layer)
         dicts = layer_dictionaries(profile, layer, store, sweep, progress=progress, saes=saes)
         # each layer's scores are kept in the cache as soon as they are made: a rerun resumes at the next layer
-        key = [repr(profile), sweep.dir, layer, n_boot, str(score_store.path), score_store.n_tokens, list(dicts)]
+        key = [profile.settings("data", "sweep", "scoring", "baselines"), sweep.dir, layer, n_boot,
+               str(score_store.path), score_store.n_tokens, list(dicts)]
         path = profile.cache_dir / "compare_layers" / f"layer{layer:02d}-{str(sweep.dir).rstrip('/').split('-')[-1]}.pt"
         n_done = bar.n
         layer_scores = stored(path, key, lambda: [s.to_dict() for s in _score_layer(

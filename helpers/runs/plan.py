@@ -263,7 +263,7 @@ def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -
     rate = machine.rate
     cpu = THROUGHPUT["cpu"]
     f_sae = profile.pick_ratio * d                     # the chosen L1 SAE's features (and the random directions')
-    f_topk = profile.topk_ratio * d if profile.topk_ks else 0
+    f_topk = max((c.d_sae for c in configs if c.arch.matched_comparison), default=0)  # the matched TopK SAE
     signed = 2 * d                                     # PCA, ICA and neurons: both halves of d directions
     fwd = 2 * params
     harvest_tokens = profile.harvest_tokens + profile.eval_tokens + (scored.harvest_tokens if scored is not profile else 0)
@@ -325,4 +325,4 @@ def check(p: Plan, machine: Machine | None = None, margin: float = 0.9) -> None:
     if machine.gpu_bytes and p.gpu_peak > margin * machine.gpu_bytes:
         raise PlanError(f"profile {p.profile!r} needs about {gb(p.gpu_peak)} of GPU memory while training, this GPU "
                         f"has {gb(machine.gpu_bytes)}: lower train_batch, or the sweep's largest ratio "
-                        "(sae_ratios, topk_ratio) or its number of SAEs (sae_alphas, sae_tied)")
+                        "or its number of SAEs (the ratios and settings in grid)")

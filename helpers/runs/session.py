@@ -32,13 +32,14 @@ NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)*$")
 
 def key_of(value):
     """`value` as a cache key: a Dictionary by its name and directions, a prompt set by its texts, a
-    model by its name and revision, containers item by item; plain values and tensors as they are."""
+    model by its name and revision, a Profile by its settings (every section but "run"), containers
+    item by item; plain values and tensors as they are."""
     if isinstance(value, Dictionary):
         return {"dictionary": value.name, "directions": value.directions.detach().float().cpu()}
     if isinstance(value, torch.nn.Module) and hasattr(value, "workbook_name"):
         return {"model": value.workbook_name, "revision": getattr(value, "workbook_revision", None)}
     if isinstance(value, Profile):
-        return repr(value)
+        return value.settings()
     if hasattr(value, "texts") and not isinstance(value, (str, bytes)):
         return {"texts": list(value.texts)}
     if isinstance(value, dict):

@@ -2,15 +2,12 @@
 
 `get_sweep(profile)` trains the grid in one pass (helpers.saes.train):
 
-* the paper-style SAEs: ``sae_ratios`` × ``sae_alphas`` × ``sae_tied``, ReLU + L1 with a unit-norm
-  dictionary and resampling (recipe "anthropic2023", Anthropic's 2023 recipe: see helpers.saes.stack for how
-  it differs from the seed paper's code), and tied ones at ``pick_ratio`` for ``tied_alphas`` (the
-  seed paper's residual-stream SAEs were tied);
-* the improved L1 recipe (Anthropic, April 2024; helpers.saes.stack): ``improved_alphas`` at ``pick_ratio``;
-* TopK SAEs: ``topk_ks`` at ``topk_ratio``, and at the same ratio BatchTopK (``batchtopk_ks``),
-  Matryoshka BatchTopK (``matryoshka_ks``) and JumpReLU SAEs (``jumprelu_coefficients``, λ): the
-  architectures of helpers.saes.architectures, each a list in the profile (empty: none), the field an
-  architecture's `profile_field` names (`grid`: the whole grid, in one place);
+* the SAEs of the profile's ``grid``, {architecture: settings} (helpers.settings.profiles; `grid`
+  expands it): L1 SAEs ("standard") of Anthropic's 2023 recipe, a unit-norm dictionary and resampling
+  (recipe "anthropic2023": see helpers.saes.stack for how it differs from the seed paper's code), tied
+  or not (the seed paper's residual-stream SAEs were tied), and of the improved recipe (Anthropic, April
+  2024; ``"recipe": "improved"``); TopK, BatchTopK, Matryoshka BatchTopK and JumpReLU SAEs (the
+  architectures of helpers.saes.architectures, or any architecture registered since);
 * a control: the middle improved-recipe SAE again, trained without the massive-activation treatment
   (``massive_control``), so that notebook 02 can show what the treatment does. It is never chosen.
 
@@ -23,8 +20,8 @@ in SAELens layout and the table in ``results.json``; MMCS between sizes is repor
 the same pair at initialisation and of random dictionaries (`mmcs_table`). A finished sweep is loaded, not retrained; an
 interrupted one resumes from its checkpoint. `get_sae(profile)` returns the chosen SAE.
 
-The cache: a sweep's folder is named by a hash of its `fingerprint`, every setting that changes its
-results (the profile's fields but those of NOT_RESULT_FIELDS, the train config, VERSION), and its
+The cache: a sweep's folder is named by a hash of its `fingerprint`, what its results depend on (the
+profile's sections in SECTIONS, the train config less NOT_RESULT_TRAIN_FIELDS, VERSION), and its
 ``results.json`` keeps the whole fingerprint, configs included; a results.json whose fingerprint is
 not the current one (code that changed the grid without a VERSION bump, a hash collision) is not
 reused: the folder is moved aside to ``<name>.stale-<date>`` (`move_aside`: never deleted, and the
@@ -45,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import warnings
@@ -66,17 +64,10 @@ from helpers.settings.locks import FolderLock, tmp_name
 from helpers.settings.paths import scratch_dir
 
 MAX_DEAD = 0.2
-VERSION = 4  # bump when the training or evaluation changes what a cached sweep holds
-# Profile fields that change nothing a sweep computes: its name (a folder), where it runs, settings
-# of later notebooks. Every other field, present or future, is in the fingerprint.
-NOT_RESULT_FIELDS = ("name", "device", "layers", "score_tokens", "autointerp_features", "pca_tokens",
-                     "ica_tokens", "ica_max_iter", "ioi_prompts", "pronoun_prompts", "patch_layer_step", "lab_tokens")
-
-
-def other_architectures() -> tuple:
-    """The comparison SAEs at topk_ratio: (architecture, profile field listing the values of its
-    setting), for every registered architecture that names a `profile_field`, in the order they were defined."""
-    return tuple((a.name, a.profile_field) for a in architectures.ARCHITECTURES.values() if a.profile_field)
+VERSION = 5  # bump when the training or evaluation changes what a cached sweep holds
+# The profile's sections a sweep's results depend on: the activations it trains on and its own settings
+# (helpers.settings.profiles.SECTIONS). A field added to one of them is in the fingerprint.
+SECTIONS = ("data", "sweep")
 
 
 PAPER_FAMILY = architectures.ANTHROPIC2023.family_name  # (called "paper L1" before)
@@ -330,11 +321,15 @@ class Sweep(Result):
 
     @property
     def pick_ratio(self) -> float | None:
-        return (self.fingerprint.get("profile") or {}).get("pick_ratio")
+        return self._sweep_setting("pick_ratio")
 
     @property
     def pick_max_l0(self) -> float | None:
-        return (self.fingerprint.get("profile") or {}).get("pick_max_l0")
+        return self._sweep_setting("pick_max_l0")
+
+    def _sweep_setting(self, name: str):
+        """A setting of the profile's sweep section, as the fingerprint recorded it."""
+        return ((self.fingerprint.get("settings") or {}).get("sweep") or {}).get(name)
 
     @property
     def sparse_share(self) -> float:
@@ -483,41 +478,37 @@ def family_groups(rows):
             for k, v in sorted(groups.items())}
 
 
-def grid(profile, extra: dict | None = None) -> list[tuple[str, dict]]:
+def grid(profile) -> list[tuple[str, dict]]:
     """The sweep's SAEs as (architecture, settings) pairs, settings being SAEConfig fields plus
-    ``ratio`` (R = d_sae/d_in), in training order: the L1 SAEs (the anthropic2023 recipe's
-    ``sae_tied`` × ``sae_ratios`` × ``sae_alphas``, its tied ``tied_alphas`` at ``pick_ratio``, the
-    improved recipe's ``improved_alphas`` there), then every architecture with a `profile_field`,
-    each value of that field at ``topk_ratio``, then the values of `extra` ({architecture: values of
-    its `setting`}, at ``topk_ratio``: an architecture the profile has no field for), then the
-    massive-treatment control."""
-    out = [("standard", {"ratio": r, "l1_coefficient": a, "tied": t})
-           for t in profile.sae_tied for r in profile.sae_ratios for a in profile.sae_alphas]
-    out += [s for s in (("standard", {"ratio": profile.pick_ratio, "l1_coefficient": a, "tied": True})
-                        for a in profile.tied_alphas) if s not in out]
-    out += [("standard", {"ratio": profile.pick_ratio, "l1_coefficient": a, "recipe": architectures.IMPROVED.name})
-            for a in profile.improved_alphas]
-    listed = [(name, getattr(profile, field)) for name, field in other_architectures()]
-    for name, values in listed + list((extra or {}).items()):
-        setting = architectures.get(name).setting
-        out += [(name, {"ratio": profile.topk_ratio, setting: v}) for v in values]
-    if profile.massive and profile.massive_control and profile.improved_alphas:
-        alpha = profile.improved_alphas[len(profile.improved_alphas) // 2]
-        out.append(("standard", {"ratio": profile.pick_ratio, "l1_coefficient": alpha,
-                                 "recipe": architectures.IMPROVED.name, "massive": False}))
+    ``ratio`` (R = d_sae/d_in), in training order: the profile's ``grid`` expanded (each settings dict
+    a product over its listed values, in the order written; an SAE listed twice is trained once), then
+    the massive-treatment control: the middle improved-recipe SAE without the treatment."""
+    out = []
+    for name, blocks in profile.grid.items():
+        for block in blocks:
+            for values in itertools.product(*block.values()):
+                s = (name, dict(zip(block, values)))
+                if s not in out:
+                    out.append(s)
+    improved = [s for name, s in out if name == "standard" and s.get("recipe") == architectures.IMPROVED.name
+                and s.get("massive", True)]
+    if profile.massive and profile.massive_control and improved:
+        out.append(("standard", {**improved[len(improved) // 2], "massive": False}))
     return out
 
 
-def sweep_configs(profile, d_in: int, extra: dict | None = None) -> list[SAEConfig]:
-    """The sweep's SAE configs for activations of width d_in (`grid`; `extra`: {architecture: values
-    of its setting} trained besides the profile's)."""
+def sweep_configs(profile, d_in: int) -> list[SAEConfig]:
+    """The sweep's SAE configs for activations of width d_in (`grid`)."""
     common = {"hook_name": profile.sae_hook, "model_name": profile.model}
     configs = []
-    for name, settings in grid(profile, extra):
+    for name, settings in grid(profile):
         settings = dict(settings)
         ratio = settings.pop("ratio")
-        arch = {} if name == "standard" else {"architecture": name}
-        configs.append(SAEConfig.from_ratio(d_in, ratio, **arch, **settings, **common))
+        try:
+            configs.append(SAEConfig.from_ratio(d_in, ratio, architecture=name, **settings, **common))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"profile {profile.name!r}: the grid's {name} SAE {settings | {'ratio': ratio}} "
+                             f"is not a valid SAE for d_in={d_in}: {e}") from None
     return configs
 
 
@@ -534,12 +525,11 @@ def train_config(profile, tokens: int | None = None) -> TrainConfig:
 
 
 def fingerprint(profile, *extra, d_in: int | None = None) -> dict:
-    """Every setting that changes a sweep's results: VERSION, the profile's fields (less
-    NOT_RESULT_FIELDS), the train config (less NOT_RESULT_TRAIN_FIELDS), `extra`, and, given d_in
-    (the model's width, known once the store is), the SAE configs themselves. JSON-ready."""
+    """What a sweep's results depend on: VERSION, the profile's SECTIONS, the train config (less
+    NOT_RESULT_TRAIN_FIELDS), `extra`, and, given d_in (the model's width, known once the store is),
+    the SAE configs themselves. JSON-ready."""
     tc = dataclasses.asdict(train_config(profile))
-    out = {"version": VERSION,
-           "profile": {k: v for k, v in dataclasses.asdict(profile).items() if k not in NOT_RESULT_FIELDS},
+    out = {"version": VERSION, "settings": profile.settings(*SECTIONS),
            "train": {k: v for k, v in tc.items() if k not in NOT_RESULT_TRAIN_FIELDS},
            "extra": list(extra)}
     if d_in is not None:

@@ -27,8 +27,8 @@ everything that differs:
   (architecture name, activation function and its kwargs, extra tensors such as `threshold`);
 * `family(cfg)` and `setting` (the SAEConfig field a sweep varies, shown as `symbol` in labels):
   names for tables and plots; `default_setting(target_l0, i)`: a setting aimed at an L0 (the
-  ground-truth lab, the benchmarks); `profile_field`: the helpers.settings.profiles.Profile field
-  listing the settings the sweep trains (helpers.runs.sweep.grid); `l1` marks the ReLU + L1 SAEs the
+  ground-truth lab, the benchmarks); a profile's ``grid`` names the architecture and the settings
+  the sweep trains (helpers.settings.profiles); `l1` marks the ReLU + L1 SAEs the
   sweep's rule chooses among, and `matched_comparison` the architecture later notebooks compare at
   matched sparsity (TopK).
 
@@ -343,7 +343,6 @@ class Architecture:
     family_name = ""
     setting = ""                  # the SAEConfig field a sweep varies
     symbol = ""                   # ... as written in labels
-    profile_field = ""            # the Profile field listing the sweep's settings (helpers.runs.sweep.grid)
     loss_terms: tuple = ()        # keys of dense_terms/sparse_terms added to the loss
     uses_auxk = False
     resamples = False
@@ -515,7 +514,6 @@ class _AuxK(Architecture):
 
 class TopK(_AuxK):
     name, family_name, setting, symbol = "topk", "TopK", "k", "k"
-    profile_field = "topk_ks"
     matched_comparison = True
     saelens_architecture = "topk"
 
@@ -535,7 +533,6 @@ class TopK(_AuxK):
 
 class BatchTopK(_AuxK):
     name, family_name, setting, symbol = "batchtopk", "BatchTopK", "k", "k"
-    profile_field = "batchtopk_ks"
     saelens_architecture = "jumprelu"
 
     def own_state(self, configs, d_in, d_sae):
@@ -588,7 +585,6 @@ class BatchTopK(_AuxK):
 
 class MatryoshkaBatchTopK(BatchTopK):
     name, family_name = "matryoshka_batchtopk", "Matryoshka BatchTopK"
-    profile_field = "matryoshka_ks"
     loss_terms = ("aux", "matryoshka")
 
     @staticmethod
@@ -633,7 +629,6 @@ class MatryoshkaBatchTopK(BatchTopK):
 
 class JumpReLU(Architecture):
     name, family_name, setting, symbol = "jumprelu", "JumpReLU", "l0_coefficient", "λ"
-    profile_field = "jumprelu_coefficients"
     loss_terms = ("l0_penalty",)
     saelens_architecture = "jumprelu"
 
