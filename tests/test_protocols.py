@@ -244,3 +244,14 @@ def test_bad_inputs_are_refused(data):
         split.score(planted, counts=[3, 4])
     with pytest.raises(ValueError, match="must name codes"):
         protocol_scores({"a": planted}, labels, contexts, match={"b": ("a", "c")}, n_boot=2)
+
+
+def test_match_by_name_scores_that_method_at_the_reference_sparsity_instead(data):
+    ids, contexts, labels, planted, dense, _ = data
+    res = protocol_scores({"planted": planted, "random": dense}, labels, contexts, match={"random": "planted"},
+                          n_boot=5, window=16)
+    assert list(res.scores) == ["planted", "random"] and res["random"].activity == "matched to planted"
+    assert set(res["random"].counts.tolist()) <= set(res["planted"].counts.tolist())
+    assert {(d.a, d.b) for d in res.differences} == {("planted", "random")}
+    with pytest.raises(ValueError, match="matched to"):
+        protocol_scores({"a": planted, "b": dense}, labels, contexts, match={"a": "b", "b": "a"}, n_boot=2)

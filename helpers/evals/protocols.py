@@ -45,7 +45,7 @@ detection), aggregated per context, so a resample is one weighted sum (a sparse 
 rescoring.
 
 From plain tensors: `protocol_scores({"SAE": codes, "random": dirs}, labels, contexts, match={"random
-at SAE sparsity": ("random", "SAE")})` scores several methods on one split (a `ProtocolComparison`
+matched": ("random", "SAE")})` scores several methods on one split (a `ProtocolComparison`
 with a `ProtocolScore` per method and their paired differences; `verdicts()`, `rows()`, `plot()`);
 `ProtocolSplit` is the core; `summarize` and `heldout_distribution` give the same `Distribution`
 summary of any per-feature scores, e.g. `helpers.evals.heldout`'s held-out MCC.
@@ -279,8 +279,12 @@ class ProtocolSplit:
     tokens grouped by `contexts` [N] (integer context ids; a context's tokens in their order). Contexts
     alternate between the explaining half (0) and the scoring half (1) in order of first appearance,
     or as `halves` [N] (0/1, constant within a context) says. The resamples of the scoring half's
-    contexts are drawn once (seeded), so every method scored on one split shares them. See the module
-    docstring for the excerpts, the explainer and the scores; `score(codes)` scores one method."""
+    contexts are drawn once (`n_boot`, seeded by `seed`), and so are the random excerpts of each
+    feature index, so every method scored on one split shares them. See the module docstring for the
+    excerpts (`window`), the activity (`max_density`; features with fewer than `min_active` active
+    tokens are not scored), the explainer (`explain_top`, `explain_random`, `min_excerpts`) and the
+    scores (`score_top`, `score_random`; `n_activating`, `n_quantiles`, `n_non_activating`).
+    `score(codes)` scores one method, `chunk` features at a time; `excerpts(codes)` shows what it reads."""
 
     def __init__(self, labels, contexts, *, window: int = WINDOW, halves=None, label_names=None, n_boot: int = 200,
                  seed: int = 0, max_density: float = MAX_DENSITY, min_active: int = MIN_ACTIVE,
@@ -565,13 +569,14 @@ class ProtocolSplit:
 
 def _top_tokens(X: torch.Tensor, k_max: int):
     """`helpers.evals.features.top_tokens_of` of codes `X` [N, F] held in memory, in one `topk`: values
-    [F, k_max], token indices [F, k_max] (-1 where not positive), positive tokens per feature [F]."""
+    [F, k_max], token indices [F, k_max] (-1 where not positive), positive tokens per feature [F] counted
+    up to k_max (all that `active_sets` reads of them)."""
     v, i = X.topk(min(k_max, len(X)), dim=0)
     v, i = v.T.contiguous(), i.T.contiguous()
     if v.shape[1] < k_max:
         v = torch.nn.functional.pad(v, (0, k_max - v.shape[1]))
         i = torch.nn.functional.pad(i, (0, k_max - i.shape[1]), value=-1)
-    return v, torch.where(v > 0, i, -1), torch.count_nonzero(X > 0, dim=0)
+    return v, torch.where(v > 0, i, -1), (v > 0).sum(1)
 
 
 def _pearson(n, sx, sxx, sl, sxl):
@@ -675,24 +680,28 @@ class ProtocolComparison(Result):
 def protocol_scores(codes: dict, labels, contexts, *, match: dict | None = None, pairs=None, label_names=None,
                     seed: int = 0, split: ProtocolSplit | None = None, **split_options) -> ProtocolComparison:
     """Both protocols for several methods ({name: codes [N, F]}) on one `ProtocolSplit` (built from
-    `labels`, `contexts` and `split_options`, or the `split` given), each at its natural activity. `match`
-    adds matched-sparsity entries {new name: (codes name, reference name)}: that method's codes kept on
-    as many top tokens as the reference's features (`matched_counts` of the reference's counts, seeded
-    by `seed`). `pairs` [(a, b), ...] (default: every pair in order) get paired differences of every
-    statistic under both protocols."""
+    `labels`, `contexts` and `split_options`, or the `split` given), each at its natural activity.
+    `match` sets matched sparsity, as `helpers.evals.heldout.heldout_scores` does: {name: reference}
+    scores that method with as many active tokens as the reference's features instead of at its
+    natural activity (`matched_counts` of the reference's counts, seeded by `seed`); {new name: (name,
+    reference)} adds the matched scoring as a further entry, beside the natural one. `pairs` [(a, b),
+    ...] (default: every pair in order) get paired differences of every statistic under both protocols."""
     split = split or ProtocolSplit(labels, contexts, label_names=label_names, seed=seed, **split_options)
-    match = dict(match or {})
+    match = {new: (new, v) if isinstance(v, str) else tuple(v) for new, v in (match or {}).items()}
     for new, (src, ref) in match.items():
         if src not in codes or ref not in codes:
-            raise ValueError(f"match {new!r}: ({src!r}, {ref!r}) must name codes ({list(codes)})")
-        if new in codes:
+            raise ValueError(f"match {new!r}: {src!r} and {ref!r} must name codes ({list(codes)})")
+        if ref in match and match[ref][0] == ref:
+            raise ValueError(f"{ref!r} is matched to {match[ref][1]!r} itself: match to a set scored at its own sparsity")
+        if new in codes and new != src:
             raise ValueError(f"match {new!r}: the name is taken by codes")
-    scores = {name: split.score(c, name) for name, c in codes.items()}
+    scores = {name: split.score(c, name) for name, c in codes.items() if not (name in match and match[name][0] == name)}
     for new, (src, ref) in match.items():
         counts = matched_counts(torch.as_tensor(scores[ref].counts), int(codes[src].shape[1]), seed=seed,
                                 min_active=split.min_active)
         scores[new] = split.score(codes[src], new, counts=counts, activity=f"matched to {ref}")
-    names = list(scores)
+    names = [n for n in codes if n in scores] + [n for n in match if n not in codes]
+    scores = {n: scores[n] for n in names}
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] if pairs is None else list(pairs)
     diffs = [difference(scores[a][p], scores[b][p], s) for a, b in pairs for p in PROTOCOLS for s in scores[a][p].keys]
     return ProtocolComparison(scores, diffs)
