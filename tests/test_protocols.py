@@ -255,3 +255,14 @@ def test_match_by_name_scores_that_method_at_the_reference_sparsity_instead(data
     assert {(d.a, d.b) for d in res.differences} == {("planted", "random")}
     with pytest.raises(ValueError, match="matched to"):
         protocol_scores({"a": planted, "b": dense}, labels, contexts, match={"a": "b", "b": "a"}, n_boot=2)
+
+
+def test_labels_as_a_sparse_or_boolean_matrix_with_names(data):
+    ids, contexts, labels, planted, _, _ = data
+    keep = contexts < 60
+    m = labels.matrix[np.flatnonzero(keep)]
+    a = ProtocolSplit(m, contexts[keep], label_names=labels.names, n_boot=3, window=16).score(planted[keep], "a")
+    b = ProtocolSplit(m.toarray() > 0, contexts[keep], label_names=labels.names, n_boot=3, window=16).score(
+        planted[keep].numpy(), "a")
+    assert a.features["concept"] == b.features["concept"] == [f"token id {10 + j}" for j in range(6)]
+    assert a.rows() == b.rows()
