@@ -1,0 +1,268 @@
+"""The LLM-free paper protocol and delphi detection score (helpers.evals.protocols) on synthetic codes
+with planted features, checked against brute-force recomputations on a tiny case."""
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from helpers.evals.heldout import heldout_score, token_labels
+from helpers.evals.protocols import (Distribution, ProtocolComparison, ProtocolScore, ProtocolSplit, difference,
+                                     heldout_distribution, protocol_scores, summarize)
+
+matplotlib.use("Agg")
+
+N_CTX, PER = 200, 64
+
+
+@pytest.fixture(scope="module")
+def data():
+    """12,800 tokens in 200 contexts of 64, ids 0..59 (Zipf-like). `planted` [N, 6]: feature j is the
+    indicator of token id 10 + j times a random strength in [0.5, 1.5); `dense` [N, 20]: Gaussian
+    codes (dense random directions); `split_feature` [N, 1]: token id 20 in the even (explaining)
+    contexts, token id 21 in the odd (scoring) ones."""
+    rng = np.random.default_rng(0)
+    n = N_CTX * PER
+    p = 1 / np.arange(1, 61) ** 0.7
+    ids = rng.choice(60, size=n, p=p / p.sum())
+    contexts = np.repeat(np.arange(N_CTX), PER)
+    planted = np.zeros((n, 6), np.float32)
+    for j in range(6):
+        on = ids == 10 + j
+        planted[on, j] = rng.random(on.sum()) + 0.5
+    dense = rng.standard_normal((n, 20)).astype(np.float32)
+    even = contexts % 2 == 0
+    split_feature = (np.where(even, ids == 20, ids == 21) * (rng.random(n) + 0.5)).astype(np.float32)[:, None]
+    labels = token_labels(ids, contexts, min_count=10)
+    return ids, contexts, labels, torch.as_tensor(planted), torch.as_tensor(dense), torch.as_tensor(split_feature)
+
+
+@pytest.fixture(scope="module")
+def comparison(data):
+    ids, contexts, labels, planted, dense, _ = data
+    return protocol_scores({"planted": planted, "random": dense}, labels, contexts,
+                           match={"random matched": ("random", "planted")}, n_boot=40, window=16)
+
+
+def test_planted_features_score_high_and_random_directions_at_chance(comparison):
+    res = comparison
+    assert isinstance(res, ProtocolComparison) and list(res.scores) == ["planted", "random", "random matched"]
+    a, r, m = res["planted"], res["random"], res["random matched"]
+    assert a.features["concept"] == [f"token id {10 + j}" for j in range(6)], "the explainer names the planted concept"
+    assert a.correlation.n_scored == 6 and a.correlation.median.value > 0.9 and a.correlation.median.low > 0.85
+    assert a.detection.median.value > 0.9, a.detection
+    assert abs(r.correlation.median.value) < 0.1 and r.correlation.shares["share > 0.5"].value == 0
+    assert abs(r.detection.median.value - 0.5) < 0.08 and r.detection.shares["share > 0.75"].value == 0
+    assert abs(m.correlation.median.value) < 0.1 and abs(m.detection.median.value - 0.5) < 0.08
+    assert r.activity == "natural" and m.activity == "matched to planted"
+    assert set(m.counts.tolist()) <= set(a.counts.tolist()), "matched counts are drawn from the reference's"
+    assert r.counts.min() > a.counts.max(), "dense directions are active on max_density of the tokens"
+    d = res.difference("planted", "random", "correlation", "share > 0.5")
+    assert d.paired and d.value.value == 1.0 and d.value.low > 0.9
+    assert "planted above random by the share > 0.5 (correlation): +1.000" in " ".join(res.verdicts())
+    assert res.difference("planted", "random", "detection", "median").value.above(0.3)
+
+
+def test_the_explainer_reads_only_its_half(data):
+    """A feature that means token 20 in the explaining contexts and token 21 in the scoring ones: the
+    explainer names token 20, and the held-out scores fall to chance."""
+    ids, contexts, labels, _, _, split_feature = data
+    split = ProtocolSplit(labels, contexts, n_boot=10, window=16)
+    s = split.score(split_feature, "split")
+    assert s.features["concept"] == ["token id 20"]
+    assert s.features["explain_corr"][0] > 0.8
+    assert abs(s.features["correlation"][0]) < 0.2 and s.features["detection"][0] < 0.6
+
+
+def test_halves_are_disjoint_and_excerpts_follow_the_rules(data):
+    ids, contexts, labels, planted, dense, _ = data
+    split = ProtocolSplit(labels, contexts, n_boot=10, window=16)
+    assert (split.ctx_half == np.arange(N_CTX) % 2).all()
+    assert (split.weights[:, split.ctx_half == 0] == 0).all(), "only the scoring half is resampled"
+    assert (split.weights.sum(1) == (split.ctx_half == 1).sum()).all()
+    ex = split.excerpts(torch.cat([planted, dense], 1))
+    for key, half in (("explain", 0), ("score", 1), ("activating", 1), ("non_activating", 1)):
+        w = ex[key][ex[key] >= 0]
+        assert len(w) and (split.win_half[w] == half).all(), key
+    toks = split.window_tokens(ex["explain"])
+    ctx_explain = set(contexts[toks[toks >= 0]].tolist())
+    toks = split.window_tokens(ex["score"])
+    assert ctx_explain.isdisjoint(contexts[toks[toks >= 0]].tolist())
+    # activating excerpts hold an active token, non-activating ones none (planted: active = positive)
+    for f in range(6):
+        on = planted[:, f].numpy() > 0
+        for key, want in (("activating", True), ("non_activating", False)):
+            t = split.window_tokens(ex[key][f][ex[key][f] >= 0])
+            assert (on[np.where(t >= 0, t, 0)] & (t >= 0)).any(1).tolist() == [want] * len(t), (f, key)
+    # delphi's sampling: 50 activating excerpts of a dense direction, 5 from each tenth of its ranked windows
+    f = 6
+    x = dense[:, 0].numpy()
+    act_win = np.zeros(split.n_windows, bool)
+    act_win[split.win[np.argsort(-x)[:split.k_max]]] = True
+    cand = np.flatnonzero(act_win & (split.win_half == 1))
+    wmax = np.array([x[t[t >= 0]].max() for t in split.window_tokens(cand)])
+    ranked = cand[np.argsort(-wmax, kind="stable")]
+    rank = {w: i for i, w in enumerate(ranked)}
+    chosen = ex["activating"][f]
+    assert (chosen >= 0).sum() == 50
+    size = len(ranked) // 10
+    assert np.bincount([rank[w] // size for w in chosen], minlength=10).tolist() == [5] * 10
+
+
+def _brute_correlation(split, codes, concept, windows, weights):
+    """Pearson correlation over the tokens of `windows`, each repeated as often as its context's weight."""
+    t = split.window_tokens(windows)
+    t = t[t >= 0]
+    rep = weights[contexts_of(split, t)].astype(int)
+    x = np.repeat(codes[t], rep)
+    lab = np.repeat(np.asarray(split.L[t, concept].todense()).ravel(), rep)
+    if len(x) == 0:
+        return np.nan
+    if x.std() == 0 or lab.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, lab)[0, 1])
+
+
+def contexts_of(split, tokens):
+    return split.ctx[tokens]
+
+
+def _brute_detection(split, concept, act, non, weights):
+    def has(w):
+        t = split.window_tokens(w)
+        return bool(np.asarray(split.L[t[t >= 0], concept].todense()).any())
+
+    def weighted(ws, want):
+        ws = [w for w in ws if w >= 0]
+        wt = np.array([weights[split.win_ctx[w]] for w in ws])
+        hit = np.array([has(w) == want for w in ws])
+        return (wt * hit).sum(), wt.sum()
+
+    tp, p = weighted(act, True)
+    tn, nn = weighted(non, False)
+    return (tp / p + tn / nn) / 2 if p > 0 and nn > 0 else np.nan
+
+
+def _recentred(value, samples):
+    lo, hi = np.percentile(samples, [2.5, 97.5]) - np.median(samples) + value
+    return lo, hi
+
+
+def test_scores_and_intervals_match_a_brute_force_recomputation(data):
+    """A tiny case: every per-feature score, on the full sample and on every context resample, and
+    every summary statistic with its interval, recomputed by repeating excerpts token by token."""
+    ids, contexts, labels, planted, dense, _ = data
+    keep = contexts < 40
+    codes = torch.cat([planted, dense[:, :4]], 1)[torch.from_numpy(keep)]
+    split = ProtocolSplit(token_labels(ids[keep], contexts[keep], min_count=5), contexts[keep], n_boot=6, window=16,
+                          score_top=4, score_random=4, n_activating=10, n_quantiles=5, n_non_activating=6)
+    s = split.score(codes, "tiny")
+    ex = split.excerpts(codes)
+    F = codes.shape[1]
+    full = split.full_weights
+    for f in range(F):
+        c = ex["concept"][f]
+        assert c >= 0
+        x = codes[:, f].numpy()
+        want = _brute_correlation(split, x, c, ex["score"][f], full)
+        assert s.features["correlation"][f] == pytest.approx(want, abs=1e-6)
+        want = _brute_detection(split, c, ex["activating"][f], ex["non_activating"][f], full)
+        assert s.features["detection"][f] == pytest.approx(want, abs=1e-9)
+    boot_corr = np.array([[_brute_correlation(split, codes[:, f].numpy(), ex["concept"][f], ex["score"][f], w)
+                           for f in range(F)] for w in split.weights])
+    d = s.correlation
+    for key, fn in (("median", np.median), ("mean", np.mean), ("share > 0.5", lambda v: (v > 0.5).mean()),
+                    ("top decile", lambda v: np.percentile(v, 90))):
+        value = fn(s.features["correlation"])
+        per = np.array([fn(row[np.isfinite(row)]) for row in boot_corr])
+        assert d.stat(key).value == pytest.approx(value, abs=1e-9), key
+        assert d.boot[key] == pytest.approx(per, abs=1e-6), key
+        lo, hi = _recentred(value, per)
+        if key.startswith("share"):
+            lo, hi = max(lo, 0), min(hi, 1)
+        assert (d.stat(key).low, d.stat(key).high) == pytest.approx((lo, hi), abs=1e-6), key
+    boot_det = np.array([[_brute_detection(split, ex["concept"][f], ex["activating"][f], ex["non_activating"][f], w)
+                          for f in range(F)] for w in split.weights])
+    assert s.detection.boot["mean"] == pytest.approx(np.nanmean(boot_det, 1), abs=1e-9)
+
+
+def test_summarize_by_hand_and_the_difference_of_a_method_with_itself(comparison):
+    v = np.array([0.1, 0.35, 0.6, np.nan, 0.8, -0.2])
+    d = summarize(v, "m", "correlation", n_boot=50)
+    assert d.n_features == 6 and d.n_scored == 5 and d.interval == "features"
+    assert d.median.value == pytest.approx(0.35) and d.mean.value == pytest.approx(0.33)
+    assert [d.shares[f"share > {t}"].value for t in (0.3, 0.5, 0.7)] == pytest.approx([0.6, 0.4, 0.2])
+    assert d.top_decile.value == pytest.approx(np.percentile(v[np.isfinite(v)], 90))
+    assert d.median.has_interval and 0 <= d.shares["share > 0.5"].low <= 0.4 <= d.shares["share > 0.5"].high <= 1
+    a = comparison["planted"]
+    for p in ("correlation", "detection"):
+        for stat in a[p].keys:
+            same = difference(a[p], a[p], stat)
+            assert same.paired and (same.value.value, same.value.low, same.value.high) == (0, 0, 0), (p, stat)
+    assert not difference(d, d).paired
+
+
+def test_heldout_mcc_as_a_distribution(data):
+    ids, contexts, labels, planted, dense, _ = data
+    h = heldout_score(torch.cat([planted, dense[:, :10]], 1), labels, contexts, n_boot=10, min_count=10)
+    d = heldout_distribution(h)
+    mcc = np.asarray(h.features["mcc"])[np.asarray(h.features["scored"], bool)]
+    assert d.protocol == "heldout mcc" and d.n_scored == len(mcc) and d.interval == "features"
+    assert d.median.value == pytest.approx(np.median(mcc)) and d.mean.value == pytest.approx(mcc.mean())
+    assert d.shares["share > 0.5"].value == pytest.approx((mcc > 0.5).mean())
+    assert d.shares["share > 0.5"].value == pytest.approx(6 / 16), "the planted features, and only they"
+
+
+def test_results_round_trip_and_plot(comparison, tmp_path):
+    res = comparison
+    back = ProtocolComparison.from_dict(res.to_dict())
+    assert isinstance(back["planted"], ProtocolScore) and isinstance(back["planted"].correlation, Distribution)
+    assert back.rows() == res.rows() and back.verdicts() == res.verdicts()
+    assert back["planted"].features["concept"] == res["planted"].features["concept"]
+    np.testing.assert_array_equal(back["random"].correlation.values, res["random"].correlation.values)
+    np.testing.assert_array_equal(back["random"].detection.boot["median"], res["random"].detection.boot["median"])
+    d = res["random"].correlation
+    loaded = Distribution.load(d.save(tmp_path / "d.json"))
+    assert loaded.rows() == d.rows() and loaded.resamples == d.resamples
+    assert difference(loaded, res["planted"].correlation, "mean").value == \
+        difference(d, res["planted"].correlation, "mean").value, "a loaded distribution pairs as before"
+    loaded = ProtocolComparison.load(res.save(tmp_path / "c.json"))
+    assert loaded.difference_rows() == res.difference_rows()
+    assert list(res.table("detection").columns)[:4] == ["method", "activity", "protocol", "scored"]
+    fig = res.plot()
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) >= 3
+    assert "planted" in str(res) and "<table" in res._repr_html_()
+
+
+def test_bad_inputs_are_refused(data):
+    ids, contexts, labels, planted, _, _ = data
+    with pytest.raises(ValueError, match="one row per token"):
+        ProtocolSplit(labels, contexts[:-1])
+    split = ProtocolSplit(labels, contexts, n_boot=2)
+    with pytest.raises(ValueError, match="codes must be"):
+        split.score(planted[:-1])
+    with pytest.raises(ValueError, match="counts for"):
+        split.score(planted, counts=[3, 4])
+    with pytest.raises(ValueError, match="must name codes"):
+        protocol_scores({"a": planted}, labels, contexts, match={"b": ("a", "c")}, n_boot=2)
+
+
+def test_match_by_name_scores_that_method_at_the_reference_sparsity_instead(data):
+    ids, contexts, labels, planted, dense, _ = data
+    res = protocol_scores({"planted": planted, "random": dense}, labels, contexts, match={"random": "planted"},
+                          n_boot=5, window=16)
+    assert list(res.scores) == ["planted", "random"] and res["random"].activity == "matched to planted"
+    assert set(res["random"].counts.tolist()) <= set(res["planted"].counts.tolist())
+    assert {(d.a, d.b) for d in res.differences} == {("planted", "random")}
+    with pytest.raises(ValueError, match="matched to"):
+        protocol_scores({"a": planted, "b": dense}, labels, contexts, match={"a": "b", "b": "a"}, n_boot=2)
+
+
+def test_labels_as_a_sparse_or_boolean_matrix_with_names(data):
+    ids, contexts, labels, planted, _, _ = data
+    keep = contexts < 60
+    m = labels.matrix[np.flatnonzero(keep)]
+    a = ProtocolSplit(m, contexts[keep], label_names=labels.names, n_boot=3, window=16).score(planted[keep], "a")
+    b = ProtocolSplit(m.toarray() > 0, contexts[keep], label_names=labels.names, n_boot=3, window=16).score(
+        planted[keep].numpy(), "a")
+    assert a.features["concept"] == b.features["concept"] == [f"token id {10 + j}" for j in range(6)]
+    assert a.rows() == b.rows()
