@@ -208,3 +208,36 @@ def test_interpretability_curve_result_round_trips_and_says_the_gap():
     said = " ".join(curve.verdicts())
     assert "SAE scores lower" in said and "SAE scores higher" in said and "+0.030" in said
     assert len(curve.rows()) == 2 and curve.plot() is not None
+
+
+def test_the_distribution_every_way_with_paired_intervals_over_contexts(data):
+    """Median, mean, shares above 0.3/0.5/0.7 and the top decile, each with an interval over resampled
+    contexts, and paired differences of any of them."""
+    from helpers.evals.heldout import SUMMARIES, statistic_key
+
+    ids, contexts, planted, random = data
+    labels = token_labels(ids, contexts, min_count=10)
+    both = torch.cat([planted, random], 1)  # 8 planted features and 30 that mean nothing
+    res = heldout_scores({"mixed": both, "random": random}, labels, contexts, n_boot=40, min_count=10)
+    mixed = res["mixed"].summary()
+    assert list(mixed) == list(SUMMARIES)
+    scored = res["mixed"].scored_features()
+    v = scored.mcc[scored.scored]
+    assert mixed["share > 0.5"].value == pytest.approx(np.mean(v > 0.5))
+    assert mixed["mean"].value == pytest.approx(v.mean()) and mixed["median"].value == pytest.approx(np.median(v))
+    assert mixed["top decile"].value == pytest.approx(np.percentile(v, 90))
+    assert mixed["median"].value == res["mixed"].mcc.value
+    # the median hides the planted tail that the share shows: 8 of 38 features
+    assert mixed["median"].value < 0.1 and 0.15 < mixed["share > 0.5"].value <= 8 / 38 + 1e-9
+    for e in mixed.values():
+        assert e.low <= e.value <= e.high
+    assert mixed["mean"].high > mixed["mean"].low  # resampled contexts move the mean (the share here stays 8/38)
+    assert len(res["mixed"].boot[statistic_key("mcc", "share > 0.5")]) == 40
+    d = compare(res["mixed"], res["random"], "mcc share > 0.5")
+    assert d.better == "mixed" and d.value.low > 0.1
+    same = compare(res["mixed"], res["mixed"], "mcc top decile").value
+    assert (same.value, same.low, same.high) == (0, 0, 0)
+    table = res.distribution_table()
+    assert [r["method"] for r in table.rows()] == ["mixed", "random"] and "share > 0.5" in table.rows()[0]
+    with pytest.raises(ValueError, match="statistic 'mcc share > 0.9'"):
+        compare(res["mixed"], res["random"], "mcc share > 0.9")

@@ -206,10 +206,13 @@ def test_heldout_mcc_as_a_distribution(data):
     h = heldout_score(torch.cat([planted, dense[:, :10]], 1), labels, contexts, n_boot=10, min_count=10)
     d = heldout_distribution(h)
     mcc = np.asarray(h.features["mcc"])[np.asarray(h.features["scored"], bool)]
-    assert d.protocol == "heldout mcc" and d.n_scored == len(mcc) and d.interval == "features"
+    assert d.protocol == "heldout mcc" and d.n_scored == len(mcc) and d.interval == "contexts"
+    assert d.resamples == h.resamples and d.shares["share > 0.5"] == h.summary()["share > 0.5"]
     assert d.median.value == pytest.approx(np.median(mcc)) and d.mean.value == pytest.approx(mcc.mean())
     assert d.shares["share > 0.5"].value == pytest.approx((mcc > 0.5).mean())
     assert d.shares["share > 0.5"].value == pytest.approx(6 / 16), "the planted features, and only they"
+    h.boot = {k: v for k, v in h.boot.items() if " " not in k}  # a score holding its resampled medians only
+    assert heldout_distribution(h).interval == "features"
 
 
 def test_results_round_trip_and_plot(comparison, tmp_path):

@@ -386,6 +386,35 @@ def _interval(value: float, boot) -> tuple[float, float]:
 
 
 STATS = ("mcc", "null_mcc", "excess_mcc", "corr", "null_corr", "excess_corr")
+# Summaries of the per-feature held-out scores over the scored features, each with its interval over
+# resampled contexts: "mcc" is the median; "mcc mean", "mcc share > 0.5", "mcc top decile" (the 90th
+# percentile), ... the others (for mcc and corr). A share says how many features are clearly
+# interpretable, which a median over many dull features can hide.
+SUMMARIES = {
+    "median": lambda x: np.median(x, axis=0),
+    "mean": lambda x: np.mean(x, axis=0),
+    "share > 0.3": lambda x: np.mean(x > 0.3, axis=0),
+    "share > 0.5": lambda x: np.mean(x > 0.5, axis=0),
+    "share > 0.7": lambda x: np.mean(x > 0.7, axis=0),
+    "top decile": lambda x: np.percentile(x, 90, axis=0),
+}
+
+
+def statistic_key(key: str, summary: str = "median") -> str:
+    """The name of a summary of a held-out score: "mcc" (its median), "mcc mean", "corr share > 0.5", ..."""
+    if summary not in SUMMARIES:
+        raise ValueError(f"summary must be one of {tuple(SUMMARIES)}, got {summary!r}")
+    return key if summary == "median" else f"{key} {summary}"
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """("mcc", "share > 0.5") from "mcc share > 0.5"; ("excess_mcc", "median") from "excess_mcc"."""
+    base, _, summary = key.partition(" ")
+    summary = summary or "median"
+    if base not in STATS or summary not in SUMMARIES or (summary != "median" and base not in ("mcc", "corr")):
+        raise ValueError(f"statistic {key!r}: one of {STATS} (medians), or 'mcc' or 'corr' followed by one of "
+                         f"{tuple(s for s in SUMMARIES if s != 'median')}, e.g. 'mcc share > 0.5'")
+    return base, summary
 
 
 def _stat(r: Scored, k: str) -> np.ndarray:
@@ -393,6 +422,13 @@ def _stat(r: Scored, k: str) -> np.ndarray:
         base = k[len("excess_"):]
         return getattr(r, base) - getattr(r, f"null_{base}")
     return getattr(r, k)
+
+
+def statistic(r: Scored, key: str) -> float:
+    """A summary (`statistic_key`) of the per-feature held-out scores over the scored features."""
+    base, summary = _split_key(key)
+    v = _stat(r, base)[r.scored]
+    return float(SUMMARIES[summary](v)) if len(v) else float("nan")
 
 
 def _numpy(x) -> np.ndarray:
@@ -548,7 +584,7 @@ class HeldoutSplit:
         then weighted by all resamples at once with one matrix product."""
         B = len(self.weights)
         if B == 0 or not scored.any():
-            return {"mcc": np.zeros(0), "corr": np.zeros(0)}
+            return {statistic_key(k, summ): np.zeros(0) for k in ("mcc", "corr") for summ in SUMMARIES}
         f_idx = np.flatnonzero(scored)
         idx, vals = idx[f_idx], vals[f_idx].astype(np.float64)
         F, K = idx.shape
@@ -556,7 +592,7 @@ class HeldoutSplit:
         safe = np.where(valid, idx, 0)
         ctx_of, half_of = self.ctx[safe], self.half[safe]
         parity = self.ctx_half
-        out = {"mcc": np.zeros(B), "corr": np.zeros(B)}
+        out = {statistic_key(k, summ): np.zeros(B) for k in ("mcc", "corr") for summ in SUMMARIES}
         for s0 in range(0, B, chunk):
             W = self.weights[s0:s0 + chunk].T                                   # [n_ctx, b]
             n_h = [(self.ctx_n * (parity == h)) @ W for h in (0, 1)]             # [b]
@@ -595,7 +631,9 @@ class HeldoutSplit:
                     ok = tot_h[a][c] >= self.min_count                          # [F, M, b]
                     pick = np.where(ok, res[a], -np.inf).argmax(1)              # [F, b]
                     scores.append(np.take_along_axis(res[b], pick[:, None, :], 1)[:, 0, :])
-                out[key][s0:s0 + chunk] = np.median((scores[0] + scores[1]) / 2, axis=0)
+                held_out = (scores[0] + scores[1]) / 2                          # [F, b]
+                for summ, fn in SUMMARIES.items():
+                    out[statistic_key(key, summ)][s0:s0 + chunk] = fn(held_out)
         return out
 
     def _gather(self, toks: np.ndarray, cand: np.ndarray) -> np.ndarray:
@@ -620,7 +658,7 @@ class HeldoutSplit:
         r = Scored(name, k, scored, mean(ho["mcc"]), mean(ho["corr"]), mean(nho["mcc"]),
                    mean(nho["corr"]), [self.labels.names[i] for i in ho["best"][0][:, 0]],
                    self._in_sample(idx), self._in_sample(null_idx))
-        r.boot = {"mcc": boot["mcc"], "corr": boot["corr"], "null_mcc": nboot["mcc"], "null_corr": nboot["corr"]}
+        r.boot = {**boot, "null_mcc": nboot["mcc"], "null_corr": nboot["corr"]}
         # the excess's interval: the median over features of (score - null), per resample
         r.boot["excess_mcc"] = r.boot["mcc"] - r.boot["null_mcc"]
         r.boot["excess_corr"] = r.boot["corr"] - r.boot["null_corr"]
@@ -750,6 +788,18 @@ class HeldoutScore(Result):
                  "null MCC": format(self.null_mcc, ".3f"), "excess MCC": format(self.excess_mcc, ".3f"),
                  "held-out corr": format(self.corr, ".3f"), "in-sample MCC": self.in_sample_mcc}]
 
+    def summary(self, key: str = "mcc") -> dict[str, Estimate]:
+        """{summary: Estimate} of the per-feature held-out `key` ("mcc" or "corr") over the scored
+        features: median, mean, the shares above 0.3 / 0.5 / 0.7 and the top decile, each with its 95%
+        interval over resampled contexts (`SUMMARIES`)."""
+        r = self.scored_features()
+        out = {}
+        for summ in SUMMARIES:
+            k = statistic_key(key, summ)
+            value = statistic(r, k)
+            out[summ] = Estimate(value, *_interval(value, self.boot.get(k)))
+        return out
+
     def beats_null(self, key: str = "mcc") -> bool:
         """Whether the excess over the same-sparsity null (`excess_mcc` or `excess_corr`) lies above 0."""
         return getattr(self, f"excess_{key}").above(0)
@@ -812,6 +862,13 @@ class HeldoutComparison(Result):
         found = [d for d in self.differences if (d.a, d.b, d.key) == (a, b, key)]
         return found[0] if found else compare(self.scores[a], self.scores[b], key)
 
+    def distribution_table(self, key: str = "mcc", methods=None):
+        """Each method's per-feature held-out `key` summarised every way (`HeldoutScore.summary`): one
+        row per method, 95% intervals over the shared resampled contexts."""
+        rows = [{"method": name, **{summ: format(e, ".3f") for summ, e in self.scores[name].summary(key).items()}}
+                for name in (methods or self.scores)]
+        return Table(rows, title=f"held-out {key.upper()} over each method's scored features")
+
     def difference_table(self):
         """The paired differences as a table (one row each), with their verdicts."""
         return Table([row for d in self.differences for row in d.rows()], title="paired differences",
@@ -829,10 +886,10 @@ def _as_scored(r) -> Scored:
 
 
 def difference(a: Scored | HeldoutScore, b: Scored | HeldoutScore, key: str = "mcc") -> dict:
-    """Median of `a` minus median of `b` (held-out `key`), with the paired 95% interval over the
-    shared resamples of one HeldoutScorer."""
+    """`a`'s statistic minus `b`'s (`key`: a median such as "mcc", or a summary such as "mcc share >
+    0.5"), with the paired 95% interval over the shared resamples of one HeldoutScorer."""
     a, b = _as_scored(a), _as_scored(b)
-    d = float(np.median(_stat(a, key)[a.scored]) - np.median(_stat(b, key)[b.scored]))
+    d = statistic(a, key) - statistic(b, key)
     ba, bb = a.boot.get(key), b.boot.get(key)
     if ba is None or bb is None or len(ba) != len(bb) or not len(ba):
         return {"value": d, "low": float("nan"), "high": float("nan")}
@@ -842,10 +899,10 @@ def difference(a: Scored | HeldoutScore, b: Scored | HeldoutScore, key: str = "m
 
 def compare(a: Scored | HeldoutScore, b: Scored | HeldoutScore, key: str = "mcc") -> HeldoutDifference:
     """`difference` as a typed result that says which scores higher: `key` is one of mcc, null_mcc,
-    excess_mcc, corr, null_corr, excess_corr. Scores on different resamples are refused (their
-    difference would not be paired)."""
-    if key not in STATS:
-        raise ValueError(f"key must be one of {STATS}, got {key!r}")
+    excess_mcc, corr, null_corr, excess_corr (medians), or a summary of mcc or corr ("mcc mean",
+    "mcc share > 0.5", "mcc top decile", ...: `SUMMARIES`). Scores on different resamples are refused
+    (their difference would not be paired)."""
+    _split_key(key)
     ra, rb = (getattr(r, "resamples", "") for r in (a, b))
     if ra and rb and ra != rb:
         raise ValueError(f"{a.name} and {b.name} were scored on different resamples ({ra} / {rb}): "

@@ -62,8 +62,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from helpers.evals.heldout import (MAX_DENSITY, MIN_ACTIVE, HeldoutScore, Scored, active_sets, as_labels,
-                                   matched_counts)
+from helpers.evals.heldout import (MAX_DENSITY, MIN_ACTIVE, SUMMARIES, HeldoutScore, Scored, active_sets, as_labels,
+                                   matched_counts, statistic_key)
 from helpers.results import Estimate, Result
 
 PROTOCOLS = ("correlation", "detection")
@@ -242,15 +242,22 @@ def summarize(values, name: str = "features", protocol: str = "scores", threshol
 
 def heldout_distribution(score: HeldoutScore | Scored, key: str = "mcc", n_boot: int = 1000,
                          seed: int = 0) -> Distribution:
-    """The `Distribution` (median, mean, shares, top decile) of a held-out score's per-feature `key`
-    (mcc or corr) over its scored features, with intervals over resampled features (the held-out
-    score keeps only its resampled medians, not per-feature resampled scores)."""
-    if isinstance(score, HeldoutScore):
-        per, name = score.features, score.name
-    else:
-        per, name = {k: getattr(score, k) for k in ("scored", "mcc", "corr")}, score.name
+    """The `Distribution` (median, mean, shares above 0.3 / 0.5 / 0.7, top decile) of a held-out
+    score's per-feature `key` (mcc or corr) over its scored features, with the held-out score's own
+    intervals over resampled contexts (paired with any score of equal `resamples`); for a score that
+    holds no resampled summaries, intervals over resampled features (`n_boot`, unpaired)."""
+    score = score if isinstance(score, HeldoutScore) else score.result()
+    per = score.features
     values = np.where(np.asarray(per["scored"], bool), np.asarray(per[key], dtype=np.float64), np.nan)
-    return summarize(values, name, f"heldout {key}", n_boot=n_boot, seed=seed)
+    boot = {summ: score.boot.get(statistic_key(key, summ)) for summ in SUMMARIES}
+    if any(b is None or not len(b) for b in boot.values()):
+        return summarize(values, score.name, f"heldout {key}", n_boot=n_boot, seed=seed)
+    est = score.summary(key)
+    thresholds = [0.3, 0.5, 0.7]
+    return Distribution(score.name, f"heldout {key}", est["median"], est["mean"],
+                        {_share_key(t): est[_share_key(t)] for t in thresholds}, est["top decile"],
+                        int(len(values)), int(np.isfinite(values).sum()), thresholds, "contexts",
+                        score.resamples, values, boot)
 
 
 def plot_distributions(dists, ax=None):
