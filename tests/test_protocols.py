@@ -269,3 +269,41 @@ def test_labels_as_a_sparse_or_boolean_matrix_with_names(data):
         planted[keep].numpy(), "a")
     assert a.features["concept"] == b.features["concept"] == [f"token id {10 + j}" for j in range(6)]
     assert a.rows() == b.rows()
+
+
+def test_a_claim_measured_every_way(data, comparison):
+    from helpers.evals.protocols import ClaimTable, claim_table
+
+    ids, contexts, labels, planted, dense, _ = data
+    res = comparison
+    held = {name: heldout_score(c, labels, contexts, name=name, n_boot=20, min_count=10)
+            for name, c in (("planted", planted), ("random", dense))}
+    measures = {"held-out MCC": (heldout_distribution(held["planted"]), heldout_distribution(held["random"])),
+                "correlation, random dense": (res["planted"].correlation, res["random"].correlation),
+                "detection, random matched": (res["planted"].detection, res["random matched"].detection)}
+    table = claim_table("planted above random", measures, where="synthetic")
+    assert len(table.rows_) == 12 and {r.word for r in table.rows_} == {"holds"}, table.rows()
+    assert [r.statistic for r in table.rows_[4:8]] == ["median", "mean", "share > 0.5", "top decile"]
+    assert table.rows_[-2].statistic == "share > 0.75", "detection's middle threshold"
+    assert all(r.paired for r in table.rows_)
+    assert table.verdicts()[0] == "planted above random (synthetic): holds by 12 of 12 measures, fails by 0, cannot tell by 0."
+    flipped = claim_table("random above planted", {k: (b, a) for k, (a, b) in measures.items()})
+    assert {r.word for r in flipped.rows_} == {"fails"}
+    same = claim_table("planted above itself", {"correlation": (res["planted"].correlation,) * 2})
+    assert {r.word for r in same.rows_} == {"cannot tell"}
+    back = ClaimTable.from_dict(table.to_dict())
+    assert back.rows() == table.rows() and back.verdicts() == table.verdicts()
+
+
+def test_dictionaries_are_scored_as_their_codes(data):
+    from helpers.evals.protocols import dictionary_protocol_scores
+
+    class Axes:  # any object with encode: here it reads the planted coordinates back
+        def encode(self, x):
+            return torch.relu(x[:, :6])
+
+    ids, contexts, labels, planted, dense, _ = data
+    x = torch.cat([planted, dense[:, :4]], 1)                        # "activations" [N, 10]
+    a = dictionary_protocol_scores({"axes": Axes()}, x, labels, contexts, n_boot=10, window=16)
+    b = protocol_scores({"axes": x[:, :6]}, labels, contexts, n_boot=10, window=16)
+    assert a.rows() == b.rows()

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
@@ -64,6 +65,7 @@ import torch
 
 from helpers.evals.heldout import (MAX_DENSITY, MIN_ACTIVE, SUMMARIES, HeldoutScore, Scored, active_sets, as_labels,
                                    matched_counts, statistic_key)
+from helpers.dictionaries.dictionary import encode_batched
 from helpers.results import Estimate, Result
 
 PROTOCOLS = ("correlation", "detection")
@@ -712,3 +714,102 @@ def protocol_scores(codes: dict, labels, contexts, *, match: dict | None = None,
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] if pairs is None else list(pairs)
     diffs = [difference(scores[a][p], scores[b][p], s) for a, b in pairs for p in PROTOCOLS for s in scores[a][p].keys]
     return ProtocolComparison(scores, diffs)
+
+
+# ------------------------------------------------------------------ a claim, measured every way
+
+CLAIM_STATS = ("median", "mean", "share", "top decile")  # "share": the share above the middle threshold
+
+
+@dataclass
+class ClaimRow(Result):
+    """One measure of a claim "a scores higher than b": the paired difference a - b of one statistic
+    under one protocol, and its word: "holds" (the interval lies above 0), "fails" (below 0: b scores
+    higher) or "cannot tell" (the interval holds 0, or there is none)."""
+
+    measure: str
+    statistic: str
+    a: str
+    b: str
+    difference: Estimate
+    paired: bool = True
+
+    @property
+    def word(self) -> str:
+        d = self.difference
+        return "holds" if d.above(0) else "fails" if d.below(0) else "cannot tell"
+
+    def rows(self) -> list[dict]:
+        return [{"measure": self.measure, "statistic": self.statistic, "a": self.a, "b": self.b,
+                 "a - b": format(self.difference, "+.3f"), "paired": self.paired, "claim": self.word}]
+
+
+@dataclass
+class ClaimTable(Result):
+    """A claim ("SAE features are more interpretable than random directions") measured every way: one
+    `ClaimRow` per measure (a protocol and what b is, e.g. random directions dense or matched in
+    sparsity) and statistic (median, mean, share above the middle threshold, top decile), with
+    `verdicts()` saying by which measures it holds, fails, or cannot be told."""
+
+    claim: str
+    rows_: list[ClaimRow] = field(default_factory=list)
+    where: str = ""
+
+    def rows(self) -> list[dict]:
+        return [r for row in self.rows_ for r in row.rows()]
+
+    def words(self) -> dict[str, list[ClaimRow]]:
+        """{"holds": rows, "fails": rows, "cannot tell": rows}."""
+        out = {"holds": [], "fails": [], "cannot tell": []}
+        for r in self.rows_:
+            out[r.word].append(r)
+        return out
+
+    def verdicts(self) -> list[str]:
+        where = f" ({self.where})" if self.where else ""
+        out = [f"{self.claim}{where}: holds by {len(self.words()['holds'])} of {len(self.rows_)} measures, fails by "
+               f"{len(self.words()['fails'])}, cannot tell by {len(self.words()['cannot tell'])}."]
+        for word, rows in self.words().items():
+            if rows:
+                out.append(f"{word}: " + "; ".join(f"{r.measure}, {r.statistic} ({r.difference.value:+.3f})"
+                                                   for r in rows) + ".")
+        return out
+
+
+def claim_table(claim: str, measures: dict, stats=CLAIM_STATS, where: str = "") -> ClaimTable:
+    """`claim` ("a scores higher than b") by every measure: `measures` {label: (a, b)}, two
+    `Distribution`s of one protocol each (e.g. `ProtocolScore.correlation`, or `heldout_distribution`
+    of a held-out score), scored on the same resamples for paired intervals; `stats` the statistics
+    compared ("share": the share above the protocol's middle threshold)."""
+    rows = []
+    for label, (a, b) in measures.items():
+        for stat in stats:
+            key = _share_key(a.thresholds[len(a.thresholds) // 2]) if stat == "share" else stat
+            d = difference(a, b, key)
+            rows.append(ClaimRow(label, key, a.name, b.name, d.value, d.paired))
+    return ClaimTable(claim, rows, where)
+
+
+class _Encoded(Mapping):
+    """{name: codes} read lazily: each dictionary's codes of `x`, computed when asked for, not kept."""
+
+    def __init__(self, dictionaries: dict, x: torch.Tensor, batch_size: int):
+        self.dictionaries, self.x, self.batch_size = dictionaries, x, batch_size
+
+    def __getitem__(self, name):
+        return encode_batched(self.dictionaries[name], self.x, self.batch_size)
+
+    def __iter__(self):
+        return iter(self.dictionaries)
+
+    def __len__(self):
+        return len(self.dictionaries)
+
+
+def dictionary_protocol_scores(dictionaries: dict, x, labels, contexts, *, match: dict | None = None, pairs=None,
+                               batch_size: int = 4096, **options) -> ProtocolComparison:
+    """`protocol_scores` for dictionaries ({name: anything with `encode`, e.g. a Dictionary or an SAE})
+    on activations `x` [N, d_in]: each dictionary's codes are computed when it is scored, so one
+    [N, n_features] matrix is in memory at a time."""
+    return protocol_scores(_Encoded(dictionaries, torch.as_tensor(x), batch_size), labels, contexts, match=match,
+                           pairs=pairs, **options)
