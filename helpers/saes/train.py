@@ -32,7 +32,17 @@ once, at every hook the configs need, and trains every stack on it:
   projection, clipping). "fp32", "bf16" and "fp16" force a choice (on CPU too: torch's CPU autocast
   and gradient scaler run the same code path, which is how the tests exercise it);
 * one backward pass per stack, so that only one stack's graph is alive at a time (a sweep's peak
-  memory is its largest stack's, not the sum of all of them).
+  memory is its largest stack's, not the sum of all of them);
+* `freeze_encoder=True` (`train_on_batches`, `train_sweep`, `train_sae`): the control of Korznikov et al.
+  2026 ("Frozen Encoder SAE"), an SAE whose encoder keeps its random initialisation. W_enc and b_enc
+  are not trained (`freeze_encoders`: no gradient, not in the optimizer, bit for bit as initialised);
+  the decoder W_dec and b_dec train as usual, with the recipe's unit-norm step (which touches W_dec
+  only). Dead latents are not resampled (resampling rewrites encoder rows); AuxK still trains the dead
+  latents' decoder rows. The architecture's own parameters (JumpReLU's thresholds) still train: they
+  set how many tokens a latent fires on, not which directions the encoder reads. The encoder still
+  sees x − b_dec where the recipe centres its input, so codes follow the trained b_dec. A tied SAE
+  (its encoder is its decoder) cannot be frozen; the improved recipe's final folding rescales each
+  encoder row by a positive factor (the same directions). The SAE saves and loads like any other.
 
 `train_sae(data, "topk", k=32)` trains one SAE on a tensor or an iterable and returns it as a
 helpers.dictionaries.dictionary.SAEDictionary (encode, decode, save in SAELens layout).
@@ -307,7 +317,7 @@ class Checkpoints:
                 bad.append(f"{path} ({type(cause).__name__}: {str(cause)[:120]})")
                 continue
             if fingerprint is not None and saved != fingerprint:
-                diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+                diff = [k for k in {**saved, **fingerprint} if saved.get(k) != fingerprint.get(k)]
                 raise TrainingError(f"checkpoint {path} was made with other settings ({', '.join(diff)} "
                                     "differ): use another run folder, or delete it to start afresh")
             if path in self.copies:
@@ -464,10 +474,23 @@ def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since
 
 
 def make_optimizer(stacks: list[SAEStack], tc: TrainConfig, total_steps: int):
-    """Adam over every stack's parameters and its LR schedule (warm-up, final linear decay)."""
-    params = [p for st in stacks for p in st.parameters()]
+    """Adam over every stack's trainable parameters (those that require a gradient: all but a frozen
+    encoder's) and its LR schedule (warm-up, final linear decay)."""
+    params = [p for st in stacks for p in st.parameters() if p.requires_grad]
     opt = _adam(params, tc, params[0].device)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, tc))
+
+
+def freeze_encoders(stacks: list[SAEStack]) -> None:
+    """Keep every stack's encoder (W_enc and b_enc) at its initial values: neither gets a gradient, so
+    `make_optimizer` leaves them out and no step changes them (Korznikov et al. 2026's frozen-encoder
+    control). A tied stack is refused: its encoder is its decoder."""
+    for st in stacks:
+        if st.tied:
+            raise ValueError(f"{st.configs[0].label}: a tied SAE's encoder is its decoder, so it cannot be frozen "
+                             "while the decoder trains; use tied=False")
+        st.W_enc.requires_grad_(False)
+        st.b_enc.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -804,6 +827,7 @@ class _Run:
     seconds: float = 0.0
     setting: dict = dataclasses.field(default_factory=dict)  # threads, device, precision (see `run_setting`)
     diverged: dict = dataclasses.field(default_factory=dict)  # config index -> step its loss stopped being finite
+    freeze_encoder: bool = False  # encoders kept at their initialisation: no resampling
 
     def frozen(self) -> list[torch.Tensor]:
         """Per stack, a bool [n]: the SAEs that diverged (trained no further)."""
@@ -925,7 +949,7 @@ def _note_divergence(run: "_Run", outs: list[dict], configs, opt, step: int, tc:
 
 def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConfig = TrainConfig(),
                 run_dir=None, progress: bool = True, on_eval=None, rules: dict | None = None,
-                wait: float | None = None) -> SweepResult:
+                wait: float | None = None, freeze_encoder: bool = False) -> SweepResult:
     """Train every config on the store's activations, reading the data once (`train_on_batches` on the
     store's batches, `StoreBatches`).
 
@@ -935,26 +959,28 @@ def train_sweep(store, hook: str | None, configs: list[SAEConfig], tc: TrainConf
     The run folder is locked while it trains (helpers.settings.locks): another process training the same folder
     waits for it (`wait` seconds; None: helpers.settings.locks.default_wait), then resumes from its checkpoint.
     An SAE whose loss stops being finite is stopped there (a warning names it and the step) and listed
-    in the result's `diverged`; the others train on.
+    in the result's `diverged`; the others train on. freeze_encoder: as in `train_on_batches`.
     """
     if not configs:
         raise ValueError("no SAE configs given")
     configs = resolve_hooks(configs, hook)
     hooks = _validate(store, configs, tc)
     return train_on_batches(StoreBatches(store, hooks, tc), configs, tc, run_dir=run_dir, progress=progress,
-                            on_eval=on_eval, rules=rules, wait=wait)
+                            on_eval=on_eval, rules=rules, wait=wait, freeze_encoder=freeze_encoder)
 
 
 def train_on_batches(source, configs: list[SAEConfig], tc: TrainConfig, *, run_dir=None, progress: bool = True,
                      on_eval=None, rules: dict | None = None, wait: float | None = None,
-                     desc: str = "train") -> SweepResult:
+                     desc: str = "train", freeze_encoder: bool = False) -> SweepResult:
     """The training loop: every config trained on the batches of `source` (`StoreBatches`,
     `TensorBatches`, `IteratorBatches`; see `batch_source`) for tc.total_tokens tokens (the module
     docstring has what a step does). Configs of one shape key share a stack; every SAE's initial
     weights and resampling generator come from tc.seed and its own config, so that it ends the same
     whether it trains alone or among others. run_dir (a resumable source only) keeps a checkpoint and
     resumes from it; `rules`, `wait`: as in `train_sweep`. A one-pass source that runs out before the
-    budget ends training there, with a warning."""
+    budget ends training there, with a warning. freeze_encoder: every SAE's encoder (W_enc, b_enc) keeps
+    its random initialisation and only the decoder trains, with no resampling (`freeze_encoders`; the
+    module docstring has the rest); a checkpoint records it."""
     if not configs:
         raise ValueError("no SAE configs given")
     _check_budget(tc)
@@ -967,6 +993,8 @@ def train_on_batches(source, configs: list[SAEConfig], tc: TrainConfig, *, run_d
             if run_dir is not None else nullcontext())
     with lock:
         stacks, where, rules = prepare(source, configs, tc, rules, device)
+        if freeze_encoder:
+            freeze_encoders(stacks)
         opt, sched = make_optimizer(stacks, tc, total_steps)
         autocast, scaler = amp(device, tc.precision)
         # One generator per SAE, seeded by the seed and the SAE's own config, so that resampling draws
@@ -974,10 +1002,12 @@ def train_on_batches(source, configs: list[SAEConfig], tc: TrainConfig, *, run_d
         gens = [torch.Generator().manual_seed(tc.seed * 1_000_003 + zlib.crc32(repr(c).encode())) for c in configs]
         gen_of = {pos: gens[i] for i, pos in enumerate(where)}
         fingerprint = _fingerprint(configs, tc, source) if run_dir is not None else {}
+        if freeze_encoder and run_dir is not None:  # only when set: other runs keep their fingerprints
+            fingerprint["freeze_encoder"] = True
         run = _Run(stacks, where, opt, sched, scaler,
                    [torch.zeros(st.n, st.d_sae, dtype=torch.int64, device=device) for st in stacks], gens,
                    fingerprint, Checkpoints(run_dir) if run_dir is not None else None,
-                   setting=run_setting(device, tc.precision))
+                   setting=run_setting(device, tc.precision), freeze_encoder=freeze_encoder)
         run.restore(device)
         if run.step < total_steps:
             _train_loop(run, source, configs, tc, total_steps, device, gen_of, autocast, scaler, progress,
@@ -1025,7 +1055,7 @@ def _train_loop(run, source, configs, tc, total_steps, device, gen_of, autocast,
                 if "grad_norm" in outs[s]:
                     g = float(outs[s]["grad_norm"][row])
                     grad_max[i] = g if grad_max[i] is None else max(grad_max[i], g)
-            if (tc.resample_every and step % tc.resample_every == 0
+            if (tc.resample_every and not run.freeze_encoder and step % tc.resample_every == 0
                     and step < tc.resample_until * total_steps):
                 _resample(stacks, run.since_fired, source.pools(step, device), tc, opt, gen_of, frozen)
             if step % tc.log_every == 0 or step == total_steps:
@@ -1089,7 +1119,8 @@ _SETTING_ARGS = ("k", "l1_coefficient", "l0_coefficient")
 def train_sae(data, architecture: str = "topk", *, d_sae: int | None = None, expansion: int = 8, k: int = 32,
               l1_coefficient: float | None = None, l0_coefficient: float | None = None, tokens: int | None = None,
               batch_size: int = 4096, lr: float = 1e-3, seed: int = 0, device: str | None = None,
-              progress: bool = True, hook_name: str = "", model_name: str = "", **config) -> SAEDictionary:
+              progress: bool = True, hook_name: str = "", model_name: str = "", freeze_encoder: bool = False,
+              **config) -> SAEDictionary:
     """Train one SAE on plain activations and return it as a Dictionary (`.encode(x)` [N, d_sae],
     `.decode`, `.sae` the one-SAE stack, `.save(folder)` in SAELens layout).
 
@@ -1103,6 +1134,8 @@ def train_sae(data, architecture: str = "topk", *, d_sae: int | None = None, exp
     d_sae: the dictionary size (default: expansion × d_in).
     tokens: the training budget (default: 1M); the schedule follows from it (`budget_config`).
     device: None for the GPU where there is one. hook_name, model_name: recorded in the SAE's files.
+    freeze_encoder: keep the encoder (W_enc, b_enc) at its random initialisation and train only the
+      decoder, with no resampling (Korznikov et al. 2026's control; the module docstring has the rest).
     config: any other SAEConfig field (recipe="improved", tied, matryoshka_widths, ...).
 
     The training loop is the sweep's (`train_on_batches`): Adam with warm-up and decay, inputs
@@ -1120,7 +1153,7 @@ def train_sae(data, architecture: str = "topk", *, d_sae: int | None = None, exp
     source = batch_source(data, tc)
     cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae or expansion * source.d_in, architecture=architecture,
                     hook_name=hook_name, model_name=model_name, **{**setting, **config})
-    result = train_on_batches(source, [cfg], tc, progress=progress, desc="train_sae:")
+    result = train_on_batches(source, [cfg], tc, progress=progress, desc="train_sae:", freeze_encoder=freeze_encoder)
     if result.diverged:
         raise TrainingError(f"the SAE diverged at step {result.diverged[0]} (lr {lr:g}): lower the learning rate")
     return SAEDictionary(result.saes[0])
