@@ -21,8 +21,10 @@ from helpers.activations.models import ModelUnavailable, hooked, load_model
 from helpers.activations.store import ActivationStore, CorruptShard, StoreError, StoreMismatch
 from helpers.causal.patching import patch_features
 from helpers.causal.steering import steer
+from helpers.dictionaries.controls import frozen_encoder_sae, reinitialised, shared_latents, token_mean_directions
 from helpers.dictionaries.dictionary import as_dictionary, load_sae, neuron_basis, random_directions
 from helpers.evals.heldout import compare, heldout_score, heldout_scores, token_labels
+from helpers.evals.protocols import claim_table, dictionary_protocol_scores, heldout_distribution, protocol_scores
 from helpers.evals.reconstruction import ce_loss_recovered, fvu, reconstruction
 from helpers.results import Estimate, Result
 from helpers.saes.train import train_sae
@@ -31,9 +33,11 @@ from helpers.show.dashboard import FeatureView, dashboard, top_contexts
 
 __all__ = [
     # the research API
-    "Estimate", "FeatureView", "Result", "as_dictionary", "ce_loss_recovered", "collect", "compare", "dashboard",
-    "fvu", "heldout_score", "heldout_scores", "hooked", "load_sae", "neuron_basis", "patch_features",
-    "random_directions", "reconstruction", "steer", "token_labels", "top_contexts", "train_sae",
+    "Estimate", "FeatureView", "Result", "as_dictionary", "ce_loss_recovered", "claim_table", "collect", "compare",
+    "dashboard", "dictionary_protocol_scores", "frozen_encoder_sae", "fvu", "heldout_distribution", "heldout_score",
+    "heldout_scores", "hooked", "load_sae", "neuron_basis", "patch_features", "protocol_scores", "random_directions",
+    "reconstruction", "reinitialised", "shared_latents", "steer", "token_labels", "token_mean_directions",
+    "top_contexts", "train_sae",
     # the notebooks' conveniences
     "ActivationStore", "CorruptShard", "EMBEDDED_MODEL", "ModelUnavailable", "PAPER_MODEL", "PROFILES",
     "Profile", "StoreError", "StoreMismatch", "get_profile", "get_store", "harvest", "iter_contexts",
