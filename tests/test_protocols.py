@@ -307,3 +307,14 @@ def test_dictionaries_are_scored_as_their_codes(data):
     a = dictionary_protocol_scores({"axes": Axes()}, x, labels, contexts, n_boot=10, window=16)
     b = protocol_scores({"axes": x[:, :6]}, labels, contexts, n_boot=10, window=16)
     assert a.rows() == b.rows()
+
+
+def test_scored_tokens_are_kept_and_the_rest_dropped(data):
+    ids, contexts, labels, planted, dense, _ = data
+    keep = np.random.default_rng(1).random(len(contexts)) > 0.1       # drop a tenth of the tokens, as massive ones
+    sub = type(labels)(labels.names, labels.families, labels.matrix[keep])
+    a = ProtocolSplit(labels, contexts, scored=keep, n_boot=10, window=16).score(planted, "planted")
+    b = ProtocolSplit(sub, contexts[keep], n_boot=10, window=16).score(planted[torch.as_tensor(keep)], "planted")
+    assert a.rows() == b.rows() and a.correlation.median.value > 0.9
+    with pytest.raises(ValueError, match="scored has 3 entries"):
+        ProtocolSplit(labels, contexts, scored=keep[:3])

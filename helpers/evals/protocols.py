@@ -293,10 +293,13 @@ class ProtocolSplit:
     excerpts (`window`), the activity (`max_density`; features with fewer than `min_active` active
     tokens are not scored), the explainer (`explain_top`, `explain_random`, `min_excerpts`) and the
     scores (`score_top`, `score_random`; `n_activating`, `n_quantiles`, `n_non_activating`).
-    `score(codes)` scores one method, `chunk` features at a time; `excerpts(codes)` shows what it reads."""
+    `scored` [N] bool keeps the tokens that count (e.g. the ordinary, non-massive ones): the others are
+    dropped before the contexts are cut into windows, and codes given for all N tokens are read at the
+    kept ones. `score(codes)` scores one method, `chunk` features at a time; `excerpts(codes)` shows
+    what it reads."""
 
-    def __init__(self, labels, contexts, *, window: int = WINDOW, halves=None, label_names=None, n_boot: int = 200,
-                 seed: int = 0, max_density: float = MAX_DENSITY, min_active: int = MIN_ACTIVE,
+    def __init__(self, labels, contexts, *, window: int = WINDOW, halves=None, label_names=None, scored=None,
+                 n_boot: int = 200, seed: int = 0, max_density: float = MAX_DENSITY, min_active: int = MIN_ACTIVE,
                  explain_top: int = 10, explain_random: int = 5, min_excerpts: int = 2, score_top: int = 10,
                  score_random: int = 10, n_activating: int = 50, n_quantiles: int = 10,
                  n_non_activating: int = 50, chunk: int = 256):
@@ -304,6 +307,15 @@ class ProtocolSplit:
         L = sp.csr_matrix(self.labels.matrix, dtype=np.float64)
         L.data[:] = 1.0
         contexts = _numpy(contexts).ravel()
+        self.n_given, self.keep = len(contexts), None
+        if scored is not None:
+            self.keep = _numpy(scored).astype(bool).ravel()
+            if len(self.keep) != len(contexts) or L.shape[0] != len(contexts):
+                raise ValueError(f"scored has {len(self.keep)} entries, contexts {len(contexts)}, labels "
+                                 f"{L.shape[0]} rows: one per token each")
+            L, contexts = L[self.keep], contexts[self.keep]
+            halves = None if halves is None else _numpy(halves).ravel()[self.keep]
+            self.labels = type(self.labels)(self.labels.names, self.labels.families, L)
         n = len(contexts)
         if L.shape[0] != n:
             raise ValueError(f"labels have {L.shape[0]} rows (tokens) and contexts {n}: one row per token")
@@ -499,6 +511,9 @@ class ProtocolSplit:
     # -- scores ----------------------------------------------------------------------
     def _check(self, codes, counts):
         shape = tuple(getattr(codes, "shape", ()))
+        if self.keep is not None and len(shape) == 2 and shape[0] == self.n_given != self.n:
+            codes = torch.as_tensor(codes)[torch.as_tensor(self.keep)]
+            shape = tuple(codes.shape)
         if len(shape) != 2 or shape[0] != self.n:
             raise ValueError(f"codes must be [{self.n} tokens, features] like the labels, got shape {shape}")
         if counts is not None:
