@@ -307,6 +307,9 @@ def test_dictionaries_are_scored_as_their_codes(data):
     a = dictionary_protocol_scores({"axes": Axes()}, x, labels, contexts, n_boot=10, window=16)
     b = protocol_scores({"axes": x[:, :6]}, labels, contexts, n_boot=10, window=16)
     assert a.rows() == b.rows()
+    other = dictionary_protocol_scores({"axes": Axes()}, torch.zeros_like(x), labels, contexts, inputs={"axes": x},
+                                       n_boot=10, window=16)
+    assert other.rows() == b.rows(), "a dictionary reads its own inputs where given"
 
 
 def test_scored_tokens_are_kept_and_the_rest_dropped(data):

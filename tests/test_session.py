@@ -64,3 +64,24 @@ def test_cached_typed_results_come_back_as_their_types(session):
     first = session.cached("typed", lambda: made)
     again = session.cached("typed", lambda: pytest.fail("computed twice"))
     assert isinstance(again["fit"], FVU) and again["fit"] == made["fit"] and first["fit"] == made["fit"]
+
+
+def test_trained_saes_are_kept_in_saelens_layout_under_what_they_depend_on(session):
+    from helpers.saes.train import train_sae
+
+    x = torch.randn(512, 8)
+    calls = []
+
+    def train(seed):
+        calls.append(seed)
+        return train_sae(x, "topk", k=2, d_sae=16, tokens=1024, batch_size=128, seed=seed, progress=False)
+
+    a = session.trained("controls/twin", lambda: train(0), inputs={"seed": 0})
+    b = session.trained("controls/twin", lambda: train(1), inputs={"seed": 0})
+    assert calls == [0] and torch.equal(a.encode(x), b.encode(x)) and a.name == "twin"
+    folders = list((Path(session.P.cache_dir) / "results" / "controls").iterdir())
+    assert len(folders) == 1 and (folders[0] / "cfg.json").exists() and (folders[0] / "sae_weights.safetensors").exists()
+    session.trained("controls/twin", lambda: train(1), inputs={"seed": 1})
+    assert calls == [0, 1] and len(list(folders[0].parent.iterdir())) == 2
+    with pytest.raises(ValueError, match="name"):
+        session.trained("../twin", lambda: train(0))

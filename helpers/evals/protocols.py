@@ -806,13 +806,14 @@ def claim_table(claim: str, measures: dict, stats=CLAIM_STATS, where: str = "") 
 
 
 class _Encoded(Mapping):
-    """{name: codes} read lazily: each dictionary's codes of `x`, computed when asked for, not kept."""
+    """{name: codes} read lazily: each dictionary's codes of its activations (`inputs[name]`, else `x`),
+    computed when asked for, not kept."""
 
-    def __init__(self, dictionaries: dict, x: torch.Tensor, batch_size: int):
-        self.dictionaries, self.x, self.batch_size = dictionaries, x, batch_size
+    def __init__(self, dictionaries: dict, x: torch.Tensor, inputs: dict, batch_size: int):
+        self.dictionaries, self.x, self.inputs, self.batch_size = dictionaries, x, inputs, batch_size
 
     def __getitem__(self, name):
-        return encode_batched(self.dictionaries[name], self.x, self.batch_size)
+        return encode_batched(self.dictionaries[name], self.inputs.get(name, self.x), self.batch_size)
 
     def __iter__(self):
         return iter(self.dictionaries)
@@ -821,10 +822,16 @@ class _Encoded(Mapping):
         return len(self.dictionaries)
 
 
-def dictionary_protocol_scores(dictionaries: dict, x, labels, contexts, *, match: dict | None = None, pairs=None,
-                               batch_size: int = 4096, **options) -> ProtocolComparison:
+def dictionary_protocol_scores(dictionaries: dict, x, labels, contexts, *, inputs: dict | None = None,
+                               match: dict | None = None, pairs=None, batch_size: int = 4096,
+                               **options) -> ProtocolComparison:
     """`protocol_scores` for dictionaries ({name: anything with `encode`, e.g. a Dictionary or an SAE})
-    on activations `x` [N, d_in]: each dictionary's codes are computed when it is scored, so one
-    [N, n_features] matrix is in memory at a time."""
-    return protocol_scores(_Encoded(dictionaries, torch.as_tensor(x), batch_size), labels, contexts, match=match,
-                           pairs=pairs, **options)
+    on activations `x` [N, d_in] (`inputs` {name: activations of the same N tokens} for a dictionary
+    that reads others, e.g. an SAE of another model): each dictionary's codes are computed when it is
+    scored, so one [N, n_features] matrix is in memory at a time."""
+    inputs = {name: torch.as_tensor(v) for name, v in (inputs or {}).items()}
+    unknown = set(inputs) - set(dictionaries)
+    if unknown:
+        raise ValueError(f"inputs for {sorted(unknown)}, which are not among the dictionaries {list(dictionaries)}")
+    return protocol_scores(_Encoded(dictionaries, torch.as_tensor(x), inputs, batch_size), labels, contexts,
+                           match=match, pairs=pairs, **options)

@@ -12,6 +12,7 @@ notebook cell computes from `S.model`, `S.store` or `S.sae` a reader can compute
 from __future__ import annotations
 
 import re
+import shutil
 from functools import cached_property
 from pathlib import Path
 
@@ -21,10 +22,11 @@ from helpers.activations.harvest import get_store
 from helpers.activations.massive import Massive
 from helpers.activations.models import load_model
 from helpers.dictionaries.baselines import layer_dictionaries, massive_rule
-from helpers.dictionaries.dictionary import Dictionary, SAEDictionary, device_of
+from helpers.dictionaries.dictionary import Dictionary, SAEDictionary, device_of, load_sae
 from helpers.results import rebuild, unbuild
 from helpers.runs.sweep import Sweep, SweepRow, get_eval_store, get_sweep, layer_saes, load_sweep_sae, matched_topk
-from helpers.settings.paths import stored
+from helpers.settings.locks import tmp_name
+from helpers.settings.paths import digest, stored
 from helpers.settings.profiles import Profile, get_profile
 
 NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)*$")
@@ -134,6 +136,25 @@ class Session:
         the SAEs, PCA, ICA, neurons and random directions (helpers.dictionaries.baselines)."""
         layer = self.profile.sae_layer if layer is None else layer
         return layer_dictionaries(self.profile, layer, self.store, self.sweep, saes=self.layer_saes)
+
+    def trained(self, name: str, train, inputs=None, code=()) -> SAEDictionary:
+        """The SAE `train()` returns (an SAEDictionary), kept in the cache in SAELens layout under `name`
+        and what it depends on (`inputs` beyond the model and the store, and the modules in `code`, as
+        for `cached`): trained the first time, loaded (`load_sae`) afterwards. The folder is
+        written under a temporary name and renamed into place, so an interrupted run leaves none."""
+        if not NAME.match(name):
+            raise ValueError(f"name {name!r}: letters, digits, '.', '_', '-', in '/'-separated parts")
+        key = {"model": key_of(self.model), "store": self.store.path.name, "inputs": key_of(inputs)}
+        folder = Path(self.profile.cache_dir) / "results" / f"{name}-{digest(key, code)}"
+        if not (folder / "cfg.json").exists():
+            sae = train()
+            tmp = tmp_name(folder)
+            sae.save(tmp)
+            try:
+                tmp.replace(folder)
+            except OSError:  # saved by another process meanwhile: keep that one
+                shutil.rmtree(tmp, ignore_errors=True)
+        return load_sae(folder, name=name.rsplit("/", 1)[-1]).to(self.device)
 
     def cached(self, name: str, compute, inputs=None, code=()):
         """`compute()`'s result, kept in the cache under `name` (a path such as "patching/plain"):
