@@ -1,5 +1,6 @@
 """helpers.dictionaries.controls: the token-mean oracle, the frozen-encoder SAE, the re-initialised model
 and the latents two SAEs share, on small synthetic data and a tiny Llama."""
+import numpy as np
 import pytest
 import torch
 from conftest import sparse_data
@@ -49,6 +50,9 @@ def test_token_mean_directions_size_halves_and_errors():
     g = torch.Generator().manual_seed(1)
     x, ids = torch.randn(400, 6, generator=g), torch.randint(0, 10, (400,), generator=g)
     top3 = token_mean_directions(x, ids, n_features=3, min_count=1)
+    meta = np.zeros(400, dtype=[("token", "<i4"), ("pos", "u1")])  # a store's token records: a strided field
+    meta["token"] = ids.numpy()
+    assert torch.equal(token_mean_directions(x, meta["token"], n_features=3, min_count=1).directions, top3.directions)
     assert top3.n_features == 3 and top3.feature_tokens().tolist() == top3.tokens.tolist()
     both = token_mean_directions(x, ids, n_features=6, min_count=1, halves=True)  # 3 tokens, each ± half
     assert both.n_features == 6 and torch.equal(both.tokens, top3.tokens)

@@ -104,7 +104,8 @@ def token_mean_directions(x: torch.Tensor, token_ids, n_features: int | None = N
     (helpers.activations.massive), the means are taken, and codes computed, with the massive offset
     removed, as for every other dictionary. Sums are accumulated in float64, `chunk` rows at a time."""
     x = torch.as_tensor(x)
-    ids = torch.as_tensor(np.asarray(token_ids)).long().reshape(-1)
+    ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.as_tensor(np.array(token_ids, dtype=np.int64))
+    ids = ids.long().reshape(-1)  # (a store's token field is a strided view: copied)
     if x.ndim != 2 or len(ids) != len(x):
         raise ValueError(f"need activations [N, d] and token ids [N]; got {tuple(x.shape)} and {len(ids)} ids")
     if min_count < 1:
