@@ -176,8 +176,8 @@ def test_cost_text_as_tokens_is_the_workbook_steering_cost(hf, bridge):
     toks = torch.stack([bridge.to_tokens(t)[0, :8] for t in TEXT])
     r = steer(hf, "I think that", HOOK, direction=nb.directions[7], scale=4.0, n_new=4, cost_text=toks, norm=2.0)
     want = steering_cost(bridge, toks, HOOK, steering_vector(nb.directions[7], 4.0, 2.0)[None])
-    assert r.norm == 2.0 and r.kl == float(want["kl"][0]) and r.dce == float(want["dce"][0])
-    assert r.n_cost_tokens == toks[:, 1:].numel()
+    assert r.norm == 2.0 and r.kl == float(want.kl[0]) and r.dce == float(want.dce[0])
+    assert r.n_cost_tokens == toks[:, 1:].numel() == want.n_tokens
 
 
 def test_a_plain_hf_model_and_its_bridge_give_the_same_numbers(hf, bridge, answer):

@@ -156,9 +156,11 @@ def test_upstream_features_are_verified(model, ioi):
     up_hook = "blocks.1.hook_resid_post"
     up, down = neuron_basis(576, hook_name=up_hook), neuron_basis(576, hook_name=HOOK)
     res = upstream_features(model, ioi.tokens, HOOK, down, 7, up_hook, up, top=3)
-    assert len(res) == 3
+    assert len(res) == 3 and res.features == [u.feature for u in res] and (res.feature, res.up_hook) == (7, up_hook)
+    # ranked by the magnitude of the attribution
+    assert [abs(u.attribution) for u in res] == sorted((abs(u.attribution) for u in res), reverse=True)
     # each change is a real ablation: recompute the first one by hand
-    g = res[0]["feature"]
+    g = res[0].feature
     with torch.no_grad():
         got = {}
 
@@ -167,10 +169,28 @@ def test_upstream_features_are_verified(model, ioi):
         model.run_with_hooks(ioi.tokens, fwd_hooks=[(up_hook, lambda act, hook: ablate(up, [g])(act)), (HOOK, cap)],
                              stop_at_layer=LAYER + 1)
         after = float(down.encode(got["y"][:, 1:].reshape(-1, 576).float())[:, 7].sum())
-    assert res[0]["change"] == pytest.approx(after - res[0]["base"], abs=1e-3)
+    assert res[0].change == pytest.approx(after - res.base, abs=1e-3)
     # the strongest attributed upstream feature measurably changes the downstream one, in the direction
     # attribution predicted
-    assert abs(res[0]["change"]) > 1e-3 and res[0]["change"] * res[0]["attribution"] > 0
+    assert abs(res[0].change) > 1e-3 and res[0].change * res[0].attribution > 0
+    assert res.strongest is max(res, key=lambda u: abs(u.change))
+    assert res.strongest_share == pytest.approx(abs(res.strongest.change) / abs(res.base))
+    # descriptions, the table, the graph and the verdicts; it saves and loads
+    described = res.described("fires on ' she'", {g: "fires on ' her'"})
+    assert described[0].description == "fires on ' her'" and described[1].description == "" and res[0].description == ""
+    rows = described.to_frame()
+    assert list(rows.columns) == ["layer", "feature", "attribution", "measured change", "of", "description"]
+    assert rows["feature"].tolist() == res.features and rows["description"][0] == "fires on ' her'"
+    down_node, up_nodes = described.graph()
+    assert down_node == {"label": f"L{LAYER} feature 7", "description": "fires on ' she'"}
+    assert [u["change"] for u in up_nodes] == [u.change for u in res] and up_nodes[0]["label"] == f"L1 feature {g}"
+    verdicts = described.verdicts()
+    assert verdicts[0].startswith(f"layer {LAYER} feature 7 (fires on ' she')")
+    same_sign = sum(u.change * u.attribution > 0 for u in res)
+    assert f"sign of the measured change for {same_sign} of 3" in verdicts[1]
+    assert f"{res.strongest_share:.1%}" in verdicts[2]
+    back = type(res).from_dict(json.loads(json.dumps(described.to_dict())))
+    assert back == described and isinstance(back[0], type(res[0]))
 
 
 def test_plain_patching_by_layer(model, plain, ioi):
@@ -179,6 +199,7 @@ def test_plain_patching_by_layer(model, plain, ioi):
     # and the later positions carry (nearly) none of it yet
     assert first.gap_closed["changed"] == pytest.approx(1.0, abs=0.05) and abs(first.gap_closed["last"]) < 0.05
     assert abs(first.gap_closed["between"]) < 0.2
+    assert first.closed("changed") == first.gap_closed["changed"] and first.closed("last") == first.gap_closed["last"]
     for row in (first, third):  # the rows' gaps are those of their per-prompt logit differences
         for p in ("changed", "between", "last"):
             assert row.gap_closed[p] == pytest.approx(gap_closed(row.ld("clean"), row.ld("cf"), row.ld(p)), abs=1e-6)

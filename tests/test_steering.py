@@ -1,6 +1,6 @@
 """helpers.causal.steering: the intervention, generation, cost, the index and the comparison."""
 import json
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, fields, replace
 
 import numpy as np
 import pytest
@@ -137,8 +137,9 @@ def test_cost_is_zero_at_scale_zero_and_grows(model):
                       model.to_tokens("She opened the letter and read it twice")[:, :8]])
     u = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
     cost = steering.steering_cost(model, text, HOOK, torch.stack([steering_vector(u, s, 100.0) for s in (0, 0.25, 1.0)]))
-    assert abs(float(cost["kl"][0])) < 1e-6 and abs(float(cost["dce"][0])) < 1e-6
-    assert 0 < cost["kl"][1] < cost["kl"][2]
+    assert abs(float(cost.kl[0])) < 1e-6 and abs(float(cost.dce[0])) < 1e-6
+    assert 0 < cost.kl[1] < cost.kl[2]
+    assert cost.n_tokens == text[:, 1:].numel() and cost.kl_mean_ablation > 0
 
 
 @pytest.fixture
@@ -185,13 +186,44 @@ def test_build_index_and_compare_smoke(model, small_index):
     assert not torch.allclose(index.diff_of_means("toy"), before)
 
 
+def test_vectors_and_the_greedy_examples_table(model, small_index):
+    index = small_index
+    word = next(t.strip() for t in index.vocab[300:] if t.strip().isalpha())
+    index.word_concepts["toy"] = (word,)
+    vectors = index.vectors("toy")
+    assert list(vectors)[0] == "SAE: fires on" and list(vectors)[-1] == "difference of means"
+    fires, dim = vectors["SAE: fires on"], vectors["difference of means"]
+    assert fires.feature == index.fires_on("toy", k=1)[0][0] and torch.equal(fires.u, index.direction(fires.feature))
+    assert dim.feature is None and float(dim.u.norm()) == pytest.approx(1.0, abs=1e-5) and "tokens with" in dim.why
+    scales = (0.0, 1.0)
+    vecs = torch.stack([steering_vector(v.u, s, index.norm) for v in vectors.values() for s in scales])
+    texts = steering.generate(model, "I think", index.hook, vecs, n_new=3)
+    text = model.to_tokens(["The old man walked slowly down the road", "She opened the letter and read it"])[:, :8]
+    cost = steering.steering_cost(model, text, index.hook, vecs)
+    ex = steering.greedy_examples(model, index, "toy", "I think", vectors, scales, texts, cost)
+    assert [(e.method, e.scale) for e in ex.examples] == [(m, s) for m in vectors for s in scales]
+    assert [e.text for e in ex.examples] == texts and [e.kl for e in ex.examples] == cost.kl.tolist()
+    assert [e.feature for e in ex.of("difference of means")] == [None, None] and ex.of("SAE: fires on")[1].kl > 0
+    assert [d.split(":")[0] for d in ex.directions] == [m.split(":")[0] for m in vectors]
+    assert f"feature {fires.feature} (fires most on" in ex.directions[0]
+    assert ex.to_frame().shape == (len(texts), 5) and ex.verdicts()[1:] == ex.directions
+    assert str(steering.GreedyExamples.from_dict(json.loads(json.dumps(ex.to_dict())))) == str(ex)
+    with pytest.raises(ValueError, match="continuations and costs expected"):
+        steering.greedy_examples(model, index, "toy", "I think", vectors, scales, texts[:-1], cost)
+
+
 def test_comparison_settings_by_profile():
     from helpers.settings.profiles import get_profile
 
-    assert steering.comparison_settings(get_profile("cpu"))["prompts"] == steering.SETTINGS["cpu"]["prompts"]
+    assert steering.comparison_settings(get_profile("cpu")).prompts == steering.SETTINGS["cpu"].prompts == 10
     assert steering.comparison_settings(get_profile("gpu")) == steering.SETTINGS["default"]
     shrunk = get_profile("colab", harvest_tokens=4_032)                         # the simulated Colab run's size
     assert steering.comparison_settings(shrunk) == steering.SETTINGS["test"]
-    assert steering.comparison_settings(get_profile("test"), samples=3)["samples"] == 3
+    st = steering.comparison_settings(get_profile("test"), samples=3)
+    assert st.samples == 3 and st.n_new == steering.SETTINGS["test"].n_new
+    assert steering.SETTINGS["test"].samples == 2                              # an override changes a copy
+    assert st.to_dict()["samples"] == 3 and set(st.to_dict()) == {f.name for f in fields(st)}
+    with pytest.raises(FrozenInstanceError):
+        st.samples = 4
     with pytest.raises(ValueError, match="unknown steering setting"):
         steering.comparison_settings(get_profile("test"), sample=3)

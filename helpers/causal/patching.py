@@ -28,7 +28,7 @@ decoder works: the SAE and the baselines alike.
 * `candidate_pool`: a seeded subset of a dictionary's features, so that every method picks its top
   k from the same number of candidates.
 * `upstream_features`: for a feature at one layer, the features at an earlier layer whose ablation
-  changes it most (attribution, then verified by ablation).
+  changes it most (attribution, then verified by ablation), as a `FeatureCircuit`.
 * `patch_positions_by_layer`: the plain (no dictionary) patch of the whole residual stream at chosen
   positions, layer by layer: where the information that decides the answer sits.
 * `captured_share`: how much of the clean-to-counterfactual change in the activation a dictionary's
@@ -43,10 +43,11 @@ the last position's logits are computed where only they are read.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from helpers.activations.harvest import model_device
@@ -366,6 +367,11 @@ class LayerPatch(Result):
     def ld(self, which: str) -> torch.Tensor:
         """[n]: each prompt's logit difference: "clean", "cf" or patched at a position set."""
         return self.per_prompt[which]
+
+    def closed(self, positions: str) -> float:
+        """The share of the gap closed by patching the position set `positions` (e.g. "changed", "last"),
+        over all prompts."""
+        return self.gap_closed[positions]
 
     def interval(self, positions: str, prompts=None, n_boot: int = 1000, seed: int = 0) -> Estimate:
         """The share of the gap closed at `positions` over `prompts` (default all), with its bootstrap
@@ -700,11 +706,107 @@ def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(
                      order_in_sample=orders["edit_in_sample"][: max(ks)].tolist() if in_sample else None)
 
 
+@dataclass
+class UpstreamFeature(Result):
+    """One earlier feature of a `FeatureCircuit`: the attribution (a first-order estimate of how much
+    zero-ablating it changes the later feature's summed activation) and the change an actual ablation
+    makes."""
+
+    feature: int
+    attribution: float
+    change: float
+    description: str = ""
+
+
+@dataclass
+class FeatureCircuit(Result):
+    """`upstream_features`: the features at `up_hook` whose zero-ablation changes `feature` at `down_hook`
+    most, ranked by attribution (largest magnitude first), each verified by an actual ablation; `base`
+    is the later feature's activation summed over the prompts with nothing ablated. Iterating it, or
+    indexing it, gives the `UpstreamFeature`s; `described` adds the features' descriptions."""
+
+    down_hook: str
+    feature: int
+    up_hook: str
+    base: float
+    upstream: list[UpstreamFeature]
+    description: str = ""
+
+    def __iter__(self):
+        return iter(self.upstream)
+
+    def __len__(self) -> int:
+        return len(self.upstream)
+
+    def __getitem__(self, i: int) -> UpstreamFeature:
+        return self.upstream[i]
+
+    @property
+    def features(self) -> list[int]:
+        """The upstream features, by attribution."""
+        return [u.feature for u in self.upstream]
+
+    @property
+    def strongest(self) -> UpstreamFeature | None:
+        """The upstream feature whose ablation changes the later one most (None: none found)."""
+        return max(self.upstream, key=lambda u: abs(u.change), default=None)
+
+    @property
+    def strongest_share(self) -> float:
+        """How much ablating the strongest upstream feature moves the later feature, as a share of its
+        summed activation (0: none found)."""
+        u = self.strongest
+        return 0.0 if u is None else abs(u.change) / max(abs(self.base), 1e-9)
+
+    def described(self, description: str, upstream: dict) -> "FeatureCircuit":
+        """The circuit with the later feature's `description` and each upstream feature's
+        (`upstream`: {feature: description}, e.g. from helpers.evals.features.describe_features)."""
+        ups = [replace(u, description=upstream.get(u.feature, u.description)) for u in self.upstream]
+        return replace(self, description=description, upstream=ups)
+
+    def graph(self) -> tuple[dict, list[dict]]:
+        """The circuit as helpers.show.plots.circuit_graph draws it: (the later feature, the upstream ones)."""
+        down, up = layer_of(self.down_hook), layer_of(self.up_hook)
+        return ({"label": f"L{down} feature {self.feature}", "description": self.description},
+                [{"label": f"L{up} feature {u.feature}", "description": u.description, "change": u.change}
+                 for u in self.upstream])
+
+    def rows(self) -> list[dict]:
+        layer = layer_of(self.up_hook)
+        return [{"layer": layer, "feature": u.feature, "attribution": f"{u.attribution:+.3f}",
+                 "measured change": f"{u.change:+.3f}", "of": f"{self.base:.2f}", "description": u.description}
+                for u in self.upstream]
+
+    def verdicts(self) -> list[str]:
+        head = f"layer {layer_of(self.down_hook)} feature {self.feature}" + (
+            f" ({self.description})" if self.description else "")
+        out = [f"{head}: summed activation {self.base:.2f} over the prompts; the measured change is that of "
+               f"zero-ablating each feature at layer {layer_of(self.up_hook)}"]
+        if not self.upstream:
+            return out
+        n = len(self.upstream)
+        same_sign = sum(u.attribution * u.change > 0 for u in self.upstream)
+        by_change = max(range(n), key=lambda i: abs(self.upstream[i].change))
+        line = (f"attribution predicts the sign of the measured change for {same_sign} of {n}; the feature it ranks "
+                f"first is " + ("also the one whose ablation changes it most" if by_change == 0
+                                else f"#{by_change + 1} by the measured change"))
+        if n > 2:
+            rho = spearmanr([abs(u.attribution) for u in self.upstream], [abs(u.change) for u in self.upstream])[0]
+            if np.isfinite(rho):
+                line += f" (rank correlation of their magnitudes {rho:+.2f})"
+        out.append(line)
+        share = self.strongest_share
+        out.append(f"the strongest upstream feature moves the later one by {share:.1%} of its summed activation"
+                   + ("" if share > 0.01 else " (less than 1%: no upstream feature found that matters)"))
+        return out
+
+
 def upstream_features(model, tokens, down_hook: str, down_dict, feature: int, up_hook: str, up_dict,
-                      top: int = 5) -> list[dict]:
+                      top: int = 5) -> FeatureCircuit:
     """Features at `up_hook` whose zero-ablation changes `feature` (at `down_hook`) most: ranked by
-    attribution, then each verified by an actual ablation. Returns [{feature, attribution,
-    change}] where change is the measured change in the feature's summed activation."""
+    attribution, then each verified by an actual ablation. Returns a `FeatureCircuit`: each upstream
+    feature's attribution and the measured change of the later feature's activation summed over the
+    prompts (BOS left out), and that sum with nothing ablated (`base`)."""
     if layer_of(up_hook) >= layer_of(down_hook):
         raise ValueError(f"{up_hook!r} must come before {down_hook!r}")
     check_hook(model, up_dict, up_hook)
@@ -741,8 +843,8 @@ def upstream_features(model, tokens, down_hook: str, down_dict, feature: int, up
         out = []
         for g in attr.abs().argsort(descending=True)[:top].tolist():
             after = float(down_activation(replace_fn=ablate(up_dict, [g])))
-            out.append({"feature": g, "attribution": float(attr[g]), "change": after - base, "base": base})
-    return out
+            out.append(UpstreamFeature(feature=g, attribution=float(attr[g]), change=after - base))
+    return FeatureCircuit(down_hook=down_hook, feature=int(feature), up_hook=up_hook, base=base, upstream=out)
 
 
 def changed_positions(ps) -> torch.Tensor:

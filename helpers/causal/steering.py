@@ -22,6 +22,9 @@ can be compared with the simple baseline it is measured against.
   model, and the increase of the next-token loss (ΔCE), on held-out text, through
   `helpers.evals.reconstruction.spliced_loss` (the workbook's splicing machinery: the steered activation is the
   "reconstruction"; it also reports what mean-ablating the layer costs, a yardstick).
+* **Greedy examples** (`greedy_examples`): the continuations of one prompt along each of a concept's
+  directions (`SteeringIndex.vectors`: `SteeringDirection`s) at growing scale, with their costs
+  (a `SteeringCost`), as one table (`GreedyExamples`).
 * **What the direction writes**: its direct effect through the unembedding (`output_tokens`, by
   `helpers.evals.features.logit_effects`) and the measured change of the next-token distribution at a
   prompt's last position (`next_token_change`: before and after).
@@ -32,7 +35,8 @@ can be compared with the simple baseline it is measured against.
   class concepts, `helpers.evals.features.Concepts`, and word groups such as she/her); and a concept's
   **difference of means**: the mean residual where the concept is present minus where it is absent,
   ordinary tokens of the store.
-* **The measured comparison** (`compare_steering`): for each concept (a word group), the SAE
+* **The measured comparison** (`compare_steering`, its sizes by profile `comparison_settings`, a
+  `SteeringSettings`): for each concept (a word group), the SAE
   feature that fires on it, the SAE feature that most promotes it, and the difference of means, each
   at the scale that costs a chosen KL (calibrated on one half of the held-out text, measured on the
   other): the share of sampled continuations (prompts × seeds) that contain one of the concept's
@@ -48,7 +52,7 @@ import html
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -79,28 +83,51 @@ WORD_CONCEPTS = {
     "war": ("war", "wars", "army", "soldiers"),
 }
 METHODS = ("SAE: fires on", "SAE: promotes", "difference of means")
+
+
+@dataclass(frozen=True)
+class SteeringSettings:
+    """The sizes of the steering comparison for one profile (`comparison_settings`)."""
+
+    prompts: int                # neutral prompts, the first of `PROMPTS`
+    samples: int                # seeded samples per prompt and setting
+    n_new: int                  # tokens each continuation writes
+    targets: tuple              # the KL costs at which the directions are compared
+    grid: tuple                 # the scales whose KL is measured to find each target's scale
+    max_concepts: int           # word-group concepts compared (the first with enough stored tokens)
+    calib_contexts: int         # held-out contexts that calibrate the scales
+    report_contexts: int        # other held-out contexts on which the costs are measured
+    min_present: int            # stored tokens a concept needs to be compared
+    index_tokens: int | None    # ordinary tokens the steering index reads (None: the whole store)
+
+    def to_dict(self) -> dict:
+        """The settings by name: plain values, e.g. for a cache key."""
+        return asdict(self)
+
+
 # Sizes of the comparison by profile (`comparison_settings`); any other profile gets "default".
 SETTINGS = {
-    "test": dict(prompts=2, samples=2, n_new=12, targets=(0.5,), grid=(0.25, 0.5, 1.0, 2.0), max_concepts=2,
-                 calib_contexts=2, report_contexts=2, min_present=8, index_tokens=None),
-    "cpu": dict(prompts=10, samples=4, n_new=20, targets=(0.25, 1.0), grid=(0.125, 0.25, 0.5, 1.0, 2.0),
-                max_concepts=3, calib_contexts=8, report_contexts=8, min_present=20, index_tokens=100_000),
-    "default": dict(prompts=12, samples=8, n_new=24, targets=(0.25, 1.0), grid=(0.125, 0.25, 0.5, 1.0, 2.0),
-                    max_concepts=3, calib_contexts=16, report_contexts=16, min_present=20, index_tokens=100_000),
+    "test": SteeringSettings(prompts=2, samples=2, n_new=12, targets=(0.5,), grid=(0.25, 0.5, 1.0, 2.0), max_concepts=2,
+                             calib_contexts=2, report_contexts=2, min_present=8, index_tokens=None),
+    "cpu": SteeringSettings(prompts=10, samples=4, n_new=20, targets=(0.25, 1.0), grid=(0.125, 0.25, 0.5, 1.0, 2.0),
+                            max_concepts=3, calib_contexts=8, report_contexts=8, min_present=20, index_tokens=100_000),
+    "default": SteeringSettings(prompts=12, samples=8, n_new=24, targets=(0.25, 1.0), grid=(0.125, 0.25, 0.5, 1.0, 2.0),
+                                max_concepts=3, calib_contexts=16, report_contexts=16, min_present=20,
+                                index_tokens=100_000),
 }
 
 
-def comparison_settings(profile, **overrides) -> dict:
+def comparison_settings(profile, **overrides) -> SteeringSettings:
     """The comparison's sizes for a profile (`SETTINGS`; a profile shrunk to the `test` profile's harvest
     or below gets the test sizes), with any of them overridden by keyword (an unknown one is refused)."""
 
     small = profile.harvest_tokens <= PROFILES["test"].harvest_tokens
-    out = dict(SETTINGS["test"] if small else SETTINGS.get(profile.name, SETTINGS["default"]))
-    unknown = sorted(set(overrides) - set(out))
+    out = SETTINGS["test"] if small else SETTINGS.get(profile.name, SETTINGS["default"])
+    names = sorted(f.name for f in fields(SteeringSettings))
+    unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise ValueError(f"unknown steering setting(s) {unknown}: the settings are {sorted(out)}")
-    out.update(overrides)
-    return out
+        raise ValueError(f"unknown steering setting(s) {unknown}: the settings are {names}")
+    return replace(out, **overrides)
 
 
 def held_out_text(eval_store, bos_token_id: int, skip: int, n_calib: int, n_report: int):
@@ -201,13 +228,24 @@ def generate(model, prompt, hook: str, vectors: torch.Tensor | None = None, n_ne
     return [decode(model.tokenizer, r) for r in ids]
 
 
+@dataclass(frozen=True)
+class SteeringCost:
+    """What adding each of S vectors at a hook costs on held-out text (`steering_cost`, `text_cost`)."""
+
+    kl: torch.Tensor            # [S] KL(unsteered ‖ steered) of the next-token distribution, per token
+    dce: torch.Tensor           # [S] the increase of the next-token loss, nats/token
+    ce_clean: float             # the unsteered model's next-token loss
+    kl_mean_ablation: float     # what replacing the layer's activations by their mean costs: a yardstick
+    n_tokens: int = 0           # the tokens the KL is averaged over
+
+
 @torch.no_grad()
 def steering_cost(model, text_tokens: torch.Tensor, hook: str, vectors: torch.Tensor, batch_size: int = 8,
-                  max_vectors: int = 16, progress: bool | str = False) -> dict:
+                  max_vectors: int = 16, progress: bool | str = False) -> SteeringCost:
     """The cost of adding each of `vectors` [S, d] at `hook` (every position but BOS) on held-out text
-    (`text_tokens` [n, ctx], BOS first): "kl" [S], KL(unsteered ‖ steered) of the next-token
-    distribution per token; "dce" [S], the next-token loss increase (nats/token); "ce_clean"; and, for
-    scale, "kl_mean_ablation": what replacing the layer's activations by their mean costs. Through
+    (`text_tokens` [n, ctx], BOS first), as a `SteeringCost`: `kl` [S], KL(unsteered ‖ steered) of the
+    next-token distribution per token; `dce` [S], the next-token loss increase (nats/token); `ce_clean`;
+    and, for scale, `kl_mean_ablation`: what replacing the layer's activations by their mean costs. Through
     helpers.evals.reconstruction.spliced_loss (same positions and averages as CE-loss recovered), `max_vectors` at a
     time; `progress` (True or a description) shows a bar over those groups."""
 
@@ -220,8 +258,8 @@ def steering_cost(model, text_tokens: torch.Tensor, hook: str, vectors: torch.Te
                            batch_size=batch_size)
         kl += res["kl_sae"]
         ce += res["ce_sae"]
-    return {"kl": torch.tensor(kl), "dce": torch.tensor(ce) - res["ce_clean"], "ce_clean": res["ce_clean"],
-            "kl_mean_ablation": res["kl_mean"]}
+    return SteeringCost(kl=torch.tensor(kl), dce=torch.tensor(ce) - res["ce_clean"], ce_clean=res["ce_clean"],
+                        kl_mean_ablation=res["kl_mean"], n_tokens=int(text_tokens[:, 1:].numel()))
 
 
 def _text_batches(model, text) -> list[torch.Tensor]:
@@ -239,26 +277,26 @@ def _text_batches(model, text) -> list[torch.Tensor]:
     return [torch.stack(rows) for _, rows in sorted(by_len.items())]
 
 
-def text_cost(model, text, hook: str, vectors: torch.Tensor) -> dict:
+def text_cost(model, text, hook: str, vectors: torch.Tensor) -> SteeringCost:
     """`steering_cost` of `vectors` [S, d] on held-out `text`: token ids [n, ctx] (then exactly
     `steering_cost`), or strings of any lengths (each length's batch costed apart, the per-token
-    averages weighted by the tokens each batch scores). Adds "n_tokens", the tokens the KL is over."""
+    averages weighted by the tokens each batch scores; `n_tokens` counts them all)."""
     batches = [b for b in _text_batches(model, text) if b.shape[1] >= 3]
     if not batches:
         raise ValueError("the cost text needs at least one sequence of 3 tokens or more (BOS included)")
     costs = [steering_cost(model, b, hook, vectors) for b in batches]
     if len(costs) == 1:
-        return {**costs[0], "n_tokens": batches[0][:, 1:].numel()}
+        return costs[0]
     n_kl = torch.tensor([b[:, 1:].numel() for b in batches], dtype=torch.float64)
     n_ce = torch.tensor([b[:, 2:].numel() for b in batches], dtype=torch.float64)
 
     def mean(values, w):
         return sum(v * wi for v, wi in zip(values, w.tolist())) / float(w.sum())
-    ce_clean = mean([c["ce_clean"] for c in costs], n_ce)
-    ce = mean([c["dce"].double() + c["ce_clean"] for c in costs], n_ce)
-    return {"kl": mean([c["kl"].double() for c in costs], n_kl).float(), "dce": (ce - ce_clean).float(),
-            "ce_clean": ce_clean, "kl_mean_ablation": mean([c["kl_mean_ablation"] for c in costs], n_kl),
-            "n_tokens": int(n_kl.sum())}
+    ce_clean = mean([c.ce_clean for c in costs], n_ce)
+    ce = mean([c.dce.double() + c.ce_clean for c in costs], n_ce)
+    return SteeringCost(kl=mean([c.kl.double() for c in costs], n_kl).float(), dce=(ce - ce_clean).float(),
+                        ce_clean=ce_clean, kl_mean_ablation=mean([c.kl_mean_ablation for c in costs], n_kl),
+                        n_tokens=int(n_kl.sum()))
 
 
 @dataclass
@@ -371,10 +409,19 @@ def steer(model, prompt, hook: str = "", direction: torch.Tensor | None = None, 
                   feature=None if feature is None or sae is None else int(feature), unsteered=unsteered, steered=steered)
     if cost_text is not None:
         cost = text_cost(model, cost_text, hook, vecs[1:])
-        out.kl, out.dce = float(cost["kl"][0]), float(cost["dce"][0])
-        out.ce_clean, out.kl_mean_ablation = float(cost["ce_clean"]), float(cost["kl_mean_ablation"])
-        out.n_cost_tokens = int(cost["n_tokens"])
+        out.kl, out.dce = float(cost.kl[0]), float(cost.dce[0])
+        out.ce_clean, out.kl_mean_ablation = float(cost.ce_clean), float(cost.kl_mean_ablation)
+        out.n_cost_tokens = int(cost.n_tokens)
     return out
+
+
+@dataclass(frozen=True)
+class SteeringDirection:
+    """A unit steering direction for a concept (`SteeringIndex.vectors`) and what chose it."""
+
+    u: torch.Tensor             # [d] the unit direction
+    feature: int | None         # the SAE feature whose decoder direction it is (None: a difference of means)
+    why: str                    # why it was chosen, e.g. "MCC 0.88 with she"
 
 
 @dataclass
@@ -523,23 +570,24 @@ class SteeringIndex:
     def direction(self, f: int) -> torch.Tensor:
         return self.dictionary.directions[int(f)].float().cpu()
 
-    def vectors(self, name: str, words=None) -> dict:
-        """The unit steering directions for concept `name`, by method (`METHODS`), with what chose them:
-        {method: {"u": [d], "feature": f or None, "why": str}}. "SAE: promotes" needs words (a
-        word group or token concept) and a feature that promotes one of them."""
+    def vectors(self, name: str, words=None) -> dict[str, SteeringDirection]:
+        """The unit steering directions for concept `name`, by method (`METHODS`), each a
+        `SteeringDirection` (the direction, its SAE feature or None, what chose it). "SAE: promotes"
+        needs words (a word group or token concept) and a feature that promotes one of them."""
         words = words if words is not None else self.concept_words(name)
         out = {}
         fires = self.fires_on(name, k=1)
         if fires:
             f, v = fires[0]
-            out["SAE: fires on"] = {"u": self.direction(f), "feature": f, "why": f"MCC {v:.2f} with {name}"}
+            out["SAE: fires on"] = SteeringDirection(self.direction(f), f, f"MCC {v:.2f} with {name}")
         prom = self.promotes(words, k=1) if words else []
         if prom:
             f, r, v = prom[0]
-            out["SAE: promotes"] = {"u": self.direction(f), "feature": f,
-                                    "why": f"its #{r + 1} promoted token is one of {'/'.join(words)}"}
-        out["difference of means"] = {"u": unit(self.diff_of_means(name)), "feature": None,
-                                      "why": f"{self.n_present(name)} tokens with, {self.n - self.n_present(name)} without"}
+            out["SAE: promotes"] = SteeringDirection(self.direction(f), f,
+                                                     f"its #{r + 1} promoted token is one of {'/'.join(words)}")
+        out["difference of means"] = SteeringDirection(
+            unit(self.diff_of_means(name)), None,
+            f"{self.n_present(name)} tokens with, {self.n - self.n_present(name)} without")
         return out
 
 
@@ -656,28 +704,28 @@ def compare_steering(model, index: SteeringIndex, calib_tokens: torch.Tensor, re
                     temperature=temperature, min_present=min_present, seed=seed, norm=norm, hook=hook,
                     n_calib=len(calib_tokens), n_report=len(report_tokens))
     # 1. the unit directions, and their KL at each scale of the grid (calibration text)
-    units = {}
+    units, n_present = {}, dict(chosen)
     for name, n in chosen:
         for method, v in index.vectors(name, concepts[name]).items():
-            units[(name, method)] = {**v, "n_present": n}
+            units[(name, method)] = v
     keys = list(units)
-    grid_vecs = torch.stack([steering_vector(units[k]["u"], s, norm) for k in keys for s in grid]) if keys else None
+    grid_vecs = torch.stack([steering_vector(units[k].u, s, norm) for k in keys for s in grid]) if keys else None
     calib = steering_cost(model, calib_tokens, hook, grid_vecs, progress=progress and "KL at the grid's scales"
-                          )["kl"].reshape(len(keys), len(grid)) if keys else None
+                          ).kl.reshape(len(keys), len(grid)) if keys else None
     # 2. the scale of each target, and its cost measured on the report text
     settings_rows = []
     for i, k in enumerate(keys):
         for t in targets:
             s, reached = _scale_for(grid, calib[i].tolist(), t)
             settings_rows.append({"concept": k[0], "method": k[1], "target_kl": t, "scale": s, "reached": reached,
-                                  "feature": units[k]["feature"], "why": units[k]["why"], "n_present": units[k]["n_present"]})
-    vecs = torch.stack([steering_vector(units[(r["concept"], r["method"])]["u"], r["scale"], norm)
+                                  "feature": units[k].feature, "why": units[k].why, "n_present": n_present[k[0]]})
+    vecs = torch.stack([steering_vector(units[(r["concept"], r["method"])].u, r["scale"], norm)
                         for r in settings_rows]) if settings_rows else torch.zeros(0, model.cfg.d_model)
     if len(vecs):
         cost = steering_cost(model, report_tokens, hook, vecs, progress=progress and "KL at the chosen scales")
-        for r, kl, dce in zip(settings_rows, cost["kl"].tolist(), cost["dce"].tolist()):
+        for r, kl, dce in zip(settings_rows, cost.kl.tolist(), cost.dce.tolist()):
             r.update(kl=kl, dce=dce)
-        ce_clean, kl_mean = cost["ce_clean"], cost["kl_mean_ablation"]
+        ce_clean, kl_mean = cost.ce_clean, cost.kl_mean_ablation
     else:
         ce_clean = kl_mean = float("nan")
     # 3. the continuations: every prompt, the unsteered rows and every setting's, the same seeds
@@ -725,7 +773,7 @@ def compare_steering(model, index: SteeringIndex, calib_tokens: torch.Tensor, re
     return SteeringComparison(
         measured=rows, differences=diffs, skipped=[list(x) for x in skipped], settings=settings,
         calibration={"keys": [list(k) for k in keys], "grid": list(grid),
-                     "kl": calib.tolist() if calib is not None else None, "features": [units[k]["feature"] for k in keys]},
+                     "kl": calib.tolist() if calib is not None else None, "features": [units[k].feature for k in keys]},
         ce_clean=float(ce_clean), kl_mean_ablation=float(kl_mean),
         texts={f"{r['concept']} | {r['method']} | {r['target_kl']}": texts[j] for j, r in
                enumerate([{"concept": "-", "method": "unsteered", "target_kl": 0.0}] + settings_rows)})
@@ -830,6 +878,68 @@ def verdicts(result: SteeringComparison) -> list[str]:
 def table(result: SteeringComparison) -> str:
     """`result.table()`: the comparison as a text table."""
     return result.table()
+
+
+@dataclass
+class GreedyExample(Result):
+    """One continuation of `greedy_examples`: a direction at one scale, what the model wrote greedily, and
+    what the steering costs on held-out text (KL from the unsteered model and ΔCE, nats/token)."""
+
+    method: str
+    feature: int | None         # the SAE feature steered along (None: the difference of means)
+    scale: float
+    kl: float
+    dce: float
+    text: str
+
+
+@dataclass
+class GreedyExamples(Result):
+    """Greedy continuations of one prompt along each of a concept's steering directions at growing scale,
+    each with its cost (`greedy_examples`); its verdicts say what chose each direction and which tokens it
+    promotes directly, and what mean-ablating the layer costs on the same text (a yardstick)."""
+
+    concept: str
+    prompt: str
+    kl_mean_ablation: float
+    examples: list[GreedyExample]
+    directions: list[str] = field(default_factory=list)    # per direction: what chose it, what it promotes
+
+    def of(self, method: str) -> list[GreedyExample]:
+        """The continuations along `method`'s direction, by growing scale."""
+        return [e for e in self.examples if e.method == method]
+
+    def rows(self) -> list[dict]:
+        return [{"method": e.method, "scale": f"{e.scale:.2f}", "KL": f"{e.kl:.3f}", "ΔCE": f"{e.dce:+.3f}",
+                 "continuation": repr(e.text)} for e in self.examples]
+
+    def verdicts(self) -> list[str]:
+        return [f"{self.concept!r}, greedy, after {self.prompt!r} (mean-ablating the layer costs KL "
+                f"{self.kl_mean_ablation:.2f})", *self.directions]
+
+
+def greedy_examples(model, index: SteeringIndex, concept: str, prompt: str, vectors: dict, scales, texts,
+                    cost: SteeringCost, k: int = 6) -> GreedyExamples:
+    """The continuations `texts` of `prompt`, one per direction of `vectors` ({method:
+    `SteeringDirection`}, as `SteeringIndex.vectors` gives them) and scale of `scales`, in the order
+    ``for method in vectors for scale in scales`` (as `generate` wrote them from the stacked steering
+    vectors), with `cost` (`steering_cost` of the same vectors), as a `GreedyExamples` table. Each
+    direction is described by what chose it, the tokens its SAE feature fires most on
+    (`SteeringIndex.describe`) and the `k` tokens it promotes directly (`output_tokens`)."""
+
+    pairs = [(method, s) for method in vectors for s in scales]
+    if len(texts) != len(pairs) or len(cost.kl) != len(pairs):
+        raise ValueError(f"{len(vectors)} directions × {len(scales)} scales: {len(pairs)} continuations and costs "
+                         f"expected, got {len(texts)} and {len(cost.kl)}")
+    examples = [GreedyExample(method=method, feature=vectors[method].feature, scale=float(s), kl=float(cost.kl[i]),
+                              dce=float(cost.dce[i]), text=texts[i]) for i, (method, s) in enumerate(pairs)]
+    directions = []
+    for method, v in vectors.items():
+        what = "" if v.feature is None else f"feature {v.feature} (fires most on {index.describe(v.feature)}); "
+        promoted = ", ".join(repr(t) for t, _ in output_tokens(model, v.u)["up"][:k])
+        directions.append(f"{method}: {what}{v.why}; direct effect, promotes: {promoted}")
+    return GreedyExamples(concept=concept, prompt=prompt, kl_mean_ablation=float(cost.kl_mean_ablation),
+                          examples=examples, directions=directions)
 
 
 # --- the playground -------------------------------------------------------------------------------
@@ -940,12 +1050,12 @@ def playground(model, index: SteeringIndex, text_tokens: torch.Tensor, prompt: s
                                         ("dim", "+ difference of means", v_dim, u_dim, 1)):
                 direct = output_tokens(model, u)
                 change = next_token_change(model, prompt_tx.value, index.hook, v, watch=direct["up_ids"][:4])
-                cols[key].value = column(title, texts[i + 1], words, (float(cost["kl"][i]), float(cost["dce"][i])),
+                cols[key].value = column(title, texts[i + 1], words, (float(cost.kl[i]), float(cost.dce[i])),
                                          change, direct)
             status.value = (f"run {state['runs']}: scale {scale_sl.value:.2f} · {mode.value}"
                             f"{'' if mode.value == 'greedy' else f', seed {seed.value}'} · concept {html.escape(name)} · "
                             f"feature #{f} · cost on {len(text_tokens)} held-out contexts (mean-ablating the layer: "
-                            f"KL {cost['kl_mean_ablation']:.2f}) · {time.perf_counter() - t0:.1f} s")
+                            f"KL {cost.kl_mean_ablation:.2f}) · {time.perf_counter() - t0:.1f} s")
         except Exception as e:  # shown in the widget: a callback's traceback would go to the log only
             status.value = f"run {state['runs']}: error: {html.escape(type(e).__name__ + ': ' + str(e))}"
 

@@ -292,10 +292,10 @@ def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -
     # and KL target, and the unsteered ones
 
     st = comparison_settings(profile)
-    settings = st["max_concepts"] * (len(METHODS) * len(st["targets"]) + 1)
-    generated = settings * st["prompts"] * st["samples"] * st["n_new"] * (12 + st["n_new"] / 2)
-    costed = (st["max_concepts"] * len(METHODS) * (len(st["grid"]) + len(st["targets"]))
-              * (st["calib_contexts"] + st["report_contexts"]) * profile.ctx_len)
+    settings = st.max_concepts * (len(METHODS) * len(st.targets) + 1)
+    generated = settings * st.prompts * st.samples * st.n_new * (12 + st.n_new / 2)
+    costed = (st.max_concepts * len(METHODS) * (len(st.grid) + len(st.targets))
+              * (st.calib_contexts + st.report_contexts) * profile.ctx_len)
     p.seconds["05"] = fwd * (passes * 20 + generated + costed) / rate + 60
     return p
 
