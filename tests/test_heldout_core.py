@@ -237,6 +237,8 @@ def test_the_distribution_every_way_with_paired_intervals_over_contexts(data):
     assert d.better == "mixed" and d.value.low > 0.1
     same = compare(res["mixed"], res["mixed"], "mcc top decile").value
     assert (same.value, same.low, same.high) == (0, 0, 0)
+    f = res["mixed"].nearest(0.9)
+    assert scored.scored[f] and abs(scored.mcc[f] - 0.9) == np.min(np.abs(scored.mcc[scored.scored] - 0.9))
     table = res.distribution_table()
     assert [r["method"] for r in table.rows()] == ["mixed", "random"] and "share > 0.5" in table.rows()[0]
     with pytest.raises(ValueError, match="statistic 'mcc share > 0.9'"):

@@ -800,6 +800,15 @@ class HeldoutScore(Result):
             out[summ] = Estimate(value, *_interval(value, self.boot.get(k)))
         return out
 
+    def nearest(self, value: float, key: str = "mcc") -> int:
+        """The scored feature whose held-out `key` ("mcc" or "corr") is nearest `value`: what a score of
+        that size looks like (e.g. its dashboard)."""
+        v = np.asarray(self.features[key], dtype=np.float64)
+        gap = np.where(np.asarray(self.features["scored"], bool) & np.isfinite(v), np.abs(v - value), np.inf)
+        if not np.isfinite(gap).any():
+            raise ValueError(f"{self.name}: no feature was scored")
+        return int(gap.argmin())
+
     def beats_null(self, key: str = "mcc") -> bool:
         """Whether the excess over the same-sparsity null (`excess_mcc` or `excess_corr`) lies above 0."""
         return getattr(self, f"excess_{key}").above(0)
