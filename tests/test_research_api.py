@@ -1,7 +1,7 @@
-"""The README's "Use it in your own research" section, run as it is written: in a fresh process that has
+"""The "Use it in your own research" section of docs/research.md, run as it is written: in a fresh process that has
 the installed package, a plain Hugging Face model and nothing else (no profile, no store, no cache).
 
-The README names the paper's model, ``EleutherAI/pythia-70m-deduped``; offline, the test saves a small
+The section names the paper's model, ``EleutherAI/pythia-70m-deduped``; offline, the test saves a small
 random model of the same family (GPT-NeoX, 6 layers) in a folder and gives the snippets that folder's
 path instead. The snippets run one after another, as a reader pastes them; a failure names the snippet."""
 import json
@@ -18,8 +18,8 @@ SECTION = "## Use it in your own research"
 MODEL_NAME = "EleutherAI/pythia-70m-deduped"
 
 
-def snippets(readme: Path = ROOT / "README.md") -> list[str]:
-    text = readme.read_text()
+def snippets(page: Path = ROOT / "docs" / "research.md") -> list[str]:
+    text = page.read_text()
     start = text.index(SECTION)
     end = text.find("\n## ", start + len(SECTION))
     section = text[start:end if end > 0 else len(text)]
