@@ -16,7 +16,7 @@ libraries' trainers do on GPU); anything else means plain fp32. The parameters a
 
 Neither library is a dependency of the workbook: both are imported inside the functions, so this
 module imports without them. They pin their own stacks (transformers, transformer-lens, ...), so
-install them in a separate venv; the README's performance section has the commands.
+install them in a separate venv; docs/performance.md has the commands.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ field, ``grid``: {architecture: settings}, e.g. ``{"standard": {"ratio": (1, 4),
 architecture joins a sweep by being named in it.
 
 ``test`` is what the test suite (nbval) runs: seconds to a couple of minutes per notebook.
-``cpu`` is a laptop: the whole workbook on 2 CPU cores, 16 SAEs in notebook 02 (the README has the times).
+``cpu`` is a laptop: the whole workbook on 2 CPU cores, 16 SAEs in notebook 02 (docs/performance.md has the times).
 ``gpu`` is the embedded model at full scale on one GPU. ``colab`` is the paper's model and data
 (Pythia-70M-deduped on the Pile) sized for Colab's free T4 (15 GB GPU, 12 GB RAM, a cache that fits
 15 GB of Google Drive, each notebook well under an hour); ``paper`` is the paper's full setting for a
