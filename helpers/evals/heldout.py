@@ -438,6 +438,27 @@ def _numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def context_halves(contexts, halves=None) -> tuple[np.ndarray, np.ndarray]:
+    """(ctx [N], ctx_half [n_ctx]): each token's context numbered 0.. in order of first appearance, and
+    each context's half: alternating (0, 1, 0, ...) in that order, or as `halves` [N] (0/1, the same
+    for every token of a context) says."""
+    contexts = _numpy(contexts).ravel()
+    _, first_at, inverse = np.unique(contexts, return_index=True, return_inverse=True)
+    number = np.empty(len(first_at), np.int64)
+    number[np.argsort(first_at, kind="stable")] = np.arange(len(first_at))
+    ctx = number[inverse.ravel()]
+    if halves is None:
+        return ctx, np.arange(len(first_at)) % 2
+    halves = _numpy(halves).astype(np.int64).ravel()
+    if len(halves) != len(contexts):
+        raise ValueError(f"halves has {len(halves)} entries for {len(contexts)} tokens")
+    ctx_half = np.zeros(len(first_at), np.int64)
+    ctx_half[ctx] = halves
+    if not (ctx_half[ctx] == halves).all() or not np.isin(halves, (0, 1)).all():
+        raise ValueError("halves must be 0 or 1 and the same for every token of a context")
+    return ctx, ctx_half
+
+
 class HeldoutSplit:
     """The held-out scoring of features against binary concepts, from plain arrays: `labels` ([N, C]
     booleans, or `Labels`) of N tokens grouped by `contexts` ([N] integer context ids; a context's
@@ -462,21 +483,8 @@ class HeldoutSplit:
             raise ValueError(f"scored has {len(scored)} entries for {n} tokens")
         self.n = n
         self.scored_tokens = scored.copy()
-        _, first_at, inverse = np.unique(contexts, return_index=True, return_inverse=True)
-        number = np.empty(len(first_at), np.int64)
-        number[np.argsort(first_at, kind="stable")] = np.arange(len(first_at))
-        self.ctx = number[inverse.ravel()]                                   # contexts numbered 0.. by first appearance
-        self.n_ctx = len(first_at)
-        if halves is None:
-            self.ctx_half = np.arange(self.n_ctx) % 2                         # 0: half A, 1: half B
-        else:
-            halves = _numpy(halves).astype(np.int64).ravel()
-            if len(halves) != n:
-                raise ValueError(f"halves has {len(halves)} entries for {n} tokens")
-            self.ctx_half = np.zeros(self.n_ctx, np.int64)
-            self.ctx_half[self.ctx] = halves
-            if not (self.ctx_half[self.ctx] == halves).all() or not np.isin(halves, (0, 1)).all():
-                raise ValueError("halves must be 0 or 1 and the same for every token of a context")
+        self.ctx, self.ctx_half = context_halves(contexts, halves)
+        self.n_ctx = len(self.ctx_half)
         self.half = self.ctx_half[self.ctx].astype(np.int64)
         self._order = np.argsort(self.ctx, kind="stable")                   # tokens grouped by context, in order
         self._ctx_len = np.bincount(self.ctx, minlength=self.n_ctx)

@@ -64,7 +64,7 @@ import scipy.sparse as sp
 import torch
 
 from helpers.evals.heldout import (MAX_DENSITY, MIN_ACTIVE, SUMMARIES, HeldoutScore, Scored, active_sets, as_labels,
-                                   matched_counts, statistic_key)
+                                   context_halves, matched_counts, statistic_key)
 from helpers.dictionaries.dictionary import encode_batched
 from helpers.results import Estimate, Result
 
@@ -326,21 +326,8 @@ class ProtocolSplit:
         self.n_activating, self.n_quantiles, self.n_non_activating = n_activating, n_quantiles, n_non_activating
         self.chunk = chunk
         self.k_max = max(1, int(np.ceil(max_density * n)))
-        _, first_at, inverse = np.unique(contexts, return_index=True, return_inverse=True)
-        number = np.empty(len(first_at), np.int64)
-        number[np.argsort(first_at, kind="stable")] = np.arange(len(first_at))
-        self.ctx = number[inverse.ravel()]
-        self.n_ctx = len(first_at)
-        if halves is None:
-            self.ctx_half = np.arange(self.n_ctx) % 2
-        else:
-            halves = _numpy(halves).astype(np.int64).ravel()
-            if len(halves) != n:
-                raise ValueError(f"halves has {len(halves)} entries for {n} tokens")
-            self.ctx_half = np.zeros(self.n_ctx, np.int64)
-            self.ctx_half[self.ctx] = halves
-            if not (self.ctx_half[self.ctx] == halves).all() or not np.isin(halves, (0, 1)).all():
-                raise ValueError("halves must be 0 or 1 and the same for every token of a context")
+        self.ctx, self.ctx_half = context_halves(contexts, halves)
+        self.n_ctx = len(self.ctx_half)
         # windows: each context cut into `window` consecutive tokens
         order = np.argsort(self.ctx, kind="stable")
         ctx_len = np.bincount(self.ctx, minlength=self.n_ctx)
