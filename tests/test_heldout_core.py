@@ -243,3 +243,22 @@ def test_the_distribution_every_way_with_paired_intervals_over_contexts(data):
     assert [r["method"] for r in table.rows()] == ["mixed", "random"] and "share > 0.5" in table.rows()[0]
     with pytest.raises(ValueError, match="statistic 'mcc share > 0.9'"):
         compare(res["mixed"], res["random"], "mcc share > 0.9")
+
+
+def test_a_layer_comparison_says_claim_1_at_every_layer(data):
+    from helpers.dictionaries.baselines import LayerComparison, MethodScore
+
+    ids, contexts, planted, random = data
+    split = HeldoutSplit(token_labels(ids, contexts, min_count=10), contexts, n_boot=20, min_count=10)
+    rows = []
+    for layer in (1, 2):
+        for name, codes in (("SAE", planted), ("random", random)):
+            sc = split.score_codes(codes, name)
+            rows.append(MethodScore.from_row({
+                "layer": layer, "method": name, "sparsity": "own", "massive_share": 0.0, "converged": None,
+                "scored": sc, **sc.summary(), "all": {}, "vs_random": {"value": 0.0, "low": 0.0, "high": 0.0},
+                "resamples": split.resamples}))
+    table = LayerComparison(rows).claim()
+    assert [r.measure for r in table.rows_][::4] == ["layer 1: SAE vs random", "layer 2: SAE vs random"]
+    assert {r.word for r in table.rows_} == {"holds"} and all(r.paired for r in table.rows_)
+    assert rows[0].distribution().median.value == rows[0].mcc.value

@@ -36,6 +36,7 @@ from helpers.activations.models import resolve_device
 from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, neuron_basis, random_directions
 from helpers.evals import heldout
 from helpers.evals.heldout import STATS, HeldoutScorer, Scored, difference, matched_counts
+from helpers.evals.protocols import CLAIM_STATS, ClaimTable, Distribution, claim_table, heldout_distribution
 from helpers.results import Estimate, Result, Table, plain
 from helpers.runs.sweep import layer_saes
 from helpers.settings.paths import stored
@@ -257,6 +258,14 @@ class MethodScore(_SavesTensors, Result):
     vs_random: Estimate        # median held-out MCC minus random directions' at the same sparsity (paired)
     all_tokens: dict           # heldout.Scored.summary over all tokens, massive ones included (no intervals)
     scored: Scored | None = field(default=None, repr=False)
+    resamples: str = ""        # the layer's scorer's resamples: scores with equal ones compare as paired
+
+    def distribution(self, key: str = "mcc") -> Distribution:
+        """The per-feature held-out `key` summarised every way (median, mean, shares, top decile), with
+        intervals over the layer's resampled contexts (helpers.evals.protocols.heldout_distribution)."""
+        if self.scored is None:
+            raise ValueError(f"{self.method} at layer {self.layer} keeps no per-feature scores")
+        return heldout_distribution(self.scored.result(self.resamples), key)
 
     @classmethod
     def from_row(cls, r: dict) -> "MethodScore":
@@ -266,7 +275,8 @@ class MethodScore(_SavesTensors, Result):
                    n_scored=int(r["n_scored"]), median_count=float(r["median_count"]),
                    massive_share=float(r["massive_share"]), converged=r["converged"],
                    **{k: Estimate(r[k], r[f"{k}_low"], r[f"{k}_high"]) for k in STATS},
-                   vs_random=Estimate(v["value"], v["low"], v["high"]), all_tokens=dict(r["all"]), scored=r["scored"])
+                   vs_random=Estimate(v["value"], v["low"], v["high"]), all_tokens=dict(r["all"]), scored=r["scored"],
+                   resamples=r.get("resamples", ""))
 
     def to_dict(self) -> dict:
         d = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "scored"}
@@ -334,6 +344,18 @@ class LayerComparison(_SavesTensors, Result):
         """The classical baselines (PCA, ICA, neurons) whose held-out MCC interval lies wholly below `sae`'s."""
         at, mine = self.at(layer), self.get(layer, sae).mcc
         return [b for b in BASELINES if b in at and mine.low > at[b].mcc.high]
+
+    def claim(self, stats=CLAIM_STATS) -> ClaimTable:
+        """Claim 1 at every layer by the held-out MCC: each SAE against random directions at its own
+        sparsity (the L1 SAE's, the TopK SAE's), by each statistic, with paired intervals and words."""
+        measures = {}
+        for layer in self.layers:
+            at = self.at(layer)
+            for sae, ref in (("SAE", "random"), ("TopK SAE", RANDOM_TOPK)):
+                if sae in at and ref in at and at[sae].scored is not None and at[ref].scored is not None:
+                    measures[f"layer {layer}: {sae} vs {ref}"] = (at[sae].distribution(), at[ref].distribution())
+        return claim_table("SAE features are more interpretable than random directions (held-out MCC)", measures,
+                           stats)
 
     def best_features(self, layer: int, n: int = 3) -> Table:
         """Each method's n best features at `layer` by held-out MCC, with the concept each was matched to."""
@@ -436,7 +458,7 @@ def _score_layer(profile, store, score_store, model, layer, hook, dicts, shared,
                            "massive_share": float(flags[: ordinary.n].mean()),
                            "converged": getattr(d, "converged", None), "dictionary": d, "scored": sc,
                            "sparsity": "own" if counts is None else "L1 SAE's", **sc.summary(),
-                           "all": al.summary()})
+                           "all": al.summary(), "resamples": ordinary.resamples})
         bar.update(1)
     rnd = next(r for r in layer_rows if r["method"] == "random")
     topk = next((r for r in layer_rows if r["method"] == "TopK SAE"), None)
