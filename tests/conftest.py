@@ -42,3 +42,26 @@ def sparse_data(n=4096, d=16, m=48, per_token=3, seed=0):
     for j in range(per_token):
         x += coef[:, j:j + 1] * feats[idx[:, j]]
     return x, feats
+
+
+def tiny_llama_model(folder, perturb: float = 0.0):
+    """A tiny random Hugging Face Llama (d_model 64, 2 layers) with the embedded SmolLM2 tokenizer, saved
+    in `folder` and loaded back: (model, tokenizer). `perturb` adds Gaussian noise of that scale to every
+    weight (so that no weight is left at its initial value, as after training)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from helpers.activations.models import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, bos_token_id=tok.bos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * perturb)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return LlamaForCausalLM.from_pretrained(folder).eval(), tok

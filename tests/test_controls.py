@@ -3,7 +3,7 @@ and the latents two SAEs share, on small synthetic data and a tiny Llama."""
 import numpy as np
 import pytest
 import torch
-from conftest import sparse_data
+from conftest import sparse_data, tiny_llama_model
 
 from helpers.activations.harvest import collect
 from helpers.activations.models import hooked
@@ -111,22 +111,7 @@ def test_frozen_encoder_refuses_a_tied_sae_and_resumes_only_as_frozen(tmp_path, 
 # ---- the re-initialised model ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from helpers.activations.models import embedded_model_dir
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, bos_token_id=tok.bos_token_id)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():                      # stand in for training: no weight left at its initial value
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    folder = tmp_path_factory.mktemp("tinyllama")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return LlamaForCausalLM.from_pretrained(folder).eval(), tok
+    return tiny_llama_model(tmp_path_factory.mktemp("tinyllama"), perturb=0.05)  # as if trained: no initial weight
 
 
 def test_reinitialised_redraws_every_weight_and_keeps_the_shapes(tiny_llama):

@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_llama_model
+
 from helpers.dictionaries.dictionary import as_dictionary, neuron_basis
 from helpers.evals.reconstruction import (CELossRecovered, FVU, Reconstruction, ce_loss_recovered, fvu,
                                           reconstruction, reconstruction_metrics, split_fvu, spliced_loss)
@@ -99,19 +101,7 @@ def test_results_round_trip(tmp_path):
 # ---- CE-loss recovered on a tiny plain Hugging Face Llama --------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from helpers.activations.models import embedded_model_dir
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, bos_token_id=tok.bos_token_id)
-    folder = tmp_path_factory.mktemp("tinyllama")
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    model = LlamaForCausalLM.from_pretrained(folder).eval()
-    return model, tok
+    return tiny_llama_model(tmp_path_factory.mktemp("tinyllama"))
 
 
 def tokens_of(tok, n=6, T=10, seed=0):
