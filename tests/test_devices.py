@@ -172,3 +172,27 @@ def test_steering_on_the_model_device(gpu_model, array_store):
         steering.compare_steering(model, index, text, text, concepts={"toy": (word,)}, prompts=("I think",),
                                   samples=1, n_new=2, targets=(0.1,), grid=(1.0,), min_present=1, progress=False,
                                   n_boot=20)
+
+
+def test_claim_one_protocols_and_controls_on_the_dictionary_device(toy, model):
+    """Notebook 03's claim-1 section with its dictionaries on the GPU: the protocols and the held-out score
+    of codes, the token-mean oracle, and the SAEs that share latents; results equal the CPU's."""
+    from helpers.dictionaries.controls import shared_latents, token_mean_directions
+    from helpers.dictionaries.dictionary import encode_batched
+    from helpers.evals.protocols import dictionary_protocol_scores
+
+    store, x, sae, base = toy
+    scorer = HeldoutScorer(store, model.tokenizer, n_boot=5, max_density=0.05, min_count=5, min_active=5)
+    ids = store.tokens()["token"]
+    oracle = token_mean_directions(x, ids, min_count=5, hook_name=HOOK)
+    dicts = {"SAE": SAEDictionary(sae), "random": base["random"], "token means": oracle}
+    kw = dict(labels=scorer.labels, contexts=scorer.ctx, n_boot=5, window=8, pairs=[])
+    ref = dictionary_protocol_scores(dicts, x, **kw)
+    ref_held = scorer.score_codes(encode_batched(oracle, x), "token means")
+    with fake_cuda():
+        on_gpu = {name: d.to("cuda") for name, d in dicts.items()}
+        got = dictionary_protocol_scores(on_gpu, x, **kw)
+        held = scorer.score_codes(encode_batched(on_gpu["token means"], x), "token means")
+        share = shared_latents(on_gpu["SAE"], on_gpu["SAE"])
+    assert got.rows() == ref.rows() and share.share_a == 1.0
+    np.testing.assert_allclose(held.mcc, ref_held.mcc, atol=1e-6)
