@@ -99,6 +99,32 @@ def test_every_exercise_is_checkable():
     assert not no_cases, f"exercises the test cannot check (neither random_cases nor model_cases): {no_cases}"
 
 
+def _markdown(path) -> list[str]:
+    return [build._source(c) for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "markdown"]
+
+
+def test_a_course_of_exercises():
+    """Enough exercises to make a reader an SAE researcher: at least 30, at least four hard ones
+    (difficulty 4 or 5 of 5), and no notebook without one."""
+    difficulty = {ex_id: LEVELS.search(before).group(0).split(" · ")[0].count("●")
+                  for _, ex_id, _, before in CELLS if LEVELS.search(before)}
+    assert len(EXERCISES) >= 30, f"{len(EXERCISES)} exercises; the course has at least 30"
+    hard = sorted(i for i, d in difficulty.items() if d >= 4)
+    assert len(hard) >= 4, f"exercises at difficulty 4-5: {hard}; the course has at least four"
+    assert {nb[:2] for nb, *_ in CELLS} == {p.name[:2] for p in build.solved_notebooks()}
+
+
+@pytest.mark.parametrize("path", build.solved_notebooks(), ids=lambda p: p.name[:2])
+def test_every_notebook_asks_a_prediction_and_an_exploration(path):
+    """Besides the checked exercises, each notebook asks the reader to predict before a cell runs (the next
+    cells reveal the answer) and leaves an open-ended exploration."""
+    md = _markdown(path)
+    assert any(re.search(r"predict before you run", m, re.I) for m in md), \
+        f"{path.name}: no markdown cell asking 'Predict before you run'"
+    assert any(re.search(r"^(#+ |\*\*)[^\n]*\bExplore\b", m, re.M) for m in md), \
+        f"{path.name}: no 'Explore' task (a markdown heading or bold line naming it)"
+
+
 # ---- (b) solutions pass, (c) stubs fail, (d) mistakes are caught ---------------------------------
 @pytest.mark.parametrize("ex_id", sorted(BY_ID))
 def test_solution_passes(ex_id, request):
