@@ -50,8 +50,8 @@ regenerate it with
 after running the notebooks (`SAE_PROFILE=<profile> python -m helpers.runs.run_all`, which writes the
 executed copies to `<cache>/<profile>/runs/`). The profiles differ in model, corpus, number of tokens and
 training budget, so each gives other numbers, and a verdict can differ between them: a figure here is
-true of the run named above it. The notebooks print their conclusions from their own run's numbers; the
-interpretation of the workbook's findings is in [research.md](research.md) and the notebooks themselves.
+true of the run named above it. The notebooks print their conclusions from their own run's numbers, and
+each discusses what its findings mean in its closing section, "What we learned, what is open".
 """
 
 
