@@ -135,3 +135,10 @@ def test_the_page_covers_profiles_and_says_how_to_make_what_is_missing(tmp_path,
     out = tmp_path / "results.md"
     assert main(["--profile", "test", "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
     assert "## Profile `test`" in out.read_text() and "## Profile `cpu`" not in out.read_text()
+    # a profile read from a cache of its own; an executed copy that cannot be read is named, not fatal
+    (tmp_path / "other" / "cpu" / "runs").mkdir(parents=True)
+    (tmp_path / "other" / "cpu" / "runs" / "03_x.ipynb").write_text("{ torn")
+    page = report(["cpu=" + str(tmp_path / "other"), "test"], tmp_path / "cache", tmp_path / "notebooks")
+    cpu = page.split("## Profile `cpu`")[1].split("## Profile `test`")[0]
+    assert "### 03_x\n\nThe executed copy could not be read" in cpu and "--only 03" in cpu
+    assert "### 04_y\n\nNot run on this profile" in cpu and "#### Key table" in page

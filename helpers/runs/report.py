@@ -2,6 +2,7 @@
 
     python -m helpers.runs.report --profile cpu --profile test --out docs/results.md
     python -m helpers.runs.report --profile test              # to stdout
+    python -m helpers.runs.report --profile cpu=/data/cache --profile test   # a profile's runs in another cache
 
 A notebook marks a code cell as a result by its cell metadata ``"results": "<title>"``. For each profile
 and notebook, the report reads the executed copy that `helpers.runs.run_all` wrote to
@@ -284,22 +285,31 @@ def profile_markdown(profile: str, cache: Path, notebooks_dir: Path = NOTEBOOKS_
             out += [f"### {name}", "", f"Not run on this profile: run `{reproduce_command(profile, name)}`, "
                     "then regenerate this page.", ""]
             continue
-        out.append(notebook_report(notebooks_dir / f"{name}.ipynb", folder / f"{name}.ipynb", profile,
-                                   runs).markdown())
+        try:
+            out.append(notebook_report(notebooks_dir / f"{name}.ipynb", folder / f"{name}.ipynb", profile,
+                                       runs).markdown())
+        except (OSError, ValueError, nbformat.reader.NotJSONError) as e:  # e.g. a copy being written
+            out += [f"### {name}", "", f"The executed copy could not be read ({type(e).__name__}); rerun with "
+                    f"`{reproduce_command(profile, name)}`, then regenerate this page.", ""]
     return "\n".join(out)
 
 
 def report(profiles=PROFILES, cache: Path | None = None, notebooks_dir: Path = NOTEBOOKS_DIR) -> str:
-    """The whole page: the header, then each profile's section."""
-    cache = cache_root() if cache is None else Path(cache)
-    body = [HEADER] + [profile_markdown(p, cache, notebooks_dir) for p in dict.fromkeys(profiles)]
+    """The whole page: the header, then each profile's section. A profile given as "name=folder" is read
+    from that cache folder instead of `cache` (default: $SAE_CACHE, else cache/)."""
+    body = [HEADER]
+    for spec in dict.fromkeys(profiles):
+        name, _, folder = str(spec).partition("=")
+        root = Path(folder) if folder else (cache_root() if cache is None else Path(cache))
+        body.append(profile_markdown(name, root, notebooks_dir))
     return "\n".join(body).rstrip("\n") + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", action="append", default=None,
-                    help=f"a profile to report (repeat for several; default: {' and '.join(PROFILES)})")
+                    help=f"a profile to report, or NAME=CACHE_FOLDER for one whose runs are in another cache "
+                         f"(repeat for several; default: {' and '.join(PROFILES)})")
     ap.add_argument("--out", default=None, help="the file to write (default: print)")
     ap.add_argument("--cache", default=None, help="the cache folder (default: $SAE_CACHE, else cache/)")
     a = ap.parse_args(argv)
