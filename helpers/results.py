@@ -5,7 +5,8 @@ A result class is a ``@dataclass`` that inherits `Result`. Its fields are plain 
 strings, lists, dicts), `Estimate`s (a value with an interval), or other results; `to_dict` /
 `from_dict` round-trip them through JSON, rebuilding nested results from the field types. `rows()`
 gives the table (by default one row of the scalar fields), `verdicts()` the sentences a reader should
-take away; both show in `str(result)` and in a notebook's display of it.
+take away; both show in `str(result)` and in a notebook's display of it (HTML, and markdown: a table
+of `rows()` then the verdicts as bullets, which `helpers.runs.report` copies into docs/results.md).
 """
 from __future__ import annotations
 
@@ -152,6 +153,30 @@ def unbuild(value):
 RESULT_TYPES["Estimate"] = Estimate
 
 
+def markdown_cell(value) -> str:
+    """One value as the text of a markdown table cell: floats to 4 significant digits, None empty,
+    pipes escaped and line breaks made spaces."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        text = ""
+    elif isinstance(value, (float, np.floating)) and not isinstance(value, bool):
+        text = f"{float(value):.4g}"
+    else:
+        text = str(value)
+    return " ".join(text.replace("|", "\\|").split())
+
+
+def markdown_table(rows: list[dict], columns: list | None = None) -> str:
+    """`rows` (dicts; a missing key is an empty cell) as a GitHub-flavoured markdown table with the
+    columns in order of first appearance (or `columns`); "" when there are no rows."""
+    if not rows:
+        return ""
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(markdown_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(markdown_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 class Result:
     """Mixin for result dataclasses: JSON save/load, a table (`rows`, `to_frame`), verdicts, display.
     Every subclass is known by its name to `rebuild` (what reads results back from the cache)."""
@@ -215,6 +240,14 @@ class Result:
         table = self.to_frame().to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
         notes = "".join(f"<li>{escape(v)}</li>" for v in self.verdicts())
         return f"<b>{type(self).__name__}</b>{table}" + (f"<ul>{notes}</ul>" if notes else "")
+
+    def _repr_markdown_(self) -> str:
+        """The table of `rows()` in markdown, then the verdicts as bullets."""
+        title = getattr(self, "title", "")
+        title = title if isinstance(title, str) and title else type(self).__name__
+        parts = [f"**{title}**", markdown_table(self.rows())]
+        notes = "\n".join(f"* {' '.join(v.split())}" for v in self.verdicts())
+        return "\n\n".join(p for p in (*parts, notes) if p) + "\n"
 
 
 @dataclasses.dataclass

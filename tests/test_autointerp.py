@@ -515,3 +515,142 @@ def test_autointerp_scores_is_typed_and_resumes_from_a_file_named_by_its_excerpt
     autointerp_scores(backend, {2: features_with_a_bomb()[2]}, name="SAE features", cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("*.jsonl"))) == 2                  # other excerpts: a file of their own
     assert autointerp_scores(backend, {}, name="none", progress=False).verdicts() == ["none: no feature scored."]
+
+
+# ------------------------------------------------------------------------------------- detection
+
+class Detector:
+    """A fake LLM for the detection scorer: `answer(explanation, text)` says whether a text holds the
+    feature; explains with a fixed phrase. Counts its calls."""
+
+    name = "fake-detector"
+
+    def __init__(self, answer):
+        self.answer, self.batches = answer, []
+
+    def explain(self, prompt):
+        return "the word w7"
+
+    def detect(self, explanation, texts):
+        self.batches.append(list(texts))
+        return [self.answer(explanation, t) for t in texts]
+
+
+def token_split(seed=0, n_ctx=200, ctx_len=16, vocab=40):
+    """A ProtocolSplit over random tokens (labels: one concept per token id, windows of 8 tokens) and codes
+    whose feature 0 fires on token 7 only and feature 1 on token 3 only."""
+    import numpy as np
+    import torch
+
+    from helpers.evals.protocols import ProtocolSplit
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=n_ctx * ctx_len)
+    contexts = np.repeat(np.arange(n_ctx), ctx_len)
+    labels = np.eye(vocab, dtype=bool)[ids]
+    codes = torch.zeros(len(ids), 2)
+    codes[:, 0] = torch.from_numpy((ids == 7) * rng.uniform(1, 5, len(ids))).float()
+    codes[:, 1] = torch.from_numpy((ids == 3) * rng.uniform(1, 5, len(ids))).float()
+    return ProtocolSplit(labels, contexts, window=8, n_boot=10), codes, ids
+
+
+class Words:
+    """A tokenizer whose token i decodes to " w<i>"."""
+
+    def decode(self, ids):
+        return "".join(f" w{i}" for i in ids)
+
+
+def test_detection_inputs_are_the_protocols_windows():
+    import numpy as np
+
+    from helpers.evals.autointerp import detection_inputs
+
+    split, codes, ids = token_split()
+    inputs = detection_inputs(split, codes, ids, Words(), [0, 1])
+    windows = split.excerpts(codes)
+    for f, word in ((0, " w7"), (1, " w3")):
+        explain, activating, non_activating = inputs[f]
+        act = windows["activating"][f]
+        assert len(activating) == int((act >= 0).sum()) > 10 and len(non_activating) == 50
+        assert activating[0] == "".join(f" w{ids[t]}" for t in split.window_tokens(act[0]) if t >= 0)
+        assert all(word in t.split(" ") or word.strip() in t.split() for t in activating)
+        assert not any(word.strip() in t.split() for t in non_activating)
+        assert explain and all(e.max_act > 0 for e in explain)
+        assert all(a > 0 for e in explain for tok, a in zip(e.tokens, e.acts) if tok == word)
+    assert np.array_equal(split.excerpts(codes)["activating"], windows["activating"])  # seeded: the same sample
+
+
+def test_a_perfect_detector_scores_one_and_a_coin_a_half():
+    import random
+
+    from helpers.evals.autointerp import DetectionScores, detection_inputs, detection_scores
+
+    split, codes, ids = token_split()
+    inputs = detection_inputs(split, codes, ids, Words(), [0, 1])
+    perfect = Detector(lambda explanation, text: explanation.split()[-1] in text.split())
+    res = detection_scores(perfect, {0: inputs[0]}, name="SAE", progress=False)
+    assert isinstance(res, DetectionScores) and res.features[0].balanced_accuracy == 1.0
+    assert res.features[0].tpr == 1.0 and res.features[0].tnr == 1.0
+    n = res.features[0].n_activating + res.features[0].n_non_activating
+    assert [len(b) for b in perfect.batches] == [10] * (n // 10) + ([n % 10] if n % 10 else [])
+    assert {t for b in perfect.batches for t in b} == set(inputs[0][1]) | set(inputs[0][2])
+    first = perfect.batches[0]
+    assert not all(t in inputs[0][1] for t in first)  # shuffled: activating and not mixed in a batch
+    # the explanation for feature 1 names w3; an explanation naming w7 would score it at chance or below
+    res = detection_scores(perfect, {1: inputs[1]}, explanations={1: "the word w3"}, progress=False)
+    assert res.mean == 1.0
+    assert DetectionScores.from_dict(res.to_dict()) == res and "mean detection balanced accuracy 1.000" in \
+        res.verdicts()[0]
+    rng = random.Random(0)
+    coin = Detector(lambda explanation, text: rng.random() < 0.5)
+    many = {f: (inputs[0][0], inputs[0][1] * 10, inputs[0][2] * 10) for f in range(10)}
+    res = detection_scores(coin, many, progress=False)
+    assert abs(res.mean - 0.5) < 0.05 and res.scores.std() > 0
+    assert res.verdicts()[1].endswith("(not counted).")  # a fake without usage counts no cost
+
+
+def test_detection_on_the_endpoint_counts_its_cost():
+    from helpers.evals.autointerp import detection_scores
+
+    def reply(n, body, release, usage=True):
+        prompt = body["messages"][-1]["content"]
+        if "Excerpts:" not in prompt:
+            content = "the word w7"
+        else:
+            lines = re.findall(r"^(\d+)\. (.*)$", prompt, flags=re.M)
+            content = json.dumps([int(i) for i, text in lines if "w7" in text.split()])
+        payload = completion(content)
+        if usage:
+            payload["usage"] = {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107}
+        return 200, payload
+
+    activating = [" w1 w7 w2", " w7", " w5 w7"]
+    non_activating = [" w1 w2", " w3", " w4 w5", " w6"]
+    with serve(reply) as (url, requests):
+        res = detection_scores(fast(url), {0: (TRAIN, activating, non_activating)}, batch_size=3, progress=False)
+    f = res.features[0]
+    assert f.balanced_accuracy == 1.0 and f.explanation == "the word w7"
+    assert len(requests) == 1 + 3 and f.requests == 4                     # one explain, 7 windows in batches of 3
+    assert (f.prompt_tokens, f.completion_tokens, f.tokens) == (400, 28, "endpoint")
+    assert "as the endpoint reported them" in res.verdicts()[1] and "4.0 requests" in res.verdicts()[1]
+    with serve(lambda *a: reply(*a, usage=False)) as (url, requests):
+        backend = fast(url)
+        res = detection_scores(backend, {0: (TRAIN, activating, non_activating)}, batch_size=3, progress=False)
+    f = res.features[0]
+    chars = sum(len(m["content"]) for r in requests for m in r["body"]["messages"])
+    assert f.tokens == "estimate" and f.prompt_tokens >= chars // 4 and f.completion_tokens > 0
+    assert "estimated at 4 characters a token" in res.verdicts()[1]
+
+
+def test_parse_detection_says_what_is_wrong():
+    from helpers.evals.autointerp import detection_prompt, parse_detection
+
+    assert parse_detection("Sure:\n```json\n[1, 3]\n```", 3) == [True, False, True]
+    assert parse_detection("[]", 2) == [False, False]
+    with pytest.raises(ValueError, match="outside 1 to 2"):
+        parse_detection("[0, 3]", 2)
+    with pytest.raises(ValueError, match="no JSON list"):
+        parse_detection("none of them", 2)
+    prompt = detection_prompt("apostrophes", ["It's\nhere", "no"])
+    assert "1. It's\\nhere" in prompt and "2. no" in prompt and "(1 to 2)" in prompt

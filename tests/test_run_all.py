@@ -6,7 +6,8 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from helpers.runs import run_all
-from helpers.runs.run_all import CellTime, NotebookTime, RunTimings, main, section_headings
+from helpers.runs.run_all import (RUN_KEY, CellTime, NotebookTime, Provenance, RunTimings, git_commit, main,
+                                  record_run, section_headings)
 
 
 def write(folder, name, cells):
@@ -88,6 +89,15 @@ def test_a_failing_cell_stops_the_run_and_keeps_what_ran(workbook, capsys, monke
     assert nb["cells"][1]["outputs"] == [] and nb["cells"][1]["execution_count"] == 1
     assert nb["cells"][3]["outputs"][0]["ename"] == "ValueError"
     assert nb["cells"][4]["execution_count"] is None
+    # each executed notebook says where it ran, in its metadata and in runs.json
+    prov = Provenance.from_dict(nb["metadata"][RUN_KEY])
+    assert prov.notebook == "03_gamma" and prov.profile == "test" and prov.status.startswith("FAILED")
+    assert prov.command == "SAE_PROFILE=test python -m helpers.runs.run_all --only 03"
+    assert prov.commit == git_commit() and prov.date.endswith("+00:00") and prov.seconds > 0
+    assert prov.machine["cores"] >= 1 and prov.machine["device"] and prov.machine["torch"]
+    runs = json.loads((workbook / "runs.json").read_text())
+    assert sorted(runs) == ["01_alpha", "03_gamma"] and runs["03_gamma"] == nb["metadata"][RUN_KEY]
+    assert runs["01_alpha"]["status"] == "ok"
 
 
 def test_timings_round_trip_and_keep_other_notebooks(tmp_path):
@@ -101,3 +111,27 @@ def test_timings_round_trip_and_keep_other_notebooks(tmp_path):
     assert [c.notebook for c in back.cells] == ["02_b"] and [n.notebook for n in back.notebooks] == ["01_a", "02_b"]
     with pytest.raises(ValueError):
         back.rows("nope")
+
+
+def test_git_commit_marks_a_dirty_tree_and_is_unknown_outside_git(tmp_path):
+    import subprocess
+
+    assert git_commit(tmp_path) == "unknown"
+    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    (tmp_path / "f.txt").write_text("a")
+    run("add", "f.txt")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == head
+    (tmp_path / "f.txt").write_text("b")
+    assert git_commit(tmp_path) == head + "+dirty"
+
+
+def test_record_run_keeps_the_other_notebooks(tmp_path):
+    record_run(tmp_path, Provenance("01_a", "cpu", "abc", "2026-01-01T00:00:00+00:00", {}, "cmd", 1.0, "ok"))
+    record_run(tmp_path, Provenance("02_b", "cpu", "def", "2026-01-02T00:00:00+00:00", {}, "cmd", 2.0, "ok"))
+    record_run(tmp_path, Provenance("01_a", "cpu", "ghi", "2026-01-03T00:00:00+00:00", {}, "cmd", 3.0, "ok"))
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert list(runs) == ["01_a", "02_b"] and runs["01_a"]["commit"] == "ghi" and runs["02_b"]["commit"] == "def"
+    assert Provenance.here("03_c", "test").command == "SAE_PROFILE=test python -m helpers.runs.run_all --only 03"

@@ -31,6 +31,15 @@ Two backends:
 
 `score_features` scores many features, appending each result to a JSON-lines file as soon as it is
 scored, so an interrupted or failed run keeps its work and resumes where it stopped.
+
+**Detection** (EleutherAI delphi's detection scorer, on the endpoint): the LLM reads the explanation and
+a shuffled batch of text windows and names the windows that contain the feature; the score is the
+balanced accuracy (mean of the true-positive and true-negative rates; chance 0.5) over activating windows
+sampled across the deciles of their largest activation and random non-activating windows. The windows
+are the ones `helpers.evals.protocols.ProtocolSplit` samples for its LLM-free detection score
+(`detection_inputs`), so the two scores read the same text. `detection_scores` scores many features
+and reports each one's cost: requests, prompt and completion tokens as the endpoint reports them (its
+``usage``), or estimated from characters where it does not (the result says which).
 """
 from __future__ import annotations
 
@@ -55,6 +64,7 @@ from tqdm.auto import tqdm
 
 from helpers.activations.models import load_model
 from helpers.evals.features import feature_excerpts
+from helpers.evals.protocols import ProtocolSplit
 from helpers.results import Result
 from helpers.settings.paths import digest
 from helpers.settings.profiles import EMBEDDED_MODEL
@@ -96,7 +106,9 @@ class Excerpt:
 
 
 class Backend(Protocol):
-    """An explainer and simulator. `explain` completes a prompt; `simulate` predicts 0-10 per token."""
+    """An explainer and simulator. `explain` completes a prompt; `simulate` predicts 0-10 per token.
+    A backend that can also run the detection scorer has ``detect(explanation, texts) -> list[bool]``
+    (`OpenAIBackend` has)."""
 
     name: str
 
@@ -114,6 +126,46 @@ SIMULATE_SYSTEM = ("You predict how strongly one feature of a language model fir
                    "what the feature fires on. Most tokens are 0.")
 EXAMPLE_EXPLANATION = 'the word "and"'  # the simulator's worked example (LocalBackend)
 EXAMPLE_TEXT = "Salt and pepper, bread and butter."
+
+
+DETECT_SYSTEM = ("You are given an explanation of what one feature of a language model fires on, and numbered "
+                 "text excerpts. Say which excerpts contain something the feature fires on.")
+CHARS_PER_TOKEN = 4  # the token estimate where an endpoint reports no usage
+
+
+def detection_prompt(explanation: str, texts: list[str]) -> str:
+    """The detection prompt: the explanation and the numbered excerpts; the reply is a JSON list of the
+    numbers of those that contain the feature."""
+    lines = [f"Explanation of the feature: {explanation}", "", "Excerpts:"]
+    lines += [f"{i}. {_show(t).strip()}" for i, t in enumerate(texts, 1)]
+    lines += ["", f"Reply with only a JSON list of the numbers (1 to {len(texts)}) of the excerpts in which the "
+              "feature fires, e.g. [2, 5]; [] if none."]
+    return "\n".join(lines)
+
+
+def parse_detection(text: str, n: int) -> list[bool]:
+    """Which of `n` excerpts a detection reply names: a JSON list of their numbers (1 to n) in `text`
+    (surrounding prose or code fences allowed). Raises ValueError saying what is wrong."""
+    text = re.sub(r"```[a-zA-Z]*", "", text)
+    candidates = re.findall(r"\[[^\[\]]*\]", text)
+    if not candidates:
+        raise ValueError(f"no JSON list in the reply {text[:200]!r}")
+    problems = []
+    for cand in candidates:
+        try:
+            values = json.loads(cand)
+        except json.JSONDecodeError:
+            problems.append(f"{cand[:60]!r} is not valid JSON")
+            continue
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            problems.append(f"{cand[:60]!r} holds non-integers")
+            continue
+        if any(not 1 <= v <= n for v in values):
+            problems.append(f"{cand[:60]!r} names excerpts outside 1 to {n}")
+            continue
+        chosen = set(values)
+        return [i in chosen for i in range(1, n + 1)]
+    raise ValueError("; ".join(problems))
 
 
 def _safe_name(kind: str, model: str) -> str:
@@ -406,6 +458,7 @@ class OpenAIBackend:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.name = _safe_name("openai", model)
+        self.usage = Usage()
 
     def _post(self, messages: list[dict]) -> str:
         """One request; the reply's message content. Raises _Retryable or AutointerpError."""
@@ -442,6 +495,7 @@ class OpenAIBackend:
             raise _Retryable(f"a reply that is not a chat completion: {raw[:200]!r}", malformed=True) from None
         if not isinstance(content, str):
             raise _Retryable(f"a chat completion without text content: {raw[:200]!r}", malformed=True)
+        self.usage.add(messages, content, json.loads(raw).get("usage"))
         return content
 
     def _call(self, messages: list[dict], parse, what: str):
@@ -482,11 +536,54 @@ class OpenAIBackend:
         return self._call([{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": prompt}],
                           parse, "explain")
 
+    def detect(self, explanation: str, texts: list[str]) -> list[bool]:
+        """Which of `texts` the model says contain the feature `explanation` describes (one request)."""
+        n = len(texts)
+        return self._call([{"role": "system", "content": DETECT_SYSTEM},
+                           {"role": "user", "content": detection_prompt(explanation, texts)}],
+                          lambda content: parse_detection(content, n), f"detect ({n} excerpts)")
+
     def simulate(self, explanation: str, excerpt: Excerpt) -> list[float]:
         n = len(excerpt.tokens)
         return self._call([{"role": "system", "content": SIMULATE_SYSTEM},
                            {"role": "user", "content": simulate_prompt(explanation, excerpt.tokens)}],
                           lambda content: parse_activation_list(content, n), f"simulate ({n} tokens)")
+
+
+@dataclass
+class Usage:
+    """What a backend's requests cost: completed requests, prompt and completion tokens, and how many of
+    the requests' token counts were estimated from characters (`CHARS_PER_TOKEN`) because the endpoint
+    reported no ``usage``."""
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: int = 0
+
+    def add(self, messages: list[dict], content: str, usage) -> None:
+        self.requests += 1
+        try:
+            prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        except (TypeError, KeyError, ValueError):
+            chars = sum(len(str(m.get("content", ""))) for m in messages)
+            prompt, completion = -(-chars // CHARS_PER_TOKEN), -(-len(content) // CHARS_PER_TOKEN)
+            self.estimated += 1
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+
+    def since(self, before: "Usage") -> "Usage":
+        return Usage(self.requests - before.requests, self.prompt_tokens - before.prompt_tokens,
+                     self.completion_tokens - before.completion_tokens, self.estimated - before.estimated)
+
+    def copy(self) -> "Usage":
+        return Usage(self.requests, self.prompt_tokens, self.completion_tokens, self.estimated)
+
+    @property
+    def source(self) -> str:
+        """"endpoint" (every count reported by the endpoint), "estimate" (none), "mixed", or "none"."""
+        if not self.requests:
+            return "none"
+        return "endpoint" if not self.estimated else "estimate" if self.estimated == self.requests else "mixed"
 
 
 class _Retryable(Exception):
@@ -712,3 +809,163 @@ def autointerp_scores(backend: Backend, inputs: dict, name: str = "features", ca
         path = Path(cache_dir) / f"{slug}-{digest(key)}.jsonl"
     records = score_features(backend, inputs, results_path=path, progress=progress)
     return AutointerpScores.from_records(name, backend.name, records)
+
+
+# ------------------------------------------------------------------------------------ detection
+
+def detection_inputs(split: ProtocolSplit, codes, token_ids, tokenizer, features, counts=None) -> dict:
+    """{feature: (explain, activating, non_activating)} for `detection_scores`, from the windows that
+    `split` (a `helpers.evals.protocols.ProtocolSplit`) samples for its LLM-free scores: `explain` the
+    Excerpts the explainer sees (the explaining half's top-activating and random windows, activations
+    clipped at 0), `activating` the texts of the scoring half's windows sampled across the deciles of
+    their largest activation, `non_activating` those of random windows with no active token.
+    `codes` [N, F] and `token_ids` [N] are the split's tokens (all N given, or only its kept ones);
+    `features` the feature indices to take; `counts` as in `ProtocolSplit.score`."""
+    ex = split.excerpts(codes, counts)
+    X = torch.as_tensor(codes)
+    ids = np.asarray(token_ids.detach().cpu() if hasattr(token_ids, "detach") else token_ids).ravel()
+    if split.keep is not None and len(ids) == split.n_given:
+        kept = np.flatnonzero(split.keep)
+        ids, X = ids[kept], X[torch.as_tensor(kept)] if X.shape[0] == split.n_given else X
+    elif split.keep is not None and X.shape[0] == split.n_given:
+        X = X[torch.as_tensor(np.flatnonzero(split.keep))]
+    if len(ids) != split.n:
+        raise ValueError(f"token_ids has {len(ids)} entries; the split has {split.n} tokens")
+    decoded: dict[int, str] = {}
+
+    def tokens(rows: np.ndarray) -> list[str]:
+        out = []
+        for i in rows[rows >= 0]:
+            t = int(ids[i])
+            if t not in decoded:
+                decoded[t] = tokenizer.decode([t])
+            out.append(decoded[t])
+        return out
+
+    out = {}
+    for f in features:
+        f = int(f)
+        explain = []
+        for w in ex["explain"][f]:
+            rows = split.window_tokens(w)
+            rows = rows[rows >= 0]
+            if w < 0 or not len(rows):
+                continue
+            acts = X[torch.as_tensor(rows), f].float().clamp(min=0).tolist()
+            explain.append(Excerpt(tokens(rows), acts))
+        texts = lambda ws: ["".join(tokens(split.window_tokens(w))) for w in ws if w >= 0]  # noqa: E731
+        out[f] = ([e for e in explain if e.max_act > 0], texts(ex["activating"][f]), texts(ex["non_activating"][f]))
+    return out
+
+
+def detection_score(backend, explanation: str, activating: list[str], non_activating: list[str],
+                    batch_size: int = 10, seed: int = 0) -> dict:
+    """delphi's detection score of `explanation`: the windows (texts) shuffled together and shown
+    `batch_size` at a time to ``backend.detect``; the balanced accuracy of its answers (the mean of the
+    true-positive rate on `activating` and the true-negative rate on `non_activating`; chance 0.5).
+    Returns {"balanced_accuracy", "tpr", "tnr", "n_activating", "n_non_activating", "said"} (`said`: per
+    window, in the order given, activating first, whether the backend named it)."""
+    if not activating or not non_activating:
+        raise ValueError(f"detection needs activating and non-activating windows; got {len(activating)} and "
+                         f"{len(non_activating)}")
+    if not hasattr(backend, "detect"):
+        raise TypeError(f"{getattr(backend, 'name', backend)!r} has no detect(explanation, texts); use "
+                        "OpenAIBackend (an LLM endpoint)")
+    texts = list(activating) + list(non_activating)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    said = np.zeros(len(texts), dtype=bool)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        answer = list(backend.detect(explanation, [texts[i] for i in idx]))
+        if len(answer) != len(idx):
+            raise AutointerpError(f"{getattr(backend, 'name', backend)} answered for {len(answer)} excerpts "
+                                  f"of {len(idx)}")
+        said[idx] = np.asarray(answer, dtype=bool)
+    k = len(activating)
+    tpr, tnr = float(said[:k].mean()), float(1 - said[k:].mean())
+    return {"balanced_accuracy": (tpr + tnr) / 2, "tpr": tpr, "tnr": tnr, "n_activating": k,
+            "n_non_activating": len(texts) - k, "said": said.tolist()}
+
+
+@dataclass
+class FeatureDetection(Result):
+    """One feature's detection result on an LLM endpoint: the explanation, the balanced accuracy (and its
+    two rates), the windows shown, and what scoring it cost (requests; prompt and completion tokens, as
+    the endpoint reported them or estimated from characters: `tokens`)."""
+
+    feature: int
+    explanation: str
+    balanced_accuracy: float
+    tpr: float
+    tnr: float
+    n_activating: int
+    n_non_activating: int
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tokens: str = "none"
+
+
+@dataclass
+class DetectionScores(Result):
+    """Detection scores of some features of one dictionary on an LLM endpoint (`detection_scores`)."""
+
+    name: str
+    backend: str
+    features: list[FeatureDetection] = field(default_factory=list)
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.array([f.balanced_accuracy for f in self.features], dtype=float)
+
+    @property
+    def mean(self) -> float:
+        return float(self.scores.mean()) if self.features else float("nan")
+
+    def cost(self) -> dict:
+        """Mean requests, prompt and completion tokens per feature, and where the token counts came from."""
+        n = max(len(self.features), 1)
+        sources = {f.tokens for f in self.features} - {"none"}
+        return {"requests": sum(f.requests for f in self.features) / n,
+                "prompt_tokens": sum(f.prompt_tokens for f in self.features) / n,
+                "completion_tokens": sum(f.completion_tokens for f in self.features) / n,
+                "tokens": sources.pop() if len(sources) == 1 else "mixed" if sources else "none"}
+
+    def rows(self) -> list[dict]:
+        return [{"dictionary": self.name, "feature": f.feature, "balanced accuracy": f.balanced_accuracy,
+                 "TPR": f.tpr, "TNR": f.tnr, "requests": f.requests, "prompt tokens": f.prompt_tokens,
+                 "completion tokens": f.completion_tokens, "explanation": f.explanation[:90]}
+                for f in self.features]
+
+    def verdicts(self) -> list[str]:
+        if not self.features:
+            return [f"{self.name}: no feature scored."]
+        c = self.cost()
+        how = {"endpoint": "as the endpoint reported them", "estimate":
+               f"estimated at {CHARS_PER_TOKEN} characters a token (the endpoint reported no usage)",
+               "mixed": "partly estimated from characters", "none": "not counted"}[c["tokens"]]
+        return [f"{self.name}: mean detection balanced accuracy {self.mean:.3f} over {len(self.features)} features "
+                f"({self.backend}; chance 0.5).",
+                f"Cost per feature: {c['requests']:.1f} requests, {c['prompt_tokens']:.0f} prompt and "
+                f"{c['completion_tokens']:.0f} completion tokens ({how})."]
+
+
+def detection_scores(backend, features: dict, name: str = "features", explanations: dict | None = None,
+                     batch_size: int = 10, seed: int = 0, progress: bool = True) -> DetectionScores:
+    """Detection scores of `features` ({feature: (explain, activating, non_activating)}, e.g. from
+    `detection_inputs`): each feature explained from its `explain` excerpts (or taken from
+    `explanations`, e.g. an `AutointerpScores`' {feature: explanation}), then `detection_score`d. The cost
+    of each feature is read from ``backend.usage`` (a `Usage`; OpenAIBackend keeps one) when it has one."""
+    explanations = explanations or {}
+    out = DetectionScores(name, getattr(backend, "name", type(backend).__name__))
+    for f, (explain, activating, non_activating) in tqdm(features.items(), desc=f"detection ({out.backend})",
+                                                        unit="feature", disable=not progress):
+        usage = getattr(backend, "usage", None)
+        before = usage.copy() if isinstance(usage, Usage) else None
+        explanation = explanations.get(f) or explain_feature(backend, explain)
+        r = detection_score(backend, explanation, activating, non_activating, batch_size, seed=seed + int(f))
+        spent = usage.since(before) if before is not None else Usage()
+        out.features.append(FeatureDetection(int(f), explanation, r["balanced_accuracy"], r["tpr"], r["tnr"],
+                                             r["n_activating"], r["n_non_activating"], spent.requests,
+                                             spent.prompt_tokens, spent.completion_tokens, spent.source))
+    return out

@@ -5,4 +5,5 @@
 * ``plan``:     the resource plan (disk, host RAM, GPU memory, time) of a profile on this machine
 * ``claims``:   the notebooks' claims about the model, asserted where they were measured
 * ``run_all``:  ``python -m helpers.runs.run_all``: execute every notebook headless, saving the results
+* ``report``:   ``python -m helpers.runs.report``: docs/results.md from the executed notebooks' result cells
 """

@@ -19,17 +19,25 @@ Every cell's wall time is recorded, with its notebook, index and section, in
 <cache>/<profile>/runs/timings.json, rewritten after each cell (an interrupted run keeps what it
 measured). A run replaces the timings of the notebooks it runs and keeps the others'. `RunTimings`
 reads the file back as a typed result, by notebook and by step (section).
+
+Each executed notebook records where it ran (`Provenance`: profile, commit, UTC date, machine, the
+command that reproduces it, wall seconds and status) in its metadata under ``workbook_run``, and
+<cache>/<profile>/runs/runs.json keeps the same record per notebook. `python -m helpers.runs.report`
+collects the notebooks' result cells with these records into docs/results.md.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import re
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import nbformat
@@ -38,10 +46,12 @@ from tqdm import tqdm
 
 from helpers.results import Result
 from helpers.runs.plan import plan
-from helpers.settings.paths import NOTEBOOKS_DIR
+from helpers.settings.paths import NOTEBOOKS_DIR, REPO_ROOT
 from helpers.settings.profiles import ENV_VAR, default_profile_name, get_profile
 
 TIMINGS = "timings.json"
+RUNS = "runs.json"              # {notebook stem: Provenance.to_dict()} of the runs in a profile's runs/
+RUN_KEY = "workbook_run"        # the executed notebook's metadata key holding its Provenance
 HEADING = re.compile(r"^\s{0,3}(#{1,4})\s+(.+?)\s*#*\s*$")
 HEADING_WIDTH = 36      # characters of a section heading shown in the bar
 TICK_TTY = 1.0          # seconds between redraws of the bar on a terminal
@@ -214,6 +224,93 @@ class RunTimings(Result):
                           "", *self.verdicts()])
 
 
+def git_commit(root: Path = REPO_ROOT) -> str:
+    """``git rev-parse HEAD`` of the repository at `root`, with "+dirty" when its tree has uncommitted
+    changes; "unknown" outside git (or without git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.returncode != 0 or dirty.stdout.strip() else "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else the platform's), or "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    """This machine, as a run records it: platform, CPU model, core count, torch version, and the CUDA
+    device's name ("cpu" without one)."""
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count() or 0,
+            "torch": torch.__version__, "device": device}
+
+
+def reproduce_command(profile: str, notebook: str) -> str:
+    """The command that runs notebook `notebook` (its stem, or a prefix such as "03") of `profile` again."""
+    return f"SAE_PROFILE={profile} python -m helpers.runs.run_all --only {notebook[:2]}"
+
+
+@dataclass
+class Provenance(Result):
+    """Where and how one notebook of a run ran: profile, repository commit ("+dirty" for uncommitted
+    changes, "unknown" outside git), UTC date (ISO), machine (`machine()`), the command that reproduces it,
+    wall seconds and status."""
+    notebook: str
+    profile: str
+    commit: str = "unknown"
+    date: str = ""
+    machine: dict = field(default_factory=dict)
+    command: str = ""
+    seconds: float = 0.0
+    status: str = ""
+
+    @classmethod
+    def here(cls, notebook: str, profile: str, seconds: float = 0.0, status: str = "") -> "Provenance":
+        """The provenance of a run of `notebook` on this machine, now."""
+        return cls(notebook, profile, git_commit(), datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   machine(), reproduce_command(profile, notebook), round(float(seconds), 1), status)
+
+    def machine_text(self) -> str:
+        m = self.machine
+        if not m:
+            return "not recorded"
+        return (f"{m.get('device', '?')}; {m.get('cpu', '?')} ({m.get('cores', '?')} cores); "
+                f"{m.get('platform', '?')}; torch {m.get('torch', '?')}")
+
+    def verdicts(self) -> list[str]:
+        return [f"{self.notebook} ran on profile {self.profile!r} at commit {self.commit} on {self.date} "
+                f"({self.machine_text()}) in {duration(self.seconds)}: {self.status}; rerun with `{self.command}`"]
+
+
+def record_run(out_dir: Path, prov: Provenance) -> Path:
+    """Add (or replace) `prov` in out_dir/runs.json, keeping the other notebooks' records."""
+    path = out_dir / RUNS
+    try:
+        runs = json.loads(path.read_text())
+        runs = runs if isinstance(runs, dict) else {}
+    except (OSError, ValueError):
+        runs = {}
+    runs[prov.notebook] = prov.to_dict()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(sorted(runs.items())), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
 class _Lines:
     """A stream for tqdm that prints each redraw of the bar as a line of its own (for logs), skipping a
     redraw that repeats the line before."""
@@ -324,7 +421,8 @@ def load_timings(path: Path, profile: str) -> RunTimings:
 def run_notebook(path: Path, out_dir: Path, timings: RunTimings, estimate: float | None = None,
                  stream=None) -> str:
     """Execute notebook `path`, showing its progress and recording its cells' times in `timings` (saved
-    beside the executed notebooks in `out_dir`); write the executed notebook, also when a cell fails.
+    beside the executed notebooks in `out_dir`); write the executed notebook, also when a cell fails,
+    with its `Provenance` in its metadata (``workbook_run``) and in out_dir/runs.json.
     Returns "ok" or "FAILED: <error type>" (the error itself goes to stderr)."""
     nb = nbformat.read(path, as_version=4)
     progress = NotebookProgress(nb, path.stem, timings, out_dir / TIMINGS, estimate, stream)
@@ -346,7 +444,11 @@ def run_notebook(path: Path, out_dir: Path, timings: RunTimings, estimate: float
     else:
         progress.close(status)
     finally:
+        entry = progress.entry
+        prov = Provenance.here(path.stem, timings.profile, entry.seconds, entry.status)
+        nb.metadata[RUN_KEY] = prov.to_dict()
         nbformat.write(nb, out_dir / path.name)
+        record_run(out_dir, prov)
     return status
 
 
