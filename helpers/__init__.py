@@ -23,6 +23,7 @@ from helpers.causal.patching import patch_features
 from helpers.causal.steering import steer
 from helpers.dictionaries.controls import frozen_encoder_sae, reinitialised, shared_latents, token_mean_directions
 from helpers.dictionaries.dictionary import as_dictionary, load_sae, neuron_basis, random_directions
+from helpers.evals.autointerp import DetectionScores, detection_scores
 from helpers.evals.heldout import compare, heldout_score, heldout_scores, token_labels
 from helpers.evals.protocols import claim_table, dictionary_protocol_scores, heldout_distribution, protocol_scores
 from helpers.evals.reconstruction import ce_loss_recovered, fvu, reconstruction
@@ -33,8 +34,8 @@ from helpers.show.dashboard import FeatureView, dashboard, top_contexts
 
 __all__ = [
     # the research API
-    "Estimate", "FeatureView", "Result", "as_dictionary", "ce_loss_recovered", "claim_table", "collect", "compare",
-    "dashboard", "dictionary_protocol_scores", "frozen_encoder_sae", "fvu", "heldout_distribution", "heldout_score",
+    "DetectionScores", "Estimate", "FeatureView", "Result", "as_dictionary", "ce_loss_recovered", "claim_table", "collect", "compare",
+    "dashboard", "detection_scores", "dictionary_protocol_scores", "frozen_encoder_sae", "fvu", "heldout_distribution", "heldout_score",
     "heldout_scores", "hooked", "load_sae", "neuron_basis", "patch_features", "protocol_scores", "random_directions",
     "reconstruction", "reinitialised", "shared_latents", "steer", "token_labels", "token_mean_directions",
     "top_contexts", "train_sae",
