@@ -250,3 +250,25 @@ def test_a_newly_registered_architecture_joins_the_lab(halved):
     assert [c.l0_coefficient for c in mine] == [0.02, 0.04] and configs[-2:] == mine
     saes = train_on_tensor(generate(SMALL, 2048).x, mine, tc=lab_train_config(1024, batch_size=256), progress=False)
     assert [s.configs[0].family for s in saes] == ["Halved JumpReLU"] * 2
+
+
+def test_positive_control_separates_a_trained_sae_from_random_directions():
+    """The held-out concept score, with the planted features as concepts: a TopK SAE trained on the lab's
+    data scores far above random directions at its sparsity; a dictionary of the planted directions
+    themselves is the ceiling; the result round-trips through JSON."""
+    from helpers.saes.groundtruth import PositiveControl, positive_control
+
+    train, ev = generate(SMALL, 60_000), generate(SMALL, 4096, stream=1)
+    cfg = SAEConfig(d_in=SMALL.d, d_sae=SMALL.n_features, architecture="topk", k=4)
+    (sae,) = train_on_tensor(train.x, [cfg], tc=lab_train_config(60_000, batch_size=256), progress=False)
+    out = positive_control(sae, ev, others={"untrained SAE": untrained_reference(cfg, train.x)}, setting="small",
+                           n_boot=50)
+    assert [r.method for r in out] == ["trained SAE", "untrained SAE", "random directions"]
+    trained, untrained, rand = (out.row(m) for m in ("trained SAE", "untrained SAE", "random directions"))
+    assert trained.mcc.value > rand.mcc.value + 0.2 and trained.mcc.value > untrained.mcc.value + 0.2
+    assert out.difference.low > 0.2 and out.separates is True and "separates them clearly" in out.verdicts()[0]
+    assert rand.median_active == pytest.approx(trained.median_active, rel=0.2)  # matched sparsity
+    assert PositiveControl.from_dict(out.to_dict()).difference == out.difference
+    # a wider margin than the gap: the verdict says so
+    strict = PositiveControl(out.setting, out.rows_, out.difference, out.samples, margin=out.difference.high + 0.1)
+    assert strict.separates is False and "does not separate" in strict.verdicts()[0]

@@ -83,9 +83,11 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from helpers.dictionaries.dictionary import random_directions
 from helpers.evals.features import summarise
+from helpers.evals.heldout import heldout_scores
 from helpers.evals.reconstruction import mmcs, reconstruction_metrics
-from helpers.results import Result
+from helpers.results import Estimate, Result
 from helpers.saes import architectures
 from helpers.saes.stack import SAEConfig, SAEStack
 from helpers.saes.train import TensorBatches, TrainConfig, budget_config, train_on_batches
@@ -684,3 +686,91 @@ class Lab(Result):
                 out.append(f"{s}: {best.family} recovers the planted features best (matched MCC {best.mcc:.2f}, "
                            f"MMCS {best.mmcs:.2f}; untrained {ref.mcc:.2f}, {ref.mmcs:.2f}).")
         return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Positive control: the held-out concept score on data whose concepts are known
+# ---------------------------------------------------------------------------------------------------
+
+CONTROL_CONTEXT = 32   # samples per pseudo-context (the unit the held-out halves and the resamples take)
+
+
+@dataclass
+class ControlRow(Result):
+    """One dictionary of the positive control: its held-out MCC against the planted features (median over
+    its scored features, 95% interval over resampled contexts), its same-sparsity null and the excess."""
+    method: str
+    features: int
+    scored: int
+    median_active: float
+    mcc: Estimate
+    null_mcc: Estimate
+    excess_mcc: Estimate
+
+
+@dataclass
+class PositiveControl(Result):
+    """The held-out concept score (helpers.evals.heldout) of a lab SAE whose features are known to be
+    right, beside known-bad dictionaries, with the planted features as the concepts (`positive_control`).
+    `difference`: the trained SAE's median held-out MCC minus that of random directions at its sparsity,
+    paired over the shared resampled contexts; `margin`: the gap the verdict asks for."""
+    setting: str
+    rows_: list[ControlRow]
+    difference: Estimate
+    samples: int = 0
+    margin: float = 0.2
+
+    def __iter__(self):
+        return iter(self.rows_)
+
+    def row(self, method: str) -> ControlRow:
+        return next(r for r in self.rows_ if r.method == method)
+
+    @property
+    def separates(self) -> bool | None:
+        """True when the trained SAE beats random directions by more than `margin` (the whole interval of
+        the difference above it), False when the interval lies below it, None when it holds it."""
+        d = self.difference
+        if not d.has_interval:
+            return None
+        return True if d.low > self.margin else False if d.high < self.margin else None
+
+    def rows(self) -> list[dict]:
+        return [{"dictionary": r.method, "features": r.features, "scored": r.scored, "median active": r.median_active,
+                 "held-out MCC": format(r.mcc, ".3f"), "null MCC": format(r.null_mcc, ".3f"),
+                 "excess MCC": format(r.excess_mcc, ".3f")} for r in self.rows_]
+
+    def verdicts(self) -> list[str]:
+        first, last = self.rows_[0].method, self.rows_[-1].method
+        word = {True: "separates them clearly", False: "does not separate them clearly",
+                None: "cannot tell them apart by the margin"}[self.separates]
+        return [f"{self.setting}, {self.samples:,} evaluation samples, concepts = the planted features: "
+                f"{first} - {last} = {self.difference:.3f} in held-out MCC; with a margin of {self.margin:g}, "
+                f"the measure {word}."]
+
+
+@torch.no_grad()
+def positive_control(sae: SAEStack, data: SyntheticData, others: dict | None = None, setting: str = "",
+                     context_len: int = CONTROL_CONTEXT, n_boot: int = 200, seed: int = 0,
+                     margin: float = 0.2) -> PositiveControl:
+    """Score `sae` (a one-SAE stack trained on the lab's data) with helpers.evals.heldout's held-out,
+    sparsity-matched MCC on `data` (fresh samples), the concepts being the planted features (concept i:
+    "planted feature i is active", `data.codes` > 0) and the contexts consecutive runs of `context_len`
+    samples. Beside it: `others` ({name: one-SAE stack}, e.g. an untrained SAE) at their own activity,
+    and random directions (helpers.dictionaries.random_directions, as many features as the SAE has, around
+    the data mean) made active on as many samples as the SAE's features (matched sparsity). The
+    difference reported is the SAE's median held-out MCC minus the random directions', paired."""
+    x = data.x.float()
+    labels = data.dense_codes() > 0
+    contexts = torch.arange(len(x)) // context_len
+    rand = random_directions(x.shape[1], sae.d_sae, mean=x.mean(0), seed=seed)
+    codes = {"trained SAE": sae.encode(x)[0]}
+    for name, other in (others or {}).items():
+        codes[name] = other.encode(x)[0]
+    codes["random directions"] = rand.encode(x)
+    comp = heldout_scores(codes, labels, contexts, match={"random directions": "trained SAE"}, n_boot=n_boot,
+                          seed=seed, label_names=[f"feature {i}" for i in range(labels.shape[1])])
+    rows = [ControlRow(name, s.n_features, s.n_scored, s.median_count, s.mcc, s.null_mcc, s.excess_mcc)
+            for name, s in comp.scores.items()]
+    diff = comp.difference("trained SAE", "random directions").value
+    return PositiveControl(setting or "custom", rows, diff, samples=len(x), margin=margin)
