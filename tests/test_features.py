@@ -5,7 +5,8 @@ import torch
 
 from helpers.show.dashboard import FeatureView, dashboard_html, top_token_is
 from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, neuron_basis, random_directions
-from helpers.evals.features import Concepts, concept_scores, dictionary_score, feature_stats, logit_effects
+from helpers.evals.features import (Concepts, concept_scores, dictionary_score, feature_stats, logit_effects,
+                                    top_token_share)
 from helpers.saes.stack import SAEConfig, SAEStack
 from helpers.activations.store import StoreMismatch
 
@@ -210,3 +211,14 @@ def test_concept_scores_are_a_typed_result():
     assert "favours sparse features" in summary.verdicts()[0]
     again = ConceptScores.from_dict(sc.to_dict())
     assert torch.equal(again.mcc, sc.mcc) and again.concept == sc.concept and torch.is_tensor(again.active_counts)
+
+
+def test_top_token_share_counts_the_most_frequent_token_among_the_top():
+    token_ids = np.array([7, 7, 8, 9, 9, 9, 9, 5])
+    top_idx = np.array([[0, 1, 2, -1],        # ids 7, 7, 8: two of three are one token
+                        [3, 4, 5, 6],         # all id 9
+                        [-1, -1, -1, -1],     # no top token
+                        [0, 2, 3, 7]])        # four different ids
+    share = top_token_share(top_idx, token_ids)
+    assert np.allclose(share[[0, 1, 3]], [2 / 3, 1.0, 0.25]) and np.isnan(share[2])
+    assert np.allclose(top_token_share(torch.as_tensor(top_idx), token_ids, n=2)[[0, 1, 3]], [1.0, 1.0, 0.5])

@@ -1,13 +1,21 @@
 """The LLM-free paper protocol and delphi detection score (helpers.evals.protocols) on synthetic codes
 with planted features, checked against brute-force recomputations on a tiny case."""
+from types import SimpleNamespace
+
 import matplotlib
 import numpy as np
 import pytest
 import torch
+from conftest import sparse_data
 
+from helpers.dictionaries.dictionary import random_directions
 from helpers.evals.heldout import heldout_score, token_labels
-from helpers.evals.protocols import (Distribution, ProtocolComparison, ProtocolScore, ProtocolSplit, difference,
-                                     heldout_distribution, protocol_scores, summarize)
+from helpers.evals.protocols import (BudgetCurve, Distribution, ProtocolComparison, ProtocolScore, ProtocolSplit,
+                                     budget_curve, difference, heldout_distribution, protocol_scores,
+                                     snapshot_protocol_scores, summarize)
+from helpers.results import Estimate
+from helpers.saes.stack import SAEConfig
+from helpers.settings.profiles import PROFILES
 
 matplotlib.use("Agg")
 
@@ -321,3 +329,58 @@ def test_scored_tokens_are_kept_and_the_rest_dropped(data):
     assert a.rows() == b.rows() and a.correlation.median.value > 0.9
     with pytest.raises(ValueError, match="scored has 3 entries"):
         ProtocolSplit(labels, contexts, scored=keep[:3])
+
+
+def test_the_gap_over_budgets_by_each_protocol(data, tmp_path):
+    """budget_curve reads each budget's paired differences; its verdicts follow the numbers."""
+    _, contexts, labels, planted, dense, _ = data
+    g = torch.Generator().manual_seed(0)
+    snaps = {}
+    for t, strength in ((100, 0.2), (400, 1.0)):   # the planted features grow clearer with "training"
+        sae = planted * strength + torch.rand(len(contexts), 6, generator=g) * 0.3
+        snaps[t] = protocol_scores({"SAE": sae, "random directions": dense[:, :6]}, labels,
+                                   contexts, match={"random (SAE's sparsity)": ("random directions", "SAE")},
+                                   pairs=[("SAE", "random directions"), ("SAE", "random (SAE's sparsity)")], n_boot=30)
+    held = {100: Estimate(0.05, -0.01, 0.11), 400: Estimate(-0.2, -0.3, -0.1)}
+    curve = budget_curve(snaps, heldout=held)
+    assert [p.tokens for p in curve.points] == [100, 400]
+    ours, dense = "held-out MCC (ours), random at the SAE's sparsity", "paper's correlation, random dense"
+    assert curve.measures[0] == ours and dense in curve.measures
+    want = snaps[400].difference("SAE", "random directions", "correlation", "median").value
+    assert curve.points[1].gaps[dense].value == pytest.approx(want.value)
+    assert curve.moves(ours) == pytest.approx(-0.25)
+    text = " ".join(curve.verdicts())
+    assert "(cannot tell) at 100" in text and "(fails) at 400" in text       # the held-out gap's words
+    assert curve.moves(dense) > 0                                             # the planted gap grows; ours falls
+    assert "the protocols disagree" in text
+    assert len(curve.rows()) == 2 and curve.to_frame().shape[1] == 1 + len(curve.measures)
+    back = BudgetCurve.load(curve.save(tmp_path / "budget.json"))
+    assert back.points[1].gaps[ours] == held[400] and back.verdicts() == curve.verdicts()
+    curve.plot()
+    # a budget without the held-out gap keeps the others
+    only = budget_curve({100: snaps[100]})
+    assert ours not in only.measures and len(only.points) == 1
+
+
+def test_snapshots_of_one_sae_over_training_by_both_protocols(array_store):
+    """snapshot_protocol_scores trains the sweep's SAE once and scores it at the curve's budgets, beside
+    random directions dense (the same at every budget) and at each snapshot's sparsity."""
+    x, _ = sparse_data(n=2048, d=16, m=24)
+    profile = PROFILES["test"].replace(layers=(0,), sae_layer=0, train_tokens=1024, train_batch=128, massive=False,
+                                       device="cpu")
+    store = array_store(x, hook=profile.sae_hook)
+    sweep = SimpleNamespace(rows_=[SAEConfig(d_in=16, d_sae=32, l1_coefficient=1e-3, massive=False)], chosen=0)
+    rand = random_directions(16, 32, x.mean(0), seed=1, hook_name=profile.sae_hook)
+    ids = np.arange(len(x)) % 40
+    labels = token_labels(ids, np.arange(len(x)) // 32, min_count=5)
+    snaps = snapshot_protocol_scores(profile, store, sweep, rand, x, labels, np.arange(len(x)) // 32, n_boot=10,
+                                     window=8)
+    assert sorted(snaps) == [256, 512, 1024]                       # a quarter, a half and all of 8 steps of 128
+    first, last = snaps[256], snaps[1024]
+    assert list(last.scores) == ["SAE", "random directions", "random (SAE's sparsity)"]
+    np.testing.assert_array_equal(first["random directions"].correlation.values, last["random directions"].correlation.values)
+    assert not np.array_equal(first["SAE"].features["counts"], last["SAE"].features["counts"]) or \
+        not np.allclose(first["SAE"].features["explain_corr"], last["SAE"].features["explain_corr"], equal_nan=True)
+    matched = last["random (SAE's sparsity)"].counts
+    assert 0 < matched.max() <= last["SAE"].counts.max()          # drawn from the snapshot's own counts
+    assert last.difference("SAE", "random directions", "correlation").paired

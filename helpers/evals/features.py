@@ -687,3 +687,18 @@ def describe_features(dictionary, store, features, tokenizer, hook: str | None =
                          for j in idx).most_common(n_tokens)
         out[f] = ", ".join(f"{t!r} ×{n}" for t, n in common) if common else "(never active)"
     return out
+
+
+def top_token_share(top_idx, token_ids, n: int = 20) -> np.ndarray:
+    """Per feature, the share of its top-`n` activating tokens (`top_idx` [F, k] token indices, -1
+    padding, as `FeatureStats.top_idx` holds them) that are one token: its most frequent token identity
+    among them (`token_ids` [N], each token index's id). 1: a token feature; near 1/n: a jumble. NaN for
+    a feature with no top token."""
+    idx = np.asarray(top_idx)[:, :n]
+    ids = np.asarray(token_ids)
+    out = np.full(len(idx), np.nan)
+    for f, row in enumerate(idx):
+        row = row[row >= 0]
+        if len(row):
+            out[f] = np.unique(ids[row], return_counts=True)[1].max() / len(row)
+    return out

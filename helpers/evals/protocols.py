@@ -49,9 +49,16 @@ matched": ("random", "SAE")})` scores several methods on one split (a `ProtocolC
 with a `ProtocolScore` per method and their paired differences; `verdicts()`, `rows()`, `plot()`);
 `ProtocolSplit` is the core; `summarize` and `heldout_distribution` give the same `Distribution`
 summary of any per-feature scores, e.g. `helpers.evals.heldout`'s held-out MCC.
+
+**Over training budgets.** `snapshot_protocol_scores` trains a sweep SAE again with the settings and
+budgets of `helpers.evals.heldout.interpretability_curve` (the same snapshots) and scores each snapshot
+by both protocols beside random directions; `budget_curve({tokens: ProtocolComparison}, heldout={tokens:
+Estimate})` gathers the paired gaps SAE - random of every protocol per budget (a `BudgetCurve`: table,
+verdicts saying how far each gap moves, `plot()`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zlib
 from collections.abc import Mapping
@@ -63,10 +70,14 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from helpers.activations import massive
 from helpers.evals.heldout import (MAX_DENSITY, MIN_ACTIVE, SUMMARIES, HeldoutScore, Scored, active_sets, as_labels,
                                    context_halves, matched_counts, statistic_key)
-from helpers.dictionaries.dictionary import encode_batched
+from helpers.dictionaries.dictionary import SAEDictionary, encode_batched
 from helpers.results import Estimate, Result
+from helpers.runs.sweep import SAE_KEYS, train_config
+from helpers.saes.stack import SAEConfig
+from helpers.saes.train import train_sweep
 
 PROTOCOLS = ("correlation", "detection")
 THRESHOLDS = {"correlation": (0.3, 0.5, 0.7), "detection": (0.6, 0.75, 0.9), "heldout mcc": (0.3, 0.5, 0.7),
@@ -822,3 +833,165 @@ def dictionary_protocol_scores(dictionaries: dict, x, labels, contexts, *, input
         raise ValueError(f"inputs for {sorted(unknown)}, which are not among the dictionaries {list(dictionaries)}")
     return protocol_scores(_Encoded(dictionaries, torch.as_tensor(x), inputs, batch_size), labels, contexts,
                            match=match, pairs=pairs, **options)
+
+
+# ------------------------------------------------------------------ the gap over training budgets, by each protocol
+
+BUDGET_CODE = ("helpers.evals.protocols", "helpers.evals.heldout", "helpers.saes.train", "helpers.saes.stack",
+               "helpers.activations.massive")
+
+
+@dataclass
+class BudgetPoint(Result):
+    """One training budget: the paired gap SAE - random directions (`gaps` {measure: Estimate}, a
+    statistic of the per-feature scores with its 95% interval over resampled contexts) by each measure."""
+
+    tokens: int
+    gaps: dict[str, Estimate] = field(default_factory=dict)
+
+
+def _word(d: Estimate) -> str:
+    return "holds" if d.above(0) else "fails" if d.below(0) else "cannot tell"
+
+
+@dataclass
+class BudgetCurve(Result):
+    """Does the gap SAE - random directions move with training, by each protocol? One `BudgetPoint` per
+    budget (the same SAE snapshots for every measure), the gaps of one `statistic` (e.g. the median).
+    `verdicts()` says, per measure, how far the gap moves from the first budget to the last and the
+    claim's word ("holds": the SAE scores higher) at each end; `plot()` draws the gaps against tokens."""
+
+    points: list[BudgetPoint] = field(default_factory=list)
+    statistic: str = "median"
+
+    @property
+    def measures(self) -> list[str]:
+        return list(dict.fromkeys(m for p in self.points for m in p.gaps))
+
+    def gap(self, measure: str) -> list[Estimate]:
+        """The gaps of one measure, budget by budget (a valueless Estimate where a budget lacks it)."""
+        return [p.gaps.get(measure, Estimate(float("nan"))) for p in self.points]
+
+    def moves(self, measure: str) -> float:
+        """The gap at the last budget minus the gap at the first."""
+        g = self.gap(measure)
+        return float(g[-1].value - g[0].value) if len(g) > 1 else 0.0
+
+    def rows(self) -> list[dict]:
+        return [{"training tokens": p.tokens, **{f"{m}: SAE - random": format(p.gaps[m], "+.3f")
+                                                 for m in self.measures if m in p.gaps}} for p in self.points]
+
+    def verdicts(self) -> list[str]:
+        if not self.points:
+            return ["No budget scored."]
+        first, last = self.points[0].tokens, self.points[-1].tokens
+        out = []
+        for m in self.measures:
+            g = self.gap(m)
+            if len(g) > 1:
+                out.append(f"{m}: the {self.statistic} gap SAE - random goes from {g[0]:+.3f} ({_word(g[0])}) at "
+                           f"{first:,} training tokens to {g[-1]:+.3f} ({_word(g[-1])}) at {last:,}, "
+                           f"a move of {self.moves(m):+.3f}.")
+            else:
+                out.append(f"{m}: the {self.statistic} gap SAE - random is {g[0]:+.3f} ({_word(g[0])}) at {first:,} tokens.")
+        if len(self.points) > 1 and len(self.measures) > 1:
+            ups = [m for m in self.measures if self.moves(m) > 0]
+            downs = [m for m in self.measures if self.moves(m) < 0]
+            if not ups and not downs:
+                out.append("With more training the gap does not move by any measure.")
+            elif not downs or not ups:
+                way = "moves toward the SAE (up)" if not downs else "moves away from the SAE (down)"
+                out.append(f"With more training the gap {way} by every measure.")
+            else:
+                out.append(f"With more training the gap moves toward the SAE by {', '.join(ups)} and away from it "
+                           f"by {', '.join(downs)}: the protocols disagree on the trend.")
+        return out
+
+    def plot(self, ax=None):
+        """The gap of every measure against training tokens, with its 95% interval; 0 marked."""
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6.5, 4))
+        else:
+            fig = ax.figure
+        t = np.array([p.tokens for p in self.points], dtype=np.float64)
+        for j, m in enumerate(self.measures):
+            g = self.gap(m)
+            y = np.array([e.value for e in g])
+            lo = np.array([e.low if e.has_interval else e.value for e in g])
+            hi = np.array([e.high if e.has_interval else e.value for e in g])
+            shift = 1.0 + 0.03 * (j - (len(self.measures) - 1) / 2)  # side by side on the log axis
+            ax.errorbar(t * shift, y, yerr=np.clip([y - lo, hi - y], 0, None), marker="o", capsize=3, label=m)
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(f"SAE - random, {self.statistic} per feature")
+        ax.set_title("Does the gap move with training? Each protocol on the same snapshots", fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+
+def budget_curve(snapshots: dict[int, ProtocolComparison], heldout=None, statistic: str = "median",
+                 pairs: dict | None = None) -> BudgetCurve:
+    """A `BudgetCurve` from each budget's `ProtocolComparison` ({training tokens: comparison}, e.g. one
+    `protocol_scores` per SAE snapshot) and, optionally, the held-out MCC gaps of the same snapshots
+    (`heldout`: {training tokens: Estimate}, e.g. from `helpers.evals.heldout.InterpretabilityCurve`).
+    `pairs` {measure: (a, b, protocol)} names the differences read (default: the SAE against random
+    directions dense and at the SAE's sparsity, by the paper's correlation and by detection)."""
+    pairs = pairs or {
+        "paper's correlation, random dense": ("SAE", "random directions", "correlation"),
+        "paper's correlation, random at the SAE's sparsity": ("SAE", "random (SAE's sparsity)", "correlation"),
+        "detection, random at the SAE's sparsity": ("SAE", "random (SAE's sparsity)", "detection"),
+    }
+    tokens = sorted(set(snapshots) | set(heldout or {}))
+    points = []
+    for t in tokens:
+        gaps = {}
+        if heldout and t in heldout:
+            gaps["held-out MCC (ours), random at the SAE's sparsity"] = heldout[t]
+        comp = snapshots.get(t)
+        for label, (a, b, protocol) in pairs.items():
+            if comp is not None and a in comp.scores and b in comp.scores:
+                gaps[label] = comp.difference(a, b, protocol, statistic).value
+        points.append(BudgetPoint(int(t), gaps))
+    return BudgetCurve(points, statistic)
+
+
+def snapshot_protocol_scores(profile, store, sweep, random, x, labels, contexts, *, index: int | None = None,
+                             points: int = 3, scored=None, seed: int = 0, progress: bool = False,
+                             **options) -> dict[int, ProtocolComparison]:
+    """Both protocols for snapshots of one sweep SAE (default: the chosen one) over training, beside
+    `random` directions dense and at each snapshot's sparsity: {training tokens: ProtocolComparison}.
+
+    The SAE is trained again alone with the sweep's settings and the profile's training settings, the
+    budgets halving down from the profile's (`points` of them: 1/4, 1/2 and all of it by default), the
+    same training and the same evaluation budgets as `helpers.evals.heldout.interpretability_curve`, so
+    the snapshots are that curve's. Each snapshot's codes of `x` [N, d_in] (the activations of the
+    tokens `labels` and `contexts` describe) are scored on one `ProtocolSplit` (`scored`, `seed`,
+    `options`), shared by every snapshot, so the budgets' scores are paired too."""
+    row = sweep.rows_[sweep.chosen if index is None else index]
+    hook = profile.sae_hook
+    cfg = SAEConfig(**{**{k: getattr(row, k) for k in SAE_KEYS}, "hook_name": hook})
+    tc = train_config(profile)
+    steps = tc.total_tokens // tc.batch_size
+    tc = dataclasses.replace(tc, eval_at=tuple(sorted({max(1, steps >> j) for j in range(points)})))
+    rule = massive.fit(store, hook) if profile.massive else None
+    x = torch.as_tensor(x)
+    split = ProtocolSplit(labels, contexts, scored=scored, seed=seed, **options)
+    rand_codes = encode_batched(random, x)
+    dense = split.score(rand_codes, "random directions")
+    out = {}
+
+    def on_eval(step, n_tokens, saes):
+        sae = split.score(encode_batched(SAEDictionary(saes[0], name="SAE"), x), "SAE")
+        counts = matched_counts(torch.as_tensor(sae.counts), int(rand_codes.shape[1]), seed=seed,
+                                min_active=split.min_active)
+        matched = split.score(rand_codes, "random (SAE's sparsity)", counts=counts, activity="matched to SAE")
+        scores = {"SAE": sae, "random directions": dense, "random (SAE's sparsity)": matched}
+        diffs = [difference(sae[p], other[p], s) for other in (dense, matched) for p in PROTOCOLS for s in sae[p].keys]
+        out[int(n_tokens)] = ProtocolComparison(scores, diffs)
+        return {"tokens": int(n_tokens)}
+
+    train_sweep(store, hook, [cfg], tc, progress=progress, on_eval=on_eval, rules={hook: rule} if rule else None)
+    return out
+

@@ -1,8 +1,10 @@
 """The exercises of notebook 03: references, random cases and known mistakes.
 
-03.1 feature statistics (density, max, mean when active), 03.2 the concept score (MCC of "feature
-active" with "concept present"), 03.3 the held-out concept score (the concept chosen on one half of the
-contexts, scored on the other), 03.4 a feature's top activating contexts. The references are the workbook's
+03.1 feature statistics (density, max, mean when active), 03.2 the density histogram's statistics (dead
+and dense shares, median log density), 03.3 a feature's top activating contexts, 03.4 the concept score
+(MCC of "feature active" with "concept present"), 03.5 the held-out concept score (the concept chosen on
+one half of the contexts, scored on the other), 03.6 the sparsity-matched null (a direction active on
+exactly its top-k tokens, and its best concept's MCC). The references are the workbook's
 own code (helpers.evals.features.feature_stats, helpers.evals.heldout) wherever it has one, fed the exercise's
 tensors through a small in-memory store; the top contexts have a short reference here (the workbook
 ranks tokens, not contexts).
@@ -101,7 +103,53 @@ register(Exercise(
 ))
 
 
-# ------------------------------------------------------------------ 03.4 top activating contexts
+# ------------------------------------------------------------------ 03.2 the density histogram's statistics
+
+def _density_reference(density: torch.Tensor, dense_above: float):
+    d = density.double()
+    alive = d > 0
+    med = d[alive].log10().median() if alive.any() else torch.tensor(float("nan"), dtype=torch.float64)
+    return torch.stack([(~alive).double().mean(), (d > dense_above).double().mean(), med])
+
+
+def _density_median_all(density, dense_above):
+    d = density.double()
+    return torch.stack([(d == 0).double().mean(), (d > dense_above).double().mean(),
+                        d.clamp_min(1e-12).log10().median()])
+
+
+def _density_ln(density, dense_above):
+    d = density.double()
+    alive = d > 0
+    return torch.stack([(~alive).double().mean(), (d > dense_above).double().mean(), d[alive].log().median()])
+
+
+def _density_counts(density, dense_above):
+    d = density.double()
+    alive = d > 0
+    return torch.stack([(~alive).double().sum(), (d > dense_above).double().sum(), d[alive].log10().median()])
+
+
+def _density_cases(gen):
+    cases = []
+    for f, dead, dense in ((40, 5, 3), (101, 0, 10), (17, 4, 0)):
+        d = 10 ** (-4 * torch.rand(f, generator=gen, dtype=torch.float64) - 1)   # alive: 1e-5 to 1e-1
+        d[:dead] = 0.0
+        d[dead:dead + dense] = 0.2 + 0.5 * torch.rand(dense, generator=gen, dtype=torch.float64)
+        cases.append(dict(density=d[torch.randperm(f, generator=gen)], dense_above=0.1))
+    return cases
+
+
+register(Exercise(
+    id="03.2", name="density_summary", reference=_density_reference, random_cases=_density_cases,
+    mistakes=((_density_median_all, "the median log density is over the features that fire (density > 0): a dead "
+                                    "feature has no log density, and counting it drags the median down"),
+              (_density_ln, "the histogram's axis is log10 of the density, not the natural log"),
+              (_density_counts, "the first two are shares of the features (a mean), not their numbers")),
+))
+
+
+# ------------------------------------------------------------------ 03.3 top activating contexts
 
 def _contexts_max(codes, ctx):
     ids, inv = torch.unique(ctx, return_inverse=True)  # sorted context ids
@@ -146,7 +194,7 @@ def _top_contexts_cases(gen):
 
 
 register(Exercise(
-    id="03.4", name="top_contexts", reference=_top_contexts_reference, random_cases=_top_contexts_cases,
+    id="03.3", name="top_contexts", reference=_top_contexts_reference, random_cases=_top_contexts_cases,
     mistakes=((_top_contexts_tokens, "you took the top k *tokens*: a context with several strong tokens then "
                                      "appears more than once. Take each context's maximum first"),
               (_top_contexts_sum, "a context is ranked by its largest activation, not by the sum of them"),
@@ -155,7 +203,7 @@ register(Exercise(
 ))
 
 
-# ------------------------------------------------------------------ 03.2 the concept score (MCC)
+# ------------------------------------------------------------------ 03.4 the concept score (MCC)
 
 def _counts(active, labels):
     a, lab = active.double(), labels.double()
@@ -200,7 +248,7 @@ def _mcc_cases(gen):
 
 
 register(Exercise(
-    id="03.2", name="mcc_table", reference=_mcc_reference, random_cases=_mcc_cases,
+    id="03.4", name="mcc_table", reference=_mcc_reference, random_cases=_mcc_cases,
     mistakes=((_mcc_accuracy, "this is the accuracy (tp + tn) / n: not chance-corrected, so a feature that "
                               "never fires scores high with every rare concept. MCC = (tp·tn - fp·fn) / sqrt(...)"),
               (_mcc_precision, "this is the precision tp / (tp + fp): it ignores the tokens that carry the "
@@ -209,7 +257,7 @@ register(Exercise(
 ))
 
 
-# ------------------------------------------------------------------ 03.3 the held-out concept score
+# ------------------------------------------------------------------ 03.5 the held-out concept score
 
 def _heldout_reference(active: torch.Tensor, labels: torch.Tensor, half: torch.Tensor, min_count: int):
     """`heldout_score` with every active token counted (max_density 1) and every token its own context in
@@ -268,7 +316,7 @@ def _heldout_cases(gen):
 
 
 register(Exercise(
-    id="03.3", name="heldout_mcc", reference=_heldout_reference, random_cases=_heldout_cases,
+    id="03.5", name="heldout_mcc", reference=_heldout_reference, random_cases=_heldout_cases,
     mistakes=((_heldout_in_sample, "you chose the best concept and read its score on the same tokens (in-sample): "
                                    "choose on one half, score on the other"),
               (_heldout_same_half, "each half's concept was scored on the half it was chosen on: score it on the "
@@ -277,4 +325,57 @@ register(Exercise(
                                  "and score on half 0, and average the two"),
               (_heldout_no_min_count, "a concept present fewer than min_count times in the choosing half may not "
                                       "compete (it could match a sparse feature by chance)")),
+))
+
+
+# ------------------------------------------------------------------ 03.6 the sparsity-matched null
+
+def _top_k_active(codes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(codes, dim=0, descending=True, stable=True)           # [n, F] each feature's ranking
+    rank = torch.empty_like(order)
+    rank.scatter_(0, order, torch.arange(len(codes))[:, None].expand_as(order))  # [n, F] each token's rank
+    return rank < counts[None, :]
+
+
+def _best_mcc(active, labels):
+    return _mcc_reference(active, labels).max(1).values
+
+
+def _null_reference(codes: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor):
+    return _best_mcc(_top_k_active(codes, counts.long()), labels)
+
+
+def _null_natural(codes, counts, labels):
+    return _best_mcc(codes > 0, labels)
+
+
+def _null_one_k(codes, counts, labels):
+    return _best_mcc(_top_k_active(codes, torch.full_like(counts.long(), int(counts.max()))), labels)
+
+
+def _null_global(codes, counts, labels):
+    k = int(counts.sum())
+    tau = codes.flatten().topk(k).values[-1]
+    return _best_mcc(codes >= tau, labels)
+
+
+def _null_cases(gen):
+    cases = []
+    for n, f, c in ((400, 8, 6), (150, 5, 10), (900, 12, 4)):
+        codes = torch.randn(n, f, generator=gen, dtype=torch.float64).clamp_min(0) + \
+            torch.rand(n, f, generator=gen, dtype=torch.float64) * 1e-3               # positive, no ties
+        counts = torch.randint(3, n // 6, (f,), generator=gen)
+        labels = torch.rand(n, c, generator=gen) < torch.rand(c, generator=gen) * 0.3
+        labels[:, 0] |= codes[:, 0] > codes[:, 0].quantile(0.9)                      # one feature has a concept
+        cases.append(dict(codes=codes, counts=counts, labels=labels))
+    return cases
+
+
+register(Exercise(
+    id="03.6", name="matched_null_mcc", reference=_null_reference, random_cases=_null_cases,
+    mistakes=((_null_natural, "the null is active on exactly counts[f] tokens (its largest codes), not wherever "
+                              "its code is > 0: matching the sparsity is the point"),
+              (_null_one_k, "each feature has its own count: counts[f] tokens for feature f, not one k for all"),
+              (_null_global, "one threshold over the whole matrix gives each feature a different number of tokens: "
+                             "rank the tokens per feature (along dim 0) and keep each one's top counts[f]")),
 ))

@@ -9,7 +9,9 @@ feature the way Anthropic's and Neuronpedia's dashboards do: its top contexts wi
 activation and a sample
 across lower activation ranges (circuitsvis, which inlines its script when offline), a histogram
 of its activations, the tokens and parts of speech it fires on, and the tokens its direction
-promotes and suppresses through the unembedding. `browser(view)` pages through features with
+promotes and suppresses through the unembedding. `side_by_side({"SAE": top, "random": top2})` shows
+several features' top contexts in columns (`matched_feature` picks, among another method's features,
+one with about the same activity count and a given score), and `browser(view)` pages through features with
 ipywidgets (sort by density, score or max activation, search by token) without recomputing.
 """
 from __future__ import annotations
@@ -496,3 +498,67 @@ def browser(view: FeatureView, n: int = 6):
     ui = w.VBox([w.HBox([sort, search]), w.HBox([prev, rank, nxt]), info, page])
     show()
     return ui
+
+
+@dataclass
+class SideBySide(Result):
+    """Several features' top contexts in columns, one per method (`panels` {label: TopContexts}),
+    each under its caption (`captions` {label: text}, e.g. its score and activity count)."""
+    panels: dict[str, TopContexts] = field(default_factory=dict)
+    captions: dict[str, str] = field(default_factory=dict)
+    title: str = ""
+
+    def rows(self) -> list[dict]:
+        return [{"method": label, "feature": t.feature, "caption": self.captions.get(label, ""),
+                 "top context": t.rows()[0]["text"] if t.contexts else ""} for label, t in self.panels.items()]
+
+    def verdicts(self) -> list[str]:
+        return [f"{label}: {v}" for label, t in self.panels.items() for v in t.verdicts()]
+
+    def html(self) -> str:
+        cols = []
+        for label, t in self.panels.items():
+            top = max(t.max_act, 1e-8)
+            body = "".join(_context_html(c.tokens, c.acts, top) for c in t.contexts) or "<i>never fires here</i>"
+            cap = html.escape(self.captions.get(label, ""))
+            cols.append(f"<div style='flex:1;min-width:0;overflow-x:auto;padding:0 6px;border-left:1px solid #ddd'>"
+                        f"<div><b>{html.escape(label)}</b> · feature {t.feature}</div>"
+                        f"<div style='font-size:85%;color:#555;margin-bottom:4px'>{cap}</div>{body}</div>")
+        head = f"<div><b>{html.escape(self.title)}</b></div>" if self.title else ""
+        return head + f"<div style='display:flex;gap:4px;align-items:flex-start'>{''.join(cols)}</div>"
+
+    def _repr_html_(self) -> str:
+        return self.html()
+
+
+def side_by_side(panels: dict, captions: dict | None = None, title: str = "", k: int = 6) -> SideBySide:
+    """Features of several methods side by side: `panels` {label: a TopContexts, or (FeatureView,
+    feature)} (a view's `top_contexts(feature, k)`), each column captioned by `captions` {label: text}."""
+    tops = {label: p if isinstance(p, TopContexts) else p[0].top_contexts(int(p[1]), k=k)
+            for label, p in panels.items()}
+    return SideBySide(tops, dict(captions or {}), title)
+
+
+def matched_feature(scores, counts, target_count: float, which: str = "median", band: float = 0.25,
+                    min_count: int = 1) -> int:
+    """A feature with about `target_count` active tokens: among the features whose count lies within
+    a factor (1 ± `band`) of it (the nearest tenth of the features by count where none does), the one
+    whose score is the median of theirs (`which="median"`) or the highest (`"best"`). `scores` [F]
+    (NaN: not scored, never picked), `counts` [F] active tokens per feature."""
+    s, c = np.asarray(scores, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    ok = np.isfinite(s) & (c >= min_count)
+    if not ok.any():
+        raise ValueError("no scored feature to pick from")
+    near = ok & (np.abs(c - target_count) <= band * target_count)
+    if not near.any():
+        idx = np.flatnonzero(ok)
+        gap = np.abs(c[idx] - target_count)
+        near = np.zeros_like(ok)
+        near[idx[gap <= np.quantile(gap, 0.1)]] = True
+    idx = np.flatnonzero(near)
+    if which == "best":
+        return int(idx[np.argmax(s[idx])])
+    if which != "median":
+        raise ValueError(f"which={which!r}: 'median' or 'best'")
+    med = np.median(s[idx])
+    return int(idx[np.argmin(np.abs(s[idx] - med))])
