@@ -25,19 +25,19 @@ from helpers.dictionaries.controls import frozen_encoder_sae, reinitialised, sha
 from helpers.dictionaries.dictionary import as_dictionary, load_sae, neuron_basis, random_directions
 from helpers.evals.autointerp import DetectionScores, detection_scores
 from helpers.evals.heldout import compare, heldout_score, heldout_scores, token_labels
-from helpers.evals.protocols import claim_table, dictionary_protocol_scores, heldout_distribution, protocol_scores
+from helpers.evals.protocols import budget_curve, claim_table, dictionary_protocol_scores, heldout_distribution, protocol_scores
 from helpers.evals.reconstruction import ce_loss_recovered, fvu, reconstruction
 from helpers.results import Estimate, Result
 from helpers.saes.train import train_sae
 from helpers.settings.profiles import EMBEDDED_MODEL, PAPER_MODEL, PROFILES, Profile, get_profile
-from helpers.show.dashboard import FeatureView, dashboard, top_contexts
+from helpers.show.dashboard import FeatureView, dashboard, matched_feature, side_by_side, top_contexts
 
 __all__ = [
     # the research API
-    "DetectionScores", "Estimate", "FeatureView", "Result", "as_dictionary", "ce_loss_recovered", "claim_table", "collect", "compare",
+    "DetectionScores", "Estimate", "FeatureView", "Result", "as_dictionary", "budget_curve", "ce_loss_recovered", "claim_table", "collect", "compare",
     "dashboard", "detection_scores", "dictionary_protocol_scores", "frozen_encoder_sae", "fvu", "heldout_distribution", "heldout_score",
-    "heldout_scores", "hooked", "load_sae", "neuron_basis", "patch_features", "protocol_scores", "random_directions",
-    "reconstruction", "reinitialised", "shared_latents", "steer", "token_labels", "token_mean_directions",
+    "heldout_scores", "hooked", "load_sae", "matched_feature", "neuron_basis", "patch_features", "protocol_scores", "random_directions",
+    "reconstruction", "reinitialised", "shared_latents", "side_by_side", "steer", "token_labels", "token_mean_directions",
     "top_contexts", "train_sae",
     # the notebooks' conveniences
     "ActivationStore", "CorruptShard", "EMBEDDED_MODEL", "ModelUnavailable", "PAPER_MODEL", "PROFILES",
