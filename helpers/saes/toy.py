@@ -58,10 +58,10 @@ class ToyModel(Result):
     n_features: int
     d: int
     sparsity: float
-    W: list = field(default_factory=list)
-    b: list = field(default_factory=list)
-    importance: list = field(default_factory=list)
-    losses: list = field(default_factory=list)
+    W: list = field(default_factory=list, repr=False)
+    b: list = field(default_factory=list, repr=False)
+    importance: list = field(default_factory=list, repr=False)
+    losses: list = field(default_factory=list, repr=False)
     steps: int = 0
     seed: int = 0
 
@@ -110,7 +110,17 @@ class ToyModel(Result):
 def train_toy(n_features: int = 6, d: int = 2, sparsity: float = 0.9, importance=None, steps: int = 600,
               batch_size: int = 1024, lr: float = 1e-2, seed: int = 0, log_every: int = 50) -> ToyModel:
     """Train the toy model (module docstring) with Adam on fresh batches: `importance` [n] weighs each
-    feature's squared error (default: 0.9 ** i, so the features are ranked); seeded by `seed`."""
+    feature's squared error (default: 0.9 ** i, so the features are ranked); seeded by `seed`. It runs
+    on one CPU thread: the model is a few dozen numbers, and more threads only wait for one another."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_toy(n_features, d, sparsity, importance, steps, batch_size, lr, seed, log_every)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_toy(n_features, d, sparsity, importance, steps, batch_size, lr, seed, log_every) -> ToyModel:
     g = torch.Generator().manual_seed(seed)
     imp = torch.as_tensor(0.9 ** np.arange(n_features) if importance is None else importance, dtype=torch.float32)
     W = torch.nn.Parameter(torch.randn(d, n_features, generator=g) * (2.0 / (d + n_features)) ** 0.5)
