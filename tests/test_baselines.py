@@ -161,3 +161,66 @@ def test_layer_comparison_round_trips_through_the_cache_and_says_its_verdicts(tm
             assert np.array_equal(a.scored.mcc, b.scored.mcc) and a.scored.concept == b.scored.concept
             assert np.array_equal(a.scored.boot["mcc"], b.scored.boot["mcc"])
     assert again[0].scored.mcc.dtype == np.float32  # the cache keeps per-feature arrays as they were
+
+
+def test_claims_at_every_layer_by_every_protocol(tmp_path):
+    """LayerComparison.claims: one verdict table per layer, by the held-out MCC and by both protocols
+    (dense and at the SAE's sparsity), each row with its word; planted token features beat random codes."""
+    import numpy as np
+
+    from helpers.dictionaries.baselines import (CLAIM_1, MATCHED, SHARE_COLUMN, LayerClaims, LayerComparison,
+                                                MethodScore)
+    from helpers.evals.heldout import HeldoutSplit, token_labels
+    from helpers.evals.protocols import protocol_scores
+    from helpers.results import rebuild, unbuild
+
+    rng = np.random.default_rng(0)
+    n_ctx, per = 160, 16
+    n = n_ctx * per
+    p = 1 / np.arange(1, 31)
+    ids = rng.choice(30, size=n, p=p / p.sum())
+    contexts = np.repeat(np.arange(n_ctx), per)
+    planted = np.zeros((n, 6), np.float32)
+    for j in range(6):
+        on = (ids == j + 1) & (rng.random(n) < 0.9)
+        planted[on, j] = rng.random(on.sum()) + 0.5
+    dense = rng.standard_normal((n, 12)).astype(np.float32)           # dense "random directions"
+    codes = {"SAE": torch.as_tensor(planted), "random": torch.as_tensor(dense),
+             "neurons": torch.as_tensor(rng.standard_normal((n, 12)).astype(np.float32))}
+    labels = token_labels(ids, contexts, min_count=10)
+    split = HeldoutSplit(labels, contexts, n_boot=20, min_count=10)
+    rows, protocols = [], {}
+    for layer in (1, 2):
+        for name, c in codes.items():
+            sc = split.score_codes(c.clamp_min(0), name)
+            rows.append(MethodScore.from_row({
+                "layer": layer, "method": name, "sparsity": "own", "massive_share": 0.0, "converged": None,
+                "scored": sc, **sc.summary(), "all": {}, "vs_random": {"value": 0.0, "low": 0.0, "high": 0.0},
+                "resamples": split.resamples}))
+        if layer == 2:   # the protocols at one layer only: the other keeps the held-out rows alone
+            protocols[layer] = protocol_scores(codes, labels, contexts, n_boot=20, pairs=[], min_excerpts=1,
+                                               match={f"{m} {MATCHED}": (m, "SAE") for m in ("random", "neurons")})
+    claims = LayerComparison(rows).claims(protocols)
+    assert isinstance(claims, LayerClaims) and claims.claim == CLAIM_1 and claims.layers == [1, 2]
+    one, two = claims.at(1), claims.at(2)
+    assert {r.measure for r in one.rows_} == {"held-out MCC (ours), random at the SAE's sparsity",
+                                             "held-out MCC (ours), neurons at the SAE's sparsity"}
+    measures = {r.measure for r in two.rows_}
+    assert "paper's correlation, random dense" in measures and "detection, neurons at the SAE's sparsity" in measures
+    assert len(two.rows_) == 10 * 4                                     # 10 measures, 4 statistics
+    assert all(r.word in ("holds", "fails", "cannot tell") for r in two.rows_)
+    # planted token features against random codes: the held-out MCC's median says "holds" at both layers
+    for t in (one, two):
+        med = next(r for r in t.rows_ if r.measure.startswith("held-out MCC (ours), random") and r.statistic == "median")
+        assert med.word == "holds" and med.difference.low > 0
+    pivot = claims.rows()
+    assert len(pivot) == 2 + 10 and {"median", "mean", "top decile", SHARE_COLUMN} <= set(pivot[0])
+    assert all(set(r) == set(pivot[0]) for r in pivot)  # one column per statistic, every protocol alike
+    assert claims.verdicts()[0].startswith("Layer 1: claim 1 holds by")
+    assert "<b>layer 2</b>" in claims._repr_html_()
+    assert sum(claims.words().values()) == len(one.rows_) + len(two.rows_)
+    again = rebuild(unbuild(claims))
+    assert isinstance(again, LayerClaims) and again.rows() == pivot
+    assert LayerClaims.load(claims.save(tmp_path / "claims.json")).rows() == pivot
+    with pytest.raises(KeyError, match="no claim table at layer 3"):
+        claims.at(3)

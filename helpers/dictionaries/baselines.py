@@ -15,6 +15,10 @@ removed, exactly as the SAEs do. `compare_layers` scores the SAEs and every base
 profile's layers with the held-out, sparsity-matched concept scores of helpers.evals.heldout (intervals over
 resampled contexts), over ordinary (non-massive) tokens and over all tokens, and returns them as a
 `LayerComparison` (one `MethodScore` per layer and method) that shows its table and says its verdicts.
+`layer_protocols` scores the L1 SAE, random directions and the neuron basis at each layer by the paper's
+LLM-free protocols too (helpers.evals.protocols: the explanation's correlation and delphi's detection),
+dense and at the SAE's sparsity; `LayerComparison.claims(protocols)` puts claim 1 at every layer by every
+protocol and statistic in one `LayerClaims` (a verdict table per layer).
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ from helpers.activations.models import resolve_device
 from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, neuron_basis, random_directions
 from helpers.evals import heldout
 from helpers.evals.heldout import STATS, HeldoutScorer, Scored, difference, matched_counts
-from helpers.evals.protocols import CLAIM_STATS, ClaimTable, Distribution, claim_table, heldout_distribution
+from helpers.evals.protocols import (CLAIM_STATS, ClaimTable, Distribution, ProtocolComparison, claim_table,
+                                     dictionary_protocol_scores, heldout_distribution)
 from helpers.results import Estimate, Result, Table, plain
 from helpers.runs.sweep import layer_saes
 from helpers.settings.paths import stored
@@ -192,6 +197,10 @@ def layer_dictionaries(profile, layer: int, store, sweep, progress: bool = True,
 
 
 RANDOM_TOPK = "random (TopK)"  # random directions at the TopK SAE's sparsity
+MATCHED = "(SAE's sparsity)"  # a dense baseline scored with the L1 SAE's active-token counts
+CLAIM_1 = "SAE features are more interpretable than the baselines"
+PROTOCOL_METHODS = ("SAE", "random", "neurons")
+SHARE_COLUMN = "share (> middle threshold)"  # each protocol's middle threshold: 0.5, or 0.75 for detection
 
 
 
@@ -357,6 +366,34 @@ class LayerComparison(_SavesTensors, Result):
         return claim_table("SAE features are more interpretable than random directions (held-out MCC)", measures,
                            stats)
 
+    def claims(self, protocols: dict | None = None, stats=CLAIM_STATS) -> "LayerClaims":
+        """Claim 1 at every layer, one verdict table per layer: the L1 SAE against random directions and
+        against the neuron basis, by the held-out MCC (both at the SAE's sparsity) and, where
+        `protocols` ({layer: ProtocolComparison}, `layer_protocols`' result) has the layer, by the paper's
+        correlation and by delphi's detection, each against the baseline dense (its natural activity, as
+        the paper read it) and at the SAE's sparsity; each statistic with its paired interval and its word."""
+        protocols = protocols or {}
+        tables = []
+        for layer in self.layers:
+            at, pc = self.at(layer), protocols.get(layer)
+            if "SAE" not in at or at["SAE"].scored is None:
+                continue
+            measures = {}
+            for base, label in (("random", "random"), ("neurons", "neurons")):
+                if base in at and at[base].scored is not None:
+                    measures[f"held-out MCC (ours), {label} at the SAE's sparsity"] = (
+                        at["SAE"].distribution(), at[base].distribution())
+                if pc is None or "SAE" not in pc.scores:
+                    continue
+                for protocol, word in (("correlation", "paper's correlation"), ("detection", "detection")):
+                    if base in pc.scores:
+                        measures[f"{word}, {label} dense"] = (pc["SAE"][protocol], pc[base][protocol])
+                    if f"{base} {MATCHED}" in pc.scores:
+                        measures[f"{word}, {label} at the SAE's sparsity"] = (
+                            pc["SAE"][protocol], pc[f"{base} {MATCHED}"][protocol])
+            tables.append(claim_table(CLAIM_1, measures, stats, where=f"layer {layer}"))
+        return LayerClaims(CLAIM_1, [int(t.where.split()[-1]) for t in tables], tables)
+
     def best_features(self, layer: int, n: int = 3) -> Table:
         """Each method's n best features at `layer` by held-out MCC, with the concept each was matched to."""
         return Table([{"method": s.method, "feature": f, "concept": c, "held-out MCC": round(m, 2)}
@@ -474,3 +511,96 @@ def _score_layer(profile, store, score_store, model, layer, hook, dicts, shared,
         ref = RANDOM_TOPK if r["method"] in ("TopK SAE", RANDOM_TOPK) and topk is not None else "random"
         r["vs_random"] = difference(r["scored"], next(x["scored"] for x in layer_rows if x["method"] == ref))
     return [MethodScore.from_row(r) for r in layer_rows]
+
+
+@dataclass
+class LayerClaims(Result):
+    """Claim 1 at every layer: one `ClaimTable` per layer (`LayerComparison.claims`). `rows()` is one
+    row per layer and measure, a column per statistic holding the difference, its interval and its
+    word (the share above each protocol's middle threshold in one column); the display shows one table per layer, and `verdicts()` a sentence per layer."""
+
+    claim: str = CLAIM_1
+    layers: list[int] = field(default_factory=list)
+    tables: list[ClaimTable] = field(default_factory=list)
+
+    def at(self, layer: int) -> ClaimTable:
+        try:
+            return self.tables[self.layers.index(layer)]
+        except ValueError:
+            raise KeyError(f"no claim table at layer {layer}: layers {self.layers}") from None
+
+    def words(self, layer: int | None = None) -> dict[str, int]:
+        """How many measures say "holds", "fails" and "cannot tell" (at `layer`, or over every layer)."""
+        tables = self.tables if layer is None else [self.at(layer)]
+        return {w: sum(len(t.words()[w]) for t in tables) for w in ("holds", "fails", "cannot tell")}
+
+    def rows(self) -> list[dict]:
+        out = []
+        for layer, table in zip(self.layers, self.tables):
+            by_measure = {}
+            for r in table.rows_:
+                row = by_measure.setdefault(r.measure, {"layer": layer, "measure": r.measure, "a - b": f"{r.a} - {r.b}"})
+                column = SHARE_COLUMN if r.statistic.startswith("share") else r.statistic
+                row[column] = f"{r.difference:+.3f} {r.word}"
+            out += by_measure.values()
+        return out
+
+    def verdicts(self) -> list[str]:
+        out = []
+        for layer, table in zip(self.layers, self.tables):
+            w = table.words()
+            by = lambda rows: "; ".join(f"{r.measure}, {r.statistic}" for r in rows) or "none"  # noqa: E731
+            out.append(f"Layer {layer}: claim 1 holds by {len(w['holds'])} of {len(table.rows_)} measures, fails by "
+                       f"{len(w['fails'])} ({by(w['fails'])}), cannot tell by {len(w['cannot tell'])}.")
+        return out
+
+    def _repr_html_(self) -> str:
+        import pandas as pd
+        from html import escape
+
+        parts = [f"<b>{escape(self.claim)}</b>"]
+        rows = self.rows()
+        for layer, line in zip(self.layers, self.verdicts()):
+            frame = pd.DataFrame([{k: v for k, v in r.items() if k != "layer"} for r in rows if r["layer"] == layer])
+            parts.append(f"<p><b>layer {layer}</b></p>" + frame.to_html(index=False, border=0) + f"<p>{escape(line)}</p>")
+        return "".join(parts)
+
+
+def layer_protocols(session, layers=None, methods=PROTOCOL_METHODS, n_boot: int = 200,
+                    progress: bool = False) -> dict[int, ProtocolComparison]:
+    """The paper's LLM-free protocols (helpers.evals.protocols.dictionary_protocol_scores) at every layer
+    of the session's profile (or `layers`): `methods` of the layer's dictionaries ("SAE", "random",
+    "neurons" by default) on the scored tokens' ordinary activations, each at its natural activity, and
+    every baseline again at the L1 SAE's sparsity ("random (SAE's sparsity)", ...), on one split per
+    layer (paired intervals over `n_boot` resamples of the scoring half's contexts). Each layer's result
+    is kept in the session's cache (`session.cached`), so a rerun loads it. {layer: ProtocolComparison}."""
+    S, P = session, session.profile
+    layers = list(P.layers) if layers is None else list(layers)
+    shared = {}  # the scored tokens' concept labels, the same at every layer: built once
+    out = {}
+    for layer in tqdm(layers, desc="protocols by layer", disable=not progress):
+        dicts = {m: d for m, d in S.dictionaries(layer).items() if m in methods}
+        if "SAE" not in dicts:
+            raise ValueError(f"layer {layer}: the protocols compare with the L1 SAE, which is not among {list(dicts)}")
+        out[layer] = S.cached(
+            f"baselines/protocols-L{layer}",
+            lambda layer=layer, dicts=dicts: _layer_protocols(P, S.store, S.score_store, S.model, layer, dicts,
+                                                              shared, n_boot),
+            inputs={"dictionaries": dicts, "scored on": [S.score_store.path.name, S.score_store.n_tokens],
+                    "score_tokens": P.score_tokens, "layer": layer, "n_boot": n_boot, "seed": P.seed,
+                    "massive": P.massive},
+            code=("helpers.evals.protocols", "helpers.evals.heldout"))
+    return out
+
+
+def _layer_protocols(profile, store, score_store, model, layer, dicts, shared, n_boot) -> ProtocolComparison:
+    """layer_protocols' scores at one layer: the held-out scorer's tokens, concepts and ordinary tokens."""
+    hook = profile.hook_at(layer)
+    flags = massive.flags(score_store, hook, massive_rule(profile, store, layer))
+    scorer = HeldoutScorer(score_store, model.tokenizer, n_tokens=profile.score_tokens, scored=~flags,
+                           labels=shared.get("labels"), n_boot=0, seed=profile.seed)
+    shared["labels"] = scorer.labels
+    x = score_store.activations(hook, max_tokens=scorer.n)
+    match = {f"{m} {MATCHED}": (m, "SAE") for m in dicts if "SAE" not in m}
+    return dictionary_protocol_scores(dicts, x, scorer.labels, scorer.ctx, scored=scorer.scored_tokens,
+                                      seed=profile.seed, pairs=[], match=match, n_boot=n_boot)

@@ -1,12 +1,13 @@
 """The exercises of notebook 01: references, random cases and known mistakes.
 
-01.1 harvest_batch: one batch of the harvest (a hook's activations, BOS dropped, one row per token);
-01.2 massive_rule: the massive-activation rule (norm > 4 × the median norm) and its offset;
-01.3 variance_share: how much of the variance the massive tokens carry.
+01.1 max_interference: the largest |cos| between the feature directions of a toy model of superposition;
+01.2 harvest_batch: one batch of the harvest (a hook's activations, BOS dropped, one row per token);
+01.3 massive_rule: the massive-activation rule (norm > 4 × the median norm) and its offset;
+01.4 variance_share: how much of the variance the massive tokens carry.
 
 The references are the workbook's own code (helpers.activations.harvest.forward_to, helpers.activations.massive.fit_tensor) wherever
-it has a function of that shape; 01.3's share is measured inside helpers.activations.massive.fit, so its reference
-is the same two lines here.
+it has a function of that shape; 01.4's share is measured inside helpers.activations.massive.fit, so its reference
+is the same two lines here; 01.1's takes the cosines helpers.saes.toy.interference takes, over every column.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from helpers.activations.harvest import forward_to
 from .core import Exercise, register
 
 
-# ---- 01.1 · one batch of the harvest -------------------------------------------------------------
+# ---- 01.2 · one batch of the harvest -------------------------------------------------------------
 def _harvest_batch(model, tokens, hook):
     acts = forward_to(model, tokens, [hook])[hook]
     return acts[:, 1:].reshape(-1, acts.shape[-1])  # BOS dropped, context by context: the store's rows
@@ -32,7 +33,7 @@ def _harvest_model_cases(model, gen):
 
 
 register(Exercise(
-    id="01.1", name="harvest_batch", reference=_harvest_batch, model_cases=_harvest_model_cases,
+    id="01.2", name="harvest_batch", reference=_harvest_batch, model_cases=_harvest_model_cases,
     mistakes=(
         (lambda model, tokens, hook: forward_to(model, tokens, [hook])[hook].reshape(-1, model.cfg.d_model),
          "the BOS position is kept: drop position 0 of every context (acts[:, 1:]) before flattening"),
@@ -44,7 +45,7 @@ register(Exercise(
 ))
 
 
-# ---- 01.2 · the massive-activation rule ----------------------------------------------------------
+# ---- 01.3 · the massive-activation rule ----------------------------------------------------------
 def _massive_rule(x, factor=massive.FACTOR):
     rule = massive.fit_tensor(x, factor, hook="x")
     return rule.flags(x), rule.offset
@@ -86,7 +87,7 @@ def _offset_all(x, factor=massive.FACTOR):
 
 
 register(Exercise(
-    id="01.2", name="massive_rule", reference=_massive_rule, random_cases=_massive_cases,
+    id="01.3", name="massive_rule", reference=_massive_rule, random_cases=_massive_cases,
     mistakes=(
         (_mean_rule, "the threshold is factor × the MEDIAN norm, not the mean (massive tokens pull the mean up)"),
         (_squared_rule, "you compared squared norms: factor × the median applies to the norm itself"),
@@ -95,7 +96,7 @@ register(Exercise(
 ))
 
 
-# ---- 01.3 · the massive tokens' share of the variance --------------------------------------------
+# ---- 01.4 · the massive tokens' share of the variance --------------------------------------------
 def _variance_share(x, flags):
     """The share of tokens flagged and the share of the total variance (around the mean of all tokens)
     that they carry, as helpers.activations.massive.fit measures them (`share`, `variance_share`)."""
@@ -130,12 +131,58 @@ def _ratio_of_variances(x, flags):
 
 
 register(Exercise(
-    id="01.3", name="variance_share", reference=_variance_share, random_cases=_share_cases,
+    id="01.4", name="variance_share", reference=_variance_share, random_cases=_share_cases,
     mistakes=(
         (_own_mean, "you measured the massive tokens around their own mean; the share is of the total "
                     "variance, so every token's deviation is from the mean of ALL tokens"),
         (_uncentred, "you forgot to subtract the mean: that is a share of the squared norms, not of the variance"),
         (_ratio_of_variances, "you divided two variances (averages over tokens): a share must sum the squared "
                               "deviations, so that it counts how many massive tokens there are"),
+    ),
+))
+
+
+# ---- 01.1 · interference between feature directions ---------------------------------------------
+def _max_interference(W):
+    """The largest |cos| between two distinct columns of W [d, n]."""
+    U = W.double() / W.double().norm(dim=0, keepdim=True)
+    cos = (U.T @ U).abs()
+    cos.fill_diagonal_(0.0)
+    return cos.max().item()
+
+
+def _interference_cases(gen):
+    cases = [dict(W=torch.randn(d, n, generator=gen) * torch.rand(n, generator=gen).add(0.5))
+             for d, n in ((2, 6), (3, 5), (8, 20))]
+    pentagon = torch.stack([torch.cos(torch.arange(5) * 2 * torch.pi / 5), torch.sin(torch.arange(5) * 2 * torch.pi / 5)])
+    cases.append(dict(W=0.9 * pentagon))                        # five features in two dimensions, 72° apart
+    cases.append(dict(W=torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 2.0]])))  # an antipodal pair: |cos| 1
+    return cases
+
+
+def _diagonal_kept(W):
+    U = W.double() / W.double().norm(dim=0, keepdim=True)
+    return (U.T @ U).abs().max().item()
+
+
+def _unnormalised(W):
+    cos = (W.double().T @ W.double()).abs()
+    cos.fill_diagonal_(0.0)
+    return cos.max().item()
+
+
+def _signed(W):
+    U = W.double() / W.double().norm(dim=0, keepdim=True)
+    cos = U.T @ U
+    cos.fill_diagonal_(-2.0)
+    return cos.max().item()
+
+
+register(Exercise(
+    id="01.1", name="max_interference", reference=_max_interference, random_cases=_interference_cases,
+    mistakes=(
+        (_diagonal_kept, "every direction has cosine 1 with itself: leave the diagonal of WᵀW out"),
+        (_unnormalised, "WᵀW holds dot products: divide each column by its norm first, so they are cosines"),
+        (_signed, "an antipodal pair (cos -1) interferes as much as a parallel one: take |cos|"),
     ),
 ))

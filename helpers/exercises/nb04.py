@@ -1,9 +1,12 @@
 """The exercises of notebook 04: references, random cases and known mistakes.
 
 04.1 PCA as a dictionary (fitted with scikit-learn, encoded by the signed-halves rule), 04.2 matched
-sparsity (each feature active on exactly its top-k tokens), 04.3 sparse probing's choice of latents. The
-references are the workbook's own: helpers.dictionaries.baselines.fit_pca with LinearDictionary.encode,
-helpers.evals.heldout.active_sets (on helpers.evals.features.top_tokens_of), helpers.evals.probing.top_k_mean_diff.
+sparsity (each feature active on exactly its top-k tokens), 04.3 sparse probing's choice of latents,
+04.4 random directions as a dictionary, 04.5 a paired difference of medians with a bootstrap interval over
+contexts. The references are the workbook's own: helpers.dictionaries.baselines.fit_pca with
+LinearDictionary.encode, helpers.evals.heldout.active_sets (on helpers.evals.features.top_tokens_of),
+helpers.evals.probing.top_k_mean_diff, LinearDictionary.encode for 04.4, and for 04.5 the re-centred
+percentile interval of helpers.evals.protocols (`_estimate`) on resamples drawn here.
 """
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ import numpy as np
 import torch
 
 from helpers.dictionaries.baselines import fit_pca
+from helpers.dictionaries.dictionary import LinearDictionary
 from helpers.evals.features import top_tokens_of
 from helpers.evals.heldout import active_sets
 from helpers.evals.probing import top_k_mean_diff
+from helpers.evals.protocols import _estimate
 
 from .core import Exercise, register
 from .nb03 import HOOK, _Store
@@ -162,4 +167,124 @@ register(Exercise(
               (_latents_mean_code, "the mean code on the positives alone favours latents that are large everywhere: "
                                    "rank by the difference between the classes"),
               (_latents_ascending, "best first: sort by descending |difference|")),
+))
+
+
+# ------------------------------------------------------------------ 04.4 random directions as a dictionary
+
+def _random_directions(n: int, d: int, seed: int) -> torch.Tensor:
+    w = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.linalg.qr(w.T).Q.T if n <= d else w / w.norm(dim=-1, keepdim=True)
+
+
+def _random_reference(x: torch.Tensor, n_directions: int, seed: int):
+    w = _random_directions(n_directions, x.shape[1], seed).float()
+    return LinearDictionary(w.T, w, x.float().mean(0)).encode(x.float())
+
+
+def _random_raw(x, n_directions, seed):
+    w = torch.randn(n_directions, x.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    s = (x.float() - x.float().mean(0)) @ w.float().T
+    return torch.cat([s.relu(), (-s).relu()], dim=-1)
+
+
+def _random_uncentred(x, n_directions, seed):
+    w = _random_directions(n_directions, x.shape[1], seed).float()
+    s = x.float() @ w.T
+    return torch.cat([s.relu(), (-s).relu()], dim=-1)
+
+
+def _random_normalised_only(x, n_directions, seed):
+    w = torch.randn(n_directions, x.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    w = (w / w.norm(dim=-1, keepdim=True)).float()
+    s = (x.float() - x.float().mean(0)) @ w.T
+    return torch.cat([s.relu(), (-s).relu()], dim=-1)
+
+
+def _random_cases(gen):
+    cases = []
+    for n, d, k, seed in ((50, 8, 4, 0), (40, 6, 10, 3), (30, 5, 5, 7)):
+        x = torch.randn(n, d, generator=gen) * 2 + torch.randn(d, generator=gen) * 3
+        cases.append(dict(x=x, n_directions=k, seed=seed))
+    return cases
+
+
+register(Exercise(
+    id="04.4", name="random_codes", reference=_random_reference, random_cases=_random_cases, atol=1e-4,
+    mistakes=((_random_raw, "the directions are unit vectors: a Gaussian draw has length about sqrt(d), which "
+                            "scales every code by it"),
+              (_random_uncentred, "the codes are taken around the data mean, as for every baseline: "
+                                  "s = (x - x.mean(0)) @ directions.T"),
+              (_random_normalised_only, "with no more directions than dimensions they are made orthonormal "
+                                        "(torch.linalg.qr of the transposed draw), not only normalised")),
+))
+
+
+# ------------------------------------------------------------------ 04.5 a paired difference over contexts
+
+def _median(v: torch.Tensor) -> torch.Tensor:
+    return torch.quantile(v, 0.5, dim=-1)
+
+
+def _resampled(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[B]: the median over features of the per-feature means over each resample's contexts."""
+    return _median(a[idx].mean(1))
+
+
+def _paired_reference(a: torch.Tensor, b: torch.Tensor, n_boot: int, seed: int):
+    a, b = a.double(), b.double()
+    value = (_median(a.mean(0)) - _median(b.mean(0))).item()
+    idx = torch.randint(0, a.shape[0], (n_boot, a.shape[0]), generator=torch.Generator().manual_seed(seed))
+    est = _estimate(value, (_resampled(a, idx) - _resampled(b, idx)).numpy())
+    return value, est.low, est.high
+
+
+def _paired_unpaired(a, b, n_boot, seed):
+    a, b = a.double(), b.double()
+    g = torch.Generator().manual_seed(seed)
+    value = (_median(a.mean(0)) - _median(b.mean(0))).item()
+    ia = torch.randint(0, a.shape[0], (n_boot, a.shape[0]), generator=g)
+    ib = torch.randint(0, a.shape[0], (n_boot, a.shape[0]), generator=g)
+    est = _estimate(value, (_resampled(a, ia) - _resampled(b, ib)).numpy())
+    return value, est.low, est.high
+
+
+def _paired_not_recentred(a, b, n_boot, seed):
+    a, b = a.double(), b.double()
+    value = (_median(a.mean(0)) - _median(b.mean(0))).item()
+    idx = torch.randint(0, a.shape[0], (n_boot, a.shape[0]), generator=torch.Generator().manual_seed(seed))
+    diffs = (_resampled(a, idx) - _resampled(b, idx)).numpy()
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return value, float(lo), float(hi)
+
+
+def _paired_lower_median(a, b, n_boot, seed):
+    a, b = a.double(), b.double()
+    med = lambda v: v.median(dim=-1).values  # noqa: E731
+    value = (med(a.mean(0)) - med(b.mean(0))).item()
+    idx = torch.randint(0, a.shape[0], (n_boot, a.shape[0]), generator=torch.Generator().manual_seed(seed))
+    est = _estimate(value, (med(a[idx].mean(1)) - med(b[idx].mean(1))).numpy())
+    return value, est.low, est.high
+
+
+def _paired_cases(gen):
+    cases = []
+    for n_ctx, fa, fb, shift in ((30, 8, 6, 0.1), (25, 10, 10, 0.0), (40, 6, 9, -0.2)):
+        ctx = torch.randn(n_ctx, 1, generator=gen)                # what a context does to every feature: shared
+        a = 0.5 + shift + 0.3 * ctx + 0.2 * torch.randn(n_ctx, fa, generator=gen)
+        b = 0.5 + 0.3 * ctx + 0.2 * torch.randn(n_ctx, fb, generator=gen)
+        cases.append(dict(a=a, b=b, n_boot=200, seed=int(torch.randint(0, 1000, (1,), generator=gen))))
+    return cases
+
+
+register(Exercise(
+    id="04.5", name="paired_median_difference", reference=_paired_reference, random_cases=_paired_cases,
+    atol=1e-6, rtol=1e-6,
+    mistakes=((_paired_unpaired, "draw the resampled contexts once and use the same draw for both methods: "
+                                 "that is what makes the difference paired"),
+              (_paired_not_recentred, "re-centre the interval on the estimate: subtract the resampled "
+                                      "differences' median from their 2.5 and 97.5 percentiles, then add the "
+                                      "difference on all contexts"),
+              (_paired_lower_median, "with an even number of features the median is the mean of the two middle "
+                                     "values (torch.quantile(v, 0.5)); Tensor.median returns the lower one")),
 ))

@@ -5,4 +5,5 @@
 * ``sparse``:   sparse-code kernels: decoder and backward passes that touch only the active latents
 * ``train``:    the trainer (Adam, resampling, AuxK, checkpoints) over a store, at one or several hooks
 * ``groundtruth``: synthetic activations from known features; every architecture scored against the truth
+* ``toy``:      Elhage et al.'s toy model of superposition: more sparse features than dimensions
 """

@@ -541,3 +541,35 @@ def steering_comparison(result):
     fig.suptitle("Steering at matched cost (KL on held-out text): SAE feature vs difference of means", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def toy_superposition(sweep):
+    """Elhage et al.'s toy model at several sparsities (helpers.saes.toy.SuperpositionSweep): top row,
+    each feature's direction (a column of W) as an arrow in the d = 2 plane, faded when the feature
+    is not represented; bottom row, the interference WᵀW (diagonal: the squared norms)."""
+    models = list(sweep.models)
+    fig, axes = plt.subplots(2, len(models), figsize=(2.6 * len(models), 5.4), squeeze=False)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, models[0].n_features)) if models else []
+    for j, m in enumerate(models):
+        ax = axes[0][j]
+        W = np.asarray(m.W)
+        for i in range(m.n_features):
+            on = bool(m.represented[i])
+            ax.annotate("", xy=(W[0, i], W[1, i]) if m.d > 1 else (W[0, i], 0), xytext=(0, 0),
+                        arrowprops=dict(arrowstyle="->", color=colors[i], lw=2 if on else 1, alpha=1 if on else 0.3))
+        lim = max(1.2, float(np.abs(W).max()) * 1.15)
+        ax.add_patch(plt.Circle((0, 0), 1, fill=False, color="0.85", lw=0.8))
+        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(f"sparsity {m.sparsity:g}\n{m.n_represented} of {m.n_features} in {m.d} dims", fontsize=9)
+        gram = W.T @ W
+        lim2 = max(1.0, float(np.abs(gram).max()))
+        im = axes[1][j].imshow(gram, cmap="RdBu_r", vmin=-lim2, vmax=lim2)
+        axes[1][j].set_xticks(range(m.n_features)), axes[1][j].set_yticks(range(m.n_features))
+        axes[1][j].tick_params(labelsize=7)
+        axes[1][j].set_title("WᵀW", fontsize=9)
+    if models:
+        fig.colorbar(im, ax=list(axes[1]), shrink=0.8, label="interference (off-diagonal)")
+    fig.suptitle("Toy model of superposition (Elhage et al. 2022): features' directions, then WᵀW", fontsize=10)
+    return fig
