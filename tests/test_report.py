@@ -6,7 +6,7 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from helpers.results import Estimate, Result, Table, markdown_table
-from helpers.runs.report import html_to_markdown, main, notebook_report, report
+from helpers.runs.report import html_to_markdown, main, notebook_report, output_markdown, report
 from helpers.runs.run_all import RUN_KEY, Provenance
 
 FRAME_HTML = """<div><style scoped>.dataframe tbody tr th {vertical-align: top;}</style>
@@ -142,3 +142,11 @@ def test_the_page_covers_profiles_and_says_how_to_make_what_is_missing(tmp_path,
     cpu = page.split("## Profile `cpu`")[1].split("## Profile `test`")[0]
     assert "### 03_x\n\nThe executed copy could not be read" in cpu and "--only 03" in cpu
     assert "### 04_y\n\nNot run on this profile" in cpu and "#### Key table" in page
+
+
+def test_the_cache_notices_are_left_out():
+    notice = {"output_type": "stream", "name": "stdout",
+              "text": "protocols-L2.pt: computing again, since the code of helpers.evals.protocols changed\n"}
+    assert output_markdown(notice) == ""
+    mixed = dict(notice, text=notice["text"] + "kept line\n")
+    assert "kept line" in output_markdown(mixed) and "computing again" not in output_markdown(mixed)

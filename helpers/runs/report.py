@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -146,12 +147,16 @@ def _fence(text: str) -> str:
     return f"{ticks}text\n{text}\n{ticks}"
 
 
+# The cache's notice that it recomputes a result (helpers.settings.paths): about this run, not a result.
+CACHE_NOTICE = re.compile(r"^\S+: computing again, since .*\n?", re.M)
+
+
 def output_markdown(output) -> str:
     """One output of a code cell as markdown ("" for one with nothing to show, such as stderr)."""
     kind = output.get("output_type")
     if kind == "stream":
-        return _fence(_source(output.get("text", ""))) if output.get("name") == "stdout" and \
-            _source(output.get("text", "")).strip() else ""
+        text = CACHE_NOTICE.sub("", _source(output.get("text", "")))
+        return _fence(text) if output.get("name") == "stdout" and text.strip() else ""
     if kind == "error":
         return f"*The cell failed: {output.get('ename', '')}: {' '.join(str(output.get('evalue', '')).split())}*"
     data = output.get("data", {})
