@@ -175,9 +175,11 @@ def test_build_index_and_compare_smoke(model, small_index):
     # a difference not at equal cost (a direction missed its target KL) gets no verdict, whatever its interval
     res.settings["prompts"] = ["p"] * steering.MIN_PROMPTS
     res.differences = [replace(d, difference=Estimate(0.3, 0.2, 0.4), equal_cost=False) for d in res.differences]
-    assert res.differences and all("not at equal cost" in v for v in res.verdicts()[1:])
+    assert res.differences and all("not at equal cost" in v for v in res.verdicts()[1:1 + len(res.differences)])
+    assert res.tally()["no verdict"] == len(res.differences)
     res.differences = [replace(d, equal_cost=True) for d in res.differences]
-    assert all("ahead" in v for v in res.verdicts()[1:])
+    assert all("ahead" in v for v in res.verdicts()[1:1 + len(res.differences)])
+    assert res.tally()["SAE ahead"] == len(res.differences)
     # a word group redefined under the same name is not served from the cache
     before = index.diff_of_means("toy").clone()
     other = next(t.strip() for t in index.vocab[400:] if t.strip().isalpha() and t.strip() != word)

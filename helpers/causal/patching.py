@@ -33,6 +33,11 @@ decoder works: the SAE and the baselines alike.
   positions, layer by layer: where the information that decides the answer sits.
 * `captured_share`: how much of the clean-to-counterfactual change in the activation a dictionary's
   reconstruction carries, which bounds what patching its features can do.
+* `feature_attribution` (gradient × change of code, per prompt and feature, for any readout of the
+  activation) and `direct_logit_attribution` (a feature's decoder direction through the final norm's
+  gain and scale and the unembedding, onto the answer-minus-distractor logit direction): the two
+  first-order ways to rank features by their effect on a logit difference. `position_readout` makes
+  the model's logit difference a function of one position's activation, for `feature_attribution`.
 
 Everything is batched over prompts, and the points of a curve share forward passes: what does not
 depend on the dictionary (the clean and counterfactual runs, their activations and the gradient that
@@ -282,7 +287,35 @@ class PatchComparison(Result):
         if flattery:
             out.append(f"in-sample minus held-out gap closed, over every method and k below all: mean "
                        f"{float(np.mean(flattery)):+.3f}, largest {max(flattery):+.3f}")
+        top = self.leader(first.points[0].k)
+        out.append(f"the top feature alone (k={first.points[0].k}): {top[0]} closes the most held out, "
+                   f"{top[1]:.2f}" + self._ahead_of_all(first.points[0].k))
+        if len(first.points) > 1:
+            k = first.points[-2].k
+            best = self.leader(k)
+            out.append(f"at k={k} (the largest below all candidates): {best[0]} closes the most held out, "
+                       f"{best[1]:.2f}" + self._ahead_of_all(k))
+        if self.contrast:
+            most = max((c.points[-1].gap_closed.value, n) for n, c in self.contrast.items())
+            out.append(f"contrast at the {next(iter(self.contrast.values())).positions} positions: the most any "
+                       f"method closes with all its candidates is {most[0]:.2f} ({most[1]})")
         return out
+
+    def at(self, name: str, k: int, contrast: bool = False) -> PatchPoint | None:
+        """Dictionary `name`'s point at k (held out), or of the contrast; None where its curve has no k."""
+        return next((p for p in (self.contrast if contrast else self.curves)[name].points if p.k == k), None)
+
+    def leader(self, k: int) -> tuple[str, float]:
+        """The dictionary that closes the most of the gap held out at k, and how much."""
+        return max(((n, self.at(n, k).gap_closed.value) for n in self.curves if self.at(n, k) is not None),
+                   key=lambda t: t[1])
+
+    def _ahead_of_all(self, k: int) -> str:
+        """", clearly ahead of every other method" where its interval lies above all the others'."""
+        name = self.leader(k)[0]
+        low = self.at(name, k).gap_closed.low
+        clear = all(low > self.at(n, k).gap_closed.high for n in self.curves if n != name and self.at(n, k) is not None)
+        return ", clearly ahead of every other method" if clear else ", not clearly ahead of every other method (intervals overlap)"
 
 
 @dataclass
@@ -349,6 +382,38 @@ class EditComparison(Result):
                f"{c.ce_clean:.3f} nats/token; {c.n_candidates} candidates per method; [95% intervals]"]
         for curve in self.curves.values():
             out.extend(curve.verdicts()[:1])
+        k1 = c.points[0].k
+        name, p = self.leader(k1)
+        out.append(f"k={k1}: {name} removes the most held out, {p.edit:.2f}"
+                   + (f", for ΔCE {p.ce_increase.value:+.3f} nats/token" if p.ce_increase is not None else ""))
+        shrink = [(q.edit_in_sample.value - q.edit.value, n) for n, cu in self.curves.items() for q in cu.points[:1]
+                  if q.edit_in_sample is not None]
+        if shrink:
+            most = max(shrink)
+            out.append(f"k={k1}: in-sample minus held-out edit, largest {most[0]:+.2f} ({most[1]}): what ranking on "
+                       "the measured prompts would have added")
+        precise = self.precise()
+        out.append("a precise edit (beats k random features of its dictionary with disjoint intervals at k ≤ "
+                   f"{self.small_k}): " + (", ".join(f"{n} (k={k})" for n, k in precise.items()) if precise else "none"))
+        return out
+
+    small_k = 4
+
+    def leader(self, k: int) -> tuple[str, EditPoint]:
+        """The dictionary whose top k features remove the most of the behaviour held out, and its point."""
+        pts = {n: p for n, c in self.curves.items() for p in c.points if p.k == k}
+        name = max(pts, key=lambda n: pts[n].edit.value)
+        return name, pts[name]
+
+    def precise(self) -> dict[str, int]:
+        """{dictionary: the smallest k ≤ small_k} at which its edit beats k random features of its own
+        dictionary with disjoint 95% intervals."""
+        out = {}
+        for n, c in self.curves.items():
+            for p in c.points:
+                if p.k <= self.small_k and p.edit_random is not None and p.edit.low > p.edit_random.high:
+                    out[n] = p.k
+                    break
         return out
 
 
@@ -495,6 +560,68 @@ def prompt_attribution(delta: torch.Tensor, grad: torch.Tensor, decoder_rows: to
     """[n, F]: each prompt's first-order estimate of the change in its metric when each feature's codes
     change by delta [n, pos, F]: Σ_pos δc_f · (∂metric/∂x · decoder_rows[f]), from grad [n, pos, d]."""
     return (delta * (grad @ decoder_rows.T)).sum(1)
+
+
+def feature_attribution(metric, x: torch.Tensor, x_cf: torch.Tensor, encode, decoder_rows: torch.Tensor) -> torch.Tensor:
+    """[n, F]: gradient × change of code. Each prompt's first-order estimate of how much its metric moves
+    when each feature's code moves from its value on x to its value on x_cf, the rest of the activation
+    kept: (c_f(x_cf) - c_f(x)) · (∂metric/∂x · decoder_rows[f]), the gradient taken at x.
+
+    metric: a function from activations [n, d] to [n] (prompt i's metric reads row i only); x, x_cf:
+    [n, d] clean and counterfactual activations; encode: activations [N, d] -> codes [N, F];
+    decoder_rows: [F, d]. Summed over prompts, it ranks the features for `patch_curve`."""
+    leaf = x.detach().float().clone().requires_grad_(True)
+    with torch.enable_grad():
+        grad, = torch.autograd.grad(metric(leaf).sum(), leaf)
+    with torch.no_grad():
+        delta = encode(x_cf.float()).float() - encode(x.float()).float()
+    return prompt_attribution(delta[:, None], grad.float()[:, None], decoder_rows.float())
+
+
+def direct_logit_attribution(decoder_rows: torch.Tensor, unembed: torch.Tensor, answer, distractor,
+                             gain: torch.Tensor | None = None, resid: torch.Tensor | None = None,
+                             eps: float = 0.0) -> torch.Tensor:
+    """[n, F]: each feature's direct effect on each prompt's answer-minus-distractor logit, per unit of
+    its code: its decoder direction times the final norm's gain, divided by the norm's scale on that
+    prompt (held fixed: the linear part of the norm), through the unembedding onto
+    unembed[:, answer] - unembed[:, distractor].
+
+    decoder_rows: [F, d]; unembed: [d, vocab]; answer, distractor: [n] token ids; gain: [d] the final
+    norm's weight (None: 1); resid: [n, d] the final residual stream at the read position, whose root
+    mean square (plus eps under the root, as RMSNorm) is the scale (None: 1). Only the direct path
+    through the unembedding counts: what later layers make of the direction is left out."""
+    answer, distractor = torch.as_tensor(answer, dtype=torch.long), torch.as_tensor(distractor, dtype=torch.long)
+    w = unembed.float()
+    rows = decoder_rows.float() * (1.0 if gain is None else gain.float())
+    out = (rows @ (w[:, answer] - w[:, distractor])).T                      # [n, F]
+    if resid is not None:
+        out = out / (resid.float().pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return out
+
+
+def final_norm(model) -> tuple[torch.Tensor | None, float]:
+    """The final norm's gain [d] (None where it has none) and eps, as `direct_logit_attribution` reads them."""
+    gain = next((p.detach().float().cpu() for n, p in model.ln_final.named_parameters() if n.endswith("weight")), None)
+    cfg = getattr(model, "cfg", None)
+    eps = next((float(getattr(cfg, a)) for a in ("eps", "rms_norm_eps", "layer_norm_eps") if getattr(cfg, a, None)), 0.0)
+    return gain, eps
+
+
+def position_readout(model, tokens: torch.Tensor, hook: str, correct, wrong, position: int):
+    """A function from activations [n, d] to [n]: each prompt's last-position logit difference (correct
+    minus wrong) when the activation at `hook`, token `position`, is replaced by its row, the other
+    positions keeping their clean values. Differentiable: `feature_attribution`'s metric for the model."""
+    base = hook_acts(model, tokens, hook)
+    correct, wrong = torch.as_tensor(correct, dtype=torch.long), torch.as_tensor(wrong, dtype=torch.long)
+    mask = torch.zeros(base.shape[:2], dtype=torch.bool, device=base.device)
+    mask[:, position] = True
+
+    def metric(x: torch.Tensor) -> torch.Tensor:
+        acts = torch.where(mask[..., None], x.to(base.device, base.dtype)[:, None], base)
+        logits = run_with_activation(model, tokens, hook, acts, last_only=True).float().cpu()
+        rows = torch.arange(len(tokens))
+        return logits[rows, correct] - logits[rows, wrong]
+    return metric
 
 
 def patched_activation(x: torch.Tensor, delta: torch.Tensor, decoder_rows: torch.Tensor, features) -> torch.Tensor:

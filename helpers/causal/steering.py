@@ -859,6 +859,37 @@ class SteeringComparison(Result):
                 who = "no clear winner (interval covers 0)"
             out.append(f"{d.concept}, KL {d.target_kl:g}: {d.method} minus difference of means "
                        f"{e.value:+.2f} [{e.low:+.2f}, {e.high:+.2f}]: {who}")
+        return out + self.summary()
+
+    def tally(self) -> dict[str, int]:
+        """How the SAE-minus-difference-of-means comparisons came out: {"SAE ahead", "difference of means
+        ahead", "no clear winner", "no verdict"}: counts, by the rules of `verdicts`."""
+        n_prompts = len(self.settings["prompts"])
+        out = {"SAE ahead": 0, "difference of means ahead": 0, "no clear winner": 0, "no verdict": 0}
+        for d in self.differences:
+            if n_prompts < MIN_PROMPTS or not d.equal_cost:
+                out["no verdict"] += 1
+            elif d.difference.low > 0:
+                out["SAE ahead"] += 1
+            elif d.difference.high < 0:
+                out["difference of means ahead"] += 1
+            else:
+                out["no clear winner"] += 1
+        return out
+
+    def summary(self) -> list[str]:
+        """What the costs and the tally say: the held-out KL the calibrated scales cost per target, the
+        continuations' loss under the unsteered model (steered against unsteered), and the tally."""
+        out = [f"yardstick: mean-ablating the layer costs KL {self.kl_mean_ablation:.2f} on the same text"]
+        steered = [r for r in self.measured if r.method != "unsteered"]
+        plain = [r.nll for r in self.measured if r.method == "unsteered"]
+        for t in sorted({r.target_kl for r in steered}):
+            rs = [r for r in steered if r.target_kl == t]
+            out.append(f"KL target {t:g}: measured held out at KL {min(r.kl for r in rs):.2f}-{max(r.kl for r in rs):.2f}; "
+                       f"loss/token of the continuations {min(r.nll for r in rs):.2f}-{max(r.nll for r in rs):.2f}"
+                       + (f" against {float(np.mean(plain)):.2f} unsteered" if plain else ""))
+        t = self.tally()
+        out.append(f"at equal cost, over {len(self.differences)} comparisons: " + ", ".join(f"{k} {v}" for k, v in t.items()))
         return out
 
     def table(self) -> str:

@@ -1,16 +1,20 @@
 """The exercises of notebook 05: references, random cases and known mistakes.
 
 05.1 the share of the logit-difference gap closed, 05.2 activation patching by hand (one position of the
-residual stream), 05.3 ablating features while keeping the dictionary's reconstruction error, 05.4
-steering (adding a direction to the residual stream). The references are the workbook's own
-(helpers.causal.patching.gap_closed, patch_positions_by_layer, ablate_activation; helpers.causal.steering.add_hook).
+residual stream), 05.3 attribution (gradient × change of code, to rank features by their effect on a
+metric), 05.4 direct logit attribution (a decoder direction through the final norm and the unembedding),
+05.5 ablating features while keeping the dictionary's reconstruction error, 05.6 steering (adding a
+direction to the residual stream). The references are the workbook's own (helpers.causal.patching.gap_closed,
+patch_positions_by_layer, feature_attribution, direct_logit_attribution, ablate_activation;
+helpers.causal.steering.add_hook).
 """
 from __future__ import annotations
 
 import torch
 
 from helpers.activations.harvest import model_device
-from helpers.causal.patching import ablate_activation, gap_closed, patch_positions_by_layer, prompt_pairs
+from helpers.causal.patching import (ablate_activation, direct_logit_attribution, feature_attribution, gap_closed,
+                                     patch_positions_by_layer, prompt_pairs)
 from helpers.causal.prompts import IOI_TEMPLATES, PRONOUN_TEMPLATES, make_ioi, make_pronoun
 from helpers.causal.steering import add_hook
 
@@ -127,7 +131,108 @@ register(Exercise(
 ))
 
 
-# ------------------------------------------------------------------ 05.3 ablation that keeps the error term
+# ------------------------------------------------------------------ 05.3 attribution
+
+def _attr_reference(metric, x, x_cf, encode, decoder_rows):
+    return feature_attribution(metric, x, x_cf, encode, decoder_rows)
+
+
+def _attr_parts(metric, x, x_cf, encode, decoder_rows, at=None):
+    """The gradient of Σ metric at `at` (default x) projected on each decoder row [n, F], and the codes."""
+    leaf = (x if at is None else at).detach().float().clone().requires_grad_(True)
+    with torch.enable_grad():
+        grad, = torch.autograd.grad(metric(leaf).sum(), leaf)
+    with torch.no_grad():
+        return grad @ decoder_rows.float().T, encode(x.float()).float(), encode(x_cf.float()).float()
+
+
+def _attr_code(metric, x, x_cf, encode, decoder_rows):
+    g, c, _ = _attr_parts(metric, x, x_cf, encode, decoder_rows)
+    return c * g
+
+
+def _attr_sign(metric, x, x_cf, encode, decoder_rows):
+    g, c, c_cf = _attr_parts(metric, x, x_cf, encode, decoder_rows)
+    return (c - c_cf) * g
+
+
+def _attr_grad_at_cf(metric, x, x_cf, encode, decoder_rows):
+    g, c, c_cf = _attr_parts(metric, x, x_cf, encode, decoder_rows, at=x_cf)
+    return (c_cf - c) * g
+
+
+def _attr_cases(gen):
+    cases = []
+    for n, d, h, f in ((4, 6, 8, 10), (2, 5, 7, 16), (6, 8, 5, 12)):
+        w1, b1 = torch.randn(d, h, generator=gen) / d ** 0.5, 0.1 * torch.randn(h, generator=gen)
+        w2 = torch.randn(h, generator=gen)
+        metric = (lambda w1, b1, w2: lambda z: torch.tanh(z @ w1 + b1) @ w2)(w1, b1, w2)   # a tiny MLP readout [n, d] -> [n]
+        we, be = torch.randn(d, f, generator=gen) / d ** 0.5, -0.1 * torch.rand(f, generator=gen)
+        encode = (lambda we, be: lambda z: torch.relu(z @ we + be))(we, be)
+        rows = torch.randn(f, d, generator=gen) / d ** 0.5
+        x = torch.randn(n, d, generator=gen)
+        cases.append(dict(metric=metric, x=x, x_cf=x + torch.randn(n, d, generator=gen), encode=encode,
+                          decoder_rows=rows))
+    return cases
+
+
+register(Exercise(
+    id="05.3", name="feature_attribution", reference=_attr_reference, random_cases=_attr_cases, atol=1e-4,
+    mistakes=((_attr_code, "you multiplied the gradient by the clean code: that estimates removing the feature, "
+                           "not moving it to its counterfactual value. Multiply by c(x_cf) - c(x)"),
+              (_attr_sign, "the sign is flipped: the change of code is c(x_cf) - c(x), counterfactual minus clean"),
+              (_attr_grad_at_cf, "take the gradient at the clean activations x, where the patch starts, not at x_cf")),
+))
+
+
+# ------------------------------------------------------------------ 05.4 direct logit attribution
+
+def _dla_reference(decoder_rows, unembed, gain, resid, answer, distractor):
+    return direct_logit_attribution(decoder_rows, unembed, answer, distractor, gain=gain, resid=resid)
+
+
+def _dla_no_gain(decoder_rows, unembed, gain, resid, answer, distractor):
+    return direct_logit_attribution(decoder_rows, unembed, answer, distractor, gain=None, resid=resid)
+
+
+def _dla_no_scale(decoder_rows, unembed, gain, resid, answer, distractor):
+    return direct_logit_attribution(decoder_rows, unembed, answer, distractor, gain=gain, resid=None)
+
+
+def _dla_answer_only(decoder_rows, unembed, gain, resid, answer, distractor):
+    rms = resid.float().pow(2).mean(-1, keepdim=True).sqrt()
+    return ((decoder_rows.float() * gain.float()) @ unembed.float()[:, answer]).T / rms
+
+
+def _dla_norm_scale(decoder_rows, unembed, gain, resid, answer, distractor):
+    w = unembed.float()
+    out = ((decoder_rows.float() * gain.float()) @ (w[:, answer] - w[:, distractor])).T
+    return out / resid.float().norm(dim=-1, keepdim=True)
+
+
+def _dla_cases(gen):
+    cases = []
+    for n, d, f, v in ((3, 6, 9, 11), (5, 8, 4, 20), (1, 4, 12, 7)):
+        ans = torch.randint(0, v, (n,), generator=gen)
+        cases.append(dict(decoder_rows=torch.randn(f, d, generator=gen), unembed=torch.randn(d, v, generator=gen),
+                          gain=0.5 + torch.rand(d, generator=gen), resid=3 * torch.randn(n, d, generator=gen),
+                          answer=ans, distractor=(ans + 1 + torch.randint(0, v - 1, (n,), generator=gen)) % v))
+    return cases
+
+
+register(Exercise(
+    id="05.4", name="direct_logit_attribution", reference=_dla_reference, random_cases=_dla_cases, atol=1e-4,
+    mistakes=((_dla_no_gain, "the final norm multiplies by its gain before the unembedding: scale the decoder "
+                             "rows by `gain` first"),
+              (_dla_no_scale, "the final norm divides by each prompt's root mean square of `resid`: divide by it"),
+              (_dla_norm_scale, "RMSNorm divides by the root *mean* square, sqrt(mean(resid²)), not the norm "
+                                "sqrt(sum(resid²))"),
+              (_dla_answer_only, "project onto the answer-minus-distractor direction, unembed[:, answer] - "
+                                 "unembed[:, distractor], not the answer's column alone")),
+))
+
+
+# ------------------------------------------------------------------ 05.5 ablation that keeps the error term
 
 def _ablate_reference(x: torch.Tensor, encode, decoder_rows: torch.Tensor, features):
     with torch.no_grad():
@@ -182,7 +287,7 @@ def _ablate_cases(gen):
 
 
 register(Exercise(
-    id="05.3", name="ablate_features", reference=_ablate_reference, random_cases=_ablate_cases, atol=1e-4,
+    id="05.5", name="ablate_features", reference=_ablate_reference, random_cases=_ablate_cases, atol=1e-4,
     mistakes=((_ablate_bos_too, "position 0 (BOS) is left as it is: the workbook never edits it"),
               (_ablate_added, "ablating removes the features' contribution: subtract codes @ decoder_rows, do not add it"),
               (_ablate_every_feature, "you removed every feature's contribution: only those in `features`"),
@@ -192,7 +297,7 @@ register(Exercise(
 ))
 
 
-# ------------------------------------------------------------------ 05.4 steering
+# ------------------------------------------------------------------ 05.6 steering
 
 def _steer_run(model, tokens, hook_name, direction, scale, positions="text", normalise=True):
     """The exercise's mistakes: steering with the direction unnormalised, at BOS too, or at the last position only."""
@@ -238,7 +343,7 @@ def _steer_model_cases(model, gen):
 
 
 register(Exercise(
-    id="05.4", name="steer", reference=_steer_reference, model_cases=_steer_model_cases, atol=MODEL_ATOL,
+    id="05.6", name="steer", reference=_steer_reference, model_cases=_steer_model_cases, atol=MODEL_ATOL,
     mistakes=((_steer_unnormalised, "scale the *unit* direction: divide it by its norm first, so that `scale` is "
                                     "the length of what you add"),
               (_steer_bos_too, "leave position 0 (BOS) as it is, as the workbook's edits do: add at positions 1 and on"),
