@@ -19,7 +19,7 @@ from helpers.activations.corpus import iter_contexts, load_brown, tokenize_docum
 from helpers.activations.harvest import collect, get_store, harvest, store_path, valid_hooks
 from helpers.activations.models import ModelUnavailable, hooked, load_model
 from helpers.activations.store import ActivationStore, CorruptShard, StoreError, StoreMismatch
-from helpers.causal.patching import patch_features
+from helpers.causal.patching import direct_logit_attribution, feature_attribution, patch_features
 from helpers.causal.steering import steer
 from helpers.dictionaries.controls import frozen_encoder_sae, reinitialised, shared_latents, token_mean_directions
 from helpers.dictionaries.dictionary import as_dictionary, load_sae, neuron_basis, random_directions
@@ -35,7 +35,7 @@ from helpers.show.dashboard import FeatureView, dashboard, matched_feature, side
 __all__ = [
     # the research API
     "DetectionScores", "Estimate", "FeatureView", "Result", "as_dictionary", "budget_curve", "ce_loss_recovered", "claim_table", "collect", "compare",
-    "dashboard", "detection_scores", "dictionary_protocol_scores", "frozen_encoder_sae", "fvu", "heldout_distribution", "heldout_score",
+    "dashboard", "detection_scores", "direct_logit_attribution", "dictionary_protocol_scores", "feature_attribution", "frozen_encoder_sae", "fvu", "heldout_distribution", "heldout_score",
     "heldout_scores", "hooked", "load_sae", "matched_feature", "neuron_basis", "patch_features", "protocol_scores", "random_directions",
     "reconstruction", "reinitialised", "shared_latents", "side_by_side", "steer", "token_labels", "token_mean_directions",
     "top_contexts", "train_sae",
