@@ -143,20 +143,26 @@ def detection_prompt(explanation: str, texts: list[str]) -> str:
     return "\n".join(lines)
 
 
-def parse_detection(text: str, n: int) -> list[bool]:
-    """Which of `n` excerpts a detection reply names: a JSON list of their numbers (1 to n) in `text`
-    (surrounding prose or code fences allowed). Raises ValueError saying what is wrong."""
+def _json_lists(text: str, problems: list[str]):
+    """The flat JSON lists in a model's reply (surrounding prose or code fences allowed), in order, as
+    (the list's text, its values); a bracketed text that is not JSON is added to `problems`. Raises
+    ValueError when the reply holds no bracketed list at all."""
     text = re.sub(r"```[a-zA-Z]*", "", text)
     candidates = re.findall(r"\[[^\[\]]*\]", text)
     if not candidates:
         raise ValueError(f"no JSON list in the reply {text[:200]!r}")
-    problems = []
     for cand in candidates:
         try:
-            values = json.loads(cand)
+            yield cand, json.loads(cand)
         except json.JSONDecodeError:
             problems.append(f"{cand[:60]!r} is not valid JSON")
-            continue
+
+
+def parse_detection(text: str, n: int) -> list[bool]:
+    """Which of `n` excerpts a detection reply names: a JSON list of their numbers (1 to n) in `text`
+    (surrounding prose or code fences allowed). Raises ValueError saying what is wrong."""
+    problems = []
+    for cand, values in _json_lists(text, problems):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             problems.append(f"{cand[:60]!r} holds non-integers")
             continue
@@ -232,17 +238,8 @@ def parse_activation_list(text: str, n: int) -> list[float]:
 
     Raises ValueError saying what is wrong when there is no such list.
     """
-    text = re.sub(r"```[a-zA-Z]*", "", text)
-    candidates = re.findall(r"\[[^\[\]]*\]", text)
-    if not candidates:
-        raise ValueError(f"no JSON list in the reply {text[:200]!r}")
     problems = []
-    for cand in candidates:
-        try:
-            values = json.loads(cand)
-        except json.JSONDecodeError:
-            problems.append(f"{cand[:60]!r} is not valid JSON")
-            continue
+    for cand, values in _json_lists(text, problems):
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             problems.append(f"{cand[:60]!r} holds non-numbers")
             continue

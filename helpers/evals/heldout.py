@@ -116,7 +116,6 @@ def concept_labels(meta: np.ndarray, tokenizer, tags=(), genres=(), min_count: i
     prev = np.where(first, -1, np.r_[-1, tok[:-1]])
     nxt = np.where(last, -1, np.r_[tok[1:], -1])
     texts, classes = _vocab(tokenizer)                       # classes: [vocab, 5]
-    cols: list[np.ndarray] = []                              # one bool column per concept (built sparsely below)
     rows_of: list[np.ndarray] = []
     names, fams = [], []
 
@@ -159,7 +158,6 @@ def concept_labels(meta: np.ndarray, tokenizer, tags=(), genres=(), min_count: i
         add(f"class {c}", "class", cls[:, j])
     # word structure from the token strings: a piece that continues a word, and a word's last piece
     word_start = classes[:, TOKEN_CLASSES.index("word start")]
-    punct_tok = classes[:, TOKEN_CLASSES.index("punctuation")]
     alnum_end = np.array([bool(t) and t[-1].isalnum() for t in texts])
     alnum_start = np.array([bool(t) and t[0].isalnum() for t in texts])
     cont = ~first & alnum_start[tok] & ~word_start[tok] & np.r_[False, alnum_end[tok[:-1]]]
@@ -1036,6 +1034,17 @@ class InterpretabilityCurve(Result):
         return plots.interpretability_curve(self)
 
 
+def curve_training(profile, sweep, index: int | None = None, points: int = 3):
+    """What the interpretability curve trains: the settings of one sweep SAE (default: the chosen one) at
+    the profile's hook, and the profile's training settings with snapshots at `points` budgets halving
+    down from the whole (1/4, 1/2 and all of it, by default). Returns (SAEConfig, TrainConfig)."""
+    row = sweep.rows_[sweep.chosen if index is None else index]
+    cfg = SAEConfig(**{**{k: getattr(row, k) for k in SAE_KEYS}, "hook_name": profile.sae_hook})
+    tc = train_config(profile)
+    steps = tc.total_tokens // tc.batch_size
+    return cfg, dataclasses.replace(tc, eval_at=tuple(sorted({max(1, steps >> j) for j in range(points)})))
+
+
 def interpretability_curve(profile, store, sweep, scorer: HeldoutScorer, index: int | None = None,
                            points: int = 3, run_dir=None, checkpoint_dir=None,
                            progress: bool = True) -> InterpretabilityCurve:
@@ -1049,12 +1058,8 @@ def interpretability_curve(profile, store, sweep, scorer: HeldoutScorer, index: 
     from it; with `checkpoint_dir`, in a folder under it named by what the curve depends on (the SAE's
     settings, the training settings, the scorer's resamples and activity rule, the code)."""
 
-    row = sweep.rows_[sweep.chosen if index is None else index]
+    cfg, tc = curve_training(profile, sweep, index, points)
     hook = profile.sae_hook
-    cfg = SAEConfig(**{**{k: getattr(row, k) for k in SAE_KEYS}, "hook_name": hook})
-    tc = train_config(profile)
-    steps = tc.total_tokens // tc.batch_size
-    tc = dataclasses.replace(tc, eval_at=tuple(sorted({max(1, steps >> j) for j in range(points)})))
     if run_dir is None and checkpoint_dir is not None:
         key = [repr(cfg), repr(tc), profile.seed, scorer.resamples, scorer.k_max, scorer.min_active]
         run_dir = Path(checkpoint_dir) / f"curve-run-{digest(key, CURVE_CODE)}"

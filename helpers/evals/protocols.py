@@ -58,7 +58,6 @@ verdicts saying how far each gap moves, `plot()`).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import zlib
 from collections.abc import Mapping
@@ -72,11 +71,9 @@ import torch
 
 from helpers.activations import massive
 from helpers.evals.heldout import (MAX_DENSITY, MIN_ACTIVE, SUMMARIES, HeldoutScore, Scored, active_sets, as_labels,
-                                   context_halves, matched_counts, statistic_key)
+                                   context_halves, curve_training, matched_counts, statistic_key)
 from helpers.dictionaries.dictionary import SAEDictionary, encode_batched
 from helpers.results import Estimate, Result
-from helpers.runs.sweep import SAE_KEYS, train_config
-from helpers.saes.stack import SAEConfig
 from helpers.saes.train import train_sweep
 
 PROTOCOLS = ("correlation", "detection")
@@ -969,12 +966,8 @@ def snapshot_protocol_scores(profile, store, sweep, random, x, labels, contexts,
     the snapshots are that curve's. Each snapshot's codes of `x` [N, d_in] (the activations of the
     tokens `labels` and `contexts` describe) are scored on one `ProtocolSplit` (`scored`, `seed`,
     `options`), shared by every snapshot, so the budgets' scores are paired too."""
-    row = sweep.rows_[sweep.chosen if index is None else index]
+    cfg, tc = curve_training(profile, sweep, index, points)
     hook = profile.sae_hook
-    cfg = SAEConfig(**{**{k: getattr(row, k) for k in SAE_KEYS}, "hook_name": hook})
-    tc = train_config(profile)
-    steps = tc.total_tokens // tc.batch_size
-    tc = dataclasses.replace(tc, eval_at=tuple(sorted({max(1, steps >> j) for j in range(points)})))
     rule = massive.fit(store, hook) if profile.massive else None
     x = torch.as_tensor(x)
     split = ProtocolSplit(labels, contexts, scored=scored, seed=seed, **options)
