@@ -175,8 +175,8 @@ def test_best_concepts_do_not_depend_on_the_chunk_of_features():
 
 def test_random_directions_reconstruct_and_are_not_an_sae_initialisation():
     """The random baseline decodes what it encodes (orthonormal, or the pseudo-inverse when there are
-    more directions than dimensions), and its seed is not the SAE's: drawn with the same seed, it
-    used to be the SAE's initial dictionary row for row."""
+    more directions than dimensions), and its seed is not the SAE's: drawn with the SAE's seed, it would
+    be the SAE's initial dictionary row for row."""
     x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
     for n in (32, 64):  # 16 directions (an orthonormal basis) and 32 (overcomplete, pseudo-inverse decoder)
         d = random_directions(16, n, seed=0)
