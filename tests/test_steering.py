@@ -89,6 +89,26 @@ def test_generation_scale_zero_is_the_model_and_seeds_reproduce(model):
     assert len(set(a)) > 1                                                       # other seeds, other samples
 
 
+def test_the_key_value_cache_holds_the_prompt_and_generates_what_full_passes_do(model):
+    """The bridge keeps a key-value cache (transformers 5 passes it to attention as ``cache=``, which
+    transformer_lens 4 reads only through `kv_cache_fix`): after the prompt it holds every prompt
+    position, and cached generation, steered after BOS and sampled, writes what full passes write."""
+    toks = model.to_tokens("The cat sat on the")
+    with torch.no_grad():
+        full = model(toks)[:, -1]
+        _, cache = model(toks[:, :-1], return_type="logits_and_cache", use_cache=True)
+        assert cache.get_seq_length() == toks.shape[1] - 1
+        step, _ = model(toks[:, -1:], return_type="logits_and_cache", past_key_values=cache)
+    assert torch.allclose(step[:, -1], full, atol=1e-3)
+    u = model.W_U[:, model.tokenizer.encode(" dog")[0]].detach().float().cpu()
+    vecs = torch.stack([torch.zeros_like(u), steering_vector(u, 1.0, 100.0)])
+    for sample in (False, True):
+        kw = dict(n_new=6, sample=sample, seeds=[1, 2])
+        cached = steering.generate_ids(model, "The cat sat on the", HOOK, vecs, **kw)
+        assert torch.equal(cached, steering.generate_ids(model, "The cat sat on the", HOOK, vecs, kv_cache=False, **kw))
+        assert not torch.equal(cached[0], cached[1])                             # the steered row differs
+
+
 def test_rows_keep_their_order_and_seeds_whatever_the_batch(model):
     """Row i of a sampled batch is what a one-row call with seeds[i] gives, and batching by max_rows keeps
     the rows' order (greedy decoding, so that the last bits of the logits, which can differ between batch

@@ -21,6 +21,12 @@ so the pin is the same weights as that branch. Hub names without a pin load ``ma
 suite saves under a hub name (its ``config.json`` carries ``workbook_stand_in: true``); the
 simulated Colab run (tests/test_colab_sim.py) runs every notebook cell on it, the checks included:
 their claims about the model (helpers.runs.claims) report a verdict on it rather than assert.
+
+`kv_cache_fix()` (applied by `load_model` and `hooked`) makes the bridge's key-value cache work with
+transformers 5: its decoder layers hand their attention the cache as ``cache=``, while the
+attention bridges of transformer_lens 4 read ``past_key_values=`` (or ``layer_past=``) and, finding
+neither, run without it, so that every cached decoding step attends to itself alone and the text
+degenerates. The fix passes the cache under the name they read.
 """
 from __future__ import annotations
 
@@ -46,6 +52,26 @@ HUB_REVISIONS: dict[str, str] = {
 }
 # The config attribute that marks the test suite's random stand-in (written only by its fixture).
 STAND_IN_MARKER = "workbook_stand_in"
+
+
+def kv_cache_fix() -> None:
+    """Let transformer_lens's attention bridges read the key-value cache that transformers 5 passes as
+    ``cache=`` (once per process; a no-op where the bridge already reads it or is not installed)."""
+    try:
+        from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+    except ImportError:
+        return
+    update = AttentionBridge._update_kv_cache
+    if getattr(update, "reads_cache_kwarg", False):
+        return
+
+    def _update_kv_cache(self, k, v, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None \
+                and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return update(self, k, v, **kwargs)
+    _update_kv_cache.reads_cache_kwarg = True
+    AttentionBridge._update_kv_cache = _update_kv_cache
 
 
 class ModelUnavailable(RuntimeError):
@@ -167,6 +193,7 @@ def load_model(name: str = EMBEDDED_MODEL, device: str | None = "auto",
         else:
             # boot_transformers forwards `revision` to the config, model and tokenizer loads.
             bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, revision=revision)
+    kv_cache_fix()
     bridge.eval()
     bridge.workbook_name = name  # the name the store manifests record
     bridge.workbook_revision = revision  # None: the embedded model, or a hub name's default branch
@@ -201,6 +228,7 @@ def hooked(model, tokenizer=None):
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device,
                                                      dtype=dtype)
+    kv_cache_fix()
     bridge.eval()
     model.__dict__["_workbook_bridge"] = bridge  # not a submodule: the model's parameters stay its own
     return bridge

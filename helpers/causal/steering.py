@@ -12,9 +12,10 @@ can be compared with the simple baseline it is measured against.
   it), where u is the unit direction and `norm` the median norm of the hook's *ordinary* tokens
   (helpers.activations.massive: the ~2% massive tokens would otherwise set the unit), so that a scale means the
   same at every layer: scale 1 adds a vector as long as a typical token's whole residual stream.
-* **Generation** (`generate`): greedy or seeded sampling, one full forward pass per new token (no
-  KV cache: the bridge's own `generate` runs, but its cached steps give degenerate text with this
-  model, and a full pass is cheap for 20-30 tokens on a 135M model). Every row has its own random
+* **Generation** (`generate`): greedy or seeded sampling with a key-value cache (the prompt once, then
+  one new token per forward pass; `helpers.activations.models.kv_cache_fix` makes the bridge's cache
+  work with transformers 5), or one full forward pass per new token where a model keeps no cache
+  (`kv_cache=False` forces that). Every row has its own random
   generator, so a (prompt, seed) pair draws the same random numbers whatever else is in the batch
   (the logits can still differ in the last bits between batch shapes), and steered and unsteered rows
   share their random numbers.
@@ -51,6 +52,7 @@ import ast
 import html
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -153,13 +155,16 @@ def steering_vector(direction: torch.Tensor, scale: float, norm: float) -> torch
     return float(scale) * float(norm) * unit(direction)
 
 
-def add_hook(vectors: torch.Tensor):
+def add_hook(vectors: torch.Tensor, skip_first: bool = True):
     """A hook function that adds `vectors` ([d]: to every row; [n, d]: one per row of the batch) to the
-    activation at every position but the first (BOS)."""
+    activation at every position but the first (BOS); with ``skip_first=False`` at every position (a
+    cached decoding step, whose positions all come after BOS)."""
+    start = 1 if skip_first else 0
+
     def fn(act, hook=None):
         v = vectors.to(act.device, act.dtype)
         out = act.clone()
-        out[:, 1:] = act[:, 1:] + (v if v.dim() == 1 else v[:, None])
+        out[:, start:] = act[:, start:] + (v if v.dim() == 1 else v[:, None])
         return out
     return fn
 
@@ -179,13 +184,49 @@ def _tokens(model, prompt) -> torch.Tensor:
     return torch.as_tensor(prompt).flatten().cpu()
 
 
+def _cache_length(cache) -> int | None:
+    """How many positions a key-value cache holds (None: not a cache this code can read)."""
+    length = getattr(cache, "get_seq_length", None)
+    return int(length()) if callable(length) else None
+
+
+def _next_logits(model, toks: torch.Tensor, hook: str, v: torch.Tensor | None, cache, n_seen: int):
+    """[rows, vocab] logits at the last position, and the cache after this pass or None.
+
+    With `cache` None: one pass over `toks` (the whole sequence, BOS first), asking the model for a cache;
+    with a cache of `n_seen` positions: a pass over the new tokens `toks` only. The steering vectors `v`
+    are added after BOS. A model that returns no readable cache, or one that did not grow by the tokens
+    just run, gets None (its caller falls back to full passes)."""
+    hooks = [] if v is None else [(hook, add_hook(v, skip_first=cache is None))]
+    try:
+        with warnings.catch_warnings():  # transformers 5 renames past_key_values; the bridge still passes it
+            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+            logits, new = model.run_with_hooks(toks, fwd_hooks=hooks, return_type="logits_and_cache",
+                                               past_key_values=cache, use_cache=True, logits_to_keep=1)
+    except (TypeError, ValueError):
+        if cache is not None:
+            raise
+        return model.run_with_hooks(toks, fwd_hooks=hooks, logits_to_keep=1)[:, -1], None
+    if _cache_length(new) != n_seen + toks.shape[1]:
+        if cache is not None:
+            raise RuntimeError("the model's key-value cache did not grow by the tokens just run")
+        return logits[:, -1], None
+    return logits[:, -1], new
+
+
 @torch.no_grad()
 def generate_ids(model, prompt, hook: str, vectors: torch.Tensor | None = None, n_new: int = 24,
-                 sample: bool = False, seeds=0, temperature: float = 0.8, max_rows: int = 48) -> torch.Tensor:
+                 sample: bool = False, seeds=0, temperature: float = 0.8, max_rows: int = 48,
+                 kv_cache: bool = True) -> torch.Tensor:
     """[rows, n_new] new token ids after one `prompt`, one row per steering vector (`vectors` [rows, d];
     None: one row of the model run without any hook; a zero row adds nothing). Greedy, or sampling at `temperature` with row i's
     own generator seeded by ``seeds[i]`` (an int: every row the same seed, so that the rows share their
-    random numbers). One full forward pass per token, at most `max_rows` rows at a time."""
+    random numbers). With `kv_cache` the prompt runs once and each new token after it in one pass over
+    that token (the model's key-value cache; where the model keeps none, full passes); without, one full
+    forward pass per token. At most `max_rows` rows at a time."""
+    from helpers.activations.models import kv_cache_fix
+
+    kv_cache_fix()
     prompt = _tokens(model, prompt)
     dev = _device(model)
     plain = vectors is None  # the model itself, without any hook
@@ -196,18 +237,25 @@ def generate_ids(model, prompt, hook: str, vectors: torch.Tensor | None = None, 
         raise ValueError(f"{len(seeds)} seeds for {rows} rows")
     out = []
     for a in range(0, rows, max_rows):
-        v = vecs[a:a + max_rows].to(dev)
+        v = None if plain else vecs[a:a + max_rows].to(dev)
+        n = 1 if plain else len(v)
         gens = [torch.Generator().manual_seed(s) for s in seeds[a:a + max_rows]]
-        toks = prompt.to(dev).repeat(len(v), 1)
+        toks = prompt.to(dev).repeat(n, 1)
+        cache, step = None, toks
         for _ in range(n_new):
-            hooks = [] if plain else [(hook, add_hook(v))]
-            logits = model.run_with_hooks(toks, fwd_hooks=hooks, logits_to_keep=1)[:, -1].float().cpu()
+            if kv_cache:
+                logits, cache = _next_logits(model, step, hook, v, cache, toks.shape[1] - step.shape[1])
+            else:
+                hooks = [] if plain else [(hook, add_hook(v))]
+                logits = model.run_with_hooks(toks, fwd_hooks=hooks, logits_to_keep=1)[:, -1]
+            logits = logits.float().cpu()
             if sample:
                 probs = torch.softmax(logits / temperature, -1)
                 nxt = torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, gens)])
             else:
                 nxt = logits.argmax(-1)
             toks = torch.cat([toks, nxt[:, None].to(dev)], 1)
+            step = toks[:, -1:] if cache is not None else toks
         out.append(toks[:, len(prompt):].cpu())
     return torch.cat(out)
 

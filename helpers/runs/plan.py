@@ -287,13 +287,13 @@ def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -
                        + 60)
     prompts = profile.ioi_prompts + profile.pronoun_prompts
     passes = prompts * (n_layers / profile.patch_layer_step * 3 + h * 6 * 8)
-    # steering (section 6): calibration and cost runs over held-out contexts, then sampled continuations,
-    # one full forward pass per new token (helpers.causal.steering.generate_ids), for every concept, direction
-    # and KL target, and the unsteered ones
+    # steering (section 6): calibration and cost runs over held-out contexts, then sampled continuations
+    # (helpers.causal.steering.generate_ids: the prompt once, then one cached pass per new token), for
+    # every concept, direction and KL target, and the unsteered ones
 
     st = comparison_settings(profile)
     settings = st.max_concepts * (len(METHODS) * len(st.targets) + 1)
-    generated = settings * st.prompts * st.samples * st.n_new * (12 + st.n_new / 2)
+    generated = settings * st.prompts * st.samples * (12 + st.n_new)
     costed = (st.max_concepts * len(METHODS) * (len(st.grid) + len(st.targets))
               * (st.calib_contexts + st.report_contexts) * profile.ctx_len)
     p.seconds["05"] = fwd * (passes * 20 + generated + costed) / rate + 60
