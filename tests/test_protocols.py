@@ -384,3 +384,35 @@ def test_snapshots_of_one_sae_over_training_by_both_protocols(array_store):
     matched = last["random (SAE's sparsity)"].counts
     assert 0 < matched.max() <= last["SAE"].counts.max()          # drawn from the snapshot's own counts
     assert last.difference("SAE", "random directions", "correlation").paired
+
+
+def test_the_curve_and_the_budget_curve_share_one_training_kept_on_disk(array_store, tmp_path, monkeypatch):
+    """curve_snapshots trains the sweep's SAE once per process for both curves, and a later process (its
+    memory cleared) reads the same snapshots back from the checkpoint folder."""
+    from helpers.evals import heldout
+
+    x, _ = sparse_data(n=2048, d=16, m=24)
+    profile = PROFILES["test"].replace(layers=(0,), sae_layer=0, train_tokens=1024, train_batch=128, massive=False,
+                                       device="cpu")
+    store = array_store(x, hook=profile.sae_hook)
+    sweep = SimpleNamespace(rows_=[SAEConfig(d_in=16, d_sae=32, l1_coefficient=1e-3, massive=False)], chosen=0)
+    steps = []
+    real = heldout.train_sweep
+
+    def counted(*args, **kw):
+        result = real(*args, **kw)
+        steps.append(len([h for h in result.history if "step" in h]))
+        return result
+    monkeypatch.setattr(heldout, "train_sweep", counted)
+    monkeypatch.setattr(heldout, "_SNAPSHOTS", {})
+    first = heldout.curve_snapshots(profile, store, sweep, checkpoint_dir=tmp_path, progress=False)
+    again = heldout.curve_snapshots(profile, store, sweep, checkpoint_dir=tmp_path, progress=False)
+    assert sorted(first) == [256, 512, 1024] and len(steps) == 1          # trained once for both
+    assert all(again[n] is first[n] for n in first)
+    assert not torch.equal(first[256].W_dec, first[1024].W_dec)          # snapshots of a training, not copies
+    monkeypatch.setattr(heldout, "_SNAPSHOTS", {})                       # a new process
+    read = heldout.curve_snapshots(profile, store, sweep, checkpoint_dir=tmp_path, progress=False)
+    for n in first:
+        for name, v in first[n].state_dict().items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(read[n].state_dict()[name].cpu(), v.cpu()), (n, name)

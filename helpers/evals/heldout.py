@@ -39,8 +39,10 @@ share; `HeldoutScorer` is the same core reading codes from an activation store.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -980,6 +982,7 @@ def heldout_scores(codes: dict, labels, contexts, *, match: dict | None = None, 
 
 
 CURVE_CODE = ("helpers.evals.heldout", "helpers.saes.train", "helpers.saes.stack", "helpers.activations.massive")
+_SNAPSHOTS: dict[str, dict] = {}  # curve_snapshots of this process, by what they depend on
 
 
 @dataclass
@@ -1045,36 +1048,80 @@ def curve_training(profile, sweep, index: int | None = None, points: int = 3):
     return cfg, dataclasses.replace(tc, eval_at=tuple(sorted({max(1, steps >> j) for j in range(points)})))
 
 
-def interpretability_curve(profile, store, sweep, scorer: HeldoutScorer, index: int | None = None,
-                           points: int = 3, run_dir=None, checkpoint_dir=None,
-                           progress: bool = True) -> InterpretabilityCurve:
-    """Does the gap open with training? The held-out score of one sweep SAE (default: the chosen
-    one) at `points` budgets halving down from the profile's (1/4, 1/2 and all of it, by default),
-    beside random directions made active on as many tokens as that snapshot's features. The SAE is
-    trained again alone, with the sweep's settings (a sweep trains exactly what training each SAE
-    alone would), and scored on `scorer` at each snapshot. One `CurvePoint` per budget: tokens, the
-    SAE's and the random directions' median held-out MCC and their paired difference. With `run_dir`,
-    training keeps a checkpoint there (with the points scored so far) and an interrupted curve resumes
-    from it; with `checkpoint_dir`, in a folder under it named by what the curve depends on (the SAE's
-    settings, the training settings, the scorer's resamples and activity rule, the code)."""
+def curve_snapshots(profile, store, sweep, index: int | None = None, points: int = 3, checkpoint_dir=None,
+                    progress: bool = True) -> dict:
+    """{training tokens: one-SAE stack}: one sweep SAE (default: the chosen one) trained again alone with
+    the sweep's settings (`curve_training`: a sweep trains exactly what training each SAE alone would),
+    as it is at `points` budgets halving down from the profile's (1/4, 1/2 and all of it, by default).
+
+    Trained once per process for the same settings, store and code: the interpretability curve and the
+    protocols' budget curve (helpers.evals.protocols.snapshot_protocol_scores) score the same snapshots.
+    With `checkpoint_dir`, training keeps a checkpoint and each snapshot's weights (safetensors) in a
+    folder under it named by what they depend on, so an interrupted run resumes and a later process
+    reads the snapshots instead of training again."""
+    from safetensors.torch import load_file, save_file
 
     cfg, tc = curve_training(profile, sweep, index, points)
     hook = profile.sae_hook
-    if run_dir is None and checkpoint_dir is not None:
-        key = [repr(cfg), repr(tc), profile.seed, scorer.resamples, scorer.k_max, scorer.min_active]
-        run_dir = Path(checkpoint_dir) / f"curve-run-{digest(key, CURVE_CODE)}"
+    key = digest([repr(cfg), repr(tc), profile.seed, str(Path(store.path).resolve())], CURVE_CODE)
+    if key in _SNAPSHOTS:
+        return dict(_SNAPSHOTS[key])
+    folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"curve-snapshots-{key}"
+    saved = {}
+
+    def on_eval(step, n_tokens, saes):
+        snap = copy.deepcopy(saes[0]).eval()
+        saved[int(n_tokens)] = snap
+        if folder is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in snap.state_dict().items()
+                     if isinstance(v, torch.Tensor)}  # the recipe (extra state) is the run's own
+            tmp = folder / f".snapshot-{n_tokens}.{os.getpid()}.tmp"
+            save_file(state, str(tmp))
+            tmp.replace(folder / f"snapshot-{n_tokens}.safetensors")  # atomic: never half a snapshot
+        return {"tokens": int(n_tokens)}
+
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    rule = massive.fit(store, hook) if profile.massive else None
+    result = train_sweep(store, hook, [cfg], tc, run_dir=None if folder is None else folder / "run",
+                         progress=progress, on_eval=on_eval, rules={hook: rule} if rule else None)
+    budgets = sorted(max(1, step) * tc.batch_size for step in tc.eval_at)
+    for n in budgets:  # snapshots taken before an interruption: read back from their files
+        if n not in saved:
+            if folder is None or not (folder / f"snapshot-{n}.safetensors").exists():
+                raise RuntimeError(f"the snapshot at {n:,} tokens is missing: delete {folder} to train again")
+            snap = copy.deepcopy(result.saes[0]).eval()
+            state = snap.state_dict()
+            state.update(load_file(str(folder / f"snapshot-{n}.safetensors")))
+            snap.load_state_dict(state)
+            saved[n] = snap
+    _SNAPSHOTS[key] = {n: saved[n] for n in budgets}
+    return dict(_SNAPSHOTS[key])
+
+
+def interpretability_curve(profile, store, sweep, scorer: HeldoutScorer, index: int | None = None,
+                           points: int = 3, checkpoint_dir=None, progress: bool = True) -> InterpretabilityCurve:
+    """Does the gap open with training? The held-out score of one sweep SAE (default: the chosen
+    one) at `points` budgets halving down from the profile's (1/4, 1/2 and all of it, by default),
+    beside random directions made active on as many tokens as that snapshot's features. The snapshots
+    are `curve_snapshots` (trained once, kept under `checkpoint_dir`), each scored on `scorer`. One
+    `CurvePoint` per budget: tokens, the SAE's and the random directions' median held-out MCC and their
+    paired difference."""
+
+    snapshots = curve_snapshots(profile, store, sweep, index, points, checkpoint_dir=checkpoint_dir,
+                                progress=progress)
+    hook = profile.sae_hook
     rule = massive.fit(store, hook) if profile.massive else None
     x = store.activations(hook, max_tokens=20_000)
     mean = (x if rule is None else rule.shift(x)).mean(0)
-    rand = random_directions(store.d_model, cfg.d_sae, mean, seed=profile.seed, hook_name=hook,
+    d_sae = next(iter(snapshots.values())).configs[0].d_sae
+    rand = random_directions(store.d_model, d_sae, mean, seed=profile.seed, hook_name=hook,
                              model_name=profile.model, massive=rule)
-
-    def on_eval(step, n_tokens, saes):
-        sae = scorer.score(SAEDictionary(saes[0], name="SAE"), hook=hook, progress=False)
-        rnd = scorer.score(rand.to(device_of(saes[0])), name="random", hook=hook, progress=False,
+    rows = []
+    for n_tokens, snap in sorted(snapshots.items()):
+        sae = scorer.score(SAEDictionary(snap, name="SAE"), hook=hook, progress=False)
+        rnd = scorer.score(rand.to(device_of(snap)), name="random", hook=hook, progress=False,
                            counts=matched_counts(torch.as_tensor(sae.counts), rand.n_features, seed=profile.seed))
-        return {"tokens": n_tokens, "sae": sae.summary(), "random": rnd.summary(), "difference": difference(sae, rnd)}
-
-    result = train_sweep(store, hook, [cfg], tc, run_dir=run_dir, progress=progress, on_eval=on_eval,
-                         rules={hook: rule} if rule else None)
-    return InterpretabilityCurve.from_rows([h["eval"] for h in result.history if "eval" in h])
+        rows.append({"tokens": n_tokens, "sae": sae.summary(), "random": rnd.summary(),
+                     "difference": difference(sae, rnd)})
+    return InterpretabilityCurve.from_rows(rows)

@@ -69,12 +69,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from helpers.activations import massive
 from helpers.evals.heldout import (MAX_DENSITY, MIN_ACTIVE, SUMMARIES, HeldoutScore, Scored, active_sets, as_labels,
-                                   context_halves, curve_training, matched_counts, statistic_key)
+                                   context_halves, curve_snapshots, matched_counts, statistic_key)
 from helpers.dictionaries.dictionary import SAEDictionary, encode_batched
 from helpers.results import Estimate, Result
-from helpers.saes.train import train_sweep
 
 PROTOCOLS = ("correlation", "detection")
 THRESHOLDS = {"correlation": (0.3, 0.5, 0.7), "detection": (0.6, 0.75, 0.9), "heldout mcc": (0.3, 0.5, 0.7),
@@ -955,36 +953,29 @@ def budget_curve(snapshots: dict[int, ProtocolComparison], heldout=None, statist
 
 
 def snapshot_protocol_scores(profile, store, sweep, random, x, labels, contexts, *, index: int | None = None,
-                             points: int = 3, scored=None, seed: int = 0, progress: bool = False,
-                             **options) -> dict[int, ProtocolComparison]:
+                             points: int = 3, scored=None, seed: int = 0, checkpoint_dir=None,
+                             progress: bool = False, **options) -> dict[int, ProtocolComparison]:
     """Both protocols for snapshots of one sweep SAE (default: the chosen one) over training, beside
     `random` directions dense and at each snapshot's sparsity: {training tokens: ProtocolComparison}.
 
-    The SAE is trained again alone with the sweep's settings and the profile's training settings, the
-    budgets halving down from the profile's (`points` of them: 1/4, 1/2 and all of it by default), the
-    same training and the same evaluation budgets as `helpers.evals.heldout.interpretability_curve`, so
-    the snapshots are that curve's. Each snapshot's codes of `x` [N, d_in] (the activations of the
-    tokens `labels` and `contexts` describe) are scored on one `ProtocolSplit` (`scored`, `seed`,
-    `options`), shared by every snapshot, so the budgets' scores are paired too."""
-    cfg, tc = curve_training(profile, sweep, index, points)
-    hook = profile.sae_hook
-    rule = massive.fit(store, hook) if profile.massive else None
+    The snapshots are `helpers.evals.heldout.curve_snapshots`, the interpretability curve's (trained
+    once per process and, with `checkpoint_dir`, kept under it). Each snapshot's codes of `x` [N, d_in]
+    (the activations of the tokens `labels` and `contexts` describe) are scored on one `ProtocolSplit`
+    (`scored`, `seed`, `options`), shared by every snapshot, so the budgets' scores are paired too."""
+    snapshots = curve_snapshots(profile, store, sweep, index, points, checkpoint_dir=checkpoint_dir,
+                                progress=progress)
     x = torch.as_tensor(x)
     split = ProtocolSplit(labels, contexts, scored=scored, seed=seed, **options)
     rand_codes = encode_batched(random, x)
     dense = split.score(rand_codes, "random directions")
     out = {}
-
-    def on_eval(step, n_tokens, saes):
-        sae = split.score(encode_batched(SAEDictionary(saes[0], name="SAE"), x), "SAE")
+    for n_tokens, snap in sorted(snapshots.items()):
+        sae = split.score(encode_batched(SAEDictionary(snap, name="SAE"), x), "SAE")
         counts = matched_counts(torch.as_tensor(sae.counts), int(rand_codes.shape[1]), seed=seed,
                                 min_active=split.min_active)
         matched = split.score(rand_codes, "random (SAE's sparsity)", counts=counts, activity="matched to SAE")
         scores = {"SAE": sae, "random directions": dense, "random (SAE's sparsity)": matched}
         diffs = [difference(sae[p], other[p], s) for other in (dense, matched) for p in PROTOCOLS for s in sae[p].keys]
         out[int(n_tokens)] = ProtocolComparison(scores, diffs)
-        return {"tokens": int(n_tokens)}
-
-    train_sweep(store, hook, [cfg], tc, progress=progress, on_eval=on_eval, rules={hook: rule} if rule else None)
     return out
 
