@@ -275,15 +275,20 @@ def plot_distributions(dists, ax=None):
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
     else:
         fig = ax.figure
-    for d in dists:
+    colors = plt.cm.tab20(np.arange(len(dists)) % 20) if len(dists) > 10 else [None] * len(dists)  # one colour each
+    for d, color in zip(dists, colors):
         v = np.sort(d.values[np.isfinite(d.values)])
         if len(v):
-            ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=f"{d.name} (median {d.median.value:.2f})")
+            ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", color=color,
+                    label=f"{d.name} (median {d.median.value:.2f})")
     for t in (dists[0].thresholds if dists else ()):
         ax.axvline(t, color="0.8", lw=0.8, zorder=0)
     ax.set_xlabel(f"{dists[0].protocol if dists else ''} score per feature")
     ax.set_ylabel("share of features at or below")
-    ax.legend(fontsize=8)
+    if len(dists) > 4:  # many lines: the legend under the axis, clear of the curves
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    else:
+        ax.legend(fontsize=8)
     return fig
 
 
