@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench harvest [--profile P] [--tokens N] [--device cuda]
     python -m benchmarks.bench train [--d 576] [--ratios 2 4 8 16] [--batch 4096] [--k 32] [--l0 50] [--sweep 12]
+    python -m benchmarks.bench generate [--profile cpu] [--device cuda]
 
 harvest: harvest throughput beside a bare forward pass to the same layer, on the same contexts
 with the same batch size; the harvest also tokenises the corpus, caches the hooks, casts, copies
@@ -17,6 +18,11 @@ per token (two matmuls forward, four backward); each cell gives tokens/s and tha
 FLOP rate as a fraction of the matmul rate (a sparse path can exceed 100%). The L1 SAEs are set to
 the regime after warm-up (about --l0 active latents per token). Then a sweep of --sweep SAEs in one
 stack against one SAE of the same size.
+
+generate: steered, sampled generation (helpers.causal.steering.generate_ids) with the key-value cache
+and with one full forward pass per new token, at the shape of a profile's steering comparison for one
+prompt (every concept, direction and KL target, and the unsteered rows, times the samples), the same
+seeds: the seconds of each, their ratio, and the share of rows both write alike.
 """
 from __future__ import annotations
 
@@ -236,6 +242,38 @@ def bench_train(a) -> None:
                   f"{a.sweep * t_mm / one:.1f}x one at this matmul rate", flush=True)
 
 
+def bench_generate(a) -> None:
+    from helpers.causal.steering import METHODS, PROMPTS, comparison_settings, generate_ids
+
+    profile = get_profile(a.profile)
+    st = comparison_settings(profile)
+    device = resolve_device(a.device or profile.device)
+    model = load_model(profile.model, device=device)
+    hook = profile.sae_hook
+    rows = (1 + st.max_concepts * len(METHODS) * len(st.targets)) * st.samples
+    g = torch.Generator().manual_seed(0)
+    vecs = 50 * torch.randn(rows, model.cfg.d_model, generator=g) / model.cfg.d_model ** 0.5
+    vecs[0] = 0
+    seeds = list(range(rows))
+    generate_ids(model, PROMPTS[0], hook, vecs[:2], 2)  # warm-up
+    seconds, ids = {True: [], False: []}, {}
+    for _ in range(a.repeats):
+        for cache in (False, True):
+            _sync(device)
+            t = time.perf_counter()
+            ids[cache] = generate_ids(model, PROMPTS[0], hook, vecs, st.n_new, sample=True, seeds=seeds,
+                                      kv_cache=cache)
+            _sync(device)
+            seconds[cache].append(time.perf_counter() - t)
+    full, cached = min(seconds[False]), min(seconds[True])
+    same = float((ids[True] == ids[False]).all(1).float().mean())
+    print(f"profile {profile.name}: {rows} rows x {st.n_new} new tokens after {PROMPTS[0]!r}, {device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  one full pass per token: {full:8.2f} s")
+    print(f"  key-value cache:         {cached:8.2f} s   ({full / cached:.2f}x faster)")
+    print(f"  rows written alike:      {same:8.0%}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -256,9 +294,16 @@ def main(argv=None):
     t.add_argument("--device", default=None)
     t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on a GPU with native bf16, fp16 + grad scaler on other GPUs, fp32 on CPU")
+    gen = sub.add_parser("generate", help="steered generation with and without the key-value cache")
+    gen.add_argument("--profile", default="cpu")
+    gen.add_argument("--device", default=None)
+    gen.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args(argv)
     if a.what == "train":
         bench_train(a)
+        return
+    if a.what == "generate":
+        bench_generate(a)
         return
     r = run(a.profile, a.tokens, a.device, a.repeats)
     name = torch.cuda.get_device_name() if r["device"].startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
