@@ -357,6 +357,10 @@ def test_the_gap_over_budgets_by_each_protocol(data, tmp_path):
     back = BudgetCurve.load(curve.save(tmp_path / "budget.json"))
     assert back.points[1].gaps[ours] == held[400] and back.verdicts() == curve.verdicts()
     curve.plot()
+    # a gap whose intervals at the first and last budgets overlap has not clearly moved, whatever its sign
+    flat = budget_curve(snaps, heldout={100: Estimate(0.05, -0.01, 0.11), 400: Estimate(0.03, -0.03, 0.09)})
+    assert flat.moves(ours) < 0 and flat.clear_move(ours) == 0 and flat.clear_move(dense) == 1
+    assert f"not clearly by {ours}" in " ".join(flat.verdicts())
     # a budget without the held-out gap keeps the others
     only = budget_curve({100: snaps[100]})
     assert ours not in only.measures and len(only.points) == 1

@@ -877,6 +877,14 @@ class BudgetCurve(Result):
         g = self.gap(measure)
         return float(g[-1].value - g[0].value) if len(g) > 1 else 0.0
 
+    def clear_move(self, measure: str) -> int:
+        """+1 if the gap's interval at the last budget lies above its interval at the first, -1 if below,
+        0 if they overlap (or a budget lacks the measure)."""
+        g = self.gap(measure)
+        if len(g) < 2 or not np.isfinite(g[0].value) or not np.isfinite(g[-1].value):
+            return 0
+        return 1 if g[-1].low > g[0].high else -1 if g[-1].high < g[0].low else 0
+
     def rows(self) -> list[dict]:
         return [{"training tokens": p.tokens, **{f"{m}: SAE - random": format(p.gaps[m], "+.3f")
                                                  for m in self.measures if m in p.gaps}} for p in self.points]
@@ -895,16 +903,22 @@ class BudgetCurve(Result):
             else:
                 out.append(f"{m}: the {self.statistic} gap SAE - random is {g[0]:+.3f} ({_word(g[0])}) at {first:,} tokens.")
         if len(self.points) > 1 and len(self.measures) > 1:
-            ups = [m for m in self.measures if self.moves(m) > 0]
-            downs = [m for m in self.measures if self.moves(m) < 0]
-            if not ups and not downs:
-                out.append("With more training the gap does not move by any measure.")
-            elif not downs or not ups:
-                way = "moves toward the SAE (up)" if not downs else "moves away from the SAE (down)"
-                out.append(f"With more training the gap {way} by every measure.")
+            way = {m: self.clear_move(m) for m in self.measures}
+            ups, downs, flat = ([m for m in self.measures if way[m] == w] for w in (1, -1, 0))
+            if len(ups) == len(self.measures):
+                out.append("With more training the gap moves toward the SAE (up) by every measure.")
+            elif len(downs) == len(self.measures):
+                out.append("With more training the gap moves away from the SAE (down) by every measure.")
+            elif len(flat) == len(self.measures):
+                out.append("With more training the gap moves clearly by no measure (each measure's intervals at "
+                           "the first and last budgets overlap).")
             else:
-                out.append(f"With more training the gap moves toward the SAE by {', '.join(ups)} and away from it "
-                           f"by {', '.join(downs)}: the protocols disagree on the trend.")
+                parts = ([f"toward the SAE by {', '.join(ups)}"] if ups else []) + \
+                        ([f"away from it by {', '.join(downs)}"] if downs else []) + \
+                        ([f"not clearly by {', '.join(flat)} (intervals at the first and last budgets overlap)"]
+                         if flat else [])
+                out.append("With more training the gap moves " + "; ".join(parts) +
+                           (": the protocols disagree on the trend." if ups and downs else "."))
         return out
 
     def plot(self, ax=None):
