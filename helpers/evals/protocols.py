@@ -68,6 +68,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from tqdm.auto import tqdm
 
 from helpers.evals.heldout import (MAX_DENSITY, MIN_ACTIVE, SUMMARIES, HeldoutScore, Scored, active_sets, as_labels,
                                    context_halves, curve_snapshots, matched_counts, statistic_key)
@@ -700,14 +701,16 @@ class ProtocolComparison(Result):
 
 
 def protocol_scores(codes: dict, labels, contexts, *, match: dict | None = None, pairs=None, label_names=None,
-                    seed: int = 0, split: ProtocolSplit | None = None, **split_options) -> ProtocolComparison:
+                    seed: int = 0, split: ProtocolSplit | None = None, progress: bool = False,
+                    **split_options) -> ProtocolComparison:
     """Both protocols for several methods ({name: codes [N, F]}) on one `ProtocolSplit` (built from
     `labels`, `contexts` and `split_options`, or the `split` given), each at its natural activity.
     `match` sets matched sparsity, as `helpers.evals.heldout.heldout_scores` does: {name: reference}
     scores that method with as many active tokens as the reference's features instead of at its
     natural activity (`matched_counts` of the reference's counts, seeded by `seed`); {new name: (name,
     reference)} adds the matched scoring as a further entry, beside the natural one. `pairs` [(a, b),
-    ...] (default: every pair in order) get paired differences of every statistic under both protocols."""
+    ...] (default: every pair in order) get paired differences of every statistic under both protocols.
+    `progress` shows a bar over the methods scored."""
     split = split or ProtocolSplit(labels, contexts, label_names=label_names, seed=seed, **split_options)
     match = {new: (new, v) if isinstance(v, str) else tuple(v) for new, v in (match or {}).items()}
     for new, (src, ref) in match.items():
@@ -717,11 +720,20 @@ def protocol_scores(codes: dict, labels, contexts, *, match: dict | None = None,
             raise ValueError(f"{ref!r} is matched to {match[ref][1]!r} itself: match to a set scored at its own sparsity")
         if new in codes and new != src:
             raise ValueError(f"match {new!r}: the name is taken by codes")
-    scores = {name: split.score(c, name) for name, c in codes.items() if not (name in match and match[name][0] == name)}
+    natural = [name for name in codes if not (name in match and match[name][0] == name)]
+    bar = tqdm(total=len(natural) + len(match), desc="protocol scores", disable=not progress)
+    scores = {}
+    for name in natural:
+        bar.set_postfix_str(name)
+        scores[name] = split.score(codes[name], name)
+        bar.update()
     for new, (src, ref) in match.items():
+        bar.set_postfix_str(new)
         counts = matched_counts(torch.as_tensor(scores[ref].counts), int(codes[src].shape[1]), seed=seed,
                                 min_active=split.min_active)
         scores[new] = split.score(codes[src], new, counts=counts, activity=f"matched to {ref}")
+        bar.update()
+    bar.close()
     names = [n for n in codes if n in scores] + [n for n in match if n not in codes]
     scores = {n: scores[n] for n in names}
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] if pairs is None else list(pairs)
@@ -988,7 +1000,7 @@ def snapshot_protocol_scores(profile, store, sweep, random, x, labels, contexts,
     rand_codes = encode_batched(random, x)
     dense = split.score(rand_codes, "random directions")
     out = {}
-    for n_tokens, snap in sorted(snapshots.items()):
+    for n_tokens, snap in tqdm(sorted(snapshots.items()), desc="snapshots by both protocols", disable=not progress):
         sae = split.score(encode_batched(SAEDictionary(snap, name="SAE"), x), "SAE")
         counts = matched_counts(torch.as_tensor(sae.counts), int(rand_codes.shape[1]), seed=seed,
                                 min_active=split.min_active)
