@@ -62,6 +62,7 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers.activations.harvest import model_device as _device
+from helpers.activations.models import kv_cache_fix
 from helpers.activations.models import hooked
 from helpers.causal.patching import hook_acts
 from helpers.dictionaries.dictionary import as_dictionary, encode_batched
@@ -224,8 +225,6 @@ def generate_ids(model, prompt, hook: str, vectors: torch.Tensor | None = None, 
     random numbers). With `kv_cache` the prompt runs once and each new token after it in one pass over
     that token (the model's key-value cache; where the model keeps none, full passes); without, one full
     forward pass per token. At most `max_rows` rows at a time."""
-    from helpers.activations.models import kv_cache_fix
-
     kv_cache_fix()
     prompt = _tokens(model, prompt)
     dev = _device(model)
