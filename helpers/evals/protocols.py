@@ -287,7 +287,7 @@ def plot_distributions(dists, ax=None):
     ax.set_xlabel(f"{dists[0].protocol if dists else ''} score per feature")
     ax.set_ylabel("share of features at or below")
     if len(dists) > 4:  # many lines: the legend under the axis, clear of the curves
-        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.24), frameon=False)
     else:
         ax.legend(fontsize=8)
     return fig
