@@ -240,10 +240,11 @@ def generate_ids(model, prompt, hook: str, vectors: torch.Tensor | None = None, 
         n = 1 if plain else len(v)
         gens = [torch.Generator().manual_seed(s) for s in seeds[a:a + max_rows]]
         toks = prompt.to(dev).repeat(n, 1)
-        cache, step = None, toks
+        cache, step, cached = None, toks, kv_cache
         for _ in range(n_new):
-            if kv_cache:
+            if cached:
                 logits, cache = _next_logits(model, step, hook, v, cache, toks.shape[1] - step.shape[1])
+                cached = cache is not None  # a model that keeps no cache: full passes from here on
             else:
                 hooks = [] if plain else [(hook, add_hook(v))]
                 logits = model.run_with_hooks(toks, fwd_hooks=hooks, logits_to_keep=1)[:, -1]

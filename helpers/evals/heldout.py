@@ -1085,7 +1085,7 @@ def curve_snapshots(profile, store, sweep, index: int | None = None, points: int
     rule = massive.fit(store, hook) if profile.massive else None
     result = train_sweep(store, hook, [cfg], tc, run_dir=None if folder is None else folder / "run",
                          progress=progress, on_eval=on_eval, rules={hook: rule} if rule else None)
-    budgets = sorted(max(1, step) * tc.batch_size for step in tc.eval_at)
+    budgets = sorted(step * tc.batch_size for step in tc.eval_at)
     for n in budgets:  # snapshots taken before an interruption: read back from their files
         if n not in saved:
             if folder is None or not (folder / f"snapshot-{n}.safetensors").exists():
