@@ -460,7 +460,7 @@ def test_without_a_results_path_everything_is_scored():
 
 @pytest.fixture(scope="module")
 def local(model):
-    return LocalBackend(model, max_new_tokens=8)  # each new token is a full forward pass: keep it short
+    return LocalBackend(model, max_new_tokens=8)
 
 
 def test_local_simulation_reads_one_digit_slot_per_token(local):
@@ -480,6 +480,21 @@ def test_local_explanation_is_a_nonempty_line(local):
     explanation = local.explain(explain_prompt(TRAIN[:1]))
     assert isinstance(explanation, str) and explanation and "\n" not in explanation
     assert not re.fullmatch(r"The-*", explanation)  # the degenerate output of the bridge's KV cache
+
+
+def test_local_explanation_with_the_cache_is_the_one_without(model):
+    """Greedy generation with the key-value cache writes the words that full forward passes write (the
+    bridge's cache was empty before `kv_cache_fix`, so cached steps attended to themselves alone)."""
+    prompt = explain_prompt(TRAIN[:2])
+    cached, full = LocalBackend(model, max_new_tokens=16), LocalBackend(model, max_new_tokens=16, use_cache=False)
+    calls = []  # the two backends share the model: its generate sees the cached call, then the full one
+    generate = cached.hf.generate
+    cached.hf.generate = lambda *a, **kw: calls.append(kw["use_cache"]) or generate(*a, **kw)
+    try:
+        assert cached.explain(prompt) == full.explain(prompt)
+    finally:
+        del cached.hf.generate
+    assert calls == [True, False]
 
 
 def test_local_backend_falls_back_to_the_embedded_chat_model(monkeypatch):

@@ -262,3 +262,26 @@ def test_a_layer_comparison_says_claim_1_at_every_layer(data):
     assert [r.measure for r in table.rows_][::4] == ["layer 1: SAE vs random", "layer 2: SAE vs random"]
     assert {r.word for r in table.rows_} == {"holds"} and all(r.paired for r in table.rows_)
     assert rows[0].distribution().median.value == rows[0].mcc.value
+
+
+@pytest.mark.parametrize("labels_dense", [True, False])
+def test_a_resample_that_keeps_every_context_once_gives_the_point_estimate(data, labels_dense):
+    """The resampled statistics are counts reweighted per context: with every context weighted once, each
+    feature's concept is chosen as on the sample itself, so every resampled median is the point estimate
+    (with the labels held dense, and as the sparse matrix used when they are too many to hold dense)."""
+    ids, contexts, planted, random = data
+    labels = token_labels(ids, contexts, min_count=10)
+    split = HeldoutSplit(labels, contexts, n_boot=3, min_count=10)
+    split.weights = np.ones((2, split.n_ctx))
+    if not labels_dense:
+        split.L_dense = None
+    codes = torch.cat([planted, random], 1)
+    r = split.score_codes(codes, "codes")
+    s = r.scored
+    assert s.sum() > 30
+    for key in ("mcc", "corr"):
+        point = np.median(getattr(r, key)[s])
+        assert np.allclose(r.boot[key], point, rtol=0, atol=1e-12), (key, r.boot[key], point)
+        assert np.allclose(r.boot[f"{key} mean"], np.mean(getattr(r, key)[s]), rtol=0, atol=1e-12)
+        null = np.median(getattr(r, f"null_{key}")[s])
+        assert np.allclose(r.boot[f"null_{key}"], null, rtol=0, atol=1e-12), (key, r.boot[f"null_{key}"], null)

@@ -929,11 +929,12 @@ class FeatureCircuit(Result):
 
 
 def upstream_features(model, tokens, down_hook: str, down_dict, feature: int, up_hook: str, up_dict,
-                      top: int = 5) -> FeatureCircuit:
+                      top: int = 5, progress: bool = True) -> FeatureCircuit:
     """Features at `up_hook` whose zero-ablation changes `feature` (at `down_hook`) most: ranked by
     attribution, then each verified by an actual ablation. Returns a `FeatureCircuit`: each upstream
     feature's attribution and the measured change of the later feature's activation summed over the
-    prompts (BOS left out), and that sum with nothing ablated (`base`)."""
+    prompts (BOS left out), and that sum with nothing ablated (`base`). `progress` shows a bar: the
+    attribution pass, the unablated pass, then one ablation per feature verified."""
     if layer_of(up_hook) >= layer_of(down_hook):
         raise ValueError(f"{up_hook!r} must come before {down_hook!r}")
     check_hook(model, up_dict, up_hook)
@@ -957,20 +958,25 @@ def upstream_features(model, tokens, down_hook: str, down_dict, feature: int, up
         y = got["y"][:, 1:].float()
         return down_dict.encode(y.reshape(-1, y.shape[-1]))[:, feature].sum()
 
+    bar = tqdm(total=top + 2, desc=f"upstream of feature {feature}", unit="pass", disable=not progress, leave=False)
     x_up = hook_acts(model, tokens, up_hook)
     leaf = x_up.clone().requires_grad_(True)
     with torch.enable_grad():
         down_activation(leaf=leaf).backward()
+    bar.update()
     grad = leaf.grad.float().cpu()
     c_up = _encode(up_dict, x_up)
     c_up[:, 0] = 0
     attr = (-c_up * (grad @ up_dict.decoder_rows.float().cpu().T)).sum((0, 1))
     with torch.no_grad():
         base = float(down_activation())
+        bar.update()
         out = []
         for g in attr.abs().argsort(descending=True)[:top].tolist():
             after = float(down_activation(replace_fn=ablate(up_dict, [g])))
             out.append(UpstreamFeature(feature=g, attribution=float(attr[g]), change=after - base))
+            bar.update()
+    bar.close()
     return FeatureCircuit(down_hook=down_hook, feature=int(feature), up_hook=up_hook, base=base, upstream=out)
 
 

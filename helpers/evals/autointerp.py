@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from helpers.activations.models import load_model
+from helpers.activations.models import kv_cache_fix, load_model
 from helpers.evals.features import feature_excerpts
 from helpers.evals.protocols import ProtocolSplit
 from helpers.results import Result
@@ -261,10 +261,13 @@ def local_backend(model, device: str = "auto") -> "LocalBackend":
 
 
 class LocalBackend:
-    """Explain and simulate with a local TransformerBridge (default: the embedded SmolLM2-135M)."""
+    """Explain and simulate with a local TransformerBridge (default: the embedded SmolLM2-135M). Explanations
+    are generated greedily with the key-value cache (`use_cache=False`: one full forward pass per token)."""
 
-    def __init__(self, model, max_new_tokens: int = 40):
+    def __init__(self, model, max_new_tokens: int = 40, use_cache: bool = True):
+        kv_cache_fix()
         self.bridge = model
+        self.use_cache = use_cache
         self.hf = model.original_model
         self.tokenizer = model.tokenizer
         self.max_new_tokens = max_new_tokens
@@ -298,13 +301,12 @@ class LocalBackend:
             [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": prompt}],
             tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
-        # use_cache=False: TransformerBridge's wrapped blocks mishandle the HF key-value cache (greedy
-        # generation with it degenerates into "The-----..."), while full forward passes match the plain
-        # HF model. Without the cache each new token costs a full pass, so generation stops at the end
-        # of the first non-empty line: that line is the explanation.
+        # Greedy, with the key-value cache (`load_model` applies `kv_cache_fix`, so the bridge's blocks
+        # read it: the same words as full forward passes, tests/test_autointerp.py); generation stops
+        # at the end of the first non-empty line: that line is the explanation.
         with torch.inference_mode():
             out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                                   do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=False,
+                                   do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=self.use_cache,
                                    pad_token_id=self.tokenizer.eos_token_id,
                                    stopping_criteria=[_FirstLineDone(self.tokenizer, ids.shape[1])])
         reply = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

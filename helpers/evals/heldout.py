@@ -585,11 +585,19 @@ class HeldoutSplit:
         n = self.n_half[0] + self.n_half[1]
         return mcc_from_counts(np.asarray((S @ self.L).todense()), np.asarray(S.sum(1)), tot[None, :], n).max(1)
 
+    def _per_ctx(self, rows: np.ndarray, ctx: np.ndarray, weights: np.ndarray, n_rows: int) -> sp.csr_matrix:
+        """Sparse [n_rows, n_ctx] per-context sums of `weights` at (rows, ctx), `rows` sorted: built as
+        CSR directly (its entries need not be sorted or unique within a row to be multiplied)."""
+        indptr = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
+        return sp.csr_matrix((weights, ctx, indptr), shape=(n_rows, self.n_ctx))
+
     def _boot(self, vals, idx, best, best_corr, scored, chunk: int = 250) -> dict:
         """Per resample, the median over `scored` features of the held-out MCC and correlation, the
         concept re-chosen on the resampled half among each feature's candidates. Every count is a sum
         over contexts, so each is first aggregated per context (a sparse [rows, contexts] matrix) and
-        then weighted by all resamples at once with one matrix product."""
+        then weighted by all resamples at once with one matrix product; on the half a concept is
+        scored on, only the chosen concept's statistic is computed."""
         B = len(self.weights)
         if B == 0 or not scored.any():
             return {statistic_key(k, summ): np.zeros(0) for k in ("mcc", "corr") for summ in SUMMARIES}
@@ -600,45 +608,52 @@ class HeldoutSplit:
         safe = np.where(valid, idx, 0)
         ctx_of, half_of = self.ctx[safe], self.half[safe]
         parity = self.ctx_half
+        active = {h: np.nonzero(valid & (half_of == h)) for h in (0, 1)}      # (features, slots) sorted
+        # per half: each feature's active tokens, value sums and squares, per context
+        per_half = {}
+        for h, (f_, k_) in active.items():
+            v, c = vals[f_, k_], ctx_of[f_, k_]
+            per_half[h] = [self._per_ctx(f_, c, w, F) for w in (np.ones(len(f_)), v, v * v)]
+        # per (statistic, choosing half a, half h): each feature-candidate pair's hits (and their values), per context
+        hits = {}
+        for key, cand in (("mcc", best), ("corr", best_corr)):
+            for a in (0, 1):
+                c = cand[a][f_idx]                                               # [F, M]
+                M = c.shape[1]
+                full = None if self.L_dense is not None else self._gather(safe, c)  # [F, K, M]
+                for h, (f_, k_) in active.items():
+                    lab = (self.L_dense[safe[f_, k_][:, None], c[f_]].astype(bool) if full is None
+                           else full[f_, k_])                                   # [active, M]: candidate m present
+                    r, m_ = np.nonzero(lab)
+                    rows = f_[r] * M + m_
+                    order = np.argsort(rows, kind="stable")
+                    r, rows = r[order], rows[order]
+                    hits[key, a, h] = self._per_ctx(rows, ctx_of[f_[r], k_[r]],
+                                                    vals[f_[r], k_[r]] if key == "corr" else np.ones(len(rows)), F * M)
         out = {statistic_key(k, summ): np.zeros(B) for k in ("mcc", "corr") for summ in SUMMARIES}
         for s0 in range(0, B, chunk):
             W = self.weights[s0:s0 + chunk].T                                   # [n_ctx, b]
             n_h = [(self.ctx_n * (parity == h)) @ W for h in (0, 1)]             # [b]
             tot_h = [((self.ctx_tot * (parity == h)[:, None]).T @ W) for h in (0, 1)]  # [C, b]
-
-            def per_ctx(weights, rows):   # sparse [rows, n_ctx]: per-context sums of `weights` [rows, K]
-                r = np.broadcast_to(np.arange(rows)[:, None], weights.shape)
-                c = np.broadcast_to(ctx_of.reshape(F, 1, K) if weights.ndim == 3 else ctx_of, weights.shape)
-                m = weights != 0
-                return sp.csr_matrix((weights[m], (r[m], c[m])), shape=(rows, self.n_ctx))
-
+            pos, vsum, vsq = ({h: per_half[h][i] @ W for h in (0, 1)} for i in range(3))  # each [F, b]
             for key, cand in (("mcc", best), ("corr", best_corr)):
                 scores = []
                 for a, b in ((0, 1), (1, 0)):
                     c = cand[a][f_idx]                                          # [F, M]
                     M = c.shape[1]
-                    lab = self._gather(safe, c)                                 # [F, K, M] 0/1
-                    res = {}
-                    for h in (a, b):
-                        on = valid & (half_of == h)
-                        pos = per_ctx(on.astype(float), F) @ W                  # [F, b]
-                        f_, k_, m_ = np.nonzero(lab & on[:, :, None])           # the (feature, token, concept) hits
-                        rows, cols = f_ * M + m_, ctx_of[f_, k_]
-                        tp = (sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(F * M, self.n_ctx)) @ W
-                              ).reshape(F, M, -1)
-                        tot = tot_h[h][c]                                       # [F, M, b]
-                        if key == "mcc":
-                            res[h] = mcc_from_counts(tp, pos[:, None, :], tot, n_h[h][None, None, :])
-                        else:
-                            v = vals * on
-                            vsum = per_ctx(v, F) @ W
-                            vsq = per_ctx(v * v, F) @ W
-                            mass = (sp.csr_matrix((vals[f_, k_], (rows, cols)), shape=(F * M, self.n_ctx)) @ W
-                                    ).reshape(F, M, -1)
-                            res[h] = _corr(mass, vsum[:, None, :], vsq[:, None, :], tot, n_h[h][None, None, :])
-                    ok = tot_h[a][c] >= self.min_count                          # [F, M, b]
-                    pick = np.where(ok, res[a], -np.inf).argmax(1)              # [F, b]
-                    scores.append(np.take_along_axis(res[b], pick[:, None, :], 1)[:, 0, :])
+                    got = {h: (hits[key, a, h] @ W).reshape(F, M, -1) for h in (a, b)}  # tp (mcc) or mass (corr)
+                    tot_a = tot_h[a][c]                                         # [F, M, b]
+                    if key == "mcc":
+                        res_a = mcc_from_counts(got[a], pos[a][:, None, :], tot_a, n_h[a][None, None, :])
+                    else:
+                        res_a = _corr(got[a], vsum[a][:, None, :], vsq[a][:, None, :], tot_a, n_h[a][None, None, :])
+                    pick = np.where(tot_a >= self.min_count, res_a, -np.inf).argmax(1)[:, None, :]  # [F, 1, b]
+                    at_pick = lambda t: np.take_along_axis(t, pick, 1)[:, 0, :]  # noqa: E731  [F, M, b] -> [F, b]
+                    tot_b = at_pick(tot_h[b][c])
+                    if key == "mcc":
+                        scores.append(mcc_from_counts(at_pick(got[b]), pos[b], tot_b, n_h[b][None, :]))
+                    else:
+                        scores.append(_corr(at_pick(got[b]), vsum[b], vsq[b], tot_b, n_h[b][None, :]))
                 held_out = (scores[0] + scores[1]) / 2                          # [F, b]
                 for summ, fn in SUMMARIES.items():
                     out[statistic_key(key, summ)][s0:s0 + chunk] = fn(held_out)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from helpers.activations.models import hooked
 from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, as_dictionary, device_of
@@ -255,25 +256,32 @@ class PCAFVU(Result):
                 f"variance unexplained over all tokens, {self.ordinary[k]:.1%} over ordinary tokens."]
 
 
-def pca_fvu(train_x: torch.Tensor, eval_x: torch.Tensor, ks, rule=None, treat: bool = True) -> PCAFVU:
+def pca_fvu(train_x: torch.Tensor, eval_x: torch.Tensor, ks, rule=None, treat: bool = True,
+            progress: bool = True) -> PCAFVU:
     """FVU on eval_x of projecting onto the top-k principal components of train_x, for each k
     (a PCAFVU: `.all[k]`, `.ordinary[k]`), ordinary tokens being those a massive-activation `rule`
     does not flag. With treat=True (and a rule), PCA sees the activations with the massive offset
-    removed and the reconstruction adds it back, exactly as for an SAE; treat=False fits raw PCA."""
+    removed and the reconstruction adds it back, exactly as for an SAE; treat=False fits raw PCA.
+    `progress` shows a bar: the fit, then one step per k."""
     from sklearn.decomposition import PCA
 
     ks = sorted({int(k) for k in ks})
-    shift = (lambda t: t) if rule is None or not treat else rule.shift
-    pca = PCA(n_components=min(max(ks), train_x.shape[1]), svd_solver="full").fit(shift(train_x).double().numpy())
-    flags = None if rule is None else rule.flags(eval_x)
-    e = shift(eval_x).double().numpy()
-    centred = e - pca.mean_
-    out = PCAFVU({}, {}, treated=bool(treat and rule is not None))
-    for k in ks:
-        comp = pca.components_[:k]
-        err = ((centred - centred @ comp.T @ comp) ** 2).sum(-1)
-        f = _fvu_of_errors(torch.as_tensor(err), eval_x, flags)
-        out.all[k], out.ordinary[k] = f.fvu, f.fvu_ordinary
+    treated = bool(treat and rule is not None)
+    shift = (lambda t: t) if not treated else rule.shift
+    with tqdm(total=len(ks) + 1, desc=f"PCA FVU ({'treated' if treated else 'raw'})", unit="step",
+              disable=not progress, leave=False) as bar:
+        pca = PCA(n_components=min(max(ks), train_x.shape[1]), svd_solver="full").fit(shift(train_x).double().numpy())
+        bar.update()
+        flags = None if rule is None else rule.flags(eval_x)
+        e = shift(eval_x).double().numpy()
+        centred = e - pca.mean_
+        out = PCAFVU({}, {}, treated=treated)
+        for k in ks:
+            comp = pca.components_[:k]
+            err = ((centred - centred @ comp.T @ comp) ** 2).sum(-1)
+            f = _fvu_of_errors(torch.as_tensor(err), eval_x, flags)
+            out.all[k], out.ordinary[k] = f.fvu, f.fvu_ordinary
+            bar.update()
     return out
 
 

@@ -371,7 +371,7 @@ PROFILES: dict[str, Profile] = {
                            {"ratio": 2, "l1_coefficient": (3e-3, 5e-3, 1e-2), "recipe": "improved"}],
               "topk": {"ratio": 2, "k": 16}},
         shard_contexts=64, ioi_prompts=16, pronoun_prompts=16, patch_layer_step=6, autointerp_features=1, lab_tokens=60_000,
-        curve_points=3, curve_contexts=2,
+        curve_points=3, curve_contexts=2, ce_contexts=8, ica_tokens=8_064,
     ),
     "cpu": Profile(
         "cpu", layers=(3, 6, 9), ctx_len=128, harvest_tokens=300_000, batch_contexts=16, shard_contexts=256,
