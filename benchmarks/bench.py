@@ -236,7 +236,8 @@ def bench_train(a) -> None:
         for name, kw in (("TopK", {"architecture": "topk", "k": a.k}), ("L1", {"l0": a.l0})):
             one = time_steps(ours_step_fn(d, m, batch, device, n_saes=1, precision=precision, **kw)[0], device, a.steps)
             many = time_steps(ours_step_fn(d, m, batch, device, n_saes=a.sweep, precision=precision, **kw)[0], device, a.steps)
-            print(f"sweep of {a.sweep} {name} SAEs at R={a.sweep_ratio:g} in one stack: "
+            print(f"sweep of {a.sweep} {name} SAEs at R={a.sweep_ratio:g} in one stack: {many * 1e3:.0f} ms a step "
+                  f"({a.sweep * B / many:,.0f} SAE-tokens/s), one alone {one * 1e3:.1f} ms; "
                   f"{many / one:.2f}x the time of one ({a.sweep / (many / one):.2f}x the SAE-tokens/s); the encoder's "
                   f"dense forward alone is {t_mm / one:.0%} of one SAE's step, so {a.sweep} cannot take less than "
                   f"{a.sweep * t_mm / one:.1f}x one at this matmul rate", flush=True)
