@@ -483,8 +483,8 @@ def test_local_explanation_is_a_nonempty_line(local):
 
 
 def test_local_explanation_with_the_cache_is_the_one_without(model):
-    """Greedy generation with the key-value cache writes the words that full forward passes write (the
-    bridge's cache was empty before `kv_cache_fix`, so cached steps attended to themselves alone)."""
+    """Greedy generation with the key-value cache writes the words that full forward passes write (without
+    `kv_cache_fix` the bridge's cache stays empty and cached steps attend to themselves alone)."""
     prompt = explain_prompt(TRAIN[:2])
     cached, full = LocalBackend(model, max_new_tokens=16), LocalBackend(model, max_new_tokens=16, use_cache=False)
     calls = []  # the two backends share the model: its generate sees the cached call, then the full one

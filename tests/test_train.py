@@ -527,9 +527,9 @@ print("KEPT", train._kept_memory)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is the one tuned")
 @pytest.mark.parametrize("setting, kept", [(None, True), ("0", False)])
 def test_the_first_cpu_step_keeps_freed_memory_unless_told_not_to(setting, kept):
-    """On a CPU, freeing and reallocating a stack's tens of MB each step cost page faults that made a 16-SAE
-    stack slower per SAE than one SAE alone: the first training step asks glibc's malloc to keep freed
-    memory (SAE_KEEP_FREED_MEMORY=0 leaves it as it is). Run in a fresh process: it is once per process."""
+    """On a CPU the first training step asks glibc's malloc to keep freed memory, so that a stack's tensors
+    of tens of MB are not mapped again, page by page, every step (SAE_KEEP_FREED_MEMORY=0 leaves malloc
+    as it is). Run in a fresh process: it is once per process."""
     env = {k: v for k, v in os.environ.items() if k != "SAE_KEEP_FREED_MEMORY"}
     if setting is not None:
         env["SAE_KEEP_FREED_MEMORY"] = setting

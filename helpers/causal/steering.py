@@ -62,8 +62,7 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers.activations.harvest import model_device as _device
-from helpers.activations.models import kv_cache_fix
-from helpers.activations.models import hooked
+from helpers.activations.models import hooked, kv_cache_fix
 from helpers.causal.patching import hook_acts
 from helpers.dictionaries.dictionary import as_dictionary, encode_batched
 from helpers.evals.features import Concepts, logit_effects

@@ -301,9 +301,8 @@ class LocalBackend:
             [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": prompt}],
             tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
-        # Greedy, with the key-value cache (`load_model` applies `kv_cache_fix`, so the bridge's blocks
-        # read it: the same words as full forward passes, tests/test_autointerp.py); generation stops
-        # at the end of the first non-empty line: that line is the explanation.
+        # Greedy (with the key-value cache unless use_cache=False: the same words either way); generation
+        # stops at the end of the first non-empty line: that line is the explanation.
         with torch.inference_mode():
             out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
                                    do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=self.use_cache,

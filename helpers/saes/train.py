@@ -134,12 +134,11 @@ _kept_memory: bool | None = None
 
 def keep_freed_memory() -> bool:
     """Ask the C library's malloc (glibc, on Linux) to keep the memory a training step frees for the next
-    step's tensors, instead of unmapping it and taking page faults to map it again: on a CPU a stack of
-    SAEs frees and reallocates tensors of tens of MB every step (its gradients, codes and pre-activations
-    of every SAE), and a 16-SAE stack then ran at the per-SAE speed of one SAE alone instead of
-    0.7 times it (docs/performance.md). The process keeps up to its peak memory until it exits. Applied
-    once per process, by the first training step on a CPU; ``SAE_KEEP_FREED_MEMORY=0`` leaves malloc as
-    it is. Returns whether it is in effect."""
+    step's tensors, instead of handing it back to the system and taking page faults to map it again: on
+    a CPU a stack of SAEs frees and reallocates tensors of tens of MB every step (the gradients, codes and
+    pre-activations of every SAE; docs/performance.md measures what that costs). The process then keeps
+    up to its peak memory until it exits. Applied once per process, by the first training step on a
+    CPU; ``SAE_KEEP_FREED_MEMORY=0`` leaves malloc as it is. Returns whether it is in effect."""
     global _kept_memory
     if _kept_memory is None:
         _kept_memory = False
