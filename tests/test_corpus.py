@@ -51,6 +51,27 @@ def test_every_token_gets_its_words_tag(tokenizer):
     assert tags[" County"] == "nn" and tags[" said"] == "vbd" and tags["The"] == "at"
 
 
+def test_first_visible_is_the_first_character_that_is_not_whitespace():
+    """Every kind of whitespace str.isspace() knows (no-break, ideographic, line separator, tab, NEL) is
+    skipped; a span of whitespace alone, or an empty one, has none."""
+    text = "a\u00a0 b\u3000\u2028c\t\n  d\x85e"
+    spans = np.array([[0, 1], [1, 3], [3, 4], [4, 6], [6, 7], [7, 11], [11, 12], [12, 13], [13, 14], [14, 14],
+                      [1, 14], [0, 0]])
+    expected = [next((c for c in range(a, b) if not text[c].isspace()), -1) for a, b in spans]
+    assert corpus_mod.first_visible(text, spans).tolist() == expected == [0, -1, 3, -1, 6, -1, 11, -1, 13, -1, 3, -1]
+
+
+def test_a_split_tokenised_at_once_is_each_document_tokenised_alone(tokenizer):
+    corpus_mod._TOKENIZED.clear()
+    docs = corpus_mod.tokenize_split(tokenizer, "test")
+    c = load_brown()
+    assert list(docs) == c.split("test")
+    for d, tok in docs.items():
+        alone = tokenize_document(c.docs[d], tokenizer)
+        for f in ("token_ids", "pos", "offsets"):
+            assert np.array_equal(getattr(tok, f), getattr(alone, f)) and getattr(tok, f).dtype == getattr(alone, f).dtype
+
+
 def test_coarse_tags():
     assert [coarse_tag(t) for t in ["nns", "vbd", "jj", "ppss+md", "at", "in", ",", "cd", "uh"]] == \
         ["NOUN", "VERB", "ADJ", "PRON", "DET", "ADP", ".", "NUM", "X"]

@@ -145,6 +145,41 @@ def test_ce_loss_recovered_matches_spliced_loss(tiny_llama):
     assert m.ce_mean.value == pytest.approx(r.ce_zero.value, rel=1e-6) and not m.ce_mean.has_interval
 
 
+def test_patches_spliced_in_one_pass_give_what_one_pass_each_gives(tiny_llama):
+    """Several reconstructions (and the zero and mean ablations) spliced into copies of the contexts in one
+    forward pass: each gets the CE and KL it gets alone, in its own order."""
+    model, tok = tiny_llama
+    from helpers.activations.models import hooked
+
+    tokens = tokens_of(tok, n=5, seed=2)
+    saes = [random_sae(d=64, f=128, seed=s) for s in (5, 6, 7)]
+    rec = lambda a: torch.stack([a * 0.5] + [s(a)[0] for s in saes])  # noqa: E731
+    apart = spliced_loss(hooked(model), tokens, HOOK, rec, batch_size=2, max_tokens=1)
+    together = spliced_loss(hooked(model), tokens, HOOK, rec, batch_size=2)
+    assert len(set(apart["ce_sae"])) == 4  # four different patches: a mix-up would show
+    # equal up to float32 rounding (a pass of more rows may sum in another order); KL, a difference of
+    # nearly equal log-probabilities, keeps fewer exact digits than CE
+    for key in ("ce_clean", "ce_zero", "ce_mean", "ce_sae"):
+        assert together[key] == pytest.approx(apart[key], rel=1e-6), key
+    for key in ("kl_zero", "kl_mean", "kl_sae"):
+        assert together[key] == pytest.approx(apart[key], rel=1e-4), key
+
+
+def test_edits_run_together_cost_what_each_costs_alone(tiny_llama):
+    from helpers.activations.models import hooked
+    from helpers.causal.patching import ce_losses, ce_losses_edited
+
+    model, tok = tiny_llama
+    model = hooked(model)
+    tokens = tokens_of(tok, n=5, seed=3)
+    fns = [lambda a: a, torch.zeros_like, lambda a: a * 0.3, lambda a: a + 1.0]
+    alone = [ce_losses(model, tokens, HOOK, fn, batch_size=2)[0] for fn in fns]
+    together = ce_losses_edited(model, tokens, HOOK, fns, batch_size=2)
+    assert len({round(float(a.sum()), 3) for a in alone}) == 4  # four different edits: a mix-up would show
+    for a, b in zip(alone, together):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (a, b)
+
+
 def test_ce_loss_recovered_from_strings(tiny_llama):
     model, tok = tiny_llama
     texts = ["The cat sat on the mat and looked at the door.", "A small dog ran across the quiet street today."]

@@ -187,15 +187,33 @@ def tokenize_document(doc: Document, tokenizer) -> TokenizedDoc:
     of whitespace, or falling between words, get NO_TAG.
     """
     enc = tokenizer(doc.text, return_offsets_mapping=True, add_special_tokens=False)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    text = doc.text
-    first_visible = np.array([
-        next((c for c in range(a, b) if not text[c].isspace()), -1) for a, b in offsets
-    ], dtype=np.int64)
-    word = np.searchsorted(doc.word_starts, first_visible, side="right") - 1
-    inside = (first_visible >= 0) & (word >= 0)
-    inside[inside] &= first_visible[inside] < doc.word_ends[word[inside]]
+    return _tagged(doc, enc["input_ids"], enc["offset_mapping"])
+
+
+# Every code point that str.isspace() calls whitespace (all lie below U+3001).
+_SPACE_CODES = np.array([c for c in range(0x3001) if chr(c).isspace()], dtype=np.uint32)
+
+
+def first_visible(text: str, offsets: np.ndarray) -> np.ndarray:
+    """For each character span [a, b) of `text` (offsets [n, 2]), the index of its first character that
+    is not whitespace (str.isspace), or -1 if it has none."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    at = np.arange(len(codes) + 1, dtype=np.int64)
+    at[:-1][np.isin(codes, _SPACE_CODES)] = len(codes) + 1  # whitespace: never a first visible character
+    at[-1] = len(codes) + 1                                 # past the end: none
+    next_visible = np.minimum.accumulate(at[::-1])[::-1]    # the first visible character at or after each index
+    a, b = offsets[:, 0], offsets[:, 1]
+    found = next_visible[np.minimum(a, len(codes))]
+    return np.where(found < b, found, -1)
+
+
+def _tagged(doc: Document, input_ids, offset_mapping) -> TokenizedDoc:
+    ids = np.asarray(input_ids, dtype=np.int64)
+    offsets = np.asarray(offset_mapping, dtype=np.int64).reshape(-1, 2)
+    visible = first_visible(doc.text, offsets)
+    word = np.searchsorted(doc.word_starts, visible, side="right") - 1
+    inside = (visible >= 0) & (word >= 0)
+    inside[inside] &= visible[inside] < doc.word_ends[word[inside]]
     pos = np.full(len(ids), NO_TAG, dtype=np.uint8)
     pos[inside] = doc.word_tags[word[inside]]
     return TokenizedDoc(ids, pos, offsets)
@@ -254,7 +272,10 @@ def tokenize_split(tokenizer, split: str = "train") -> dict[int, TokenizedDoc]:
     if key not in _TOKENIZED:
         corpus = load_brown()
         _TOKENIZED.clear()  # one tokenizer at a time is plenty
-        _TOKENIZED[key] = {d: tokenize_document(corpus.docs[d], tokenizer) for d in corpus.split(split)}
+        docs = list(corpus.split(split))
+        enc = tokenizer([corpus.docs[d].text for d in docs], return_offsets_mapping=True, add_special_tokens=False)
+        _TOKENIZED[key] = {d: _tagged(corpus.docs[d], ids, offs)
+                           for d, ids, offs in zip(docs, enc["input_ids"], enc["offset_mapping"])}
     return _TOKENIZED[key]
 
 

@@ -61,6 +61,7 @@ from helpers.activations.hooks import name as hook_name
 from helpers.activations.models import hooked
 from helpers.causal.prompts import PromptSet, logit_diff
 from helpers.dictionaries.dictionary import as_dictionary, encode_batched
+from helpers.evals.reconstruction import SPLICE_TOKENS
 from helpers.results import Estimate, Result, Table
 
 
@@ -724,10 +725,38 @@ def ce_losses(model, tokens, hook: str | None = None, new_act_fn=None, batch_siz
             logits = model(t)
         else:
             logits = model.run_with_hooks(t, fwd_hooks=[(hook, lambda act, hook: new_act_fn(act).to(act.dtype))])
-        logp = logits.float().log_softmax(-1)[:, :-1]
-        sums.append(-logp.gather(-1, t[:, 1:, None])[..., 0].sum(1).cpu().double())
+        sums.append(_summed_ce(logits, t))
         counts.append(torch.full((len(t),), t.shape[1] - 1, dtype=torch.float64))
     return torch.cat(sums), torch.cat(counts)
+
+
+def _summed_ce(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    logp = logits.float().log_softmax(-1)[:, :-1]
+    return -logp.gather(-1, t[:, 1:, None])[..., 0].sum(1).cpu().double()
+
+
+@torch.no_grad()
+def ce_losses_edited(model, tokens, hook: str, new_act_fns: list, batch_size: int = 8,
+                     max_tokens: int = SPLICE_TOKENS) -> list[torch.Tensor]:
+    """`ce_losses` with the activation at `hook` replaced by each of `new_act_fns` in turn: the summed CE
+    [n] of each edit. The edited runs of a batch of sequences go through the model together, as many as
+    fit in `max_tokens` tokens (at least one per pass)."""
+    out = [[] for _ in new_act_fns]
+    dev = _device(model)
+    for i in range(0, len(tokens), batch_size):
+        t = tokens[i:i + batch_size].to(dev)
+        per_pass = max(1, max_tokens // t.numel())
+        for g in range(0, len(new_act_fns), per_pass):
+            fns = new_act_fns[g:g + per_pass]
+
+            def edit(act, hook):
+                return torch.cat([fn(a) for fn, a in zip(fns, act.split(len(t)))]).to(act.dtype)
+
+            logits = model.run_with_hooks(t.repeat(len(fns), 1), fwd_hooks=[(hook, edit)])
+            for j, lg in enumerate(logits.split(len(t))):
+                out[g + j].append(_summed_ce(lg, t))
+            del logits
+    return [torch.cat(o) for o in out]
 
 
 def ce_loss(model, tokens, hook: str | None = None, new_act_fn=None, batch_size: int = 8) -> float:
@@ -817,14 +846,16 @@ def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(
     xm, pm, ld_c = x[measure], ps.subset(measure), ctx.ld_clean[measure]
     fns = {(name, k): ablate(dictionary, o[:k]) for name, o in orders.items() for k in ks}
     logits = dict(zip(fns, _patched_last_logits(model, pm.tokens, hook, [fn(xm) for fn in fns.values()])))
+    costed = [(name, k) for k in ks for name in ("edit", "edit_random")
+              if name in orders and (name == "edit" or random_ce)]  # the edits whose CE on the text is measured
+    ce = dict(zip(costed, ce_losses_edited(model, text_tokens, hook, [fns[c] for c in costed])))
     points = []
     for k in ks:
         ld = logit_diff(logits[("edit", k)], pm)
         est = {name: _est(ld_c - logit_diff(logits[(name, k)], pm), ld_c, n_boot, seed) for name in orders}
         for name, key in (("edit", "ce_increase"), ("edit_random", "ce_random")):
-            if name in orders and (name == "edit" or random_ce):
-                ce, _ = ce_losses(model, text_tokens, hook, fns[(name, k)])
-                est[key] = _est(ce - ctx.ce_clean, ctx.ce_count, n_boot, seed)
+            if (name, k) in ce:
+                est[key] = _est(ce[(name, k)] - ctx.ce_clean, ctx.ce_count, n_boot, seed)
         points.append(EditPoint(k=int(k), logit_diff=float(ld.mean()), accuracy=float((ld > 0).float().mean()), **est))
     return EditCurve(dictionary=dictionary.name, hook=hook, ld_clean=float(ld_c.mean()),
                      ce_clean=float(ctx.ce_clean.sum() / ctx.ce_count.sum()), n_candidates=len(cand),

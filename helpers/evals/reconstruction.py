@@ -307,13 +307,18 @@ def contexts_from_store(store, n_contexts: int, bos_token_id: int, start: int = 
 
 
 # ---- splicing: CE loss and KL with the activations replaced ---------------------------------------
+SPLICE_TOKENS = 2048  # tokens per spliced forward pass: patches of a batch of contexts share one pass up to this
+
+
 @torch.no_grad()
 def _spliced_logprobs(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: torch.Tensor | None = None,
-                      batch_size: int = 8):
+                      batch_size: int = 8, max_tokens: int = SPLICE_TOKENS):
     """The per-batch core of splicing. For each batch of contexts, yields (start, toks, clean_logp,
     patch, logp): `patch` is "clean", "zero", "mean" or the index j of a reconstruction, `logp` the
     next-token log-probabilities [b, T-1, V] at positions 1.. when the activations at `hook` (all
-    positions but BOS) are replaced by it. `reconstruct(x [N, d]) -> [n, N, d]` gives the reconstructions."""
+    positions but BOS) are replaced by it. `reconstruct(x [N, d]) -> [n, N, d]` gives the reconstructions.
+    The patched runs of a batch go through the model together, as many as fit in `max_tokens` tokens
+    (at least one per pass): one pass of several copies of the contexts, each copy with its own patch."""
     device = next(model.parameters()).device
     for i in range(0, len(tokens), batch_size):
         toks = tokens[i:i + batch_size].to(device)
@@ -324,22 +329,26 @@ def _spliced_logprobs(model, tokens: torch.Tensor, hook: str, reconstruct, mean_
             return act
 
         clean_logp = model.run_with_hooks(toks, fwd_hooks=[(hook, capture)]).float().log_softmax(-1)[:, 1:]
-
-        def patched(patch):
-            def hook_fn(act, hook):
-                new = act.clone()
-                new[:, 1:] = patch.to(act.dtype)  # BOS keeps its activation
-                return new
-            return model.run_with_hooks(toks, fwd_hooks=[(hook, hook_fn)]).float().log_softmax(-1)[:, 1:]
-
         yield i, toks, clean_logp, "clean", clean_logp
         x = captured["x"]
         mean = (mean_act if mean_act is not None else x.mean((0, 1))).to(x)
-        for name, patch in [("zero", torch.zeros_like(x)), ("mean", mean.expand_as(x))]:
-            yield i, toks, clean_logp, name, patched(patch)
         recon = reconstruct(x.reshape(-1, x.shape[-1]).float())
-        for j in range(len(recon)):
-            yield i, toks, clean_logp, j, patched(recon[j].reshape(x.shape))
+        patches = [("zero", torch.zeros_like(x)), ("mean", mean.expand_as(x))] + [
+            (j, recon[j].reshape(x.shape)) for j in range(len(recon))]
+        per_pass = max(1, max_tokens // toks.numel())
+        for g in range(0, len(patches), per_pass):
+            group = patches[g:g + per_pass]
+            new_x = torch.cat([p for _, p in group])
+
+            def hook_fn(act, hook):
+                new = act.clone()
+                new[:, 1:] = new_x.to(act.dtype)  # BOS keeps its activation
+                return new
+
+            logits = model.run_with_hooks(toks.repeat(len(group), 1), fwd_hooks=[(hook, hook_fn)])
+            for (name, _), lg in zip(group, logits.split(len(toks))):
+                yield i, toks, clean_logp, name, lg.float().log_softmax(-1)[:, 1:]
+            del logits
 
 
 def _ce(logp: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
@@ -354,7 +363,7 @@ def _kl(clean_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def spliced_loss(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: torch.Tensor | None = None,
-                 batch_size: int = 8) -> dict:
+                 batch_size: int = 8, max_tokens: int = SPLICE_TOKENS) -> dict:
     """CE loss and KL divergence from the clean run when the activations at `hook` (all positions
     but BOS) are replaced by each SAE's reconstruction, by zeros, or by `mean_act`.
 
@@ -362,11 +371,14 @@ def spliced_loss(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: 
     loss at the patched positions; KL is KL(clean || patched) of the next-token distribution.
     Returns clean/zero/mean CE and KL, per-SAE lists, and CE-loss recovered against the zero and
     the mean ablation (totals over all contexts; `ce_loss_recovered` gives one SAE with intervals).
+    The patched runs of each batch of `batch_size` contexts share forward passes of up to `max_tokens`
+    tokens (lower it to hold fewer logits in memory at once).
     """
     ce = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
     kl = {"zero": 0.0, "mean": 0.0}
     sae_ce, sae_kl, n_ce, n_kl = [], [], 0, 0
-    for _, toks, clean_logp, patch, logp in _spliced_logprobs(model, tokens, hook, reconstruct, mean_act, batch_size):
+    for _, toks, clean_logp, patch, logp in _spliced_logprobs(model, tokens, hook, reconstruct, mean_act, batch_size,
+                                                              max_tokens):
         c = float(_ce(logp, toks).sum())
         if patch == "clean":
             ce["clean"] += c
