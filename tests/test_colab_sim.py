@@ -47,8 +47,14 @@ OVERRIDES = {
     "lab_tokens": 8_192,  # the ground-truth lab: the colab profile's 200k samples per setting took ~90 s of this test
     "device": "cpu",  # this machine has no GPU: the setup cell refuses `colab` on a CPU unless asked so explicitly
 }
-MEASURE = """import json as _j, resource as _r, sys as _s, helpers as _h
-print("MEASURED " + _j.dumps({"rss": _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024, "helpers": _h.__file__,
+# The kernel's own peak RSS: VmHWM (ru_maxrss, read after exec, still holds the peak of the process that
+# started the kernel: here pytest's own, whatever the notebook did).
+MEASURE = """import json as _j, os as _o, resource as _r, sys as _s, helpers as _h
+if _o.path.exists("/proc/self/status"):
+    _rss = 1024 * int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+else:
+    _rss = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * (1 if _s.platform == "darwin" else 1024)
+print("MEASURED " + _j.dumps({"rss": _rss, "helpers": _h.__file__,
                               "colab": "google.colab" in _s.modules, "profile": P.name}))"""
 
 
