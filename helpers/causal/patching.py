@@ -717,17 +717,11 @@ def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32), conte
 def ce_losses(model, tokens, hook: str | None = None, new_act_fn=None, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence of `tokens` (BOS first): the summed next-token CE [n] and the number of tokens
     predicted [n], optionally with the activation at `hook` replaced by new_act_fn(activation)."""
-    sums, counts = [], []
-    dev = _device(model)
-    for i in range(0, len(tokens), batch_size):
-        t = tokens[i:i + batch_size].to(dev)
-        if hook is None:
-            logits = model(t)
-        else:
-            logits = model.run_with_hooks(t, fwd_hooks=[(hook, lambda act, hook: new_act_fn(act).to(act.dtype))])
-        sums.append(_summed_ce(logits, t))
-        counts.append(torch.full((len(t),), t.shape[1] - 1, dtype=torch.float64))
-    return torch.cat(sums), torch.cat(counts)
+    counts = torch.full((len(tokens),), tokens.shape[1] - 1, dtype=torch.float64)
+    if hook is not None:
+        return ce_losses_edited(model, tokens, hook, [new_act_fn], batch_size)[0], counts
+    batches = [tokens[i:i + batch_size].to(_device(model)) for i in range(0, len(tokens), batch_size)]
+    return torch.cat([_summed_ce(model(t), t) for t in batches]), counts
 
 
 def _summed_ce(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
