@@ -27,7 +27,7 @@ collect_ignore_glob = ["notebooks/exercises/*"]
 # the speed of its slower thread, so two two-thread workers on two cores slow each other down. A test that
 # asks for more threads than its share (tests/test_reproducible.py runs at 2) gets OpenMP threads that sleep
 # rather than spin while they wait for each other (OMP_WAIT_POLICY=PASSIVE): spinning, they wait on a core
-# that the other worker is using, and small parallel steps took 50 times as long.
+# that the other worker is using (docs/performance.md has the measurements).
 LATER = ("notebooks/03_", "tests/test_browser.py")
 BEFORE_LATER = ("notebooks/01_", "notebooks/02_")
 LATER_UNIT = "notebook 03 and the browser test"
@@ -48,8 +48,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config, items):
-    later = [item for item in items if unit_of_work(item.nodeid) == LATER_UNIT]
-    items[:] = [item for item in items if item not in later] + later
+    items.sort(key=lambda item: unit_of_work(item.nodeid) == LATER_UNIT)  # stable: the rest keep their order
 
 
 @pytest.hookimpl(optionalhook=True)

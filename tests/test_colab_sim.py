@@ -90,7 +90,7 @@ def colab_run(tmp_path_factory):
                SAE_OVERRIDES=json.dumps(OVERRIDES),
                SAE_SCRATCH=str(root / "content" / "sae-scratch"))  # the VM's disk, in the test's own folder
     # The embedded model's dequantised copy (notebook 03's local explainer), as a previous session left it
-    # on the Drive: dequantising it again takes 11 s and is tested in test_models.py.
+    # on the Drive: dequantising it again is tested in test_models.py.
     from helpers.activations.models import embedded_model_dir
 
     models = root / "drive" / "MyDrive" / "sae-workbook-cache" / "models"

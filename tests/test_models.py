@@ -45,7 +45,7 @@ def test_processes_that_need_the_model_at_once_build_it_once(tmp_path, monkeypat
     monkeypatch.setenv("SAE_CACHE", str(tmp_path / "cache"))
     builds = tmp_path / "builds"
 
-    def slow_build(target):  # stands in for the dequantisation (about 10 s): same files, same atomic rename
+    def slow_build(target):  # stands in for the dequantisation: same files, same atomic rename
         with open(builds, "a") as f:
             f.write(f"{os.getpid()}\n")
         time.sleep(1.0)

