@@ -26,3 +26,15 @@ def layer_of(hook: str) -> int:
 
 def is_block_hook(hook: str) -> bool:
     return BLOCK_HOOK.match(hook) is not None
+
+
+def blocks_before(hook: str) -> int:
+    """How many blocks come before `hook` in the residual stream: a forward pass that replaces the whole
+    activation at `hook` does not need their outputs. `blocks.L.hook_resid_pre` (or `hook_in`) follows L
+    blocks, `blocks.L.hook_resid_post` (or `hook_out`) L + 1. Any other hook (inside a block, or not a
+    block hook) gives 0: what comes after it also reads the block's input."""
+    m = BLOCK_HOOK.match(hook)
+    if not m:
+        return 0
+    layer, kind = int(m.group(1)), m.group(2)
+    return {"hook_resid_pre": layer, "hook_in": layer, "hook_resid_post": layer + 1, "hook_out": layer + 1}.get(kind, 0)

@@ -22,6 +22,9 @@ suite saves under a hub name (its ``config.json`` carries ``workbook_stand_in: t
 simulated Colab run (tests/test_colab_sim.py) runs every notebook cell on it, the checks included:
 their claims about the model (helpers.runs.claims) report a verdict on it rather than assert.
 
+`skipping_blocks(model, n)` lets a forward pass that replaces the whole activation at a hook skip the
+blocks before it (their outputs would be thrown away): patching and splicing run that way.
+
 `kv_cache_fix()` (applied by `load_model` and `hooked`) makes the bridge's key-value cache work with
 transformers 5: its decoder layers hand their attention the cache as ``cache=``, while the
 attention bridges of transformer_lens 4 read ``past_key_values=`` (or ``layer_past=``) and, finding
@@ -264,3 +267,28 @@ def hooked(model, tokenizer=None):
     bridge.eval()
     model.__dict__["_workbook_bridge"] = bridge  # not a submodule: the model's parameters stay its own
     return bridge
+
+
+def _passthrough(hidden_states=None, *args, **kwargs):
+    return kwargs["hidden_states"] if hidden_states is None else hidden_states
+
+
+@contextlib.contextmanager
+def skipping_blocks(model, n: int):
+    """While active, the first `n` blocks of a TransformerBridge hand their input on unchanged instead of
+    computing (their hook points still fire, on those unchanged values). For a forward pass that replaces
+    the whole activation at a hook after block n - 1 (`helpers.activations.hooks.blocks_before`), the
+    output is the same as without skipping, at a fraction of the cost. Any other model (a
+    HookedTransformer, ...) runs every block, as without it."""
+    blocks = list(getattr(model, "blocks", []))[:max(0, n)]
+    inner = [getattr(b, "original_component", None) for b in blocks]
+    if not blocks or any(m is None for m in inner):
+        yield
+        return
+    for m in inner:
+        object.__setattr__(m, "forward", _passthrough)  # an instance attribute: nn.Module calls it
+    try:
+        yield
+    finally:
+        for m in inner:
+            m.__dict__.pop("forward", None)

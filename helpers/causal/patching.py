@@ -58,7 +58,8 @@ from tqdm.auto import tqdm
 from helpers.activations.harvest import model_device
 from helpers.activations.hooks import layer_of
 from helpers.activations.hooks import name as hook_name
-from helpers.activations.models import hooked
+from helpers.activations.hooks import blocks_before
+from helpers.activations.models import hooked, skipping_blocks
 from helpers.causal.prompts import PromptSet, logit_diff
 from helpers.dictionaries.dictionary import as_dictionary, encode_batched
 from helpers.evals.reconstruction import SPLICE_TOKENS
@@ -85,12 +86,17 @@ def hook_acts(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
 
 def run_with_activation(model, tokens, hook: str, new_act: torch.Tensor, last_only: bool = False) -> torch.Tensor:
     """Logits with the activation at `hook` replaced by new_act (all positions); last_only: only the
-    last position's logits, [n, vocab] (the unembedding of the other positions is skipped)."""
+    last position's logits, [n, vocab] (the unembedding of the other positions is skipped). The blocks
+    before the hook, whose output the replacement discards, are skipped (`skipping_blocks`)."""
     def replace(act, hook):
+        if act.shape != new_act.shape:
+            raise ValueError(f"the activation at {hook.name} is {tuple(act.shape)}, the replacement "
+                             f"{tuple(new_act.shape)}: give one [n, pos, d] for every prompt and position")
         return new_act.to(act.dtype)
-    if last_only:
-        return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)], logits_to_keep=1)[:, -1]
-    return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)])
+    with skipping_blocks(model, blocks_before(hook)):
+        if last_only:
+            return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)], logits_to_keep=1)[:, -1]
+        return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)])
 
 
 @torch.no_grad()
@@ -724,6 +730,19 @@ def ce_losses(model, tokens, hook: str | None = None, new_act_fn=None, batch_siz
     return torch.cat([_summed_ce(model(t), t) for t in batches]), counts
 
 
+@torch.no_grad()
+def ce_losses_and_acts(model, tokens, hook: str, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`ce_losses` of the unedited model and, from the same passes, the activations at `hook` [n, T, d]
+    (on the CPU): what `ce_losses_edited(..., acts=)` edits."""
+    sums, acts = [], []
+    for i in range(0, len(tokens), batch_size):
+        t = tokens[i:i + batch_size].to(_device(model))
+        logits, cache = model.run_with_cache(t, names_filter=[hook])
+        sums.append(_summed_ce(logits, t))
+        acts.append(cache[hook].cpu())
+    return torch.cat(sums), torch.full((len(tokens),), tokens.shape[1] - 1, dtype=torch.float64), torch.cat(acts)
+
+
 def _summed_ce(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     logp = logits.float().log_softmax(-1)[:, :-1]
     return -logp.gather(-1, t[:, 1:, None])[..., 0].sum(1).cpu().double()
@@ -731,22 +750,30 @@ def _summed_ce(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ce_losses_edited(model, tokens, hook: str, new_act_fns: list, batch_size: int = 8,
-                     max_tokens: int = SPLICE_TOKENS) -> list[torch.Tensor]:
+                     max_tokens: int = SPLICE_TOKENS, acts: torch.Tensor | None = None) -> list[torch.Tensor]:
     """`ce_losses` with the activation at `hook` replaced by each of `new_act_fns` in turn: the summed CE
     [n] of each edit. The edited runs of a batch of sequences go through the model together, as many as
-    fit in `max_tokens` tokens (at least one per pass)."""
+    fit in `max_tokens` tokens (at least one per pass). `acts`: the unedited activations at `hook` [n, T, d]
+    of `tokens`, when you have them (`ce_losses_and_acts`); the edits are then applied to them and the
+    passes skip the blocks before the hook."""
+    if acts is not None and tuple(acts.shape[:2]) != tuple(tokens.shape):
+        raise ValueError(f"acts {tuple(acts.shape)} are not the activations of tokens {tuple(tokens.shape)}")
     out = [[] for _ in new_act_fns]
     dev = _device(model)
     for i in range(0, len(tokens), batch_size):
         t = tokens[i:i + batch_size].to(dev)
         per_pass = max(1, max_tokens // t.numel())
+        a_clean = None if acts is None else acts[i:i + batch_size].to(dev)
         for g in range(0, len(new_act_fns), per_pass):
             fns = new_act_fns[g:g + per_pass]
 
             def edit(act, hook):
+                if a_clean is not None:
+                    return torch.cat([fn(a_clean) for fn in fns]).to(act.dtype)
                 return torch.cat([fn(a) for fn, a in zip(fns, act.split(len(t)))]).to(act.dtype)
 
-            logits = model.run_with_hooks(t.repeat(len(fns), 1), fwd_hooks=[(hook, edit)])
+            with skipping_blocks(model, 0 if a_clean is None else blocks_before(hook)):
+                logits = model.run_with_hooks(t.repeat(len(fns), 1), fwd_hooks=[(hook, edit)])
             for j, lg in enumerate(logits.split(len(t))):
                 out[g + j].append(_summed_ce(lg, t))
             del logits
@@ -794,6 +821,7 @@ class EditContext:
     ld_clean: torch.Tensor  # [n] each prompt's logit difference, unedited
     ce_clean: torch.Tensor  # [n_text] summed CE of each held-out text sequence, unedited
     ce_count: torch.Tensor  # [n_text] tokens predicted in each
+    text_x: torch.Tensor | None = None  # [n_text, T, d] the text's activations at hook, unedited
 
 
 def edit_context(model, ps, text_tokens: torch.Tensor, hook: str) -> EditContext:
@@ -801,8 +829,8 @@ def edit_context(model, ps, text_tokens: torch.Tensor, hook: str) -> EditContext
     shared by every dictionary's `edit_curve` at `hook`."""
     clean, x = _last_logits_and_acts(model, ps.tokens, hook)
     grad = _grad(model, ps.tokens, hook, x, lambda lg: logit_diff(lg, ps).sum())
-    ce, count = ce_losses(model, text_tokens)
-    return EditContext(hook, x.cpu(), grad, logit_diff(clean, ps).cpu(), ce, count)
+    ce, count, text_x = ce_losses_and_acts(model, text_tokens, hook)
+    return EditContext(hook, x.cpu(), grad, logit_diff(clean, ps).cpu(), ce, count, text_x)
 
 
 @torch.no_grad()
@@ -842,7 +870,7 @@ def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(
     logits = dict(zip(fns, _patched_last_logits(model, pm.tokens, hook, [fn(xm) for fn in fns.values()])))
     costed = [(name, k) for k in ks for name in ("edit", "edit_random")
               if name in orders and (name == "edit" or random_ce)]  # the edits whose CE on the text is measured
-    ce = dict(zip(costed, ce_losses_edited(model, text_tokens, hook, [fns[c] for c in costed])))
+    ce = dict(zip(costed, ce_losses_edited(model, text_tokens, hook, [fns[c] for c in costed], acts=ctx.text_x)))
     points = []
     for k in ks:
         ld = logit_diff(logits[("edit", k)], pm)
@@ -1027,7 +1055,7 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
     dev = _device(model)
     hooks = {layer: hook_name(layer, hook_kind) for layer in layers}
     cf, cache = model.run_with_cache(ps.cf_tokens.to(dev), names_filter=list(hooks.values()), logits_to_keep=1)
-    clean = model(ps.tokens.to(dev), logits_to_keep=1)
+    clean, clean_cache = model.run_with_cache(ps.tokens.to(dev), names_filter=list(hooks.values()), logits_to_keep=1)
     ld_clean, ld_cf = logit_diff(clean[:, -1].float(), ps).cpu(), logit_diff(cf[:, -1].float(), ps).cpu()
     masks = torch.cat([position_mask(ps, p) for p in positions]).to(dev)       # [len(positions) * n, pos]
     n, reps = len(ps), len(positions)
@@ -1035,12 +1063,11 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
 
     out = []
     for layer in tqdm(list(layers), desc="patch by layer", disable=not progress):
-        x_cf = cache[hooks[layer]].repeat(reps, 1, 1)
-
-        def patch(act, hook):  # every position set in one batched pass: [clean prompts × reps]
-            return torch.where(masks[..., None], x_cf.to(act.dtype), act)
-        logits = model.run_with_hooks(ps.tokens.repeat(reps, 1).to(dev), fwd_hooks=[(hooks[layer], patch)],
-                                      logits_to_keep=1)[:, -1].float()
+        # every position set in one batched pass [clean prompts × reps]: the clean activation with the
+        # counterfactual one at the set's positions (the blocks before the hook are skipped)
+        new_act = torch.where(masks[..., None], cache[hooks[layer]].repeat(reps, 1, 1),
+                              clean_cache[hooks[layer]].repeat(reps, 1, 1))
+        logits = run_with_activation(model, ps.tokens.repeat(reps, 1), hooks[layer], new_act, last_only=True).float()
         per_prompt, shares = {"clean": ld_clean, "cf": ld_cf}, {}
         for i, p in enumerate(names):
             ld = logit_diff(logits[i * n:(i + 1) * n], ps).cpu()

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from helpers.activations.models import hooked
+from helpers.activations.hooks import blocks_before
+from helpers.activations.models import hooked, skipping_blocks
 from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, as_dictionary, device_of
 from helpers.results import Estimate, Result, Table
 
@@ -318,19 +319,21 @@ def _spliced_logprobs(model, tokens: torch.Tensor, hook: str, reconstruct, mean_
     next-token log-probabilities [b, T-1, V] at positions 1.. when the activations at `hook` (all
     positions but BOS) are replaced by it. `reconstruct(x [N, d]) -> [n, N, d]` gives the reconstructions.
     The patched runs of a batch go through the model together, as many as fit in `max_tokens` tokens
-    (at least one per pass): one pass of several copies of the contexts, each copy with its own patch."""
+    (at least one per pass): one pass of several copies of the contexts, each copy with its own patch,
+    starting from the clean activation (BOS keeps it) and skipping the blocks before the hook."""
     device = next(model.parameters()).device
     for i in range(0, len(tokens), batch_size):
         toks = tokens[i:i + batch_size].to(device)
         captured = {}
 
         def capture(act, hook):
-            captured["x"] = act[:, 1:].clone()
+            captured["act"] = act.clone()
             return act
 
         clean_logp = model.run_with_hooks(toks, fwd_hooks=[(hook, capture)]).float().log_softmax(-1)[:, 1:]
         yield i, toks, clean_logp, "clean", clean_logp
-        x = captured["x"]
+        clean_act = captured["act"]
+        x = clean_act[:, 1:]
         mean = (mean_act if mean_act is not None else x.mean((0, 1))).to(x)
         recon = reconstruct(x.reshape(-1, x.shape[-1]).float())
         patches = [("zero", torch.zeros_like(x)), ("mean", mean.expand_as(x))] + [
@@ -341,11 +344,12 @@ def _spliced_logprobs(model, tokens: torch.Tensor, hook: str, reconstruct, mean_
             new_x = torch.cat([p for _, p in group])
 
             def hook_fn(act, hook):
-                new = act.clone()
-                new[:, 1:] = new_x.to(act.dtype)  # BOS keeps its activation
+                new = clean_act.repeat(len(group), 1, 1).to(act.dtype)  # BOS keeps its clean activation
+                new[:, 1:] = new_x.to(act.dtype)
                 return new
 
-            logits = model.run_with_hooks(toks.repeat(len(group), 1), fwd_hooks=[(hook, hook_fn)])
+            with skipping_blocks(model, blocks_before(hook)):  # the whole activation is replaced
+                logits = model.run_with_hooks(toks.repeat(len(group), 1), fwd_hooks=[(hook, hook_fn)])
             for (name, _), lg in zip(group, logits.split(len(toks))):
                 yield i, toks, clean_logp, name, lg.float().log_softmax(-1)[:, 1:]
             del logits
