@@ -14,33 +14,42 @@
 The research API, importable from here: each method on plain objects (a Hugging Face or TransformerLens
 model, tensors, an SAE as anything with encode/decode); the notebooks' profile, store and cache are
 conveniences on top of it.
-"""
-from helpers.activations.corpus import iter_contexts, load_brown, tokenize_document
-from helpers.activations.harvest import collect, get_store, harvest, store_path, valid_hooks
-from helpers.activations.models import ModelUnavailable, hooked, load_model
-from helpers.activations.store import ActivationStore, CorruptShard, StoreError, StoreMismatch
-from helpers.causal.patching import direct_logit_attribution, feature_attribution, patch_features
-from helpers.causal.steering import steer
-from helpers.dictionaries.controls import frozen_encoder_sae, reinitialised, shared_latents, token_mean_directions
-from helpers.dictionaries.dictionary import as_dictionary, load_sae, neuron_basis, random_directions
-from helpers.evals.autointerp import DetectionScores, detection_scores
-from helpers.evals.heldout import compare, heldout_score, heldout_scores, token_labels
-from helpers.evals.protocols import budget_curve, claim_table, dictionary_protocol_scores, heldout_distribution, protocol_scores
-from helpers.evals.reconstruction import ce_loss_recovered, fvu, reconstruction
-from helpers.results import Estimate, Result
-from helpers.saes.train import train_sae
-from helpers.settings.profiles import EMBEDDED_MODEL, PAPER_MODEL, PROFILES, Profile, get_profile
-from helpers.show.dashboard import FeatureView, dashboard, matched_feature, side_by_side, top_contexts
 
-__all__ = [
-    # the research API
-    "DetectionScores", "Estimate", "FeatureView", "Result", "as_dictionary", "budget_curve", "ce_loss_recovered", "claim_table", "collect", "compare",
-    "dashboard", "detection_scores", "direct_logit_attribution", "dictionary_protocol_scores", "feature_attribution", "frozen_encoder_sae", "fvu", "heldout_distribution", "heldout_score",
-    "heldout_scores", "hooked", "load_sae", "matched_feature", "neuron_basis", "patch_features", "protocol_scores", "random_directions",
-    "reconstruction", "reinitialised", "shared_latents", "side_by_side", "steer", "token_labels", "token_mean_directions",
-    "top_contexts", "train_sae",
-    # the notebooks' conveniences
-    "ActivationStore", "CorruptShard", "EMBEDDED_MODEL", "ModelUnavailable", "PAPER_MODEL", "PROFILES",
-    "Profile", "StoreError", "StoreMismatch", "get_profile", "get_store", "harvest", "iter_contexts",
-    "load_brown", "load_model", "store_path", "tokenize_document", "valid_hooks",
-]
+Each name is imported on first use (`import helpers.settings.locks` does not load torch, the model code or
+the plots), so that a process that needs one part of the package starts in a fraction of the time.
+"""
+import importlib
+
+_EXPORTS = {  # name: the module it comes from
+    **dict.fromkeys(["iter_contexts", "load_brown", "tokenize_document"], "helpers.activations.corpus"),
+    **dict.fromkeys(["collect", "get_store", "harvest", "store_path", "valid_hooks"], "helpers.activations.harvest"),
+    **dict.fromkeys(["ModelUnavailable", "hooked", "load_model"], "helpers.activations.models"),
+    **dict.fromkeys(["ActivationStore", "CorruptShard", "StoreError", "StoreMismatch"], "helpers.activations.store"),
+    **dict.fromkeys(["direct_logit_attribution", "feature_attribution", "patch_features"], "helpers.causal.patching"),
+    **dict.fromkeys(["steer"], "helpers.causal.steering"),
+    **dict.fromkeys(["frozen_encoder_sae", "reinitialised", "shared_latents", "token_mean_directions"], "helpers.dictionaries.controls"),
+    **dict.fromkeys(["as_dictionary", "load_sae", "neuron_basis", "random_directions"], "helpers.dictionaries.dictionary"),
+    **dict.fromkeys(["DetectionScores", "detection_scores"], "helpers.evals.autointerp"),
+    **dict.fromkeys(["compare", "heldout_score", "heldout_scores", "token_labels"], "helpers.evals.heldout"),
+    **dict.fromkeys(["budget_curve", "claim_table", "dictionary_protocol_scores", "heldout_distribution", "protocol_scores"], "helpers.evals.protocols"),
+    **dict.fromkeys(["ce_loss_recovered", "fvu", "reconstruction"], "helpers.evals.reconstruction"),
+    **dict.fromkeys(["Estimate", "Result"], "helpers.results"),
+    **dict.fromkeys(["train_sae"], "helpers.saes.train"),
+    **dict.fromkeys(["EMBEDDED_MODEL", "PAPER_MODEL", "PROFILES", "Profile", "get_profile"], "helpers.settings.profiles"),
+    **dict.fromkeys(["FeatureView", "dashboard", "matched_feature", "side_by_side", "top_contexts"], "helpers.show.dashboard"),
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'helpers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
