@@ -262,7 +262,8 @@ def local_backend(model, device: str = "auto") -> "LocalBackend":
 
 class LocalBackend:
     """Explain and simulate with a local TransformerBridge (default: the embedded SmolLM2-135M). Explanations
-    are generated greedily with the key-value cache (`use_cache=False`: one full forward pass per token)."""
+    are generated greedily with the key-value cache, and simulations reuse the cache of their prompts'
+    shared start (`use_cache=False`: one full forward pass per token, and per simulation)."""
 
     def __init__(self, model, max_new_tokens: int = 40, use_cache: bool = True):
         kv_cache_fix()
@@ -279,6 +280,7 @@ class LocalBackend:
             raise ValueError(f"{self.name}: LocalBackend needs a fast tokenizer (character offsets)")
         self.digit_ids = self._digit_ids()
         self.max_digit = len(self.digit_ids) - 1  # 9, or 10 when "10" is one token
+        self._prefix = None  # (token ids, their key-value cache): the last simulation prompt's shared start
 
     def _digit_ids(self) -> list[int]:
         ids = []
@@ -360,14 +362,40 @@ class LocalBackend:
             raise AutointerpError(f"{self.name}: the tokenizer merges a value slot of the simulation prompt "
                                   "with its neighbours, so the logprob simulator cannot read it; use a model "
                                   "whose tokenizer splits digits, or OpenAIBackend")
-        ids = torch.tensor([enc["input_ids"]], device=self.device)
+        ids = enc["input_ids"]
         with torch.inference_mode():
-            logits = self.hf(input_ids=ids).logits[0]
-        # the logits at position i - 1 predict the token at slot i
-        probs = logits[torch.tensor(index, device=logits.device) - 1][:, self.digit_ids].float().softmax(-1)
+            logits, start = self._logits_from(ids, min(index) - 1)
+        # the logits at position i - 1 predict the token at slot i (`logits` begin at position `start`)
+        probs = logits[torch.tensor(index, device=logits.device) - 1 - start][:, self.digit_ids].float().softmax(-1)
         values = torch.arange(len(self.digit_ids), dtype=torch.float32, device=probs.device)
         expected = (probs * values).sum(-1) * (SCALE / self.max_digit)
         return [float(v) for v in expected.clamp(0, SCALE).cpu()]
+
+
+    def _logits_from(self, ids: list[int], first: int) -> tuple[torch.Tensor, int]:
+        """The logits of `ids` from some position `start` <= `first` on, and `start`. With the key-value cache,
+        the tokens a prompt shares with the previous one (the instructions and the example; for the excerpts
+        of one feature, the explanation too) are not run again: their cache is kept, cut back to what the
+        next prompt shares."""
+        run = lambda t, **kw: self.hf(input_ids=torch.tensor([t], device=self.device), **kw)  # noqa: E731
+        if not self.use_cache or first < 1:
+            return run(ids).logits[0], 0
+        if self._prefix is not None:
+            prefix, cache = self._prefix
+            shared = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
+            shared = min(shared, first)
+            if shared:
+                cache.crop(-(len(prefix) - shared))  # a causal cache cut to its first tokens is theirs alone
+                self._prefix = (prefix[:shared], cache)
+            else:
+                self._prefix = None
+        if self._prefix is None:
+            self._prefix = (ids[:first], run(ids[:first], use_cache=True).past_key_values)
+        prefix, cache = self._prefix
+        try:
+            return run(ids[len(prefix):], past_key_values=cache, use_cache=True).logits[0], len(prefix)
+        finally:
+            cache.crop(-(cache.get_seq_length() - len(prefix)))  # the prefix alone again
 
 
 class _FirstLineDone:

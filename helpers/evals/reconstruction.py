@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from helpers.activations.hooks import blocks_before
 from helpers.activations.models import hooked, skipping_blocks
-from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, as_dictionary, device_of
+from helpers.dictionaries.dictionary import LinearDictionary, SAEDictionary, as_dictionary
 from helpers.results import Estimate, Result, Table
 
 DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as dense
