@@ -4,8 +4,10 @@ import importlib
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -82,6 +84,21 @@ def test_a_pickled_cache_file_is_never_loaded(tmp_path):
         assert stored(path, "k", lambda: {"fresh": 1}) == {"fresh": 1}
     assert RAN == [], "the pickle ran code"
     assert stored(path, "k", lambda: pytest.fail("recomputed")) == {"fresh": 1}  # replaced by a stored file
+
+
+def test_a_stored_file_whose_header_length_begins_like_a_pickle_is_loaded(tmp_path):
+    """A safetensors file begins with the length of its header: one length in 256 has \\x80, the pickle's
+    first byte, as its first byte. Such a stored result is still read, not taken for a pickle."""
+    path = tmp_path / "r.pt"
+    for pad in range(512):  # a key of some length gives the header such a length
+        stored(path, "k" * pad, lambda: {"t": torch.arange(3.0)})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no key length gave a header length starting with 0x80")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert stored(path, "k" * pad, lambda: pytest.fail("recomputed"))["t"].tolist() == [0.0, 1.0, 2.0]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "text"])

@@ -211,8 +211,11 @@ def _read_stored(path: Path, want_key: str, want_code: dict):
     else None (after saying which code changed); _Refused for a file that is not a stored result."""
 
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(_PICKLE_STARTS):
+        head = f.read(9)
+    # a safetensors file begins with its header's length (8 bytes, little-endian; its first byte may be the
+    # pickle's \x80) and then the header's "{"
+    is_safetensors = head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+    if not is_safetensors and head.startswith(_PICKLE_STARTS):
         raise _Refused("it is a pickle (an older cache format, or a file from elsewhere); unpickling could run "
                        "code, so it is not loaded")
     try:
