@@ -44,6 +44,7 @@ and reports each one's cost: requests, prompt and completion tokens as the endpo
 from __future__ import annotations
 
 import http.client
+import inspect
 import ipaddress
 import json
 import math
@@ -281,6 +282,8 @@ class LocalBackend:
         self.digit_ids = self._digit_ids()
         self.max_digit = len(self.digit_ids) - 1  # 9, or 10 when "10" is one token
         self._prefix = None  # (token ids, their key-value cache): the last simulation prompt's shared start
+        # transformers 5 names a forward's key-value cache `cache` (`past_key_values` before)
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
 
     def _digit_ids(self) -> list[int]:
         ids = []
@@ -393,7 +396,7 @@ class LocalBackend:
             self._prefix = (ids[:first], run(ids[:first], use_cache=True).past_key_values)
         prefix, cache = self._prefix
         try:
-            return run(ids[len(prefix):], past_key_values=cache, use_cache=True).logits[0], len(prefix)
+            return run(ids[len(prefix):], use_cache=True, **{self._cache_arg: cache}).logits[0], len(prefix)
         finally:
             cache.crop(-(cache.get_seq_length() - len(prefix)))  # the prefix alone again
 
