@@ -65,3 +65,19 @@ def test_processes_that_need_the_model_at_once_build_it_once(tmp_path, monkeypat
     assert [p.exitcode for p in procs] == [0, 0]
     assert len(builds.read_text().split()) == 1, "the model was built by both processes"
     assert (models.embedded_model_dir() / "model.safetensors").read_bytes() == b"weights"
+
+
+
+def test_a_model_on_the_cpu_keeps_the_memory_its_passes_free(monkeypatch, tmp_path):
+    """A model made ready for passes on a CPU (`hooked`, as `load_model`) asks malloc to keep freed memory
+    (helpers.settings.memory, tested in test_train.py): a pass's logits (tokens x vocabulary) are then not
+    mapped again, page by page, at every pass."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    asked = []
+    monkeypatch.setattr(models, "keep_freed_memory", lambda: asked.append(True) or True)
+    tok = AutoTokenizer.from_pretrained(models.embedded_model_dir())
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64)).save_pretrained(tmp_path)
+    models.hooked(GPTNeoXForCausalLM.from_pretrained(tmp_path), tok)
+    assert asked == [True]

@@ -515,12 +515,13 @@ KEEP_PROBE = """
 import sys, torch
 from helpers.saes import train
 from helpers.saes.stack import SAEConfig, SAEStack
-assert train._kept_memory is None
+from helpers.settings import memory
+assert not memory.asked()
 st = SAEStack([SAEConfig(d_in=8, d_sae=16, l1_coefficient=1e-3)])
 tc = train.TrainConfig(batch_size=32)
 opt, sched = train.make_optimizer([st], tc, total_steps=10)
 train.train_step([st], [torch.randn(32, 8)], opt, sched, [torch.zeros(1, 16, dtype=torch.int64)], tc)
-print("KEPT", train._kept_memory)
+print("KEPT", memory._kept)
 """
 
 

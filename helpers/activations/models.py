@@ -22,6 +22,8 @@ suite saves under a hub name (its ``config.json`` carries ``workbook_stand_in: t
 simulated Colab run (tests/test_colab_sim.py) runs every notebook cell on it, the checks included:
 their claims about the model (helpers.runs.claims) report a verdict on it rather than assert.
 
+A model loaded on a CPU asks malloc to keep the memory its passes free (helpers.settings.memory).
+
 `skipping_blocks(model, n)` lets a forward pass that replaces the whole activation at a hook skip the
 blocks before it (their outputs would be thrown away): patching and splicing run that way.
 
@@ -45,6 +47,7 @@ from pathlib import Path
 import torch
 
 from helpers.settings.locks import FolderLock, tmp_name
+from helpers.settings.memory import keep_freed_memory
 from helpers.settings.paths import cache_root
 from helpers.settings.profiles import EMBEDDED_MODEL, PAPER_MODEL
 
@@ -210,6 +213,8 @@ def load_model(name: str = EMBEDDED_MODEL, device: str | None = "auto",
     from transformer_lens.model_bridge import TransformerBridge
 
     device = resolve_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # each pass's logits and activations reuse the memory the last one freed
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in a notebook
@@ -259,6 +264,8 @@ def hooked(model, tokenizer=None):
         tokenizer = AutoTokenizer.from_pretrained(name)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    if device.type == "cpu":
+        keep_freed_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device,

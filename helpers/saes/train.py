@@ -69,12 +69,10 @@ returns is kept in the history.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 import os
 import shutil
-import sys
 import time
 import warnings
 import zlib
@@ -91,6 +89,7 @@ from helpers.activations.models import resolve_device
 from helpers.dictionaries.dictionary import SAEDictionary
 from helpers.saes import architectures
 from helpers.saes.stack import SAEConfig, SAEStack, config_dict
+from helpers.settings import memory
 from helpers.settings.locks import FolderLock, tmp_name
 from helpers.settings.paths import scratch_dir, sync_drive
 
@@ -125,33 +124,6 @@ class TrainConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-# glibc's mallopt parameters (malloc.h): keep freed memory in the heap instead of handing it back to the system
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-KEEP_MEMORY_VAR = "SAE_KEEP_FREED_MEMORY"
-_kept_memory: bool | None = None
-
-
-def keep_freed_memory() -> bool:
-    """Ask the C library's malloc (glibc, on Linux) to keep the memory a training step frees for the next
-    step's tensors, instead of handing it back to the system and taking page faults to map it again: on
-    a CPU a stack of SAEs frees and reallocates tensors of tens of MB every step (the gradients, codes and
-    pre-activations of every SAE; docs/performance.md measures what that costs). The process then keeps
-    up to its peak memory until it exits. Applied once per process, by the first training step on a
-    CPU; ``SAE_KEEP_FREED_MEMORY=0`` leaves malloc as it is. Returns whether it is in effect."""
-    global _kept_memory
-    if _kept_memory is None:
-        _kept_memory = False
-        if os.environ.get(KEEP_MEMORY_VAR, "1") != "0" and sys.platform.startswith("linux"):
-            try:
-                mallopt = ctypes.CDLL(None).mallopt  # glibc's; musl and others have none
-            except (OSError, AttributeError):
-                mallopt = None
-            if mallopt is not None:
-                _kept_memory = all(mallopt(param, value) == 1 for param, value in (
-                    (_M_MMAP_THRESHOLD, 2**31 - 1), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 1 << 28)))
-    return _kept_memory
-
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     """The precision training uses on `device`: "fp32", "bf16" or "fp16" (see the module docstring)."""
@@ -460,8 +432,8 @@ def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since
     stacks that clip). With `frozen` (a bool [n] per stack), the gradients of the frozen SAEs and of every
     SAE whose loss is not finite this step are set to zero before any other gradient treatment, so that a
     diverged SAE changes no other (its NaN would otherwise stop the scaler's steps for all)."""
-    if _kept_memory is None and xs and xs[0].device.type == "cpu":
-        keep_freed_memory()
+    if not memory.asked() and xs and xs[0].device.type == "cpu":
+        memory.keep_freed_memory()
     outs = []
     opt.zero_grad(set_to_none=True)
     for s, st in enumerate(stacks):
