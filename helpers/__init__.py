@@ -1,6 +1,6 @@
 """helpers: everything the workbook's notebooks compute, in wings.
 
-* ``settings``:     profiles (the presets $SAE_PROFILE picks), cache and scratch paths, cache locks
+* ``settings``:     profiles (the presets $SAE_PROFILE picks), cache and scratch paths, cache locks, memory
 * ``activations``:  model, corpus, activation store, harvest, massive activations, hook names
 * ``saes``:         the SAE stack and its architectures, sparse kernels, the trainer, SAELens files, ground truth
 * ``dictionaries``: one interface for SAEs and baselines (random directions, neurons, PCA, ICA)
