@@ -76,6 +76,21 @@ def test_patch_curve_ranks_on_one_half_and_measures_on_the_other(model, ioi, ctx
         patch_curve(model, ioi, HOOK, neurons, ks=(1,), context=ctx, split=(rank, torch.arange(3, 8)))
 
 
+def test_a_patch_of_the_same_features_in_another_order_runs_once(model, ioi, ctx, neurons, monkeypatch):
+    """Every candidate patched is one patch whichever ranking chose them: the held-out and in-sample curves
+    share its pass, and their last points are the same."""
+    from helpers.causal import patching
+
+    pool = candidate_pool(1152, 16, seed=0, salt="neurons")
+    rows = []
+    run = patching._patched_last_logits
+    monkeypatch.setattr(patching, "_patched_last_logits", lambda m, t, h, acts, **kw: rows.append(len(acts)) or run(m, t, h, acts, **kw))
+    r = patch_curve(model, ioi, HOOK, neurons, ks=(2, 16), context=ctx, candidates=pool)
+    assert rows == [3]  # (held-out, in-sample) x (2, 16), the two 16s one patch
+    last = r.points[-1]
+    assert last.gap_in_sample.value == last.gap_closed.value and r.order != r.order_in_sample
+
+
 def test_candidates_limit_the_choice(model, ioi, ctx, neurons):
     pool = candidate_pool(1152, 100, seed=0, salt="neurons")
     assert len(pool) == 100 and pool.tolist() == sorted(set(pool.tolist()))

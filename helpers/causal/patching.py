@@ -700,8 +700,15 @@ def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32), conte
     captured = _captured(dx, (delta @ rows)[mask])
     captured_cand = _captured(dx, (delta[..., cand] @ rows[cand])[mask])
     xm, dm, pm = x[measure], delta[measure], ps.subset(measure)
-    acts = [patched_activation(xm, dm, rows, o[:k]) for o in orders.values() for k in ks]
-    logits = _patched_last_logits(model, pm.tokens, hook, acts)
+    sets = [o[:k] for o in orders.values() for k in ks]
+    # the same features in another order are the same patch (every candidate, for one): run once
+    first = {}
+    for i, f in enumerate(sets):
+        first.setdefault(tuple(sorted(f.tolist())), i)
+    unique = sorted(set(first.values()))
+    run = dict(zip(unique, _patched_last_logits(model, pm.tokens, hook,
+                                                [patched_activation(xm, dm, rows, sets[i]) for i in unique])))
+    logits = [run[first[tuple(sorted(f.tolist()))]] for f in sets]
     ld_c, ld_cf = ctx.ld_clean[measure], ctx.ld_cf[measure]
     points = []
     for i, k in enumerate(ks):
