@@ -502,7 +502,7 @@ def test_local_simulations_of_one_explanation_share_their_prompt_start(model):
     example, explanation) once and give what full passes give; another explanation starts afresh."""
     cached, full = LocalBackend(model), LocalBackend(model, use_cache=False)
     excerpts = [apostrophe_excerpt(*[cached.tokenizer.decode([i]) for i in cached.tokenizer.encode(
-        text, add_special_tokens=False)]) for text in ("We can't go,\nit's late.", "Don't stop.", "A dog's life")]
+        text, add_special_tokens=False)]) for text in ("We can't go,\nit's late.", "Don't stop.")]
     fed = []  # tokens the model is given, per call
     handle = cached.hf.model.embed_tokens.register_forward_hook(lambda m, args, out: fed.append(args[0].shape[1]))
     try:
@@ -517,9 +517,9 @@ def test_local_simulations_of_one_explanation_share_their_prompt_start(model):
         assert a == pytest.approx(b, abs=1e-4)
     full_tokens, cached_tokens = runs["full tokens"], runs["cached tokens"]
     # the first prompt up to its first value slot, then the rest of each prompt alone
-    assert len(full_tokens) == 6 and len(cached_tokens) == 7, (cached_tokens, full_tokens)
+    assert len(full_tokens) == 4 and len(cached_tokens) == 5, (cached_tokens, full_tokens)
     assert cached_tokens[0] + cached_tokens[1] == full_tokens[0]
-    assert sum(cached_tokens) < 0.4 * sum(full_tokens), (cached_tokens, full_tokens)
+    assert sum(cached_tokens) < 0.5 * sum(full_tokens), (cached_tokens, full_tokens)
 
 
 def test_local_backend_falls_back_to_the_embedded_chat_model(monkeypatch):
