@@ -72,12 +72,12 @@ def test_a_model_on_the_cpu_keeps_the_memory_its_passes_free(monkeypatch, tmp_pa
     """A model made ready for passes on a CPU (`hooked`, as `load_model`) asks malloc to keep freed memory
     (helpers.settings.memory, tested in test_train.py): a pass's logits (tokens x vocabulary) are then not
     mapped again, page by page, at every pass."""
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import AutoTokenizer, GPTNeoXForCausalLM
+
+    from colab_sim import write_model
 
     asked = []
     monkeypatch.setattr(models, "keep_freed_memory", lambda: asked.append(True) or True)
-    tok = AutoTokenizer.from_pretrained(models.embedded_model_dir())
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=64)).save_pretrained(tmp_path)
-    models.hooked(GPTNeoXForCausalLM.from_pretrained(tmp_path), tok)
+    write_model(tmp_path)
+    models.hooked(GPTNeoXForCausalLM.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path))
     assert asked == [True]

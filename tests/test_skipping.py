@@ -1,43 +1,38 @@
 """Passes that replace the whole activation at a hook skip the blocks before it, and give what the full
-pass gives: on tiny random Llama (the embedded model's architecture) and GPT-NeoX (the paper's Pythia)."""
+pass gives: on a tiny random Llama (the embedded model's architecture) and the simulated Colab run's
+GPT-NeoX stand-in (the paper's Pythia)."""
 import pytest
 import torch
 
+from colab_sim import write_model
 from conftest import tiny_llama_model
 from helpers.activations.hooks import blocks_before
 from helpers.activations.models import hooked, skipping_blocks
 from helpers.causal.patching import ce_losses, ce_losses_and_acts, ce_losses_edited, run_with_activation
 from helpers.evals.reconstruction import spliced_loss
 
-HOOK = "blocks.1.hook_resid_post"  # of three blocks: the first two are skipped
-LAYERS = 3
-
-
-def tiny_neox(folder, tok):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                        num_attention_heads=4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    GPTNeoXForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return GPTNeoXForCausalLM.from_pretrained(folder).eval()
+HOOK = "blocks.1.hook_resid_post"  # the first two blocks are skipped
+SKIPPED = 2
 
 
 @pytest.fixture(scope="module", params=["llama", "neox"])
 def model(request, tmp_path_factory):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoTokenizer, GPTNeoXForCausalLM, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp(request.param)
-    _, tok = tiny_llama_model(folder)
     if request.param == "llama":
+        _, tok = tiny_llama_model(folder)
         cfg = LlamaForCausalLM.config_class.from_pretrained(folder)
-        cfg.num_hidden_layers = LAYERS
+        cfg.num_hidden_layers = 3
         torch.manual_seed(0)
-        hf = LlamaForCausalLM(cfg).eval()
-    else:
-        hf = tiny_neox(folder / "neox", tok)
-    return hooked(hf, tok)
+        return hooked(LlamaForCausalLM(cfg).eval(), tok)
+    write_model(folder)  # 6 blocks
+    return hooked(GPTNeoXForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder))
+
+
+def calls(model, skipped: int, rest: int) -> list[int]:
+    """MLP calls per block: `skipped` for the blocks before HOOK, `rest` for the others."""
+    return [skipped] * SKIPPED + [rest] * (len(model.blocks) - SKIPPED)
 
 
 class Calls:
@@ -71,6 +66,7 @@ def test_blocks_before():
     assert blocks_before("blocks.6.hook_resid_pre") == 6 and blocks_before("blocks.0.hook_in") == 0
     assert blocks_before("blocks.6.hook_mlp_out") == 0 and blocks_before("blocks.6.attn.hook_z") == 0
     assert blocks_before("hook_embed") == 0 and blocks_before("ln_final.hook_normalized") == 0
+    assert blocks_before(HOOK) == SKIPPED
 
 
 def replaced(model, toks, hook, act):
@@ -83,19 +79,19 @@ def test_skipped_blocks_are_not_computed_and_the_logits_are_the_full_pass(model)
     toks = tokens(model)
     _, cache = model.run_with_cache(toks, names_filter=[HOOK])
     act = cache[HOOK] * 1.5
-    with Calls(model) as calls:
+    with Calls(model) as counted:
         full = replaced(model, toks, HOOK, act)
-        assert calls.n == [1, 1, 1]
+        assert counted.n == calls(model, 1, 1)
         with skipping_blocks(model, blocks_before(HOOK)):
             skipped = replaced(model, toks, HOOK, act)
-        assert calls.n == [1, 1, 2]
+        assert counted.n == calls(model, 1, 2)
         assert torch.equal(skipped, full)
         after = replaced(model, toks, HOOK, act)  # the blocks are back
-        assert calls.n == [2, 2, 3] and torch.equal(after, full)
+        assert counted.n == calls(model, 2, 3) and torch.equal(after, full)
         assert torch.equal(run_with_activation(model, toks, HOOK, act), full)
         # the last position alone: unembedded by a matmul of another shape, equal up to float rounding
         assert torch.allclose(run_with_activation(model, toks, HOOK, act, last_only=True), full[:, -1], atol=1e-6)
-        assert calls.n == [2, 2, 5]
+        assert counted.n == calls(model, 2, 5)
     with pytest.raises(ValueError, match="replacement"):
         run_with_activation(model, toks, HOOK, act[:, 1:])
 
@@ -104,11 +100,11 @@ def test_skipped_blocks_are_not_computed_and_the_logits_are_the_full_pass(model)
 def test_splicing_skips_the_blocks_before_the_hook_and_gives_the_full_passes_figures(model):
     toks = tokens(model, seed=1)
     rec = lambda a: torch.stack([a * 0.5, a + 0.1])  # noqa: E731
-    with Calls(model) as calls:
+    with Calls(model) as counted:
         out = spliced_loss(model, toks, HOOK, rec, batch_size=3)
     # per batch of 3 contexts: the clean pass computes every block; the four patches (zero, mean, two
-    # reconstructions) share one pass that computes the last block only
-    assert calls.n == [2, 2, 4], calls.n
+    # reconstructions) share one pass that computes the blocks after the hook only
+    assert counted.n == calls(model, 2, 4), counted.n
     # the figures of full passes: each patch spliced into a full run, BOS keeping its activation
     _, cache = model.run_with_cache(toks, names_filter=[HOOK])
     x = cache[HOOK]
@@ -135,9 +131,9 @@ def test_edits_of_given_activations_skip_the_blocks_before_the_hook(model):
     ce, count, acts = ce_losses_and_acts(model, toks, HOOK, batch_size=2)
     assert torch.equal(ce, ce_losses(model, toks)[0]) and torch.equal(count, ce_losses(model, toks)[1])
     full = ce_losses_edited(model, toks, HOOK, fns, batch_size=2)
-    with Calls(model) as calls:
+    with Calls(model) as counted:
         given = ce_losses_edited(model, toks, HOOK, fns, batch_size=2, acts=acts)
-    assert calls.n == [0, 0, 3], calls.n  # one pass per batch of 2 sequences, the last block only
+    assert counted.n == calls(model, 0, 3), counted.n  # one pass per batch of 2 sequences, after the hook only
     for a, b in zip(full, given):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (a, b)
     assert torch.allclose(given[0], ce, rtol=1e-6)  # the identity edit is the clean run

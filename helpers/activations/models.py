@@ -128,7 +128,7 @@ def _dequantise(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
-    print(f"Dequantising {gguf.name} once (about 11 s); cached in {target}")
+    print(f"Dequantising {gguf.name} once; cached in {target}")
     with warnings.catch_warnings(), _gguf_parsed_once():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
