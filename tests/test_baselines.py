@@ -50,6 +50,19 @@ def test_ica_recovers_sources_with_positive_heavy_tails(array_store):
     assert (skew2 > 1.0).all(), skew2
 
 
+def test_ica_fits_in_the_activations_float32(array_store, monkeypatch):
+    """FastICA's iterations are matrix products: they run in float32, as the activations are stored."""
+    from sklearn.decomposition import FastICA
+
+    seen = []
+    fit_transform = FastICA.fit_transform
+    monkeypatch.setattr(FastICA, "fit_transform", lambda self, x, *a, **k: seen.append(x.dtype) or fit_transform(self, x, *a, **k))
+    x, a = laplace_mixture()
+    ica = fit_ica(array_store(x, hook=HOOK, shard_tokens=1000), HOOK, max_iter=1000, tol=1e-4)
+    assert [str(t) for t in seen] == ["float32"] and ica.converged
+    assert mmcs((a / a.norm(dim=0)).T, torch.cat([ica.decoder, -ica.decoder])) > 0.95
+
+
 def test_ica_non_convergence_is_reported_with_numbers(array_store):
     x, _ = laplace_mixture()
     store = array_store(x, hook=HOOK, shard_tokens=1000)

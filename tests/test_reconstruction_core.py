@@ -165,6 +165,34 @@ def test_patches_spliced_in_one_pass_give_what_one_pass_each_gives(tiny_llama):
         assert together[key] == pytest.approx(apart[key], rel=1e-4), key
 
 
+def test_ablations_are_run_as_asked_and_reused_from_an_earlier_call(tiny_llama):
+    """The zero and mean ablations are reference patches: left out they read NaN (and so does what is recovered
+    against them), given by an earlier call on the same tokens they are not run again, with the same numbers."""
+    model, tok = tiny_llama
+    from helpers.activations.models import hooked
+
+    model = hooked(model)
+    tokens = tokens_of(tok, n=4, seed=4)
+    sae = random_sae(d=64, f=128, seed=5)
+    rows = []
+    model.blocks[-1].hook_out.add_hook(lambda act, hook: rows.append(len(act)), is_permanent=True)
+    try:
+        full = spliced_loss(model, tokens, HOOK, lambda a: sae(a), batch_size=4, max_tokens=1)
+        assert rows == [4, 4, 4, 4]  # clean, zero, mean, the SAE
+        rows.clear()
+        again = spliced_loss(model, tokens, HOOK, lambda a: sae(a), batch_size=4, max_tokens=1, refs=full)
+        assert rows == [4, 4] and again == full  # clean and the SAE only
+        rows.clear()
+        mean_only = spliced_loss(model, tokens, HOOK, lambda a: sae(a), batch_size=4, max_tokens=1, ablations=("mean",))
+        assert rows == [4, 4, 4]
+    finally:
+        model.blocks[-1].hook_out.remove_hooks(including_permanent=True)
+    assert mean_only["ce_mean"] == full["ce_mean"] and mean_only["ce_recovered_mean"] == full["ce_recovered_mean"]
+    assert all(v != v for v in (mean_only["ce_zero"], mean_only["kl_zero"], *mean_only["ce_recovered"]))
+    with pytest.raises(ValueError, match="choose among"):
+        spliced_loss(model, tokens, HOOK, lambda a: sae(a), ablations=("zero", "random"))
+
+
 def test_edits_run_together_cost_what_each_costs_alone(tiny_llama):
     from helpers.activations.models import hooked
     from helpers.causal.patching import ce_losses, ce_losses_edited

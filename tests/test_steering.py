@@ -160,6 +160,16 @@ def test_cost_is_zero_at_scale_zero_and_grows(model):
     assert abs(float(cost.kl[0])) < 1e-6 and abs(float(cost.dce[0])) < 1e-6
     assert 0 < cost.kl[1] < cost.kl[2]
     assert cost.n_tokens == text[:, 1:].numel() and cost.kl_mean_ablation > 0
+    # in groups of one vector: the same costs, with the mean ablation (the yardstick) run in the first group only
+    rows = []
+    model.blocks[-1].hook_out.add_hook(lambda act, hook: rows.append(len(act)), is_permanent=True)
+    try:
+        grouped = steering.steering_cost(model, text, HOOK, torch.stack([steering_vector(u, s, 100.0)
+                                                                          for s in (0, 0.25, 1.0)]), max_vectors=1)
+    finally:
+        model.blocks[-1].hook_out.remove_hooks(including_permanent=True)
+    assert rows == [2, 4, 2, 2, 2, 2]  # clean, mean + vector 1; then clean, vector, twice
+    assert torch.allclose(grouped.kl, cost.kl, rtol=1e-4, atol=1e-6) and grouped.kl_mean_ablation == cost.kl_mean_ablation
 
 
 @pytest.fixture

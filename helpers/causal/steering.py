@@ -302,7 +302,7 @@ def steering_cost(model, text_tokens: torch.Tensor, hook: str, vectors: torch.Te
                   desc=progress if isinstance(progress, str) else "steering cost"):
         v = vectors[a:a + max_vectors]
         res = spliced_loss(model, text_tokens, hook, lambda x: x.float()[None] + v.to(x.device)[:, None],
-                           batch_size=batch_size)
+                           batch_size=batch_size, ablations=("mean",), refs=res)  # the mean ablation once
         kl += res["kl_sae"]
         ce += res["ce_sae"]
     return SteeringCost(kl=torch.tensor(kl), dce=torch.tensor(ce) - res["ce_clean"], ce_clean=res["ce_clean"],

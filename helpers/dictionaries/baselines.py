@@ -90,13 +90,14 @@ def fit_pca(store, hook: str, n_components: int | None = None, max_tokens: int =
 
 def fit_ica(store, hook: str, n_components: int | None = None, max_tokens: int = 50_000, max_iter: int = 400,
             tol: float = 1e-3, seed: int = 0, model_name: str = "", massive=None) -> LinearDictionary:
-    """FastICA components, each signed so that its heavy tail is positive."""
+    """FastICA components, each signed so that its heavy tail is positive. Fitted in float32, the
+    activations' own precision (scikit-learn keeps its input's; PCA's SVD stays in float64)."""
     from scipy.stats import skew
     from sklearn.decomposition import FastICA
     from sklearn.exceptions import ConvergenceWarning
 
     n_components = n_components or store.d_model
-    x = _fit_data(store, hook, max_tokens, n_components, "ICA", massive).double().numpy()
+    x = _fit_data(store, hook, max_tokens, n_components, "ICA", massive).float().numpy()
     ica = FastICA(n_components=n_components, whiten="unit-variance", max_iter=max_iter, tol=tol, random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -161,7 +162,7 @@ def baselines(store, hook: str, n_features: int, seed: int = 0, model_name: str 
     return {
         "PCA": _cached_fit(cache_dir, "pca", key + ([pca_tokens] if pca_tokens else []), lambda: fit_pca(
             store, hook, model_name=model_name, massive=massive, tokens=pca_tokens), massive),
-        "ICA": _cached_fit(cache_dir, "ica", key + [ica_tokens, ica_max_iter, seed], lambda: fit_ica(
+        "ICA": _cached_fit(cache_dir, "ica", key + [ica_tokens, ica_max_iter, seed, "float32"], lambda: fit_ica(
             store, hook, max_tokens=ica_tokens, max_iter=ica_max_iter, seed=seed, model_name=model_name,
             massive=massive), massive),
         "neurons": neuron_basis(store.d_model, mean, hook_name=hook, model_name=model_name, massive=massive),

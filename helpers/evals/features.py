@@ -214,7 +214,8 @@ class TopTokens:
     def add(self, c: torch.Tensor, idx: torch.Tensor):
         """Codes `c` [B, F] (unscored tokens already zeroed) of the tokens `idx` [B]."""
         self.n_pos += (c > 0).sum(0)
-        bv, bi = c.T.topk(min(self.k_max, len(c)), dim=1)          # the batch's own top k first: a small merge
+        # the batch's own top k first, a small merge; each feature's codes contiguous, as topk reads them
+        bv, bi = c.T.contiguous().topk(min(self.k_max, len(c)), dim=1)
         cand_v = torch.cat([self.v, bv], 1)
         cand_i = torch.cat([self.i, idx.to(c.device)[bi]], 1)
         self.v, pos = cand_v.topk(self.k_max, dim=1)

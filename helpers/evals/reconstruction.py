@@ -309,15 +309,24 @@ def contexts_from_store(store, n_contexts: int, bos_token_id: int, start: int = 
 
 # ---- splicing: CE loss and KL with the activations replaced ---------------------------------------
 SPLICE_TOKENS = 2048  # tokens per spliced forward pass: patches of a batch of contexts share one pass up to this
+ABLATIONS = ("zero", "mean")  # the reference patches of splicing: what CE-loss recovered is measured against
+
+
+def _check_ablations(ablations) -> tuple:
+    ablations = tuple(ablations)
+    if not set(ablations) <= set(ABLATIONS) or len(set(ablations)) != len(ablations):
+        raise ValueError(f"ablations {ablations!r}: choose among {ABLATIONS}, each at most once")
+    return ablations
 
 
 @torch.no_grad()
 def _spliced_logprobs(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: torch.Tensor | None = None,
-                      batch_size: int = 8, max_tokens: int = SPLICE_TOKENS):
+                      batch_size: int = 8, max_tokens: int = SPLICE_TOKENS, ablations=ABLATIONS):
     """The per-batch core of splicing. For each batch of contexts, yields (start, toks, clean_logp,
-    patch, logp): `patch` is "clean", "zero", "mean" or the index j of a reconstruction, `logp` the
-    next-token log-probabilities [b, T-1, V] at positions 1.. when the activations at `hook` (all
-    positions but BOS) are replaced by it. `reconstruct(x [N, d]) -> [n, N, d]` gives the reconstructions.
+    patch, logp): `patch` is "clean", one of `ablations` ("zero", "mean") or the index j of a
+    reconstruction, `logp` the next-token log-probabilities [b, T-1, V] at positions 1.. when the
+    activations at `hook` (all positions but BOS) are replaced by it. `reconstruct(x [N, d]) -> [n, N, d]`
+    gives the reconstructions.
     The patched runs of a batch go through the model together, as many as fit in `max_tokens` tokens
     (at least one per pass): one pass of several copies of the contexts, each copy with its own patch,
     starting from the clean activation (BOS keeps it) and skipping the blocks before the hook."""
@@ -336,8 +345,8 @@ def _spliced_logprobs(model, tokens: torch.Tensor, hook: str, reconstruct, mean_
         x = clean_act[:, 1:]
         mean = (mean_act if mean_act is not None else x.mean((0, 1))).to(x)
         recon = reconstruct(x.reshape(-1, x.shape[-1]).float())
-        patches = [("zero", torch.zeros_like(x)), ("mean", mean.expand_as(x))] + [
-            (j, recon[j].reshape(x.shape)) for j in range(len(recon))]
+        refs = {"zero": lambda: torch.zeros_like(x), "mean": lambda: mean.expand_as(x)}
+        patches = [(name, refs[name]()) for name in ablations] + [(j, recon[j].reshape(x.shape)) for j in range(len(recon))]
         per_pass = max(1, max_tokens // toks.numel())
         for g in range(0, len(patches), per_pass):
             group = patches[g:g + per_pass]
@@ -367,7 +376,8 @@ def _kl(clean_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def spliced_loss(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: torch.Tensor | None = None,
-                 batch_size: int = 8, max_tokens: int = SPLICE_TOKENS) -> dict:
+                 batch_size: int = 8, max_tokens: int = SPLICE_TOKENS, ablations=ABLATIONS,
+                 refs: dict | None = None) -> dict:
     """CE loss and KL divergence from the clean run when the activations at `hook` (all positions
     but BOS) are replaced by each SAE's reconstruction, by zeros, or by `mean_act`.
 
@@ -377,12 +387,18 @@ def spliced_loss(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: 
     the mean ablation (totals over all contexts; `ce_loss_recovered` gives one SAE with intervals).
     The patched runs of each batch of `batch_size` contexts share forward passes of up to `max_tokens`
     tokens (lower it to hold fewer logits in memory at once).
+
+    `ablations` names the reference patches to run (an ablation left out reads NaN, and so does what is
+    recovered against it); `refs`, the result of an earlier call on the same tokens, hook and mean, gives
+    theirs instead of running them again (e.g. for the same SAEs at later training steps).
     """
-    ce = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
-    kl = {"zero": 0.0, "mean": 0.0}
+    ablations = _check_ablations(ablations)
+    run = tuple(a for a in ablations if refs is None or f"ce_{a}" not in refs)
+    ce = {"clean": 0.0, **{a: 0.0 for a in run}}
+    kl = {a: 0.0 for a in run}
     sae_ce, sae_kl, n_ce, n_kl = [], [], 0, 0
     for _, toks, clean_logp, patch, logp in _spliced_logprobs(model, tokens, hook, reconstruct, mean_act, batch_size,
-                                                              max_tokens):
+                                                              max_tokens, run):
         c = float(_ce(logp, toks).sum())
         if patch == "clean":
             ce["clean"] += c
@@ -398,12 +414,18 @@ def spliced_loss(model, tokens: torch.Tensor, hook: str, reconstruct, mean_act: 
                 sae_ce.append(0.0), sae_kl.append(0.0)
             sae_ce[patch] += c
             sae_kl[patch] += k
-    ce = {k: v / n_ce for k, v in ce.items()}
-    out = {"ce_clean": ce["clean"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
-           "kl_zero": kl["zero"] / n_kl, "kl_mean": kl["mean"] / n_kl,
-           "ce_sae": [v / n_ce for v in sae_ce], "kl_sae": [v / n_kl for v in sae_kl]}
-    out["ce_recovered"] = [(ce["zero"] - c) / (ce["zero"] - ce["clean"]) for c in out["ce_sae"]]
-    out["ce_recovered_mean"] = [(ce["mean"] - c) / (ce["mean"] - ce["clean"]) for c in out["ce_sae"]]
+    out = {"ce_clean": ce["clean"] / n_ce}
+    for a in ABLATIONS:
+        if a in run:
+            out[f"ce_{a}"], out[f"kl_{a}"] = ce[a] / n_ce, kl[a] / n_kl
+        elif a in ablations:
+            out[f"ce_{a}"], out[f"kl_{a}"] = refs[f"ce_{a}"], refs[f"kl_{a}"]
+        else:
+            out[f"ce_{a}"] = out[f"kl_{a}"] = float("nan")
+    out.update(ce_sae=[v / n_ce for v in sae_ce], kl_sae=[v / n_kl for v in sae_kl])
+    clean = out["ce_clean"]
+    out["ce_recovered"] = [(out["ce_zero"] - c) / (out["ce_zero"] - clean) for c in out["ce_sae"]]
+    out["ce_recovered_mean"] = [(out["ce_mean"] - c) / (out["ce_mean"] - clean) for c in out["ce_sae"]]
     return out
 
 

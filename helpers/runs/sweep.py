@@ -707,13 +707,15 @@ def learning_curve_fn(configs, eval_store, hook, model, profile, rule=None):
     tokens = contexts_from_store(eval_store, profile.curve_contexts, model.tokenizer.bos_token_id)
     device = next(model.parameters()).device
     ce_idx = [i for i, c in enumerate(configs) if c.ratio == profile.pick_ratio or not c.arch.l1]
+    refs = {}  # the zero and mean ablations' CE and KL: the same at every step, run once
 
     def on_eval(step, n_tokens, saes):
         rows = [{k: v for k, v in reconstruction_metrics(s.to(device), x, flags=flags)[0].items()
                  if k in ("l0", "fvu", "fvu_ordinary", "dead")} for s in saes]
         if ce_idx and profile.curve_contexts:
             sp = spliced_loss(model, tokens, hook, lambda a: torch.stack([saes[i](a.to(device))[0] for i in ce_idx]),
-                              mean_act=x.mean(0))
+                              mean_act=x.mean(0), refs=refs or None)
+            refs.update({k: sp[k] for k in ("ce_zero", "ce_mean", "kl_zero", "kl_mean")})
             for j, i in enumerate(ce_idx):
                 rows[i].update(ce_recovered=sp["ce_recovered"][j], ce_recovered_mean=sp["ce_recovered_mean"][j])
         return rows
