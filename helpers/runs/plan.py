@@ -54,7 +54,8 @@ THROUGHPUT = {"cpu": 0.15e12, "t4": 15e12, "l4": 40e12, "a100": 120e12, "h100": 
 HELDOUT_RESAMPLED = 2.5e4  # helpers.evals.heldout.HeldoutScorer.score with 200 context resamples, per scored token
                            # and feature (measured at 25k and 50k tokens: cost grew linearly with the tokens)
 HELDOUT_PLAIN = 1.3e4      # the same score without resamples
-ICA_PER_ITER = 35          # scikit-learn FastICA in float32, per token, iteration and d_model² (0.59 of its float64 time at 8k tokens, 30 iterations)
+ICA_PER_ITER = 35          # scikit-learn FastICA in float32, per token, iteration and d_model²
+                           # (0.59 of its float64 time, at 8k tokens and 30 iterations)
 ICA_WHITEN = 9e3           # its whitening and set-up, per d_model³ (the same at 5k and 10k tokens)
 PCA_FIT = 140              # scikit-learn PCA (full SVD, float64), per token and d_model² (at 10k-50k tokens)
 LOGIT_EFFECTS = 4          # helpers.evals.features.logit_effects, per feature, d_model and vocabulary entry
