@@ -345,8 +345,8 @@ def _spliced_logprobs(model, tokens: torch.Tensor, hook: str, reconstruct, mean_
         x = clean_act[:, 1:]
         mean = (mean_act if mean_act is not None else x.mean((0, 1))).to(x)
         recon = reconstruct(x.reshape(-1, x.shape[-1]).float())
-        refs = {"zero": lambda: torch.zeros_like(x), "mean": lambda: mean.expand_as(x)}
-        patches = [(name, refs[name]()) for name in ablations] + [(j, recon[j].reshape(x.shape)) for j in range(len(recon))]
+        patches = [(name, torch.zeros_like(x) if name == "zero" else mean.expand_as(x)) for name in ablations] + [
+            (j, recon[j].reshape(x.shape)) for j in range(len(recon))]
         per_pass = max(1, max_tokens // toks.numel())
         for g in range(0, len(patches), per_pass):
             group = patches[g:g + per_pass]

@@ -714,7 +714,7 @@ def learning_curve_fn(configs, eval_store, hook, model, profile, rule=None):
                  if k in ("l0", "fvu", "fvu_ordinary", "dead")} for s in saes]
         if ce_idx and profile.curve_contexts:
             sp = spliced_loss(model, tokens, hook, lambda a: torch.stack([saes[i](a.to(device))[0] for i in ce_idx]),
-                              mean_act=x.mean(0), refs=refs or None)
+                              mean_act=x.mean(0), refs=refs)
             refs.update({k: sp[k] for k in ("ce_zero", "ce_mean", "kl_zero", "kl_mean")})
             for j, i in enumerate(ce_idx):
                 rows[i].update(ce_recovered=sp["ce_recovered"][j], ce_recovered_mean=sp["ce_recovered_mean"][j])
