@@ -25,8 +25,27 @@ def test_pca_is_orthonormal_and_reconstructs(array_store):
     xs = store.activations(HOOK)
     assert pca.n_features == 16 and torch.allclose(pca.decoder @ pca.decoder.T, torch.eye(8), atol=1e-4)
     assert torch.allclose(pca.decode(pca.encode(xs)), xs, atol=2e-3)
-    streamed = fit_pca(store, HOOK, max_tokens=2000)  # IncrementalPCA over batches
+    streamed = fit_pca(store, HOOK, max_tokens=2000)  # streamed over the store
     assert mmcs(pca.decoder, streamed.decoder) > 0.99
+
+
+def test_streamed_pca_is_the_pca_of_every_row(array_store):
+    """Streamed over the store, PCA finds the in-memory fit's directions, signs and mean, every row counted
+    (a last batch smaller than the number of components too)."""
+    from sklearn.decomposition import PCA
+
+    x, _ = laplace_mixture(n=6001)
+    x[-1] += 40.0  # an outlier in the last row
+    store = array_store(x, hook=HOOK, shard_tokens=1000)
+    full = fit_pca(store, HOOK)
+    streamed = fit_pca(store, HOOK, max_tokens=2000)
+    assert torch.allclose(streamed.mean, full.mean, atol=1e-5)
+    assert torch.allclose(streamed.decoder, full.decoder, atol=1e-5)
+    from helpers.dictionaries.baselines import streamed_pca
+
+    ref = PCA(svd_solver="full").fit(x.double().numpy())
+    comps, mean = streamed_pca(x[i:i + 700] for i in range(0, len(x), 700))  # the last batch: 401 rows
+    assert abs(comps - ref.components_).max() < 1e-8 and abs(mean - ref.mean_).max() < 1e-10
 
 
 def test_ica_recovers_sources_with_positive_heavy_tails(array_store):

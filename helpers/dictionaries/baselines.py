@@ -1,8 +1,8 @@
 """The baselines the paper compares SAE features with, as Dictionaries, and the layer-by-layer
 comparison of notebook 04.
 
-* PCA: the orthonormal directions of largest variance (scikit-learn; IncrementalPCA when the
-  activations are too many for memory).
+* PCA: the orthonormal directions of largest variance (scikit-learn; when the activations are too many
+  for memory, the eigenvectors of their covariance, accumulated in one streamed pass).
 * ICA: scikit-learn FastICA's independent components. A component's sign is arbitrary, so each is
   flipped to make its heavy tail (skewness) positive; non-convergence is reported with its numbers.
 * The neuron (standard) basis and random unit directions (helpers.dictionaries.dictionary).
@@ -61,9 +61,9 @@ def _fit_data(store, hook: str, max_tokens: int, n_components: int, method: str,
 def fit_pca(store, hook: str, n_components: int | None = None, max_tokens: int = IN_MEMORY_TOKENS,
             model_name: str = "", massive=None, tokens: int | None = None) -> LinearDictionary:
     """PCA directions of `hook`'s activations (all d_in of them by default): fitted in memory when the
-    store holds at most `max_tokens`, else streamed over the whole store (IncrementalPCA); with
+    store holds at most `max_tokens`, else streamed over the whole store (`streamed_pca`); with
     `tokens`, fitted in memory on the store's first `tokens` activations (its contexts are in random
-    order, so a prefix is a fair sample; streaming millions of tokens takes hours on 2 vCPUs)."""
+    order, so a prefix is a fair sample)."""
     n_components = n_components or store.d_model
     max_tokens = tokens if tokens is not None else max_tokens
     n = min(store.n_tokens, max_tokens)
@@ -75,17 +75,41 @@ def fit_pca(store, hook: str, n_components: int | None = None, max_tokens: int =
 
         x = _fit_data(store, hook, max_tokens, n_components, "PCA", massive).double().numpy()
         pca = PCA(n_components=n_components, svd_solver="full").fit(x)
+        comps, mean = pca.components_, pca.mean_
     else:  # stream the whole store in batches: memory stays bounded
-        from sklearn.decomposition import IncrementalPCA
-
-        pca = IncrementalPCA(n_components=n_components)
-        batch = max(n_components, min(8192, store.n_tokens // 2))
-        for xb in store.iter_batches(hook, batch, shuffle=False):
-            if len(xb) >= n_components:  # partial_fit needs a batch of at least n_components rows
-                pca.partial_fit((xb if massive is None else massive.shift(xb)).double().numpy())
-    comps = torch.as_tensor(pca.components_, dtype=torch.float32)
-    return LinearDictionary(comps.T, comps, torch.as_tensor(pca.mean_, dtype=torch.float32), name="PCA",
+        batches = store.iter_batches(hook, 8192, shuffle=False)
+        comps, mean = streamed_pca(xb if massive is None else massive.shift(xb) for xb in batches)
+        comps = comps[:n_components]
+    comps = torch.as_tensor(comps, dtype=torch.float32)
+    return LinearDictionary(comps.T, comps, torch.as_tensor(mean, dtype=torch.float32), name="PCA",
                             hook_name=hook, model_name=model_name, massive=massive)
+
+
+def streamed_pca(batches) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of activations given as batches ([b, d] tensors), in one pass: (components [d, d], rows by
+    decreasing variance, mean [d]). The covariance is accumulated in float64 around the first batch's
+    mean (no cancellation against a large mean), then diagonalised; each component is signed as
+    scikit-learn signs PCA's (its largest-magnitude entry positive). The same directions as a PCA of all
+    the rows at once, up to float64 rounding, for d x d memory and one product per batch."""
+    from sklearn.utils.extmath import svd_flip
+
+    n, pilot = 0, None
+    for xb in batches:
+        xb = torch.as_tensor(xb).double()
+        if pilot is None:
+            pilot = xb.mean(0)
+            total, square = torch.zeros_like(pilot), torch.zeros(len(pilot), len(pilot), dtype=torch.float64)
+        xc = xb - pilot
+        n += len(xc)
+        total += xc.sum(0)
+        square += xc.T @ xc
+    if n < 2:
+        raise ValueError(f"PCA needs at least two activations, got {n}")
+    shift = total / n
+    cov = (square - n * torch.outer(shift, shift)) / (n - 1)
+    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    _, comps = svd_flip(None, vecs.flip(1).T.numpy(), u_based_decision=False)
+    return comps, (pilot + shift).numpy()
 
 
 def fit_ica(store, hook: str, n_components: int | None = None, max_tokens: int = 50_000, max_iter: int = 400,

@@ -37,6 +37,7 @@ from helpers.activations.models import hub_revision
 from helpers.results import Result
 from helpers.activations.store import iter_batches_peak_bytes
 from helpers.causal.steering import METHODS, comparison_settings
+from helpers.dictionaries.baselines import IN_MEMORY_TOKENS
 from helpers.runs.sweep import sweep_configs, train_config
 from helpers.saes.train import TrainConfig
 from helpers.settings.paths import cache_on_drive, cache_root, scratch_root
@@ -58,6 +59,8 @@ ICA_PER_ITER = 35          # scikit-learn FastICA in float32, per token, iterati
                            # (0.59 of its float64 time, at 8k tokens and 30 iterations)
 ICA_WHITEN = 9e3           # its whitening and set-up, per d_model³ (the same at 5k and 10k tokens)
 PCA_FIT = 140              # scikit-learn PCA (full SVD, float64), per token and d_model² (at 10k-50k tokens)
+PCA_STREAMED = 5           # PCA streamed over a store too big for memory (float64 covariance), per token and
+                           # d_model² (300k tokens at d_model 576)
 LOGIT_EFFECTS = 4          # helpers.evals.features.logit_effects, per feature, d_model and vocabulary entry
 VOCAB = 50_304             # vocabulary size for logit effects (Pythia's; SmolLM2's is 49,152)
 KNOWN_MODELS = {  # name: (d_model, n_layers, parameters), for when the model's config is not at hand
@@ -244,8 +247,10 @@ def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -
     p.host["training (shuffle buffer)"] = iter_batches_peak_bytes(
         h, d, profile.shard_contexts * per_ctx, TrainConfig.buffer_shards, profile.train_batch,
         store_dtype=profile.store_dtype)
-    pca_n = profile.pca_tokens or min(200_000, profile.harvest_tokens)
-    p.host["PCA fit"] = 3 * pca_n * d * 8
+    streamed = profile.pca_tokens is None and profile.harvest_tokens > IN_MEMORY_TOKENS  # baselines.fit_pca's rule
+    pca_n = profile.harvest_tokens if streamed else (profile.pca_tokens or profile.harvest_tokens)
+    p.host["PCA fit"] = (d * d + 3 * 8192 * d) * 8 if streamed else 3 * pca_n * d * 8
+    pca_fit = (PCA_STREAMED if streamed else PCA_FIT) * pca_n * d * d
     p.host["ICA fit"] = 4 * profile.ica_tokens * d * 8
     score_n = min(scored.harvest_tokens, profile.score_tokens or scored.harvest_tokens)
     p.host["loaded activations"] = (max(profile.eval_tokens, 50_000) + 2 * min(200_000, score_n)) * d * 4
@@ -284,7 +289,7 @@ def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -
     layer_train = 6 * d * 2 * max(c.d_sae for c in configs) * profile.train_tokens * (h - 1)
     heldout_04 = (HELDOUT_RESAMPLED + HELDOUT_PLAIN) * score_n * (3 * f_sae + f_topk + 3 * signed)
     ica = ICA_PER_ITER * profile.ica_tokens * d * d * profile.ica_max_iter + ICA_WHITEN * d ** 3
-    p.seconds["04"] = (layer_train / rate + h * (6 * score / rate + (heldout_04 + ica + PCA_FIT * pca_n * d * d) / cpu)
+    p.seconds["04"] = (layer_train / rate + h * (6 * score / rate + (heldout_04 + ica + pca_fit) / cpu)
                        + 60)
     prompts = profile.ioi_prompts + profile.pronoun_prompts
     passes = prompts * (n_layers / profile.patch_layer_step * 3 + h * 6 * 8)
