@@ -537,3 +537,26 @@ def test_the_first_cpu_step_keeps_freed_memory_unless_told_not_to(setting, kept)
     out = subprocess.run([sys.executable, "-c", KEEP_PROBE], env=env, cwd=Path(__file__).resolve().parent.parent,
                          capture_output=True, text=True, check=True).stdout
     assert f"KEPT {kept}" in out, out
+
+
+def test_an_improved_sae_trains_in_a_stack_exactly_as_alone_on_two_threads():
+    """The improved recipe clips each SAE's gradient norm. On 2 threads, a reduction over a stack's rows splits
+    its work by rows, so a norm summed over the whole stack rounds differently than alone and the runs drift
+    apart; each SAE's norm is its own sum, and an SAE of a stack ends bit for bit as it does alone."""
+    from helpers.saes.train import batch_source, budget_config, train_on_batches
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(8192, 64, generator=g) * torch.linspace(0.2, 3.0, 64) + 1.0
+        configs = [SAEConfig(64, 1024, l1_coefficient=a, recipe="improved") for a in (2e-3, 3e-3, 4e-3)]
+        tc = budget_config(20 * 256, 256, 4e-3)
+        many = train_on_batches(batch_source(x, tc), configs, tc, progress=False)
+        one = train_on_batches(batch_source(x, tc), configs[1:2], tc, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    norms = [v for r in many.history if "grad_norm" in r for v in r["grad_norm"] if v is not None]
+    assert max(norms) > tc.grad_clip  # the clip was at work
+    for p, q in zip(many.saes[1].parameters(), one.saes[0].parameters()):
+        assert torch.equal(p, q)

@@ -370,12 +370,14 @@ def _adam(params, tc: TrainConfig, device: torch.device):
 @torch.no_grad()
 def clip_grad_norm_per_sae(stack: SAEStack, max_norm: float) -> torch.Tensor:
     """Scale each SAE's gradients (all its parameters together) to a norm of at most max_norm, so
-    that the SAEs of a stack stay independent. Returns the norms before clipping [n]."""
+    that the SAEs of a stack stay independent. Returns the norms before clipping [n].
+
+    Each SAE's squared norm is its own reduction over its own gradients, as it would be alone: a
+    reduction over the rows of a stack's gradient splits its work across threads by rows when there are
+    several, so its sums would round differently in a stack than alone."""
     grads = [p.grad for p in stack.parameters() if p.grad is not None]
-    sq = torch.zeros(stack.n, device=stack.b_dec.device)
-    for g in grads:
-        sq += g.float().pow(2).flatten(1).sum(1)
-    norm = sq.sqrt()
+    zero = torch.zeros((), device=stack.b_dec.device)
+    norm = torch.stack([sum((g[i].float().pow(2).sum() for g in grads), zero) for i in range(stack.n)]).sqrt()
     factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(factor.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
