@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from helpers.dictionaries.baselines import fit_ica, fit_pca
+from helpers.dictionaries.baselines import fit_ica, fit_pca, streamed_pca
 from helpers.evals.reconstruction import mmcs
 
 HOOK = "blocks.0.hook_resid_post"
@@ -41,8 +41,6 @@ def test_streamed_pca_is_the_pca_of_every_row(array_store):
     streamed = fit_pca(store, HOOK, max_tokens=2000)
     assert torch.allclose(streamed.mean, full.mean, atol=1e-5)
     assert torch.allclose(streamed.decoder, full.decoder, atol=1e-5)
-    from helpers.dictionaries.baselines import streamed_pca
-
     ref = PCA(svd_solver="full").fit(x.double().numpy())
     comps, mean = streamed_pca(x[i:i + 700] for i in range(0, len(x), 700))  # the last batch: 401 rows
     assert abs(comps - ref.components_).max() < 1e-8 and abs(mean - ref.mean_).max() < 1e-10

@@ -11,7 +11,8 @@ import torch
 from conftest import sparse_data
 from helpers.evals.reconstruction import mmcs, reconstruction_metrics
 from helpers.saes.stack import SAEConfig, SAEStack
-from helpers.saes.train import TrainConfig, TrainingError, resample_dead, train_sweep
+from helpers.saes.train import (TrainConfig, TrainingError, batch_source, budget_config, resample_dead,
+                                train_on_batches, train_sweep)
 
 HOOK = "blocks.0.hook_resid_post"
 D = 16
@@ -543,8 +544,6 @@ def test_an_improved_sae_trains_in_a_stack_exactly_as_alone_on_two_threads():
     """The improved recipe clips each SAE's gradient norm. On 2 threads, a reduction over a stack's rows splits
     its work by rows, so a norm summed over the whole stack rounds differently than alone and the runs drift
     apart; each SAE's norm is its own sum, and an SAE of a stack ends bit for bit as it does alone."""
-    from helpers.saes.train import batch_source, budget_config, train_on_batches
-
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
