@@ -196,3 +196,16 @@ def test_claim_one_protocols_and_controls_on_the_dictionary_device(toy, model):
         share = shared_latents(on_gpu["SAE"], on_gpu["SAE"])
     assert got.rows() == ref.rows() and share.share_a == 1.0
     np.testing.assert_allclose(held.mcc, ref_held.mcc, atol=1e-6)
+
+
+def test_streamed_pca_takes_batches_on_any_device():
+    """PCA streamed from batches on the GPU (a reader's own activations) accumulates on the CPU in float64,
+    as it does from CPU batches, and gives the same components."""
+    from helpers.dictionaries.baselines import streamed_pca
+
+    x = torch.randn(3000, 8, generator=torch.Generator().manual_seed(0)) @ torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
+    comps, mean = streamed_pca(x[i:i + 500] for i in range(0, len(x), 500))
+    with fake_cuda():
+        on_gpu = [x[i:i + 500].to("cuda") for i in range(0, len(x), 500)]
+        comps_gpu, mean_gpu = streamed_pca(on_gpu)
+    assert np.array_equal(comps, comps_gpu) and np.array_equal(mean, mean_gpu)

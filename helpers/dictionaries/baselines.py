@@ -86,16 +86,17 @@ def fit_pca(store, hook: str, n_components: int | None = None, max_tokens: int =
 
 
 def streamed_pca(batches) -> tuple[np.ndarray, np.ndarray]:
-    """PCA of activations given as batches ([b, d] tensors), in one pass: (components [d, d], rows by
-    decreasing variance, mean [d]). The covariance is accumulated in float64 around the first batch's
-    mean (no cancellation against a large mean), then diagonalised; each component is signed as
-    scikit-learn signs PCA's (its largest-magnitude entry positive). The same directions as a PCA of all
-    the rows at once, up to float64 rounding, for d x d memory and one product per batch."""
+    """PCA of activations given as batches ([b, d] tensors on any device, or arrays), in one pass:
+    (components [d, d], rows by decreasing variance, mean [d]), numpy arrays. The covariance is accumulated
+    on the CPU in float64 around the first batch's mean (no cancellation against a large mean), then
+    diagonalised; each component is signed as scikit-learn signs PCA's (its largest-magnitude entry
+    positive). The same directions as a PCA of all the rows at once, up to float64 rounding, for d x d
+    memory and one product per batch."""
     from sklearn.utils.extmath import svd_flip
 
     n, pilot = 0, None
     for xb in batches:
-        xb = torch.as_tensor(xb).double()
+        xb = torch.as_tensor(xb).detach().to("cpu", torch.float64)
         if pilot is None:
             pilot = xb.mean(0)
             total, square = torch.zeros_like(pilot), torch.zeros(len(pilot), len(pilot), dtype=torch.float64)
