@@ -7,8 +7,8 @@ import torch
 from helpers.dictionaries.dictionary import neuron_basis, random_directions
 from helpers.causal.patching import (ablate, candidate_pool, ce_loss, edit_context, edit_curve, gap_closed, patch_context,
                               patch_curve, patch_positions_by_layer, position_mask, ratio_interval,
-                              upstream_features)
-from helpers.causal.prompts import make_ioi, make_pronoun
+                              run_with_activation, upstream_features)
+from helpers.causal.prompts import logit_diff, make_ioi, make_pronoun
 
 HOOK = "blocks.3.hook_resid_post"
 LAYER = 3
@@ -89,6 +89,31 @@ def test_a_patch_of_the_same_features_in_another_order_runs_once(model, ioi, ctx
     assert rows == [3]  # (held-out, in-sample) x (2, 16), the two 16s one patch
     last = r.points[-1]
     assert last.gap_in_sample.value == last.gap_closed.value and r.order != r.order_in_sample
+
+
+@torch.no_grad()
+def test_patched_runs_compute_only_the_positions_from_the_first_patched_one(model, ioi, ctx, neurons):
+    """The prompts' positions before the first patched one are the clean run's at every layer: they run
+    once, and the patched runs only from there on (blocks after the hook), with the full passes' figures."""
+    positions = {}
+    last = model.blocks[-1].mlp.register_forward_hook(lambda m, a, out: positions.setdefault("last", []).append(out.shape[1]))
+    try:
+        curves = {p: patch_curve(model, ioi, HOOK, neurons, ks=(1, 16, 2 * model.cfg.d_model), context=ctx, positions=p)
+                  for p in ("last", "changed")}
+    finally:
+        last.remove()
+    T = ioi.tokens.shape[1]
+    first = int(position_mask(ioi, "changed").float().argmax(1).min())
+    # per curve: the unpatched prefix, then every patch in one pass over the positions after it
+    assert positions["last"] == [T - 1, 1, first, T - first], positions
+    _, measure = ioi.split()
+    pm = ioi.subset(measure)
+    for p, r in curves.items():  # every feature of a complete basis: the plain patch, by a full pass
+        x, x_cf = ctx.x[measure], ctx.x_cf[measure]
+        full = run_with_activation(model, pm.tokens, HOOK, torch.where(position_mask(pm, p)[..., None], x_cf, x),
+                                   last_only=True)
+        expect = gap_closed(ctx.ld_clean[measure], ctx.ld_cf[measure], logit_diff(full.float(), pm))
+        assert r.points[-1].gap_closed.value == pytest.approx(expect, abs=1e-5)
 
 
 def test_candidates_limit_the_choice(model, ioi, ctx, neurons):

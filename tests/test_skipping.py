@@ -8,7 +8,8 @@ from colab_sim import write_model
 from conftest import tiny_llama_model
 from helpers.activations.hooks import blocks_before
 from helpers.activations.models import hooked, skipping_blocks
-from helpers.causal.patching import ce_losses, ce_losses_and_acts, ce_losses_edited, run_with_activation
+from helpers.causal.patching import (_patched_last_logits, ce_losses, ce_losses_and_acts, ce_losses_edited,
+                                     first_change, run_with_activation)
 from helpers.evals.reconstruction import spliced_loss
 
 HOOK = "blocks.1.hook_resid_post"  # the first two blocks are skipped
@@ -36,15 +37,18 @@ def calls(model, skipped: int, rest: int) -> list[int]:
 
 
 class Calls:
-    """Counts the calls of each block's MLP (a skipped block never reaches it)."""
+    """Counts the calls of each block's MLP (a skipped block never reaches it), and the positions
+    each call computed."""
 
     def __init__(self, model):
         self.n = [0] * len(model.blocks)
+        self.positions = [[] for _ in model.blocks]
         self.handles = [b.mlp.register_forward_hook(self._hook(i)) for i, b in enumerate(model.blocks)]
 
     def _hook(self, i):
-        def count(*_):
+        def count(module, args, output):
             self.n[i] += 1
+            self.positions[i].append(output.shape[1])
         return count
 
     def __enter__(self):
@@ -139,3 +143,25 @@ def test_edits_of_given_activations_skip_the_blocks_before_the_hook(model):
     assert torch.allclose(given[0], ce, rtol=1e-6)  # the identity edit is the clean run
     with pytest.raises(ValueError, match="not the activations"):
         ce_losses_edited(model, toks, HOOK, fns, acts=acts[:3])
+
+
+@torch.no_grad()
+def test_patched_runs_compute_the_positions_before_the_first_change_once(model):
+    toks = tokens(model, n=4, T=10, seed=2)
+    _, cache = model.run_with_cache(toks, names_filter=[HOOK])
+    x = cache[HOOK]
+    g = torch.Generator().manual_seed(0)
+    acts = [x.clone() for _ in range(3)]
+    acts[0][:, 6:] += torch.randn(acts[0][:, 6:].shape, generator=g)
+    acts[1][:, 8] *= 2.0
+    acts[2][:, 9:] = 0.0
+    assert first_change(acts, x) == 6 and first_change(acts[1:], x) == 8 and first_change([x], x) == 9
+    full = _patched_last_logits(model, toks, HOOK, acts)  # every position of every patched run
+    with Calls(model) as counted:
+        shared = _patched_last_logits(model, toks, HOOK, acts, clean=x)
+    # one plain pass over positions 0-5 (every block), then the three patched runs in one pass over
+    # positions 6-9 only (the blocks after the hook)
+    assert counted.positions == [[6]] * SKIPPED + [[6, 4]] * (len(model.blocks) - SKIPPED), counted.positions
+    for act, a, b in zip(acts, full, shared):  # the logits of the full passes, up to float rounding
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+        assert torch.allclose(replaced(model, toks, HOOK, act)[:, -1].float(), b, atol=1e-5)

@@ -47,6 +47,7 @@ the last position's logits are computed where only they are read.
 """
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 
@@ -59,7 +60,7 @@ from helpers.activations.harvest import model_device
 from helpers.activations.hooks import layer_of
 from helpers.activations.hooks import name as hook_name
 from helpers.activations.hooks import blocks_before
-from helpers.activations.models import hooked, skipping_blocks
+from helpers.activations.models import hooked, kv_cache_fix, skipping_blocks
 from helpers.causal.prompts import PromptSet, logit_diff
 from helpers.dictionaries.dictionary import as_dictionary, encode_batched
 from helpers.evals.reconstruction import SPLICE_TOKENS
@@ -84,19 +85,53 @@ def hook_acts(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
     return cache[hook].float()
 
 
-def run_with_activation(model, tokens, hook: str, new_act: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+def run_with_activation(model, tokens, hook: str, new_act: torch.Tensor, last_only: bool = False,
+                        cache=None) -> torch.Tensor:
     """Logits with the activation at `hook` replaced by new_act (all positions); last_only: only the
     last position's logits, [n, vocab] (the unembedding of the other positions is skipped). The blocks
-    before the hook, whose output the replacement discards, are skipped (`skipping_blocks`)."""
+    before the hook, whose output the replacement discards, are skipped (`skipping_blocks`). With a
+    key-value `cache` of the first positions (`prefix_cache`, repeated to the rows of `tokens`), `tokens`
+    and `new_act` are the positions after them, and only those run."""
     def replace(act, hook):
         if act.shape != new_act.shape:
             raise ValueError(f"the activation at {hook.name} is {tuple(act.shape)}, the replacement "
                              f"{tuple(new_act.shape)}: give one [n, pos, d] for every prompt and position")
         return new_act.to(act.dtype)
-    with skipping_blocks(model, blocks_before(hook)):
+    kwargs = {} if cache is None else {"past_key_values": cache, "use_cache": True}
+    with skipping_blocks(model, blocks_before(hook)), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
         if last_only:
-            return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)], logits_to_keep=1)[:, -1]
-        return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)])
+            return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)], logits_to_keep=1,
+                                        **kwargs)[:, -1]
+        return model.run_with_hooks(tokens.to(_device(model)), fwd_hooks=[(hook, replace)], **kwargs)
+
+
+@torch.no_grad()
+def prefix_cache(model, tokens: torch.Tensor, n_positions: int):
+    """The model's key-value cache after a plain run of the first `n_positions` positions of `tokens`
+    [n, pos], for `run_with_activation(..., cache=)`; None where the model keeps no cache this code can
+    read and repeat (its callers then run every position)."""
+    kv_cache_fix()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+            _, cache = model.run_with_hooks(tokens[:, :n_positions].to(_device(model)), return_type="logits_and_cache",
+                                            use_cache=True, logits_to_keep=1)
+    except (TypeError, ValueError):
+        return None
+    length = getattr(cache, "get_seq_length", None)
+    if not callable(length) or int(length()) != n_positions or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    return cache
+
+
+def first_change(acts: list[torch.Tensor], clean: torch.Tensor) -> int:
+    """The first position where any of `acts` ([n, pos, d] each) differs from the `clean` activation
+    (pos - 1 at most: the last position always runs)."""
+    differs = torch.zeros(clean.shape[1], dtype=torch.bool)
+    for a in acts:
+        differs |= (a.to(clean.device) != clean).flatten(2).any(-1).any(0).cpu()
+    return min(int(differs.float().argmax()) if differs.any() else clean.shape[1], clean.shape[1] - 1)
 
 
 @torch.no_grad()
@@ -107,19 +142,31 @@ def _last_logits_and_acts(model, tokens, hook: str) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def _patched_last_logits(model, tokens, hook: str, acts: list[torch.Tensor], max_rows: int = 256) -> list[torch.Tensor]:
+def _patched_last_logits(model, tokens, hook: str, acts: list[torch.Tensor], max_rows: int = 256,
+                         clean: torch.Tensor | None = None) -> list[torch.Tensor]:
     """For each activation in `acts` ([n, pos, d] each), the last-position logits [n, vocab] of the
     prompts `tokens` with that activation at `hook`: the patched runs go through the model together,
-    in batches of at most `max_rows` prompts."""
+    in batches of at most `max_rows` prompts. With the `clean` activation at `hook`, the positions
+    before the first one that any patch changes are the clean run's at every layer (attention is
+    causal): they run once (`prefix_cache`), and the patched runs only from there on."""
     n = tokens.shape[0]
-    stacked = torch.cat(acts)
-    toks = tokens.repeat(len(acts), 1)
+    per = max(1, max_rows // n)  # patches per pass
+    start = first_change(acts, clean) if clean is not None else 0
     out = []
-    step = max(n, max_rows // n * n)
-    for i in range(0, len(stacked), step):
-        out.append(run_with_activation(model, toks[i:i + step], hook, stacked[i:i + step].to(_device(model)),
-                                       last_only=True).float().cpu())
-    return list(torch.cat(out).split(n))
+    for i in range(0, len(acts), per):
+        group = acts[i:i + per]
+        cache = prefix_cache(model, tokens, start) if start > 0 else None  # grows with the pass: one per pass
+        if cache is None:
+            logits = run_with_activation(model, tokens.repeat(len(group), 1), hook,
+                                         torch.cat(group).to(_device(model)), last_only=True)
+            out += list(logits.float().cpu().split(n))
+            continue
+        cache.batch_repeat_interleave(len(group))  # row j * len(group) + r: prompt j, patch r
+        new = torch.stack(group, 1).flatten(0, 1)[:, start:].to(_device(model))
+        logits = run_with_activation(model, tokens.repeat_interleave(len(group), 0)[:, start:], hook, new,
+                                     last_only=True, cache=cache)
+        out += list(logits.float().cpu().reshape(n, len(group), -1).unbind(1))
+    return out
 
 
 def _encode(dictionary, x):
@@ -707,7 +754,7 @@ def patch_curve(model, ps, hook: str, dictionary, ks=(1, 2, 4, 8, 16, 32), conte
         first.setdefault(tuple(sorted(f.tolist())), i)
     unique = sorted(set(first.values()))
     run = dict(zip(unique, _patched_last_logits(model, pm.tokens, hook,
-                                                [patched_activation(xm, dm, rows, sets[i]) for i in unique])))
+                                                [patched_activation(xm, dm, rows, sets[i]) for i in unique], clean=xm)))
     logits = [run[first[tuple(sorted(f.tolist()))]] for f in sets]
     ld_c, ld_cf = ctx.ld_clean[measure], ctx.ld_cf[measure]
     points = []
@@ -874,7 +921,7 @@ def edit_curve(model, ps, text_tokens: torch.Tensor, hook: str, dictionary, ks=(
         orders["edit_random"] = cand[torch.randperm(len(cand), generator=g)]
     xm, pm, ld_c = x[measure], ps.subset(measure), ctx.ld_clean[measure]
     fns = {(name, k): ablate(dictionary, o[:k]) for name, o in orders.items() for k in ks}
-    logits = dict(zip(fns, _patched_last_logits(model, pm.tokens, hook, [fn(xm) for fn in fns.values()])))
+    logits = dict(zip(fns, _patched_last_logits(model, pm.tokens, hook, [fn(xm) for fn in fns.values()], clean=xm)))
     costed = [(name, k) for k in ks for name in ("edit", "edit_random")
               if name in orders and (name == "edit" or random_ce)]  # the edits whose CE on the text is measured
     ce = dict(zip(costed, ce_losses_edited(model, text_tokens, hook, [fns[c] for c in costed], acts=ctx.text_x)))
@@ -1064,20 +1111,20 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
     cf, cache = model.run_with_cache(ps.cf_tokens.to(dev), names_filter=list(hooks.values()), logits_to_keep=1)
     clean, clean_cache = model.run_with_cache(ps.tokens.to(dev), names_filter=list(hooks.values()), logits_to_keep=1)
     ld_clean, ld_cf = logit_diff(clean[:, -1].float(), ps).cpu(), logit_diff(cf[:, -1].float(), ps).cpu()
-    masks = torch.cat([position_mask(ps, p) for p in positions]).to(dev)       # [len(positions) * n, pos]
-    n, reps = len(ps), len(positions)
+    masks = [position_mask(ps, p).to(dev) for p in positions]
     names = [p if isinstance(p, str) else f"mask{i}" for i, p in enumerate(positions)]
 
     out = []
     for layer in tqdm(list(layers), desc="patch by layer", disable=not progress):
-        # every position set in one batched pass [clean prompts × reps]: the clean activation with the
-        # counterfactual one at the set's positions (the blocks before the hook are skipped)
-        new_act = torch.where(masks[..., None], cache[hooks[layer]].repeat(reps, 1, 1),
-                              clean_cache[hooks[layer]].repeat(reps, 1, 1))
-        logits = run_with_activation(model, ps.tokens.repeat(reps, 1), hooks[layer], new_act, last_only=True).float()
+        # every position set in one batched pass: the clean activation with the counterfactual one at the
+        # set's positions (the blocks before the hook are skipped; the positions before the first one
+        # patched run once, unpatched)
+        x, x_cf = clean_cache[hooks[layer]], cache[hooks[layer]]
+        logits = _patched_last_logits(model, ps.tokens, hooks[layer],
+                                      [torch.where(m[..., None], x_cf, x) for m in masks], clean=x)
         per_prompt, shares = {"clean": ld_clean, "cf": ld_cf}, {}
         for i, p in enumerate(names):
-            ld = logit_diff(logits[i * n:(i + 1) * n], ps).cpu()
+            ld = logit_diff(logits[i], ps).cpu()
             per_prompt[p] = ld
             shares[p] = gap_closed(ld_clean, ld_cf, ld)
         out.append(LayerPatch(layer=layer, gap_closed=shares, per_prompt=per_prompt))
@@ -1262,7 +1309,8 @@ def patch_features(model, clean, corrupt=None, hook: str = "", sae=None, answer=
         chosen, ranked_by = torch.as_tensor(list(features), dtype=torch.long).flatten(), "given"
         if len(chosen) and not 0 <= int(chosen.min()) <= int(chosen.max()) < dictionary.n_features:
             raise ValueError(f"features must be ids in 0..{dictionary.n_features - 1}")
-    logits = _patched_last_logits(model, ps.tokens, hook, [patched_activation(ctx.x, delta, rows, chosen)])[0]
+    logits = _patched_last_logits(model, ps.tokens, hook, [patched_activation(ctx.x, delta, rows, chosen)],
+                                  clean=ctx.x)[0]
     ld = logit_diff(logits, ps)
     kl = _kl(ctx.clean, logits)
     kl_est = Estimate(float(kl.mean())) if len(ps) < 2 else Estimate(*ratio_interval(kl, torch.ones(len(kl)), n_boot, seed))
