@@ -233,11 +233,23 @@ def test_logit_diff_reads_the_last_position(ioi):
         logit_diff(logits[:5], ioi)
 
 
+class Scores(dict):
+    """evaluate() of a set and of its counterfactual, computed the first time a test asks for that set (a
+    test worker computes only the sets of the tests it runs)."""
+
+    def __init__(self, model, sets):
+        super().__init__()
+        self.model, self.sets = model, sets
+
+    def __missing__(self, name):
+        ps = self.sets[name]()
+        self[name] = (evaluate(self.model, ps), evaluate(self.model, ps.swapped()))
+        return self[name]
+
+
 @pytest.fixture(scope="module")
-def scores(model, ioi, pronoun):
-    """evaluate() of each set and of its counterfactual, computed once."""
-    return {name: (evaluate(model, ps), evaluate(model, ps.swapped()))
-            for name, ps in (("ioi", ioi), ("pronoun", pronoun))}
+def scores(model, request):
+    return Scores(model, {name: lambda name=name: request.getfixturevalue(name) for name in ("ioi", "pronoun")})
 
 
 # Measured on these very sets (seed 0, embedded SmolLM2-135M-Instruct, CPU float32): IOI (n=52) accuracy

@@ -43,7 +43,10 @@ Everything is batched over prompts, and the points of a curve share forward pass
 depend on the dictionary (the clean and counterfactual runs, their activations and the gradient that
 attribution needs) is computed once per hook and prompt set (`patch_context`, `edit_context`) and
 reused by every dictionary; all the patched runs of a curve go through the model together, and only
-the last position's logits are computed where only they are read.
+the last position's logits are computed where only they are read. The positions before the first one
+that a patch changes are the clean run's at every layer (attention is causal): they run once, and their
+key-value cache carries the patched runs, which compute only the positions from there on
+(`prefix_cache`, `run_with_activation(..., cache=)`).
 """
 from __future__ import annotations
 
