@@ -1101,8 +1101,8 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
     """For each layer: the share of the logit-difference gap closed by replacing the clean residual
     stream with the counterfactual one at each set of `positions` (see `position_mask`): by default
     (a) the positions where the prompts differ (IOI: the repeated name), (b) the positions between
-    it and the last, (c) the last position only. One counterfactual pass for all layers, then one
-    batched patched pass per layer for all position sets. Each layer's `LayerPatch` also keeps the
+    it and the last, (c) the last position only. One counterfactual pass for all layers, then per
+    layer the patched runs of all position sets batched together, from the first patched position on. Each layer's `LayerPatch` also keeps the
     logit differences of every prompt ("clean", "cf", and one per position set, named as given or
     "mask0", "mask1", ... for a bool mask), so that the gap closed on any subset of prompts can be
     computed (`LayerPatch.interval`, `gap_closed`)."""
@@ -1119,7 +1119,7 @@ def patch_positions_by_layer(model, ps, layers, hook_kind: str = "resid_post", p
 
     out = []
     for layer in tqdm(list(layers), desc="patch by layer", disable=not progress):
-        # every position set in one batched pass: the clean activation with the counterfactual one at the
+        # every position set in the same passes: the clean activation with the counterfactual one at the
         # set's positions (the blocks before the hook are skipped; the positions before the first one
         # patched run once, unpatched)
         x, x_cf = clean_cache[hooks[layer]], cache[hooks[layer]]
