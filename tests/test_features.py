@@ -222,3 +222,30 @@ def test_top_token_share_counts_the_most_frequent_token_among_the_top():
     share = top_token_share(top_idx, token_ids)
     assert np.allclose(share[[0, 1, 3]], [2 / 3, 1.0, 0.25]) and np.isnan(share[2])
     assert np.allclose(top_token_share(torch.as_tensor(top_idx), token_ids, n=2)[[0, 1, 3]], [1.0, 1.0, 0.5])
+
+
+def test_top_tokens_are_exact_and_order_equal_codes_by_token_index():
+    """Each feature's top tokens, streamed in batches and merged in chunks, are the exact top k: the
+    k largest codes, and where a feature has fewer positive tokens than k, all of them; equal codes
+    come in token order, whatever the batch and chunk sizes."""
+    from helpers.evals.features import top_tokens_of
+
+    g = torch.Generator().manual_seed(0)
+    n, f, k = 1000, 7, 60
+    codes = torch.randint(0, 4, (n, f), generator=g).float()                  # codes 0-3: many ties
+    codes[:, :3] *= torch.rand(n, 3, generator=g) < 0.04                      # three features with < k positives
+    expected = []
+    for j in range(f):
+        order = sorted(range(n), key=lambda t: (-float(codes[t, j]), t))[:k]
+        expected.append([t if codes[t, j] > 0 else -1 for t in order])
+    for batch in (n, 64, 7):
+        v, i, n_pos = top_tokens_of(codes, k, batch_size=batch)
+        assert torch.equal(n_pos, (codes > 0).sum(0))
+        assert torch.equal(v, codes.T.topk(k, dim=1).values), batch           # the k largest codes, descending
+        ok = i >= 0
+        assert torch.equal(codes.T.gather(1, i.clamp_min(0))[ok], v[ok])      # each index holds its value
+        for j in range(3):                                                     # fewer positives than k: all, in order
+            assert i[j].tolist() == expected[j], (batch, j)
+        for j in range(f):                                                     # within the codes above the k-th, in order
+            above = v[j] > v[j, -1]
+            assert i[j][above].tolist() == [t for t in expected[j][: int(above.sum())]], (batch, j)

@@ -203,28 +203,53 @@ def feature_stats(dictionary, store, hook: str | None = None,
 
 class TopTokens:
     """Running exact per-feature top-`k_max` tokens by code, fed batch by batch (`add`): one home for
-    the rule of `top_tokens` (a store) and `top_tokens_of` (a tensor of codes)."""
+    the rule of `top_tokens` (a store) and `top_tokens_of` (a tensor of codes). Batches are gathered
+    into chunks of about `chunk_elements` codes; each chunk's top k is selected unsorted and merged
+    unsorted, and `result` sorts once: by code, equal codes by token index (the lower first)."""
 
-    def __init__(self, n_features: int, k_max: int, device="cpu"):
+    def __init__(self, n_features: int, k_max: int, device="cpu", chunk_elements: int = 2 ** 25):
         self.k_max = k_max
-        self.v = torch.zeros(n_features, k_max, device=device)
-        self.i = torch.full((n_features, k_max), -1, dtype=torch.int64, device=device)
+        self.chunk = max(1, chunk_elements // max(1, n_features))      # tokens a chunk holds
+        self.v = torch.zeros(n_features, 0, device=device)
+        self.i = torch.zeros(n_features, 0, dtype=torch.int64, device=device)
         self.n_pos = torch.zeros(n_features, dtype=torch.int64, device=device)
+        self._codes, self._idx, self._held = [], [], 0
 
     def add(self, c: torch.Tensor, idx: torch.Tensor):
         """Codes `c` [B, F] (unscored tokens already zeroed) of the tokens `idx` [B]."""
         self.n_pos += (c > 0).sum(0)
-        # the batch's own top k first, a small merge; each feature's codes contiguous, as topk reads them
-        bv, bi = c.T.contiguous().topk(min(self.k_max, len(c)), dim=1)
-        cand_v = torch.cat([self.v, bv], 1)
-        cand_i = torch.cat([self.i, idx.to(c.device)[bi]], 1)
-        self.v, pos = cand_v.topk(self.k_max, dim=1)
-        self.i = cand_i.gather(1, pos)
+        self._codes.append(c)
+        self._idx.append(idx.to(c.device))
+        self._held += len(c)
+        if self._held >= self.chunk:
+            self._merge()
+
+    def _merge(self):
+        if not self._codes:
+            return
+        c = torch.cat(self._codes).T.contiguous()                       # [F, chunk]: each feature's codes contiguous
+        idx = torch.cat(self._idx)
+        self._codes, self._idx, self._held = [], [], 0
+        bv, bi = c.topk(min(self.k_max, c.shape[1]), dim=1, sorted=False)
+        cand_v, cand_i = torch.cat([self.v, bv], 1), torch.cat([self.i, idx[bi]], 1)
+        if cand_v.shape[1] > self.k_max:
+            cand_v, pos = cand_v.topk(self.k_max, dim=1, sorted=False)
+            cand_i = cand_i.gather(1, pos)
+        self.v, self.i = cand_v, cand_i
 
     def result(self):
-        """(values [F, k_max], token indices [F, k_max] with -1 where not positive, positive counts [F]), on the CPU."""
-        top_i = torch.where(self.v > 0, self.i, torch.full_like(self.i, -1))
-        return self.v.cpu(), top_i.cpu(), self.n_pos.cpu()
+        """(values [F, k_max], descending, 0 where not positive; token indices [F, k_max], -1 where not
+        positive; positive counts [F]), on the CPU."""
+        self._merge()
+        v, i = self.v.clamp_min(0), self.i
+        if v.shape[1] < self.k_max:                                      # fewer tokens than k_max
+            v = torch.nn.functional.pad(v, (0, self.k_max - v.shape[1]))
+            i = torch.nn.functional.pad(i, (0, self.k_max - i.shape[1]), value=-1)
+        pos = i.sort(dim=1, stable=True).indices                        # equal codes: the lower token index first
+        v, i = v.gather(1, pos), i.gather(1, pos)
+        pos = v.sort(dim=1, descending=True, stable=True).indices
+        v, i = v.gather(1, pos), i.gather(1, pos)
+        return v.cpu(), torch.where(v > 0, i, torch.full_like(i, -1)).cpu(), self.n_pos.cpu()
 
 
 @torch.no_grad()
