@@ -420,3 +420,49 @@ def test_the_curve_and_the_budget_curve_share_one_training_kept_on_disk(array_st
         for name, v in first[n].state_dict().items():
             if isinstance(v, torch.Tensor):
                 assert torch.equal(read[n].state_dict()[name].cpu(), v.cpu()), (n, name)
+
+
+@pytest.mark.parametrize("recipe", ["anthropic2023", "improved"])
+def test_the_curve_reads_the_snapshots_the_sweep_kept_and_they_equal_a_retraining(recipe, array_store, tmp_path,
+                                                                                  monkeypatch):
+    """A sweep keeps the chosen SAE at the curve's budgets (helpers.runs.sweep.CurveSnapshots);
+    curve_snapshots reads them instead of training again, and they are exactly what training the SAE
+    again alone gives."""
+    from helpers.activations import massive
+    from helpers.evals import heldout
+    from helpers.runs import sweep as sw
+    from helpers.saes.train import train_sweep
+
+    x, _ = sparse_data(n=2048, d=16, m=24)
+    profile = PROFILES["test"].replace(layers=(0,), sae_layer=0, train_tokens=1024, train_batch=128, massive=True,
+                                       device="cpu", curve_points=4, pick_ratio=2)
+    hook = profile.sae_hook
+    store = array_store(x, hook=hook)
+    configs = [SAEConfig(d_in=16, d_sae=32, l1_coefficient=a, massive=True, hook_name=hook, recipe=recipe)
+               for a in (1e-3, 3e-3)]
+    configs.append(SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4, massive=True, hook_name=hook))
+    tc = sw.train_config(profile)
+    keep = sw.CurveSnapshots(configs, tc, profile.pick_ratio)
+    assert keep.rows == [0, 1]                                           # the L1 SAEs the rule could choose
+    result = train_sweep(store, hook, configs, tc, on_eval=keep, rules={hook: massive.fit(store, hook)}, progress=False)
+    keep.save(tmp_path / "sweep", 1, result, store)
+    assert sorted(p.name for p in (tmp_path / "sweep" / "curve").iterdir()) == [
+        "sae_01-1024.safetensors", "sae_01-256.safetensors", "sae_01-512.safetensors"]
+
+    trained = []
+    real = heldout.train_sweep
+    monkeypatch.setattr(heldout, "train_sweep", lambda *a, **kw: trained.append(1) or real(*a, **kw))
+    monkeypatch.setattr(heldout, "_SNAPSHOTS", {})
+    kept = heldout.curve_snapshots(profile, store, SimpleNamespace(rows_=configs, chosen=1, dir=str(tmp_path / "sweep")),
+                                   progress=False)
+    assert sorted(kept) == [256, 512, 1024] and not trained              # read, not trained
+    monkeypatch.setattr(heldout, "_SNAPSHOTS", {})
+    again = heldout.curve_snapshots(profile, store, SimpleNamespace(rows_=configs, chosen=1), progress=False)
+    assert trained                                                       # no sweep folder: trained again
+    for n in kept:
+        for name, v in again[n].state_dict().items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(kept[n].state_dict()[name], v), (n, name)
+    assert not torch.equal(kept[256].W_dec, kept[1024].W_dec)
+    other = array_store(x + 1, hook=hook, name="other")                  # another store: its own training
+    assert sw.sweep_snapshots(SimpleNamespace(dir=str(tmp_path / "sweep")), 1, [256, 512, 1024], other) is None

@@ -52,12 +52,13 @@ import torch
 
 from helpers.activations import massive
 from helpers.activations.corpus import COARSE_TAGS, NO_TAG, coarse_tag
+from helpers.activations.models import resolve_device
 from helpers.activations.store import META_DTYPE
 from helpers.dictionaries.dictionary import SAEDictionary, device_of, random_directions
 from helpers.evals.features import TOKEN_CLASSES, token_classes, top_tokens, top_tokens_of
 from helpers.results import Estimate, Result, Table
-from helpers.runs.sweep import SAE_KEYS, train_config
-from helpers.saes.stack import SAEConfig
+from helpers.runs.sweep import SAE_KEYS, halving_steps, sweep_snapshots, train_config
+from helpers.saes.stack import SAEConfig, SAEStack
 from helpers.settings.paths import digest
 from helpers.saes.train import train_sweep
 from helpers.show import plots
@@ -1059,17 +1060,18 @@ def curve_training(profile, sweep, index: int | None = None, points: int = 3):
     row = sweep.rows_[sweep.chosen if index is None else index]
     cfg = SAEConfig(**{**{k: getattr(row, k) for k in SAE_KEYS}, "hook_name": profile.sae_hook})
     tc = train_config(profile)
-    steps = tc.total_tokens // tc.batch_size
-    return cfg, dataclasses.replace(tc, eval_at=tuple(sorted({max(1, steps >> j) for j in range(points)})))
+    return cfg, dataclasses.replace(tc, eval_at=halving_steps(tc.total_tokens // tc.batch_size, points))
 
 
 def curve_snapshots(profile, store, sweep, index: int | None = None, points: int = 3, checkpoint_dir=None,
                     progress: bool = True) -> dict:
-    """{training tokens: one-SAE stack}: one sweep SAE (default: the chosen one) trained again alone with
-    the sweep's settings (`curve_training`: a sweep trains exactly what training each SAE alone would),
-    as it is at `points` budgets halving down from the profile's (1/4, 1/2 and all of it, by default).
+    """{training tokens: one-SAE stack}: one sweep SAE (default: the chosen one) as it was at `points`
+    budgets halving down from the profile's (1/4, 1/2 and all of it, by default). The sweep keeps its
+    chosen SAE's (helpers.runs.sweep.CurveSnapshots) where those budgets are learning-curve steps; any
+    other is trained again alone with the sweep's settings (`curve_training`: a sweep trains exactly
+    what training each SAE alone would).
 
-    Trained once per process for the same settings, store and code: the interpretability curve and the
+    Made once per process for the same settings, store and code: the interpretability curve and the
     protocols' budget curve (helpers.evals.protocols.snapshot_protocol_scores) score the same snapshots.
     With `checkpoint_dir`, training keeps a checkpoint and each snapshot's weights (safetensors) in a
     folder under it named by what they depend on, so an interrupted run resumes and a later process
@@ -1081,6 +1083,17 @@ def curve_snapshots(profile, store, sweep, index: int | None = None, points: int
     key = digest([repr(cfg), repr(tc), profile.seed, str(Path(store.path).resolve())], CURVE_CODE)
     if key in _SNAPSHOTS:
         return dict(_SNAPSHOTS[key])
+    budgets = sorted(step * tc.batch_size for step in tc.eval_at)
+    kept = sweep_snapshots(sweep, sweep.chosen if index is None else index, budgets, store)
+    if kept is not None:
+        device = resolve_device(tc.device)
+        snaps = {}
+        for n, state in kept.items():
+            snap = SAEStack([cfg])
+            snap.load_state_dict({**snap.state_dict(), **state})
+            snaps[n] = snap.to(device).eval()
+        _SNAPSHOTS[key] = snaps
+        return dict(snaps)
     folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"curve-snapshots-{key}"
     saved = {}
 
@@ -1100,7 +1113,6 @@ def curve_snapshots(profile, store, sweep, index: int | None = None, points: int
     rule = massive.fit(store, hook) if profile.massive else None
     result = train_sweep(store, hook, [cfg], tc, run_dir=None if folder is None else folder / "run",
                          progress=progress, on_eval=on_eval, rules={hook: rule} if rule else None)
-    budgets = sorted(step * tc.batch_size for step in tc.eval_at)
     for n in budgets:  # snapshots taken before an interruption: read back from their files
         if n not in saved:
             if folder is None or not (folder / f"snapshot-{n}.safetensors").exists():

@@ -512,11 +512,16 @@ def sweep_configs(profile, d_in: int) -> list[SAEConfig]:
     return configs
 
 
+def halving_steps(steps: int, points: int) -> tuple:
+    """`points` step counts halving down from `steps` (all, a half, a quarter, ..., rounded), ascending:
+    where a sweep measures its learning curve, and the budgets of the interpretability curve."""
+    return tuple(sorted({max(1, int(round(steps * 2.0 ** -j))) for j in range(max(0, points))}))
+
+
 def train_config(profile, tokens: int | None = None) -> TrainConfig:
     tokens = tokens or profile.train_tokens
     steps = tokens // profile.train_batch
-    points = max(0, profile.curve_points)
-    eval_at = tuple(sorted({max(1, int(round(steps * 2.0 ** -j))) for j in range(points)})) if points else ()
+    eval_at = halving_steps(steps, profile.curve_points)
     return TrainConfig(total_tokens=tokens, batch_size=profile.train_batch, lr=profile.lr,
                        warmup_steps=max(1, steps // 20), dead_window=min(tokens // 4, 1_000_000),
                        resample_every=max(1, steps // 5), resample_until=0.7, log_every=max(1, steps // 100),
@@ -811,8 +816,15 @@ def _make_sweep(profile, folder: Path, store, model, progress: bool) -> Sweep:
     configs = sweep_configs(profile, store.d_model)
 
     rule = massive.fit(store, hook) if profile.massive else None
-    on_eval = learning_curve_fn(configs, eval_store, hook, model, profile, rule)
-    result = train_sweep(store, hook, configs, train_config(profile), run_dir=folder, progress=progress,
+    tc = train_config(profile)
+    curve = learning_curve_fn(configs, eval_store, hook, model, profile, rule)
+    keep = CurveSnapshots(configs, tc, profile.pick_ratio)
+
+    def on_eval(step, n_tokens, saes):
+        keep(step, n_tokens, saes)
+        return curve(step, n_tokens, saes)
+
+    result = train_sweep(store, hook, configs, tc, run_dir=folder, progress=progress,
                          on_eval=on_eval, rules={hook: rule} if rule else None)
     rows = evaluate_result(result, eval_store, hook, model, profile.ce_contexts, rule)
     save_saes(result, rows, folder)
@@ -827,7 +839,72 @@ def _make_sweep(profile, folder: Path, store, model, progress: bool) -> Sweep:
                 best_paper=best_of_recipe(rows, "anthropic2023", profile.pick_ratio, profile.pick_max_l0),
                 massive=result.rules[hook].to_json(), seconds=result.seconds, tokens=result.tokens,
                 diverged={result.configs[i].label: step for i, step in result.diverged.items()}, dir=str(folder))
+    keep.save(folder, out.chosen, result, store)
     out.save(results)
+    return out
+
+
+CURVE_POINTS = 3  # the interpretability curve's budgets: a quarter, a half and all of the training
+
+
+class CurveSnapshots:
+    """on_eval beside the learning curve's, for `train_sweep`: keeps a CPU copy of every SAE the rule
+    could choose (`choose`: an L1 SAE of the pick ratio, with the massive treatment) at the
+    interpretability curve's budgets (`halving_steps(steps, CURVE_POINTS)`), where those are learning-curve
+    steps; `save` writes the chosen one's to the sweep's folder, where `sweep_snapshots` finds them.
+    A sweep trains exactly what training each SAE alone would, so these are the snapshots that
+    helpers.evals.heldout.curve_snapshots would otherwise train the chosen SAE again to take. A sweep
+    resumed from a checkpoint missed the budgets before it: it saves none."""
+
+    def __init__(self, configs, tc: TrainConfig, pick_ratio):
+        self.budgets = halving_steps(tc.total_tokens // tc.batch_size, CURVE_POINTS)
+        self.batch_size = tc.batch_size
+        self.on = set(self.budgets) <= set(tc.eval_at)
+        self.rows = [i for i, c in enumerate(configs) if c.arch.l1 and c.ratio == pick_ratio and c.massive]
+        self.kept: dict[int, dict[int, dict]] = {}
+
+    def __call__(self, step, n_tokens, saes):
+        if self.on and step in self.budgets[:-1]:  # the last budget is the trained SAE itself
+            for i in self.rows:
+                self.kept.setdefault(i, {})[int(n_tokens)] = {
+                    k: v.detach().cpu().clone() for k, v in saes[i].state_dict().items() if torch.is_tensor(v)}
+
+    def save(self, folder: Path, chosen: int, result, store) -> None:
+        """Write SAE `chosen`'s snapshots, its trained state as the last, to ``folder/curve``."""
+        from safetensors.torch import save_file
+
+        kept = dict(self.kept.get(chosen, {}))
+        if not self.on or sorted(kept) != [s * self.batch_size for s in self.budgets[:-1]] or chosen in result.diverged:
+            return
+        kept[self.budgets[-1] * self.batch_size] = {k: v.detach().cpu().contiguous()
+                                                    for k, v in result.saes[chosen].state_dict().items() if torch.is_tensor(v)}
+        out = folder / "curve"
+        out.mkdir(parents=True, exist_ok=True)
+        for n, state in kept.items():
+            path = out / f"sae_{chosen:02d}-{n}.safetensors"
+            tmp = tmp_name(path)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"store": Path(store.path).name})
+            tmp.replace(path)
+        self.kept.clear()
+
+
+def sweep_snapshots(sweep, index: int, budgets, store) -> dict | None:
+    """{training tokens: state tensors} of sweep SAE `index` as `CurveSnapshots` kept it at each of
+    `budgets` (tokens), if the sweep kept them all, trained on `store`; else None."""
+    from safetensors import safe_open
+
+    folder = getattr(sweep, "dir", None)
+    if not folder:
+        return None
+    paths = {n: Path(folder) / "curve" / f"sae_{index:02d}-{n}.safetensors" for n in budgets}
+    if not all(p.exists() for p in paths.values()):
+        return None
+    out = {}
+    for n, p in paths.items():
+        with safe_open(str(p), framework="pt") as h:
+            if (h.metadata() or {}).get("store") != Path(store.path).name:
+                return None
+            out[n] = {k: h.get_tensor(k) for k in h.keys()}
     return out
 
 
