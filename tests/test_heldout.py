@@ -137,3 +137,27 @@ def test_contextual_concepts(model):
     assert on("class suffix -ing") == ['ing']
     assert on("first word of a sentence") == ['He', ' Then']
     assert on("sentence word 2-3") == [' said', 'walk', ' he', ' left']
+
+
+def test_a_dictionary_scored_under_two_names_reads_its_top_tokens_once(planted, model, monkeypatch):
+    """`compare` reads the top tokens of a dictionary given under two names (e.g. random directions at
+    two sparsities) once, and scores each name as scoring it alone would."""
+    from helpers.evals import heldout
+
+    store, d, _ = planted
+    sc = HeldoutScorer(store, model.tokenizer, n_boot=10, max_density=0.05, min_count=5, min_active=5)
+    other = LinearDictionary(torch.eye(104).flip(0), torch.eye(104).flip(0), name="flipped", hook_name=HOOK,
+                             model_name="toy")
+    calls = []
+    real = heldout.top_tokens
+    monkeypatch.setattr(heldout, "top_tokens", lambda dictionary, *a, **kw: calls.append(dictionary.name) or
+                        real(dictionary, *a, **kw))
+    cmp = sc.compare({"planted": d, "flipped": other, "flipped (planted's sparsity)": other},
+                     match={"flipped (planted's sparsity)": "planted"}, progress=False)
+    assert sorted(calls) == ["flipped", "planted"]                        # each dictionary read once
+    alone = sc.score(other, name="flipped (planted's sparsity)", progress=False,
+                     counts=heldout.matched_counts(torch.as_tensor(sc.score(d, progress=False).counts), other.n_features, seed=0,
+                                                   min_active=5))
+    got = cmp.scores["flipped (planted's sparsity)"]
+    np.testing.assert_array_equal(got.features["counts"], alone.counts)
+    np.testing.assert_array_equal(got.features["mcc"], alone.mcc)

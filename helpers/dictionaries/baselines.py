@@ -508,15 +508,21 @@ def _score_layer(profile, store, score_store, model, layer, hook, dicts, shared,
                           n_boot=0, seed=profile.seed)
     sae_counts = None
     layer_rows = []
+    random_tops = None  # the random directions' top tokens by scorer: scored again at the TopK SAE's sparsity
     for name, d in dicts.items():
         bar.set_postfix_str(f"layer {layer} {name}")
         counts = None
         if "SAE" not in name:
             counts = matched_counts(sae_counts, d.n_features, seed=profile.seed)
-        sc = ordinary.score(d, name=name, hook=hook, counts=counts, progress=False)
+        top_o = ordinary.top(d, hook, progress=False)
+        sc = ordinary.score(d, name=name, hook=hook, counts=counts, top=top_o)
         if name == "SAE":
             sae_counts = torch.as_tensor(sc.counts)
-        al = every.score(d, name=name, hook=hook, counts=counts, progress=False)
+        top_e = every.top(d, hook, progress=False)
+        al = every.score(d, name=name, hook=hook, counts=counts, top=top_e)
+        if name == "random":
+            random_tops = (top_o, top_e)
+        del top_o, top_e
         layer_rows.append({"layer": layer, "method": name, "features": d.n_features,
                            "massive_share": float(flags[: ordinary.n].mean()),
                            "converged": getattr(d, "converged", None), "dictionary": d, "scored": sc,
@@ -528,8 +534,8 @@ def _score_layer(profile, store, score_store, model, layer, hook, dicts, shared,
     if topk is not None:  # random directions at the TopK SAE's sparsity, its own fair reference
         counts = matched_counts(torch.as_tensor(topk["scored"].counts), rnd["features"], seed=profile.seed)
         d = rnd["dictionary"]
-        sc = ordinary.score(d, name=RANDOM_TOPK, hook=hook, counts=counts, progress=False)
-        al = every.score(d, name=RANDOM_TOPK, hook=hook, counts=counts, progress=False)
+        sc = ordinary.score(d, name=RANDOM_TOPK, hook=hook, counts=counts, top=random_tops[0])
+        al = every.score(d, name=RANDOM_TOPK, hook=hook, counts=counts, top=random_tops[1])
         layer_rows.append({**rnd, "method": RANDOM_TOPK, "scored": sc, "sparsity": "TopK SAE's", **sc.summary(),
                            "all": al.summary()})
         bar.update(1)

@@ -205,7 +205,8 @@ class TopTokens:
     """Running exact per-feature top-`k_max` tokens by code, fed batch by batch (`add`): one home for
     the rule of `top_tokens` (a store) and `top_tokens_of` (a tensor of codes). Batches are gathered
     into chunks of about `chunk_elements` codes; each chunk's top k is selected unsorted and merged
-    unsorted, and `result` sorts once: by code, equal codes by token index (the lower first)."""
+    unsorted, and `result` sorts once: by code, equal codes by token index (the lower first). Where
+    more tokens share the k_max-th code than fit, which of them are kept is `torch.topk`'s choice."""
 
     def __init__(self, n_features: int, k_max: int, device="cpu", chunk_elements: int = 2 ** 25):
         self.k_max = k_max

@@ -718,18 +718,24 @@ class HeldoutScorer(HeldoutSplit):
         super().__init__(labels, np.cumsum(first) - 1, scored, max_density=max_density, min_count=min_count,
                          min_active=min_active, n_boot=n_boot, candidates=candidates, seed=seed)
 
-    def active(self, dictionary, hook: str | None = None, counts=None, progress: bool = True):
-        """(values [F, k_max], token indices [F, k_max] with -1 padding, counts [F]): each feature's
-        exact top-k scored tokens, k = min(positive tokens, k_max) or the given `counts`."""
+    def top(self, dictionary, hook: str | None = None, progress: bool = True):
+        """`top_tokens` of `dictionary` on this scorer's tokens: (values [F, k_max], token indices
+        [F, k_max], positive scored tokens [F]); what `active` cuts to each feature's active set."""
         hook = dictionary.check_store(self.store, hook)
-        v, i, n_pos = top_tokens(dictionary, self.store, hook, self.n, self.scored_tokens, self.k_max,
-                                 progress=progress)
-        return active_sets(v, i, n_pos, self.k_max, counts)
+        return top_tokens(dictionary, self.store, hook, self.n, self.scored_tokens, self.k_max, progress=progress)
+
+    def active(self, dictionary, hook: str | None = None, counts=None, progress: bool = True, top=None):
+        """(values [F, k_max], token indices [F, k_max] with -1 padding, counts [F]): each feature's
+        exact top-k scored tokens, k = min(positive tokens, k_max) or the given `counts`. `top`: the
+        dictionary's `top` on this scorer, computed before (e.g. to score it at two sparsities)."""
+        return active_sets(*(top if top is not None else self.top(dictionary, hook, progress)), self.k_max, counts)
 
     def score(self, dictionary, name: str | None = None, hook: str | None = None, counts=None,
-              progress: bool = True) -> Scored:
-        """Held-out scores of every feature of `dictionary`, with its null and the resampled medians."""
-        return self.score_active(*self.active(dictionary, hook, counts, progress=progress), name or dictionary.name)
+              progress: bool = True, top=None) -> Scored:
+        """Held-out scores of every feature of `dictionary`, with its null and the resampled medians
+        (`top`: as in `active`)."""
+        return self.score_active(*self.active(dictionary, hook, counts, progress=progress, top=top),
+                                 name or dictionary.name)
 
     def compare(self, dictionaries: dict, match: dict | None = None, pairs=None, keys=("mcc",),
                 hook: str | None = None, progress: bool = True) -> "HeldoutComparison":
@@ -746,11 +752,21 @@ class HeldoutScorer(HeldoutSplit):
             if ref in match:
                 raise ValueError(f"{ref!r} is matched to {match[ref]!r} itself: match to one scored at its own sparsity")
         done: dict[str, Scored] = {}
-        for name in sorted(dictionaries, key=lambda m: m in match):      # references first
+        order = sorted(dictionaries, key=lambda m: m in match)           # references first
+        left = {}                                                         # names still to score, by dictionary
+        for name in order:
+            left[id(dictionaries[name])] = left.get(id(dictionaries[name]), 0) + 1
+        tops = {}  # a dictionary given under several names: its top tokens read once, kept until its last
+        for name in order:
             d = dictionaries[name]
             counts = None if name not in match else matched_counts(
                 torch.as_tensor(done[match[name]].counts), d.n_features, seed=self.seed, min_active=self.min_active)
-            done[name] = self.score(d, name=name, hook=hook, counts=counts, progress=progress)
+            top = tops.pop(id(d), None)
+            top = top if top is not None else self.top(d, hook, progress=progress)
+            done[name] = self.score(d, name=name, hook=hook, counts=counts, top=top)
+            left[id(d)] -= 1
+            if left[id(d)]:
+                tops[id(d)] = top
         scores = {name: done[name].result(self.resamples) for name in dictionaries}
         pairs = list(match.items()) if pairs is None else list(pairs)
         return HeldoutComparison(scores, [compare(scores[a], scores[b], key) for a, b in pairs for key in keys])
