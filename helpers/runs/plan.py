@@ -38,7 +38,7 @@ from helpers.results import Result
 from helpers.activations.store import iter_batches_peak_bytes
 from helpers.causal.steering import METHODS, comparison_settings
 from helpers.dictionaries.baselines import IN_MEMORY_TOKENS
-from helpers.runs.sweep import sweep_configs, train_config
+from helpers.runs.sweep import CURVE_POINTS, CurveSnapshots, sweep_configs, train_config
 from helpers.saes.train import TrainConfig
 from helpers.settings.paths import cache_on_drive, cache_root, scratch_root
 
@@ -221,6 +221,7 @@ def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -
     configs = sweep_configs(profile, d)
     sae_params = [2 * d * c.d_sae + c.d_sae + d for c in configs]  # GPU memory below: untied, an upper bound
     widest = max(configs, key=lambda c: sae_parameters(c, d))
+    keep = CurveSnapshots(configs, train_config(profile), profile.pick_ratio)  # what the sweep keeps for the curve
     layer_configs = [widest] * (2 * (h - 1))           # the chosen SAE and its TopK twin at every other layer
     p.disk["SAE files"] = 4 * sum(sae_parameters(c, d) for c in configs + layer_configs)
     runs = [checkpoint_bytes(configs, d)] + ([checkpoint_bytes(layer_configs, d)] if layer_configs else [])
@@ -238,15 +239,20 @@ def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -
             saves = steps // tc.checkpoint_every + (steps % tc.checkpoint_every > 0)
             p.disk["replaced checkpoints in Drive's trash"] = sum(runs) * (saves - 1)
     p.disk["baselines"] = h * 3 * d * d * 4
+    chosen = max((configs[i] for i in keep.rows), key=lambda c: sae_parameters(c, d), default=widest)
+    p.disk["the curve's snapshots"] = CURVE_POINTS * sae_parameters(chosen, d) * 4 if keep.on else 0
     embedded = KNOWN_MODELS["smollm2-135m-instruct"][2]
     p.disk["dequantised model"] = embedded * 4 + 10e6     # the embedded model (notebook 03's local explainer), tokenizer
 
     # Host RAM, per phase (bytes beyond the kernel and the model's weights).
     p.host["kernel"] = KERNEL_BYTES
     p.host["model"] = params * 4 + (embedded * 4 if profile.model != "smollm2-135m-instruct" else 0)
-    p.host["training (shuffle buffer)"] = iter_batches_peak_bytes(
+    # training: the shuffle buffer, and the sweep's CPU copies of each SAE the rule could choose at the
+    # interpretability curve's first budgets (helpers.runs.sweep.CurveSnapshots)
+    kept = (len(keep.budgets) - 1) * sum(sae_parameters(configs[i], d) for i in keep.rows) * 4 if keep.on else 0
+    p.host["training (shuffle buffer, curve snapshots)"] = iter_batches_peak_bytes(
         h, d, profile.shard_contexts * per_ctx, TrainConfig.buffer_shards, profile.train_batch,
-        store_dtype=profile.store_dtype)
+        store_dtype=profile.store_dtype) + kept
     streamed = profile.pca_tokens is None and profile.harvest_tokens > IN_MEMORY_TOKENS  # baselines.fit_pca's rule
     pca_n = profile.harvest_tokens if streamed else (profile.pca_tokens or profile.harvest_tokens)
     p.host["PCA fit"] = (d * d + 3 * 8192 * d) * 8 if streamed else 3 * pca_n * d * 8
@@ -279,11 +285,12 @@ def plan(profile, machine: Machine | None = None, scratch: bool | None = None) -
     p.seconds["02"] = train / rate + fwd * 8 * profile.ce_contexts * profile.ctx_len * len(configs) / rate + 30
     score = 2 * d * 2 * max(c.d_sae for c in configs) * score_n * 6
     # notebook 03: held-out scores (resampled) of the SAE, the TopK SAE, random directions at three
-    # sparsities and the neurons; the interpretability curve (3 budgets: the SAE retrained alone, and
-    # random directions); logit effects of the SAE's features
-    curve_train = 6 * d * f_sae * profile.train_tokens
+    # sparsities and the neurons; the interpretability curve (3 budgets of the sweep's snapshots, or of the
+    # SAE retrained alone where the sweep keeps none, and random directions); claim 1's four TopK
+    # controls of the chosen SAE's width; logit effects of the SAE's features
+    train_03 = (0 if keep.on else 6 * d * f_sae * profile.train_tokens) + 4 * 6 * d * f_sae * profile.train_tokens
     heldout_03 = HELDOUT_RESAMPLED * score_n * (f_sae + f_topk + 3 * f_sae + signed + 3 * 2 * f_sae)
-    p.seconds["03"] = ((score + curve_train) / rate + (heldout_03 + LOGIT_EFFECTS * f_sae * d * VOCAB) / cpu + 60)
+    p.seconds["03"] = ((score + train_03) / rate + (heldout_03 + LOGIT_EFFECTS * f_sae * d * VOCAB) / cpu + 60)
     # notebook 04, at every layer: held-out scores of every method (resampled, over ordinary tokens, and
     # plain, over all), PCA and ICA fits
     layer_train = 6 * d * 2 * max(c.d_sae for c in configs) * profile.train_tokens * (h - 1)
