@@ -867,7 +867,7 @@ class CurveSnapshots:
         if self.on and step in self.budgets[:-1]:  # the last budget is the trained SAE itself
             for i in self.rows:
                 self.kept.setdefault(i, {})[int(n_tokens)] = {
-                    k: v.detach().cpu().clone() for k, v in saes[i].state_dict().items() if torch.is_tensor(v)}
+                    k: v.detach().cpu().clone().contiguous() for k, v in saes[i].state_dict().items() if torch.is_tensor(v)}
 
     def save(self, folder: Path, chosen: int, result, store) -> None:
         """Write SAE `chosen`'s snapshots, its trained state as the last, to ``folder/curve``."""
@@ -883,7 +883,7 @@ class CurveSnapshots:
         for n, state in kept.items():
             path = out / f"sae_{chosen:02d}-{n}.safetensors"
             tmp = tmp_name(path)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"store": Path(store.path).name})
+            save_file(state, str(tmp), metadata={"store": Path(store.path).name})
             tmp.replace(path)
         self.kept.clear()
 
