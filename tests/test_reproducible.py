@@ -6,7 +6,10 @@ parallel grain of 32768) that the sparse path's gathers and scatters run on seve
 kernel that sums with float atomics or in a thread-dependent order would make two runs differ.
 The tests run at 2 threads (and one at 1 thread). Bit-identity holds on the same thread count, device
 and precision: a checkpoint records them, and a resume on another setting warns (tests/test_train.py).
+On a CPU the thread count does not change a step's sums either: the last two tests train a sweep's
+stacks side by side (one thread each), one after another on 2 threads, and on 1 thread, and compare.
 """
+import threading
 import warnings
 
 import pytest
@@ -98,3 +101,68 @@ def test_resume_equals_uninterrupted(store, threads, tmp_path, monkeypatch):
     assert_bitwise(clean, resumed, configs)
     saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["setting"]
     assert saved == {"threads": threads, "device": "cpu", "precision": "fp32"}
+
+
+def test_the_improved_clip_sums_the_same_on_one_thread_as_on_two():
+    """Each SAE's gradient norm (`clip_grad_norm_per_sae`) adds the same numbers in the same order on 1 and
+    2 threads: a plain `.sum()` over a gradient of more than 32768 elements splits it between the threads
+    and rounds differently (for about half of such gradients), which grew into different SAEs over a run."""
+    from helpers.saes.train import clip_grad_norm_per_sae
+
+    cfgs = [SAEConfig(D, 1024, l1_coefficient=a, recipe="improved") for a in (3e-3, 1e-2)]
+    old = torch.get_num_threads()
+    try:
+        for seed in range(8):
+            g = torch.Generator().manual_seed(seed)
+            grads, out = None, {}
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                st = SAEStack(cfgs, seed=0)
+                if grads is None:
+                    grads = [torch.randn(p.shape, generator=g) * 1e-3 for p in st.parameters()]
+                for p, gr in zip(st.parameters(), grads):
+                    p.grad = gr.clone()
+                out[n] = (clip_grad_norm_per_sae(st, 1e-4), [p.grad.clone() for p in st.parameters()])
+            assert torch.equal(out[1][0], out[2][0]), (seed, (out[1][0] - out[2][0]).tolist())
+            assert all(torch.equal(a, b) for a, b in zip(out[1][1], out[2][1])), seed
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_stacks_trained_side_by_side_end_as_one_after_another_and_as_on_one_thread(store):
+    """On 2 threads a sweep's stacks train side by side (`StackPool`, one thread each); every family (with
+    dictionaries big enough for torch to split a sum between threads) ends bit for bit as when its stacks
+    train one after another on 2 threads, and as on 1 thread."""
+    from helpers.saes import train
+
+    configs = [SAEConfig(D, 1024, l1_coefficient=3e-3), SAEConfig(D, 1024, l1_coefficient=3e-3, recipe="improved"),
+               SAEConfig(D, 1024, architecture="topk", k=16), SAEConfig(D, 1024, architecture="jumprelu")]
+    tc = TrainConfig(**{**TC.__dict__, "path": "auto"})
+    used = []
+    real = train.StackPool.for_stacks
+
+    def spy(*a, **kw):
+        pool = real(*a, **kw)
+        used.append(pool is not None)
+        return pool
+
+    old = torch.get_num_threads()
+    out = {}
+    try:
+        for name, threads, parallel in [("side by side", 2, True), ("one after another", 2, False), ("1 thread", 1, True)]:
+            torch.set_num_threads(threads)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(train.StackPool, "for_stacks", spy)
+                out[name] = weights(train_sweep(store, HOOK, configs, TrainConfig(**{**tc.__dict__,
+                                                "parallel_stacks": parallel}), progress=False))
+            # the caller computes on its own thread count afterwards, and so does a thread started later
+            later = []
+            t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+            t.start()
+            t.join()
+            assert (torch.get_num_threads(), later) == (threads, [threads]), name
+    finally:
+        torch.set_num_threads(old)
+    assert used == [True, False, False]  # the pool ran where it should, and only there
+    assert_bitwise(out["side by side"], out["one after another"], configs)
+    assert_bitwise(out["side by side"], out["1 thread"], configs)

@@ -64,7 +64,7 @@ from helpers.settings.locks import FolderLock, tmp_name
 from helpers.settings.paths import scratch_dir
 
 MAX_DEAD = 0.2
-VERSION = 5  # bump when the training or evaluation changes what a cached sweep holds
+VERSION = 6  # bump when the training or evaluation changes what a cached sweep holds
 # The profile's sections a sweep's results depend on: the activations it trains on and its own settings
 # (helpers.settings.profiles.SECTIONS). A field added to one of them is in the fingerprint.
 SECTIONS = ("data", "sweep")

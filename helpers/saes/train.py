@@ -32,7 +32,9 @@ once, at every hook the configs need, and trains every stack on it:
   projection, clipping). "fp32", "bf16" and "fp16" force a choice (on CPU too: torch's CPU autocast
   and gradient scaler run the same code path, which is how the tests exercise it);
 * one backward pass per stack, so that only one stack's graph is alive at a time (a sweep's peak
-  memory is its largest stack's, not the sum of all of them);
+  memory is its largest stack's, not the sum of all of them); on a CPU with two threads or more, the
+  stacks of a step train side by side, one thread each (`StackPool`): on two threads at most two graphs
+  are alive at a time;
 * `freeze_encoder=True` (`train_on_batches`, `train_sweep`, `train_sae`): the control of Korznikov et al.
   2026 ("Frozen Encoder SAE"), an SAE whose encoder keeps its random initialisation. W_enc and b_enc
   are not trained (`freeze_encoders`: no gradient, not in the optimizer, bit for bit as initialised);
@@ -53,9 +55,10 @@ folder, rewritten in place: `Checkpoints`); a run started again with the same se
 the newest checkpoint that loads (a truncated one is named in a warning and passed over) and ends
 with the same SAEs as an uninterrupted run, skipping the batches already trained on without reading
 them (`ActivationStore.iter_batches`' `start`); a run that had finished returns at once, reading nothing.
-Bit for bit holds on the same setting only: a checkpoint records the CPU thread count, the device and
+Bit for bit holds on the same setting: a checkpoint records the CPU thread count, the device and
 the resolved precision (`run_setting`), and a resume on another one warns naming the old and new values
-(the improved recipe's per-SAE clip, for one, sums in an order that depends on the thread count). A
+(a GPU and another precision round differently; on a CPU every sum of a step adds in an order that does
+not depend on the thread count, and the tests check 1 thread against 2). A
 checkpoint that cannot be read is named in every message about it. The run folder is locked while it
 trains (helpers.settings.locks): a second process training the same folder waits, or is refused naming the
 holder; temporary files have names unique to their process.
@@ -121,6 +124,7 @@ class TrainConfig:
     device: str = "auto"
     buffer_shards: int = 4
     precision: str = "auto"            # "auto" (by hardware: see the module docstring), "fp32", "bf16", "fp16"
+    parallel_stacks: bool = True       # on a CPU, stacks train side by side on its cores (`StackPool`)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -213,7 +217,7 @@ def build_stacks(configs: list[SAEConfig], seed: int) -> tuple[list[SAEStack], l
     return stacks, where
 
 
-NOT_RESULT_TRAIN_FIELDS = ("log_every", "checkpoint_every", "device", "path")  # change no result
+NOT_RESULT_TRAIN_FIELDS = ("log_every", "checkpoint_every", "device", "path", "parallel_stacks")  # change no result
 
 
 def _fingerprint(configs, tc: TrainConfig, source) -> dict:
@@ -367,17 +371,32 @@ def _adam(params, tc: TrainConfig, device: torch.device):
         return torch.optim.Adam(params, **kw)
 
 
+_SUM_ROW = 1024  # elements per partial sum of `squared_sum`
+
+
+def squared_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ t² in fp32, the same bits whatever the number of threads. A sum over one tensor splits its
+    elements among the threads, so on 2 threads it adds them in another order than on 1, and rounds
+    differently; here each row of 1,024 elements is summed by one thread in a fixed order, then the
+    row sums (fewer than torch's 32,768-element grain for tensors under 33M elements) in one pass."""
+    v = t.detach().float().reshape(-1)
+    pad = (-len(v)) % _SUM_ROW
+    if pad:
+        v = torch.cat([v, v.new_zeros(pad)])
+    return v.view(-1, _SUM_ROW).pow(2).sum(-1).sum()
+
+
 @torch.no_grad()
 def clip_grad_norm_per_sae(stack: SAEStack, max_norm: float) -> torch.Tensor:
     """Scale each SAE's gradients (all its parameters together) to a norm of at most max_norm, so
     that the SAEs of a stack stay independent. Returns the norms before clipping [n].
 
-    Each SAE's squared norm is its own reduction over its own gradients, as it would be alone: a
-    reduction over the rows of a stack's gradient splits its work across threads by rows when there are
-    several, so its sums would round differently in a stack than alone."""
+    Each SAE's squared norm is its own sum over its own gradients (`squared_sum`), as it would be alone,
+    and adds the same numbers in the same order whatever the number of threads: the same bits in a stack
+    or alone, on one thread or several."""
     grads = [p.grad for p in stack.parameters() if p.grad is not None]
     zero = torch.zeros((), device=stack.b_dec.device)
-    norm = torch.stack([sum((g[i].float().pow(2).sum() for g in grads), zero) for i in range(stack.n)]).sqrt()
+    norm = torch.stack([sum((squared_sum(g[i]) for g in grads), zero) for i in range(stack.n)]).sqrt()
     factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(factor.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
@@ -424,7 +443,7 @@ def resample_dead(stack: SAEStack, row: int, dead: torch.Tensor, x: torch.Tensor
 
 def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since_fired: list[torch.Tensor],
                tc: TrainConfig, l1_scale: float = 1.0, autocast=None, scaler=None,
-               frozen: list[torch.Tensor] | None = None) -> list[dict]:
+               frozen: list[torch.Tensor] | None = None, pool: "StackPool | None" = None) -> list[dict]:
     """One optimisation step of every stack on its batch (xs[s] for stacks[s]): losses (through the
     sparse or dense path) and a backward pass per stack (one graph alive at a time), the gradient
     scaler's unscaling (fp16), the recipe's gradient treatment (unit-norm projection, or per-SAE
@@ -433,48 +452,125 @@ def train_step(stacks: list[SAEStack], xs: list[torch.Tensor], opt, sched, since
     stack's losses (with "grad_norm" [n], the pre-clip gradient norms in the clip's units, for the
     stacks that clip). With `frozen` (a bool [n] per stack), the gradients of the frozen SAEs and of every
     SAE whose loss is not finite this step are set to zero before any other gradient treatment, so that a
-    diverged SAE changes no other (its NaN would otherwise stop the scaler's steps for all)."""
+    diverged SAE changes no other (its NaN would otherwise stop the scaler's steps for all). With `pool`
+    (a `StackPool`; not with a gradient scaler), the stacks' own work runs on its threads, a stack a task:
+    the same operations on each stack, in the same order, so the same bits."""
     if not memory.asked() and xs and xs[0].device.type == "cpu":
         memory.keep_freed_memory()
-    outs = []
     opt.zero_grad(set_to_none=True)
-    for s, st in enumerate(stacks):
-        dead = since_fired[s] >= tc.dead_window
-        with autocast or nullcontext():
-            out = st.losses(xs[s], dead=dead if st.arch.uses_auxk else None,
-                            aux_coefficient=tc.aux_coefficient, l1_scale=l1_scale if st.training_recipe.l1_warmup else 1.0,
-                            path=tc.path)
-        loss = out["loss"].sum()
-        (loss if scaler is None else scaler.scale(loss)).backward()
-        out["loss"] = out["loss"].detach()
-        outs.append(out)
-    if frozen is not None:
-        for st, out, fr in zip(stacks, outs, frozen):
-            stop = fr | ~torch.isfinite(out["loss"])
-            if bool(stop.any()):
-                for p in st.parameters():
-                    if p.grad is not None:
-                        p.grad[stop] = 0
-    if scaler is not None:
-        scaler.unscale_(opt)  # true gradients before the projection and the clip
-    for st, out in zip(stacks, outs):
-        if st.training_recipe.unit_norm:
-            st.remove_parallel_grads()
-        elif st.training_recipe.grad_clip and tc.grad_clip:
-            # the clip is stated for a loss summed over dimensions; ours is divided by d_in
-            out["grad_norm"] = clip_grad_norm_per_sae(st, tc.grad_clip / st.d_in) * st.d_in
+    frozen = frozen if frozen is not None else [None] * len(stacks)
+    if pool is not None and scaler is None:
+        outs = pool.map(lambda s: _stack_grads(stacks[s], xs[s], since_fired[s], tc, l1_scale, autocast, None,
+                                               frozen[s], treat=True), len(stacks), "gradients")
+    else:
+        outs = [_stack_grads(st, xs[s], since_fired[s], tc, l1_scale, autocast, scaler, frozen[s], treat=False)
+                for s, st in enumerate(stacks)]
+        if scaler is not None:
+            scaler.unscale_(opt)  # true gradients before the projection and the clip
+        for st, out in zip(stacks, outs):
+            _treat_grads(st, out, tc)
     if scaler is None:
         opt.step()
     else:
         scaler.step(opt)
         scaler.update()
     sched.step()
-    for s, (st, out) in enumerate(zip(stacks, outs)):
+
+    def after(s):
+        st, out = stacks[s], outs[s]
         if st.training_recipe.unit_norm:
             st.normalize_decoder()
         st.arch.after_step(st, out)  # the architecture's own state (BatchTopK's running threshold)
         since_fired[s] = torch.where(out["fired"], torch.zeros_like(since_fired[s]), since_fired[s] + len(xs[s]))
+
+    if pool is not None and scaler is None:
+        pool.map(after, len(stacks), "after")
+    else:
+        for s in range(len(stacks)):
+            after(s)
     return outs
+
+
+def _stack_grads(st: SAEStack, x: torch.Tensor, since: torch.Tensor, tc: TrainConfig, l1_scale: float, autocast,
+                 scaler, frozen: torch.Tensor | None, treat: bool) -> dict:
+    """One stack's losses and backward pass; the gradients of its `frozen` SAEs and of those whose loss is
+    not finite zeroed; with `treat`, the recipe's gradient treatment too (`_treat_grads`)."""
+    dead = since >= tc.dead_window
+    with autocast or nullcontext():
+        out = st.losses(x, dead=dead if st.arch.uses_auxk else None, aux_coefficient=tc.aux_coefficient,
+                        l1_scale=l1_scale if st.training_recipe.l1_warmup else 1.0, path=tc.path)
+    loss = out["loss"].sum()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    out["loss"] = out["loss"].detach()
+    if frozen is not None:
+        stop = frozen | ~torch.isfinite(out["loss"])
+        if bool(stop.any()):
+            for p in st.parameters():
+                if p.grad is not None:
+                    p.grad[stop] = 0
+    if treat:
+        _treat_grads(st, out, tc)
+    return out
+
+
+def _treat_grads(st: SAEStack, out: dict, tc: TrainConfig) -> None:
+    """The recipe's gradient treatment: the unit-norm projection, or the per-SAE clip."""
+    if st.training_recipe.unit_norm:
+        st.remove_parallel_grads()
+    elif st.training_recipe.grad_clip and tc.grad_clip:
+        # the clip is stated for a loss summed over dimensions; ours is divided by d_in
+        out["grad_norm"] = clip_grad_norm_per_sae(st, tc.grad_clip / st.d_in) * st.d_in
+
+
+class StackPool:
+    """Threads that train the stacks of a step side by side on a CPU, each computing on its share of
+    the cores (`threads` // workers, at least one).
+
+    One stack's step is a chain of mostly small operations, many of which a second thread speeds up
+    little (docs/performance.md has the measurements); two stacks at a time, one thread each, keep both
+    cores busier. Every operation of a stack's step adds the same numbers in the same order on one thread
+    as on several (the improved recipe's clip through `squared_sum`), so a stack ends with the same bits
+    whichever thread trains it and whatever the other threads do. Tasks go out longest first, by the time
+    each stack took the step before. The calling thread keeps its own thread count."""
+
+    def __init__(self, workers: int, threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        # torch keeps the last count set in any thread for threads that start computing later: fix the
+        # caller's own count before the workers set theirs, and set it again when the pool closes
+        self._main = torch.get_num_threads()
+        per = max(1, threads // workers)
+        self.workers = workers
+        self._ex = ThreadPoolExecutor(workers, thread_name_prefix="sae-stack",
+                                      initializer=torch.set_num_threads, initargs=(per,))
+        self._cost: dict[tuple, float] = {}
+
+    @classmethod
+    def for_stacks(cls, stacks: list[SAEStack], device: torch.device, enabled: bool = True) -> "StackPool | None":
+        """A pool for training `stacks` on `device`, or None where it would not help: one stack, one
+        thread, or a device other than the CPU (a GPU runs each operation on all its cores)."""
+        threads = torch.get_num_threads()
+        if not enabled or device.type != "cpu" or len(stacks) < 2 or threads < 2:
+            return None
+        return cls(min(threads, len(stacks)), threads)
+
+    def map(self, fn, n: int, kind: str = "") -> list:
+        """[fn(0), ..., fn(n - 1)], computed on the pool's threads, the tasks that took longest last time
+        (under the same `kind`) first; the first exception is raised here."""
+        order = sorted(range(n), key=lambda i: -self._cost.get((kind, i), 0.0))
+
+        def timed(i):
+            t = time.perf_counter()
+            out = fn(i)
+            self._cost[(kind, i)] = time.perf_counter() - t
+            return out
+
+        futures = {i: self._ex.submit(timed, i) for i in order}
+        return [futures[i].result() for i in range(n)]
+
+    def close(self) -> None:
+        self._ex.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self._main)
 
 
 def make_optimizer(stacks: list[SAEStack], tc: TrainConfig, total_steps: int):
@@ -918,8 +1014,8 @@ def _check_finite(x_all: torch.Tensor, index: torch.Tensor, store, hooks: list[s
 
 def run_setting(device: torch.device, precision: str) -> dict:
     """What a checkpoint records of where it was made: CPU threads, device (with the GPU's name) and the
-    resolved precision. Kill-and-resume is bit-identical only when the resume has the same setting (the
-    improved recipe's per-SAE clip sums in a thread-count-dependent order, for one)."""
+    resolved precision. Kill-and-resume is bit-identical when the resume has the same setting (a GPU and
+    another precision round differently)."""
     name = str(device)
     if device.type == "cuda":
         try:
@@ -1036,6 +1132,8 @@ def _train_loop(run, source, configs, tc, total_steps, device, gen_of, autocast,
 
     bar = tqdm(total=total_steps, initial=run.step, desc=f"{desc} {len(configs)} SAEs", unit="step",
                disable=not progress)
+    # stacks side by side on a CPU's cores (autocast's state is per thread, and a scaler unscales all at once)
+    pool = StackPool.for_stacks(stacks, device, enabled=autocast is None and scaler is None and tc.parallel_stacks)
     t0 = time.perf_counter()
     try:
         while run.step < total_steps:
@@ -1049,7 +1147,7 @@ def _train_loop(run, source, configs, tc, total_steps, device, gen_of, autocast,
             source.check(x_all, index, run.step, run.ckpt)
             outs = train_step(stacks, [source.pick(x_all, st.configs[0].hook_name) for st in stacks], opt, sched,
                               run.since_fired, tc, l1_scale=min(1.0, (run.step + 1) / warm_l1), autocast=autocast,
-                              scaler=scaler, frozen=frozen)
+                              scaler=scaler, frozen=frozen, pool=pool)
             run.step += 1
             step = run.step
             if not all(bool(torch.isfinite(o["loss"]).all()) for o in outs):
@@ -1080,6 +1178,8 @@ def _train_loop(run, source, configs, tc, total_steps, device, gen_of, autocast,
                 run.save()
     finally:
         bar.close()
+        if pool is not None:
+            pool.close()
     run.seconds += time.perf_counter() - t0
     if run.ckpt is not None and run.step % tc.checkpoint_every:  # else saved at this step already
         run.save()
