@@ -137,7 +137,7 @@ def test_stacks_trained_side_by_side_end_as_one_after_another_and_as_on_one_thre
 
     configs = [SAEConfig(D, 1024, l1_coefficient=3e-3), SAEConfig(D, 1024, l1_coefficient=3e-3, recipe="improved"),
                SAEConfig(D, 1024, architecture="topk", k=16), SAEConfig(D, 1024, architecture="jumprelu")]
-    tc = TrainConfig(**{**TC.__dict__, "path": "auto"})
+    tc = TrainConfig(**{**TC.__dict__, "path": "auto", "total_tokens": B * 12})  # a resampling at step 8 included
     used = []
     real = train.StackPool.for_stacks
 
